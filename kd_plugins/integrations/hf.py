@@ -1,0 +1,289 @@
+"""Hugging Face Trainer integration: ``DistillationCallback`` (any unmodified Trainer) and ``DistillationTrainer``.
+
+Three lines turn a working Trainer script into a distillation run::
+
+    from kd_plugins import DistillationCallback, DistillationConfig
+    trainer = Trainer(model=student, args=args, train_dataset=ds,
+                      callbacks=[DistillationCallback(teacher, DistillationConfig(loss_terms="kl", temperature=2.0))])
+
+How the callback gets in: Trainer callbacks are not handed the trainer, so on its first event the callback finds
+the ``Trainer`` that is calling it (a walk up the call stack) and wraps that instance's ``compute_loss`` and
+``log``. The wrapped ``compute_loss`` runs the Trainer's own loss (labels, label smoothing, ``compute_loss_func``,
+SFTTrainer's extras all unchanged), then the frozen teacher, then adds the distillation terms normalised exactly
+like the task loss (by ``num_items_in_batch`` over the whole accumulated batch when the Trainer does so, else per
+micro-batch). The teacher never enters the optimizer, DDP, or checkpoints. Projectors (feature KD with different
+widths) live outside the student with their own optimizer, stepped after the Trainer's and saved as
+``kd_plugins_state.safetensors`` beside each checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..distill.config import DistillationConfig
+from ..distill.engine import DistillationEngine
+
+__all__ = ["DistillationCallback", "DistillationTrainer", "load_teacher"]
+
+_AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "seq_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "encoder": "AutoModel",
+}
+
+
+def load_teacher(name_or_path: str, task: str, dtype: str | None = None, **kwargs) -> torch.nn.Module:
+    """Load a teacher with the Auto class matching the student's task."""
+    import transformers
+
+    cls = getattr(transformers, _AUTO_CLASSES[task])
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return cls.from_pretrained(name_or_path, **kwargs)
+
+
+def _find_calling(predicate, max_depth: int = 64):
+    frame = inspect.currentframe()
+    depth = 0
+    try:
+        while frame is not None and depth < max_depth:
+            found = predicate(frame)
+            if found is not None:
+                return found
+            frame, depth = frame.f_back, depth + 1
+    finally:
+        del frame
+    return None
+
+
+def _find_trainer() -> Trainer | None:
+    return _find_calling(lambda f: f.f_locals.get("self") if isinstance(f.f_locals.get("self"), Trainer) else None)
+
+
+def _find_resume_dir() -> str | None:
+    def pred(f):
+        v = f.f_locals.get("resume_from_checkpoint")
+        return v if isinstance(v, str) and os.path.isdir(v) else None
+
+    return _find_calling(pred)
+
+
+class DistillationCallback(TrainerCallback):
+    """Adds knowledge distillation to an unmodified ``transformers.Trainer`` (or TRL ``SFTTrainer``).
+
+    Args:
+        teacher: the teacher model (frozen by the callback).
+        config: a :class:`~kd_plugins.DistillationConfig` (default: forward KL at T=1).
+        teacher_tokenizer: optional; compared with the Trainer's ``processing_class`` to catch tokenizer mismatches.
+
+    Logged with the Trainer's own logs: ``kd_loss`` (weighted sum of terms), ``task_loss``, one ``kd_<term>`` per
+    term, ``agreement`` (teacher/student top-1 agreement) or ``teacher_cosine`` (embeddings); ``eval_``-prefixed
+    during evaluation.
+    """
+
+    def __init__(self, teacher: torch.nn.Module, config: DistillationConfig | None = None, *,
+                 teacher_tokenizer=None):
+        self.config = config or DistillationConfig()
+        self.engine = DistillationEngine(teacher, self.config, teacher_tokenizer=teacher_tokenizer)
+        self.trainer: Trainer | None = None
+        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._counts: dict[str, int] = {"train": 0, "eval": 0}
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self.engine.teacher
+
+    # ---------------------------------------------------------------- wiring
+    def attach(self, trainer: Trainer) -> None:
+        """Hook into ``trainer`` (called automatically on the first Trainer event)."""
+        if self.trainer is trainer:
+            return
+        if self.trainer is not None:
+            raise RuntimeError("This DistillationCallback is already attached to another Trainer; create one per "
+                               "Trainer.")
+        self.trainer = trainer
+        if not isinstance(trainer, DistillationTrainer):
+            original = trainer.compute_loss
+
+            def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
+                return self.compute_loss(original, model, inputs, return_outputs=return_outputs,
+                                         num_items_in_batch=num_items_in_batch, **kw)
+
+            trainer.compute_loss = compute_loss
+        original_log = trainer.log
+
+        def log(logs: dict[str, float], *args, **kwargs):
+            self._add_logs(logs)
+            return original_log(logs, *args, **kwargs)
+
+        trainer.log = log
+        pc = getattr(trainer, "processing_class", None)
+        if self.engine.student_tokenizer is None and pc is not None:
+            self.engine.student_tokenizer = getattr(pc, "tokenizer", pc)
+
+    def _ensure_attached(self) -> Trainer:
+        if self.trainer is None:
+            trainer = _find_trainer()
+            if trainer is None:
+                raise RuntimeError("DistillationCallback must be used inside a transformers.Trainer "
+                                   "(callbacks=[...] or trainer.add_callback(...)).")
+            self.attach(trainer)
+        return self.trainer
+
+    def _ensure_setup(self) -> None:
+        if self.engine.student is None or (self.config.feature_pairs and self.engine._student_rec is None):
+            self.engine.setup(self.trainer.model)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _find_trainer()
+        if trainer is not None:
+            self.attach(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._ensure_attached()
+        self.engine.setup(self.trainer.model)
+        if state.global_step > 0:  # resuming: restore projector state saved beside the checkpoint
+            ckpt = _find_resume_dir() or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            found = self.engine.load(ckpt)
+            if not found and self.config.feature_pairs and self.config.feature_projector:
+                import warnings
+
+                warnings.warn(f"Resuming from {ckpt} without {self.engine.__class__.__name__} state "
+                              "(kd_plugins_state.safetensors): projectors, if any, restart from scratch.")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        scale = None
+        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = float(scaler.get_scale())
+        lr = trainer.optimizer.param_groups[0]["lr"] if trainer is not None and trainer.optimizer else None
+        self.engine.projector_step(lr=lr, grad_scale=scale)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            self.engine.save(ckpt)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.engine.remove_hooks()
+
+    # ------------------------------------------------------------- the loss
+    def compute_loss(self, original, model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
+        """Task loss from ``original`` (the Trainer's compute_loss) plus the distillation terms."""
+        trainer = self._ensure_attached()
+        self._ensure_setup()
+        engine, cfg = self.engine, self.config
+        engine.step = trainer.state.global_step
+        kd_inputs = dict(inputs)
+        need_attn = any(k == "attention" for k in cfg.kinds.values())
+        has_labels = inputs.get("labels") is not None
+        if cfg.hard_label_weight > 0 and not has_labels:
+            raise ValueError("hard_label_weight > 0 but the batch has no 'labels'; add labels to the dataset/collator "
+                             "(e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or set "
+                             "hard_label_weight=0 to train on the distillation loss alone.")
+        if engine.task == "encoder" or not has_labels:
+            fwd = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_loss")}
+            if need_attn:
+                fwd["output_attentions"] = True
+            outputs = model(**fwd)
+            task_loss = None
+        else:
+            call_inputs = dict(inputs)
+            if need_attn:
+                call_inputs["output_attentions"] = True
+            task_loss, outputs = original(model, call_inputs, return_outputs=True,
+                                          num_items_in_batch=num_items_in_batch, **kw)
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) \
+                or getattr(trainer, "compute_loss_func", None) is not None
+        scaled = bool(scaled) and task_loss is not None
+        items_scale = 1.0
+        args = trainer.args
+        if scaled and getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
+            items_scale = float(trainer.accelerator.num_processes)
+        ga = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
+        mean_scale = 1.0 / ga if scaled else 1.0
+        result = engine.compute(kd_inputs, outputs, num_items_in_batch=num_items_in_batch,
+                                normalize_by_items=scaled, items_scale=items_scale, mean_scale=mean_scale)
+        if task_loss is not None and not torch.isfinite(task_loss.detach()).all():
+            raise FloatingPointError(f"Non-finite task loss at step {engine.step}: term 'task_loss' = "
+                                     f"{float(task_loss.detach())}. Check the labels and the learning rate.")
+        loss = result.loss
+        if task_loss is not None and cfg.hard_label_weight > 0:
+            loss = loss + cfg.hard_label_weight * task_loss
+        self._record("train" if model.training else "eval", result, task_loss,
+                     ga if scaled else 1, items_scale)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------- logging
+    def _record(self, mode: str, result, task_loss, ga: int, items_scale: float) -> None:
+        sums = self._sums[mode]
+        kd = 0.0
+        for name, v in result.terms.items():
+            val = float(v)
+            sums[f"kd_{name}"] += val
+            kd += self.config.loss_terms[name] * val
+        sums["kd_loss"] += kd
+        if task_loss is not None:
+            sums["task_loss"] += float(task_loss.detach()) * ga / items_scale
+        for k, v in result.metrics.items():
+            sums[k] += v
+        self._counts[mode] += 1
+
+    def _add_logs(self, logs: dict[str, Any]) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else ("train" if "loss" in logs else None)
+        if mode is None or not self._counts[mode]:
+            return
+        n = self._counts[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        for k, v in self._sums[mode].items():
+            logs[prefix + k] = round(v / n, 6)
+        self._sums[mode] = defaultdict(float)
+        self._counts[mode] = 0
+
+
+class DistillationTrainer(Trainer):
+    """Drop-in ``transformers.Trainer`` that distils ``teacher_model`` into ``model``.
+
+    Same arguments as ``Trainer`` plus ``teacher_model`` (a module, or omitted to load
+    ``distillation_config.teacher_model_name_or_path``), ``distillation_config`` and ``teacher_tokenizer``.
+    """
+
+    def __init__(self, model=None, args=None, *pos, teacher_model: torch.nn.Module | str | None = None,
+                 distillation_config: DistillationConfig | None = None, teacher_tokenizer=None, **kwargs):
+        config = distillation_config or DistillationConfig()
+        if teacher_model is None or isinstance(teacher_model, str):
+            name = teacher_model or config.teacher_model_name_or_path
+            if not name:
+                raise ValueError("DistillationTrainer needs teacher_model= (a module or a path) or "
+                                 "distillation_config.teacher_model_name_or_path.")
+            from ..distill.engine import detect_task
+
+            task = config.task if config.task != "auto" else detect_task(model)
+            teacher_model = load_teacher(name, task, config.teacher_dtype)
+        self.distillation_callback = DistillationCallback(teacher_model, config, teacher_tokenizer=teacher_tokenizer)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [self.distillation_callback]
+        super().__init__(model, args, *pos, callbacks=callbacks, **kwargs)
+        self.distillation_callback.attach(self)
+
+    @property
+    def teacher_model(self) -> torch.nn.Module:
+        return self.distillation_callback.teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        return self.distillation_callback.compute_loss(super().compute_loss, model, inputs,
+                                                       return_outputs=return_outputs,
+                                                       num_items_in_batch=num_items_in_batch, **kwargs)

@@ -1,0 +1,40 @@
+"""Distillation loss library: reference PyTorch implementations behind a name registry.
+
+>>> from kd_plugins.losses import get_loss, kl_divergence
+>>> loss = get_loss("jsd", beta=0.5, temperature=1.0)(student_logits, teacher_logits, labels=labels)
+"""
+
+from ._common import IGNORE_INDEX, log_prob_pair, reduce_rows, valid_mask
+from .feature import (
+    FeatureProjector,
+    affinity_kl,
+    affinity_mse,
+    attention_kl,
+    embedding_cosine,
+    embedding_mse,
+    hidden_cosine,
+    hidden_mse,
+    mean_pool,
+)
+from .logit import (
+    dkd_loss,
+    generalized_jsd,
+    kl_divergence,
+    logit_mse,
+    reverse_kl_divergence,
+    skew_kl_divergence,
+    skew_reverse_kl_divergence,
+    soft_cross_entropy,
+    total_variation_distance,
+)
+from .registry import LOSS_KINDS, LossSpec, get_loss, get_loss_function, get_loss_spec, list_losses, register_loss
+
+__all__ = [
+    "IGNORE_INDEX", "LOSS_KINDS", "LossSpec", "FeatureProjector",
+    "get_loss", "get_loss_function", "get_loss_spec", "list_losses", "register_loss",
+    "log_prob_pair", "reduce_rows", "valid_mask",
+    "kl_divergence", "reverse_kl_divergence", "generalized_jsd", "skew_kl_divergence",
+    "skew_reverse_kl_divergence", "total_variation_distance", "soft_cross_entropy", "dkd_loss", "logit_mse",
+    "hidden_mse", "hidden_cosine", "mean_pool", "embedding_mse", "embedding_cosine", "affinity_kl", "affinity_mse",
+    "attention_kl",
+]
