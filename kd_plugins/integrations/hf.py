@@ -51,6 +51,10 @@ def load_teacher(name_or_path: str, task: str, dtype: str | None = None, **kwarg
     return cls.from_pretrained(name_or_path, **kwargs)
 
 
+def _is_trl_sft_trainer(trainer) -> bool:
+    return any(c.__name__ == "SFTTrainer" and c.__module__.startswith("trl") for c in type(trainer).__mro__)
+
+
 def _find_calling(predicate, max_depth: int = 64):
     frame = inspect.currentframe()
     depth = 0
@@ -113,6 +117,8 @@ class DistillationCallback(TrainerCallback):
         self.trainer = trainer
         if not isinstance(trainer, DistillationTrainer):
             original = trainer.compute_loss
+            if _is_trl_sft_trainer(trainer):
+                original = self._sft_task_loss(trainer)
 
             def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
                 return self.compute_loss(original, model, inputs, return_outputs=return_outputs,
@@ -129,6 +135,23 @@ class DistillationCallback(TrainerCallback):
         pc = getattr(trainer, "processing_class", None)
         if self.engine.student_tokenizer is None and pc is not None:
             self.engine.student_tokenizer = getattr(pc, "tokenizer", pc)
+
+    @staticmethod
+    def _sft_task_loss(trainer):
+        """TRL's SFTTrainer computes its NLL with a fused LM head and, asked for outputs, re-runs the model under
+        no_grad: distilling those logits would silently train nothing. Use the base Trainer loss (the model's own
+        shifted cross-entropy, the same NLL objective) whose logits carry gradients."""
+        loss_type = getattr(trainer.args, "loss_type", "nll")
+        if loss_type not in (None, "nll"):
+            raise ValueError(f"DistillationCallback supports SFTTrainer with loss_type='nll' only (got {loss_type!r}); "
+                             "the distillation terms need the student's logits with gradients.")
+
+        def task_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(trainer, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        return task_loss
 
     def _ensure_attached(self) -> Trainer:
         if self.trainer is None:
@@ -205,6 +228,13 @@ class DistillationCallback(TrainerCallback):
                 call_inputs["output_attentions"] = True
             task_loss, outputs = original(model, call_inputs, return_outputs=True,
                                           num_items_in_batch=num_items_in_batch, **kw)
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if model.training and torch.is_grad_enabled() and torch.is_tensor(logits) and not logits.requires_grad:
+            raise RuntimeError(
+                f"{type(trainer).__name__}.compute_loss returned student logits without gradients, so distillation "
+                "would train nothing. Use kd_plugins.DistillationTrainer, or a Trainer whose compute_loss returns "
+                "the outputs of its training forward pass."
+            )
         scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) \

@@ -68,6 +68,11 @@ def reduce_rows(
     return total / max(per_row.numel(), 1)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Losses compute in float32, or float64 when given float64 (for golden-value tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Flatten ``x`` to ``[rows, last_dim]`` and keep the valid rows."""
     return x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)]
@@ -123,7 +128,7 @@ def log_prob_pair(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student_logits)
     log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     if teacher_topk is None:
         if teacher_logits is None:
@@ -151,7 +156,7 @@ def log_prob_pair(
 def kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Row-wise ``KL(a || b) = sum a (log a - log b)`` with ``0 log 0 = 0`` and NaN-free gradients."""
     a = log_a.exp()
-    pos = a > 0
+    pos = a != 0  # NaNs stay in (and are reported upstream) instead of being masked away
     safe_a = torch.where(pos, log_a, torch.zeros_like(log_a))
     safe_b = torch.where(pos, log_b, torch.zeros_like(log_b))
     return torch.where(pos, a * (safe_a - safe_b), torch.zeros_like(a)).sum(-1)

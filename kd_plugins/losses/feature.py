@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import IGNORE_INDEX, kl_rows, reduce_rows, rows, valid_mask
+from ._common import IGNORE_INDEX, compute_dtype, kl_rows, reduce_rows, rows, valid_mask
 from .registry import register_loss
 
 __all__ = [
@@ -53,7 +53,7 @@ def hidden_mse(student_hidden, teacher_hidden, *, mask=None, labels=None, projec
     """
     s = _project(student_hidden, teacher_hidden, projector)
     valid = valid_mask(s.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index, device=s.device)
-    sr = rows(s, valid).float()
+    sr = rows(s, valid).to(compute_dtype(s))
     tr = rows(teacher_hidden, valid).to(sr.device, sr.dtype)
     if normalize:
         sr, tr = F.normalize(sr, dim=-1), F.normalize(tr, dim=-1)
@@ -65,7 +65,7 @@ def hidden_cosine(student_hidden, teacher_hidden, *, mask=None, labels=None, pro
     """Cosine distance ``1 - cos(s, t)`` per row, averaged over valid rows."""
     s = _project(student_hidden, teacher_hidden, projector)
     valid = valid_mask(s.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index, device=s.device)
-    sr = rows(s, valid).float()
+    sr = rows(s, valid).to(compute_dtype(s))
     tr = rows(teacher_hidden, valid).to(sr.device, sr.dtype)
     return reduce_rows(1.0 - F.cosine_similarity(sr, tr, dim=-1, eps=1e-8), valid, reduction=reduction,
                        num_items_in_batch=num_items_in_batch)
@@ -94,8 +94,8 @@ def embedding_cosine(student_emb, teacher_emb, *, projector=None, num_items_in_b
 
 
 def _similarity(e: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-    e = F.normalize(e.float(), dim=-1)
-    o = e if other is None else F.normalize(other.float(), dim=-1)
+    e = F.normalize(e.to(compute_dtype(e)), dim=-1)
+    o = e if other is None else F.normalize(other.to(e.dtype), dim=-1)
     return e @ o.T
 
 

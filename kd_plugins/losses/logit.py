@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ._common import IGNORE_INDEX, kl_rows, log1mexp, log_mix, log_prob_pair, reduce_rows, rows, valid_mask
+from ._common import IGNORE_INDEX, compute_dtype, kl_rows, log1mexp, log_mix, log_prob_pair, reduce_rows, rows, valid_mask
 from .registry import register_loss
 
 __all__ = [
@@ -200,7 +200,7 @@ def dkd_loss(
         raise ValueError("dkd_loss needs labels (the target class of every row): DKD splits target/non-target mass.")
     prefix = student_logits.shape[:-1]
     valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student_logits)
     s = rows(student_logits, valid).to(dtype) / temperature
     t = rows(teacher_logits, valid).to(s.device, dtype) / temperature
     y = labels.reshape(-1)[valid.reshape(-1)].to(s.device).long().unsqueeze(-1)
@@ -237,7 +237,7 @@ def logit_mse(
         raise ValueError(f"logit_mse: shapes differ {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     valid = valid_mask(student_logits.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index,
                        device=student_logits.device)
-    s = rows(student_logits, valid).float()
+    s = rows(student_logits, valid).to(compute_dtype(student_logits))
     t = rows(teacher_logits, valid).to(s.device, s.dtype)
     if center:
         s, t = s - s.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
