@@ -291,3 +291,22 @@ def test_teacher_on_another_device_is_moved_when_asked(tmp_out):
     Trainer(model=student, args=training_args(tmp_out, max_steps=1), train_dataset=TokenDataset(),
             callbacks=[DistillationCallback(teacher, cfg)]).train()
     assert next(teacher.parameters()).dtype == torch.float32
+
+
+def test_attention_transfer_and_cosine_features(tmp_out):
+    teacher = tiny_bert("BertForMaskedLM", seed=1, layers=3, attn_implementation="eager")
+    student = tiny_bert("BertForMaskedLM", seed=2, layers=2, attn_implementation="eager")
+    with pytest.raises(ValueError, match="after dropout"):
+        DistillationCallback(teacher, DistillationConfig(loss_terms="attention_kl", attention_layer_map={1: 2})
+                             ).engine.setup(student)
+    student = tiny_bert("BertForMaskedLM", seed=2, layers=2, attn_implementation="eager",
+                        attention_probs_dropout_prob=0.0)
+    cfg = DistillationConfig(loss_terms={"attention_kl": 1.0, "hidden_cosine": 0.5},
+                             attention_layer_map={1: 2}, feature_pairs={"bert.encoder.layer.1": "bert.encoder.layer.2"})
+    cb = DistillationCallback(teacher, cfg)
+    args = training_args(tmp_out, max_steps=30, learning_rate=3e-3, logging_steps=10)
+    Trainer(model=student, args=args, train_dataset=TokenDataset(labels="lm", pad_last=3), callbacks=[cb]).train()
+    hist = [h for h in cb.trainer.state.log_history if "kd_attention_kl" in h]
+    assert len(hist) == 3 and "kd_hidden_cosine" in hist[0]
+    assert hist[-1]["kd_attention_kl"] < hist[0]["kd_attention_kl"]
+    assert hist[-1]["kd_hidden_cosine"] < hist[0]["kd_hidden_cosine"]

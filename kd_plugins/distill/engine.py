@@ -211,6 +211,15 @@ class DistillationEngine:
                 self.losses[name] = get_loss(name, **kw)  # projector handled by the engine
             else:
                 self.losses[name] = get_loss(name, **kw)
+        if any(k == "attention" for k in cfg.kinds.values()):
+            for key in ("attention_probs_dropout_prob", "attention_dropout"):
+                p = getattr(getattr(student, "config", None), key, 0.0) or 0.0
+                if p > 0:
+                    raise ValueError(
+                        f"Attention losses need the student's attention maps, but Hugging Face models return them "
+                        f"after dropout ({key}={p}), which would distil randomly zeroed maps. Load the student with "
+                        f"{key}=0.0 (e.g. from_pretrained(..., {key}=0.0))."
+                    )
         if "dkd" in self.losses and self.task in ("encoder",):
             raise ValueError("DKD needs class logits and labels")
         if cfg.feature_pairs:

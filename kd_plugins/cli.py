@@ -1,0 +1,86 @@
+"""``kd-plugins`` command line: one-shot jobs (quantize, losses, inherit, ...).
+
+Each subcommand lives with its capability and is imported only when used, so ``kd-plugins --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv, one-line help)
+SUBCOMMANDS = {
+    "quantize": ("kd_plugins.quant.cli", "quantize_main", "Post-training W8A8 quantization (CrossQuant, ...)."),
+    "skillpack": ("kd_plugins.skillpack.cli", "skillpack_main", "Extract / apply / inspect GraftLLM SkillPacks."),
+    "inherit": ("kd_plugins.cli", "inherit_main", "Build a shallower student from a teacher's layers."),
+    "losses": ("kd_plugins.cli", "losses_main", "List the registered distillation losses."),
+}
+
+
+def losses_main(argv: list[str]) -> int:
+    """Print the loss registry: name, kind, one-line description."""
+    from kd_plugins.losses import get_loss_spec, list_losses
+
+    p = argparse.ArgumentParser(prog="kd-plugins losses", description=losses_main.__doc__)
+    p.add_argument("--kind", default=None, help="only losses of this kind (logits, hidden, embedding, ...)")
+    args = p.parse_args(argv)
+    names = list_losses(args.kind)
+    width = max((len(n) for n in names), default=4)
+    for n in names:
+        spec = get_loss_spec(n)
+        print(f"{n:<{width}}  {spec.kind:<9}  {spec.description}")
+    return 0
+
+
+def inherit_main(argv: list[str]) -> int:
+    """Save a k-layer student inherited from a Hugging Face teacher checkpoint."""
+    p = argparse.ArgumentParser(prog="kd-plugins inherit", description=inherit_main.__doc__)
+    p.add_argument("teacher_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--num-layers", type=int, required=False)
+    p.add_argument("--strategy", default="uniform",
+                   help="uniform | first | last | comma-separated teacher layer indices (e.g. 0,2,4)")
+    p.add_argument("--auto-class", default="AutoModel", help="transformers Auto class used to load the teacher")
+    args = p.parse_args(argv)
+    import transformers
+
+    from kd_plugins.distill import inherit_student
+
+    strategy = args.strategy
+    if strategy not in ("uniform", "first", "last"):
+        strategy = [int(x) for x in strategy.split(",")]
+    teacher = getattr(transformers, args.auto_class).from_pretrained(args.teacher_dir)
+    student = inherit_student(teacher, num_layers=args.num_layers, strategy=strategy)
+    student.save_pretrained(args.out_dir)
+    try:
+        transformers.AutoTokenizer.from_pretrained(args.teacher_dir).save_pretrained(args.out_dir)
+    except (OSError, ValueError):
+        pass  # teacher directory without a tokenizer
+    layers = student.config.kd_plugins_inherited_layers
+    print(f"saved {len(layers)}-layer student (teacher layers {layers}) to {args.out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: kd-plugins <command> [args]\n\ncommands:")
+        for name, (_, _, help_) in SUBCOMMANDS.items():
+            print(f"  {name:<10} {help_}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in SUBCOMMANDS:
+        print(f"kd-plugins: unknown command {cmd!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module, func, _ = SUBCOMMANDS[cmd]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"kd-plugins {cmd}: not available in this installation ({e})", file=sys.stderr)
+        return 2
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
