@@ -273,7 +273,7 @@ class DistillationEngine:
             )
 
     # --------------------------------------------------------------- teacher
-    def teacher_forward(self, inputs: dict, *, need_attentions: bool = False) -> Any:
+    def teacher_forward(self, inputs: dict, *, need_attentions: bool = False, extra: dict | None = None) -> Any:
         """Run the frozen teacher on the student's batch (no grad, eval mode re-asserted)."""
         self.teacher.eval()
         params = inspect.signature(self.teacher.forward).parameters
@@ -295,6 +295,8 @@ class DistillationEngine:
         tin = {k: v.to(self.teacher_device) if torch.is_tensor(v) else v for k, v in tin.items()}
         if need_attentions:
             tin["output_attentions"] = True
+        if extra:
+            tin.update(extra)
         with torch.no_grad():
             out = self.teacher(**tin)
         if self.retokenize:
@@ -354,18 +356,19 @@ class DistillationEngine:
     # ------------------------------------------------------------ the loss
     def compute(self, inputs: dict, student_outputs: Any, *, num_items_in_batch=None,
                 normalize_by_items: bool = False, items_scale: float = 1.0, mean_scale: float = 1.0,
-                teacher_outputs: Any = None) -> KDResult:
+                teacher_outputs: Any = None, kinds: set[str] | None = None) -> KDResult:
         """Distillation terms for one batch.
 
         ``normalize_by_items``: token-level logit terms are summed and divided by ``num_items_in_batch`` (times
         ``items_scale``), matching a task loss normalised over the whole accumulated batch; otherwise they are
         means over this batch's valid rows. Mean-type terms (embeddings, hidden states, attention) are multiplied by
         ``mean_scale`` (the integration passes ``1 / grad_accum_steps`` when the task loss is normalised by items).
+        ``kinds`` restricts the computed terms to those loss kinds (e.g. ``{"hidden"}`` beside a fused logit loss).
         """
         cfg = self.config
         if self.task is None:
             raise RuntimeError("DistillationEngine.setup(student) must be called before compute()")
-        need_attn = any(k == "attention" for k in cfg.kinds.values())
+        need_attn = any(k == "attention" for k in cfg.kinds.values()) and (kinds is None or "attention" in kinds)
         t_out = teacher_outputs if teacher_outputs is not None else self.teacher_forward(inputs,
                                                                                           need_attentions=need_attn)
         labels = inputs.get("labels")
@@ -385,7 +388,7 @@ class DistillationEngine:
             result.terms[name] = value_for_log.detach()
             total = value_for_loss * w if total is None else total + value_for_loss * w
 
-        logit_terms = [n for n, k in cfg.kinds.items() if k == "logits"]
+        logit_terms = [n for n, k in cfg.kinds.items() if k == "logits" and (kinds is None or k in kinds)]
         if logit_terms:
             s_logits, t_logits, rows_labels, rows_mask = self._aligned_logits(student_outputs, t_out, labels,
                                                                               attn_mask)
@@ -408,7 +411,7 @@ class DistillationEngine:
                 if agree.numel():
                     result.metrics["agreement"] = float(agree.float().mean())
 
-        emb_terms = [n for n, k in cfg.kinds.items() if k == "embedding"]
+        emb_terms = [n for n, k in cfg.kinds.items() if k == "embedding" and (kinds is None or k in kinds)]
         if emb_terms:
             s_emb = self._pool(student_outputs, attn_mask)
             t_mask = t_out.get("_kd_attention_mask") if isinstance(t_out, dict) and self.retokenize else attn_mask
@@ -425,7 +428,7 @@ class DistillationEngine:
                 result.metrics["teacher_cosine"] = float(F.cosine_similarity(s_emb.detach().float(),
                                                                              t_emb.float(), -1).mean())
 
-        hid_terms = [n for n, k in cfg.kinds.items() if k == "hidden"]
+        hid_terms = [n for n, k in cfg.kinds.items() if k == "hidden" and (kinds is None or k in kinds)]
         if hid_terms:
             feats = []
             for s_name, t_name in cfg.feature_pairs.items():
@@ -442,7 +445,7 @@ class DistillationEngine:
                 val = torch.stack(vals).mean()
                 add(name, val * mean_scale, val)
 
-        attn_terms = [n for n, k in cfg.kinds.items() if k == "attention"]
+        attn_terms = [n for n, k in cfg.kinds.items() if k == "attention" and (kinds is None or k in kinds)]
         if attn_terms:
             s_att, t_att = getattr(student_outputs, "attentions", None), getattr(t_out, "attentions", None)
             if not s_att or not t_att:

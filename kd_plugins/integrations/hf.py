@@ -27,7 +27,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..distill.config import DistillationConfig
-from ..distill.engine import DistillationEngine
+from ..distill.engine import DistillationEngine, unwrap_model
 
 __all__ = ["DistillationCallback", "DistillationTrainer", "load_teacher"]
 
@@ -99,6 +99,7 @@ class DistillationCallback(TrainerCallback):
         self.config = config or DistillationConfig()
         self.engine = DistillationEngine(teacher, self.config, teacher_tokenizer=teacher_tokenizer)
         self.trainer: Trainer | None = None
+        self._fused: bool | None = None  # decided on the first training step (see _fused_decision)
         self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._counts: dict[str, int] = {"train": 0, "eval": 0}
 
@@ -216,6 +217,8 @@ class DistillationCallback(TrainerCallback):
             raise ValueError("hard_label_weight > 0 but the batch has no 'labels'; add labels to the dataset/collator "
                              "(e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or set "
                              "hard_label_weight=0 to train on the distillation loss alone.")
+        if model.training and torch.is_grad_enabled() and self._fused_decision(trainer, model):
+            return self._fused_compute_loss(trainer, model, inputs, return_outputs, num_items_in_batch)
         if engine.task == "encoder" or not has_labels:
             fwd = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_loss")}
             if need_attn:
@@ -256,6 +259,137 @@ class DistillationCallback(TrainerCallback):
             loss = loss + cfg.hard_label_weight * task_loss
         self._record("train" if model.training else "eval", result, task_loss,
                      ga if scaled else 1, items_scale)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------- fused LM loss
+    _FUSABLE = ("kl", "reverse_kl", "jsd", "tvd")
+
+    def _fused_decision(self, trainer, model) -> bool:
+        """Whether the causal-LM logit loss runs through the chunked fused linear+KD kernel.
+
+        ``fused_loss=None`` ("where safe"): on for causal LMs whose logit objective the kernel computes exactly
+        (one of kl / reverse_kl / jsd / tvd, equal vocabularies, plain ``nn.Linear`` heads on both models, no label
+        smoothing or custom ``compute_loss_func``, a model accepting ``logits_to_keep``), off otherwise (the plain
+        path computes the same objective with full logits). ``fused_loss=True`` raises instead of falling back.
+        """
+        if self._fused is not None:
+            return self._fused
+        cfg, engine = self.config, self.engine
+        if cfg.fused_loss is False:
+            self._fused = False
+            return False
+        reasons = []
+        logit_terms = [n for n, k in cfg.kinds.items() if k == "logits"]
+        student = unwrap_model(model)
+        if engine.task != "causal_lm":
+            reasons.append(f"the student task is {engine.task}, not causal_lm")
+        if len(logit_terms) != 1 or logit_terms[0] not in self._FUSABLE:
+            reasons.append(f"the fused kernel computes one of {self._FUSABLE}; loss_terms has logit terms "
+                           f"{logit_terms}")
+        if any(k == "attention" for k in cfg.kinds.values()):
+            reasons.append("attention losses need the full forward outputs")
+        if engine.retokenize:
+            reasons.append("teacher and student tokenizers differ")
+        if getattr(trainer, "label_smoother", None) is not None or getattr(trainer, "compute_loss_func", None):
+            reasons.append("the Trainer uses label smoothing or a custom compute_loss_func")
+        for role, m in (("student", student), ("teacher", engine.teacher)):
+            if "logits_to_keep" not in inspect.signature(m.forward).parameters or not hasattr(m, "get_decoder"):
+                reasons.append(f"the {role} does not support logits_to_keep/get_decoder()")
+        sv = getattr(getattr(student, "config", None), "vocab_size", None)
+        tv = getattr(getattr(engine.teacher, "config", None), "vocab_size", None)
+        if sv != tv:
+            reasons.append(f"vocab sizes differ ({sv} vs {tv})")
+        if logit_terms:
+            kw = cfg.loss_kwargs.get(logit_terms[0], {})
+            if set(kw) - {"beta", "t2_scale"}:
+                reasons.append(f"loss_kwargs {sorted(kw)} are not supported by the fused kernel")
+        if not reasons:
+            from ..kernels import check_fusable_head
+
+            try:
+                check_fusable_head(student)
+                check_fusable_head(engine.teacher)
+            except ValueError as e:
+                reasons.append(str(e))
+        if reasons and cfg.fused_loss:
+            raise ValueError("fused_loss=True but the fused linear+KD loss cannot compute this objective exactly: "
+                             + "; ".join(reasons) + ". Set fused_loss=None (automatic) or False.")
+        self._fused = not reasons
+        self.fused_reasons = reasons
+        return self._fused
+
+    def _fused_compute_loss(self, trainer, model, inputs, return_outputs, num_items_in_batch):
+        from ..kernels import fused_linear_kd_loss
+
+        cfg, engine = self.config, self.engine
+        labels = inputs.get("labels")
+        if cfg.hard_label_weight > 0 and labels is None:
+            raise ValueError("hard_label_weight > 0 but the batch has no 'labels'; add labels or set "
+                             "hard_label_weight=0.")
+        student = unwrap_model(model)
+        captured = {}
+        hook = student.get_decoder().register_forward_hook(
+            lambda m, a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        try:
+            fwd = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_loss")}
+            outputs = model(**fwd, logits_to_keep=1)  # through the DDP wrapper; the head runs on one position only
+        finally:
+            hook.remove()
+        t_captured = {}
+        t_hook = engine.teacher.get_decoder().register_forward_hook(
+            lambda m, a, out: t_captured.__setitem__("h", out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        try:
+            t_out = engine.teacher_forward(inputs, extra={"logits_to_keep": 1})
+        finally:
+            t_hook.remove()
+        h_s, h_t = captured["h"][:, :-1], t_captured["h"][:, :-1].to(captured["h"].device)
+        am = inputs.get("attention_mask")
+        mask = am[:, 1:].reshape(-1).bool() if am is not None else None
+        rows_labels = labels[:, 1:].reshape(-1) if labels is not None else None
+        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+                  and labels is not None)
+        items_scale = float(trainer.accelerator.num_processes) if (
+            scaled and getattr(trainer.args, "average_tokens_across_devices", False)) else 1.0
+        name = next(n for n, k in cfg.kinds.items() if k == "logits")
+        kw = cfg.loss_kwargs.get(name, {})
+        s_head, t_head = student.get_output_embeddings(), engine.teacher.get_output_embeddings()
+        w_s = s_head.weight
+        hs = h_s.reshape(-1, h_s.shape[-1]).to(w_s.dtype)
+        loss, parts = fused_linear_kd_loss(
+            hs, w_s, h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype), t_head.weight.detach(),
+            student_head_bias=s_head.bias, teacher_head_bias=None if t_head.bias is None else t_head.bias.detach(),
+            labels=rows_labels, mask=mask, divergence=name, beta=float(kw.get("beta", 0.5)),
+            temperature=cfg.temperature, hard_label_weight=cfg.hard_label_weight, kd_weight=cfg.loss_terms[name],
+            t2_scale=kw.get("t2_scale"), chunk_size=cfg.fused_chunk_size,
+            num_items_in_batch=num_items_in_batch if scaled else None, return_parts=True)
+        loss = loss * items_scale
+        count = 1
+        valid = torch.ones(hs.shape[0], dtype=torch.bool, device=hs.device)
+        if rows_labels is not None:
+            valid &= rows_labels.to(valid.device) != -100
+        if mask is not None:
+            valid &= mask.to(valid.device)
+        count = max(int(valid.sum()), 1)
+        to_mean = float(num_items_in_batch) / count if scaled else 1.0
+        from ..distill.engine import KDResult
+
+        result = KDResult(loss=loss)
+        if "kd" in parts:
+            result.terms[name] = parts["kd"] * to_mean
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"Non-finite distillation loss at step {engine.step}: term {name!r} (fused) = "
+                                     f"{float(loss.detach())}.")
+        hidden_terms = [n for n, k in cfg.kinds.items() if k == "hidden"]
+        if hidden_terms:
+            ga = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
+            extra = engine.compute({k: v for k, v in inputs.items() if k != "labels"}, outputs,
+                                   mean_scale=1.0 / ga if scaled else 1.0, teacher_outputs=t_out,
+                                   kinds={"hidden"})
+            loss = loss + extra.loss
+            result.terms.update(extra.terms)
+        task = parts.get("ce")
+        task_loss = task * to_mean if task is not None else None
+        self._record("train", result, task_loss, 1, 1.0)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------- logging
