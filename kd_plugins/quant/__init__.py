@@ -1,0 +1,48 @@
+"""W8A8 post-training quantization with real int8 matmuls: CrossQuant, per-token and SmoothQuant in one call.
+
+>>> from kd_plugins.quant import quantize, save_quantized, load_quantized, quantization_kernel_report
+>>> model = quantize(model, method="crossquant", calibration_data=batches)   # alpha defaults to DEFAULT_ALPHA
+>>> report = quantization_kernel_report(model, batches); print(report.to_table())
+>>> save_quantized(model, "out/"); model2 = load_quantized("out/")
+
+CrossQuant (Liu et al., arXiv 2410.07505) quantizes activation element ``(i, j)`` with step
+``t_i^alpha * c_j^(1-alpha) / 127`` (``t``: row abs-max, ``c``: column abs-max), which shrinks the *quantization
+kernel* (elements rounded to 0). Here ``c`` is calibrated and folded into the weights so the layer runs as one int8
+GEMM; ``method="crossquant_dynamic"`` is the per-tensor form for fake-quant accuracy studies.
+"""
+
+from ._core import METHODS
+from .api import (
+    DEFAULT_ALPHA,
+    AlphaSweep,
+    KernelReport,
+    LayerKernel,
+    LayerStats,
+    collect_activation_stats,
+    find_quantizable,
+    quantization_kernel_report,
+    quantize,
+    quantized_layers,
+    sweep_alpha,
+)
+from .layers import QuantizedLinear
+from .serialization import QuantizedCheckpointError, load_quantized, save_quantized
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_ALPHA",
+    "quantize",
+    "QuantizedLinear",
+    "quantization_kernel_report",
+    "KernelReport",
+    "LayerKernel",
+    "sweep_alpha",
+    "AlphaSweep",
+    "collect_activation_stats",
+    "LayerStats",
+    "find_quantizable",
+    "quantized_layers",
+    "save_quantized",
+    "load_quantized",
+    "QuantizedCheckpointError",
+]

@@ -1,0 +1,248 @@
+"""``QuantizedLinear``: a W8A8 replacement for ``nn.Linear`` and 1x1 ``nn.Conv2d`` that runs real int8 GEMMs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._core import (
+    INT8_METHODS,
+    STATIC_METHODS,
+    check_alpha,
+    check_method,
+    crossquant_inv_col,
+    int8_mm,
+    quantize_activations,
+    quantize_weight_per_channel,
+    smoothquant_inv_scale,
+)
+
+MODES = ("int8", "fake")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def is_pointwise_conv(m: nn.Module) -> bool:
+    """A 2-D convolution that is a per-pixel linear map: 1x1 kernel, no padding, one group (any stride)."""
+    if not isinstance(m, nn.Conv2d):
+        return False
+    pad = m.padding
+    zero_pad = pad in ("valid", 0) or (isinstance(pad, tuple) and all(p == 0 for p in pad)) or (
+        pad == "same" and tuple(m.stride) == (1, 1)
+    )
+    return tuple(m.kernel_size) == (1, 1) and m.groups == 1 and zero_pad and m.padding_mode == "zeros"
+
+
+def is_quantizable(m: nn.Module) -> bool:
+    """Exact ``nn.Linear`` or a pointwise exact ``nn.Conv2d``. Subclasses (LoRA, bitsandbytes, MultiheadAttention's
+    out_proj, ...) are left alone because their owners may read ``.weight`` directly."""
+    if type(m) is nn.Linear:
+        return True
+    return type(m) is nn.Conv2d and is_pointwise_conv(m)
+
+
+class QuantizedLinear(nn.Module):
+    """W8A8 linear layer: int8 per-output-channel weights, int8 activations quantized on the fly.
+
+    Computes ``y = (row_scale ⊗ weight_scale) * (q_x @ q_w^T) + bias`` where ``q_x`` are the activation codes of
+    ``method`` (see :mod:`kd_plugins.quant._core`) and ``q_w`` the int8 weights of ``W * diag(1 / act_inv_col)``
+    (the static per-input-channel factor of SmoothQuant / CrossQuant folded into the weight columns).
+
+    Modes:
+        ``"int8"``: real ``int8 x int8 -> int32`` GEMM (``torch._int_mm`` on CPU, the Triton kernel on CUDA when
+        triton is installed, ``torch._int_mm`` with padding otherwise) followed by the rank-1 rescale.
+        ``"fake"``: dequantize both operands and run a float32 ``F.linear`` (same codes, float accumulation) for
+        debugging and for ``crossquant_dynamic``, which has no int8 form.
+
+    Buffers (all saved): ``weight_int8 [N, K] int8``, ``weight_scale [N] float32``, ``act_inv_col [K] float32``
+    (static methods only), ``bias [N] float32`` (if the source layer had one).
+    For a 1x1 convolution (``kind="conv1x1"``) inputs ``[B, C, H, W]`` are strided, flattened to pixels, multiplied
+    and reshaped back.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        method: str = "crossquant",
+        alpha: float | None = None,
+        kind: str = "linear",
+        stride: tuple[int, int] = (1, 1),
+        mode: str = "int8",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_method(method)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.method = method
+        self.alpha = check_alpha(method, alpha)
+        if kind not in ("linear", "conv1x1"):
+            raise ValueError(f"kind must be 'linear' or 'conv1x1', got {kind!r}")
+        self.kind = kind
+        self.stride = tuple(int(s) for s in stride)
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        if method in STATIC_METHODS:
+            self.register_buffer("act_inv_col", torch.ones(in_features, dtype=torch.float32))
+        else:
+            self.act_inv_col = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        else:
+            self.bias = None
+        self.mode = "fake" if method not in INT8_METHODS else "int8"
+        self.set_mode(mode if method in INT8_METHODS else "fake")
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        *,
+        method: str = "crossquant",
+        alpha: float | None = None,
+        col_max: torch.Tensor | None = None,
+        mode: str = "int8",
+        backend: str = "auto",
+    ) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear`` or pointwise ``nn.Conv2d``.
+
+        ``col_max`` (per input channel abs-max of the calibration activations) is required by the static methods.
+        """
+        check_method(method)
+        alpha = check_alpha(method, alpha)
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach().float()
+            kind, stride = "linear", (1, 1)
+        elif is_pointwise_conv(module):
+            w = module.weight.detach().float().flatten(1)
+            kind, stride = "conv1x1", tuple(module.stride)
+        else:
+            raise TypeError(
+                f"QuantizedLinear.from_float supports nn.Linear and 1x1 nn.Conv2d (groups=1, no padding), got "
+                f"{type(module).__name__}"
+            )
+        n, k = w.shape
+        q = cls(k, n, bias=module.bias is not None, method=method, alpha=alpha, kind=kind, stride=stride,
+                mode=mode, backend=backend)
+        if method in STATIC_METHODS:
+            if col_max is None:
+                raise ValueError(f"method {method!r} needs calibration statistics (col_max)")
+            col_max = col_max.detach().float().cpu().reshape(-1)
+            if col_max.numel() != k:
+                raise ValueError(f"col_max has {col_max.numel()} entries, the layer has {k} input channels")
+            if method == "crossquant":
+                inv = crossquant_inv_col(col_max, alpha)
+            else:
+                inv = smoothquant_inv_scale(col_max, w.cpu(), alpha)
+            w_fold = w.cpu().double() / inv.double()[None, :]
+            q.act_inv_col.copy_(inv)
+        else:
+            w_fold = w.cpu()
+        qw, sw = quantize_weight_per_channel(w_fold)
+        q.weight_int8.copy_(qw)
+        q.weight_scale.copy_(sw)
+        if module.bias is not None:
+            q.bias.copy_(module.bias.detach().float().cpu())
+        return q.to(module.weight.device)
+
+    # ------------------------------------------------------------------ configuration
+    def set_mode(self, mode: str) -> "QuantizedLinear":
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "int8" and self.method not in INT8_METHODS:
+            raise ValueError(
+                f"method {self.method!r} recomputes column maxima per tensor and has no int8 GEMM form; "
+                "it runs in fake-quant mode only"
+            )
+        self.mode = mode
+        return self
+
+    def set_backend(self, backend: str) -> "QuantizedLinear":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        return self
+
+    def extra_repr(self) -> str:
+        a = "" if self.alpha is None else f", alpha={self.alpha:g}"
+        s = f", stride={self.stride}" if self.kind == "conv1x1" and self.stride != (1, 1) else ""
+        return (f"{self.in_features}, {self.out_features}, kind={self.kind}, method={self.method}{a}, "
+                f"mode={self.mode}, bias={self.bias is not None}{s}")
+
+    # ------------------------------------------------------------------ math
+    def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Codes, row scales and the per-channel multiplier used for a ``[M, K]`` input (float32)."""
+        return quantize_activations(x2d.float(), self.method, self.alpha, self.act_inv_col)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight ``[N, K]`` this layer effectively applies (in the original input space)."""
+        w = self.weight_int8.float() * self.weight_scale[:, None]
+        if self.act_inv_col is not None:
+            w = w * self.act_inv_col[None, :]
+        return w
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``[M, K]`` matrix this layer multiplies for input ``x`` (pixels for a 1x1 conv)."""
+        if self.kind == "conv1x1":
+            if self.stride != (1, 1):
+                x = x[:, :, :: self.stride[0], :: self.stride[1]]
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return x.reshape(-1, x.shape[-1])
+
+    def _matmul_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        q, rs, inv = self.quantize_input(x2d)
+        if self.mode == "fake":
+            xq = q.float() * rs[:, None]
+            wq = self.weight_int8.float() * self.weight_scale[:, None]
+            if self.method == "crossquant_dynamic":
+                # dequantize the activation back to the original space: x ~= q * r_i / 127 / inv_col_j
+                xq = xq / inv[None, :]
+            return F.linear(xq, wq, self.bias)
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if x2d.is_cuda and _triton_ok(x2d.device) else "torch"
+        if backend == "triton":
+            from ..kernels.int8_gemm import int8_gemm
+
+            return int8_gemm(q, self.weight_int8.t(), rs, self.weight_scale, self.bias)
+        acc = int8_mm(q, self.weight_int8.t())
+        y = acc.float().mul_(rs[:, None]).mul_(self.weight_scale[None, :])
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.kind == "conv1x1":
+            if x.dim() != 4:
+                raise ValueError(f"1x1-conv QuantizedLinear expects [B, C, H, W] input, got {tuple(x.shape)}")
+            if self.stride != (1, 1):
+                x = x[:, :, :: self.stride[0], :: self.stride[1]]
+            b, c, h, w = x.shape
+            y = self._matmul_2d(x.permute(0, 2, 3, 1).reshape(-1, c))
+            return y.reshape(b, h, w, self.out_features).permute(0, 3, 1, 2).to(dtype)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = self._matmul_2d(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features).to(dtype)
+
+
+_TRITON_OK: dict[str, bool] = {}
+
+
+def _triton_ok(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _TRITON_OK:
+        try:
+            from ..kernels.int8_gemm import triton_available
+
+            _TRITON_OK[key] = triton_available(device)
+        except Exception:  # pragma: no cover - broken triton install: fall back to torch._int_mm
+            _TRITON_OK[key] = False
+    return _TRITON_OK[key]

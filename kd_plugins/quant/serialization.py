@@ -1,0 +1,357 @@
+"""Save / load quantized models: one safetensors file + ``quant_config.json`` (with per-tensor SHA-256), written atomically.
+
+Layout of a checkpoint directory::
+
+    quant_config.json     format, method, alpha, per-layer description, per-tensor dtype/shape/sha256, architecture
+    model.safetensors     every tensor of the state dict: int8 ``weight_int8`` + float32 ``weight_scale``,
+                          ``act_inv_col`` and ``bias`` for quantized layers; the float tensors of everything else
+    config.json           (Hugging Face models) the model config, so the architecture can be rebuilt offline
+    ...                   tokenizer files when a tokenizer is passed
+
+Tensors that share storage (tied embeddings / ``lm_head``) are stored once and listed under ``aliases``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._core import STATIC_METHODS
+from .api import quantized_layers
+from .layers import QuantizedLinear, is_pointwise_conv
+
+__all__ = ["save_quantized", "load_quantized", "QuantizedCheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT"]
+
+CONFIG_NAME = "quant_config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "kd_plugins.quant"
+FORMAT_VERSION = 1
+
+
+class QuantizedCheckpointError(ValueError):
+    """A directory is not a valid kd_plugins quantized checkpoint (missing config, shape or checksum mismatch, ...)."""
+
+
+def _sha256(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _architecture(model: nn.Module, build_kwargs: dict | None) -> dict[str, Any]:
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()
+    if PreTrainedModel and isinstance(model, PreTrainedModel):
+        return {"kind": "hf", "class": type(model).__name__}
+    pcfg = getattr(model, "pretrained_cfg", None)
+    if type(model).__module__.startswith("timm.") and isinstance(pcfg, dict) and pcfg.get("architecture"):
+        kwargs = {"num_classes": int(getattr(model, "num_classes", 0) or 0)}
+        kwargs.update(build_kwargs or {})
+        return {"kind": "timm", "name": pcfg["architecture"], "kwargs": kwargs}
+    return {"kind": "torch", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def _layer_entry(m: QuantizedLinear) -> dict[str, Any]:
+    return {
+        "kind": m.kind,
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "method": m.method,
+        "alpha": m.alpha,
+        "stride": list(m.stride),
+        "mode": m.mode,
+    }
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    build_kwargs: dict | None = None,
+) -> Path:
+    """Write ``model`` (returned by :func:`~kd_plugins.quant.quantize`) to ``out_dir`` atomically.
+
+    Everything is written to a temporary sibling directory that is renamed into place with ``os.replace`` only when
+    complete, so an interrupted or failed save never leaves a half-written checkpoint. An existing non-empty
+    ``out_dir`` is refused unless ``overwrite=True`` (then it is swapped out and removed after the new one is in place).
+
+    ``build_kwargs``: for timm models, extra ``timm.create_model`` arguments needed to rebuild the architecture
+    (e.g. ``img_size``); ``num_classes`` is recorded automatically.
+    """
+    qlayers = quantized_layers(model)
+    if not qlayers:
+        raise ValueError("model has no QuantizedLinear layers: call kd_plugins.quant.quantize(model, ...) first")
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = _storage_key(t)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    float_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters()})
+    info = getattr(model, "kd_quantization", {}) or {}
+    cfg = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": info.get("method", sorted({m.method for m in qlayers.values()})[0]),
+        "alpha": info.get("alpha"),
+        "skip": info.get("skip", []),
+        "default_skip": info.get("default_skip", True),
+        "weights": {"bits": 8, "symmetric": True, "strategy": "channel"},
+        "activations": {"bits": 8, "symmetric": True, "dynamic": True, "strategy": "token"},
+        "float_dtype": float_dtypes[0] if len(float_dtypes) == 1 else "torch.float32",
+        "architecture": _architecture(model, build_kwargs),
+        "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
+        "aliases": aliases,
+        "tensors": {n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": _sha256(t)}
+                    for n, t in tensors.items()},
+    }
+
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+        if cfg["architecture"]["kind"] == "hf":
+            model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump(cfg, f, indent=1, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / WEIGHTS_NAME, "rb+") as f:
+            os.fsync(f.fileno())
+        _apply_umask(tmp)
+        if out.exists() and any(out.iterdir()):
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _apply_umask(d: Path) -> None:
+    """``mkdtemp`` creates a 0700 directory: give the checkpoint the permissions a plain ``mkdir`` would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(d, 0o777 & ~mask)
+    for p in d.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise QuantizedCheckpointError(
+            f"{path} has no {CONFIG_NAME}: it is not a kd_plugins quantized checkpoint (write one with save_quantized)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantizedCheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    if cfg.get("format") != FORMAT:
+        raise QuantizedCheckpointError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+    if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
+        raise QuantizedCheckpointError(
+            f"{cfg_path}: format_version {cfg.get('format_version')} is newer than this library ({FORMAT_VERSION})"
+        )
+    for key in ("layers", "tensors", "architecture"):
+        if not isinstance(cfg.get(key), dict):
+            raise QuantizedCheckpointError(f"{cfg_path}: missing or malformed {key!r}")
+    return cfg
+
+
+def _load_tensors(path: Path, cfg: dict, verify: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    wpath = path / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise QuantizedCheckpointError(f"{path} has no {WEIGHTS_NAME}")
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise QuantizedCheckpointError(f"{wpath} cannot be read: {e}") from None
+    expected = cfg["tensors"]
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise QuantizedCheckpointError(
+            f"{wpath} does not match {CONFIG_NAME}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}"
+        )
+    bad_shape, bad_sum = [], []
+    for name, meta in expected.items():
+        t = tensors[name]
+        if list(t.shape) != list(meta["shape"]) or str(t.dtype).replace("torch.", "") != meta["dtype"]:
+            bad_shape.append(f"{name}: file {tuple(t.shape)} {t.dtype}, config {tuple(meta['shape'])} {meta['dtype']}")
+        elif verify and _sha256(t) != meta["sha256"]:
+            bad_sum.append(name)
+    if bad_shape:
+        raise QuantizedCheckpointError(f"tensor shape/dtype mismatch in {wpath}: " + "; ".join(bad_shape[:5]))
+    if bad_sum:
+        raise QuantizedCheckpointError(
+            f"checksum mismatch in {wpath} for {len(bad_sum)} tensor(s): {bad_sum[:5]} (file corrupted or edited)"
+        )
+    # quantized-layer tensors must agree with the layer descriptions
+    for lname, l in cfg["layers"].items():
+        want = {f"{lname}.weight_int8": [l["out_features"], l["in_features"]], f"{lname}.weight_scale": [l["out_features"]]}
+        if l["method"] in STATIC_METHODS:
+            want[f"{lname}.act_inv_col"] = [l["in_features"]]
+        if l["bias"]:
+            want[f"{lname}.bias"] = [l["out_features"]]
+        for tname, shape in want.items():
+            src = cfg.get("aliases", {}).get(tname, tname)
+            if src not in tensors:
+                raise QuantizedCheckpointError(f"layer {lname} needs tensor {tname}, which the file does not have")
+            if list(tensors[src].shape) != shape:
+                raise QuantizedCheckpointError(
+                    f"layer {lname}: tensor {tname} has shape {tuple(tensors[src].shape)}, expected {tuple(shape)}"
+                )
+    return tensors
+
+
+def _build_skeleton(path: Path, cfg: dict) -> nn.Module:
+    arch = cfg["architecture"]
+    kind = arch.get("kind")
+    if kind == "hf":
+        import transformers
+
+        cls = getattr(transformers, arch["class"], None)
+        if cls is None:
+            raise QuantizedCheckpointError(f"transformers has no class {arch['class']!r}; pass model= to load_quantized")
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        return cls(config)
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+    raise QuantizedCheckpointError(
+        f"checkpoint was saved from a plain torch model ({arch.get('class')}); pass an instance of that architecture "
+        "as load_quantized(path, model=...)"
+    )
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    mode: str | None = None,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    verify: bool = True,
+) -> nn.Module:
+    """Rebuild a model saved by :func:`save_quantized`; its outputs are bit-identical to the saved model's.
+
+    The architecture comes from the checkpoint (Hugging Face config / timm name) or from ``model`` (a float instance of
+    the same architecture, modified in place). Shapes, dtypes and SHA-256 checksums of every tensor are verified
+    before anything is built (``verify=False`` skips only the checksums). ``mode`` overrides the saved int8/fake mode.
+    """
+    path = Path(path)
+    cfg = _read_config(path)
+    tensors = _load_tensors(path, cfg, verify)
+    if model is None:
+        model = _build_skeleton(path, cfg)
+        fdt = cfg.get("float_dtype", "torch.float32")
+        dt = getattr(torch, fdt.replace("torch.", ""), torch.float32)
+        if dt != torch.float32:
+            model = model.to(dt)
+    if quantized_layers(model):
+        raise ValueError("model= must be the float architecture, not an already quantized model")
+    for lname, l in cfg["layers"].items():
+        try:
+            sub = model.get_submodule(lname)
+        except AttributeError:
+            raise QuantizedCheckpointError(f"the architecture has no module {lname!r} listed in {CONFIG_NAME}") from None
+        if l["kind"] == "linear":
+            ok = isinstance(sub, nn.Linear) and (sub.in_features, sub.out_features) == (l["in_features"], l["out_features"])
+        else:
+            ok = is_pointwise_conv(sub) and (sub.in_channels, sub.out_channels) == (l["in_features"], l["out_features"])
+        if not ok:
+            raise QuantizedCheckpointError(
+                f"module {lname} is {sub!r}, which does not match the saved {l['kind']} "
+                f"{l['in_features']}->{l['out_features']}"
+            )
+    new = {}
+    for lname, l in cfg["layers"].items():
+        lmode = mode or l.get("mode", "int8")
+        new[lname] = QuantizedLinear(
+            l["in_features"], l["out_features"], bias=l["bias"], method=l["method"], alpha=l["alpha"], kind=l["kind"],
+            stride=tuple(l.get("stride", (1, 1))), mode=lmode, backend=backend,
+        )
+    full = dict(tensors)
+    for alias, src in cfg.get("aliases", {}).items():
+        if src not in tensors:
+            raise QuantizedCheckpointError(f"alias {alias!r} points to {src!r}, which is not in {WEIGHTS_NAME}")
+        full[alias] = tensors[src]
+    # Check the complete key set and every shape before touching the model, so a mismatch leaves it unchanged.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if not any(k.startswith(l + ".") for l in new)}
+    for lname, q in new.items():
+        expected.update({f"{lname}.{k}": tuple(v.shape) for k, v in q.state_dict().items()})
+    missing = sorted(set(expected) - set(full))
+    unexpected = sorted(set(full) - set(expected))
+    wrong = [f"{k}: file {tuple(full[k].shape)}, model {expected[k]}" for k in sorted(set(expected) & set(full))
+             if tuple(full[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise QuantizedCheckpointError(
+            f"checkpoint does not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+    for lname, q in new.items():
+        parent_name, _, leaf = lname.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, q)
+    try:
+        model.load_state_dict(full, strict=True)
+    except RuntimeError as e:
+        raise QuantizedCheckpointError(f"checkpoint does not fit the architecture: {e}") from None
+    model.kd_quantization = {
+        "method": cfg.get("method"),
+        "alpha": cfg.get("alpha"),
+        "skip": cfg.get("skip", []),
+        "default_skip": cfg.get("default_skip", True),
+        "layers": sorted(cfg["layers"]),
+    }
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
