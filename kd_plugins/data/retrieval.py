@@ -1,0 +1,64 @@
+"""Dense-retrieval evaluation: encode texts with a bare encoder, score queries against documents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..losses.feature import mean_pool
+
+
+@torch.no_grad()
+def encode(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 256,
+           pooling: str = "mean") -> torch.Tensor:
+    """L2-normalised sentence embeddings ``[N, D]`` (float32, CPU) of ``texts``.
+
+    ``pooling="mean"``: attention-mask mean of ``last_hidden_state`` (sentence-transformers' default);
+    ``"cls"``: the first token. Texts are sorted by length internally so batches pad little; the output follows the
+    input order. The model's train/eval mode is restored afterwards.
+    """
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode() needs at least one text")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = [None] * len(texts)
+    try:
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt").to(device)
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            emb = mean_pool(hidden, batch["attention_mask"]) if pooling == "mean" else hidden[:, 0]
+            emb = F.normalize(emb.float(), dim=-1).cpu()
+            for j, i in enumerate(idx):
+                out[i] = emb[j]
+    finally:
+        model.train(was_training)
+    return torch.stack(out)
+
+
+def retrieval_metrics(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> dict[str, float]:
+    """MRR and recall@1 when query ``i``'s single relevant document is document ``i``.
+
+    Scores are dot products (pass L2-normalised embeddings for cosine). Ties are broken pessimistically: a document
+    scoring exactly as high as the relevant one counts as ranked above it.
+    """
+    if query_emb.dim() != 2 or doc_emb.dim() != 2 or query_emb.shape[1] != doc_emb.shape[1]:
+        raise ValueError(f"expected [N, D] queries and [M, D] documents, got {tuple(query_emb.shape)} and "
+                         f"{tuple(doc_emb.shape)}")
+    n = query_emb.shape[0]
+    if n > doc_emb.shape[0]:
+        raise ValueError(f"{n} queries but only {doc_emb.shape[0]} documents: query i's relevant doc is doc i")
+    scores = query_emb.float() @ doc_emb.float().T
+    pos = scores[torch.arange(n), torch.arange(n)]
+    others = scores >= pos[:, None]
+    others[torch.arange(n), torch.arange(n)] = False
+    rank = 1 + others.sum(1)
+    return {"mrr": (1.0 / rank.double()).mean().item(), "recall@1": (rank == 1).double().mean().item()}
