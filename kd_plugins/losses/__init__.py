@@ -38,3 +38,12 @@ __all__ = [
     "hidden_mse", "hidden_cosine", "mean_pool", "embedding_mse", "embedding_cosine", "affinity_kl", "affinity_mse",
     "attention_kl",
 ]
+from .ranking import cprd_loss, dear_loss, first_joint_loss, first_ranknet_loss, lambdarank_loss, listnet_loss, margin_mse_loss, pad_candidates, plackett_luce_loss, ranknet_loss, ranks_from_order, ranks_from_scores  # noqa: E402,E501
+from .seed import dac_kl_loss, hybrid_distill_loss, lelp_loss, mdcs_consistency_loss, mdcs_loss, mi_alpha_loss, sinkhorn_loss, tinyclip_affinity_loss  # noqa: E402,E501
+
+__all__ += [
+    "pad_candidates", "ranks_from_scores", "ranks_from_order", "first_ranknet_loss", "first_joint_loss",
+    "margin_mse_loss", "ranknet_loss", "lambdarank_loss", "listnet_loss", "plackett_luce_loss", "cprd_loss",
+    "dear_loss", "sinkhorn_loss", "mi_alpha_loss", "dac_kl_loss", "lelp_loss", "mdcs_consistency_loss", "mdcs_loss",
+    "tinyclip_affinity_loss", "hybrid_distill_loss",
+]
