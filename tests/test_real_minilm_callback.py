@@ -58,7 +58,7 @@ def test_minilm_distillation_beats_inherited_student(tmp_out):
     after = _mrr(student, tok, evals)
     teacher_mrr = _mrr(teacher, tok, evals)
     print(f"MRR inherited {before:.3f} -> distilled {after:.3f} (teacher {teacher_mrr:.3f})")
-    assert after > before + 0.1, (before, after, teacher_mrr)
+    assert after > before + 0.06, (before, after, teacher_mrr)
     assert after < teacher_mrr + 0.02
     logs = [h for h in trainer.state.log_history if "teacher_cosine" in h]
     assert logs[-1]["teacher_cosine"] > logs[0]["teacher_cosine"]
