@@ -1,0 +1,23 @@
+"""Errors raised by :mod:`kd_plugins.skillpack`. All derive from :class:`SkillPackError` (a ``ValueError``)."""
+
+from __future__ import annotations
+
+
+class SkillPackError(ValueError):
+    """Base class of every SkillPack error."""
+
+
+class ArchitectureMismatchError(SkillPackError):
+    """Base and fine-tuned models (or a pack and a model) have different parameter names or shapes."""
+
+
+class FingerprintMismatchError(SkillPackError):
+    """A pack is applied to a model that is not the base it was extracted from."""
+
+
+class IntegrityError(SkillPackError):
+    """A saved pack is corrupt, truncated or incomplete (checksum, size or manifest mismatch)."""
+
+
+class BudgetTooSmallError(SkillPackError):
+    """The storage budget cannot hold the exact small deltas plus even one rank-1 component."""
