@@ -31,7 +31,7 @@ test-slow: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
 bench-lm: venv
-	$(PY) benchmarks/lm_distill_smollm2.py
+	$(PY) benchmarks/lm_distill_smollm2.py --steps 80
 
 bench: bench-lm
 
