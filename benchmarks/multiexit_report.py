@@ -1,0 +1,174 @@
+"""Write ``benchmarks/RESULTS_multiexit.md`` and the figures under ``benchmarks/figures/`` from the JSON results of
+``multiexit_minilm_bbc.py``, ``multiexit_smollm2_austen.py`` and ``multiexit_fashion_mnist.py``.
+
+Run with ``python benchmarks/multiexit_report.py`` after the benchmarks (missing results are listed, not invented).
+Notes written by hand (what was tried) live in ``benchmarks/results/multiexit_notes.md`` and are appended verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RES = ROOT / "benchmarks" / "results"
+FIG = ROOT / "benchmarks" / "figures"
+
+
+def _load(name):
+    p = RES / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def minilm_section(r) -> list[str]:
+    if r is None:
+        return ["## 1. all-MiniLM-L6-v2, BBC title -> body retrieval", "", "_not run_", ""]
+    before, after = r["before"], r["after"]
+    full_b, full_a = before["6"], after["6"]
+    a = r["args"]
+    lines = ["## 1. all-MiniLM-L6-v2 with exits at layers 2, 4, 6: BBC title -> body MRR", "",
+             f"Test split: {r['eval_articles']} held-out articles (`split_articles(seed=0)`), titles retrieve bodies "
+             f"among the {r['eval_articles']} test bodies; mean pooling, max {a['max_len']} tokens. Each row is the "
+             "standalone `truncate(model, k)` (a plain `BertModel` with k layers).", "",
+             "| truncation | params | MRR before | MRR after | after / full after | goal |", "|---|---|---|---|---|---|"]
+    for k in sorted(after, key=int):
+        ratio = after[k] / full_a
+        goal = (f"full loses <= 0.01: {'met' if full_b - full_a <= 0.01 else 'missed'} ({full_a - full_b:+.3f})"
+                if k == "6" else f">= 0.90: {'met' if ratio >= 0.9 else 'missed'}")
+        lines.append(f"| layers 1-{k} | {r['params'][k] / 1e6:.1f}M | {before[k]:.3f} | {after[k]:.3f} | "
+                     f"{ratio:.3f} | {goal} |")
+    lines += ["", f"Reference: the original model cut to its first 3 layers (no training): MRR {r['before_first3']:.3f}.",
+              "", f"Settings: head `{a['head']}`, {r['steps']} steps of batch {a['batch']} (train split only, "
+              f"{a['epochs']} epochs), AdamW lr {a['lr']}, bodies cut to {a['train_max_len']} tokens for training; "
+              f"per exit k: weight k/6 x (InfoNCE title<->body, scale {a['scale']}, weight {a['task_weight']} + "
+              f"cosine to the frozen original full model, weight {a['teacher_weight']} + cosine to the deepest exit, "
+              f"weight {a['self_weight']}). Training {r['train_seconds'] / 60:.1f} min, whole run "
+              f"{r['total_seconds'] / 60:.1f} min on {r['threads']} thread(s) of a shared 2-core machine.", "",
+              f"Command: `{r['command']}`", "", "![MiniLM exits](figures/multiexit_minilm_bbc.png)", ""]
+    plt = _plt()
+    ks = sorted(after, key=int)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ax.plot([int(k) for k in ks], [before[k] for k in ks], "o--", label="before (plain truncation)")
+    ax.plot([int(k) for k in ks], [after[k] for k in ks], "o-", label="after multi-exit training")
+    ax.axhline(0.9 * full_a, color="grey", lw=0.8, ls=":", label="90% of full (after)")
+    ax.set_xlabel("layers kept")
+    ax.set_ylabel("title -> body MRR (test)")
+    ax.set_title("all-MiniLM-L6-v2 truncations, BBC News")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIG / "multiexit_minilm_bbc.png")
+    plt.close(fig)
+    return lines
+
+
+def lm_section(r) -> list[str]:
+    if r is None:
+        return ["## 2. SmolLM2-135M, Jane Austen perplexity", "", "_not run_", ""]
+    a = r["args"]
+    lines = ["## 2. SmolLM2-135M with exits: held-out Jane Austen perplexity per exit", "",
+             f"Held-out novel: `{a['eval_novel']}` ({a['eval_windows']} windows x {a['eval_seq']} tokens, never "
+             "trained on). Exit k = its own RMSNorm copy + the shared tied LM head.", "",
+             "| exit (layers) | perplexity before | perplexity after |", "|---|---|---|"]
+    for k in sorted(r["after"], key=int):
+        lines.append(f"| {k} / 30 | {r['before'][k]:,.1f} | {r['after'][k]:,.1f} |")
+    gb, ga = r["generation_before"], r["generation_after"]
+    lines += ["", f"Early-exit greedy generation (`early_exit_generate`, confidence >= {ga['threshold']}, "
+              f"{a['gen_prompts']} held-out prompts x {a['gen_tokens']} tokens): average answering depth "
+              f"{gb['avg_depth']:.1f} -> {ga['avg_depth']:.1f} layers, agreement with the full model's greedy tokens "
+              f"{gb['token_agreement']:.2f} -> {ga['token_agreement']:.2f}.",
+              f"`truncate(model, {a['exits'][0]})` reproduces exit {a['exits'][0]} (max |logit difference| "
+              f"{r['truncation_max_abs_diff']:.1e}).", "",
+              f"Settings: {a['steps']} steps, batch {a['batch']} x {a['seq']} tokens from the other five novels, AdamW "
+              f"lr {a['lr']} (warm-up + linear decay); trained: layers 1-{r.get('trained_layers', 30)} and the exit norms "
+              f"({r.get('trainable_params', 0) / 1e6:.0f}M params), frozen: tied embeddings / LM head, the layers above and "
+              f"the final norm; CE per exit weighted by k/30 + "
+              f"KL self-distillation from layer 30 (weight {a['self_weight']}) + KL from a frozen copy of the original "
+              f"model to every exit (weight {a.get('teacher_weight', 0.0)}). Training "
+              f"{r['train_seconds'] / 60:.1f} min, whole run {r['total_seconds'] / 60:.1f} min.", "",
+              f"Command: `{r['command']}`", "", "![SmolLM2 exits](figures/multiexit_smollm2_austen.png)", ""]
+    plt = _plt()
+    ks = sorted(r["after"], key=int)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ax.semilogy([int(k) for k in ks], [r["before"][k] for k in ks], "o--", label="before")
+    ax.semilogy([int(k) for k in ks], [r["after"][k] for k in ks], "o-", label="after multi-exit training")
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel(f"perplexity ({a['eval_novel']}, log scale)")
+    ax.set_title("SmolLM2-135M exits, held-out Jane Austen")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIG / "multiexit_smollm2_austen.png")
+    plt.close(fig)
+    return lines
+
+
+def fmnist_section(r) -> list[str]:
+    from kd_plugins.multiexit import plot_accuracy_vs_depth
+
+    if r is None:
+        return ["## 3. Fashion-MNIST, timm ViT and ResNet", "", "_not run_", ""]
+    a = r["args"]
+    lines = ["## 3. Fashion-MNIST: timm ViT and ResNet, accuracy per exit and early exit", "",
+             f"{a['train']} training images (seeded subset), first {a['test']} test images; {a['steps']} steps of "
+             f"batch {a['batch']}, AdamW lr {a['lr']} one-cycle, seed {a['seed']}; both models from scratch.", ""]
+    for arch in ("vit", "resnet"):
+        if arch not in r:
+            continue
+        x = r[arch]
+        std, me = x["standard"], x["multi_exit"]
+        name = "ViT (6 blocks, width 64)" if arch == "vit" else "ResNet-18 layout (channels 16-128)"
+        lines += [f"### {name}, exits {x['exits']}", "",
+                  "| exit | standard training + probe heads | multi-exit training | truncated model params |",
+                  "|---|---|---|---|"]
+        for k in sorted(me["per_exit"], key=int):
+            lines.append(f"| {k} / {x['num_layers']} | {std['per_exit'][k]:.4f} | {me['per_exit'][k]:.4f} | "
+                         f"{me['truncations'][k]['params']:,} |")
+        pts = sorted(me["curve"], key=lambda p: p["threshold"])
+        lines += ["", "Early exit (multi-exit model): threshold -> accuracy @ average depth: " + "; ".join(
+            f"{p['threshold']}: {p['accuracy']:.4f} @ {p['average_depth']:.2f}" for p in pts if p["threshold"] in
+            (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)) + ".",
+            f"`early_exit_classify` at 0.9 on 1,000 test images: accuracy {me['early_exit_check']['inference_accuracy']:.4f}"
+            f" @ depth {me['early_exit_check']['inference_avg_depth']:.2f} (simulated: "
+            f"{me['early_exit_check']['simulated_accuracy']:.4f} @ {me['early_exit_check']['simulated_avg_depth']:.2f})."
+            f" Training time: standard {std['train_seconds']:.0f} s (incl. probes), multi-exit {me['train_seconds']:.0f} s.",
+            "", f"![{arch} early exit](figures/multiexit_fmnist_{arch}.png)", ""]
+        plot_accuracy_vs_depth({"multi-exit": me["curve"], "standard + probes": std["curve"]},
+                               FIG / f"multiexit_fmnist_{arch}.png", num_layers=x["num_layers"],
+                               per_exit={"multi-exit": {int(k): v for k, v in me["per_exit"].items()},
+                                         "standard + probes": {int(k): v for k, v in std["per_exit"].items()}},
+                               title=f"Fashion-MNIST {arch}: accuracy vs average depth")
+    lines += [f"Command: `{r['command']}` ({r['total_seconds'] / 60:.1f} min)", ""]
+    return lines
+
+
+def main():
+    FIG.mkdir(parents=True, exist_ok=True)
+    lines = ["# Multi-exit self-distillation benchmarks (kd_plugins.multiexit)", "",
+             "Generated by `python benchmarks/multiexit_report.py` from `benchmarks/results/multiexit_*.json`. "
+             "CPU only (2 shared cores); HF_HUB_OFFLINE=1; models and data from PyPI / Debian packages.", ""]
+    lines += minilm_section(_load("multiexit_minilm.json"))
+    lines += lm_section(_load("multiexit_smollm2.json"))
+    lines += fmnist_section(_load("multiexit_fashion_mnist.json"))
+    notes = RES / "multiexit_notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
+    out = ROOT / "benchmarks" / "RESULTS_multiexit.md"
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

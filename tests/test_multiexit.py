@@ -1,0 +1,413 @@
+"""Multi-exit self-distillation: exits, loss, truncation parity, early exit, HF Trainer and timm integration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kd_plugins.multiexit import (
+    MultiExitConfig,
+    add_exits,
+    early_exit_classify,
+    early_exit_embed,
+    early_exit_generate,
+    exit_embeddings,
+    exit_outputs,
+    exit_weights,
+    get_exits,
+    multi_exit_loss,
+    plot_accuracy_vs_depth,
+    remove_exits,
+    simulate_early_exit,
+    truncate,
+)
+from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
+
+
+def _ids(b=3, t=9, vocab=96, seed=1, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (b, t), generator=g)
+    am = torch.ones_like(ids)
+    if pad:
+        am[1, -3:] = 0
+        ids[1, -3:] = 0
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def _perturb(module: nn.Module, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _tiny_mpnet(layers=4):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.MPNetModel(transformers.MPNetConfig(vocab_size=96, hidden_size=32, num_hidden_layers=layers,
+                                                            num_attention_heads=4, intermediate_size=64,
+                                                            max_position_embeddings=64))
+
+
+def _tiny_vit(**kw):
+    import timm
+
+    kw = dict(dict(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=4, num_heads=2), **kw)
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **kw), kw
+
+
+def _tiny_resnet():
+    import timm
+
+    kw = dict(num_classes=5, in_chans=1, layers=[1, 1, 1, 1], channels=(8, 16, 24, 32), stem_width=8)
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", **kw), kw
+
+
+# ----------------------------------------------------------------------------------------------- weights and loss
+def test_depth_weights_and_total_equals_sum_of_alphas():
+    assert exit_weights([4, 9, 18, 27, 36], 36) == pytest.approx([4 / 36, 9 / 36, 0.5, 0.75, 1.0])
+    assert exit_weights([1, 2], 4, "uniform") == [1.0, 1.0]
+    exits = {k: torch.randn(2, 5) for k in (4, 9, 18, 27, 36)}
+    cfg = MultiExitConfig(self_distill_weight=0.0)
+    res = multi_exit_loss(exits, 36, cfg, task_losses={k: torch.tensor(1.0) for k in exits})
+    assert float(res.loss) == pytest.approx(sum(exit_weights(list(exits), 36)))  # 2.611...
+    with pytest.raises(ValueError, match="3 weights given for 2 exits"):
+        exit_weights([1, 2], 2, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="'embedding' loss"):
+        multi_exit_loss(exits, 36, MultiExitConfig(distill_loss="embedding_mse"), kind="logits")
+
+
+def test_self_distillation_moves_only_shallow_exits():
+    deep = torch.randn(4, 6, requires_grad=True)
+    shallow = torch.randn(4, 6, requires_grad=True)
+    res = multi_exit_loss({2: shallow, 4: deep}, 4, MultiExitConfig(), kind="logits")
+    res.loss.backward()
+    assert deep.grad is None and shallow.grad.abs().sum() > 0
+    assert set(res.terms) == {"exit2_self_kd", "multi_exit_loss"}
+    teacher = torch.randn(4, 6)
+    res = multi_exit_loss({2: shallow, 4: deep}, 4, MultiExitConfig(), kind="logits", teacher=teacher)
+    assert {"exit2_teacher_kd", "exit4_teacher_kd"} <= set(res.terms)
+
+
+# --------------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("layers, msg", [([0, 2], "out of range"), ([2, 5], "out of range"), ([3, 2], "increasing"),
+                                         ([2, 2], "increasing"), ([], "at least one"), ([1.5], "integers"),
+                                         (2, "list of exit layers")])
+def test_bad_exit_layers(layers, msg):
+    with pytest.raises(ValueError, match=msg):
+        add_exits(tiny_bert(layers=4), layers)
+
+
+def test_unlocatable_family_names_what_was_tried():
+    class FakeHF(nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.config = object()
+            self.body = nn.Sequential(nn.Linear(2, 2))
+
+    with pytest.raises(ValueError, match=r"tried: encoder\.layer, model\.layers.*body\.encoder\.layer"):
+        add_exits(FakeHF(), [1])
+    with pytest.raises(ValueError, match="neither a Hugging Face model"):
+        add_exits(nn.Sequential(nn.Linear(2, 2)), [1])
+
+
+def test_truncate_needs_an_exit_and_other_bad_inputs():
+    m = add_exits(tiny_bert(layers=4), [2, 4])
+    with pytest.raises(ValueError, match=r"no exit at layer 3; this model's exits are at \[2, 4\]"):
+        truncate(m, 3)
+    with pytest.raises(ValueError, match="already has exits"):
+        add_exits(m, [1])
+    with pytest.raises(ValueError, match="has no exits"):
+        truncate(tiny_bert(), 1)
+    with pytest.raises(ValueError, match="head must be"):
+        add_exits(tiny_bert(), [1], head="own")
+    with pytest.raises(ValueError, match="exit_embedding=True is for causal LMs"):
+        add_exits(tiny_bert(), [1], exit_embedding=True)
+    r, _ = _tiny_resnet()
+    with pytest.raises(ValueError, match="head='separate'"):
+        add_exits(r, [2, 4], head="shared")
+    remove_exits(m)
+    assert not hasattr(m, "multi_exit")
+
+
+# ------------------------------------------------------------------------------------------------- HF encoders
+@pytest.mark.parametrize("factory", [lambda: tiny_bert(layers=4), _tiny_mpnet], ids=["bert", "mpnet"])
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_encoder_exits_and_truncation_parity(factory, head):
+    model = factory().eval()
+    inputs = _ids()
+    ref = model(**inputs, output_hidden_states=True).hidden_states
+    add_exits(model, [1, 3, 4], head=head)
+    if head == "separate":
+        _perturb(model.multi_exit)
+    outs = exit_outputs(model, **inputs)
+    assert list(outs) == [1, 3, 4]
+    torch.testing.assert_close(outs[4], ref[4])
+    if head == "shared":
+        torch.testing.assert_close(outs[1], ref[1])
+    for k in (1, 3, 4):
+        small = truncate(model, k).eval()
+        assert small.config.num_hidden_layers == k and not hasattr(small, "multi_exit")
+        torch.testing.assert_close(small(**inputs).last_hidden_state, outs[k], rtol=1e-5, atol=1e-5)
+    emb = exit_embeddings(model, normalize=True, **inputs)
+    assert emb[1].shape == (3, 32) and torch.allclose(emb[1].norm(dim=-1), torch.ones(3))
+    assert len(model.multi_exit.heads) == (2 if head == "separate" else 0)
+
+
+def test_seq_classifier_truncation_and_early_exit():
+    model = tiny_bert("BertForSequenceClassification", layers=4).eval()
+    add_exits(model, [1, 2, 4], head="separate")
+    _perturb(model.multi_exit)
+    inputs = _ids(b=6)
+    outs = exit_outputs(model, **inputs)
+    torch.testing.assert_close(outs[4], model(**inputs).logits)
+    for k in (1, 2):
+        torch.testing.assert_close(truncate(model, k).eval()(**inputs).logits, outs[k], rtol=1e-5, atol=1e-5)
+    res = early_exit_classify(model, inputs, threshold=0.0)  # everything confident at the first exit
+    assert res.exit_layer.tolist() == [1] * 6 and res.average_depth == 1.0
+    torch.testing.assert_close(res.output, outs[1], rtol=1e-5, atol=1e-5)
+    res = early_exit_classify(model, inputs, threshold=1.0)
+    assert res.exit_layer.tolist() == [4] * 6
+    torch.testing.assert_close(res.output, outs[4], rtol=1e-5, atol=1e-5)
+    conf = outs[1].detach().softmax(-1).max(-1).values
+    t = float(conf.detach().median())
+    res = early_exit_classify(model, inputs, threshold=t)  # mixed: samples leave the batch at different exits
+    sim = simulate_early_exit(outs, torch.zeros(6, dtype=torch.long), [t])[0]
+    expected = [1 if c >= t else None for c in conf.tolist()]
+    assert [e for e, x in zip(res.exit_layer.tolist(), expected) if x] == [1] * sum(x is not None for x in expected)
+    assert sim["average_depth"] == pytest.approx(res.average_depth)
+    for b, k in enumerate(res.exit_layer.tolist()):
+        torch.testing.assert_close(res.output[b], outs[k][b], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="criterion"):
+        early_exit_classify(model, inputs, criterion="entropy?")
+
+
+def test_early_exit_embed_returns_exit_ids():
+    model = tiny_bert(layers=4).eval()
+    add_exits(model, [1, 2, 4])
+    inputs = _ids(b=4)
+    full = exit_embeddings(model, normalize=True, **inputs)
+    res = early_exit_embed(model, inputs, threshold=-1.0)  # any two exits "agree": stop at the second exit
+    assert res.exit_layer.tolist() == [2] * 4
+    torch.testing.assert_close(res.output, full[2], rtol=1e-5, atol=1e-5)
+    res = early_exit_embed(model, inputs, threshold=1.0)
+    assert set(res.exit_layer.tolist()) <= {2, 4}
+    for b, k in enumerate(res.exit_layer.tolist()):
+        torch.testing.assert_close(res.output[b], full[k][b], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- causal LM
+def test_causal_lm_separate_norm_exit_embedding_truncation_and_generation():
+    model = tiny_llama(layers=4).eval()
+    add_exits(model, [1, 2, 4], head="separate", exit_embedding=True)
+    _perturb(model.multi_exit)
+    inputs = _ids(b=2, pad=False)
+    outs = exit_outputs(model, **inputs)
+    torch.testing.assert_close(outs[4], model(**inputs).logits)
+    for k in (1, 2):
+        small = truncate(model, k).eval()
+        assert small.config.mlp_bias and small.config.num_hidden_layers == k
+        torch.testing.assert_close(small(**inputs).logits, outs[k], rtol=1e-4, atol=1e-5)
+    prompt = inputs["input_ids"][:1, :5]
+    res = early_exit_generate(model, prompt, max_new_tokens=4, threshold=0.0)
+    assert res.exit_layer.tolist() == [1] * 4 and res.output.shape == (4,)
+    small1 = truncate(model, 1).eval()
+    ref = small1.generate(prompt, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert res.output.tolist() == ref[0, 5:].tolist()
+    res = early_exit_generate(model, prompt, max_new_tokens=3, threshold=1.0)
+    assert res.exit_layer.tolist() == [4] * 3 and res.average_depth == 4.0
+    with pytest.raises(ValueError, match="early_exit_generate needs a causal LM"):
+        early_exit_generate(add_exits(tiny_bert(), [1, 2]), prompt)
+
+
+def test_hf_trainer_causal_lm_callback(tmp_out):
+    from transformers import Trainer
+
+    from kd_plugins.multiexit import MultiExitCallback
+
+    model = tiny_llama(layers=4)
+    add_exits(model, [2, 4], head="separate")
+    teacher = tiny_llama(layers=2, seed=3)
+    before = {n: p.detach().clone() for n, p in model.multi_exit.named_parameters()}
+    cb = MultiExitCallback(MultiExitConfig(temperature=2.0), teacher=teacher)
+    logs = []
+
+    class Keep(__import__("transformers").TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs_list.append(dict(logs or {}))
+
+    logs_list = logs
+    trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2), train_dataset=TokenDataset(n=8),
+                      callbacks=[cb, Keep()])
+    trainer.train()
+    train_logs = [x for x in logs if "loss" in x]
+    assert train_logs and {"exit2_task", "exit4_task", "exit2_self_kd", "exit2_teacher_kd", "exit4_teacher_kd",
+                           "multi_exit_loss"} <= set(train_logs[0])
+    assert any(not torch.equal(before[n], p) for n, p in model.multi_exit.named_parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_hf_trainer_sequence_classifier_callback(tmp_out):
+    from transformers import Trainer
+
+    from kd_plugins.multiexit import MultiExitCallback
+
+    model = tiny_bert("BertForSequenceClassification", layers=4)
+    add_exits(model, [1, 2, 4], head="separate")
+    cb = MultiExitCallback(MultiExitConfig(weights=[0.2, 0.5, 1.0]))
+    before = model.multi_exit.heads["1"]["classifier"].weight.detach().clone()
+    trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2),
+                      train_dataset=TokenDataset(n=8, labels="seq"), callbacks=[cb])
+    trainer.train()
+    assert not torch.equal(before, model.multi_exit.heads["1"]["classifier"].weight)
+    assert cb.trainer is trainer and cb._counts["train"] == 0  # logged and reset
+
+
+def test_hf_trainer_encoder_infonce_with_teacher(tmp_out):
+    from transformers import Trainer
+
+    from kd_plugins.multiexit import MultiExitCallback
+
+    model = tiny_bert(layers=4)
+    add_exits(model, [2, 4], head="separate")
+    teacher = tiny_bert(layers=4, seed=1)
+    g = torch.Generator().manual_seed(0)
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            a, b = torch.randint(4, 96, (7,), generator=g), torch.randint(4, 96, (9,), generator=g)
+            return {"input_ids": a, "attention_mask": torch.ones_like(a), "positive_input_ids": b,
+                    "positive_attention_mask": torch.ones_like(b)}
+
+    cfg = MultiExitConfig(embedding_task="infonce", distill_loss="embedding_mse", teacher_weight=0.5)
+    trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2, remove_unused_columns=False),
+                      train_dataset=Pairs(), callbacks=[MultiExitCallback(cfg, teacher=teacher)])
+    before = model.multi_exit.heads["2"].weight.detach().clone()
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert not torch.equal(before, model.multi_exit.heads["2"].weight)
+
+
+# -------------------------------------------------------------------------------------------------------- timm
+def test_timm_vit_task_truncation_and_early_exit():
+    from kd_plugins.multiexit.timm_task import MultiExitTask
+
+    model, kw = _tiny_vit()
+    add_exits(model, [1, 2, 4], head="separate", create_kwargs=kw)
+    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 5, (6,))
+    teacher, _ = _tiny_vit(depth=1)
+    task = MultiExitTask(model, config=MultiExitConfig(), teacher=teacher)
+    res = task(x, y)
+    res["loss"].backward()
+    assert res["output"].shape == (6, 5) and "exit1_self_kd" in res and "exit4_teacher_kd" in res
+    assert model.multi_exit.heads["1"]["head"].weight.grad is not None
+    assert "_teacher" not in dict(task.named_modules()) and not any("teacher" in k for k in task.state_dict())
+    model.eval()
+    _perturb(model.multi_exit)
+    outs = exit_outputs(model, x)
+    torch.testing.assert_close(outs[4], model(x))
+    for k in (1, 2):
+        small = truncate(model, k).eval()
+        assert len(small.blocks) == k
+        torch.testing.assert_close(small(x), outs[k], rtol=1e-5, atol=1e-5)
+    res = early_exit_classify(model, x, threshold=0.0)
+    assert res.exit_layer.tolist() == [1] * 6
+    t = float(outs[1].detach().softmax(-1).max(-1).values.median())
+    res = early_exit_classify(model, x, threshold=t)
+    sim = simulate_early_exit(outs, y, [t])[0]
+    assert sim["average_depth"] == pytest.approx(res.average_depth)
+    for b, k in enumerate(res.exit_layer.tolist()):
+        torch.testing.assert_close(res.output[b], outs[k][b], rtol=1e-4, atol=1e-5)
+
+
+def test_timm_resnet_exits_truncation_and_shared_vit():
+    model, kw = _tiny_resnet()
+    add_exits(model, [2, 3, 4], head="separate")
+    model.eval()
+    x = torch.randn(4, 1, 32, 32)
+    outs = exit_outputs(model, x)
+    torch.testing.assert_close(outs[4], model(x))
+    for k in (2, 3):
+        small = truncate(model, k, **kw).eval()
+        assert small.kd_plugins_create_kwargs["layers"][k:] == [0] * (4 - k)
+        torch.testing.assert_close(small(x), outs[k], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not match the source model"):
+        truncate(model, 2)  # built with non-default kwargs that were not given
+    vit, vkw = _tiny_vit()
+    add_exits(vit, [2, 4], create_kwargs=vkw)  # shared head: norm + pool + head of the model itself
+    vit.eval()
+    xv = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(truncate(vit, 2).eval()(xv), exit_outputs(vit, xv)[2], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- standalone load, plotting
+def test_truncated_models_load_without_kd_plugins(tmp_path):
+    bert = tiny_bert(layers=4).eval()
+    add_exits(bert, [2, 4], head="separate")
+    _perturb(bert.multi_exit)
+    inputs = _ids()
+    truncate(bert, 2).save_pretrained(tmp_path / "bert2")
+    torch.save({"inputs": inputs, "hidden": exit_outputs(bert, **inputs)[2]}, tmp_path / "bert_ref.pt")
+    vit, kw = _tiny_vit()
+    add_exits(vit, [2, 4], head="separate", create_kwargs=kw)
+    _perturb(vit.multi_exit)
+    vit.eval()
+    x = torch.randn(2, 1, 16, 16)
+    small = truncate(vit, 2)
+    torch.save(small.state_dict(), tmp_path / "vit2.pt")
+    (tmp_path / "vit2.json").write_text(json.dumps({"arch": small.pretrained_cfg["architecture"],
+                                                    "kwargs": small.kd_plugins_create_kwargs}))
+    torch.save({"x": x, "logits": exit_outputs(vit, x)[2]}, tmp_path / "vit_ref.pt")
+    code = textwrap.dedent(f"""
+        import json, sys, torch
+        sys.modules["kd_plugins"] = None  # any import of kd_plugins now fails
+        import timm
+        from transformers import AutoModel
+        d = {str(tmp_path)!r}
+        ref = torch.load(d + "/bert_ref.pt")
+        m = AutoModel.from_pretrained(d + "/bert2").eval()
+        assert m.config.num_hidden_layers == 2
+        torch.testing.assert_close(m(**ref["inputs"]).last_hidden_state, ref["hidden"], rtol=1e-5, atol=1e-5)
+        spec = json.load(open(d + "/vit2.json"))
+        v = timm.create_model(spec["arch"], **spec["kwargs"]).eval()
+        v.load_state_dict(torch.load(d + "/vit2.pt"))
+        ref = torch.load(d + "/vit_ref.pt")
+        torch.testing.assert_close(v(ref["x"]), ref["logits"], rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_plot_accuracy_vs_depth(tmp_path):
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    logits = {k: torch.randn(50, 3, generator=g) * k for k in (1, 2, 4)}
+    curve = simulate_early_exit(logits, labels, [0.0, 0.5, 0.9, 1.0])
+    assert curve[0]["average_depth"] == 1.0 and curve[-1]["average_depth"] == 4.0
+    assert curve[-1]["exit_share"] == {1: 0.0, 2: 0.0, 4: 1.0}
+    depths = [p["average_depth"] for p in curve]
+    assert depths == sorted(depths)
+    path = plot_accuracy_vs_depth({"toy": curve}, tmp_path / "curve.png", num_layers=4,
+                                  per_exit={"toy": {k: 0.5 for k in logits}})
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        get_exits(nn.Linear(2, 2))
