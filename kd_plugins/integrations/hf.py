@@ -81,6 +81,30 @@ def _find_resume_dir() -> str | None:
     return _find_calling(pred)
 
 
+def patch_trainer(trainer: Trainer, loss_fn=None, logs_fn=None, original_loss=None) -> None:
+    """Wrap one Trainer instance's ``compute_loss`` and ``log`` (shared by kd_plugins' callbacks).
+
+    ``loss_fn(original, model, inputs, return_outputs=..., num_items_in_batch=..., **kw)`` receives the Trainer's own
+    ``compute_loss`` (or ``original_loss``); ``logs_fn(logs)`` may add entries before the Trainer records them.
+    """
+    if loss_fn is not None:
+        original = original_loss or trainer.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
+            return loss_fn(original, model, inputs, return_outputs=return_outputs,
+                           num_items_in_batch=num_items_in_batch, **kw)
+
+        trainer.compute_loss = compute_loss
+    if logs_fn is not None:
+        original_log = trainer.log
+
+        def log(logs: dict[str, float], *args, **kwargs):
+            logs_fn(logs)
+            return original_log(logs, *args, **kwargs)
+
+        trainer.log = log
+
+
 class DistillationCallback(TrainerCallback):
     """Adds knowledge distillation to an unmodified ``transformers.Trainer`` (or TRL ``SFTTrainer``).
 
@@ -116,23 +140,11 @@ class DistillationCallback(TrainerCallback):
             raise RuntimeError("This DistillationCallback is already attached to another Trainer; create one per "
                                "Trainer.")
         self.trainer = trainer
-        if not isinstance(trainer, DistillationTrainer):
-            original = trainer.compute_loss
-            if _is_trl_sft_trainer(trainer):
-                original = self._sft_task_loss(trainer)
-
-            def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
-                return self.compute_loss(original, model, inputs, return_outputs=return_outputs,
-                                         num_items_in_batch=num_items_in_batch, **kw)
-
-            trainer.compute_loss = compute_loss
-        original_log = trainer.log
-
-        def log(logs: dict[str, float], *args, **kwargs):
-            self._add_logs(logs)
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
+        # DistillationTrainer calls self.compute_loss from its own compute_loss; only its log is wrapped.
+        wrap_loss = not isinstance(trainer, DistillationTrainer)
+        patch_trainer(trainer, loss_fn=self.compute_loss if wrap_loss else None, logs_fn=self._add_logs,
+                      original_loss=self._sft_task_loss(trainer) if wrap_loss and _is_trl_sft_trainer(trainer)
+                      else None)
         pc = getattr(trainer, "processing_class", None)
         if self.engine.student_tokenizer is None and pc is not None:
             self.engine.student_tokenizer = getattr(pc, "tokenizer", pc)

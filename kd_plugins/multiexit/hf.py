@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..distill.engine import unwrap_model
-from ..integrations.hf import _find_trainer
+from ..integrations.hf import _find_trainer, patch_trainer
 from .core import _assemble, _model_inputs, capture_hidden, get_exits, pool
 from .loss import MultiExitConfig, exit_ce_losses, info_nce, multi_exit_loss
 
@@ -66,20 +66,7 @@ class MultiExitCallback(TrainerCallback):
             raise RuntimeError("This MultiExitCallback is already attached to another Trainer; create one per Trainer.")
         get_exits(trainer.model)  # clear error now if add_exits was not called
         self.trainer = trainer
-        original = trainer.compute_loss
-
-        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
-            return self.compute_loss(original, model, inputs, return_outputs=return_outputs,
-                                     num_items_in_batch=num_items_in_batch, **kw)
-
-        trainer.compute_loss = compute_loss
-        original_log = trainer.log
-
-        def log(logs: dict[str, float], *args, **kwargs):
-            self._add_logs(logs)
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
+        patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)
 
     def _ensure_attached(self) -> Trainer:
         if self.trainer is None:
