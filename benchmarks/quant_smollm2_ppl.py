@@ -87,7 +87,15 @@ def main(argv=None):
                 best = (a, ppl)
             del qm
         chosen[method] = best[0]
-    val_fp = qc.perplexity(model, val) if sweep_rows else None
+    # Per-layer alpha (quantize(alpha="auto")): chosen on the calibration windows only; validation shown for reference.
+    t_auto = time.time()
+    auto_model = quantize(copy.deepcopy(model), "crossquant", "auto", calibration_data=batches(calib, 2), stats=stats)
+    auto_alpha = auto_model.kd_quantization["layer_alpha"]
+    auto_secs = time.time() - t_auto
+    val_auto = qc.perplexity(auto_model, val)
+    del auto_model
+    print(f"  val crossquant alpha=auto ppl={val_auto:.3f} (search {auto_secs:.0f}s)  [{time.time() - t0:.0f}s]", flush=True)
+    val_fp = qc.perplexity(model, val)
 
     configs = [
         ("fp32", None, None, "-"),
@@ -95,6 +103,7 @@ def main(argv=None):
         (f"SmoothQuant W8A8 (alpha={chosen['smoothquant']:g})", "smoothquant", chosen["smoothquant"], "int8"),
         (f"CrossQuant W8A8 (alpha={chosen['crossquant']:g})", "crossquant", chosen["crossquant"], "int8"),
         (f"CrossQuant dynamic, fake-quant (alpha={chosen['crossquant']:g})", "crossquant_dynamic", chosen["crossquant"], "fake"),
+        ("CrossQuant W8A8 (alpha=auto, per layer)", "crossquant", auto_alpha, "int8"),
     ]
     kb = batches(test[: args.kernel_windows], 2)
     results = []
@@ -133,9 +142,19 @@ def main(argv=None):
         print(f"| {label} | {ppl:.3f} | {100 * (ppl / fp - 1):+.2f}% | {100 * s['kernel']:.2f}% | "
               f"{100 * s['induced']:.2f}% | {below} |")
     print()
-    print("Kernel proportion by layer type (CrossQuant W8A8 vs per-token on the same tensors):\n")
-    cq = results[3][2]
-    print(cq.to_table())
+    for idx in (3, 5):
+        print(f"Kernel proportion by layer type ({results[idx][0]} vs per-token on the same tensors):\n")
+        print(results[idx][2].to_table())
+        print()
+    vals = sorted(auto_alpha.values())
+    print(f"alpha=auto: validation ppl {val_auto:.3f} (fp32 {val_fp:.3f}); per-layer search {auto_secs:.0f}s; chosen alphas "
+          f"min {vals[0]:g} / median {vals[len(vals) // 2]:g} / max {vals[-1]:g}")
+    by: dict[str, list[float]] = {}
+    for n, a in auto_alpha.items():
+        by.setdefault(".".join(n.split(".")[-2:]), []).append(a)
+    print("| layer type | mean alpha | min | max |\n|---|---|---|---|")
+    for k, v in by.items():
+        print(f"| {k} | {sum(v) / len(v):.2f} | {min(v):g} | {max(v):g} |")
     print(f"\n# total {time.time() - t0:.0f}s")
 
 

@@ -445,3 +445,80 @@ def test_load_rejects_bad_checkpoints(tmp_path):
     with pytest.raises(QuantizedCheckpointError):
         load_quantized(good, model=other)
     assert not quantized_layers(other)
+
+
+# ------------------------------------------------------------------------------------------------ per-layer alpha
+def test_calibrate_layer_alphas_picks_lowest_error_with_kernel_below_per_token():
+    from kd_plugins.quant import calibrate_layer_alphas
+
+    m = tiny_llama()
+    data = llama_batches()
+    grid = (0.2, 0.5, 0.8)
+    search = calibrate_layer_alphas(m, data, grid=grid)
+    assert set(search) == set(find_quantizable(m)[0])
+    for r in search.values():
+        assert r.alphas == list(grid) and len(r.errors) == len(r.kernels) == 3
+        ok = [i for i, k in enumerate(r.kernels) if k < r.per_token_kernel]
+        assert r.kernel_below_per_token == bool(ok)
+        pool = ok or range(3)
+        assert r.chosen == grid[min(pool, key=lambda i: r.errors[i])]
+    # the search score is the error quantize() actually produces for that layer (same quantizer, same rows)
+    name = "model.layers.0.mlp.gate_proj"
+    r = search[name]
+    stats = collect_activation_stats(m, data)
+    rows = []
+    h = m.get_submodule(name).register_forward_pre_hook(lambda mod, a: rows.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for b in data:
+            m(**b)
+    h.remove()
+    x = torch.cat(rows)
+    for i, a in enumerate(grid):
+        q = QuantizedLinear.from_float(m.get_submodule(name), method="crossquant", alpha=a, col_max=stats[name].col_max,
+                                       mode="fake")
+        with torch.no_grad():
+            y, ref = q(x), x @ m.get_submodule(name).weight.T
+        assert float((y - ref).pow(2).sum() / ref.pow(2).sum()) == pytest.approx(r.errors[i], rel=1e-3)
+
+
+def test_quantize_alpha_auto_and_mapping_round_trip(tmp_path):
+    m = tiny_llama()
+    data = llama_batches()
+    qm = quantize(copy.deepcopy(m), "crossquant", alpha="auto", calibration_data=data, alpha_grid=(0.3, 0.6, 0.9))
+    la = qm.kd_quantization["layer_alpha"]
+    assert qm.kd_quantization["alpha"] == "auto" and set(la) == set(quantized_layers(qm))
+    assert all(quantized_layers(qm)[n].alpha == a for n, a in la.items())
+    rep = quantization_kernel_report(qm, data)
+    assert rep.layers_below_per_token == len(rep.layers)  # the constraint holds on the calibration data itself
+    # an explicit mapping reproduces the same model bit for bit
+    qm2 = quantize(copy.deepcopy(m), "crossquant", alpha=la, calibration_data=data)
+    assert qm2.kd_quantization["alpha"] == "per_layer"
+    with torch.no_grad():
+        assert torch.equal(qm(**data[0]).logits, qm2(**data[0]).logits)
+    loaded = load_quantized(save_quantized(qm, tmp_path / "auto"))
+    assert loaded.kd_quantization["layer_alpha"] == la
+    with torch.no_grad():
+        assert torch.equal(qm(**data[1]).logits, loaded(**data[1]).logits)
+
+
+def test_alpha_auto_bad_inputs():
+    m = tiny_llama()
+    data = llama_batches()
+    with pytest.raises(ValueError, match="applies to"):
+        quantize(copy.deepcopy(m), "per_token", alpha="auto")
+    with pytest.raises(ValueError, match="'auto'"):
+        quantize(copy.deepcopy(m), "crossquant", alpha="best", calibration_data=data)
+    with pytest.raises(ValueError, match="missing"):
+        quantize(copy.deepcopy(m), "crossquant", alpha={"model.layers.0.mlp.up_proj": 0.5}, calibration_data=data)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        quantize(copy.deepcopy(m), "crossquant", alpha={n: 2.0 for n in find_quantizable(m)[0]}, calibration_data=data)
+
+
+def test_cli_alpha_argument_accepts_auto():
+    from kd_plugins.quant.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["a", "b", "--alpha", "auto"]).alpha == "auto"
+    assert p.parse_args(["a", "b", "--alpha", "0.4"]).alpha == 0.4
+    with pytest.raises(SystemExit):
+        p.parse_args(["a", "b", "--alpha", "best"])

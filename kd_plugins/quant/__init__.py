@@ -4,6 +4,11 @@
 >>> model = quantize(model, method="crossquant", calibration_data=batches)   # alpha defaults to DEFAULT_ALPHA
 >>> report = quantization_kernel_report(model, batches); print(report.to_table())
 >>> save_quantized(model, "out/"); model2 = load_quantized("out/")
+>>> model3 = AutoModelForCausalLM.from_pretrained("out/")   # Hugging Face models, after `import kd_plugins`
+
+``load_quantized`` and ``from_pretrained`` both verify every tensor against the SHA-256 checksums of
+``quant_config.json`` and restore bit-identical outputs; see :mod:`kd_plugins.quant.hf_quantizer` for what the
+``from_pretrained`` path does and does not check (other ``dtype=``, Hub repos without ``quant_config.json``).
 
 CrossQuant (Liu et al., arXiv 2410.07505) quantizes activation element ``(i, j)`` with step
 ``t_i^alpha * c_j^(1-alpha) / 127`` (``t``: row abs-max, ``c``: column abs-max), which shrinks the *quantization
@@ -14,7 +19,10 @@ GEMM; ``method="crossquant_dynamic"`` is the per-tensor form for fake-quant accu
 from ._core import METHODS
 from .api import (
     DEFAULT_ALPHA,
+    DEFAULT_ALPHA_GRID,
     AlphaSweep,
+    LayerAlphaSearch,
+    calibrate_layer_alphas,
     KernelReport,
     LayerKernel,
     LayerStats,
@@ -38,6 +46,9 @@ __all__ = [
     "LayerKernel",
     "sweep_alpha",
     "AlphaSweep",
+    "calibrate_layer_alphas",
+    "LayerAlphaSearch",
+    "DEFAULT_ALPHA_GRID",
     "collect_activation_stats",
     "LayerStats",
     "find_quantizable",

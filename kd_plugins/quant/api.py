@@ -17,8 +17,12 @@ from ._core import (
     STATIC_METHODS,
     check_alpha,
     check_method,
+    crossquant_inv_col,
     kernel_counts,
     per_token_codes,
+    quantize_activations,
+    quantize_weight_per_channel,
+    smoothquant_inv_scale,
 )
 from .layers import QuantizedLinear, is_pointwise_conv, is_quantizable
 
@@ -35,6 +39,9 @@ __all__ = [
     "quantization_kernel_report",
     "sweep_alpha",
     "quantized_layers",
+    "LayerAlphaSearch",
+    "calibrate_layer_alphas",
+    "DEFAULT_ALPHA_GRID",
 ]
 
 #: Default ``alpha`` per method. CrossQuant's 0.35 is our own choice (the paper's value could not be verified): it gave
@@ -325,6 +332,139 @@ def collect_activation_stats(
     return stats
 
 
+#: Alphas tried per layer by ``alpha="auto"`` (:func:`calibrate_layer_alphas`).
+DEFAULT_ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class LayerAlphaSearch:
+    """Per-layer alpha search of one layer: relative matmul error and kernel share for every alpha tried."""
+
+    name: str
+    alphas: list[float]
+    errors: list[float]
+    kernels: list[float]
+    per_token_kernel: float
+    chosen: float
+    #: False when no alpha of the grid had a kernel strictly below per-token's on the calibration rows (the alpha
+    #: with the lowest error was taken anyway).
+    kernel_below_per_token: bool
+
+
+def _layer_weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach().float()
+    return w.flatten(1) if w.dim() == 4 else w
+
+
+def calibrate_layer_alphas(
+    model: nn.Module,
+    calibration_data,
+    *,
+    method: str = "crossquant",
+    stats: dict[str, LayerStats] | None = None,
+    grid: Iterable[float] = DEFAULT_ALPHA_GRID,
+    max_rows: int = 2048,
+    require_kernel_below_per_token: bool = True,
+    skip: Iterable[str] | None = None,
+    default_skip: bool = True,
+    min_rows: int = 16,
+    progress: bool = False,
+) -> dict[str, LayerAlphaSearch]:
+    """Choose ``alpha`` separately for every layer from the calibration data (what ``quantize(alpha="auto")`` uses).
+
+    For each target layer and each ``alpha`` in ``grid`` the layer is quantized exactly as :func:`quantize` would
+    (static column factor folded into the weights, int8 weights per output channel, int8 activation codes) and
+    applied, in float, to up to ``max_rows`` of its own calibration input rows (evenly spaced, padding excluded). The
+    score is the relative error of the matmul, ``||Q(X) Q(W)^T - X W^T||^2 / ||X W^T||^2``. The chosen alpha has the
+    lowest error among those whose quantization kernel (share of activation codes equal to 0) is strictly below
+    per-token's on the same rows; with ``require_kernel_below_per_token=False`` (or when no alpha qualifies, which is
+    recorded in the result) it is simply the lowest error.
+
+    Why per layer: with a *static* column maximum ``c_j``, rows whose own maximum ``t_i`` is below ``c_j`` get a
+    larger step than per-token (``t_i^a c_j^(1-a) > t_i``); in layers fed by a few outlier tokens (``down_proj``,
+    ``o_proj`` of LLMs) one global alpha can therefore enlarge the kernel, while other layers want a small alpha.
+
+    Costs one extra pass over ``calibration_data`` plus ``len(grid)`` quantized matmuls per layer on ``max_rows`` rows.
+    """
+    check_method(method)
+    if method not in STATIC_METHODS:
+        raise ValueError(f"per-layer alpha calibration applies to {STATIC_METHODS}, got {method!r}")
+    grid = sorted({check_alpha(method, a) for a in grid})
+    if not grid:
+        raise ValueError("grid is empty")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    batches = _as_batches(calibration_data, "calibration_data")
+    if stats is None:
+        stats = collect_activation_stats(model, batches, skip=skip, default_skip=default_skip, min_rows=min_rows,
+                                         progress=progress)
+    targets, _ = find_quantizable(model, skip, default_skip=default_skip)
+    missing = [n for n in targets if n not in stats]
+    if missing:
+        raise ValueError(f"stats has no entry for {len(missing)} layer(s), e.g. {missing[:3]}")
+    per_batch = max(1, -(-max_rows // len(batches)))
+    acc: dict[str, dict[str, Any]] = {
+        n: {"err": [0.0] * len(grid), "zeros": [0] * len(grid), "ref": 0.0, "pt_zeros": 0, "elements": 0}
+        for n in targets
+    }
+
+    def hook_for(name):
+        def hook(mod, args, kwargs=None):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            rows = _input_rows(mod, x.detach())
+            if rows.shape[0] == 0:
+                return
+            if rows.shape[0] > per_batch:
+                idx = torch.linspace(0, rows.shape[0] - 1, per_batch, device=rows.device).round().long()
+                rows = rows[idx]
+            rows = rows.float().cpu()
+            w = _layer_weight(mod).cpu()
+            ref = rows @ w.T
+            a = acc[name]
+            a["ref"] += float(ref.pow(2).sum())
+            a["elements"] += rows.numel()
+            a["pt_zeros"] += int((per_token_codes(rows) == 0).sum())
+            col_max = stats[name].col_max
+            for i, alpha in enumerate(grid):
+                if method == "crossquant":
+                    inv = crossquant_inv_col(col_max, alpha)
+                else:
+                    inv = smoothquant_inv_scale(col_max, w, alpha)
+                qw, sw = quantize_weight_per_channel(w.double() / inv.double()[None, :])
+                wq = (qw.float() * sw[:, None]) * inv[None, :]
+                codes, rs, _ = quantize_activations(rows, method, alpha, inv)
+                xq = codes.float() * rs[:, None] / inv[None, :]
+                a["err"][i] += float((xq @ wq.T - ref).pow(2).sum())
+                a["zeros"][i] += int((codes == 0).sum())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
+    device = _model_device(model)
+    try:
+        with _eval_no_grad(model):
+            for b in _iter(batches, progress, "per-layer alpha"):
+                _call(model, b, device)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, LayerAlphaSearch] = {}
+    for name in targets:
+        a = acc[name]
+        if a["elements"] == 0:
+            raise ValueError(f"layer {name} never ran on the calibration data; pass data that reaches it or skip it")
+        errors = [e / max(a["ref"], 1e-30) for e in a["err"]]
+        kernels = [z / a["elements"] for z in a["zeros"]]
+        ok = [i for i in range(len(grid)) if a["zeros"][i] < a["pt_zeros"]]
+        pool = ok if (ok and require_kernel_below_per_token) else range(len(grid))
+        best = min(pool, key=lambda i: (errors[i], i))
+        out[name] = LayerAlphaSearch(name, list(grid), errors, kernels, a["pt_zeros"] / a["elements"], grid[best],
+                                     bool(ok))
+    return out
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -334,7 +474,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize(
     model: nn.Module,
     method: str = "crossquant",
-    alpha: float | None = None,
+    alpha: float | str | Mapping[str, float] | None = None,
     calibration_data=None,
     skip: Iterable[str] | None = None,
     *,
@@ -343,6 +483,7 @@ def quantize(
     backend: str = "auto",
     min_calibration_rows: int = 16,
     stats: dict[str, LayerStats] | None = None,
+    alpha_grid: Iterable[float] = DEFAULT_ALPHA_GRID,
     progress: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` in place to W8A8 and return it.
@@ -367,6 +508,10 @@ def quantize(
       per-channel multiply in the quantizer) and weights multiplied by it, then per-token. Default ``alpha=0.5``.
 
     Args:
+        alpha: a float in ``[0, 1]`` for every layer; ``"auto"`` (static methods) to choose it per layer on the
+            calibration data with :func:`calibrate_layer_alphas` over ``alpha_grid`` (lowest matmul error among the
+            alphas whose kernel is below per-token's); or a ``{layer name: alpha}`` mapping covering every target.
+            ``None``: :data:`DEFAULT_ALPHA`. The chosen values are in ``model.kd_quantization["layer_alpha"]``.
         calibration_data: iterable of batches (dict of model kwargs, tensor, or tuple of args); padding rows
             (``attention_mask == 0``) are ignored. Required for ``crossquant`` and ``smoothquant``.
         mode: ``"int8"`` (real int8 GEMMs) or ``"fake"`` (dequantize-and-float-matmul, debugging).
@@ -382,7 +527,19 @@ def quantize(
     check_method(method)
     if alpha is None:
         alpha = DEFAULT_ALPHA[method]
-    alpha = check_alpha(method, alpha)
+    layer_alpha: dict[str, float] | None = None
+    if isinstance(alpha, str):
+        if alpha != "auto":
+            raise ValueError(f"alpha must be a number in [0, 1], 'auto' or a {{layer: alpha}} mapping, got {alpha!r}")
+        if method not in STATIC_METHODS:
+            raise ValueError(f"alpha='auto' is calibrated per layer and applies to {STATIC_METHODS}, not {method!r}")
+    elif isinstance(alpha, Mapping):
+        if method == "per_token":
+            raise ValueError("per_token has no alpha")
+        layer_alpha = {str(k): check_alpha(method, v) for k, v in alpha.items()}
+        alpha = "per_layer"
+    else:
+        alpha = check_alpha(method, alpha)
     if mode not in ("int8", "fake"):
         raise ValueError(f"mode must be 'int8' or 'fake', got {mode!r}")
     targets, skipped = find_quantizable(model, skip, default_skip=default_skip)
@@ -402,6 +559,19 @@ def quantize(
         missing = [n for n in targets if n not in stats]
         if missing:
             raise ValueError(f"stats has no entry for {len(missing)} layer(s), e.g. {missing[:3]}")
+    if alpha == "auto":
+        if calibration_data is None:
+            raise ValueError("alpha='auto' needs calibration_data (the per-layer search runs on it)")
+        search = calibrate_layer_alphas(model, calibration_data, method=method, stats=stats, grid=alpha_grid,
+                                        skip=skip, default_skip=default_skip, min_rows=min_calibration_rows,
+                                        progress=progress)
+        layer_alpha = {n: r.chosen for n, r in search.items()}
+    if layer_alpha is not None:
+        absent = [n for n in targets if n not in layer_alpha]
+        extra = [n for n in layer_alpha if n not in targets]
+        if absent or extra:
+            raise ValueError(f"per-layer alpha mapping must name exactly the layers to quantize: missing {absent[:3]}, "
+                             f"not quantized {extra[:3]}")
     new: dict[str, QuantizedLinear] = {}
     it = targets.items()
     if progress:
@@ -410,7 +580,8 @@ def quantize(
         it = tqdm(list(it), desc=f"quantizing ({method})", unit="layer")
     for name, m in it:
         cm = stats[name].col_max if method in STATIC_METHODS else None
-        new[name] = QuantizedLinear.from_float(m, method=method, alpha=alpha, col_max=cm, mode=mode, backend=backend)
+        a = layer_alpha[name] if layer_alpha is not None else alpha
+        new[name] = QuantizedLinear.from_float(m, method=method, alpha=a, col_max=cm, mode=mode, backend=backend)
     for name, q in new.items():
         _set_submodule(model, name, q)
     model.kd_quantization = {
@@ -421,6 +592,8 @@ def quantize(
         "layers": sorted(new),
         "skipped": dict(sorted(skipped.items())),
     }
+    if layer_alpha is not None:
+        model.kd_quantization["layer_alpha"] = dict(sorted(layer_alpha.items()))
     return model
 
 

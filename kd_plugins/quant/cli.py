@@ -34,6 +34,16 @@ class CLIError(Exception):
     pass
 
 
+def _alpha_arg(text: str):
+    """``--alpha``: a number in [0, 1] or ``auto`` (per-layer calibrated)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+
+
 def build_parser(prog: str = "kd-plugins quantize") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="W8A8 post-training quantization of a HF or timm checkpoint.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face or timm model directory")
@@ -42,8 +52,8 @@ def build_parser(prog: str = "kd-plugins quantize") -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="calibration inputs (.txt/.jsonl/.json texts or .pt/.npy tensor); required except for "
                         "per_token and crossquant_dynamic")
-    p.add_argument("--alpha", type=float, default=None,
-                   help=f"method alpha (defaults: {', '.join(f'{k}={v}' for k, v in DEFAULT_ALPHA.items() if v is not None)})")
+    p.add_argument("--alpha", type=_alpha_arg, default=None,
+                   help=f"method alpha, or 'auto' to choose it per layer on the calibration data (defaults: {', '.join(f'{k}={v}' for k, v in DEFAULT_ALPHA.items() if v is not None)})")
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="extra module names / globs to keep in float")
     p.add_argument("--no-default-skip", action="store_true",
                    help="also quantize lm_head / classifier heads (embeddings and norms are never linear)")
@@ -190,7 +200,11 @@ def quantize_main(argv: list[str] | None = None) -> int:
                                                + (q.bias.numel() if q.bias is not None else 0))
                for n, q in layers.items()}
     alpha = model.kd_quantization["alpha"]
-    print(f"\nQuantized {model_dir} -> {out_dir}  (method={args.method}" + (f", alpha={alpha:g}" if alpha is not None else "")
+    alpha_txt = "" if alpha is None else (f", alpha={alpha:g}" if isinstance(alpha, float) else f", alpha={alpha}")
+    if isinstance(model.kd_quantization.get("layer_alpha"), dict):
+        vals = sorted(model.kd_quantization["layer_alpha"].values())
+        alpha_txt += f" (per layer: min {vals[0]:g}, median {vals[len(vals) // 2]:g}, max {vals[-1]:g})"
+    print(f"\nQuantized {model_dir} -> {out_dir}  (method={args.method}" + alpha_txt
           + f", {len(layers)} layers, {time.time() - t0:.1f}s)\n")
     print("| layers | n | fp32 | int8 | kernel | per-token kernel |")
     print("|---|---|---|---|---|---|")

@@ -5,7 +5,10 @@ Layout of a checkpoint directory::
     quant_config.json     format, method, alpha, per-layer description, per-tensor dtype/shape/sha256, architecture
     model.safetensors     every tensor of the state dict: int8 ``weight_int8`` + float32 ``weight_scale``,
                           ``act_inv_col`` and ``bias`` for quantized layers; the float tensors of everything else
-    config.json           (Hugging Face models) the model config, so the architecture can be rebuilt offline
+    config.json           (Hugging Face models) the model config, so the architecture can be rebuilt offline, with a
+                          ``quantization_config`` (``quant_method: "kd_plugins_w8a8"``) so that
+                          ``AutoModel*.from_pretrained(dir)`` also loads it after ``import kd_plugins`` (see
+                          :mod:`kd_plugins.quant.hf_quantizer`; ``load_quantized`` ignores that entry)
     ...                   tokenizer files when a tokenizer is passed
 
 Tensors that share storage (tied embeddings / ``lm_head``) are stored once and listed under ``aliases``.
@@ -13,6 +16,7 @@ Tensors that share storage (tied embeddings / ``lm_head``) are stored once and l
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,12 +33,16 @@ from ._core import STATIC_METHODS
 from .api import quantized_layers
 from .layers import QuantizedLinear, is_pointwise_conv
 
-__all__ = ["save_quantized", "load_quantized", "QuantizedCheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT"]
+__all__ = ["save_quantized", "load_quantized", "QuantizedCheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT",
+           "HF_QUANT_METHOD"]
 
 CONFIG_NAME = "quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "kd_plugins.quant"
 FORMAT_VERSION = 1
+#: ``quant_method`` of the ``quantization_config`` written into a Hugging Face checkpoint's ``config.json``; the
+#: quantizer registered for it (:mod:`kd_plugins.quant.hf_quantizer`) lets ``AutoModel*.from_pretrained`` load it.
+HF_QUANT_METHOD = "kd_plugins_w8a8"
 
 
 class QuantizedCheckpointError(ValueError):
@@ -94,6 +102,10 @@ def save_quantized(
     complete, so an interrupted or failed save never leaves a half-written checkpoint. An existing non-empty
     ``out_dir`` is refused unless ``overwrite=True`` (then it is swapped out and removed after the new one is in place).
 
+    For Hugging Face models ``config.json`` also gets a ``quantization_config`` (``quant_method: "kd_plugins_w8a8"``)
+    and the float dtype of the model, so ``AutoModel*.from_pretrained(out_dir)`` loads the quantized model too (see
+    :mod:`kd_plugins.quant.hf_quantizer`); ``model.config`` itself is not modified.
+
     ``build_kwargs``: for timm models, extra ``timm.create_model`` arguments needed to rebuild the architecture
     (e.g. ``img_size``); ``num_classes`` is recorded automatically.
     """
@@ -124,6 +136,7 @@ def save_quantized(
         "format_version": FORMAT_VERSION,
         "method": info.get("method", sorted({m.method for m in qlayers.values()})[0]),
         "alpha": info.get("alpha"),
+        "layer_alpha": info.get("layer_alpha"),
         "skip": info.get("skip", []),
         "default_skip": info.get("default_skip", True),
         "weights": {"bits": 8, "symmetric": True, "strategy": "channel"},
@@ -134,6 +147,11 @@ def save_quantized(
         "aliases": aliases,
         "tensors": {n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": _sha256(t)}
                     for n, t in tensors.items()},
+        # Non-persistent float buffers (RoPE inv_freq, ...) are recomputed by the loaders, not stored; their dtype is
+        # recorded because it depends on how the model was made (`.to(bf16)` rounds them, `from_pretrained(dtype=)`
+        # keeps them float32) and it changes the outputs.
+        "buffer_dtypes": {n: str(t.dtype).replace("torch.", "") for n, t in _nonpersistent_buffers(model).items()
+                          if t.is_floating_point()},
     }
 
     from safetensors.torch import save_file
@@ -143,7 +161,7 @@ def save_quantized(
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         if cfg["architecture"]["kind"] == "hf":
-            model.config.save_pretrained(tmp)
+            _hf_config_with_quantization(model, cfg).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(tmp / CONFIG_NAME, "w") as f:
@@ -166,6 +184,64 @@ def save_quantized(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for mname, mod in model.named_modules():
+        for b in sorted(getattr(mod, "_non_persistent_buffers_set", ())):
+            t = mod._buffers.get(b)
+            if t is not None:
+                out[f"{mname}.{b}" if mname else b] = t
+    return out
+
+
+def _restore_buffer_dtypes(model: nn.Module, buffer_dtypes: dict[str, str] | None, rename=None) -> None:
+    """Cast the recomputed non-persistent buffers of ``model`` to the dtypes recorded at save time (computed in the
+    precision the loader built them in, then cast exactly as ``.to(dtype)`` did on the saved model)."""
+    if not buffer_dtypes:
+        return
+    current = _nonpersistent_buffers(model)
+    for name, dt in buffer_dtypes.items():
+        name = rename(name) if rename is not None else name
+        t = current.get(name) if name is not None else None
+        want = getattr(torch, str(dt), None)
+        if t is None or not isinstance(want, torch.dtype) or t.dtype == want or not t.is_floating_point():
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        (model.get_submodule(parent_name) if parent_name else model)._buffers[leaf] = t.to(want)
+
+
+def hf_quantization_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` for a checkpoint described by ``cfg`` (quant_config.json):
+    everything needed to rebuild the quantized modules; the per-tensor checksums stay in quant_config.json."""
+    fdt = cfg.get("float_dtype")
+    return {
+        "quant_method": HF_QUANT_METHOD,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": cfg.get("method"),
+        "alpha": cfg.get("alpha"),
+        "layer_alpha": cfg.get("layer_alpha"),
+        # None when the non-quantized parameters have mixed float dtypes (from_pretrained loads one dtype only)
+        "float_dtype": fdt.replace("torch.", "") if isinstance(fdt, str) and fdt else None,
+        "layers": {n: dict(l) for n, l in cfg["layers"].items()},
+        "buffer_dtypes": dict(cfg.get("buffer_dtypes") or {}),
+    }
+
+
+def _hf_config_with_quantization(model: nn.Module, cfg: dict[str, Any]):
+    """A copy of ``model.config`` carrying ``quantization_config`` and the dtype of the non-quantized parameters (so
+    ``from_pretrained``'s default ``dtype="auto"`` restores them as saved). ``model.config`` is not modified."""
+    config = copy.deepcopy(model.config)
+    qc = hf_quantization_config(cfg)
+    float_dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(float_dtypes) == 1:
+        config.dtype = next(iter(float_dtypes))
+    else:
+        qc["float_dtype"] = None
+    config.quantization_config = qc
+    return config
 
 
 def _apply_umask(d: Path) -> None:
@@ -260,6 +336,8 @@ def _build_skeleton(path: Path, cfg: dict) -> nn.Module:
         if cls is None:
             raise QuantizedCheckpointError(f"transformers has no class {arch['class']!r}; pass model= to load_quantized")
         config = transformers.AutoConfig.from_pretrained(str(path))
+        if "quantization_config" in vars(config):  # for from_pretrained only; the skeleton is the float model
+            del config.quantization_config
         return cls(config)
     if kind == "timm":
         import timm
@@ -291,10 +369,16 @@ def load_quantized(
     tensors = _load_tensors(path, cfg, verify)
     if model is None:
         model = _build_skeleton(path, cfg)
+        fp32_buffers = _nonpersistent_buffers(model)
         fdt = cfg.get("float_dtype", "torch.float32")
         dt = getattr(torch, fdt.replace("torch.", ""), torch.float32)
         if dt != torch.float32:
             model = model.to(dt)
+        if cfg.get("buffer_dtypes"):  # checkpoints from before buffer_dtypes was recorded: unchanged behaviour
+            for name, t in fp32_buffers.items():
+                parent_name, _, leaf = name.rpartition(".")
+                (model.get_submodule(parent_name) if parent_name else model)._buffers[leaf] = t
+            _restore_buffer_dtypes(model, cfg["buffer_dtypes"])
     if quantized_layers(model):
         raise ValueError("model= must be the float architecture, not an already quantized model")
     for lname, l in cfg["layers"].items():
@@ -351,6 +435,8 @@ def load_quantized(
         "default_skip": cfg.get("default_skip", True),
         "layers": sorted(cfg["layers"]),
     }
+    if cfg.get("layer_alpha"):
+        model.kd_quantization["layer_alpha"] = dict(cfg["layer_alpha"])
     model.eval()
     if device is not None:
         model.to(device)
