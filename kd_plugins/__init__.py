@@ -21,5 +21,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'kd_plugins' has no attribute {name!r}")
 
 
+# Let `AutoModel*.from_pretrained` load kd_plugins.quant.save_quantized checkpoints: registers the W8A8 quantizer with
+# transformers when transformers loads its quantizer registry (no transformers import here; see _hf_register).
+from ._hf_register import install as _install_hf_quantizer  # noqa: E402
+
+_install_hf_quantizer()
+
 __all__ = ["__version__", "DistillationConfig", "DistillationEngine", "DistillationCallback", "DistillationTrainer",
            "inherit_student", "get_loss", "list_losses", "register_loss"]
