@@ -522,3 +522,16 @@ def test_cli_alpha_argument_accepts_auto():
     assert p.parse_args(["a", "b", "--alpha", "0.4"]).alpha == 0.4
     with pytest.raises(SystemExit):
         p.parse_args(["a", "b", "--alpha", "best"])
+
+
+@pytest.mark.parametrize("method", INT8_METHODS)
+def test_row_blocking_is_bit_identical(method, monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10)
+    x = outlier_x(165, 24, seed=3)
+    q = QuantizedLinear.from_float(lin, method=method, alpha=DEFAULT_ALPHA[method], col_max=x.abs().amax(0))
+    full = q(x)
+    # 3 blocks, the last one ragged. Blocks are multiples of 64 rows so torch's vectorised exp2/log2 (row factor
+    # t_i^alpha) sees the same vector / scalar-tail split as on the whole tensor, as with the default 1024.
+    monkeypatch.setattr(QuantizedLinear, "ROW_BLOCK", 64)
+    assert torch.equal(q(x), full)

@@ -194,7 +194,21 @@ class QuantizedLinear(nn.Module):
             return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
         return x.reshape(-1, x.shape[-1])
 
+    #: Rows per block on the ``torch._int_mm`` path. Quantizer, GEMM and rescale then work on cache-sized pieces;
+    #: measured on CPU (1 thread): 576x1536 at M=4096 47 ms -> 27 ms, 4096x4096 at M=2048 245 ms -> 194 ms. Every
+    #: activation quantizer of an int8 method is per row, so blocking does not change a single output bit (the block
+    #: is a multiple of every SIMD width, so the vectorised exp2/log2 of the row factor splits rows the same way).
+    ROW_BLOCK = 1024
+
     def _matmul_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8" and x2d.shape[0] > self.ROW_BLOCK and not x2d.is_cuda:
+            out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x2d.device)
+            for i in range(0, x2d.shape[0], self.ROW_BLOCK):
+                out[i:i + self.ROW_BLOCK] = self._matmul_block(x2d[i:i + self.ROW_BLOCK])
+            return out
+        return self._matmul_block(x2d)
+
+    def _matmul_block(self, x2d: torch.Tensor) -> torch.Tensor:
         q, rs, inv = self.quantize_input(x2d)
         if self.mode == "fake":
             xq = q.float() * rs[:, None]
@@ -211,7 +225,7 @@ class QuantizedLinear(nn.Module):
 
             return int8_gemm(q, self.weight_int8.t(), rs, self.weight_scale, self.bias)
         acc = int8_mm(q, self.weight_int8.t())
-        y = acc.float().mul_(rs[:, None]).mul_(self.weight_scale[None, :])
+        y = acc.float().mul_(rs[:, None]).mul_(self.weight_scale[None, :])  # measured faster than a mixed-dtype mul
         if self.bias is not None:
             y.add_(self.bias)
         return y
