@@ -13,9 +13,17 @@ Setup:
   (:func:`kd_plugins.data.encode` / :func:`kd_plugins.data.retrieval_metrics`).
 * Model: all-MiniLM-L6-v2 with ``add_exits(model, [2, 4, 6], head=--head)``. Each truncation is the standalone
   model ``truncate(model, k)`` (a plain ``BertModel`` with k layers).
-* Objective per exit k (weights ``alpha_k = k / 6``): InfoNCE between the exit's title and body embeddings (in-batch
-  negatives, scale ``--scale``), cosine distillation from the frozen original full model (external teacher,
-  embeddings precomputed once), and cosine self-distillation from the deepest exit (layer 6).
+* Objective per exit k (weights ``alpha_k = k / 6`` or ``--weights``): InfoNCE between the exit's title and body
+  embeddings (in-batch negatives, scale ``--scale``, weight ``--task-weight``; 0 switches it off), distillation
+  (``--distill-loss``: cosine or MSE on the mean-pooled embeddings) from the frozen original full model (external
+  teacher; its raw mean-pooled embeddings are computed once per training text and cached under ``.cache/``), and
+  self-distillation from the deepest exit (weight ``--self-weight``).
+* Each batch holds ``--batch`` articles: every article's title and its body, both cut to ``--train-max-len`` tokens
+  (256 = the evaluation length). AdamW, linear decay after ``--warmup`` of the steps; ``--shallow-lr-mult`` scales
+  the learning rate of encoder layers 1..``--shallow-upto`` and the exit heads.
+
+The tuned recipe (chosen on the validation split, see ``benchmarks/results/multiexit_notes.md``) is spelled out in
+``RESULTS_multiexit.md`` with its exact command.
 """
 
 from __future__ import annotations
@@ -55,15 +63,27 @@ def parse_args(argv=None):
     p.add_argument("--exits", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--head", default="separate", choices=["shared", "separate"])
     p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch", type=int, default=16, help="articles per batch (each gives a title and a body)")
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--train-max-len", type=int, default=128, help="body tokens during training (eval: 256)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (then linear decay)")
+    p.add_argument("--shallow-lr-mult", type=float, default=1.0,
+                   help="lr multiplier for encoder layers 1..--shallow-upto and the exit heads")
+    p.add_argument("--shallow-upto", type=int, default=0, help="deepest encoder layer in the shallow lr group")
+    p.add_argument("--train-max-len", type=int, default=128, help="title/body tokens during training (eval: 256)")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--scale", type=float, default=20.0, help="InfoNCE logit scale")
     p.add_argument("--task-weight", type=float, default=1.0)
     p.add_argument("--teacher-weight", type=float, default=1.0)
     p.add_argument("--self-weight", type=float, default=1.0)
     p.add_argument("--weights", default="depth", help="'depth', 'uniform' or comma-separated floats")
+    p.add_argument("--distill-loss", default="embedding_cosine", choices=["embedding_cosine", "embedding_mse"],
+                   help="teacher / self distillation on the mean-pooled exit embeddings")
+    p.add_argument("--distill-normalize", action="store_true", help="embedding_mse on L2-normalised embeddings")
+    p.add_argument("--no-dropout", action="store_true", help="train with dropout off (model.eval() forward)")
+    p.add_argument("--after-eval", default="truncate", choices=["truncate", "exits"],
+                   help="after training: standalone truncate(model, k) per exit, or one pass through the exits "
+                        "(same numbers, faster; for tuning)")
     p.add_argument("--eval", default="validation", choices=["validation", "test"],
                    help="split for the before/after table (tune on validation; report test once)")
     p.add_argument("--eval-n", type=int, default=None, help="first N articles of the eval split (default all)")
@@ -120,38 +140,75 @@ def main(argv=None):
     L = model.multi_exit.num_layers
 
     log(f"before training: evaluating exits {args.exits} on {len(ev)} {args.eval} articles")
-    before = {k: v["mrr"] for k, v in exits_mrr(model, tok, ev, args.max_len).items()}
-    first3 = mrr_of(inherit_student(teacher, strategy=[0, 1, 2]), tok, ev, args.max_len)["mrr"]
+    bkey = ROOT / ".cache" / "multiexit" / (f"minilm_before_{args.eval}_{len(ev)}_{args.max_len}_"
+                                            f"{'-'.join(map(str, args.exits))}.json")
+    if bkey.is_file():  # untrained exits (identity heads) == plain truncations of the original model
+        cached = json.loads(bkey.read_text())
+        before, first3 = {int(k): v for k, v in cached["before"].items()}, cached["first3"]
+    else:
+        before = {k: v["mrr"] for k, v in exits_mrr(model, tok, ev, args.max_len).items()}
+        first3 = mrr_of(inherit_student(teacher, strategy=[0, 1, 2]), tok, ev, args.max_len)["mrr"]
+        bkey.parent.mkdir(parents=True, exist_ok=True)
+        bkey.write_text(json.dumps({"before": before, "first3": first3}))
     log(f"before: {before}  first-3-layers: {first3:.4f}")
 
-    log("precomputing teacher embeddings of the training titles/bodies")
     titles = [a.title for a in train]
     bodies = [a.body for a in train]
-    cache = ROOT / ".cache" / "multiexit" / f"minilm_teacher_train_{args.train_max_len}.pt"
-    if cache.is_file():  # the frozen teacher's embeddings depend only on the texts and the length
+    n = len(train)
+    # Frozen teacher: raw mean-pooled embeddings (what embedding_mse compares), filled lazily per batch and cached.
+    cache = ROOT / ".cache" / "multiexit" / f"minilm_teacher_rawpool_train{n}_{args.train_max_len}.pt"
+    if cache.is_file():
         t_q, t_d = torch.load(cache)
     else:
-        t_q = encode(teacher, tok, titles, max_length=args.train_max_len)
-        t_d = encode(teacher, tok, bodies, max_length=args.train_max_len)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((t_q, t_d), cache)
+        d = teacher.config.hidden_size
+        t_q, t_d = torch.full((n, d), float("nan")), torch.full((n, d), float("nan"))
+    n_known = int((~torch.isnan(t_q[:, 0])).sum())
+    log(f"teacher embeddings cached for {n_known}/{n} training articles")
     enc_q = tok(titles, truncation=True, max_length=args.train_max_len)
     enc_d = tok(bodies, truncation=True, max_length=args.train_max_len)
 
+    def padded(enc, idx):
+        return tok.pad({"input_ids": [enc["input_ids"][i] for i in idx],
+                        "attention_mask": [enc["attention_mask"][i] for i in idx]}, return_tensors="pt")
+
+    @torch.no_grad()
+    def teacher_emb(idx):
+        miss = [i for i in idx if torch.isnan(t_q[i, 0])]
+        if miss:
+            for enc, store in ((enc_q, t_q), (enc_d, t_d)):
+                b = padded(enc, miss)
+                h = teacher(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                store[miss] = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.cat([t_q[idx], t_d[idx]])
+
     weights = args.weights if args.weights in ("depth", "uniform") else [float(x) for x in args.weights.split(",")]
+    dkw = {"normalize": True} if (args.distill_normalize and args.distill_loss == "embedding_mse") else {}
     cfg = MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
-                          self_distill_weight=args.self_weight, distill_loss="embedding_cosine")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    n = len(train)
+                          self_distill_weight=args.self_weight, distill_loss=args.distill_loss, distill_kwargs=dkw)
+    shallow, rest = [], []
+    for name, prm in model.named_parameters():
+        layer = None
+        if ".layer." in name and name.startswith("encoder."):
+            layer = int(name.split(".layer.")[1].split(".")[0]) + 1
+        is_shallow = name.startswith("multi_exit.") or (layer is not None and layer <= args.shallow_upto)
+        (shallow if is_shallow else rest).append(prm)
+    groups = [{"params": rest, "lr": args.lr}]
+    if shallow:
+        groups.append({"params": shallow, "lr": args.lr * args.shallow_lr_mult})
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
     steps_per_epoch = n // args.batch
-    total = int(round(args.epochs * steps_per_epoch))
+    total = args.steps if args.steps else int(round(args.epochs * steps_per_epoch))
+    epochs = total / steps_per_epoch
+    warm = max(1, int(round(args.warmup * total)))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / total))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     rng = random.Random(args.seed)
     order: list[int] = []
-    model.train()
+    model.train(not args.no_dropout)
     history = []
-    log(f"training {total} steps (batch {args.batch}, lr {args.lr}, {args.epochs} epochs)")
+    log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
+        f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
     t_train = time.time()
     for step in range(total):
         if len(order) < args.batch:
@@ -159,39 +216,47 @@ def main(argv=None):
             rng.shuffle(perm)
             order += perm
         idx, order = order[: args.batch], order[args.batch:]
-        bq = tok.pad({"input_ids": [enc_q["input_ids"][i] for i in idx],
-                      "attention_mask": [enc_q["attention_mask"][i] for i in idx]}, return_tensors="pt")
-        bd = tok.pad({"input_ids": [enc_d["input_ids"][i] for i in idx],
-                      "attention_mask": [enc_d["attention_mask"][i] for i in idx]}, return_tensors="pt")
-        eq = exit_embeddings(model, **bq)
-        ed = exit_embeddings(model, **bd)
-        task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq}
+        teach = teacher_emb(idx)
+        eq = exit_embeddings(model, **padded(enc_q, idx))
+        ed = exit_embeddings(model, **padded(enc_d, idx))
+        task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq} if args.task_weight > 0 else None
         both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
-        teach = torch.cat([t_q[idx], t_d[idx]])
         res = multi_exit_loss(both, L, cfg, kind="embedding", task_losses=task, teacher=teach)
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        history.append(res.terms)
-        if (step + 1) % 20 == 0 or step == total - 1:
-            last = history[-20:]
+        with torch.no_grad():  # cosine distance of each exit to the teacher (comparable across loss choices)
+            cosd = {f"exit{k}_teacher_cosd": float(1 - torch.nn.functional.cosine_similarity(v, teach).mean())
+                    for k, v in both.items()}
+        history.append({**res.terms, **cosd})
+        if (step + 1) % 10 == 0 or step == total - 1:
+            last = history[-10:]
             avg = {k: sum(h.get(k, 0.0) for h in last) / len(last) for k in last[-1]}
-            log(f"step {step + 1}/{total} " + " ".join(f"{k}={v:.4f}" for k, v in sorted(avg.items())))
+            log(f"step {step + 1}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(avg.items())))
+        if (step + 1) % 50 == 0 or step == total - 1:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((t_q, t_d), cache)
     train_s = time.time() - t_train
     model.eval()
-    log("after training: evaluating the standalone truncations")
+    log(f"after training ({train_s / 60:.1f} min): evaluating via {args.after_eval}")
     after, params = {}, {}
+    fast = exits_mrr(model, tok, ev, args.max_len) if args.after_eval == "exits" else None
     for k in args.exits:
         small = truncate(model, k)
-        after[k] = mrr_of(small, tok, ev, args.max_len)["mrr"]
+        after[k] = fast[k]["mrr"] if fast else mrr_of(small, tok, ev, args.max_len)["mrr"]
         params[k] = sum(p.numel() for p in small.parameters())
         log(f"exit {k}: MRR {before[k]:.4f} -> {after[k]:.4f}  ({params[k] / 1e6:.2f}M params)")
+    head = history[:10]
+    tail = history[-10:]
+    curve = {"first10": {k: sum(h.get(k, 0.0) for h in head) / len(head) for k in head[-1]},
+             "last10": {k: sum(h.get(k, 0.0) for h in tail) / len(tail) for k in tail[-1]}}
     result = {
         "benchmark": "minilm_bbc", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
         "before": before, "before_first3": first3, "after": after, "params": params,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
+        "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
         "threads": args.threads, "command": "python " + " ".join(sys.argv),
     }
     out = Path(args.out)
