@@ -257,6 +257,32 @@ def _iter(batches, progress: bool, desc: str):
     return batches
 
 
+def _run_on_rows(model: nn.Module, modules: Mapping[str, nn.Module], on_rows, batches, progress: bool, desc: str) -> None:
+    """Run ``batches`` through ``model`` (eval, no grad) and call ``on_rows(name, module, rows)`` with the ``[rows, K]``
+    input matrix of every module in ``modules`` (padding rows removed; empty inputs skipped)."""
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            rows = _input_rows(mod, x.detach())
+            if rows.shape[0] and rows.numel():
+                on_rows(name, mod, rows)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    device = _model_device(model)
+    try:
+        with _eval_no_grad(model):
+            for b in _iter(batches, progress, desc):
+                _call(model, b, device)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---------------------------------------------------------------------------------------------------------- calibration
 @dataclass
 class LayerStats:
@@ -287,35 +313,18 @@ def collect_activation_stats(
     batches = _as_batches(calibration_data, "calibration_data")
     stats: dict[str, LayerStats] = {}
 
-    def hook_for(name):
-        def hook(mod, args, kwargs=None):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                return
-            rows = _input_rows(mod, x.detach())
-            if rows.numel() == 0:
-                return
-            cm = rows.abs().amax(0).cpu()
-            if not torch.isfinite(cm).all():
-                raise ValueError(f"non-finite activations reached {name} during calibration")
-            st = stats.get(name)
-            if st is None:
-                stats[name] = LayerStats(cm, rows.shape[0])
-            else:
-                torch.maximum(st.col_max, cm, out=st.col_max)
-                st.rows += rows.shape[0]
+    def on_rows(name, mod, rows):
+        cm = rows.abs().amax(0).cpu()
+        if not torch.isfinite(cm).all():
+            raise ValueError(f"non-finite activations reached {name} during calibration")
+        st = stats.get(name)
+        if st is None:
+            stats[name] = LayerStats(cm, rows.shape[0])
+        else:
+            torch.maximum(st.col_max, cm, out=st.col_max)
+            st.rows += rows.shape[0]
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
-    device = _model_device(model)
-    try:
-        with _eval_no_grad(model):
-            for b in _iter(batches, progress, "calibrating"):
-                _call(model, b, device)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_on_rows(model, targets, on_rows, batches, progress, "calibrating")
     missing = [n for n in targets if n not in stats]
     if missing:
         raise ValueError(
@@ -408,48 +417,31 @@ def calibrate_layer_alphas(
         for n in targets
     }
 
-    def hook_for(name):
-        def hook(mod, args, kwargs=None):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                return
-            rows = _input_rows(mod, x.detach())
-            if rows.shape[0] == 0:
-                return
-            if rows.shape[0] > per_batch:
-                idx = torch.linspace(0, rows.shape[0] - 1, per_batch, device=rows.device).round().long()
-                rows = rows[idx]
-            rows = rows.float().cpu()
-            w = _layer_weight(mod).cpu()
-            ref = rows @ w.T
-            a = acc[name]
-            a["ref"] += float(ref.pow(2).sum())
-            a["elements"] += rows.numel()
-            a["pt_zeros"] += int((per_token_codes(rows) == 0).sum())
-            col_max = stats[name].col_max
-            for i, alpha in enumerate(grid):
-                if method == "crossquant":
-                    inv = crossquant_inv_col(col_max, alpha)
-                else:
-                    inv = smoothquant_inv_scale(col_max, w, alpha)
-                qw, sw = quantize_weight_per_channel(w.double() / inv.double()[None, :])
-                wq = (qw.float() * sw[:, None]) * inv[None, :]
-                codes, rs, _ = quantize_activations(rows, method, alpha, inv)
-                xq = codes.float() * rs[:, None] / inv[None, :]
-                a["err"][i] += float((xq @ wq.T - ref).pow(2).sum())
-                a["zeros"][i] += int((codes == 0).sum())
+    def on_rows(name, mod, rows):
+        if rows.shape[0] > per_batch:
+            idx = torch.linspace(0, rows.shape[0] - 1, per_batch, device=rows.device).round().long()
+            rows = rows[idx]
+        rows = rows.float().cpu()
+        w = _layer_weight(mod).cpu()
+        ref = rows @ w.T
+        a = acc[name]
+        a["ref"] += float(ref.pow(2).sum())
+        a["elements"] += rows.numel()
+        a["pt_zeros"] += int((per_token_codes(rows) == 0).sum())
+        col_max = stats[name].col_max
+        for i, alpha in enumerate(grid):
+            if method == "crossquant":
+                inv = crossquant_inv_col(col_max, alpha)
+            else:
+                inv = smoothquant_inv_scale(col_max, w, alpha)
+            qw, sw = quantize_weight_per_channel(w.double() / inv.double()[None, :])
+            wq = (qw.float() * sw[:, None]) * inv[None, :]
+            codes, rs, _ = quantize_activations(rows, method, alpha, inv)
+            xq = codes.float() * rs[:, None] / inv[None, :]
+            a["err"][i] += float((xq @ wq.T - ref).pow(2).sum())
+            a["zeros"][i] += int((codes == 0).sum())
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
-    device = _model_device(model)
-    try:
-        with _eval_no_grad(model):
-            for b in _iter(batches, progress, "per-layer alpha"):
-                _call(model, b, device)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_on_rows(model, targets, on_rows, batches, progress, "per-layer alpha")
     out: dict[str, LayerAlphaSearch] = {}
     for name in targets:
         a = acc[name]
@@ -736,34 +728,19 @@ def quantization_kernel_report(
     batches = _as_batches(data, "data")
     acc = {n: LayerKernel(n, m.method) for n, m in layers.items()}
 
-    def hook_for(name):
-        def hook(mod, args):
-            x = args[0]
-            rows = _input_rows(mod, x.detach())
-            if rows.numel() == 0:
-                return
-            q, _, _ = mod.quantize_input(rows)
-            z, ind, ex = kernel_counts(rows, q)
-            pz, pind, _ = kernel_counts(rows, per_token_codes(rows)) if mod.method != "per_token" else (z, ind, ex)
-            a = acc[name]
-            a.elements += rows.numel()
-            a.zeros += z
-            a.induced += ind
-            a.exact_zeros += ex
-            a.per_token_zeros += pz
-            a.per_token_induced += pind
+    def on_rows(name, mod, rows):
+        q, _, _ = mod.quantize_input(rows)
+        z, ind, ex = kernel_counts(rows, q)
+        pz, pind, _ = kernel_counts(rows, per_token_codes(rows)) if mod.method != "per_token" else (z, ind, ex)
+        a = acc[name]
+        a.elements += rows.numel()
+        a.zeros += z
+        a.induced += ind
+        a.exact_zeros += ex
+        a.per_token_zeros += pz
+        a.per_token_induced += pind
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
-    device = _model_device(model)
-    try:
-        with _eval_no_grad(model):
-            for b in _iter(batches, progress, "kernel report"):
-                _call(model, b, device)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_on_rows(model, layers, on_rows, batches, progress, "kernel report")
     return KernelReport([acc[n] for n in layers if acc[n].elements > 0])
 
 
