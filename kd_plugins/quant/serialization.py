@@ -22,13 +22,13 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .._atomic import publish_dir
 from ._core import STATIC_METHODS
 from .api import quantized_layers
 from .layers import QuantizedLinear, is_pointwise_conv
@@ -170,16 +170,7 @@ def save_quantized(
             os.fsync(f.fileno())
         with open(tmp / WEIGHTS_NAME, "rb+") as f:
             os.fsync(f.fileno())
-        _apply_umask(tmp)
-        if out.exists() and any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -242,15 +233,6 @@ def _hf_config_with_quantization(model: nn.Module, cfg: dict[str, Any]):
         qc["float_dtype"] = None
     config.quantization_config = qc
     return config
-
-
-def _apply_umask(d: Path) -> None:
-    """``mkdtemp`` creates a 0700 directory: give the checkpoint the permissions a plain ``mkdir`` would have."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(d, 0o777 & ~mask)
-    for p in d.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

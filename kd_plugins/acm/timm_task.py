@@ -1,0 +1,86 @@
+"""Stage 3 for timm: ``ACMTask``, a ``timm.task.TrainingTask`` (task loss + KD from the original + ACM losses).
+
+::
+
+    teacher = copy.deepcopy(model); acmize(model, "mlp")      # + stage1_distill / stage2_gates
+    task = ACMTask(model, config=ACMConfig(budget=0.5), teacher=teacher)
+    out = task(images, targets); out["loss"].backward()       # {'loss', 'output', 'acm_budget', ...}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from timm.task import TrainingTask
+from timm.task.classification import resolve_classification_loss
+
+from .config import ACMConfig
+from .modules import acm_blocks, set_acm_mode
+from .stages import acm_regularizers, distill_term, set_recording
+
+__all__ = ["ACMTask", "timm_acm_loss"]
+
+
+def timm_acm_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, criterion: Callable,
+                  config: ACMConfig | None = None, teacher: nn.Module | None = None) -> dict[str, Any]:
+    """``task_weight * criterion + distill_weight * KL(teacher) + alpha_b L_b + alpha_e L_e + alpha_d L_d``."""
+    cfg = config or ACMConfig()
+    set_recording(model, True)
+    try:
+        logits = model(images)
+        reg = acm_regularizers(model, cfg.budget)
+    finally:
+        set_recording(model, False)
+    task = criterion(logits, target)
+    loss = cfg.task_weight * task + reg.total(cfg.alpha_budget, cfg.alpha_entropy, cfg.alpha_diversity)
+    out = {"output": logits, "acm_task": task.detach(), "acm_budget": reg.budget.detach(),
+           "acm_entropy": reg.entropy.detach(), "acm_diversity": reg.diversity.detach(),
+           "acm_fraction": reg.fraction}
+    if teacher is not None and cfg.distill_weight:
+        with torch.no_grad():
+            t_logits = teacher(images)
+        kd = distill_term(logits, t_logits, None, "kl")
+        loss = loss + cfg.distill_weight * kd
+        out["acm_distill"] = kd.detach()
+    out["loss"] = loss
+    return out
+
+
+class ACMTask(TrainingTask):
+    """timm training task for an ACMized model (:func:`~kd_plugins.acm.acmize`).
+
+    Args:
+        model: an ACMized timm model.
+        criterion: task loss; ``create_classification_loss(**criterion_kwargs)`` when ``None``.
+        config: :class:`~kd_plugins.acm.ACMConfig` (budget, alphas, Gumbel temperature, distill weight).
+        teacher: optional frozen original model (logit KD; kept out of the state dict).
+    """
+
+    def __init__(self, model: nn.Module, criterion: Callable | None = None, criterion_kwargs: dict | None = None,
+                 config: ACMConfig | None = None, teacher: nn.Module | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None, verbose: bool = False):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        if not acm_blocks(model):
+            raise ValueError("ACMTask needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")
+        self.config = config or ACMConfig()
+        set_acm_mode(model, "gated", gumbel_tau=self.config.gumbel_tau,
+                     straight_through=self.config.straight_through)
+        self.trainable_module = model
+        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        self._teacher = [teacher] if teacher is not None else []
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+        from ..distill.engine import unwrap_model
+
+        return timm_acm_loss(unwrap_model(self.trainable_module), input, target, self.criterion, self.config,
+                             self.teacher)
