@@ -70,6 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--shallow-lr-mult", type=float, default=1.0,
                    help="lr multiplier for encoder layers 1..--shallow-upto and the exit heads")
     p.add_argument("--shallow-upto", type=int, default=0, help="deepest encoder layer in the shallow lr group")
+    p.add_argument("--head-lr", type=float, default=None, help="lr of the exit heads (default: their group's lr)")
+    p.add_argument("--head-init", default="identity", choices=["identity", "lsq"],
+                   help="lsq: before training, set each exit's elementwise affine head to the per-dimension least-"
+                        "squares fit of the teacher's pooled embedding (needs head 'separate')")
+    p.add_argument("--head-init-n", type=int, default=128, help="training articles used by --head-init lsq")
     p.add_argument("--train-max-len", type=int, default=128, help="title/body tokens during training (eval: 256)")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--scale", type=float, default=20.0, help="InfoNCE logit scale")
@@ -182,6 +187,38 @@ def main(argv=None):
                 store[miss] = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return torch.cat([t_q[idx], t_d[idx]])
 
+    head_init = {}
+    if args.head_init == "lsq":
+        # mean pooling is linear and the head is elementwise, so pooled(h * w + b) = pooled(h) * w + b: fit w, b per
+        # dimension by least squares against the teacher's pooled embedding, on training texts only.
+        t_fit = time.time()
+        was = model.training
+        model.eval()
+        fit_idx = list(range(min(args.head_init_n, n)))
+        xs, ts = {}, []
+        with torch.no_grad():
+            for s0 in range(0, len(fit_idx), 16):
+                idx = fit_idx[s0:s0 + 16]
+                ts.append(teacher_emb(idx))
+                eq = exit_embeddings(model, **padded(enc_q, idx))
+                ed = exit_embeddings(model, **padded(enc_d, idx))
+                for k in eq:
+                    xs.setdefault(k, []).append(torch.cat([eq[k], ed[k]]))
+            tt = torch.cat(ts)
+            for k, head in model.multi_exit.heads.items():
+                x = torch.cat(xs[int(k)])
+                xm, tm = x.mean(0), tt.mean(0)
+                w = ((x - xm) * (tt - tm)).mean(0) / (x - xm).pow(2).mean(0).clamp(min=1e-8)
+                head.weight.copy_(head.weight * w)
+                head.bias.copy_(head.bias * w + tm - w * xm)
+                fit = x * w + (tm - w * xm)
+                head_init[int(k)] = {
+                    "cosd_before": float(1 - torch.nn.functional.cosine_similarity(x, tt).mean()),
+                    "cosd_after": float(1 - torch.nn.functional.cosine_similarity(fit, tt).mean())}
+        model.train(was)
+        log(f"lsq head init on {len(fit_idx)} articles ({time.time() - t_fit:.0f}s): teacher cosine distance "
+            + ", ".join(f"exit {k}: {v['cosd_before']:.3f} -> {v['cosd_after']:.3f}" for k, v in head_init.items()))
+
     weights = args.weights if args.weights in ("depth", "uniform") else [float(x) for x in args.weights.split(",")]
     dkw = {"normalize": True} if (args.distill_normalize and args.distill_loss == "embedding_mse") else {}
     cfg = MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
@@ -193,14 +230,21 @@ def main(argv=None):
             layer = int(name.split(".layer.")[1].split(".")[0]) + 1
         is_shallow = name.startswith("multi_exit.") or (layer is not None and layer <= args.shallow_upto)
         (shallow if is_shallow else rest).append(prm)
+    head_params = [prm for name, prm in model.named_parameters() if name.startswith("multi_exit.")]
+    if args.head_lr is not None:
+        hid = {id(x) for x in head_params}
+        shallow = [x for x in shallow if id(x) not in hid]
     groups = [{"params": rest, "lr": args.lr}]
     if shallow:
         groups.append({"params": shallow, "lr": args.lr * args.shallow_lr_mult})
+    if args.head_lr is not None and head_params:
+        groups.append({"params": head_params, "lr": args.head_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     steps_per_epoch = n // args.batch
-    total = args.steps if args.steps else int(round(args.epochs * steps_per_epoch))
+    total = args.steps if args.steps is not None else int(round(args.epochs * steps_per_epoch))
     epochs = total / steps_per_epoch
     warm = max(1, int(round(args.warmup * total)))
+    total = max(total, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     rng = random.Random(args.seed)
@@ -243,20 +287,33 @@ def main(argv=None):
     log(f"after training ({train_s / 60:.1f} min): evaluating via {args.after_eval}")
     after, params = {}, {}
     fast = exits_mrr(model, tok, ev, args.max_len) if args.after_eval == "exits" else None
+    check = {}
+    if fast:  # the one-pass numbers stand for the standalone truncations: check that they are the same model
+        b = tok([a.body for a in ev[:8]], padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
+        with torch.no_grad():
+            via_exits = exit_embeddings(model, normalize=True, **b)
+            for k in args.exits:
+                h = truncate(model, k).eval()(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+                check[k] = float((e - via_exits[k]).abs().max())
+        log(f"max |truncate(model, k) - exit k| over 8 bodies (normalised embeddings): {check}")
     for k in args.exits:
         small = truncate(model, k)
         after[k] = fast[k]["mrr"] if fast else mrr_of(small, tok, ev, args.max_len)["mrr"]
         params[k] = sum(p.numel() for p in small.parameters())
         log(f"exit {k}: MRR {before[k]:.4f} -> {after[k]:.4f}  ({params[k] / 1e6:.2f}M params)")
-    head = history[:10]
-    tail = history[-10:]
-    curve = {"first10": {k: sum(h.get(k, 0.0) for h in head) / len(head) for k in head[-1]},
-             "last10": {k: sum(h.get(k, 0.0) for h in tail) / len(tail) for k in tail[-1]}}
+    curve = {}
+    if history:
+        h10, t10 = history[:10], history[-10:]
+        curve = {"first10": {k: sum(h.get(k, 0.0) for h in h10) / len(h10) for k in h10[-1]},
+                 "last10": {k: sum(h.get(k, 0.0) for h in t10) / len(t10) for k in t10[-1]}}
     result = {
         "benchmark": "minilm_bbc", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
         "before": before, "before_first3": first3, "after": after, "params": params,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
         "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
+        "truncate_check_max_abs_diff": check, "head_init": head_init,
         "threads": args.threads, "command": "python " + " ".join(sys.argv),
     }
     out = Path(args.out)
