@@ -22,14 +22,12 @@ Logged: ``acm_loss``, ``acm_task``, ``acm_distill``, ``acm_budget``, ``acm_entro
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from ..distill.engine import unwrap_model
-from ..integrations.hf import _find_trainer, patch_trainer
+from ..integrations.hf import LossComponentLogs, _find_trainer, freeze_teacher, patch_trainer
 from .config import ACMConfig
 from .modules import acm_blocks, set_acm_mode
 from .stages import acm_regularizers, distill_term, set_recording
@@ -39,7 +37,7 @@ __all__ = ["ACMCallback"]
 _NON_MODEL_KEYS = ("labels",)
 
 
-class ACMCallback(TrainerCallback):
+class ACMCallback(LossComponentLogs, TrainerCallback):
     """Trains an ACMized model (gates, learners and the rest) with the budget, entropy and diversity losses.
 
     Args:
@@ -55,12 +53,9 @@ class ACMCallback(TrainerCallback):
             if acm_blocks(teacher):
                 raise ValueError("the teacher is ACMized: pass the original dense model (copy.deepcopy it before "
                                  "acmize)")
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+            freeze_teacher(teacher)
         self.trainer: Trainer | None = None
-        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._counts = {"train": 0, "eval": 0}
+        self._reset_loss_logs()
 
     def attach(self, trainer: Trainer) -> None:
         """Hook into ``trainer`` (done automatically on the first Trainer event)."""
@@ -129,13 +124,3 @@ class ACMCallback(TrainerCallback):
         self._counts[mode] += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _add_logs(self, logs: dict[str, Any]) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else ("train" if "loss" in logs else None)
-        if mode is None or not self._counts[mode]:
-            return
-        n = self._counts[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        for k, v in self._sums[mode].items():
-            logs[prefix + k] = round(v / n, 6)
-        self._sums[mode] = defaultdict(float)
-        self._counts[mode] = 0

@@ -105,7 +105,35 @@ def patch_trainer(trainer: Trainer, loss_fn=None, logs_fn=None, original_loss=No
         trainer.log = log
 
 
-class DistillationCallback(TrainerCallback):
+class LossComponentLogs:
+    """Mixin for Trainer callbacks: averages per-step loss components between log events (train and eval apart)
+    and adds them to the Trainer's logs (``eval_`` prefixed during evaluation)."""
+
+    def _reset_loss_logs(self) -> None:
+        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._counts: dict[str, int] = {"train": 0, "eval": 0}
+
+    def _add_logs(self, logs: dict[str, Any]) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else ("train" if "loss" in logs else None)
+        if mode is None or not self._counts[mode]:
+            return
+        n = self._counts[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        for k, v in self._sums[mode].items():
+            logs[prefix + k] = round(v / n, 6)
+        self._sums[mode] = defaultdict(float)
+        self._counts[mode] = 0
+
+
+def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients: a teacher never trains and never enters the optimizer."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class DistillationCallback(LossComponentLogs, TrainerCallback):
     """Adds knowledge distillation to an unmodified ``transformers.Trainer`` (or TRL ``SFTTrainer``).
 
     Args:
@@ -124,8 +152,7 @@ class DistillationCallback(TrainerCallback):
         self.engine = DistillationEngine(teacher, self.config, teacher_tokenizer=teacher_tokenizer)
         self.trainer: Trainer | None = None
         self._fused: bool | None = None  # decided on the first training step (see _fused_decision)
-        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._counts: dict[str, int] = {"train": 0, "eval": 0}
+        self._reset_loss_logs()
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -419,16 +446,6 @@ class DistillationCallback(TrainerCallback):
             sums[k] += v
         self._counts[mode] += 1
 
-    def _add_logs(self, logs: dict[str, Any]) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else ("train" if "loss" in logs else None)
-        if mode is None or not self._counts[mode]:
-            return
-        n = self._counts[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        for k, v in self._sums[mode].items():
-            logs[prefix + k] = round(v / n, 6)
-        self._sums[mode] = defaultdict(float)
-        self._counts[mode] = 0
 
 
 class DistillationTrainer(Trainer):

@@ -22,21 +22,20 @@ Logged with the Trainer's logs: ``multi_exit_loss`` and ``exit{k}_task`` / ``exi
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from ..distill.engine import unwrap_model
-from ..integrations.hf import _find_trainer, patch_trainer
+from ..integrations.hf import LossComponentLogs, _find_trainer, freeze_teacher, patch_trainer
 from .core import _assemble, _model_inputs, capture_hidden, get_exits, pool
 from .loss import MultiExitConfig, exit_ce_losses, info_nce, multi_exit_loss
 
 __all__ = ["MultiExitCallback"]
 
 
-class MultiExitCallback(TrainerCallback):
+class MultiExitCallback(LossComponentLogs, TrainerCallback):
     """Trains every exit added by :func:`~kd_plugins.multiexit.add_exits` inside a ``transformers.Trainer``.
 
     Args:
@@ -50,12 +49,9 @@ class MultiExitCallback(TrainerCallback):
         self.config = config or MultiExitConfig()
         self.teacher = teacher
         if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+            freeze_teacher(teacher)
         self.trainer: Trainer | None = None
-        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._counts = {"train": 0, "eval": 0}
+        self._reset_loss_logs()
 
     # --------------------------------------------------------------------------------------------- wiring
     def attach(self, trainer: Trainer) -> None:
@@ -173,13 +169,3 @@ class MultiExitCallback(TrainerCallback):
             self._sums[mode][k] += v
         self._counts[mode] += 1
 
-    def _add_logs(self, logs: dict[str, Any]) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else ("train" if "loss" in logs else None)
-        if mode is None or not self._counts[mode]:
-            return
-        n = self._counts[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        for k, v in self._sums[mode].items():
-            logs[prefix + k] = round(v / n, 6)
-        self._sums[mode] = defaultdict(float)
-        self._counts[mode] = 0
