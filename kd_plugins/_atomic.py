@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,3 +36,28 @@ def publish_dir(tmp: Path, out: Path) -> None:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+
+
+def fsync_tree(d: Path) -> None:
+    """Flush every file below ``d`` to disk before the directory is published."""
+    for p in d.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a checkpoint directory atomically: yields a temporary sibling of ``out`` to fill; on normal exit its
+    files are fsynced and it replaces ``out`` (:func:`publish_dir`); on any error it is removed and ``out`` is left
+    as it was. Callers decide beforehand whether an existing ``out`` may be replaced."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -535,3 +535,21 @@ def test_row_blocking_is_bit_identical(method, monkeypatch):
     # t_i^alpha) sees the same vector / scalar-tail split as on the whole tensor, as with the default 1024.
     monkeypatch.setattr(QuantizedLinear, "ROW_BLOCK", 64)
     assert torch.equal(q(x), full)
+
+
+def test_atomic_dir_keeps_old_content_on_failure_and_replaces_on_success(tmp_path):
+    from kd_plugins._atomic import atomic_dir
+
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("mid-write")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # temp dir removed
+    with atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the swapped-out old dir removed

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from ..distill.engine import unwrap_model
-from ..integrations.hf import LossComponentLogs, _find_trainer, freeze_teacher, patch_trainer
+from ..integrations.hf import TrainerPluginCallback, freeze_teacher, patch_trainer
 from .config import ACMConfig
 from .modules import acm_blocks, set_acm_mode
 from .stages import acm_regularizers, distill_term, set_recording
@@ -37,7 +37,7 @@ __all__ = ["ACMCallback"]
 _NON_MODEL_KEYS = ("labels",)
 
 
-class ACMCallback(LossComponentLogs, TrainerCallback):
+class ACMCallback(TrainerPluginCallback):
     """Trains an ACMized model (gates, learners and the rest) with the budget, entropy and diversity losses.
 
     Args:
@@ -71,17 +71,8 @@ class ACMCallback(LossComponentLogs, TrainerCallback):
         self.trainer = trainer
         patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)
 
-    def on_init_end(self, args, state, control, **kwargs):
-        trainer = _find_trainer()
-        if trainer is not None:
-            self.attach(trainer)
-
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            trainer = _find_trainer()
-            if trainer is None:
-                raise RuntimeError("ACMCallback must be used inside a transformers.Trainer")
-            self.attach(trainer)
+        self._ensure_attached()
 
     def compute_loss(self, original, model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
         cfg = self.config

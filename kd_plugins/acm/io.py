@@ -6,14 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .._atomic import publish_dir
+from .._atomic import atomic_dir
 from .convert import rebuild_layout
 from .modules import acm_blocks
 
@@ -70,24 +68,13 @@ def save_acm(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, ov
                        for n, t in tensors.items()}}
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         if cfg["architecture"]["kind"] == "hf":
             model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(cfg, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / WEIGHTS_NAME, "rb+") as f:
-            os.fsync(f.fileno())
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1))
     return out
 
 

@@ -105,9 +105,32 @@ def patch_trainer(trainer: Trainer, loss_fn=None, logs_fn=None, original_loss=No
         trainer.log = log
 
 
-class LossComponentLogs:
-    """Mixin for Trainer callbacks: averages per-step loss components between log events (train and eval apart)
-    and adds them to the Trainer's logs (``eval_`` prefixed during evaluation)."""
+class TrainerPluginCallback(TrainerCallback):
+    """Base of the callbacks that patch a Trainer's loss (distillation, multi-exit, ACM).
+
+    Finds and attaches to the Trainer that owns the callback (subclasses implement ``attach(trainer)``), and averages
+    per-step loss components between log events (train and eval apart), adding them to the Trainer's logs
+    (``eval_`` prefixed during evaluation).
+    """
+
+    trainer: Trainer | None = None
+
+    def attach(self, trainer: Trainer) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def _ensure_attached(self) -> Trainer:
+        if self.trainer is None:
+            trainer = _find_trainer()
+            if trainer is None:
+                raise RuntimeError(f"{type(self).__name__} must be used inside a transformers.Trainer "
+                                   "(callbacks=[...] or trainer.add_callback(...)).")
+            self.attach(trainer)
+        return self.trainer
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _find_trainer()
+        if trainer is not None:
+            self.attach(trainer)
 
     def _reset_loss_logs(self) -> None:
         self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -133,7 +156,7 @@ def freeze_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-class DistillationCallback(LossComponentLogs, TrainerCallback):
+class DistillationCallback(TrainerPluginCallback):
     """Adds knowledge distillation to an unmodified ``transformers.Trainer`` (or TRL ``SFTTrainer``).
 
     Args:
@@ -193,23 +216,9 @@ class DistillationCallback(LossComponentLogs, TrainerCallback):
 
         return task_loss
 
-    def _ensure_attached(self) -> Trainer:
-        if self.trainer is None:
-            trainer = _find_trainer()
-            if trainer is None:
-                raise RuntimeError("DistillationCallback must be used inside a transformers.Trainer "
-                                   "(callbacks=[...] or trainer.add_callback(...)).")
-            self.attach(trainer)
-        return self.trainer
-
     def _ensure_setup(self) -> None:
         if self.engine.student is None or (self.config.feature_pairs and self.engine._student_rec is None):
             self.engine.setup(self.trainer.model)
-
-    def on_init_end(self, args, state, control, **kwargs):
-        trainer = _find_trainer()
-        if trainer is not None:
-            self.attach(trainer)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._ensure_attached()

@@ -25,17 +25,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from ..distill.engine import unwrap_model
-from ..integrations.hf import LossComponentLogs, _find_trainer, freeze_teacher, patch_trainer
+from ..integrations.hf import TrainerPluginCallback, freeze_teacher, patch_trainer
 from .core import _assemble, _model_inputs, capture_hidden, get_exits, pool
 from .loss import MultiExitConfig, exit_ce_losses, info_nce, multi_exit_loss
 
 __all__ = ["MultiExitCallback"]
 
 
-class MultiExitCallback(LossComponentLogs, TrainerCallback):
+class MultiExitCallback(TrainerPluginCallback):
     """Trains every exit added by :func:`~kd_plugins.multiexit.add_exits` inside a ``transformers.Trainer``.
 
     Args:
@@ -63,20 +63,6 @@ class MultiExitCallback(LossComponentLogs, TrainerCallback):
         get_exits(trainer.model)  # clear error now if add_exits was not called
         self.trainer = trainer
         patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)
-
-    def _ensure_attached(self) -> Trainer:
-        if self.trainer is None:
-            trainer = _find_trainer()
-            if trainer is None:
-                raise RuntimeError("MultiExitCallback must be used inside a transformers.Trainer "
-                                   "(callbacks=[...] or trainer.add_callback(...)).")
-            self.attach(trainer)
-        return self.trainer
-
-    def on_init_end(self, args, state, control, **kwargs):
-        trainer = _find_trainer()
-        if trainer is not None:
-            self.attach(trainer)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._ensure_attached()

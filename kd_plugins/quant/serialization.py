@@ -20,15 +20,13 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .._atomic import publish_dir
+from .._atomic import atomic_dir
 from ._core import STATIC_METHODS
 from .api import quantized_layers
 from .layers import QuantizedLinear, is_pointwise_conv
@@ -156,24 +154,13 @@ def save_quantized(
 
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         if cfg["architecture"]["kind"] == "hf":
             _hf_config_with_quantization(model, cfg).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(cfg, f, indent=1, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / WEIGHTS_NAME, "rb+") as f:
-            os.fsync(f.fileno())
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, sort_keys=False))
     return out
 
 

@@ -24,10 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -38,6 +35,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .._atomic import atomic_dir
 from . import quant as Q
 from .errors import (ArchitectureMismatchError, BudgetTooSmallError, FingerprintMismatchError, IntegrityError,
                      SkillPackError)
@@ -748,26 +746,10 @@ class SkillPack:
         manifest = self.manifest()
         manifest["checksums"] = {k: _tensor_sha256(t) for k, t in flat.items()}
         manifest["report"] = self.report()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             save_file(flat, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "id": self.id})
             manifest["file_bytes"] = (tmp / TENSORS_FILE).stat().st_size
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o777 & ~mask)
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-                os.replace(out, old / "x")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod

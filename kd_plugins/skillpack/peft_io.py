@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_dir
 from .core import Entry, SkillPack, compress_deltas, model_fingerprint, model_tensors
 from .errors import ArchitectureMismatchError, SkillPackError
 from . import quant as Q
@@ -57,19 +55,9 @@ def export_lora(pack: SkillPack, out_dir, base_model_name_or_path: str | None = 
     cfg = LoraConfig(r=r_max, lora_alpha=r_max, target_modules=sorted(ranks), rank_pattern=pattern,
                      alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
                      base_model_name_or_path=base_model_name_or_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         cfg.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"modules": sorted(ranks), "skipped": skipped, "max_rank": r_max}
 
 
