@@ -42,6 +42,12 @@ def main(out_file, per_device_batch):
         tensors = {f"student.{k}": v.detach().contiguous() for k, v in student.state_dict().items()}
         tensors.update({f"proj.{k}": v.detach().contiguous() for k, v in cb.engine.projectors.state_dict().items()})
         save_file(tensors, out_file)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Leave together: a rank exiting while its peer still talks to gloo can abort the peer (seen once in CI).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
