@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd_plugins.acm import (  # noqa: E402
-    acm_blocks, acm_regularizers, acm_stats, acmize, calibrate_gate_budget, collect_block_io, distill_term,
+    acm_blocks, acm_regularizers, acm_stats, acmize, calibrate_gate_budget, collect_acm_inputs, collect_block_io,
+    distill_term,
     reset_acm_stats, set_acm_mode, set_recording, stage1_distill, stage2_gates,
 )
 from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles, train_texts  # noqa: E402
@@ -66,6 +67,16 @@ def parse_args(argv=None):
     p.add_argument("--recalibrate", type=int, default=1, help="re-calibrate the gate price to beta after stage 3")
     p.add_argument("--lr", type=float, default=5e-5, help="stage 3 learning rate (learners / backbone)")
     p.add_argument("--gate-lr", type=float, default=1e-3, help="stage 3 learning rate of the gates")
+    p.add_argument("--stage3-gate-noise", type=int, default=1,
+                   help="1: hard Gumbel gates in stage 3 (the paper); 0: the argmax choice inference makes")
+    p.add_argument("--serve-budgets", default="",
+                   help="after the last --budgets run: serve that stage-3 model at these betas too, by re-calibrating "
+                        "its gate price on its own block inputs (no retraining), e.g. 0.75,0.25")
+    p.add_argument("--stage1-lr", type=float, default=1e-3)
+    p.add_argument("--eval", default="test", choices=["validation", "test"],
+                   help="split for every MRR (tune with validation; the reported runs use test once)")
+    p.add_argument("--stage2-cache", default="",
+                   help="reuse (or write) the stage-1+2 model state and its cached training tokens here (.pt)")
     p.add_argument("--hidden-weight", type=float, default=1.0)
     p.add_argument("--timing-repeats", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "acm_minilm.json"))
@@ -107,7 +118,7 @@ def evaluate(model, tok, split_articles_, acm: bool) -> dict:
 
 
 def stage3(model, teacher, tok, texts, beta, args):
-    set_acm_mode(model, "gated", gumbel_tau=0.8, straight_through=True)
+    set_acm_mode(model, "gated", gumbel_tau=0.8, straight_through=True, gate_noise=bool(args.stage3_gate_noise))
     gate_params = [p for b in acm_blocks(model).values() for p in b.gate.parameters()]
     gids = {id(p) for p in gate_params}
     other = [p for p in model.parameters() if id(p) not in gids]
@@ -215,36 +226,50 @@ def main(argv=None):
     texts = train_texts(split.train)
     rng = random.Random(args.seed)
     rng.shuffle(texts)
-    log(f"{len(texts)} training texts; {len(split.test)} test articles")
+    ev = split.test if args.eval == "test" else split.validation
+    log(f"{len(texts)} training texts; {len(ev)} {args.eval} articles")
 
     results: dict = {"args": vars(args), "budgets": {}}
-    results["dense"] = evaluate(teacher, tok, split.test, acm=False)
-    log(f"dense test MRR {results['dense']['mrr']:.4f}")
+    results["dense"] = evaluate(teacher, tok, ev, acm=False)
+    log(f"dense {args.eval} MRR {results['dense']['mrr']:.4f}")
 
     model = copy.deepcopy(teacher)
-    calib = list(batches(tok, texts[:128], 32, args.train_len))
-    acmize(model, "mlp", args.num_learners, init="slice", order="importance", calibration=calib)
-    io = collect_block_io(teacher, model, batches(tok, texts[128:], 32, args.train_len), max_tokens=args.io_tokens)
-    log(f"cached block I/O: {next(iter(io.values()))[0].shape[0]} tokens per block")
-    t = time.perf_counter()
-    h1 = stage1_distill(model, io, steps=args.stage1_steps, lr=1e-3, batch_tokens=1024, log_every=100,
-                        normalize=True)
-    results["stage1"] = {"first": h1[0], "last": sum(h1[-20:]) / 20, "seconds": time.perf_counter() - t}
-    t = time.perf_counter()
-    s2 = stage2_gates(model, io, steps=args.stage2_steps, lr=0.01, batch_tokens=2048, log_every=100)
-    results["stage2"] = {"label_hist": s2["label_hist"], "accuracy": s2["accuracy"],
-                         "seconds": time.perf_counter() - t}
-    log(f"stage 2 label histograms {s2['label_hist']}")
-    io_small = {n: (z[:8192].clone(), o[:8192].clone()) for n, (z, o) in io.items()}
-    del io
+    s2_cache = Path(args.stage2_cache) if args.stage2_cache else None
+    if s2_cache is not None and s2_cache.is_file():  # a local file this script wrote (trusted): state + tokens
+        blob = torch.load(s2_cache, weights_only=True)
+        acmize(model, "mlp", args.num_learners, init="slice", order="original")  # layout; weights: the cache
+        model.load_state_dict(blob["state"])
+        io_small = {n: (z, o) for n, (z, o) in blob["io_small"].items()}
+        results.update(blob["meta"])
+        log(f"loaded the stage-1+2 model from {s2_cache}")
+    else:
+        calib = list(batches(tok, texts[:128], 32, args.train_len))
+        acmize(model, "mlp", args.num_learners, init="slice", order="importance", calibration=calib)
+        io = collect_block_io(teacher, model, batches(tok, texts[128:], 32, args.train_len), max_tokens=args.io_tokens)
+        log(f"cached block I/O: {next(iter(io.values()))[0].shape[0]} tokens per block")
+        t = time.perf_counter()
+        h1 = stage1_distill(model, io, steps=args.stage1_steps, lr=args.stage1_lr, batch_tokens=1024, log_every=100,
+                            normalize=True)
+        results["stage1"] = {"first": h1[0], "last": sum(h1[-20:]) / 20, "seconds": time.perf_counter() - t}
+        t = time.perf_counter()
+        s2 = stage2_gates(model, io, steps=args.stage2_steps, lr=0.01, batch_tokens=2048, log_every=100)
+        results["stage2"] = {"label_hist": s2["label_hist"], "accuracy": s2["accuracy"],
+                             "seconds": time.perf_counter() - t}
+        log(f"stage 2 label histograms {s2['label_hist']}")
+        io_small = {n: (z[:8192].clone(), o[:8192].clone()) for n, (z, o) in io.items()}
+        del io
+        if s2_cache is not None:
+            s2_cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": model.state_dict(), "io_small": io_small,
+                        "meta": {"stage1": results["stage1"], "stage2": results["stage2"]}}, s2_cache)
     model.eval()
     if args.extra_evals:
         set_acm_mode(model, "full")
-        results["full_k"] = evaluate(model, tok, split.test, acm=True)
-        log(f"after stage 1 (k=N everywhere) test MRR {results['full_k']['mrr']:.4f}")
+        results["full_k"] = evaluate(model, tok, ev, acm=True)
+        log(f"after stage 1 (k=N everywhere) {args.eval} MRR {results['full_k']['mrr']:.4f}")
         set_acm_mode(model, "gated")
-        results["stage2_gated"] = evaluate(model, tok, split.test, acm=True)
-        log(f"after stage 2 (gated) test MRR {results['stage2_gated']['mrr']:.4f} "
+        results["stage2_gated"] = evaluate(model, tok, ev, acm=True)
+        log(f"after stage 2 (gated) {args.eval} MRR {results['stage2_gated']['mrr']:.4f} "
             f"frac {results['stage2_gated']['learner_fraction']:.3f}")
     stage2_state = copy.deepcopy(model.state_dict())
 
@@ -252,22 +277,30 @@ def main(argv=None):
         model.load_state_dict(stage2_state)
         t = time.perf_counter()
         delta = calibrate_gate_budget(model, io_small, beta)
+        pre = None
+        if args.stage3_steps > 0:  # the same model before stage 3, for the stage-3 gain
+            model.eval()
+            pre = evaluate(model, tok, ev, acm=True)
+            log(f"beta={beta} before stage 3: {args.eval} MRR {pre['mrr']:.4f} frac {pre['learner_fraction']:.3f}")
         hist = stage3(model, teacher, tok, texts, beta, args)
-        if args.recalibrate:
-            delta2 = calibrate_gate_budget(model, io_small, beta)
+        if args.recalibrate:  # on the inputs the trained ACM blocks now receive (training texts, own forward)
+            own = collect_acm_inputs(model, batches(tok, texts[128:], 32, args.train_len), max_tokens=8192)
+            delta2 = calibrate_gate_budget(model, own, beta)
         secs = time.perf_counter() - t
-        r = evaluate(model, tok, split.test, acm=True)
+        r = evaluate(model, tok, ev, acm=True)
+        r["before_stage3"] = pre
         r["gate_price"] = [delta, delta2 if args.recalibrate else None]
         r["stage3_seconds"] = secs
-        r["stage3_last_kd"] = sum(h["kd"] for h in hist[-10:]) / 10
-        log(f"beta={beta}: test MRR {r['mrr']:.4f} learner fraction {r['learner_fraction']:.3f} "
+        r["stage3_last_kd"] = sum(h["kd"] for h in hist[-10:]) / max(1, len(hist[-10:]))
+        r["stage3_first_kd"] = sum(h["kd"] for h in hist[:10]) / max(1, len(hist[:10]))
+        log(f"beta={beta}: {args.eval} MRR {r['mrr']:.4f} learner fraction {r['learner_fraction']:.3f} "
             f"compute fraction {r['compute_fraction']:.3f}")
         if abs(beta - 0.5) < 1e-9:
             if args.save_dir:
                 from kd_plugins.acm import save_acm
 
                 save_acm(model, args.save_dir, tokenizer=tok, overwrite=True)
-            r["timing"] = timing(teacher, model, tok, split.test, args.timing_repeats)
+            r["timing"] = timing(teacher, model, tok, ev, args.timing_repeats)
             tm = r["timing"]
             log(f"timing: MLP dense {tm['mlp_dense_s'] * 1e3:.1f} ms, ACM {tm['mlp_acm_s'] * 1e3:.1f} ms "
                 f"({tm['mlp_speedup']:.2f}x); model {tm['model_dense_s'] * 1e3:.0f} vs {tm['model_acm_s'] * 1e3:.0f} "
@@ -275,6 +308,19 @@ def main(argv=None):
         results["budgets"][str(beta)] = r
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.serve_budgets:  # one trained model, other operating points: only the gate price moves
+        trained = copy.deepcopy(model.state_dict())
+        own = collect_acm_inputs(model, batches(tok, texts[128:], 32, args.train_len), max_tokens=8192)
+        results["served_from"] = beta
+        results["served"] = {}
+        for sb in [float(x) for x in args.serve_budgets.split(",")]:
+            model.load_state_dict(trained)
+            calibrate_gate_budget(model, own, sb)
+            r = evaluate(model, tok, ev, acm=True)
+            results["served"][str(sb)] = r
+            log(f"served at beta={sb} (trained at {beta}): {args.eval} MRR {r['mrr']:.4f} learner fraction "
+                f"{r['learner_fraction']:.3f}")
+        model.load_state_dict(trained)
     results["total_seconds"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(results, indent=1))
     write_report(results, args)
@@ -308,7 +354,11 @@ def write_report(res: dict, args) -> None:
     for beta, r in res["budgets"].items():
         lines.append(f"| ACM stage 3 | {beta} | {r['mrr']:.4f} | {r['recall@1']:.4f} | {r['learner_fraction']:.3f} |"
                      f" {r['compute_fraction']:.3f} | {r['mlp_gflops_per_token'] * 1e3:.2f} |")
-    lines += ["", "Average k per layer (test tokens):", ""]
+    for beta, r in res.get("served", {}).items():
+        lines.append(f"| ACM stage 3 at {res['served_from']}, served at | {beta} | {r['mrr']:.4f} | "
+                     f"{r['recall@1']:.4f} | {r['learner_fraction']:.3f} | {r['compute_fraction']:.3f} | "
+                     f"{r['mlp_gflops_per_token'] * 1e3:.2f} |")
+    lines += ["", f"Average k per layer ({res['args'].get('eval', 'test')} tokens):", ""]
     for beta, r in res["budgets"].items():
         lines.append(f"- beta {beta}: {r['avg_k']}")
     tm = next((r["timing"] for r in res["budgets"].values() if "timing" in r), None)
@@ -337,6 +387,11 @@ def write_report(res: dict, args) -> None:
         ax.plot(xs, ys, "o-", label="ACM (stage 3 per beta)")
         for (beta, r) in res["budgets"].items():
             ax.annotate(f"β={beta}", (r["compute_fraction"], r["mrr"]), textcoords="offset points", xytext=(4, -10))
+        if res.get("served"):
+            pts = sorted([(r["compute_fraction"], r["mrr"]) for r in res["served"].values()]
+                         + list(zip(xs, ys)))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", alpha=0.7,
+                    label=f"one model (stage 3 at β={res['served_from']}), price re-calibrated")
         ax.plot([1.0], [d["mrr"]], "k*", ms=12, label="dense")
         ax.axhline(d["mrr"] - 0.01, color="gray", ls=":", label="dense - 0.01")
         ax.set_xlabel("average MLP compute (fraction of dense, incl. gates)")

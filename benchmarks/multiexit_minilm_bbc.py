@@ -47,10 +47,13 @@ sys.path.insert(0, str(ROOT))
 
 from kd_plugins import inherit_student  # noqa: E402
 from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles  # noqa: E402
+from kd_plugins.multiexit.core import pool  # noqa: E402
 from kd_plugins.multiexit import (  # noqa: E402
     MultiExitConfig,
     add_exits,
     exit_embeddings,
+    exit_outputs,
+    exit_weights,
     info_nce,
     multi_exit_loss,
     truncate,
@@ -92,6 +95,14 @@ def parse_args(argv=None):
     p.add_argument("--eval", default="validation", choices=["validation", "test"],
                    help="split for the before/after table (tune on validation; report test once)")
     p.add_argument("--eval-n", type=int, default=None, help="first N articles of the eval split (default all)")
+    p.add_argument("--token-weight", type=float, default=0.0,
+                   help="add a token-level MSE between each exit's hidden states and the frozen teacher's last hidden "
+                        "states (non-padding tokens, exit weights as --weights); costs a teacher forward per step")
+    p.add_argument("--resume", default="", help="start training from this state dict (from --save)")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="every N steps, MRR of every exit on the validation split (logged; never the test split)")
+    p.add_argument("--save", default="", help="save the trained model's state dict (safetensors) here")
+    p.add_argument("--load", default="", help="skip training: load this state dict (from --save) and evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
@@ -250,7 +261,18 @@ def main(argv=None):
     rng = random.Random(args.seed)
     order: list[int] = []
     model.train(not args.no_dropout)
-    history = []
+    history, val_curve = [], []
+    if args.load:  # evaluation of a saved run: no training (the run's own JSON holds its training record)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.load))
+        total = 0
+        log(f"loaded {args.load}; skipping training")
+    elif args.resume:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.resume))
+        log(f"resuming from the weights in {args.resume} (fresh optimizer and schedule)")
     log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
         f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
     t_train = time.time()
@@ -261,13 +283,26 @@ def main(argv=None):
             order += perm
         idx, order = order[: args.batch], order[args.batch:]
         teach = teacher_emb(idx)
-        eq = exit_embeddings(model, **padded(enc_q, idx))
-        ed = exit_embeddings(model, **padded(enc_d, idx))
+        bq, bd = padded(enc_q, idx), padded(enc_d, idx)
+        oq, od = exit_outputs(model, **bq), exit_outputs(model, **bd)
+        eq = {k: pool(h, bq["attention_mask"]) for k, h in oq.items()}
+        ed = {k: pool(h, bd["attention_mask"]) for k, h in od.items()}
         task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq} if args.task_weight > 0 else None
         both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
         res = multi_exit_loss(both, L, cfg, kind="embedding", task_losses=task, teacher=teach)
+        loss = res.loss
+        if args.token_weight > 0:
+            with torch.no_grad():
+                tq, td = teacher(**bq).last_hidden_state, teacher(**bd).last_hidden_state
+            tok_terms = {}
+            for k, w in zip(oq, exit_weights(list(oq), L, weights)):
+                se = sum(((o[k] - t).pow(2).mean(-1) * b["attention_mask"]).sum()
+                         for o, t, b in ((oq, tq, bq), (od, td, bd)))
+                tok_terms[k] = se / (bq["attention_mask"].sum() + bd["attention_mask"].sum())
+                loss = loss + args.token_weight * w * tok_terms[k]
+            res.terms.update({f"exit{k}_token_mse": float(v) for k, v in tok_terms.items()})
         opt.zero_grad(set_to_none=True)
-        res.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -282,7 +317,25 @@ def main(argv=None):
         if (step + 1) % 50 == 0 or step == total - 1:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save((t_q, t_d), cache)
+        if args.val_every and ((step + 1) % args.val_every == 0 or step == total - 1):
+            vm = {k: v["mrr"] for k, v in exits_mrr(model, tok, split.validation, args.max_len).items()}
+            full = vm[max(vm)]
+            val_curve.append({"step": step + 1, "mrr": vm, "ratio": {k: v / full for k, v in vm.items()}})
+            log(f"validation at step {step + 1}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})"
+                                                              for k, v in vm.items()))
+            if args.save:  # every validated checkpoint, so the step can be chosen on validation afterwards
+                from safetensors.torch import save_file
+
+                Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{args.save}.step{step + 1}")
+            model.train(not args.no_dropout)
     train_s = time.time() - t_train
+    if args.save and not args.load:
+        from safetensors.torch import save_file
+
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save)
+        log(f"saved the trained model to {args.save}")
     model.eval()
     log(f"after training ({train_s / 60:.1f} min): evaluating via {args.after_eval}")
     after, params = {}, {}
@@ -312,7 +365,7 @@ def main(argv=None):
         "benchmark": "minilm_bbc", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
         "before": before, "before_first3": first3, "after": after, "params": params,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
-        "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
+        "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve, "validation_curve": val_curve,
         "truncate_check_max_abs_diff": check, "head_init": head_init,
         "threads": args.threads, "command": "python " + " ".join(sys.argv),
     }

@@ -67,6 +67,33 @@ def _minilm_settings(r) -> str:
             "thread(s) of a shared 2-core machine.")
 
 
+def _minilm_recipe(r) -> list[str]:
+    """Settings and commands; a run trained in phases (``--resume``) lists every phase and the evaluation command."""
+    phases = r.get("phases")
+    if not phases:
+        return [_minilm_settings(r), "", f"Command: `{r['command']}`"]
+    first = phases[0]
+    out = [_minilm_settings(first)]
+    for ph in phases[1:]:
+        a = ph["args"]
+        out[0] += (f" Then {ph['steps']} more steps resumed from those weights with the same loss and learning rates "
+                   f"(fresh optimizer and warm-up/decay schedule, data-order seed {a['seed']}; training "
+                   f"{ph['train_seconds'] / 60:.1f} min).")
+    curves = [(i + 1, c) for i, ph in enumerate(phases) for c in ph.get("validation_curve", [])]
+    if curves:
+        out += ["", "Validation curve (MRR ratio to the full model on the 300 validation articles; the reported model "
+                "is the last checkpoint, chosen before the test split was evaluated):", "",
+                "| phase | step | " + " | ".join(f"layers 1-{k}" for k in curves[0][1]["ratio"]) + " | full MRR |",
+                "|---|---|" + "---|" * (len(curves[0][1]["ratio"]) + 1)]
+        for i, c in curves:
+            full = max(c["mrr"], key=int)
+            out.append(f"| {i} | {c['step']} | " + " | ".join(f"{v:.3f}" for v in c["ratio"].values())
+                       + f" | {c['mrr'][full]:.4f} |")
+    out += ["", "Commands (training phases, then the single test evaluation of the saved weights):", ""]
+    out += [f"    {ph['command']}" for ph in phases] + [f"    {r['command']}"]
+    return out
+
+
 def minilm_section(r) -> list[str]:
     if r is None:
         return ["## 1. all-MiniLM-L6-v2, BBC title -> body retrieval", "", "_not run_", ""]
@@ -111,8 +138,7 @@ def minilm_section(r) -> list[str]:
     lines += ["", "Goal (issue #5): the layer-3 truncation, or both the layer-2 and layer-4 truncations, at >= 90% of "
               f"the full model's MRR while the full model loses at most 0.01 MRR: {verdict}.", "",
               f"Reference: the original model cut to its first 3 layers (no training): MRR {r['before_first3']:.3f}.",
-              "", _minilm_settings(r), "",
-              f"Command: `{r['command']}`", "", "![MiniLM exits](figures/multiexit_minilm_bbc.png)", ""]
+              "", *_minilm_recipe(r), "", "![MiniLM exits](figures/multiexit_minilm_bbc.png)", ""]
     plt = _plt()
     ks = sorted(after, key=int)
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)

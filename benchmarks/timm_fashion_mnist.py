@@ -324,8 +324,10 @@ def write_markdown(results, ov, args, wall, path, command=None):
              f"{args.teacher_epochs} epochs with light augmentation, so that it clearly beats the student trained "
              "alone; a teacher no better than the student has nothing to transfer.",
              f"2. **Small-label (\"dark knowledge\") regime.** Students see only {args.train_size} labelled images, "
-             f"for {args.epochs} epochs ({args.epochs * -(-args.train_size // args.batch_size)} optimizer steps, "
-             "fixed a priori). This is the classic setting where KD helps most; "
+             f"for {args.epochs} epochs ({args.epochs * -(-args.train_size // args.batch_size)} optimizer steps). "
+             "The epoch count was set on validation (seed 0): at 20 epochs the ViT student trained alone was still "
+             "underfit (65 % val, 73 % at 60), so any extra loss term mainly slowed its fitting. This is the classic "
+             "setting where KD helps most; "
              "the teacher's soft labels on augmented views carry information the few hard labels do not. The teacher "
              "saw more labelled data than the students, as in standard KD.",
              "3. **Loss weights from each method's reference recipe.** Logit KD: Hinton KD as in mdistiller's CIFAR "
@@ -381,15 +383,15 @@ def main():
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=20, help="student epochs")
-    p.add_argument("--warmup-epochs", type=int, default=2, help="student LR warm-up epochs")
+    p.add_argument("--epochs", type=int, default=60, help="student epochs")
+    p.add_argument("--warmup-epochs", type=int, default=3, help="student LR warm-up epochs")
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--train-size", type=int, default=1000, help="students' labelled images")
     p.add_argument("--teacher-size", type=int, default=20000, help="teachers' labelled images")
     p.add_argument("--val-size", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64, help="student batch size")
     p.add_argument("--teacher-batch-size", type=int, default=128)
-    p.add_argument("--dkd-betas", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0],
+    p.add_argument("--dkd-betas", nargs="+", type=float, default=[1.0, 2.0, 4.0],
                    help="DKD beta grid, chosen on the validation split (seed = first seed)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one per pair at most)")
     p.add_argument("--lr", type=float, default=2e-3)

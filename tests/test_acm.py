@@ -18,6 +18,8 @@ from kd_plugins.acm import (
     acm_stats,
     acmize,
     budget_loss,
+    calibrate_gate_budget,
+    collect_acm_inputs,
     collect_block_io,
     diversity_loss,
     entropy_loss,
@@ -386,3 +388,52 @@ def test_calibrate_gate_budget_hits_target():
             with torch.no_grad():
                 got.append(b.choose_k(io[n][0]).float().mean().item() / 4)
         assert abs(sum(got) / len(got) - beta) < 0.1
+
+
+def test_noiseless_training_gates_match_inference_choice():
+    """gate_noise=False: training takes eval's argmax k (same output), and the gradient reaches the gate."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    acmize(model, "mlp", 4)
+    for b in acm_blocks(model).values():  # dropout-free comparison
+        b.dropout = torch.nn.Identity()
+    model.eval()
+    ref = model(**_ids()).last_hidden_state
+    ks_eval = [b.last_k.clone() for b in acm_blocks(model).values()]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    set_acm_mode(model, "gated", gate_noise=False)
+    out = model(**_ids()).last_hidden_state
+    ks_train = [b.last_k for b in acm_blocks(model).values()]
+    real = _ids()["attention_mask"].bool()  # eval runs nothing on padding tokens; training routes them too
+    assert all(torch.equal(a[real], b[real]) for a, b in zip(ks_eval, ks_train))
+    assert any(int(k[real].min()) < 4 for k in ks_train)  # a real routing, not k = N everywhere
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    out.pow(2).mean().backward()
+    g = next(iter(acm_blocks(model).values())).gate.l3.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    set_acm_mode(model, "gated", gate_noise=True)
+    assert all(b.gate_noise for b in acm_blocks(model).values())
+
+
+def test_calibrate_on_own_inputs_hits_beta():
+    """collect_acm_inputs records what the ACM blocks receive; calibrating on it hits beta on those inputs."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    acmize(model, "mlp", 4)
+    batches = [_ids(seed=s) for s in range(4)]
+    own = collect_acm_inputs(model, batches)
+    n_real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert all(z.shape == (n_real, model.config.hidden_size) for z in own.values())
+    calibrate_gate_budget(model, own, 0.5)
+    reset_acm_stats(model, True)
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    frac = acm_stats(model)["learner_fraction"]
+    assert abs(frac - 0.5) < 0.1, frac
+    with pytest.raises(ValueError, match="no cached inputs"):
+        calibrate_gate_budget(model, {}, 0.5)

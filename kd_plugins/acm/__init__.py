@@ -26,6 +26,7 @@ from .stages import (
     block_errors,
     budget_loss,
     calibrate_gate_budget,
+    collect_acm_inputs,
     collect_block_io,
     distill_term,
     diversity_loss,
@@ -52,8 +53,9 @@ def __getattr__(name):
 
 __all__ = [
     "ACMConfig", "acmize", "find_candidates", "Candidate", "save_acm", "load_acm", "ACMBlock", "ACMGate",
-    "acm_blocks", "acm_stats", "reset_acm_stats", "set_acm_mode", "token_flops", "collect_block_io",
-    "stage1_distill", "stage2_gates", "gate_labels", "block_errors", "sample_fractions", "budget_loss",
+    "acm_blocks", "acm_stats", "reset_acm_stats", "set_acm_mode", "token_flops", "collect_acm_inputs",
+    "collect_block_io", "stage1_distill", "stage2_gates", "gate_labels", "block_errors", "sample_fractions",
+    "budget_loss",
     "entropy_loss", "diversity_loss", "acm_regularizers", "ACMRegularizers", "distill_term", "set_recording",
     "calibrate_gate_budget",
     "ACMCallback", "ACMTask",

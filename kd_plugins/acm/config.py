@@ -41,6 +41,9 @@ class ACMConfig:
     alpha_entropy: float = field(default=0.05, metadata={"help": "weight of the entropy loss L_e"})
     alpha_diversity: float = field(default=0.05, metadata={"help": "weight of the diversity loss L_d"})
     gumbel_tau: float = field(default=0.8, metadata={"help": "Gumbel-softmax temperature of the gates in training"})
+    gate_noise: bool = field(default=True, metadata={"help": "Gumbel noise on the gates in training (the paper); "
+                                                             "False: the deterministic eval choice (argmax), with "
+                                                             "the straight-through softmax gradient"})
     straight_through: bool = field(default=True, metadata={"help": "weight the cumulative outputs by the "
                                                                    "straight-through one-hot so the task loss "
                                                                    "reaches the gates (the released code does not)"})

@@ -66,7 +66,7 @@ class ACMCallback(TrainerPluginCallback):
         base = unwrap_model(trainer.model)
         if not acm_blocks(base):
             raise ValueError("ACMCallback needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")
-        set_acm_mode(base, "gated", gumbel_tau=self.config.gumbel_tau,
+        set_acm_mode(base, "gated", gumbel_tau=self.config.gumbel_tau, gate_noise=self.config.gate_noise,
                      straight_through=self.config.straight_through)
         self.trainer = trainer
         patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)

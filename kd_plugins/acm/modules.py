@@ -67,9 +67,9 @@ class ACMBlock(nn.Module):
         gate_hidden: width of the gate.
         kind: ``"mlp"`` or ``"proj"`` (informational).
 
-    Modes (:func:`set_acm_mode`): ``"gated"`` (default; training: hard Gumbel-softmax with straight-through
-    weighting of all cumulative outputs, eval: argmax + grouped inference), ``"full"`` (``k = N`` everywhere) and
-    ``"fixed"`` (``k = fixed_k`` everywhere).
+    Modes (:func:`set_acm_mode`): ``"gated"`` (default; training: hard Gumbel-softmax, or the noiseless argmax with
+    ``gate_noise=False``, with straight-through weighting of all cumulative outputs; eval: argmax + grouped
+    inference), ``"full"`` (``k = N`` everywhere) and ``"fixed"`` (``k = fixed_k`` everywhere).
     """
 
     def __init__(self, d_in: int, d_out: int, num_learners: int, width: int, act: nn.Module | None = None, *,
@@ -95,6 +95,7 @@ class ACMBlock(nn.Module):
         self.mode = "gated"
         self.fixed_k = num_learners
         self.gumbel_tau = 0.8
+        self.gate_noise = True
         self.straight_through = True
         self.skip_padding = True
         self._ctx: list[ACMContext] = [ACMContext()]  # list: not a sub-module
@@ -249,7 +250,12 @@ class ACMBlock(nn.Module):
             raise ValueError(f"unknown ACM mode {self.mode!r} (use 'gated', 'full' or 'fixed')")
         logits = self.gate(x)
         if self.training:
-            y = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True).to(x.dtype)
+            if self.gate_noise:
+                y = F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True).to(x.dtype)
+            else:  # the eval-time choice (argmax), gradient through softmax(logits / tau) (straight-through)
+                soft = (logits.float() / self.gumbel_tau).softmax(-1)
+                hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+                y = (hard + soft - soft.detach()).to(x.dtype)
             k = y.detach().argmax(-1) + self.min_choice
             if self.straight_through:
                 allo = self.all_outputs(x)[..., self.min_choice:, :]
@@ -289,8 +295,13 @@ def acm_blocks(model: nn.Module) -> dict[str, ACMBlock]:
 
 
 def set_acm_mode(model: nn.Module, mode: str = "gated", k: int | None = None, *, gumbel_tau: float | None = None,
-                 straight_through: bool | None = None) -> None:
-    """Set every ACM's mode: ``"gated"``, ``"full"`` (all learners) or ``"fixed"`` (``k`` learners)."""
+                 straight_through: bool | None = None, gate_noise: bool | None = None) -> None:
+    """Set every ACM's mode: ``"gated"``, ``"full"`` (all learners) or ``"fixed"`` (``k`` learners).
+
+    ``gumbel_tau``, ``gate_noise`` and ``straight_through`` set how gated blocks choose ``k`` in training (``None``
+    leaves them as they are): Gumbel noise on (the paper) or off (training then uses the argmax choice that inference
+    uses, so the learners are fitted to the routing they will be run with).
+    """
     if mode not in ("gated", "full", "fixed"):
         raise ValueError(f"mode must be 'gated', 'full' or 'fixed', got {mode!r}")
     if mode == "fixed" and k is None:
@@ -306,6 +317,8 @@ def set_acm_mode(model: nn.Module, mode: str = "gated", k: int | None = None, *,
             b.gumbel_tau = gumbel_tau
         if straight_through is not None:
             b.straight_through = straight_through
+        if gate_noise is not None:
+            b.gate_noise = bool(gate_noise)
 
 
 def reset_acm_stats(model: nn.Module, track: bool = True) -> None:

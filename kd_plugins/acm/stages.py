@@ -91,6 +91,44 @@ def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable
     return out
 
 
+@torch.no_grad()
+def collect_acm_inputs(acm_model: nn.Module, batches: Iterable, *, max_tokens: int | None = None,
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Run the ACMized model itself (eval mode) on ``batches`` and return ``{acm name: Z [T, d_in]}``, the inputs its
+    ACM blocks actually receive (padding tokens dropped), on CPU.
+
+    After end-to-end training (stage 3) the blocks' inputs are no longer the original model's, so a gate budget
+    calibrated on :func:`collect_block_io` data would miss beta on real inputs; calibrate on these instead
+    (``calibrate_gate_budget(model, collect_acm_inputs(model, batches), beta)``).
+    """
+    blocks = _require_blocks(acm_model)
+    zs: dict[str, list] = {n: [] for n in blocks}
+    state = {"mask": None}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        m = state["mask"]
+        if m is not None and t.dim() == 3 and tuple(m.shape) == tuple(t.shape[:2]):
+            t = t[m]
+        return t.reshape(-1, t.shape[-1]).to("cpu", dtype)
+
+    handles = [b.register_forward_pre_hook(lambda mod, args, n=n: zs[n].append(keep(args[0])))
+               for n, b in blocks.items()]
+    was = acm_model.training
+    acm_model.eval()
+    try:
+        for batch in batches:
+            am = batch.get("attention_mask") if isinstance(batch, dict) else None
+            state["mask"] = am.bool() if am is not None and am.dim() == 2 else None
+            _run(acm_model, batch)
+            if max_tokens is not None and sum(z.shape[0] for z in zs[next(iter(zs))]) >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        acm_model.train(was)
+    return {n: torch.cat(v)[:max_tokens] if max_tokens is not None else torch.cat(v) for n, v in zs.items()}
+
+
 def _cosine_lr(opt, step: int, steps: int, lr: float, min_lr: float) -> None:
     cur = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / max(steps, 1)))
     for g in opt.param_groups:
@@ -357,9 +395,12 @@ def set_recording(model: nn.Module, on: bool = True) -> None:
 
 
 @torch.no_grad()
-def calibrate_gate_budget(acm_model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor]], beta: float, *,
-                          max_tokens: int = 8192, iters: int = 40) -> float:
+def calibrate_gate_budget(acm_model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
+                          beta: float, *, max_tokens: int = 8192, iters: int = 40) -> float:
     """Shift every gate so the hard decisions on cached block inputs execute a learner fraction ``beta``.
+
+    ``data`` maps each ACM name to its block inputs ``Z`` or to a ``(Z, O)`` pair (:func:`collect_block_io`: the
+    original model's inputs, right before stage 3; :func:`collect_acm_inputs`: the ACM model's own, after it).
 
     A single Lagrange-style price ``delta`` per unit of learner cost is found by bisection and folded into the
     gates' last bias: ``logit_c -= delta * k_c * p^l / max_l p^l``. This keeps the gates' ranking of tokens and only
@@ -372,7 +413,10 @@ def calibrate_gate_budget(acm_model: nn.Module, data: dict[str, tuple[torch.Tens
     pmax = max(b.learner_macs() for b in blocks.values())
     logits, ks, ps, Ns = [], [], [], []
     for n, b in blocks.items():
-        Z = data[n][0][:max_tokens].to(b.w1.device, b.w1.dtype)
+        if n not in data:
+            raise ValueError(f"no cached inputs for ACM {n!r}; data has {sorted(data)[:4]}...")
+        Z = data[n] if isinstance(data[n], torch.Tensor) else data[n][0]
+        Z = Z[:max_tokens].to(b.w1.device, b.w1.dtype)
         logits.append(b.gate(Z).float())
         ks.append(b.choices.to(Z.device).float())
         ps.append(b.learner_macs())

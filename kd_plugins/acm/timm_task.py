@@ -65,7 +65,7 @@ class ACMTask(TrainingTask):
         if not acm_blocks(model):
             raise ValueError("ACMTask needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")
         self.config = config or ACMConfig()
-        set_acm_mode(model, "gated", gumbel_tau=self.config.gumbel_tau,
+        set_acm_mode(model, "gated", gumbel_tau=self.config.gumbel_tau, gate_noise=self.config.gate_noise,
                      straight_through=self.config.straight_through)
         self.trainable_module = model
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
