@@ -41,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -107,6 +108,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
     return p.parse_args(argv)
+
+
+def save_state(model, path) -> None:
+    """The whole multi-exit model (encoder + exit heads) as safetensors, for ``--resume`` / ``--load``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def mrr_of(model, tok, articles, max_len):
@@ -263,14 +270,10 @@ def main(argv=None):
     model.train(not args.no_dropout)
     history, val_curve = [], []
     if args.load:  # evaluation of a saved run: no training (the run's own JSON holds its training record)
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(args.load))
         total = 0
         log(f"loaded {args.load}; skipping training")
     elif args.resume:
-        from safetensors.torch import load_file
-
         model.load_state_dict(load_file(args.resume))
         log(f"resuming from the weights in {args.resume} (fresh optimizer and schedule)")
     log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
@@ -324,17 +327,11 @@ def main(argv=None):
             log(f"validation at step {step + 1}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})"
                                                               for k, v in vm.items()))
             if args.save:  # every validated checkpoint, so the step can be chosen on validation afterwards
-                from safetensors.torch import save_file
-
-                Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{args.save}.step{step + 1}")
+                save_state(model, f"{args.save}.step{step + 1}")
             model.train(not args.no_dropout)
     train_s = time.time() - t_train
     if args.save and not args.load:
-        from safetensors.torch import save_file
-
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save)
+        save_state(model, args.save)
         log(f"saved the trained model to {args.save}")
     model.eval()
     log(f"after training ({train_s / 60:.1f} min): evaluating via {args.after_eval}")
@@ -365,7 +362,8 @@ def main(argv=None):
         "benchmark": "minilm_bbc", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
         "before": before, "before_first3": first3, "after": after, "params": params,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
-        "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve, "validation_curve": val_curve,
+        "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
+        "validation_curve": val_curve,
         "truncate_check_max_abs_diff": check, "head_init": head_init,
         "threads": args.threads, "command": "python " + " ".join(sys.argv),
     }

@@ -37,6 +37,34 @@ def _require_blocks(model: nn.Module) -> dict[str, ACMBlock]:
 
 
 @torch.no_grad()
+def _record_tokens(model: nn.Module, batches: Iterable, register, count, max_tokens: int | None,
+                   dtype: torch.dtype) -> None:
+    """Run ``model`` in eval mode over ``batches`` with the hooks ``register(keep)`` installs; ``keep`` flattens a
+    hooked tensor to ``[tokens, d]`` on CPU without padding tokens. Stops once ``count() >= max_tokens``."""
+    state = {"mask": None}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        m = state["mask"]
+        if m is not None and t.dim() == 3 and tuple(m.shape) == tuple(t.shape[:2]):
+            t = t[m]
+        return t.reshape(-1, t.shape[-1]).to("cpu", dtype)
+
+    handles = register(keep)
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            am = batch.get("attention_mask") if isinstance(batch, dict) else None
+            state["mask"] = am.bool() if am is not None and am.dim() == 2 else None
+            _run(model, batch)
+            if max_tokens is not None and count() >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+
 def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable, *,
                      max_tokens: int | None = None, dtype: torch.dtype = torch.float32
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -46,16 +74,7 @@ def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable
     blocks = _require_blocks(acm_model)
     zs: dict[str, list] = {n: [] for n in blocks}
     os_: dict[str, list] = {n: [] for n in blocks}
-    state = {"mask": None}
-    handles = []
     names = dict(teacher.named_modules())
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        m = state["mask"]
-        if m is not None and t.dim() == 3 and tuple(m.shape) == tuple(t.shape[:2]):
-            t = t[m]
-        return t.reshape(-1, t.shape[-1]).to("cpu", dtype)
-
     for n, b in blocks.items():
         for src in (b.acm_source_in, b.acm_source_out):
             if src not in names:
@@ -63,32 +82,19 @@ def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable
                                  "dense model (copy.deepcopy it before acmize)")
             if isinstance(names[src], ACMBlock):
                 raise ValueError("the teacher is ACMized: pass the original dense model as teacher")
-        handles.append(names[b.acm_source_in].register_forward_pre_hook(
-            lambda mod, args, n=n: zs[n].append(keep(args[0]))))
-        handles.append(names[b.acm_source_out].register_forward_hook(
-            lambda mod, args, out, n=n: os_[n].append(keep(out[0] if isinstance(out, tuple) else out))))
-    was = teacher.training
-    teacher.eval()
-    total = 0
-    try:
-        for batch in batches:
-            am = batch.get("attention_mask") if isinstance(batch, dict) else None
-            state["mask"] = am.bool() if am is not None and am.dim() == 2 else None
-            _run(teacher, batch)
-            total = sum(z.shape[0] for z in zs[next(iter(zs))])
-            if max_tokens is not None and total >= max_tokens:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        teacher.train(was)
-    out = {}
-    for n in blocks:
-        Z, O = torch.cat(zs[n]), torch.cat(os_[n])
-        if max_tokens is not None:
-            Z, O = Z[:max_tokens], O[:max_tokens]
-        out[n] = (Z, O)
-    return out
+
+    def register(keep):
+        handles = []
+        for n, b in blocks.items():
+            handles.append(names[b.acm_source_in].register_forward_pre_hook(
+                lambda mod, args, n=n: zs[n].append(keep(args[0]))))
+            handles.append(names[b.acm_source_out].register_forward_hook(
+                lambda mod, args, out, n=n: os_[n].append(keep(out[0] if isinstance(out, tuple) else out))))
+        return handles
+
+    first = next(iter(zs))
+    _record_tokens(teacher, batches, register, lambda: sum(z.shape[0] for z in zs[first]), max_tokens, dtype)
+    return {n: (torch.cat(zs[n])[:max_tokens], torch.cat(os_[n])[:max_tokens]) for n in blocks}
 
 
 @torch.no_grad()
@@ -103,30 +109,14 @@ def collect_acm_inputs(acm_model: nn.Module, batches: Iterable, *, max_tokens: i
     """
     blocks = _require_blocks(acm_model)
     zs: dict[str, list] = {n: [] for n in blocks}
-    state = {"mask": None}
 
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        m = state["mask"]
-        if m is not None and t.dim() == 3 and tuple(m.shape) == tuple(t.shape[:2]):
-            t = t[m]
-        return t.reshape(-1, t.shape[-1]).to("cpu", dtype)
+    def register(keep):
+        return [b.register_forward_pre_hook(lambda mod, args, n=n: zs[n].append(keep(args[0])))
+                for n, b in blocks.items()]
 
-    handles = [b.register_forward_pre_hook(lambda mod, args, n=n: zs[n].append(keep(args[0])))
-               for n, b in blocks.items()]
-    was = acm_model.training
-    acm_model.eval()
-    try:
-        for batch in batches:
-            am = batch.get("attention_mask") if isinstance(batch, dict) else None
-            state["mask"] = am.bool() if am is not None and am.dim() == 2 else None
-            _run(acm_model, batch)
-            if max_tokens is not None and sum(z.shape[0] for z in zs[next(iter(zs))]) >= max_tokens:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        acm_model.train(was)
-    return {n: torch.cat(v)[:max_tokens] if max_tokens is not None else torch.cat(v) for n, v in zs.items()}
+    first = next(iter(zs))
+    _record_tokens(acm_model, batches, register, lambda: sum(z.shape[0] for z in zs[first]), max_tokens, dtype)
+    return {n: torch.cat(v)[:max_tokens] for n, v in zs.items()}
 
 
 def _cosine_lr(opt, step: int, steps: int, lr: float, min_lr: float) -> None:
