@@ -1,4 +1,8 @@
-"""One distillation step; run under torchrun (2 gloo ranks) or in a single process. Saves the results."""
+"""One training step with a plugin callback; run under torchrun (2 gloo ranks) or in a single process. Saves the
+student (and projector) weights. ``KIND``: ``distill`` (DistillationCallback), ``multiexit`` (MultiExitCallback
+with a frozen teacher) or ``acm`` (ACMCallback, noiseless gates, KD from the original model).
+
+Usage: ``python ddp_worker.py OUT PER_DEVICE_BATCH [KIND]``."""
 
 import os
 import sys
@@ -20,12 +24,35 @@ def make_dataset():
     return ds
 
 
-def main(out_file, per_device_batch):
-    torch.set_num_threads(1)
+def make_callback(kind):
+    """(teacher, student, callback) for ``kind``."""
+    if kind == "multiexit":
+        from kd_plugins.multiexit import MultiExitCallback, MultiExitConfig, add_exits
+
+        teacher, student = tiny_llama(seed=1, hidden=48, layers=3), tiny_llama(seed=2, hidden=32, layers=3)
+        add_exits(student, layers=[1, 2, 3], head="separate")
+        return teacher, student, MultiExitCallback(MultiExitConfig(temperature=2.0), teacher=teacher)
+    if kind == "acm":
+        import copy
+
+        from kd_plugins.acm import ACMCallback, ACMConfig, acmize
+
+        student = tiny_llama(seed=2, hidden=32)
+        teacher = copy.deepcopy(student)
+        # budget / entropy / diversity are non-linear in batch statistics (per-rank batches cannot reproduce the
+        # full batch exactly): parity is checked on the task + distillation terms, which are token means
+        cfg = ACMConfig(num_learners=2, gate_noise=False, alpha_budget=0.0, alpha_entropy=0.0, alpha_diversity=0.0)
+        acmize(student, config=cfg)
+        return teacher, student, ACMCallback(cfg, teacher=teacher)
     teacher, student = tiny_llama(seed=1, hidden=48), tiny_llama(seed=2, hidden=32)
     cfg = DistillationConfig(loss_terms={"kl": 1.0, "hidden_mse": 0.5}, temperature=2.0, hard_label_weight=0.5,
                              feature_pairs={"model.layers.1": "model.layers.1"})
-    cb = DistillationCallback(teacher, cfg)
+    return teacher, student, DistillationCallback(teacher, cfg)
+
+
+def main(out_file, per_device_batch, kind="distill"):
+    torch.set_num_threads(1)
+    teacher, student, cb = make_callback(kind)
     extra = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     args = training_args(os.path.dirname(out_file), per_device_train_batch_size=per_device_batch, max_steps=1,
                          optim="sgd", learning_rate=1.0, max_grad_norm=0.0, **extra)
@@ -40,7 +67,9 @@ def main(out_file, per_device_batch):
     assert not any(type(m).__name__ == "DistributedDataParallel" for m in [teacher])
     if int(os.environ.get("RANK", "0")) == 0:
         tensors = {f"student.{k}": v.detach().contiguous() for k, v in student.state_dict().items()}
-        tensors.update({f"proj.{k}": v.detach().contiguous() for k, v in cb.engine.projectors.state_dict().items()})
+        if kind == "distill":
+            tensors.update({f"proj.{k}": v.detach().contiguous()
+                            for k, v in cb.engine.projectors.state_dict().items()})
         save_file(tensors, out_file)
     import torch.distributed as dist
 
@@ -51,4 +80,4 @@ def main(out_file, per_device_batch):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "distill")

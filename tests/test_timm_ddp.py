@@ -1,7 +1,8 @@
-"""KDTask under DDP (torchrun, 2 gloo ranks on CPU) matches one process on the same global batch.
+"""timm tasks under DDP (torchrun, 2 gloo ranks on CPU) match one process on the same global batch.
 
-Run as a script (``python tests/test_timm_ddp.py OUT PER_RANK_BATCH``, optionally under torchrun) it is the worker:
-one SGD step of logit + feature + OFA distillation, then it saves the student and task state.
+Run as a script (``python tests/test_timm_ddp.py OUT PER_RANK_BATCH KIND``, optionally under torchrun) it is the
+worker: one SGD step, then it saves the student and task state. KIND: ``kd`` (KDTask: logit + feature + OFA
+distillation), ``multiexit`` (MultiExitTask with a teacher), ``acm`` (ACMTask, noiseless gates, KD from the original).
 """
 
 import os
@@ -9,16 +10,15 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL_BATCH = 4
 
 
-def build_task():
+def build_task(kind: str = "kd"):
     import timm
-
-    from kd_plugins.integrations.timm import KDTask
 
     torch.manual_seed(1)
     teacher = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
@@ -26,6 +26,25 @@ def build_task():
     student = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                                 embed_dim=48, num_heads=2, num_classes=10)
     torch.manual_seed(3)
+    if kind == "multiexit":
+        from kd_plugins.multiexit import MultiExitConfig, add_exits
+        from kd_plugins.multiexit.timm_task import MultiExitTask
+
+        add_exits(student, layers=[1, 2])
+        return MultiExitTask(student, config=MultiExitConfig(), teacher=teacher)
+    if kind == "acm":
+        import copy
+
+        from kd_plugins.acm import ACMConfig, ACMTask, acmize
+
+        original = copy.deepcopy(student).eval()
+        # the budget / entropy / diversity terms are non-linear in batch statistics, so per-rank batches would not
+        # reproduce the full batch exactly: parity is checked on the task + distillation terms
+        cfg = ACMConfig(num_learners=2, gate_noise=False, alpha_budget=0.0, alpha_entropy=0.0, alpha_diversity=0.0)
+        acmize(student, config=cfg)
+        return ACMTask(student, config=cfg, teacher=original)
+    from kd_plugins.integrations.timm import KDTask
+
     return KDTask(student_model=student, teacher_model=teacher, loss_terms={"kl": 1.0, "hidden_mse": 0.5, "ofa": 1.0},
                   temperature=2.0, feature_pairs={1: 3}, input_size=32, verbose=False)
 
@@ -35,11 +54,11 @@ def data():
     return torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
 
 
-def run_step(per_rank_batch: int) -> dict:
+def run_step(per_rank_batch: int, kind: str = "kd") -> dict:
     """One optimizer step; returns {name: tensor} of the student and the task state (rank 0 view)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    task = build_task()
+    task = build_task(kind)
     if world > 1:
         task.prepare_distributed()
         tm = task.get_trainable_module()
@@ -55,27 +74,34 @@ def run_step(per_rank_batch: int) -> dict:
     res["loss"].backward()
     opt.step()
     out = {f"student.{k}": v.detach().clone() for k, v in task.get_eval_model().state_dict().items()}
-    out.update({f"task.{k}": v.detach().clone() for k, v in task.get_task_state()["kd_modules"].items()})
+    out.update({f"task.{k}": v.detach().clone() for k, v in task.get_task_state().get("kd_modules", {}).items()})
     return out
 
 
-def test_ddp_two_gloo_ranks_match_single_process(tmp_path):
+@pytest.mark.parametrize("kind", ["kd", "multiexit", "acm"])
+def test_ddp_two_gloo_ranks_match_single_process(tmp_path, kind):
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    single = run_step(GLOBAL_BATCH)
+    initial = {f"student.{k}": v.clone() for k, v in build_task(kind).get_eval_model().state_dict().items()}
+    single = run_step(GLOBAL_BATCH, kind)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "ddp.safetensors")
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), os.path.abspath(__file__), out, str(GLOBAL_BATCH // 2)], env=env,
+                        str(port), os.path.abspath(__file__), out, str(GLOBAL_BATCH // 2), kind], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     ddp = load_file(out)
     assert set(ddp) == set(single)
-    assert any(k.startswith("task.projectors") for k in ddp) and any(k.startswith("task.branches") for k in ddp)
+    if kind == "kd":
+        assert any(k.startswith("task.projectors") for k in ddp) and any(k.startswith("task.branches") for k in ddp)
+    else:  # the plain model's keys: no DDP / forward-wrapper prefix
+        assert not any(k.startswith(("student.module.", "student.model.")) for k in ddp)
+    changed = [k for k, v in single.items() if k.startswith("student.") and not torch.equal(v, initial[k])]
+    assert changed, "the step changed no student weight"
     for k, v in single.items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
@@ -88,7 +114,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(HERE))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
-    result = run_step(int(sys.argv[2]))
+    result = run_step(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "kd")
     if int(os.environ.get("RANK", "0")) == 0:
         save_file({k: v.contiguous() for k, v in result.items()}, sys.argv[1])
     if dist.is_initialized():

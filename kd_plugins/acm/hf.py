@@ -57,12 +57,7 @@ class ACMCallback(TrainerPluginCallback):
         self.trainer: Trainer | None = None
         self._reset_loss_logs()
 
-    def attach(self, trainer: Trainer) -> None:
-        """Hook into ``trainer`` (done automatically on the first Trainer event)."""
-        if self.trainer is trainer:
-            return
-        if self.trainer is not None:
-            raise RuntimeError("This ACMCallback is already attached to another Trainer; create one per Trainer.")
+    def _attach(self, trainer: Trainer) -> None:
         base = unwrap_model(trainer.model)
         if not acm_blocks(base):
             raise ValueError("ACMCallback needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")

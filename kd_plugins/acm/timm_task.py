@@ -13,9 +13,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from timm.task import TrainingTask
-from timm.task.classification import resolve_classification_loss
-
+from ..integrations.timm.model_task import ModelTask
 from .config import ACMConfig
 from .modules import acm_blocks, set_acm_mode
 from .stages import acm_regularizers, distill_term, set_recording
@@ -24,12 +22,16 @@ __all__ = ["ACMTask", "timm_acm_loss"]
 
 
 def timm_acm_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, criterion: Callable,
-                  config: ACMConfig | None = None, teacher: nn.Module | None = None) -> dict[str, Any]:
-    """``task_weight * criterion + distill_weight * KL(teacher) + alpha_b L_b + alpha_e L_e + alpha_d L_d``."""
+                  config: ACMConfig | None = None, teacher: nn.Module | None = None,
+                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """``task_weight * criterion + distill_weight * KL(teacher) + alpha_b L_b + alpha_e L_e + alpha_d L_d``.
+
+    ``forward`` computes the logits (default ``model``; :class:`ACMTask` passes its DDP-aware forward).
+    """
     cfg = config or ACMConfig()
     set_recording(model, True)
     try:
-        logits = model(images)
+        logits = (forward or model)(images)
         reg = acm_regularizers(model, cfg.budget)
     finally:
         set_recording(model, False)
@@ -48,39 +50,36 @@ def timm_acm_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
     return out
 
 
-class ACMTask(TrainingTask):
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)
+
+
+class ACMTask(ModelTask):
     """timm training task for an ACMized model (:func:`~kd_plugins.acm.acmize`).
 
     Args:
         model: an ACMized timm model.
         criterion: task loss; ``create_classification_loss(**criterion_kwargs)`` when ``None``.
         config: :class:`~kd_plugins.acm.ACMConfig` (budget, alphas, Gumbel temperature, distill weight).
-        teacher: optional frozen original model (logit KD; kept out of the state dict).
+        teacher: optional frozen original model (logit KD; kept out of the state dict, the optimizer and DDP).
+
+    Under DDP (``task.prepare_distributed()``) the model is wrapped with ``find_unused_parameters=True``: a learner
+    that no token of a rank's batch chose gets no gradient on that rank.
     """
+
+    ddp_defaults = {"find_unused_parameters": True}
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None, criterion_kwargs: dict | None = None,
                  config: ACMConfig | None = None, teacher: nn.Module | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None, verbose: bool = False):
-        super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not acm_blocks(model):
             raise ValueError("ACMTask needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")
+        super().__init__(model, _logits, criterion=criterion, criterion_kwargs=criterion_kwargs, teacher=teacher,
+                         device=device, dtype=dtype, verbose=verbose)
         self.config = config or ACMConfig()
         set_acm_mode(model, "gated", gumbel_tau=self.config.gumbel_tau, gate_noise=self.config.gate_noise,
                      straight_through=self.config.straight_through)
-        self.trainable_module = model
-        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
-        self._teacher = [teacher] if teacher is not None else []
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-        from ..distill.engine import unwrap_model
-
-        return timm_acm_loss(unwrap_model(self.trainable_module), input, target, self.criterion, self.config,
-                             self.teacher)
+        return timm_acm_loss(self.model, input, target, self.criterion, self.config, self.teacher,
+                             forward=self.run_model)

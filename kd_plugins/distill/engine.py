@@ -33,7 +33,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP / DataParallel / accelerate / torch.compile wrappers (not peft: its base model is the student)."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "ModelForward"
         ):
             model = model.module
         elif hasattr(model, "_orig_mod"):

@@ -115,7 +115,17 @@ class TrainerPluginCallback(TrainerCallback):
 
     trainer: Trainer | None = None
 
-    def attach(self, trainer: Trainer) -> None:  # pragma: no cover - every subclass overrides it
+    def attach(self, trainer: Trainer) -> None:
+        """Hook into ``trainer`` (done automatically on the first Trainer event). One callback, one Trainer."""
+        if self.trainer is trainer:
+            return
+        if self.trainer is not None:
+            raise RuntimeError(f"This {type(self).__name__} is already attached to another Trainer; create one per "
+                               "Trainer.")
+        self._attach(trainer)
+
+    def _attach(self, trainer: Trainer) -> None:  # pragma: no cover - every subclass overrides it
+        """Validate ``trainer``'s model, set ``self.trainer`` and patch the Trainer."""
         raise NotImplementedError
 
     def _ensure_attached(self) -> Trainer:
@@ -182,13 +192,7 @@ class DistillationCallback(TrainerPluginCallback):
         return self.engine.teacher
 
     # ---------------------------------------------------------------- wiring
-    def attach(self, trainer: Trainer) -> None:
-        """Hook into ``trainer`` (called automatically on the first Trainer event)."""
-        if self.trainer is trainer:
-            return
-        if self.trainer is not None:
-            raise RuntimeError("This DistillationCallback is already attached to another Trainer; create one per "
-                               "Trainer.")
+    def _attach(self, trainer: Trainer) -> None:
         self.trainer = trainer
         # DistillationTrainer calls self.compute_loss from its own compute_loss; only its log is wrapped.
         wrap_loss = not isinstance(trainer, DistillationTrainer)

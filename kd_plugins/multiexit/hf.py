@@ -54,18 +54,20 @@ class MultiExitCallback(TrainerPluginCallback):
         self._reset_loss_logs()
 
     # --------------------------------------------------------------------------------------------- wiring
-    def attach(self, trainer: Trainer) -> None:
-        """Hook into ``trainer`` (done automatically on the first Trainer event)."""
-        if self.trainer is trainer:
-            return
-        if self.trainer is not None:
-            raise RuntimeError("This MultiExitCallback is already attached to another Trainer; create one per Trainer.")
+    def _attach(self, trainer: Trainer) -> None:
         get_exits(trainer.model)  # clear error now if add_exits was not called
         self.trainer = trainer
         patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._ensure_attached()
+        trainer = self._ensure_attached()
+        wrapped = getattr(trainer, "model_wrapped", None)
+        if type(wrapped).__name__ == "DistributedDataParallel" and not getattr(wrapped, "static_graph", False):
+            # The exit heads run on hooked hidden states after the wrapped forward returns. DDP with
+            # find_unused_parameters=True (the Trainer's default) would mark their parameters unused at the end of
+            # the forward and then see their gradients arrive: "marked ready twice". The exits' graph is the same
+            # every step, which is what DDP's static-graph mode needs (set before the first forward).
+            wrapped._set_static_graph()
 
     # ---------------------------------------------------------------------------------------------- loss
     def compute_loss(self, original, model, inputs, return_outputs=False, num_items_in_batch=None, **kw):

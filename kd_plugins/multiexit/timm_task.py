@@ -23,9 +23,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from timm.task import TrainingTask
-from timm.task.classification import resolve_classification_loss
-
+from ..integrations.timm.model_task import ModelTask
 from .core import exit_outputs, get_exits
 from .loss import MultiExitConfig, multi_exit_loss
 
@@ -33,14 +31,17 @@ __all__ = ["MultiExitTask", "timm_multi_exit_loss"]
 
 
 def timm_multi_exit_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, criterion: Callable,
-                         config: MultiExitConfig | None = None, teacher: nn.Module | None = None) -> dict[str, Any]:
+                         config: MultiExitConfig | None = None, teacher: nn.Module | None = None,
+                         forward: Callable[[torch.Tensor], dict[int, torch.Tensor]] | None = None) -> dict[str, Any]:
     """The multi-exit loss of a timm model with exits, as a dict like a timm task's result.
 
     Returns ``loss``, ``output`` (deepest exit logits), ``exit_outputs`` (``layer -> logits``) and the detached
-    per-exit terms (``exit{k}_task`` / ``exit{k}_self_kd`` / ``exit{k}_teacher_kd`` as tensors).
+    per-exit terms (``exit{k}_task`` / ``exit{k}_self_kd`` / ``exit{k}_teacher_kd`` as tensors). ``forward``
+    computes ``{layer: logits}`` (default :func:`~kd_plugins.multiexit.exit_outputs`; :class:`MultiExitTask` passes
+    its DDP-aware forward).
     """
     ex = get_exits(model)
-    outs = exit_outputs(model, images)
+    outs = forward(images) if forward is not None else exit_outputs(model, images)
     task = {k: criterion(v, target) for k, v in outs.items()}
     t_logits = None
     if teacher is not None:
@@ -52,7 +53,7 @@ def timm_multi_exit_loss(model: nn.Module, images: torch.Tensor, target: torch.T
     return out
 
 
-class MultiExitTask(TrainingTask):
+class MultiExitTask(ModelTask):
     """timm training task for a model with exits (see :func:`~kd_plugins.multiexit.add_exits`).
 
     Args:
@@ -60,32 +61,21 @@ class MultiExitTask(TrainingTask):
         criterion: task loss; created by ``create_classification_loss(**criterion_kwargs)`` when ``None``.
         criterion_kwargs: e.g. ``dict(smoothing=0.1)``.
         config: :class:`~kd_plugins.multiexit.MultiExitConfig`.
-        teacher: optional frozen external teacher (kept out of the trainable module and the state dict).
+        teacher: optional frozen external teacher (kept out of the trainable module, the state dict and DDP).
 
-    The exits are computed through ``forward_intermediates``, not the module's ``forward``, so this task does not
-    wrap the model in DDP (``prepare_distributed`` is the base class no-op): single-process training.
+    The exits are computed through ``forward_intermediates``, not the module's ``forward``; under DDP
+    (``task.prepare_distributed()``) that computation runs inside the DDP wrapper, so every exit head's and layer's
+    gradients are all-reduced.
     """
 
     def __init__(self, model: nn.Module, criterion: Callable | None = None, criterion_kwargs: dict | None = None,
                  config: MultiExitConfig | None = None, teacher: nn.Module | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None, verbose: bool = False):
-        super().__init__(device=device, dtype=dtype, verbose=verbose)
         get_exits(model)
-        self.trainable_module = model
-        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        super().__init__(model, exit_outputs, criterion=criterion, criterion_kwargs=criterion_kwargs, teacher=teacher,
+                         device=device, dtype=dtype, verbose=verbose)
         self.config = config or MultiExitConfig()
-        self._teacher = [teacher] if teacher is not None else []  # a list: not a sub-module, not in state_dict
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-        from ..distill.engine import unwrap_model
-
-        model = unwrap_model(self.trainable_module)
-        return timm_multi_exit_loss(model, input, target, self.criterion, self.config, self.teacher)
+        return timm_multi_exit_loss(self.model, input, target, self.criterion, self.config, self.teacher,
+                                    forward=self.run_model)
