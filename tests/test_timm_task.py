@@ -244,3 +244,42 @@ def test_train_entry_point_two_steps(tmp_path, caplog):
                                 embed_dim=48, num_heads=2, num_classes=2)
     student.load_state_dict(ckpt["state_dict"])
     assert ckpt["optimizer"]["state"]  # two optimizer steps happened
+
+
+def test_train_entry_point_multi_exit_with_teacher_and_export(tmp_path):
+    """``--exit-layers``: MultiExitTask through the entry point; the checkpoint reloads after ``add_exits`` and
+    every exported truncation equals its exit."""
+    import argparse
+    import json
+
+    from safetensors.torch import load_file
+
+    from kd_plugins.integrations.timm.train import main
+    from kd_plugins.multiexit import add_exits, exit_outputs
+
+    data = str(tmp_path / "data")
+    _image_folder(data)
+    teacher = str(tmp_path / "teacher.pth")
+    torch.save(cnn(num_classes=2).state_dict(), teacher)
+    out = main([data, "--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
+                '{"patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2}', "--num-classes", "2",
+                "--exit-layers", "1,3", "--exit-weights", "0.5,1", "--exit-export",
+                "--kd-model-name", "resnet10t", "--kd-teacher-checkpoint", teacher, "--distill-loss-weight", "0.5",
+                "-b", "4", "--epochs", "1", "--warmup-epochs", "0", "-j", "0", "--opt", "adamw", "--lr", "1e-3",
+                "--output", str(tmp_path / "out"), "--experiment", "exits", "--log-interval", "1"])
+    assert out["best_metric"] is not None and sorted(out["exit_exports"]) == [1, 3]
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(os.path.join(out["output_dir"], "last.pth.tar"), weights_only=True)
+    assert ckpt["optimizer"]["state"] and not any(k.startswith(("module.", "fn.")) for k in ckpt["state_dict"])
+    model = vit(num_classes=2, depth=3)
+    add_exits(model, layers=[1, 3], head="separate")
+    model.load_state_dict(ckpt["state_dict"])  # the exit heads are part of the checkpoint (architecture change)
+    model.eval()
+    with torch.no_grad():
+        exits = exit_outputs(model, X)
+        for k in (1, 3):
+            meta = json.load(open(os.path.join(out["output_dir"], "exits", f"exit{k}.json")))
+            assert meta["model"] == "vit_tiny_patch16_224" and meta["create_kwargs"]["depth"] == k
+            small = timm.create_model(meta["model"], pretrained=False, **meta["create_kwargs"]).eval()
+            small.load_state_dict(load_file(out["exit_exports"][k]))
+            torch.testing.assert_close(small(X), exits[k], rtol=1e-4, atol=1e-5)

@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd-ofa-stages", default="auto", help="OFA exit stages: 'auto', 'none' or '1,2,3'")
     g.add_argument("--kd-ofa-branch-weight", type=float, default=1.0)
     g.add_argument("--kd-patch-embed-weight", type=float, default=0.0, help="TransKD patch-embedding alignment")
+    g = p.add_argument_group("Multi-exit self-distillation (kd_plugins.multiexit)")
+    g.add_argument("--exit-layers", default=None,
+                   help="exits after these blocks (ViT) / stages (ResNet), 1-based, e.g. '2,4,6'; trains with "
+                        "MultiExitTask (with --kd-model-name the teacher is distilled into every exit)")
+    g.add_argument("--exit-head", default="separate", choices=["shared", "separate"])
+    g.add_argument("--exit-weights", default="depth", help="'depth' (layer/L), 'uniform' or one float per exit")
+    g.add_argument("--exit-self-distill-weight", type=float, default=1.0,
+                   help="KD weight from the deepest exit to the shallower ones")
+    g.add_argument("--exit-temperature", type=float, default=1.0, help="temperature of the exits' logit KD")
+    g.add_argument("--exit-export", action="store_true", default=False,
+                   help="after training, save each exit's standalone truncated model as exits/exit{k}.safetensors "
+                        "(+ exits/exit{k}.json: the timm.create_model arguments) in the output folder")
     return p
 
 
@@ -214,7 +226,10 @@ def main(argv=None) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    if args.kd_model_name:
+    create_kwargs = {k: v for k, v in kw.items() if v is not None and k not in ("drop_rate", "drop_path_rate")}
+    if args.exit_layers:
+        task = _multi_exit_task(args, model, create_kwargs, device, primary)
+    elif args.kd_model_name:
         teacher_kwargs = {"num_classes": args.kd_teacher_num_classes} if args.kd_teacher_num_classes else None
         task = KDTask(
             student_model=model, teacher_model=args.kd_model_name, teacher_checkpoint=args.kd_teacher_checkpoint,
@@ -332,9 +347,62 @@ def main(argv=None) -> dict:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
     if primary and best_metric is not None:
         _logger.info(f"*** Best metric: {best_metric} (epoch {best_epoch})")
+    exports = {}
+    if args.exit_layers and args.exit_export and output_dir is not None:
+        exports = _export_exits(task.model, args.model, output_dir)
     if args.distributed:
         torch.distributed.barrier()
-    return {"best_metric": best_metric, "best_epoch": best_epoch, "output_dir": output_dir, "eval": eval_metrics}
+    return {"best_metric": best_metric, "best_epoch": best_epoch, "output_dir": output_dir, "eval": eval_metrics,
+            "exit_exports": exports}
+
+
+def _multi_exit_task(args, model, create_kwargs, device, primary):
+    """``MultiExitTask`` for ``--exit-layers``: exits on the student, optional frozen teacher from ``--kd-*``."""
+    from ...multiexit import MultiExitConfig, add_exits
+    from ...multiexit.timm_task import MultiExitTask
+    from ...vision.models import create_timm_model, load_checkpoint_strict
+
+    layers = [int(t) for t in str(args.exit_layers).split(",") if t.strip()]
+    weights = args.exit_weights
+    if weights not in ("depth", "uniform"):
+        weights = [float(t) for t in str(weights).split(",")]
+    add_exits(model, layers=layers, head=args.exit_head, create_kwargs=create_kwargs)
+    model.to(device)
+    teacher = None
+    if args.kd_model_name:
+        if not args.kd_teacher_checkpoint:
+            raise SystemExit("--kd-model-name needs --kd-teacher-checkpoint (kd_plugins never downloads weights)")
+        teacher = create_timm_model(args.kd_model_name, num_classes=args.kd_teacher_num_classes or args.num_classes,
+                                    in_chans=create_kwargs.get("in_chans", 3))
+        load_checkpoint_strict(teacher, args.kd_teacher_checkpoint, role="teacher")
+        teacher.to(device)
+    cfg = MultiExitConfig(weights=weights, self_distill_weight=args.exit_self_distill_weight,
+                          teacher_weight=1.0 if args.distill_loss_weight is None else args.distill_loss_weight,
+                          task_weight=1.0 if args.task_loss_weight is None else args.task_loss_weight,
+                          temperature=args.exit_temperature)
+    return MultiExitTask(model, config=cfg, teacher=teacher, device=device, verbose=primary)
+
+
+def _export_exits(model, name, output_dir) -> dict:
+    """Each exit as a standalone truncated timm model, written atomically to ``OUTPUT/exits/``:
+    ``exit{k}.safetensors`` and ``exit{k}.json`` (``{"model": name, "create_kwargs": {...}}``), so that
+    ``timm.create_model(name, **create_kwargs).load_state_dict(load_file(...))`` rebuilds it."""
+    from safetensors.torch import save_file
+
+    from ..._atomic import atomic_dir
+    from ...multiexit import get_exits, truncate
+
+    final = os.path.join(output_dir, "exits")
+    out = {}
+    with atomic_dir(final) as tmp:
+        for k in get_exits(model).layers:
+            small = truncate(model, k)
+            save_file({n: t.detach().cpu().contiguous() for n, t in small.state_dict().items()},
+                      str(tmp / f"exit{k}.safetensors"))
+            with open(tmp / f"exit{k}.json", "w") as f:
+                json.dump({"model": name, "create_kwargs": small.kd_plugins_create_kwargs}, f, indent=1)
+            out[k] = os.path.join(final, f"exit{k}.safetensors")
+    return out
 
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler, amp_autocast, mixup_fn, num_updates,
