@@ -103,11 +103,22 @@ def parse_args(argv=None):
     p.add_argument("--val-every", type=int, default=0,
                    help="every N steps, MRR of every exit on the validation split (logged; never the test split)")
     p.add_argument("--save", default="", help="save the trained model's state dict (safetensors) here")
-    p.add_argument("--load", default="", help="skip training: load this state dict (from --save) and evaluate")
+    p.add_argument("--load", nargs="+", default=[],
+                   help="skip training: load this state dict (from --save) and evaluate; several files: their "
+                        "uniform average (checkpoint averaging)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
     return p.parse_args(argv)
+
+
+def average_states(paths) -> dict:
+    """The uniform average of the state dicts saved at ``paths`` (one path: that state dict)."""
+    states = [load_file(p) for p in paths]
+    if any(set(s) != set(states[0]) for s in states):
+        raise SystemExit(f"--load: {paths} do not hold the same tensors")
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
+            if states[0][k].is_floating_point() else states[0][k] for k in states[0]}
 
 
 def save_state(model, path) -> None:
@@ -270,7 +281,7 @@ def main(argv=None):
     model.train(not args.no_dropout)
     history, val_curve = [], []
     if args.load:  # evaluation of a saved run: no training (the run's own JSON holds its training record)
-        model.load_state_dict(load_file(args.load))
+        model.load_state_dict(average_states(args.load))
         total = 0
         log(f"loaded {args.load}; skipping training")
     elif args.resume:
