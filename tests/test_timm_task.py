@@ -283,3 +283,19 @@ def test_train_entry_point_multi_exit_with_teacher_and_export(tmp_path):
             small = timm.create_model(meta["model"], pretrained=False, **meta["create_kwargs"]).eval()
             small.load_state_dict(load_file(out["exit_exports"][k]))
             torch.testing.assert_close(small(X), exits[k], rtol=1e-4, atol=1e-5)
+
+
+def test_model_task_keeps_teacher_in_eval_mode():
+    """ACMTask / MultiExitTask hold the teacher outside their modules: ``task.train()`` must not un-freeze it."""
+    from kd_plugins.multiexit import add_exits
+    from kd_plugins.multiexit.timm_task import MultiExitTask
+
+    teacher = cnn()
+    model = vit(depth=2)
+    add_exits(model, layers=[1, 2])
+    task = MultiExitTask(model, teacher=teacher)
+    teacher.train()
+    task.train()
+    assert model.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert {id(p) for p in task.get_trainable_module().parameters()}.isdisjoint(id(p) for p in teacher.parameters())

@@ -62,6 +62,12 @@ class ModelTask(TrainingTask):
             for p in teacher.parameters():
                 p.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> "ModelTask":
+        super().train(mode)
+        if self.teacher is not None:  # not a sub-module, so re-assert eval mode here
+            self.teacher.eval()
+        return self
+
     @property
     def teacher(self) -> Optional[nn.Module]:
         return self._teacher[0] if self._teacher else None

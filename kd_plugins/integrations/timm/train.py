@@ -371,7 +371,8 @@ def _multi_exit_task(args, model, create_kwargs, device, primary):
     teacher = None
     if args.kd_model_name:
         if not args.kd_teacher_checkpoint:
-            raise SystemExit("--kd-model-name needs --kd-teacher-checkpoint (kd_plugins never downloads weights)")
+            raise ValueError(f"--kd-model-name {args.kd_model_name} needs --kd-teacher-checkpoint (a trained checkpoint "
+                             "for that architecture); kd_plugins never downloads weights")
         teacher = create_timm_model(args.kd_model_name, num_classes=args.kd_teacher_num_classes or args.num_classes,
                                     in_chans=create_kwargs.get("in_chans", 3))
         load_checkpoint_strict(teacher, args.kd_teacher_checkpoint, role="teacher")
