@@ -125,7 +125,7 @@ def read_idx(path):
     return np.frombuffer(b, np.uint8, offset=4 + 4 * nd).reshape(dims)
 
 
-def load_data(train_size, val_size, teacher_size):
+def load_data(train_size, val_size, teacher_size, teacher_pool="disjoint"):
     if not os.path.isdir(DATA_DIR):
         raise SystemExit(f"{DATA_DIR} not found: apt-get install dataset-fashion-mnist")
     xs = read_idx(f"{DATA_DIR}/train-images-idx3-ubyte.gz")
@@ -138,8 +138,16 @@ def load_data(train_size, val_size, teacher_size):
 
     perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(0)).numpy()
     val_idx = perm[:val_size]
-    teach_idx = perm[val_size:val_size + max(train_size, teacher_size)]
-    stud_idx = teach_idx[:train_size]  # the students' small labelled set: a seeded subset of the teacher's pool
+    if teacher_pool == "shared":  # the students' small labelled set is a seeded subset of the teacher's pool
+        teach_idx = perm[val_size:val_size + max(train_size, teacher_size)]
+        stud_idx = teach_idx[:train_size]
+    elif teacher_pool == "disjoint":
+        # the teacher never saw the students' images, so its soft labels there are predictions, not memorised
+        # one-hot targets (the teacher's confidence on both sets is reported)
+        stud_idx = perm[val_size:val_size + train_size]
+        teach_idx = perm[val_size + train_size:val_size + train_size + teacher_size]
+    else:
+        raise ValueError(f"teacher_pool must be 'shared' or 'disjoint', got {teacher_pool!r}")
     X, Y = prep(xs), torch.from_numpy(ys.astype(np.int64))
     return {"train": (X[stud_idx], Y[stud_idx]), "teacher_train": (X[teach_idx], Y[teach_idx]),
             "val": (X[val_idx], Y[val_idx]), "test": (prep(xt), torch.from_numpy(yt.astype(np.int64)))}
@@ -161,6 +169,14 @@ def accuracy(model, data, bs=500):
     x, y = data
     correct = sum(int((model(x[i:i + bs]).argmax(-1) == y[i:i + bs]).sum()) for i in range(0, len(x), bs))
     return 100.0 * correct / len(x)
+
+
+@torch.no_grad()
+def confidence(model, data, bs=500):
+    """Mean top-1 softmax probability (T=1) of ``model`` on ``data``: how close to one-hot its soft labels are."""
+    model.eval()
+    x = data[0]
+    return float(torch.cat([model(x[i:i + bs]).softmax(-1).amax(-1) for i in range(0, len(x), bs)]).mean())
 
 
 def augment(x, g, pad=2):
@@ -224,8 +240,11 @@ def get_teacher(pair, data, args):
 
     spec = PAIRS[pair]["teacher"]
     epochs = teacher_epochs(pair, args)
-    key = hashlib.sha1(json.dumps([pair, spec, epochs, args.teacher_size, args.val_size, args.lr,
-                                   args.teacher_batch_size, "aug-crop2-flip", "warmup1"]).encode()).hexdigest()[:10]
+    parts = [pair, spec, epochs, args.teacher_size, args.val_size, args.lr, args.teacher_batch_size, "aug-crop2-flip",
+             "warmup1"]
+    if args.teacher_pool != "shared":  # (shared-pool teachers keep their old cache key)
+        parts.append(f"pool-{args.teacher_pool}")
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
     path = os.path.join(CACHE, f"teacher_{pair}_{key}.pth")
     model = create(spec, 0)
     if os.path.exists(path):
@@ -245,11 +264,14 @@ def run_pair(pair, args):
 
     from kd_plugins.integrations.timm import KDTask
 
-    data = load_data(args.train_size, args.val_size, args.teacher_size)
+    data = load_data(args.train_size, args.val_size, args.teacher_size, args.teacher_pool)
     teacher, path, t_time = get_teacher(pair, data, args)
     out = {"pair": pair, "teacher_path": os.path.relpath(path, ROOT), "teacher_train_s": t_time,
            "teacher_params": sum(p.numel() for p in teacher.parameters()), "teacher_epochs": teacher_epochs(pair, args),
-           "teacher_val": accuracy(teacher, data["val"]), "teacher_test": accuracy(teacher, data["test"]), "runs": []}
+           "teacher_val": accuracy(teacher, data["val"]), "teacher_test": accuracy(teacher, data["test"]),
+           "teacher_train_acc": accuracy(teacher, data["train"]),
+           "teacher_conf": {"train": confidence(teacher, data["train"]), "val": confidence(teacher, data["val"])},
+           "runs": []}
     # finished runs are appended to a JSONL cache keyed by the settings, so an interrupted benchmark resumes
     key = hashlib.sha1(json.dumps([pair, PAIRS[pair], KD_KWARGS, DKD_WARMUP, args.epochs, args.train_size,
                                    args.val_size, args.batch_size, args.lr, args.warmup_epochs, "aug-crop2-flip",
@@ -311,7 +333,7 @@ def overhead(args, rounds=6, steps=8):
 
     from kd_plugins.integrations.timm import KDTask
 
-    data = load_data(args.train_size, args.val_size, args.teacher_size)
+    data = load_data(args.train_size, args.val_size, args.teacher_size, args.teacher_pool)
     teacher, _, _ = get_teacher("cnn2vit", data, args)
     x, y = data["train"]
     tasks = {}
@@ -366,9 +388,13 @@ def write_markdown(results, ov, args, wall, path, command=None):
              "shared with other jobs; finished runs are cached, so the wall time only covers what this invocation "
              "trained).", "",
              "Settings: Fashion-MNIST 28x28 grey (Debian `dataset-fashion-mnist`). Split of the 60k training images "
-             f"(seeded permutation, seed 0): validation = the first {args.val_size}; teacher pool = the next "
-             f"{args.teacher_size}; the students' labelled set = the first {args.train_size} images of the teacher "
-             "pool (disjoint from validation and test). Test = the full 10k test set, evaluated once after the last "
+             f"(seeded permutation, seed 0): validation = the first {args.val_size}; "
+             + (f"teacher pool = the next {args.teacher_size}; the students' labelled set = the first "
+                f"{args.train_size} images of the teacher pool (disjoint from validation and test). "
+                if getattr(args, "teacher_pool", "shared") == "shared" else
+                f"the students' labelled set = the next {args.train_size}; teacher pool = the next "
+                f"{args.teacher_size} (disjoint from the students' images, validation and test). ")
+             + "Test = the full 10k test set, evaluated once after the last "
              f"epoch (no selection on test). Teachers: seed 0, epochs per pair ({t_epochs}), batch "
              f"{args.teacher_batch_size}, 1 warm-up epoch, cached in `.cache/timm_fmnist/`. Students: "
              f"{args.epochs} epochs, batch {args.batch_size}, {args.warmup_epochs} warm-up epochs, same images, "
@@ -386,7 +412,11 @@ def write_markdown(results, ov, args, wall, path, command=None):
              "underfit (65 % val, 73 % at 60), so any extra loss term mainly slowed its fitting. This is the classic "
              "setting where KD helps most; "
              "the teacher's soft labels on augmented views carry information the few hard labels do not. The teacher "
-             "saw more labelled data than the students, as in standard KD.",
+             "saw more labelled data than the students, as in standard KD."
+             + (" **The teacher never saw the students' images** (`--teacher-pool disjoint`, decided before any run "
+                "of this regime, from the shared-pool results: a teacher trained on the students' images gives "
+                "nearly one-hot soft labels there, so logit KD had little to add; see the teacher confidence below)."
+                if getattr(args, "teacher_pool", "shared") == "disjoint" else ""),
              "3. **Loss weights from each method's reference recipe; each method's own hyper-parameters picked on "
              f"validation.** Picked per pair by the mean validation accuracy of the first {getattr(args, 'select_seeds', 1)} seeds "
              "(tables below), "
@@ -407,7 +437,10 @@ def write_markdown(results, ov, args, wall, path, command=None):
                   f"Teacher: val {res['teacher_val']:.2f} %, test {res['teacher_test']:.2f} % "
                   f"(`{res['teacher_path']}`"
                   + (f", trained in {res['teacher_train_s'] / 60:.1f} min" if res['teacher_train_s'] else ", cached")
-                  + ").", ""]
+                  + ")."
+                  + (f" Teacher accuracy on the students' images {res['teacher_train_acc']:.2f} %; mean top-1 "
+                     f"probability there {res['teacher_conf']['train']:.3f} (validation: "
+                     f"{res['teacher_conf']['val']:.3f})." if "teacher_conf" in res else ""), ""]
         for m, rows in (res.get("grids") or {}).items():
             if m in args.methods and len(rows) > 1:
                 sel = ", ".join(str(x) for x in args.seeds[:max(1, getattr(args, "select_seeds", 1))])
@@ -454,6 +487,9 @@ def main():
     p.add_argument("--train-size", type=int, default=1000, help="students' labelled images")
     p.add_argument("--teacher-size", type=int, default=20000, help="teachers' labelled images")
     p.add_argument("--val-size", type=int, default=2000)
+    p.add_argument("--teacher-pool", default="disjoint", choices=["disjoint", "shared"],
+                   help="disjoint: the teachers never see the students' images; shared: the students' images are a "
+                        "subset of the teachers' pool (the earlier regime, kept for comparison)")
     p.add_argument("--batch-size", type=int, default=64, help="student batch size")
     p.add_argument("--teacher-batch-size", type=int, default=128)
     p.add_argument("--select-seeds", type=int, default=2,
@@ -470,7 +506,7 @@ def main():
     args.grids = GRIDS
     if args.report_only:
         saved = json.load(open(os.path.join(CACHE, "results.json")))
-        sargs = argparse.Namespace(**{**vars(args), **saved["args"], "out": args.out})
+        sargs = argparse.Namespace(**{**vars(args), "teacher_pool": "shared", **saved["args"], "out": args.out})
         sargs.workers = getattr(sargs, "workers", 1)
         command = saved.get("command") or "python benchmarks/timm_fashion_mnist.py --threads 1"
         write_markdown(saved["results"], saved["overhead"], sargs, saved["wall_s"], args.out, command)
