@@ -106,6 +106,13 @@ def parse_args(argv=None):
     p.add_argument("--load", nargs="+", default=[],
                    help="skip training: load this state dict (from --save) and evaluate; several files: their "
                         "uniform average (checkpoint averaging)")
+    p.add_argument("--reanchor", action="store_true",
+                   help="second stage (from --resume): freeze the embeddings, layers 1..--freeze-upto and their exit "
+                        "heads, and train only the layers above so the full model's token states and pooled "
+                        "embedding match the frozen original's again (training-split text only)")
+    p.add_argument("--freeze-upto", type=int, default=4, help="--reanchor: deepest frozen encoder layer")
+    p.add_argument("--reanchor-texts", default="sentences", choices=["articles", "sentences"],
+                   help="--reanchor: training titles and bodies, or those plus every body sentence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
@@ -134,8 +141,10 @@ def mrr_of(model, tok, articles, max_len):
 
 
 @torch.no_grad()
-def exits_mrr(model, tok, articles, max_len, batch=32):
-    """MRR of every exit from one pass per text (exits == truncations, checked by the tests)."""
+def exits_mrr(model, tok, articles, max_len, batch=32, return_embeddings=False):
+    """MRR of every exit from one pass per text (exits == truncations, checked by the tests).
+
+    With ``return_embeddings=True`` also returns ``{"q": {exit: [N, D]}, "d": {...}}`` (L2-normalised)."""
     was = model.training
     model.eval()
     embs = {"q": {}, "d": {}}
@@ -151,7 +160,103 @@ def exits_mrr(model, tok, articles, max_len, batch=32):
                     parts[k][i] = e[j]
         embs[key] = {k: torch.stack(v) for k, v in parts.items()}
     model.train(was)
-    return {k: retrieval_metrics(embs["q"][k], embs["d"][k]) for k in embs["q"]}
+    metrics = {k: retrieval_metrics(embs["q"][k], embs["d"][k]) for k in embs["q"]}
+    return (metrics, embs) if return_embeddings else metrics
+
+
+def drift_of(embs, ref):
+    """Cosine distance of the full model's normalised embeddings to the original model's (titles, bodies, mean):
+    how far the full model moved, independently of how retrieval on one split happens to score it."""
+    full = max(embs["q"])
+    q = float(1 - (embs["q"][full] * ref["q"]).sum(-1).mean())
+    d = float(1 - (embs["d"][full] * ref["d"]).sum(-1).mean())
+    return {"titles": q, "bodies": d, "mean": (q + d) / 2}
+
+
+def sentences_of(text, min_words=4):
+    """Body sentences (split on '. ', '? ', '! ' and line breaks), at least ``min_words`` words each."""
+    import re
+
+    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
+    return [x.strip() for x in parts if len(x.split()) >= min_words]
+
+
+def reanchor(model, teacher, tok, texts, args, log, on_val):
+    """Train the layers above ``--freeze-upto`` (and the last exit's head) to give the frozen original's outputs.
+
+    Loss per batch: token-level MSE between the full model's last hidden states and the original's (masked mean)
+    plus the cosine distance of their mean-pooled embeddings. The frozen part (embeddings, layers 1..K, the heads
+    of exits <= K) is checked to be bit-identical afterwards, so the truncations at K or shallower do not change."""
+    L = model.multi_exit.num_layers
+    K = args.freeze_upto
+    if not 0 < K < L:
+        raise SystemExit(f"--freeze-upto must be in 1..{L - 1}, got {K}")
+    frozen = {}
+    for name, prm in model.named_parameters():
+        layer = int(name.split(".layer.")[1].split(".")[0]) + 1 if ".layer." in name else None
+        head = int(name.split("heads.")[1].split(".")[0]) if "multi_exit.heads." in name else None
+        if (name.startswith("embeddings.") or (layer is not None and layer <= K)
+                or (head is not None and head <= K)):
+            prm.requires_grad_(False)
+            frozen[name] = prm.detach().clone()
+    trainable = [x for x in model.parameters() if x.requires_grad]
+    log(f"reanchor: {len(frozen)} frozen tensors (embeddings, layers 1-{K}, exit heads <= {K}); "
+        f"{sum(x.numel() for x in trainable) / 1e6:.2f}M trainable parameters; {len(texts)} training texts")
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
+    total = args.steps
+    warm = max(1, int(round(args.warmup * total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    enc = tok(texts, truncation=True, max_length=args.train_max_len)
+    lengths = [len(x) for x in enc["input_ids"]]
+    rng = random.Random(args.seed)
+
+    def batches():  # length-bucketed: shuffle, sort within chunks of 50 batches, shuffle the batches
+        while True:
+            perm = list(range(len(texts)))
+            rng.shuffle(perm)
+            out = []
+            for c in range(0, len(perm), args.batch * 50):
+                chunk = sorted(perm[c:c + args.batch * 50], key=lambda i: lengths[i])
+                out += [chunk[i:i + args.batch] for i in range(0, len(chunk), args.batch)]
+            rng.shuffle(out)
+            yield from out
+
+    model.eval()  # dropout off, as in the first stage (--no-dropout)
+    it = batches()
+    history = []
+    full = L
+    for step in range(total):
+        idx = next(it)
+        b = tok.pad({"input_ids": [enc["input_ids"][i] for i in idx],
+                     "attention_mask": [enc["attention_mask"][i] for i in idx]}, return_tensors="pt")
+        with torch.no_grad():
+            t = teacher(**b).last_hidden_state
+        h = exit_outputs(model, **b)[full]
+        m = b["attention_mask"]
+        tok_mse = ((h - t).pow(2).mean(-1) * m).sum() / m.sum()
+        cosd = 1 - torch.nn.functional.cosine_similarity(pool(h, m), pool(t, m)).mean()
+        loss = tok_mse + cosd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        history.append({"token_mse": float(tok_mse.detach()), "pooled_cosd": float(cosd.detach())})
+        if (step + 1) % 10 == 0 or step == total - 1:
+            last = history[-10:]
+            log(f"reanchor step {step + 1}/{total} " + " ".join(
+                f"{k}={sum(x[k] for x in last) / len(last):.4g}" for k in last[-1]))
+        if args.val_every and ((step + 1) % args.val_every == 0 or step == total - 1):
+            on_val(step + 1)
+            model.eval()
+    changed = [n for n, v in frozen.items() if not torch.equal(dict(model.named_parameters())[n], v)]
+    if changed:
+        raise RuntimeError(f"reanchor changed frozen tensors: {changed[:5]}")
+    log(f"reanchor: the {len(frozen)} frozen tensors are bit-identical after training")
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    return history
 
 
 def main(argv=None):
@@ -287,9 +392,39 @@ def main(argv=None):
     elif args.resume:
         model.load_state_dict(load_file(args.resume))
         log(f"resuming from the weights in {args.resume} (fresh optimizer and schedule)")
-    log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
-        f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
+    if args.reanchor and (args.load or not args.resume or args.steps is None):
+        raise SystemExit("--reanchor is a second stage: give --resume (the first stage's weights) and --steps")
+    ref_val = None
+
+    def validate(step):
+        nonlocal ref_val
+        if ref_val is None:  # the original model's validation embeddings, for the drift measure
+            ref_val = {"q": encode(teacher, tok, [a.title for a in split.validation], max_length=args.max_len),
+                       "d": encode(teacher, tok, [a.body for a in split.validation], max_length=args.max_len)}
+        res, embs = exits_mrr(model, tok, split.validation, args.max_len, return_embeddings=True)
+        vm = {k: v["mrr"] for k, v in res.items()}
+        full = vm[max(vm)]
+        drift = drift_of(embs, ref_val)
+        val_curve.append({"step": step, "mrr": vm, "ratio": {k: v / full for k, v in vm.items()}, "drift": drift})
+        log(f"validation at step {step}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})" for k, v in vm.items())
+            + f"; full-model cosine distance to the original: titles {drift['titles']:.4f}, bodies "
+              f"{drift['bodies']:.4f}")
+        if args.save and step > 0:  # every validated checkpoint, so the step can be chosen on validation afterwards
+            save_state(model, f"{args.save}.step{step}")
+
     t_train = time.time()
+    if args.reanchor:
+        texts = titles + bodies
+        if args.reanchor_texts == "sentences":
+            texts += [x for b in bodies for x in sentences_of(b)]
+        if args.val_every:
+            validate(0)
+        history = reanchor(model, teacher, tok, texts, args, log, validate)
+        epochs = args.steps * args.batch / len(texts)
+        total = 0  # the first-stage loop below is skipped
+    else:
+        log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
+            f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
     for step in range(total):
         if len(order) < args.batch:
             perm = list(range(n))
@@ -332,22 +467,22 @@ def main(argv=None):
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save((t_q, t_d), cache)
         if args.val_every and ((step + 1) % args.val_every == 0 or step == total - 1):
-            vm = {k: v["mrr"] for k, v in exits_mrr(model, tok, split.validation, args.max_len).items()}
-            full = vm[max(vm)]
-            val_curve.append({"step": step + 1, "mrr": vm, "ratio": {k: v / full for k, v in vm.items()}})
-            log(f"validation at step {step + 1}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})"
-                                                              for k, v in vm.items()))
-            if args.save:  # every validated checkpoint, so the step can be chosen on validation afterwards
-                save_state(model, f"{args.save}.step{step + 1}")
+            validate(step + 1)
             model.train(not args.no_dropout)
     train_s = time.time() - t_train
-    if args.save and not args.load:
+    if args.save and (not args.load or args.reanchor):
         save_state(model, args.save)
         log(f"saved the trained model to {args.save}")
     model.eval()
     log(f"after training ({train_s / 60:.1f} min): evaluating via {args.after_eval}")
     after, params = {}, {}
-    fast = exits_mrr(model, tok, ev, args.max_len) if args.after_eval == "exits" else None
+    fast, drift = None, None
+    if args.after_eval == "exits":
+        fast, embs = exits_mrr(model, tok, ev, args.max_len, return_embeddings=True)
+        ref = {"q": encode(teacher, tok, [a.title for a in ev], max_length=args.max_len),
+               "d": encode(teacher, tok, [a.body for a in ev], max_length=args.max_len)}
+        drift = drift_of(embs, ref)
+        log(f"full-model cosine distance to the original on {args.eval}: {drift}")
     check = {}
     if fast:  # the one-pass numbers stand for the standalone truncations: check that they are the same model
         b = tok([a.body for a in ev[:8]], padding=True, truncation=True, max_length=args.max_len, return_tensors="pt")
@@ -375,7 +510,7 @@ def main(argv=None):
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
         "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
         "validation_curve": val_curve,
-        "truncate_check_max_abs_diff": check, "head_init": head_init,
+        "truncate_check_max_abs_diff": check, "head_init": head_init, "drift": drift,
         "threads": args.threads, "command": "python " + " ".join(sys.argv),
     }
     out = Path(args.out)
