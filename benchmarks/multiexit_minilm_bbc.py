@@ -113,6 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--freeze-upto", type=int, default=4, help="--reanchor: deepest frozen encoder layer")
     p.add_argument("--reanchor-texts", default="sentences", choices=["articles", "sentences"],
                    help="--reanchor: training titles and bodies, or those plus every body sentence")
+    p.add_argument("--interp", type=float, nargs="+", default=[],
+                   help="with --load: evaluate theta_original + a * (theta_loaded - theta_original) for each a "
+                        "(weight interpolation towards the original model; no training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
@@ -179,6 +182,36 @@ def sentences_of(text, min_words=4):
 
     parts = re.split(r"(?<=[.!?])\s+|\n+", text)
     return [x.strip() for x in parts if len(x.split()) >= min_words]
+
+
+def interpolate(model, teacher, tok, ev, trained, args, before, log):
+    """Evaluate ``theta_original + a * (theta_trained - theta_original)`` for each ``a`` in ``--interp``.
+
+    ``model`` holds the original weights with freshly added (identity) exit heads, which is where training started.
+    Reports every exit's MRR, the ratios and the full model's drift from the original on the eval split."""
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    if set(orig) != set(trained):
+        raise SystemExit("--interp: the loaded state dict does not match the model (exits differ?)")
+    ref = {"q": encode(teacher, tok, [a.title for a in ev], max_length=args.max_len),
+           "d": encode(teacher, tok, [a.body for a in ev], max_length=args.max_len)}
+    rows = []
+    for a in args.interp:
+        model.load_state_dict({k: (orig[k] + a * (trained[k] - orig[k])) if orig[k].is_floating_point() else orig[k]
+                               for k in orig})
+        res, embs = exits_mrr(model, tok, ev, args.max_len, return_embeddings=True)
+        vm = {k: v["mrr"] for k, v in res.items()}
+        full = vm[max(vm)]
+        drift = drift_of(embs, ref)
+        rows.append({"a": a, "mrr": vm, "ratio": {k: v / full for k, v in vm.items()}, "drift": drift})
+        log(f"a={a:g}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})" for k, v in vm.items())
+            + f"; drift titles {drift['titles']:.4f} bodies {drift['bodies']:.4f} mean {drift['mean']:.4f}")
+    result = {"benchmark": "minilm_bbc_interp", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
+              "before": before, "interp": rows, "command": "python " + " ".join(sys.argv)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    log(f"wrote {out}")
+    return result
 
 
 def reanchor(model, teacher, tok, texts, args, log, on_val):
@@ -385,6 +418,10 @@ def main(argv=None):
     order: list[int] = []
     model.train(not args.no_dropout)
     history, val_curve = [], []
+    if args.interp:
+        if not args.load:
+            raise SystemExit("--interp needs --load (the trained weights to interpolate towards)")
+        return interpolate(model, teacher, tok, ev, average_states(args.load), args, before, log)
     if args.load:  # evaluation of a saved run: no training (the run's own JSON holds its training record)
         model.load_state_dict(average_states(args.load))
         total = 0
