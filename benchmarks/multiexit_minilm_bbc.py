@@ -111,6 +111,8 @@ def parse_args(argv=None):
                         "heads, and train only the layers above so the full model's token states and pooled "
                         "embedding match the frozen original's again (training-split text only)")
     p.add_argument("--freeze-upto", type=int, default=4, help="--reanchor: deepest frozen encoder layer")
+    p.add_argument("--reanchor-loss", default="token+cos", choices=["token+cos", "cos"],
+                   help="--reanchor: token-level MSE plus pooled cosine distance, or the pooled cosine distance only")
     p.add_argument("--reanchor-texts", default="sentences", choices=["articles", "sentences"],
                    help="--reanchor: training titles and bodies, or those plus every body sentence")
     p.add_argument("--interp", type=float, nargs="+", default=[],
@@ -269,7 +271,7 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
         m = b["attention_mask"]
         tok_mse = ((h - t).pow(2).mean(-1) * m).sum() / m.sum()
         cosd = 1 - torch.nn.functional.cosine_similarity(pool(h, m), pool(t, m)).mean()
-        loss = tok_mse + cosd
+        loss = tok_mse + cosd if args.reanchor_loss == "token+cos" else cosd
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
