@@ -106,6 +106,10 @@ def parse_args(argv=None):
     p.add_argument("--load", nargs="+", default=[],
                    help="skip training: load this state dict (from --save) and evaluate; several files: their "
                         "uniform average (checkpoint averaging)")
+    p.add_argument("--anchor-sentences", type=int, default=0,
+                   help="each step also anchors the full model on this many training-split body sentences: "
+                        "embedding MSE of its pooled embedding to the frozen original's (teacher forward per step)")
+    p.add_argument("--anchor-weight", type=float, default=3.0, help="weight of the --anchor-sentences term")
     p.add_argument("--reanchor", action="store_true",
                    help="second stage (from --resume): freeze the embeddings, layers 1..--freeze-upto and their exit "
                         "heads, and train only the layers above so the full model's token states and pooled "
@@ -461,7 +465,13 @@ def main(argv=None):
         history = reanchor(model, teacher, tok, texts, args, log, validate)
         epochs = args.steps * args.batch / len(texts)
         total = 0  # the first-stage loop below is skipped
-    else:
+    sent_enc, sent_order, sent_rng = None, [], random.Random(args.seed + 7919)
+    if args.anchor_sentences and not args.reanchor:
+        sents = [x for b in bodies for x in sentences_of(b)]
+        sent_enc = tok(sents, truncation=True, max_length=args.train_max_len)
+        log(f"anchoring the full model on {args.anchor_sentences} of {len(sents)} training sentences per step "
+            f"(weight {args.anchor_weight})")
+    if not args.reanchor:
         log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
             f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
     for step in range(total):
@@ -489,6 +499,20 @@ def main(argv=None):
                 tok_terms[k] = se / (bq["attention_mask"].sum() + bd["attention_mask"].sum())
                 loss = loss + args.token_weight * w * tok_terms[k]
             res.terms.update({f"exit{k}_token_mse": float(v) for k, v in tok_terms.items()})
+        if sent_enc is not None:  # the full model's anchor on short texts too, where it drifted most
+            if len(sent_order) < args.anchor_sentences:
+                perm = list(range(len(sent_enc["input_ids"])))
+                sent_rng.shuffle(perm)
+                sent_order += perm
+            sidx, sent_order = sent_order[: args.anchor_sentences], sent_order[args.anchor_sentences:]
+            bs = padded(sent_enc, sidx)
+            with torch.no_grad():
+                ts = pool(teacher(**bs).last_hidden_state, bs["attention_mask"])
+            es = pool(exit_outputs(model, **bs)[L], bs["attention_mask"])
+            anchor = (es - ts).pow(2).mean()
+            loss = loss + args.anchor_weight * anchor
+            res.terms["sentence_anchor_mse"] = float(anchor.detach())
+            res.terms["sentence_anchor_cosd"] = float(1 - torch.nn.functional.cosine_similarity(es.detach(), ts).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
