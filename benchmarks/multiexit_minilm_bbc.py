@@ -122,6 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--interp", type=float, nargs="+", default=[],
                    help="with --load: evaluate theta_original + a * (theta_loaded - theta_original) for each a "
                         "(weight interpolation towards the original model; no training)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the student's training forwards (about 1.8x faster on CPUs with "
+                        "AVX512-BF16); the teacher, its cached embeddings, the head init and every evaluation stay fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
@@ -435,6 +438,8 @@ def main(argv=None):
     elif args.resume:
         model.load_state_dict(load_file(args.resume))
         log(f"resuming from the weights in {args.resume} (fresh optimizer and schedule)")
+    if args.bf16 and (args.reanchor or args.load):
+        raise SystemExit("--bf16 applies to first-stage training only (not --reanchor or --load)")
     if args.reanchor and (args.load or not args.resume or args.steps is None):
         raise SystemExit("--reanchor is a second stage: give --resume (the first stage's weights) and --steps")
     ref_val = None
@@ -474,6 +479,9 @@ def main(argv=None):
     if not args.reanchor:
         log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
             f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
+    def amp():  # the student's training forwards only
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
     for step in range(total):
         if len(order) < args.batch:
             perm = list(range(n))
@@ -482,7 +490,10 @@ def main(argv=None):
         idx, order = order[: args.batch], order[args.batch:]
         teach = teacher_emb(idx)
         bq, bd = padded(enc_q, idx), padded(enc_d, idx)
-        oq, od = exit_outputs(model, **bq), exit_outputs(model, **bd)
+        with amp():
+            oq, od = exit_outputs(model, **bq), exit_outputs(model, **bd)
+        oq = {k: h.float() for k, h in oq.items()}  # losses in fp32 under --bf16
+        od = {k: h.float() for k, h in od.items()}
         eq = {k: pool(h, bq["attention_mask"]) for k, h in oq.items()}
         ed = {k: pool(h, bd["attention_mask"]) for k, h in od.items()}
         task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq} if args.task_weight > 0 else None
@@ -508,7 +519,9 @@ def main(argv=None):
             bs = padded(sent_enc, sidx)
             with torch.no_grad():
                 ts = pool(teacher(**bs).last_hidden_state, bs["attention_mask"])
-            es = pool(exit_outputs(model, **bs)[L], bs["attention_mask"])
+            with amp():
+                hs = exit_outputs(model, **bs)[L]
+            es = pool(hs.float(), bs["attention_mask"])
             anchor = (es - ts).pow(2).mean()
             loss = loss + args.anchor_weight * anchor
             res.terms["sentence_anchor_mse"] = float(anchor.detach())
