@@ -32,6 +32,14 @@ def _plt():
     return plt
 
 
+def _steps_text(r) -> str:
+    """'N steps', or 'N steps of an M-step schedule' for a run stopped (by its time limit) before its end."""
+    planned = r["args"].get("steps")
+    if r.get("stopped_at") and planned and planned != r["steps"]:
+        return f"{r['steps']} steps (of a {planned}-step schedule, stopped: {r['stopped_at']})"
+    return f"{r['steps']} steps"
+
+
 def _minilm_settings(r) -> str:
     a = r["args"]
     names = {"embedding_mse": "MSE", "embedding_cosine": "cosine distance"}
@@ -56,9 +64,15 @@ def _minilm_settings(r) -> str:
     if a.get("head_init") == "lsq":
         lr += (f"; exit heads initialised by a per-dimension least-squares fit to the teacher on "
                f"{a['head_init_n']} training articles")
+    if a.get("anchor_sentences"):
+        terms.append(f"{a['anchor_weight']} x MSE of the full model's mean-pooled embedding to the original's on "
+                     f"{a['anchor_sentences']} training body sentences per step (sentence anchor)")
+    if a.get("bf16"):
+        lr += ("; bfloat16 autocast on the student's training forwards (teacher, head init and every evaluation in "
+               "fp32)")
     epochs = r.get("epochs", a.get("epochs"))
     return (f"Settings: exits {a['exits']}, head `{a['head']}` (per-exit elementwise affine, folded into the layer's "
-            f"LayerNorm by `truncate`); {r['steps']} steps of {a['batch']} training articles, each giving its title "
+            f"LayerNorm by `truncate`); {_steps_text(r)} of {a['batch']} training articles, each giving its title "
             f"and its body, both cut to {a['train_max_len']} tokens ({epochs:.2f} epochs of the "
             f"{r.get('train_articles', '')} train-split articles); {lr}; dropout "
             f"{'off' if a.get('no_dropout') else 'on'} during training; loss = sum over exits k of weight {wtxt} x ("
@@ -74,21 +88,36 @@ def _minilm_recipe(r) -> list[str]:
         return [_minilm_settings(r), "", f"Command: `{r['command']}`"]
     first = phases[0]
     out = [_minilm_settings(first)]
+    a0 = first["args"]
     for ph in phases[1:]:
         a = ph["args"]
-        out[0] += (f" Then {ph['steps']} more steps resumed from those weights with the same loss and learning rates "
-                   f"(fresh optimizer and warm-up/decay schedule, data-order seed {a['seed']}; training "
-                   f"{ph['train_seconds'] / 60:.1f} min).")
+        lr = ("the same learning rates" if (a["lr"], a.get("warmup")) == (a0["lr"], a0.get("warmup")) else
+              f"peak lr {a['lr']}, {a.get('warmup', 0.1):.0%} warm-up then linear decay, same multipliers")
+        out[0] += (f" Then {_steps_text(ph)} more, resumed from those weights with the same loss and {lr} (fresh "
+                   f"optimizer and schedule, data-order seed {a['seed']}; training {ph['train_seconds'] / 60:.1f} min).")
     curves = [(i + 1, c) for i, ph in enumerate(phases) for c in ph.get("validation_curve", [])]
     if curves:
-        out += ["", "Validation curve (MRR ratio to the full model on the 300 validation articles; the reported model "
-                "is the last checkpoint, chosen before the test split was evaluated):", "",
-                "| phase | step | " + " | ".join(f"layers 1-{k}" for k in curves[0][1]["ratio"]) + " | full MRR |",
-                "|---|---|" + "---|" * (len(curves[0][1]["ratio"]) + 1)]
+        sel = r.get("selected")
+        chosen = (f"the reported model, in bold, is phase {sel['phase']} step {sel['step']}, picked by the rule "
+                  "written down before the run and" if sel else "the reported model is the last checkpoint, chosen")
+        ks = sorted(curves[0][1]["mrr"], key=int)[:-1]
+        has_drift = any(c.get("drift") for _, c in curves)
+        out += ["", "Validation curve (MRR ratio to the full model on the 300 validation articles"
+                + ("; drift = the full model's mean cosine distance to the original on the validation titles and "
+                   "bodies" if has_drift else "") + f"; {chosen} before the test split was evaluated):", "",
+                "| phase | step | " + " | ".join(f"layers 1-{k}" for k in ks) + " | full MRR |"
+                + (" drift |" if has_drift else ""),
+                "|---|---|" + "---|" * (len(ks) + 1 + has_drift)]
         for i, c in curves:
             full = max(c["mrr"], key=int)
-            out.append(f"| {i} | {c['step']} | " + " | ".join(f"{v:.3f}" for v in c["ratio"].values())
-                       + f" | {c['mrr'][full]:.4f} |")
+            cells = [f"{c['mrr'][k] / c['mrr'][full]:.3f}" for k in ks] + [f"{c['mrr'][full]:.4f}"]
+            if has_drift:
+                d = c.get("drift") or {}
+                cells.append(f"{(d['titles'] + d['bodies']) / 2:.3f}" if d else "")
+            step = str(c["step"])
+            if sel and (sel["phase"], sel["step"]) == (i, c["step"]):
+                cells, step = [f"**{x}**" for x in cells], f"**{step}**"
+            out.append(f"| {i} | {step} | " + " | ".join(cells) + " |")
     out += ["", "Commands (training phases, then the single test evaluation of the saved weights):", ""]
     out += [f"    {ph['command']}" for ph in phases] + [f"    {r['command']}"]
     return out
