@@ -6,12 +6,12 @@ distillation), ``multiexit`` (MultiExitTask with a teacher), ``acm`` (ACMTask, n
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from torchrun_util import run_torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL_BATCH = 4
@@ -84,15 +84,16 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path, kind):
 
     torch.set_num_threads(1)
     initial = {f"student.{k}": v.clone() for k, v in build_task(kind).get_eval_model().state_dict().items()}
-    single = run_step(GLOBAL_BATCH, kind)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "ddp.safetensors")
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), os.path.abspath(__file__), out, str(GLOBAL_BATCH // 2), kind], env=env,
+    # the single-process reference runs in a fresh interpreter too, so no global state left by earlier tests in this
+    # process (thread pools, timm layer flags) can make it differ from the DDP ranks
+    ref = str(tmp_path / "single.safetensors")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), ref, str(GLOBAL_BATCH), kind], env=env,
                        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    single = load_file(ref)
+    out = str(tmp_path / "ddp.safetensors")
+    r = run_torchrun([os.path.abspath(__file__), out, str(GLOBAL_BATCH // 2), kind], env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     ddp = load_file(out)
     assert set(ddp) == set(single)
