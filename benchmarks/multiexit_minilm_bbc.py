@@ -65,7 +65,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--exits", type=int, nargs="+", default=[2, 4, 6])
-    p.add_argument("--head", default="separate", choices=["shared", "separate"])
+    p.add_argument("--head", default="separate", choices=["shared", "separate", "ffn"],
+                   help="ffn: each shallow exit owns a copy of its block's feed-forward half (see add_exits)")
+    p.add_argument("--freeze-shared", action="store_true",
+                   help="train the exit heads only: every encoder weight (so the full model) stays as loaded")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch", type=int, default=16, help="articles per batch (each gives a title and a body)")
@@ -138,6 +141,30 @@ def average_states(paths) -> dict:
         raise SystemExit(f"--load: {paths} do not hold the same tensors")
     return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
             if states[0][k].is_floating_point() else states[0][k] for k in states[0]}
+
+
+def load_into(model, state: dict, log) -> None:
+    """Load a saved state dict; with ``--head ffn``, a state saved with affine heads (``--head separate``) is
+    converted: each exit's feed-forward copy is taken from the loaded block and the affine is folded into its
+    LayerNorm, so every exit's output is exactly what it was."""
+    from kd_plugins.multiexit import ExitFFN
+
+    heads = model.multi_exit.heads
+    affine = {k for k in heads if isinstance(heads[k], ExitFFN) and f"multi_exit.heads.{k}.weight" in state}
+    if not affine:
+        model.load_state_dict(state)
+        return
+    model.load_state_dict({n: t for n, t in state.items() if not n.startswith("multi_exit.")}, strict=False)
+    blocks = model.get_submodule(model.multi_exit.layer_path)
+    with torch.no_grad():
+        for k in sorted(affine, key=int):
+            fresh = ExitFFN(blocks[int(k) - 1])
+            w, b = state[f"multi_exit.heads.{k}.weight"], state[f"multi_exit.heads.{k}.bias"]
+            ln = fresh.output.LayerNorm
+            ln.bias.copy_(ln.bias * w + b)
+            ln.weight.mul_(w)
+            heads[k].load_state_dict(fresh.state_dict())
+    log(f"converted the affine exit heads {sorted(affine, key=int)} of the loaded state into feed-forward heads")
 
 
 def save_state(model, path) -> None:
@@ -364,6 +391,8 @@ def main(argv=None):
         return torch.cat([t_q[idx], t_d[idx]])
 
     head_init = {}
+    if args.head_init == "lsq" and args.head != "separate":
+        raise SystemExit("--head-init lsq fits elementwise affine heads: it needs --head separate")
     if args.head_init == "lsq":
         # mean pooling is linear and the head is elementwise, so pooled(h * w + b) = pooled(h) * w + b: fit w, b per
         # dimension by least squares against the teacher's pooled embedding, on training texts only.
@@ -399,8 +428,16 @@ def main(argv=None):
     dkw = {"normalize": True} if (args.distill_normalize and args.distill_loss == "embedding_mse") else {}
     cfg = MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
                           self_distill_weight=args.self_weight, distill_loss=args.distill_loss, distill_kwargs=dkw)
+    if args.freeze_shared:
+        if args.anchor_sentences or args.token_weight or args.reanchor:
+            raise SystemExit("--freeze-shared trains the exit heads only: the full-model anchor, token MSE and "
+                             "--reanchor do not apply")
+        for name, prm in model.named_parameters():
+            prm.requires_grad_(name.startswith("multi_exit."))
     shallow, rest = [], []
     for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
         layer = None
         if ".layer." in name and name.startswith("encoder."):
             layer = int(name.split(".layer.")[1].split(".")[0]) + 1
@@ -410,7 +447,7 @@ def main(argv=None):
     if args.head_lr is not None:
         hid = {id(x) for x in head_params}
         shallow = [x for x in shallow if id(x) not in hid]
-    groups = [{"params": rest, "lr": args.lr}]
+    groups = [{"params": rest, "lr": args.lr}] if rest else []
     if shallow:
         groups.append({"params": shallow, "lr": args.lr * args.shallow_lr_mult})
     if args.head_lr is not None and head_params:
@@ -432,11 +469,11 @@ def main(argv=None):
             raise SystemExit("--interp needs --load (the trained weights to interpolate towards)")
         return interpolate(model, teacher, tok, ev, average_states(args.load), args, before, log)
     if args.load:  # evaluation of a saved run: no training (the run's own JSON holds its training record)
-        model.load_state_dict(average_states(args.load))
+        load_into(model, average_states(args.load), log)
         total = 0
         log(f"loaded {args.load}; skipping training")
     elif args.resume:
-        model.load_state_dict(load_file(args.resume))
+        load_into(model, load_file(args.resume), log)
         log(f"resuming from the weights in {args.resume} (fresh optimizer and schedule)")
     if args.bf16 and (args.reanchor or args.load):
         raise SystemExit("--bf16 applies to first-stage training only (not --reanchor or --load)")

@@ -144,13 +144,15 @@ def test_truncate_needs_an_exit_and_other_bad_inputs():
 
 # ------------------------------------------------------------------------------------------------- HF encoders
 @pytest.mark.parametrize("factory", [lambda: tiny_bert(layers=4), _tiny_mpnet], ids=["bert", "mpnet"])
-@pytest.mark.parametrize("head", ["shared", "separate"])
+@pytest.mark.parametrize("head", ["shared", "separate", "ffn"])
 def test_encoder_exits_and_truncation_parity(factory, head):
     model = factory().eval()
     inputs = _ids()
     ref = model(**inputs, output_hidden_states=True).hidden_states
     add_exits(model, [1, 3, 4], head=head)
-    if head == "separate":
+    if head == "ffn":  # at init the feed-forward copy reproduces the block's own output
+        torch.testing.assert_close(exit_outputs(model, **inputs)[1], ref[1])
+    if head != "shared":
         _perturb(model.multi_exit)
     outs = exit_outputs(model, **inputs)
     assert list(outs) == [1, 3, 4]
@@ -163,7 +165,24 @@ def test_encoder_exits_and_truncation_parity(factory, head):
         torch.testing.assert_close(small(**inputs).last_hidden_state, outs[k], rtol=1e-5, atol=1e-5)
     emb = exit_embeddings(model, normalize=True, **inputs)
     assert emb[1].shape == (3, 32) and torch.allclose(emb[1].norm(dim=-1), torch.ones(3))
-    assert len(model.multi_exit.heads) == (2 if head == "separate" else 0)
+    assert len(model.multi_exit.heads) == (0 if head == "shared" else 2)
+    if head == "ffn":  # the heads are copies: the full model is untouched by perturbing them
+        torch.testing.assert_close(model(**inputs).last_hidden_state, ref[4])
+        res = early_exit_embed(model, inputs, threshold=-1.0)  # stops at the second exit (layer 3, an ffn head)
+        torch.testing.assert_close(res.output, emb[3], rtol=1e-5, atol=1e-5)
+
+
+def test_ffn_head_bad_inputs():
+    with pytest.raises(ValueError, match="head='ffn' is for bare HF encoders"):
+        add_exits(tiny_bert("BertForSequenceClassification", layers=4), [2, 4], head="ffn")
+    model = tiny_bert(layers=4)
+    del model.encoder.layer[1].intermediate
+    with pytest.raises(ValueError, match="head='ffn' needs BERT-style blocks"):
+        add_exits(model, [2, 4], head="ffn")
+    model = add_exits(tiny_bert(layers=4), [2, 4], head="ffn")
+    from kd_plugins.multiexit import apply_head
+    with pytest.raises(ValueError, match="pass ffn_input"):
+        apply_head(model, 2, torch.zeros(1, 3, 32))
 
 
 def test_seq_classifier_truncation_and_early_exit():
@@ -275,13 +294,14 @@ def test_hf_trainer_sequence_classifier_callback(tmp_out):
     assert cb.trainer is trainer and cb._counts["train"] == 0  # logged and reset
 
 
-def test_hf_trainer_encoder_infonce_with_teacher(tmp_out):
+@pytest.mark.parametrize("head", ["separate", "ffn"])
+def test_hf_trainer_encoder_infonce_with_teacher(tmp_out, head):
     from transformers import Trainer
 
     from kd_plugins.multiexit import MultiExitCallback
 
     model = tiny_bert(layers=4)
-    add_exits(model, [2, 4], head="separate")
+    add_exits(model, [2, 4], head=head)
     teacher = tiny_bert(layers=4, seed=1)
     g = torch.Generator().manual_seed(0)
 
@@ -297,10 +317,11 @@ def test_hf_trainer_encoder_infonce_with_teacher(tmp_out):
     cfg = MultiExitConfig(embedding_task="infonce", distill_loss="embedding_mse", teacher_weight=0.5)
     trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2, remove_unused_columns=False),
                       train_dataset=Pairs(), callbacks=[MultiExitCallback(cfg, teacher=teacher)])
-    before = model.multi_exit.heads["2"].weight.detach().clone()
+    head_param = next(model.multi_exit.heads["2"].parameters())
+    before = head_param.detach().clone()
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
-    assert not torch.equal(before, model.multi_exit.heads["2"].weight)
+    assert not torch.equal(before, head_param)
 
 
 # -------------------------------------------------------------------------------------------------------- timm

@@ -19,6 +19,7 @@ timm: :class:`kd_plugins.multiexit.timm_task.MultiExitTask` (a ``timm.task.Train
 
 from .core import (
     ExitAffine,
+    ExitFFN,
     MultiExitHeads,
     add_exits,
     apply_head,
@@ -45,7 +46,7 @@ from .truncate import timm_truncation_kwargs, truncate
 
 __all__ = [
     "add_exits", "get_exits", "has_exits", "remove_exits", "exit_outputs", "exit_embeddings", "apply_head", "pool",
-    "model_family", "num_exit_layers", "MultiExitHeads", "ExitAffine",
+    "model_family", "num_exit_layers", "MultiExitHeads", "ExitAffine", "ExitFFN",
     "MultiExitConfig", "MultiExitLoss", "exit_weights", "multi_exit_loss", "exit_ce_losses", "info_nce",
     "truncate", "timm_truncation_kwargs",
     "EarlyExitResult", "confidence", "early_exit_classify", "early_exit_embed", "early_exit_generate",

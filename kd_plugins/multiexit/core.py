@@ -8,7 +8,12 @@ family                      ``head="shared"``                   ``head="separate
 ==========================  ==================================  ===============================================
 HF bare encoder             token states as they are (the       an elementwise affine ``h * w + b`` (2·d params,
 (BertModel, MPNetModel)     caller pools, e.g. mean pooling)    identity init); folded into the block's last
-                                                                LayerNorm by :func:`truncate`
+                                                                LayerNorm by :func:`truncate`.
+                                                                ``head="ffn"``: the exit's own copy of block
+                                                                ``k``'s feed-forward half (``intermediate`` +
+                                                                ``output``, LayerNorm included; 2·d·d_ff params),
+                                                                run on block ``k``'s attention output; it
+                                                                replaces that half in :func:`truncate`
 HF ``*ForSequence-          the model's own pooler (if any) +   a copy of pooler + classifier
 Classification`` encoder    dropout + classifier
 HF Llama-family             the model's final norm + LM head    a copy of the final norm (d params); the LM head
@@ -20,6 +25,10 @@ timm ViT                    the model's final norm + pooling +  copies of norm, 
                             fc_norm + head
 timm ResNet                 (only when widths match)            global average pool + ``Linear(C_k, classes)``
 ==========================  ==================================  ===============================================
+
+``head="ffn"`` gives a truncation room to specialise outside the shared weights: only the attention half of its last
+block and the blocks below stay shared with the full model, so it can fit the final embedding better for the same
+movement of the shared layers (which is what moves the full model).
 
 The exit at the model's last layer is always the model's own head, so the unmodified forward pass *is* the deepest
 exit. The heads live in ``model.multi_exit`` (a sub-module, so the optimizer and ``state_dict`` see them); shared
@@ -40,7 +49,7 @@ import torch.nn as nn
 from ..distill.inherit import find_layer_container
 
 __all__ = ["add_exits", "get_exits", "has_exits", "remove_exits", "exit_outputs", "exit_embeddings", "MultiExitHeads",
-           "ExitAffine", "model_family", "num_exit_layers"]
+           "ExitAffine", "ExitFFN", "model_family", "num_exit_layers"]
 
 ATTR = "multi_exit"
 FAMILIES = ("encoder", "seq_classifier", "causal_lm", "timm_vit", "timm_resnet")
@@ -61,6 +70,31 @@ class ExitAffine(nn.Module):
         return h * self.weight.to(h.dtype) + self.bias.to(h.dtype)
 
 
+class ExitFFN(nn.Module):
+    """An exit's own copy of an encoder block's feed-forward half (``head="ffn"``).
+
+    BERT-style blocks (BERT, RoBERTa, MPNet, ELECTRA, ...) compute ``output(intermediate(a), a)`` from the attention
+    output ``a``; this module holds copies of ``intermediate`` and ``output`` (dense, dropout, residual LayerNorm) and
+    applies them to the same ``a``, so at init the exit equals the block's own output.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.intermediate = copy.deepcopy(layer.intermediate)
+        self.output = copy.deepcopy(layer.output)
+
+    def forward(self, attention_output: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+def _check_ffn_layer(layer: nn.Module, k: int) -> None:
+    if not (isinstance(getattr(layer, "intermediate", None), nn.Module)
+            and isinstance(getattr(layer, "output", None), nn.Module)):
+        raise ValueError(f"head='ffn' needs BERT-style blocks with `intermediate` and `output` sub-modules (BERT, "
+                         f"RoBERTa, MPNet, ELECTRA); layer {k} is a {type(layer).__name__} without them. Use "
+                         "head='separate' (an elementwise affine) instead")
+
+
 class MultiExitHeads(nn.Module):
     """What :func:`add_exits` attaches as ``model.multi_exit``: the exit layers, their heads and bookkeeping.
 
@@ -68,7 +102,7 @@ class MultiExitHeads(nn.Module):
         family: one of ``encoder``, ``seq_classifier``, ``causal_lm``, ``timm_vit``, ``timm_resnet``.
         layers: exit layers, 1-based, strictly increasing.
         num_layers: the model's depth ``L`` (blocks, or stages for CNNs).
-        head: ``"shared"`` or ``"separate"``.
+        head: ``"shared"``, ``"separate"`` or ``"ffn"``.
         heads: ``ModuleDict`` of per-exit modules keyed by ``str(layer)`` (separate heads only).
         exit_embedding: ``ParameterDict`` of per-exit vectors (causal LMs with ``exit_embedding=True``).
         layer_path: dotted path of the HF layer list (HF models).
@@ -192,8 +226,9 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
         layers: exit layers, 1-based and strictly increasing: ``k`` is the output of the k-th transformer block
             (HF layer, ViT block) or of ResNet stage ``layerk`` (1..4). Including the last layer makes the model's
             own output the deepest exit (recommended: it is then the self-distillation teacher).
-        head: ``"shared"`` (every exit reuses the model's head) or ``"separate"`` (small per-exit heads, see the
-            module docstring). ResNet exits before the last stage need ``"separate"`` (widths differ).
+        head: ``"shared"`` (every exit reuses the model's head), ``"separate"`` (small per-exit heads, see the
+            module docstring) or, for bare encoders, ``"ffn"`` (a per-exit copy of the exit block's feed-forward
+            half). ResNet exits before the last stage need ``"separate"`` (widths differ).
         exit_embedding: causal LMs only: a learned per-exit vector added to the hidden state before the final norm
             (the head is told which exit it serves; MoSE's layer-index conditioning in additive form). Folded into
             the last kept layer's MLP bias by :func:`truncate` (needs a config with ``mlp_bias``, as Llama's).
@@ -208,14 +243,17 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
     if hasattr(model, ATTR):
         raise ValueError(f"{type(model).__name__} already has exits at {getattr(model, ATTR).layers}; "
                          "call remove_exits(model) first")
-    if head not in ("shared", "separate"):
-        raise ValueError(f"head must be 'shared' or 'separate', got {head!r}")
+    if head not in ("shared", "separate", "ffn"):
+        raise ValueError(f"head must be 'shared', 'separate' or 'ffn', got {head!r}")
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     family = model_family(model)
     L = num_exit_layers(model)
     what = "stages" if family == "timm_resnet" else "blocks" if family == "timm_vit" else "layers"
     layers = _check_layers(layers, L, what)
+    if head == "ffn" and family != "encoder":
+        raise ValueError(f"head='ffn' is for bare HF encoders (BertModel, MPNetModel, ...); {type(model).__name__} is "
+                         f"a {family} model: use head='separate'")
     path = find_layer_container(model)[0] if family in ("encoder", "seq_classifier", "causal_lm") else ""
     heads = MultiExitHeads(family, layers, L, head, layer_path=path, pooling=pooling)
     heads.create_kwargs = dict(create_kwargs) if create_kwargs else None
@@ -231,6 +269,10 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
         key = str(k)
         if family == "encoder" and head == "separate":
             heads.heads[key] = ExitAffine(model.config.hidden_size)
+        elif family == "encoder" and head == "ffn":
+            block = model.get_submodule(path)[k - 1]
+            _check_ffn_layer(block, k)
+            heads.heads[key] = ExitFFN(block)
         elif family == "seq_classifier" and head == "separate":
             pooler = getattr(model.base_model, "pooler", None)
             heads.heads[key] = nn.ModuleDict({"classifier": copy.deepcopy(model.classifier)})
@@ -292,17 +334,24 @@ def _hf_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(get_exits(model).layer_path)
 
 
-def apply_head(model: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+def apply_head(model: nn.Module, layer: int, hidden: torch.Tensor,
+               ffn_input: torch.Tensor | None = None) -> torch.Tensor:
     """The exit output at ``layer`` from the hidden state leaving that layer.
 
     HF encoders: token states ``[B, T, D]`` (pool them with :func:`pool`); sequence classifiers: logits
     ``[B, C]``; causal LMs: logits ``[..., V]``; timm: logits ``[B, C]``. ``hidden`` is the layer output: token
-    states for HF / ViT (prefix tokens included), an NCHW map for ResNet.
+    states for HF / ViT (prefix tokens included), an NCHW map for ResNet. ``ffn_input``: for ``head="ffn"`` exits,
+    the block's attention output (the input of its feed-forward half), which that head needs instead of ``hidden``.
     """
     ex = get_exits(model)
     fam, key = ex.family, str(layer)
     final = layer == ex.num_layers
     if fam == "encoder":
+        if key in ex.heads and isinstance(ex.heads[key], ExitFFN):
+            if ffn_input is None:
+                raise ValueError(f"exit {layer} has a feed-forward head (head='ffn'): pass ffn_input, the attention "
+                                 f"output of layer {layer} (capture_hidden / exit_outputs record it)")
+            return ex.heads[key](ffn_input)
         return ex.heads[key](hidden) if key in ex.heads else hidden
     if fam == "seq_classifier":
         mods = ex.heads[key] if key in ex.heads else {"classifier": model.classifier,
@@ -343,19 +392,45 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
 
 
 # -------------------------------------------------------------------------------------------- one-pass outputs
+class HiddenStore(dict):
+    """``layer -> hidden`` from :func:`capture_hidden`; ``ffn_inputs``: ``layer -> attention output`` for the layers
+    whose exit has a feed-forward head (``head="ffn"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ffn_inputs: dict[int, torch.Tensor] = {}
+
+
+def ffn_head_layers(model: nn.Module) -> set[int]:
+    """Exit layers whose head is an :class:`ExitFFN` (they need the block's attention output)."""
+    ex = get_exits(model)
+    return {int(k) for k, h in ex.heads.items() if isinstance(h, ExitFFN)}
+
+
+def hook_ffn_input(block: nn.Module, store: dict, k: int):
+    """Forward pre-hook on ``block.intermediate`` recording its input (the attention output) as ``store[k]``."""
+    def pre(mod, args):
+        store[k] = args[0]
+    return block.intermediate.register_forward_pre_hook(pre)
+
+
 @contextlib.contextmanager
 def capture_hidden(model: nn.Module, layers: Sequence[int]):
-    """Context manager: forward hooks on the given (1-based) HF layers; yields a dict ``layer -> hidden``.
+    """Context manager: forward hooks on the given (1-based) HF layers; yields a :class:`HiddenStore`
+    (``layer -> hidden``, plus ``.ffn_inputs`` for feed-forward exit heads).
 
     Hooks exist only inside the ``with`` block, so copies and saved models never carry them.
     """
     mods = _hf_layers(model)
-    store: dict[int, torch.Tensor] = {}
+    store = HiddenStore()
+    ffn = ffn_head_layers(model)
     handles = []
     for k in layers:
         def hook(mod, args, out, k=k):
             store[k] = out[0] if isinstance(out, (tuple, list)) else out
         handles.append(mods[k - 1].register_forward_hook(hook))
+        if k in ffn:
+            handles.append(hook_ffn_input(mods[k - 1], store.ffn_inputs, k))
     try:
         yield store
     finally:
@@ -402,7 +477,7 @@ def _assemble(model, ex: MultiExitHeads, store: dict, out) -> "OrderedDict[int, 
         else:
             if k not in store:
                 raise RuntimeError(f"layer {k} did not run during the forward pass; cannot compute its exit")
-            result[k] = apply_head(model, k, store[k])
+            result[k] = apply_head(model, k, store[k], ffn_input=getattr(store, "ffn_inputs", {}).get(k))
     return result
 
 

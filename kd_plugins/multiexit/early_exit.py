@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import _hf_layers, _model_inputs, apply_head, get_exits, pool
+from .core import _hf_layers, _model_inputs, apply_head, ffn_head_layers, get_exits, hook_ffn_input, pool
 
 __all__ = ["EarlyExitResult", "confidence", "early_exit_classify", "early_exit_embed", "early_exit_generate",
            "simulate_early_exit", "plot_accuracy_vs_depth"]
@@ -96,13 +96,23 @@ class _HFStepper:
         self.hidden0 = args[0] if args else captured["kwargs"].pop("hidden_states")
         self.args, self.kwargs = tuple(args[1:]), dict(captured["kwargs"])
         self.batch = self.hidden0.shape[0]
+        self.ffn_layers = ffn_head_layers(model) if get_exits(model).family == "encoder" else set()
+        self.ffn_inputs: dict[int, torch.Tensor] = {}
 
     def start(self) -> torch.Tensor:
         return self.hidden0
 
     def step(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        out = self.layers[i](h, *self.args, **self.kwargs)
+        handle = hook_ffn_input(self.layers[i], self.ffn_inputs, i + 1) if i + 1 in self.ffn_layers else None
+        try:
+            out = self.layers[i](h, *self.args, **self.kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return apply_head(self.model, k, h, ffn_input=self.ffn_inputs.pop(k, None))
 
     def select(self, idx: torch.Tensor) -> None:
         self.args = _slice(self.args, idx, self.batch)
@@ -123,6 +133,9 @@ class _TimmStepper:
             return m.norm_pre(x)
         x = m.act1(m.bn1(m.conv1(x)))
         return m.maxpool(x)
+
+    def head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return apply_head(self.model, k, h)
 
     def step(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if self.family == "timm_vit":
@@ -171,7 +184,7 @@ def _run(model, inputs, decide, finish):
             k = i + 1
             if k not in ex.layers:
                 continue
-            out, done = decide(k, h, am, state, last=k == ex.deepest)
+            out, done = decide(k, st.head(k, h), am, state, last=k == ex.deepest)
             for j in torch.nonzero(done).flatten().tolist():
                 results[int(active[j])] = out[j]
                 exit_layer[int(active[j])] = k
@@ -202,8 +215,7 @@ def early_exit_classify(model: nn.Module, inputs, threshold: float = 0.9,
                          "(use early_exit_embed / early_exit_generate)")
     _check_threshold(threshold, criterion)
 
-    def decide(k, h, am, state, last):
-        logits = apply_head(model, k, h)
+    def decide(k, logits, am, state, last):
         done = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if last else \
             confidence(logits, criterion) >= threshold
         return logits, done
@@ -221,8 +233,8 @@ def early_exit_embed(model: nn.Module, inputs, threshold: float = 0.99, normaliz
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
 
-    def decide(k, h, am, state, last):
-        e = pool(apply_head(model, k, h), am, ex.pooling).float()
+    def decide(k, tokens, am, state, last):
+        e = pool(tokens, am, ex.pooling).float()
         if "prev" in state:
             done = F.cosine_similarity(e, state["prev"], dim=-1) >= threshold
         else:

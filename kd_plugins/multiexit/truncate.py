@@ -2,7 +2,8 @@
 
 * Hugging Face: an ordinary ``PreTrainedModel`` with the first ``k`` layers (config ``num_hidden_layers = k``);
   ``save_pretrained`` / ``from_pretrained`` work without kd_plugins. Separate exit heads are folded in: the encoder
-  affine into the last kept block's output LayerNorm, a classifier/pooler copy replaces the model's, a causal LM's
+  affine into the last kept block's output LayerNorm, an encoder feed-forward head (``head="ffn"``) replaces the last
+  kept block's ``intermediate`` and ``output``, a classifier/pooler copy replaces the model's, a causal LM's
   norm copy replaces the final norm and an exit embedding becomes the last kept layer's ``down_proj`` bias (the
   config gets ``mlp_bias=True`` with zero biases elsewhere).
 * timm: ``timm.create_model(arch, **kwargs)`` with ``depth=k`` (ViT) or ``layers=[..., 0, 0]`` and matching
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..distill.inherit import inherit_student
-from .core import ATTR, get_exits
+from .core import ATTR, ExitFFN, get_exits
 
 __all__ = ["truncate", "timm_truncation_kwargs"]
 
@@ -68,7 +69,10 @@ def _truncate_hf(model: nn.Module, k: int) -> nn.Module:
     key = str(k)
     layers = small.get_submodule(ex.layer_path)
     with torch.no_grad():
-        if ex.family == "encoder" and key in heads.heads:
+        if ex.family == "encoder" and key in heads.heads and isinstance(heads.heads[key], ExitFFN):
+            layers[-1].intermediate = copy.deepcopy(heads.heads[key].intermediate)
+            layers[-1].output = copy.deepcopy(heads.heads[key].output)
+        elif ex.family == "encoder" and key in heads.heads:
             lns = [m for m in layers[-1].modules() if isinstance(m, nn.LayerNorm)]
             if not lns or not lns[-1].elementwise_affine:
                 raise ValueError(f"cannot fold the exit affine: layer {k} has no affine LayerNorm")
