@@ -148,6 +148,7 @@ def load_into(model, state: dict, log) -> None:
     converted: each exit's feed-forward copy is taken from the loaded block and the affine is folded into its
     LayerNorm, so every exit's output is exactly what it was."""
     from kd_plugins.multiexit import ExitFFN
+    from kd_plugins.multiexit.core import fold_affine
 
     heads = model.multi_exit.heads
     affine = {k for k in heads if isinstance(heads[k], ExitFFN) and f"multi_exit.heads.{k}.weight" in state}
@@ -158,11 +159,8 @@ def load_into(model, state: dict, log) -> None:
     blocks = model.get_submodule(model.multi_exit.layer_path)
     with torch.no_grad():
         for k in sorted(affine, key=int):
-            fresh = ExitFFN(blocks[int(k) - 1])
-            w, b = state[f"multi_exit.heads.{k}.weight"], state[f"multi_exit.heads.{k}.bias"]
-            ln = fresh.output.LayerNorm
-            ln.bias.copy_(ln.bias * w + b)
-            ln.weight.mul_(w)
+            fresh = ExitFFN(blocks[int(k) - 1])  # in place below: the optimizer already holds heads[k]'s tensors
+            fold_affine(fresh.output, state[f"multi_exit.heads.{k}.weight"], state[f"multi_exit.heads.{k}.bias"])
             heads[k].load_state_dict(fresh.state_dict())
     log(f"converted the affine exit heads {sorted(affine, key=int)} of the loaded state into feed-forward heads")
 

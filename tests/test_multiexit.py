@@ -172,6 +172,27 @@ def test_encoder_exits_and_truncation_parity(factory, head):
         torch.testing.assert_close(res.output, emb[3], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["shared", "separate"])
+def test_convert_exit_heads_to_ffn_is_exact(head):
+    from kd_plugins.multiexit import convert_exit_heads
+
+    model = add_exits(tiny_bert(layers=4).eval(), [1, 3, 4], head=head)
+    _perturb(model.multi_exit)
+    inputs = _ids()
+    ref = exit_outputs(model, **inputs)
+    convert_exit_heads(model)
+    assert model.multi_exit.head == "ffn" and sorted(model.multi_exit.heads) == ["1", "3"]
+    outs = exit_outputs(model, **inputs)
+    for k in ref:
+        torch.testing.assert_close(outs[k], ref[k], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(truncate(model, 3).eval()(**inputs).last_hidden_state, ref[3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="converts to head='ffn' only"):
+        convert_exit_heads(model, "separate")
+    clf = add_exits(tiny_bert("BertForSequenceClassification", layers=4), [2, 4], head="separate")
+    with pytest.raises(ValueError, match="for bare HF encoders"):
+        convert_exit_heads(clf)
+
+
 def test_ffn_head_bad_inputs():
     with pytest.raises(ValueError, match="head='ffn' is for bare HF encoders"):
         add_exits(tiny_bert("BertForSequenceClassification", layers=4), [2, 4], head="ffn")

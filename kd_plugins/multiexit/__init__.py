@@ -23,6 +23,7 @@ from .core import (
     MultiExitHeads,
     add_exits,
     apply_head,
+    convert_exit_heads,
     exit_embeddings,
     exit_outputs,
     get_exits,
@@ -46,7 +47,7 @@ from .truncate import timm_truncation_kwargs, truncate
 
 __all__ = [
     "add_exits", "get_exits", "has_exits", "remove_exits", "exit_outputs", "exit_embeddings", "apply_head", "pool",
-    "model_family", "num_exit_layers", "MultiExitHeads", "ExitAffine", "ExitFFN",
+    "model_family", "num_exit_layers", "MultiExitHeads", "ExitAffine", "ExitFFN", "convert_exit_heads",
     "MultiExitConfig", "MultiExitLoss", "exit_weights", "multi_exit_loss", "exit_ce_losses", "info_nce",
     "truncate", "timm_truncation_kwargs",
     "EarlyExitResult", "confidence", "early_exit_classify", "early_exit_embed", "early_exit_generate",

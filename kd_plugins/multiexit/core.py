@@ -49,7 +49,7 @@ import torch.nn as nn
 from ..distill.inherit import find_layer_container
 
 __all__ = ["add_exits", "get_exits", "has_exits", "remove_exits", "exit_outputs", "exit_embeddings", "MultiExitHeads",
-           "ExitAffine", "ExitFFN", "model_family", "num_exit_layers"]
+           "ExitAffine", "ExitFFN", "convert_exit_heads", "fold_affine", "model_family", "num_exit_layers"]
 
 ATTR = "multi_exit"
 FAMILIES = ("encoder", "seq_classifier", "causal_lm", "timm_vit", "timm_resnet")
@@ -85,6 +85,17 @@ class ExitFFN(nn.Module):
 
     def forward(self, attention_output: torch.Tensor) -> torch.Tensor:
         return self.output(self.intermediate(attention_output), attention_output)
+
+
+def fold_affine(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, what: str = "the block") -> None:
+    """Fold ``h * weight + bias`` applied after ``module`` into its last affine LayerNorm (in place, exact)."""
+    lns = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    if not lns or not lns[-1].elementwise_affine:
+        raise ValueError(f"cannot fold the exit affine: {what} has no affine LayerNorm")
+    ln = lns[-1]
+    with torch.no_grad():
+        ln.bias.copy_(ln.bias * weight.to(ln.bias) + bias.to(ln.bias))
+        ln.weight.mul_(weight.to(ln.weight))
 
 
 def _check_ffn_layer(layer: nn.Module, k: int) -> None:
@@ -303,6 +314,34 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
                 heads.heads[key] = nn.Linear(width, model.fc.out_features)
     heads.to(device)
     model.add_module(ATTR, heads)
+    return model
+
+
+def convert_exit_heads(model: nn.Module, head: str = "ffn") -> nn.Module:
+    """Switch a bare encoder's exits to feed-forward heads (``head="ffn"``) without changing any exit's output.
+
+    Each shallow exit gets a copy of its block's feed-forward half; an existing elementwise affine head
+    (``head="separate"``) is folded into the copy's LayerNorm, so a model trained with affine heads continues exactly
+    where it was. Exits that already have a feed-forward head are kept. Build the optimizer after converting (the
+    new heads are new parameters). Returns ``model``.
+    """
+    ex = get_exits(model)
+    if head != "ffn":
+        raise ValueError(f"convert_exit_heads converts to head='ffn' only (the other direction is not exact), got "
+                         f"{head!r}")
+    if ex.family != "encoder":
+        raise ValueError(f"head='ffn' is for bare HF encoders; this model's exits are {ex.family} exits")
+    blocks = model.get_submodule(ex.layer_path)
+    for k in ex.layers:
+        key = str(k)
+        if k == ex.num_layers or isinstance(ex.heads[key] if key in ex.heads else None, ExitFFN):
+            continue
+        _check_ffn_layer(blocks[k - 1], k)
+        new = ExitFFN(blocks[k - 1])
+        if key in ex.heads:
+            fold_affine(new.output, ex.heads[key].weight.detach(), ex.heads[key].bias.detach(), f"layer {k}")
+        ex.heads[key] = new
+    ex.head = "ffn"
     return model
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..distill.inherit import inherit_student
-from .core import ATTR, ExitFFN, get_exits
+from .core import ATTR, ExitFFN, fold_affine, get_exits
 
 __all__ = ["truncate", "timm_truncation_kwargs"]
 
@@ -73,12 +73,7 @@ def _truncate_hf(model: nn.Module, k: int) -> nn.Module:
             layers[-1].intermediate = copy.deepcopy(heads.heads[key].intermediate)
             layers[-1].output = copy.deepcopy(heads.heads[key].output)
         elif ex.family == "encoder" and key in heads.heads:
-            lns = [m for m in layers[-1].modules() if isinstance(m, nn.LayerNorm)]
-            if not lns or not lns[-1].elementwise_affine:
-                raise ValueError(f"cannot fold the exit affine: layer {k} has no affine LayerNorm")
-            ln, aff = lns[-1], heads.heads[key]
-            ln.bias.copy_(ln.bias * aff.weight + aff.bias)
-            ln.weight.mul_(aff.weight)
+            fold_affine(layers[-1], heads.heads[key].weight, heads.heads[key].bias, f"layer {k}")
         elif ex.family == "seq_classifier" and key in heads.heads:
             small.classifier = copy.deepcopy(heads.heads[key]["classifier"])
             if "pooler" in heads.heads[key]:
