@@ -334,12 +334,13 @@ def convert_exit_heads(model: nn.Module, head: str = "ffn") -> nn.Module:
     blocks = model.get_submodule(ex.layer_path)
     for k in ex.layers:
         key = str(k)
-        if k == ex.num_layers or isinstance(ex.heads[key] if key in ex.heads else None, ExitFFN):
+        current = ex.heads[key] if key in ex.heads else None
+        if k == ex.num_layers or isinstance(current, ExitFFN):
             continue
         _check_ffn_layer(blocks[k - 1], k)
         new = ExitFFN(blocks[k - 1])
-        if key in ex.heads:
-            fold_affine(new.output, ex.heads[key].weight.detach(), ex.heads[key].bias.detach(), f"layer {k}")
+        if current is not None:  # an ExitAffine: the only other encoder head
+            fold_affine(new.output, current.weight.detach(), current.bias.detach(), f"layer {k}")
         ex.heads[key] = new
     ex.head = "ffn"
     return model
