@@ -125,6 +125,11 @@ def parse_args(argv=None):
     p.add_argument("--interp", type=float, nargs="+", default=[],
                    help="with --load: evaluate theta_original + a * (theta_loaded - theta_original) for each a "
                         "(weight interpolation towards the original model; no training)")
+    p.add_argument("--ict", type=int, default=0,
+                   help="inverse cloze task: each step also adds this many (body sentence -> rest of that body) "
+                        "pairs from distinct training articles to every exit's InfoNCE task loss, as more retrieval "
+                        "pairs than the 1,360 training titles (needs --task-weight > 0)")
+    p.add_argument("--ict-weight", type=float, default=1.0, help="weight of the --ict InfoNCE term")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for the student's training forwards (about 1.3x faster per step on a "
                         "2-core AVX512-BF16 CPU with --anchor-sentences, run K); the teacher, its cached embeddings, the head init and every evaluation stay fp32")
@@ -216,6 +221,20 @@ def sentences_of(text, min_words=4):
 
     parts = re.split(r"(?<=[.!?])\s+|\n+", text)
     return [x.strip() for x in parts if len(x.split()) >= min_words]
+
+
+def ict_pairs(bodies, picks, rng):
+    """Inverse-cloze pairs: for each article index in ``picks``, one of its body sentences (4+ words) and the body
+    with that sentence removed. Articles whose body has fewer than two such sentences are skipped."""
+    queries, docs = [], []
+    for i in picks:
+        sents = sentences_of(bodies[i])
+        if len(sents) < 2:
+            continue
+        j = rng.randrange(len(sents))
+        queries.append(sents[j])
+        docs.append(" ".join(sents[:j] + sents[j + 1:]))
+    return queries, docs
 
 
 def interpolate(model, teacher, tok, ev, trained, args, before, log):
@@ -511,6 +530,11 @@ def main(argv=None):
         sent_enc = tok(sents, truncation=True, max_length=args.train_max_len)
         log(f"anchoring the full model on {args.anchor_sentences} of {len(sents)} training sentences per step "
             f"(weight {args.anchor_weight})")
+    if args.ict and args.task_weight <= 0:
+        raise SystemExit("--ict adds pairs to the InfoNCE task loss: give --task-weight > 0")
+    ict_rng = random.Random(args.seed + 104729)
+    if args.ict:
+        log(f"inverse cloze task: {args.ict} (sentence -> rest of body) pairs per step, weight {args.ict_weight}")
     if not args.reanchor:
         log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
             f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
@@ -530,11 +554,24 @@ def main(argv=None):
             oq, od = exit_outputs(model, **bq), exit_outputs(model, **bd)
         oq = {k: h.float() for k, h in oq.items()}  # losses in fp32 under --bf16
         od = {k: h.float() for k, h in od.items()}
+        ict_terms = {}
         eq = {k: pool(h, bq["attention_mask"]) for k, h in oq.items()}
         ed = {k: pool(h, bd["attention_mask"]) for k, h in od.items()}
         task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq} if args.task_weight > 0 else None
+        if args.ict:  # distinct articles, so no in-batch negative is a positive
+            iq, idoc = ict_pairs(bodies, ict_rng.sample(range(n), args.ict), ict_rng)
+            biq = tok(iq, padding=True, truncation=True, max_length=args.train_max_len, return_tensors="pt")
+            bid = tok(idoc, padding=True, truncation=True, max_length=args.train_max_len, return_tensors="pt")
+            with amp():
+                oiq, oid = exit_outputs(model, **biq), exit_outputs(model, **bid)
+            for k in task:
+                ict = info_nce(pool(oiq[k].float(), biq["attention_mask"]), pool(oid[k].float(), bid["attention_mask"]),
+                               args.scale)
+                task[k] = task[k] + args.ict_weight * ict
+                ict_terms[f"exit{k}_ict"] = float(ict.detach())
         both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
         res = multi_exit_loss(both, L, cfg, kind="embedding", task_losses=task, teacher=teach)
+        res.terms.update(ict_terms)
         loss = res.loss
         if args.token_weight > 0:
             with torch.no_grad():
