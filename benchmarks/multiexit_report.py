@@ -81,20 +81,51 @@ def _minilm_settings(r) -> str:
             "thread(s) of a shared 2-core machine.")
 
 
+def _phase_change(prev: dict, a: dict) -> str:
+    """What a resumed phase changed against the phase before it (the loss, what trains, the schedule)."""
+    ch = []
+    if a.get("head") != prev.get("head"):
+        ch.append(f"exit heads converted exactly to `{a['head']}`"
+                  + (" (each shallow exit's own copy of its block's feed-forward half, swapped in by `truncate`)"
+                     if a.get("head") == "ffn" else ""))
+    if a.get("freeze_shared") != prev.get("freeze_shared"):
+        ch.append("every shared weight frozen, only the exit heads train (the full model stays as loaded)"
+                  if a.get("freeze_shared") else "the shared weights train again")
+    if (a.get("task_weight", 0), a.get("scale")) != (prev.get("task_weight", 0), prev.get("scale")):
+        ch.append(f"InfoNCE title<->body (scale {a['scale']}, training split, in-batch negatives) x {a['task_weight']}"
+                  " on every exit" if a.get("task_weight", 0) > 0 else "no InfoNCE term")
+    if (a.get("ict", 0), a.get("ict_weight")) != (prev.get("ict", 0), prev.get("ict_weight")):
+        ch.append(f"plus inverse-cloze InfoNCE on {a['ict']} (body sentence -> rest of that body) training pairs per "
+                  f"step x {a.get('ict_weight', 1.0)}" if a.get("ict") else "no inverse-cloze pairs")
+    if (a.get("anchor_sentences", 0), a.get("anchor_weight")) != (prev.get("anchor_sentences", 0),
+                                                                  prev.get("anchor_weight")):
+        ch.append(f"sentence anchor {a['anchor_sentences']} x weight {a['anchor_weight']}"
+                  if a.get("anchor_sentences") else "no sentence anchor")
+    if a.get("batch") != prev.get("batch"):
+        ch.append(f"batch {a['batch']} articles")
+    lr = (a.get("lr"), a.get("warmup"), a.get("shallow_lr_mult"), a.get("shallow_upto"))
+    if lr != (prev.get("lr"), prev.get("warmup"), prev.get("shallow_lr_mult"), prev.get("shallow_upto")):
+        mult = (f", x{a['shallow_lr_mult']} for layers 1-{a['shallow_upto']} and the heads"
+                if a.get("shallow_lr_mult", 1.0) != 1.0 else "")
+        ch.append(f"peak lr {a['lr']}{mult}, {a.get('warmup', 0.1):.0%} warm-up then linear decay")
+    return "; ".join(ch) if ch else "same settings"
+
+
 def _minilm_recipe(r) -> list[str]:
     """Settings and commands; a run trained in phases (``--resume``) lists every phase and the evaluation command."""
     phases = r.get("phases")
     if not phases:
         return [_minilm_settings(r), "", f"Command: `{r['command']}`"]
-    first = phases[0]
-    out = [_minilm_settings(first)]
-    a0 = first["args"]
-    for ph in phases[1:]:
-        a = ph["args"]
-        lr = ("the same learning rates" if (a["lr"], a.get("warmup")) == (a0["lr"], a0.get("warmup")) else
-              f"peak lr {a['lr']}, {a.get('warmup', 0.1):.0%} warm-up then linear decay, same multipliers")
-        out[0] += (f" Then {_steps_text(ph)} more, resumed from those weights with the same loss and {lr} (fresh "
-                   f"optimizer and schedule, data-order seed {a['seed']}; training {ph['train_seconds'] / 60:.1f} min).")
+    out = [_minilm_settings(phases[0])]
+    for i in range(1, len(phases)):
+        ph = phases[i]
+        res = str(ph["args"].get("resume", ""))
+        src = (f"phase {i}'s step-{res.rsplit('.step', 1)[1]} checkpoint" if ".step" in res.rsplit("/", 1)[-1]
+               else f"phase {i}'s last weights")
+        out[0] += (f" Phase {i + 1}: {_steps_text(ph)} more from {src}, "
+                   + _phase_change(phases[i - 1]["args"], ph["args"])
+                   + f" (fresh optimizer and schedule, data-order seed {ph['args']['seed']}; training "
+                   f"{ph['train_seconds'] / 60:.1f} min).")
     curves = [(i + 1, c) for i, ph in enumerate(phases) for c in ph.get("validation_curve", [])]
     if curves:
         sel = r.get("selected")
