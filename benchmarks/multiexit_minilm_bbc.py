@@ -47,7 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd_plugins import inherit_student  # noqa: E402
-from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles  # noqa: E402
+from kd_plugins.data import (  # noqa: E402
+    encode,
+    inverse_cloze_pairs,
+    minilm_path,
+    retrieval_metrics,
+    split_articles,
+    split_sentences,
+)
 from kd_plugins.multiexit.core import pool  # noqa: E402
 from kd_plugins.multiexit import (  # noqa: E402
     MultiExitConfig,
@@ -213,28 +220,6 @@ def drift_of(embs, ref):
     q = float(1 - (embs["q"][full] * ref["q"]).sum(-1).mean())
     d = float(1 - (embs["d"][full] * ref["d"]).sum(-1).mean())
     return {"titles": q, "bodies": d, "mean": (q + d) / 2}
-
-
-def sentences_of(text, min_words=4):
-    """Body sentences (split on '. ', '? ', '! ' and line breaks), at least ``min_words`` words each."""
-    import re
-
-    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
-    return [x.strip() for x in parts if len(x.split()) >= min_words]
-
-
-def ict_pairs(bodies, picks, rng):
-    """Inverse-cloze pairs: for each article index in ``picks``, one of its body sentences (4+ words) and the body
-    with that sentence removed. Articles whose body has fewer than two such sentences are skipped."""
-    queries, docs = [], []
-    for i in picks:
-        sents = sentences_of(bodies[i])
-        if len(sents) < 2:
-            continue
-        j = rng.randrange(len(sents))
-        queries.append(sents[j])
-        docs.append(" ".join(sents[:j] + sents[j + 1:]))
-    return queries, docs
 
 
 def interpolate(model, teacher, tok, ev, trained, args, before, log):
@@ -518,7 +503,7 @@ def main(argv=None):
     if args.reanchor:
         texts = titles + bodies
         if args.reanchor_texts == "sentences":
-            texts += [x for b in bodies for x in sentences_of(b)]
+            texts += [x for b in bodies for x in split_sentences(b)]
         if args.val_every:
             validate(0)
         history = reanchor(model, teacher, tok, texts, args, log, validate)
@@ -526,7 +511,7 @@ def main(argv=None):
         total = 0  # the first-stage loop below is skipped
     sent_enc, sent_order, sent_rng = None, [], random.Random(args.seed + 7919)
     if args.anchor_sentences and not args.reanchor:
-        sents = [x for b in bodies for x in sentences_of(b)]
+        sents = [x for b in bodies for x in split_sentences(b)]
         sent_enc = tok(sents, truncation=True, max_length=args.train_max_len)
         log(f"anchoring the full model on {args.anchor_sentences} of {len(sents)} training sentences per step "
             f"(weight {args.anchor_weight})")
@@ -559,7 +544,7 @@ def main(argv=None):
         ed = {k: pool(h, bd["attention_mask"]) for k, h in od.items()}
         task = {k: info_nce(eq[k], ed[k], args.scale) for k in eq} if args.task_weight > 0 else None
         if args.ict:  # distinct articles, so no in-batch negative is a positive
-            iq, idoc = ict_pairs(bodies, ict_rng.sample(range(n), args.ict), ict_rng)
+            iq, idoc = inverse_cloze_pairs(bodies, ict_rng.sample(range(n), args.ict), ict_rng)
             biq = tok(iq, padding=True, truncation=True, max_length=args.train_max_len, return_tensors="pt")
             bid = tok(idoc, padding=True, truncation=True, max_length=args.train_max_len, return_tensors="pt")
             with amp():

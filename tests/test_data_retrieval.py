@@ -1,12 +1,13 @@
 """kd_plugins.data: retrieval metrics (synthetic, exact values), BBC loading/splitting, encode() on real MiniLM."""
 
 import math
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_plugins.data import retrieval_metrics
+from kd_plugins.data import inverse_cloze_pairs, retrieval_metrics, split_sentences
 
 
 def test_perfect_retrieval():
@@ -44,6 +45,26 @@ def test_random_embeddings_match_bruteforce():
     r = retrieval_metrics(q, d)
     assert r["mrr"] == pytest.approx(sum(1 / k for k in ranks) / 20)
     assert r["recall@1"] == pytest.approx(sum(k == 1 for k in ranks) / 20)
+
+
+def test_split_sentences_and_min_words():
+    text = "First sentence has five words. Short one! Is this the third one?\nA line break splits too"
+    assert split_sentences(text) == ["First sentence has five words.", "Is this the third one?",
+                                     "A line break splits too"]
+    assert split_sentences(text, min_words=1)[1] == "Short one!"
+
+
+def test_inverse_cloze_pairs_remove_the_query_and_skip_short_docs():
+    docs = ["Alpha beta gamma delta. Epsilon zeta eta theta. Iota kappa lambda mu.",
+            "Only one long sentence here.",
+            "One two three four. Five six seven eight."]
+    q, pos = inverse_cloze_pairs(docs, [0, 1, 2], random.Random(0))
+    assert len(q) == len(pos) == 2  # doc 1 has a single sentence: skipped
+    for query, positive, doc in zip(q, pos, [docs[0], docs[2]]):
+        assert query in doc and query not in positive
+        assert sorted(split_sentences(positive) + [query]) == sorted(split_sentences(doc))
+    # seeded: the same rng state gives the same pairs
+    assert inverse_cloze_pairs(docs, [0, 2], random.Random(3)) == inverse_cloze_pairs(docs, [0, 2], random.Random(3))
 
 
 def test_bad_shapes():

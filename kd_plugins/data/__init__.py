@@ -14,9 +14,10 @@ from .bbc import (
     train_texts,
 )
 from .models import minilm_path
-from .retrieval import embedding_drift, encode, retrieval_metrics
+from .retrieval import embedding_drift, encode, inverse_cloze_pairs, retrieval_metrics, split_sentences
 
 __all__ = [
     "BBC_CLASSES", "BBCArticle", "BBCSplit", "load_bbc_news", "split_articles", "article_paragraphs", "train_texts",
-    "minilm_path", "encode", "retrieval_metrics", "embedding_drift",
+    "minilm_path", "encode", "retrieval_metrics", "embedding_drift", "split_sentences",
+    "inverse_cloze_pairs",
 ]

@@ -1,6 +1,11 @@
-"""Dense-retrieval evaluation: encode texts with a bare encoder, score queries against documents."""
+"""Dense-retrieval evaluation: encode texts with a bare encoder, score queries against documents; and
+inverse-cloze training pairs built from documents alone."""
 
 from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +85,30 @@ def embedding_drift(model, reference, tokenizer, texts: list[str], batch_size: i
                          "drift needs the same embedding space")
     dist = 1.0 - (a * b).sum(-1)
     return {"mean": dist.mean().item(), "median": dist.median().item(), "max": dist.max().item()}
+
+
+def split_sentences(text: str, min_words: int = 4) -> list[str]:
+    """Sentences of ``text`` (split after ``.``, ``?``, ``!`` followed by whitespace, and at line breaks), keeping those
+    with at least ``min_words`` words."""
+    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
+    return [x.strip() for x in parts if len(x.split()) >= min_words]
+
+
+def inverse_cloze_pairs(docs: Sequence[str], picks: Sequence[int], rng: random.Random,
+                        min_words: int = 4) -> tuple[list[str], list[str]]:
+    """Inverse-cloze retrieval pairs (Lee et al., 2019): for each document index in ``picks``, one of its sentences
+    (chosen with ``rng``) as the query and the document with that sentence removed as its positive.
+
+    Documents with fewer than two sentences of ``min_words``+ words are skipped, so the lists can be shorter than
+    ``picks``. Pass distinct indices when the pairs feed an in-batch-negatives loss (a repeated document would make
+    a positive look like a negative). Returns ``(queries, positives)``.
+    """
+    queries, positives = [], []
+    for i in picks:
+        sents = split_sentences(docs[i], min_words)
+        if len(sents) < 2:
+            continue
+        j = rng.randrange(len(sents))
+        queries.append(sents[j])
+        positives.append(" ".join(sents[:j] + sents[j + 1:]))
+    return queries, positives
