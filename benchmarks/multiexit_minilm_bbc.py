@@ -141,6 +141,9 @@ def parse_args(argv=None):
                    help="bfloat16 autocast for the student's training forwards (about 1.3x faster per step on a "
                         "2-core AVX512-BF16 CPU with --anchor-sentences, run K); the teacher, its cached embeddings, the head init and every evaluation stay fp32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of split_articles (train / validation / test draw); every reported run used 0. Another "
+                        "seed re-measures the recipe on a different held-out draw (train from scratch with it)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multiexit_minilm.json"))
     return p.parse_args(argv)
@@ -337,7 +340,8 @@ def main(argv=None):
     log = lambda *a: print(f"[{time.time() - t0:6.0f}s]", *a, flush=True)  # noqa: E731
     from transformers import AutoModel, AutoTokenizer
 
-    split = split_articles(seed=0)
+    split = split_articles(seed=args.split_seed)
+    tag = f"_split{args.split_seed}" if args.split_seed else ""  # cache names: seed 0 keeps the original names
     train = split.train
     ev = split.test if args.eval == "test" else split.validation
     if args.eval_n:
@@ -350,7 +354,7 @@ def main(argv=None):
     L = model.multi_exit.num_layers
 
     log(f"before training: evaluating exits {args.exits} on {len(ev)} {args.eval} articles")
-    bkey = ROOT / ".cache" / "multiexit" / (f"minilm_before_{args.eval}_{len(ev)}_{args.max_len}_"
+    bkey = ROOT / ".cache" / "multiexit" / (f"minilm_before{tag}_{args.eval}_{len(ev)}_{args.max_len}_"
                                             f"{'-'.join(map(str, args.exits))}.json")
     if bkey.is_file():  # untrained exits (identity heads) == plain truncations of the original model
         cached = json.loads(bkey.read_text())
@@ -366,7 +370,7 @@ def main(argv=None):
     bodies = [a.body for a in train]
     n = len(train)
     # Frozen teacher: raw mean-pooled embeddings (what embedding_mse compares), filled lazily per batch and cached.
-    cache = ROOT / ".cache" / "multiexit" / f"minilm_teacher_rawpool_train{n}_{args.train_max_len}.pt"
+    cache = ROOT / ".cache" / "multiexit" / f"minilm_teacher_rawpool{tag}_train{n}_{args.train_max_len}.pt"
     if cache.is_file():
         t_q, t_d = torch.load(cache)
     else:
