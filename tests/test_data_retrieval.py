@@ -65,6 +65,8 @@ def test_inverse_cloze_pairs_remove_the_query_and_skip_short_docs():
         assert sorted(split_sentences(positive) + [query]) == sorted(split_sentences(doc))
     # seeded: the same rng state gives the same pairs
     assert inverse_cloze_pairs(docs, [0, 2], random.Random(3)) == inverse_cloze_pairs(docs, [0, 2], random.Random(3))
+    with pytest.raises(ValueError, match="distinct document indices"):
+        inverse_cloze_pairs(docs, [0, 2, 0], random.Random(0))
 
 
 def test_bad_shapes():

@@ -100,9 +100,16 @@ def inverse_cloze_pairs(docs: Sequence[str], picks: Sequence[int], rng: random.R
     (chosen with ``rng``) as the query and the document with that sentence removed as its positive.
 
     Documents with fewer than two sentences of ``min_words``+ words are skipped, so the lists can be shorter than
-    ``picks``. Pass distinct indices when the pairs feed an in-batch-negatives loss (a repeated document would make
-    a positive look like a negative). Returns ``(queries, positives)``.
+    ``picks``. Indices must be distinct: the pairs feed in-batch-negatives losses, where a repeated document would
+    turn a positive into a negative. Returns ``(queries, positives)``.
+
+    Raises:
+        ValueError: a document index appears twice in ``picks``.
     """
+    if len(set(picks)) != len(picks):
+        raise ValueError("inverse_cloze_pairs needs distinct document indices in `picks` (a repeated document makes a "
+                         "positive look like an in-batch negative); sample them without replacement, e.g. "
+                         "rng.sample(range(len(docs)), n)")
     queries, positives = [], []
     for i in picks:
         sents = split_sentences(docs[i], min_words)
