@@ -1,4 +1,4 @@
-# Two commands: `make demo` (bundled real-model demo) and `make test` (what CI runs).
+# Main commands: `make demo` (bundled real-model demo), `make lint` and `make test` (what CI runs, in that order).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,14 +30,20 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 
+# ruff settings live in pyproject.toml ([tool.ruff]); CI runs this before the tests.
+LINT_PATHS := kd_plugins tests benchmarks examples
+lint: venv
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
 bench-lm: venv
-	$(PY) benchmarks/lm_distill_smollm2.py --steps 80
+	$(PY) benchmarks/distill/lm_distill_smollm2.py --steps 80
 
 # The reported MiniLM multi-exit recipe, end to end (about 5 h on 2 CPU threads); SPLIT=n re-measures it on
 # another train / validation / test draw.
 SPLIT ?= 0
 bench-multiexit: venv
-	PYTHON=$(PY) bash benchmarks/multiexit_minilm_reproduce.sh $(SPLIT)
+	PYTHON=$(PY) bash benchmarks/multiexit/multiexit_minilm_reproduce.sh $(SPLIT)
 
 bench: bench-lm
 

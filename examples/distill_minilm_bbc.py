@@ -42,7 +42,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from kd_plugins import DistillationCallback, DistillationConfig, inherit_student  # noqa: E402
 from kd_plugins.data import article_paragraphs, encode, minilm_path, retrieval_metrics, split_articles  # noqa: E402
 
-# The recipe (defaults of the command-line flags). See benchmarks/RESULTS_demo.md for how it was found.
+# The recipe (defaults of the command-line flags). See benchmarks/demo/RESULTS_demo.md for how it was found.
 RECIPE = dict(
     layers="0,2,5",        # teacher layers the student keeps
     steps=100,             # optimizer steps (~0.6 epoch of the training articles)

@@ -4,28 +4,70 @@ Distillation for Hugging Face Trainer scripts::
 
     from kd_plugins import DistillationCallback, DistillationConfig
     trainer = Trainer(..., callbacks=[DistillationCallback(teacher, DistillationConfig(loss_terms="kl"))])
+
+Every public entry point is reachable from here; the framework adapters (which import ``transformers.Trainer`` or
+``timm.task``, slow imports) load on first use.
 """
 
 __version__ = "0.1.0"
 
+import importlib as _importlib
+
 from .distill import DistillationConfig, DistillationEngine, inherit_student  # noqa: E402
 from .losses import get_loss, list_losses, register_loss  # noqa: E402
 
+#: Public name -> module that defines it, imported on first attribute access.
+_LAZY = {
+    "DistillationCallback": "kd_plugins.integrations.hf",
+    "DistillationTrainer": "kd_plugins.integrations.hf",
+    "ACMCallback": "kd_plugins.integrations.hf",
+    "MultiExitCallback": "kd_plugins.integrations.hf",
+    "KDTask": "kd_plugins.integrations.timm",
+    "ACMTask": "kd_plugins.integrations.timm",
+    "MultiExitTask": "kd_plugins.integrations.timm",
+    "quantize": "kd_plugins.quant",
+    "QuantConfig": "kd_plugins.quant",
+    "save_quantized": "kd_plugins.quant",
+    "load_quantized": "kd_plugins.quant",
+    "acmize": "kd_plugins.acm",
+    "ACMConfig": "kd_plugins.acm",
+    "save_acm": "kd_plugins.acm",
+    "load_acm": "kd_plugins.acm",
+    "add_exits": "kd_plugins.multiexit",
+    "MultiExitConfig": "kd_plugins.multiexit",
+    "truncate": "kd_plugins.multiexit",
+    "SkillPack": "kd_plugins.skillpack",
+    "SkillPackConfig": "kd_plugins.skillpack",
+    "save_skillpack": "kd_plugins.skillpack",
+    "load_skillpack": "kd_plugins.skillpack",
+    "fused_linear_kd_loss": "kd_plugins.kernels",
+}
+
 
 def __getattr__(name):
-    # The HF integration imports transformers.Trainer (slow); load it on first use.
-    if name in ("DistillationCallback", "DistillationTrainer"):
-        from .integrations import hf
-
-        return getattr(hf, name)
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'kd_plugins' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 # Let `AutoModel*.from_pretrained` load kd_plugins.quant.save_quantized checkpoints: registers the W8A8 quantizer with
 # transformers when transformers loads its quantizer registry (no transformers import here; see _hf_register).
 from ._hf_register import install as _install_hf_quantizer  # noqa: E402
 
-_install_hf_quantizer()
 
-__all__ = ["__version__", "DistillationConfig", "DistillationEngine", "DistillationCallback", "DistillationTrainer",
-           "inherit_student", "get_loss", "list_losses", "register_loss"]
+def _register_hf_quantizer() -> bool:
+    from .quant.hf_quantizer import register
+
+    return register()
+
+
+_install_hf_quantizer(_register_hf_quantizer)
+
+__all__ = ["__version__", "DistillationConfig", "DistillationEngine", "inherit_student", "get_loss", "list_losses",
+           "register_loss", *_LAZY]

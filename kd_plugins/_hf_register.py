@@ -14,16 +14,18 @@ from __future__ import annotations
 import importlib.abc
 import logging
 import sys
+from collections.abc import Callable
 
 _TARGET = "transformers.quantizers.auto"
 _logger = logging.getLogger("kd_plugins.quant")
+#: The registration function given to :func:`install` (``kd_plugins.quant.hf_quantizer.register``, passed in by the
+#: package ``__init__`` so that this bottom-layer module never imports ``kd_plugins.quant`` itself).
+_REGISTER: list[Callable[[], bool]] = []
 
 
 def _register_now() -> bool:
     try:
-        from .quant.hf_quantizer import register
-
-        return register()
+        return bool(_REGISTER and _REGISTER[0]())
     except Exception as e:  # noqa: BLE001 - never break the host import
         _logger.debug("kd_plugins: transformers quantizer registration unavailable (%s: %s)", type(e).__name__, e)
         return False
@@ -73,8 +75,10 @@ def _uninstall() -> None:
         pass
 
 
-def install() -> None:
-    """Register now if transformers' quantizer registry is loaded, else arm the one-shot post-import hook."""
+def install(register: Callable[[], bool]) -> None:
+    """Call ``register`` now if transformers' quantizer registry is loaded, else arm the one-shot post-import hook
+    that calls it right after transformers imports that registry. ``register`` returns whether it registered."""
+    _REGISTER[:] = [register]
     if _TARGET in sys.modules:
         _register_now()
     elif _HOOK not in sys.meta_path:

@@ -27,15 +27,17 @@ def make_dataset():
 def make_callback(kind):
     """(teacher, student, callback) for ``kind``."""
     if kind == "multiexit":
-        from kd_plugins.multiexit import MultiExitCallback, MultiExitConfig, add_exits
+        from kd_plugins import MultiExitCallback
+        from kd_plugins.multiexit import MultiExitConfig, add_exits
 
         teacher, student = tiny_llama(seed=1, hidden=48, layers=3), tiny_llama(seed=2, hidden=32, layers=3)
         add_exits(student, layers=[1, 2, 3], head="separate")
-        return teacher, student, MultiExitCallback(MultiExitConfig(temperature=2.0), teacher=teacher)
+        return teacher, student, MultiExitCallback(teacher, MultiExitConfig(temperature=2.0))
     if kind == "acm":
         import copy
 
-        from kd_plugins.acm import ACMCallback, ACMConfig, acmize
+        from kd_plugins import ACMCallback
+        from kd_plugins.acm import ACMConfig, acmize
 
         student = tiny_llama(seed=2, hidden=32)
         teacher = copy.deepcopy(student)
@@ -43,7 +45,7 @@ def make_callback(kind):
         # full batch exactly): parity is checked on the task + distillation terms, which are token means
         cfg = ACMConfig(num_learners=2, gate_noise=False, alpha_budget=0.0, alpha_entropy=0.0, alpha_diversity=0.0)
         acmize(student, config=cfg)
-        return teacher, student, ACMCallback(cfg, teacher=teacher)
+        return teacher, student, ACMCallback(teacher, cfg)
     teacher, student = tiny_llama(seed=1, hidden=48), tiny_llama(seed=2, hidden=32)
     cfg = DistillationConfig(loss_terms={"kl": 1.0, "hidden_mse": 0.5}, temperature=2.0, hard_label_weight=0.5,
                              feature_pairs={"model.layers.1": "model.layers.1"})

@@ -14,6 +14,7 @@ from kd_plugins.acm import (
     ACMBlock,
     ACMConfig,
     acm_blocks,
+    acm_param_groups,
     acm_regularizers,
     acm_stats,
     acmize,
@@ -258,7 +259,7 @@ def test_save_load_round_trip_bit_identical(tmp_path):
         for b in acm_blocks(model).values():
             b.gate.l3.bias.add_(torch.randn_like(b.gate.l3.bias))
     path = save_acm(model, tmp_path / "acm")
-    assert (path / "model.safetensors").is_file() and json.loads((path / "acm_config.json").read_text())["acm"]
+    assert (path / "model.safetensors").is_file() and json.loads((path / "acm_config.json").read_text())["metadata"]["acm"]
     loaded = load_acm(path)  # rebuilt from the saved config.json
     sd_a, sd_b = model.state_dict(), loaded.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
@@ -325,14 +326,14 @@ def test_config_parses_with_hf_argument_parser():
 def test_hf_callback_trains_acm_and_saved_model_loads(tmp_path):
     from transformers import Trainer
 
-    from kd_plugins.acm import ACMCallback
+    from kd_plugins import ACMCallback
 
     teacher = tiny_bert(cls="BertForSequenceClassification").eval()
     model = copy.deepcopy(teacher)
     acmize(model, "mlp", 4)
     blk = next(iter(acm_blocks(model).values()))
     before = {"w1": blk.w1.detach().clone(), "gate": blk.gate.l3.weight.detach().clone()}
-    cb = ACMCallback(ACMConfig(budget=0.5), teacher=teacher)
+    cb = ACMCallback(teacher, ACMConfig(budget=0.5))
     trainer = Trainer(model=model, args=training_args(str(tmp_path / "out"), max_steps=2),
                       train_dataset=TokenDataset(n=8, labels="seq"), callbacks=[cb])
     trainer.train()
@@ -349,8 +350,43 @@ def test_hf_callback_trains_acm_and_saved_model_loads(tmp_path):
         ACMCallback(teacher=model)
 
 
+def test_acm_param_groups_give_gates_their_own_lr_in_trainer(tmp_path):
+    """acm_param_groups: gates at gate_lr, every other trainable parameter at lr; an AdamW over them drives an
+    unmodified Trainer with ACMCallback (the benchmark's stage-3 recipe) and keeps the two rates apart."""
+    from transformers import Trainer
+
+    from kd_plugins import ACMCallback
+
+    teacher = tiny_bert().eval()
+    model = copy.deepcopy(teacher)
+    acmize(model, "mlp", 4)
+    model.embeddings.word_embeddings.weight.requires_grad_(False)
+    groups = acm_param_groups(model, lr=1e-4, gate_lr=1e-3, weight_decay=0.01)
+    gates = {id(p) for b in acm_blocks(model).values() for p in b.gate.parameters()}
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3] and all(g["weight_decay"] == 0.01 for g in groups)
+    assert {id(p) for p in groups[1]["params"]} == gates
+    assert not gates & {id(p) for p in groups[0]["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    assert id(model.embeddings.word_embeddings.weight) not in trainable
+
+    blk = next(iter(acm_blocks(model).values()))
+    before = {"w1": blk.w1.detach().clone(), "gate": blk.gate.l3.weight.detach().clone()}
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 4)
+    cb = ACMCallback(teacher, ACMConfig(budget=0.5, distill_loss="cosine", hidden_weight=1.0, gate_noise=False))
+    trainer = Trainer(model=model, args=training_args(str(tmp_path / "out"), max_steps=2, max_grad_norm=1.0),
+                      train_dataset=TokenDataset(n=8, labels=None), optimizers=(opt, sched), callbacks=[cb])
+    trainer.train()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4 * 0.5, 1e-3 * 0.5])  # ours, stepped twice
+    assert not torch.equal(blk.w1, before["w1"]) and not torch.equal(blk.gate.l3.weight, before["gate"])
+    assert any("acm_distill" in h for h in trainer.state.log_history)
+    with pytest.raises(ValueError, match="ACMized"):
+        acm_param_groups(teacher, lr=1e-4, gate_lr=1e-3)
+
+
 def test_timm_task_stage3_step():
-    from kd_plugins.acm import ACMTask
+    from kd_plugins.integrations.timm import ACMTask
 
     vit, _ = _tiny_vit()
     teacher = copy.deepcopy(vit).eval()

@@ -18,7 +18,7 @@ triton (interpreter)   bfloat16     2e-2         4e-2    (fp32 logit tiles vs th
 
 The Triton kernels run here under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before triton is
 imported, and other test modules may import triton); on a CUDA machine they also run natively
-(``test_triton_cuda_parity``) and ``benchmarks/gpu_check_fused_kd.py`` times them.
+(``test_triton_cuda_parity``) and ``benchmarks/distill/gpu_check_fused_kd.py`` times them.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from kd_plugins.kernels import (  # noqa: E402
     check_fusable_head,
     fused_kd_loss_from_heads,
     fused_linear_kd_loss,
+    interpreter_enabled,
     triton_available,
 )
 
@@ -367,7 +368,7 @@ def test_bad_inputs():
 
 
 @outer_only
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+@pytest.mark.skipif(torch.cuda.is_available() or interpreter_enabled(),
                     reason="checks the CPU-without-interpreter error")
 def test_triton_backend_without_gpu_is_a_clear_error():
     c = make_case()

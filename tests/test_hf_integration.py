@@ -326,7 +326,7 @@ def test_fused_lm_loss_matches_plain_path(terms, kwargs, tmp_out):
         args = training_args(tmp_out + str(fused), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
         Trainer(model=student, args=args, train_dataset=TokenDataset(n=4, pad_last=5), callbacks=[cb]).train()
-        assert cb._fused is fused
+        assert cb.fused.enabled is fused
         finals.append(_params(student))
         logs.append(cb.trainer.state.log_history[0])
     for k in finals[0]:
@@ -347,4 +347,4 @@ def test_fused_loss_refuses_heads_it_cannot_fuse(tmp_out):
     with pytest.raises(ValueError, match="fused_loss=True but.*soft-capping"):
         run(True)
     cb = run(None)  # automatic: falls back to the full-logit path, which computes the same objective
-    assert cb._fused is False and any("soft-capping" in r for r in cb.fused_reasons)
+    assert cb.fused.enabled is False and any("soft-capping" in r for r in cb.fused_reasons)

@@ -352,3 +352,18 @@ def test_log_values_are_finite_with_extreme_logits():
     for fn in DIVERGENCES:
         v = fn(s, t)
         assert math.isfinite(v.item())
+
+
+def test_ofa_registered_in_the_loss_library_without_vision():
+    """"ofa" lives next to dkd: importing kd_plugins.losses registers it, without importing kd_plugins.vision."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from kd_plugins.losses import get_loss, list_losses, ofa_loss; "
+            "assert 'ofa' in list_losses('logits') and type(get_loss('ofa_kd')).__name__ == 'OFALoss'; "
+            "s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3]); "
+            "ref = -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean(); "
+            "torch.testing.assert_close(ofa_loss(s, t, labels=y, eps=1.0), ref); "
+            "assert 'kd_plugins.vision' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -275,13 +275,13 @@ def test_causal_lm_separate_norm_exit_embedding_truncation_and_generation():
 def test_hf_trainer_causal_lm_callback(tmp_out):
     from transformers import Trainer
 
-    from kd_plugins.multiexit import MultiExitCallback
+    from kd_plugins import MultiExitCallback
 
     model = tiny_llama(layers=4)
     add_exits(model, [2, 4], head="separate")
     teacher = tiny_llama(layers=2, seed=3)
     before = {n: p.detach().clone() for n, p in model.multi_exit.named_parameters()}
-    cb = MultiExitCallback(MultiExitConfig(temperature=2.0), teacher=teacher)
+    cb = MultiExitCallback(teacher, MultiExitConfig(temperature=2.0))
     logs = []
 
     class Keep(__import__("transformers").TrainerCallback):
@@ -302,11 +302,11 @@ def test_hf_trainer_causal_lm_callback(tmp_out):
 def test_hf_trainer_sequence_classifier_callback(tmp_out):
     from transformers import Trainer
 
-    from kd_plugins.multiexit import MultiExitCallback
+    from kd_plugins import MultiExitCallback
 
     model = tiny_bert("BertForSequenceClassification", layers=4)
     add_exits(model, [1, 2, 4], head="separate")
-    cb = MultiExitCallback(MultiExitConfig(weights=[0.2, 0.5, 1.0]))
+    cb = MultiExitCallback(config=MultiExitConfig(weights=[0.2, 0.5, 1.0]))
     before = model.multi_exit.heads["1"]["classifier"].weight.detach().clone()
     trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2),
                       train_dataset=TokenDataset(n=8, labels="seq"), callbacks=[cb])
@@ -319,7 +319,7 @@ def test_hf_trainer_sequence_classifier_callback(tmp_out):
 def test_hf_trainer_encoder_infonce_with_teacher(tmp_out, head):
     from transformers import Trainer
 
-    from kd_plugins.multiexit import MultiExitCallback
+    from kd_plugins import MultiExitCallback
 
     model = tiny_bert(layers=4)
     add_exits(model, [2, 4], head=head)
@@ -337,7 +337,7 @@ def test_hf_trainer_encoder_infonce_with_teacher(tmp_out, head):
 
     cfg = MultiExitConfig(embedding_task="infonce", distill_loss="embedding_mse", teacher_weight=0.5)
     trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2, remove_unused_columns=False),
-                      train_dataset=Pairs(), callbacks=[MultiExitCallback(cfg, teacher=teacher)])
+                      train_dataset=Pairs(), callbacks=[MultiExitCallback(teacher, cfg)])
     head_param = next(model.multi_exit.heads["2"].parameters())
     before = head_param.detach().clone()
     out = trainer.train()
@@ -347,7 +347,7 @@ def test_hf_trainer_encoder_infonce_with_teacher(tmp_out, head):
 
 # -------------------------------------------------------------------------------------------------------- timm
 def test_timm_vit_task_truncation_and_early_exit():
-    from kd_plugins.multiexit.timm_task import MultiExitTask
+    from kd_plugins.integrations.timm import MultiExitTask
 
     model, kw = _tiny_vit()
     add_exits(model, [1, 2, 4], head="separate", create_kwargs=kw)

@@ -346,14 +346,14 @@ def test_save_load_bit_identical_hf(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["config.json", "model.safetensors", "quant_config.json"]
     cfg = json.loads((out / "quant_config.json").read_text())
-    assert cfg["method"] == "crossquant" and cfg["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert cfg["metadata"]["method"] == "crossquant" and cfg["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = load_quantized(out)
     assert type(loaded).__name__ == "LlamaForCausalLM"
     for b in data:
         assert torch.equal(qm(**b).logits, loaded(**b).logits)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     # on-disk size of the quantized layers is ~1/4 of their fp32 weights
-    names = set(cfg["layers"])
+    names = set(cfg["metadata"]["layers"])
     q_bytes = _file_tensor_bytes(out / "model.safetensors", lambda k: k.rsplit(".", 1)[0] in names)
     fp_bytes = sum((mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)) * 4
                    for n, mod in m.named_modules() if n in names)

@@ -111,7 +111,7 @@ def test_llama_from_pretrained_bit_identical(tmp_path, method):
     hf_cfg = json.loads((out / "config.json").read_text())
     qc = hf_cfg["quantization_config"]
     assert qc["quant_method"] == "kd_plugins_w8a8" and qc["method"] == method
-    assert qc["layers"] == json.loads((out / "quant_config.json").read_text())["layers"]
+    assert qc["layers"] == json.loads((out / "quant_config.json").read_text())["metadata"]["layers"]
 
     hm = AutoModelForCausalLM.from_pretrained(out)
     lm = load_quantized(out)
@@ -272,7 +272,7 @@ def test_save_pretrained_and_resave(tmp_path):
     again = save_quantized(hm, tmp_path / "b")
     ta = json.loads((tmp_path / "a" / "quant_config.json").read_text())
     tb = json.loads((again / "quant_config.json").read_text())
-    assert ta["tensors"] == tb["tensors"] and ta["layers"] == tb["layers"]
+    assert ta["tensors"] == tb["tensors"] and ta["metadata"]["layers"] == tb["metadata"]["layers"]
     assert _logits_equal(load_quantized(again), qm, data)
     # model.save_pretrained (is_serializable): loads back, without checksum verification (no quant_config.json)
     hm.save_pretrained(tmp_path / "sp")
@@ -286,7 +286,7 @@ def test_load_quantized_old_checkpoint_without_new_keys(tmp_path):
     qm = quantize(copy.deepcopy(m), "per_token")
     out = save_quantized(qm, tmp_path / "old")
     cfg = json.loads((out / "quant_config.json").read_text())
-    del cfg["buffer_dtypes"]
+    del cfg["metadata"]["buffer_dtypes"]
     (out / "quant_config.json").write_text(json.dumps(cfg))
     hf = json.loads((out / "config.json").read_text())
     del hf["quantization_config"]

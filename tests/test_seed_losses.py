@@ -22,17 +22,10 @@ from kd_plugins.losses import (
     sinkhorn_loss,
     tinyclip_affinity_loss,
 )
-from kd_plugins.losses.seed import (
-    DACBoundsNet,
-    fit_lelp_projection,
-    lelp_teacher_log_probs,
-    mdcs_cs_weight,
-    mdcs_logit_adjust,
-    redundant_token_keep_mask,
-    subclass_to_class_logits,
-    token_keep_schedule,
-    token_relations,
-)
+from kd_plugins.losses.dac_kl import DACBoundsNet
+from kd_plugins.losses.hybrid_distill import redundant_token_keep_mask, token_keep_schedule, token_relations
+from kd_plugins.losses.lelp import fit_lelp_projection, lelp_teacher_log_probs, subclass_to_class_logits
+from kd_plugins.losses.mdcs import mdcs_cs_weight, mdcs_logit_adjust
 
 D = torch.float64
 ZS = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]], dtype=D)

@@ -64,8 +64,8 @@ def ids():
 @pytest.mark.parametrize("bits", [2, 4, 8, 16, 32])
 def test_quant_pack_roundtrip(bits):
     x = torch.randn(100, 6, generator=torch.Generator().manual_seed(0))
-    stored = Q.quantize(x, bits, 32)
-    y = Q.dequantize(stored, bits, 100, 32)
+    stored = Q.quantize_tensor(x, bits, 32)
+    y = Q.dequantize_tensor(stored, bits, 100, 32)
     assert torch.equal(y, Q.roundtrip(x, bits, 32))
     nbytes = sum(t.numel() * t.element_size() for t in stored.values())
     assert nbytes == 6 * Q.column_bytes(100, bits, 32)
@@ -307,7 +307,7 @@ def test_corrupt_and_truncated_pack(llama_pair, tmp_path):
         SkillPack.load(d)
     pack.save(d, overwrite=True)
     man = json.loads((d / "manifest.json").read_text())
-    man.pop("file_bytes")
+    man.pop("tensor_file_bytes")
     (d / "manifest.json").write_text(json.dumps(man))
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(IntegrityError):  # safetensors itself refuses the short file
@@ -478,13 +478,13 @@ def test_cli_extract_info_apply(llama_pair, tmp_path, capsys):
 
 
 def test_tall_matrix_svd_path():
-    from kd_plugins.skillpack.core import _svd
+    from kd_plugins.skillpack.lowrank import thin_svd
 
     g = torch.Generator().manual_seed(0)
     d = torch.randn(4200, 12, generator=g) @ torch.randn(12, 250, generator=g)  # embedding-like: tall, low rank
     d[::3] = 0  # row-sparse, like an embedding delta
     for mat in (d, d.T.contiguous()):
-        u, s, v = _svd(mat)
+        u, s, v = thin_svd(mat)
         assert s.numel() == 12 and torch.all(s[:-1] >= s[1:])
         assert torch.allclose((u * s) @ v.T, mat, atol=1e-4 * s[0].item())
         assert torch.allclose(u.T @ u, torch.eye(12), atol=1e-4)

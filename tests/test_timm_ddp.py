@@ -27,15 +27,16 @@ def build_task(kind: str = "kd"):
                                 embed_dim=48, num_heads=2, num_classes=10)
     torch.manual_seed(3)
     if kind == "multiexit":
+        from kd_plugins.integrations.timm import MultiExitTask
         from kd_plugins.multiexit import MultiExitConfig, add_exits
-        from kd_plugins.multiexit.timm_task import MultiExitTask
 
         add_exits(student, layers=[1, 2])
         return MultiExitTask(student, config=MultiExitConfig(), teacher=teacher)
     if kind == "acm":
         import copy
 
-        from kd_plugins.acm import ACMConfig, ACMTask, acmize
+        from kd_plugins.acm import ACMConfig, acmize
+        from kd_plugins.integrations.timm import ACMTask
 
         original = copy.deepcopy(student).eval()
         # the budget / entropy / diversity terms are non-linear in batch statistics, so per-rank batches would not

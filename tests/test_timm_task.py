@@ -287,8 +287,8 @@ def test_train_entry_point_multi_exit_with_teacher_and_export(tmp_path):
 
 def test_model_task_keeps_teacher_in_eval_mode():
     """ACMTask / MultiExitTask hold the teacher outside their modules: ``task.train()`` must not un-freeze it."""
+    from kd_plugins.integrations.timm import MultiExitTask
     from kd_plugins.multiexit import add_exits
-    from kd_plugins.multiexit.timm_task import MultiExitTask
 
     teacher = cnn()
     model = vit(depth=2)
@@ -299,3 +299,14 @@ def test_model_task_keeps_teacher_in_eval_mode():
     assert model.training and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert {id(p) for p in task.get_trainable_module().parameters()}.isdisjoint(id(p) for p in teacher.parameters())
+
+
+def test_config_with_keyword_overrides():
+    """``config=`` plus keyword arguments: the keywords replace the config's fields (the precedence rule)."""
+    cfg = DistillationConfig(loss_terms="kl", temperature=2.0, hard_label_weight=0.5)
+    task = make(config=cfg, temperature=4.0, loss_terms={"kl": 1.0, "dkd": 0.5})
+    assert task.config.temperature == 4.0 and task.logit_losses["kl"].temperature == 4.0
+    assert task.logit_terms == {"kl": 1.0, "dkd": 0.5} and task.task_loss_weight == 0.5
+    assert cfg.temperature == 2.0 and cfg.loss_terms == {"kl": 1.0}  # the caller's config is untouched
+    with pytest.raises(TypeError, match="config must be a DistillationConfig"):
+        make(config={"loss_terms": "kl"})

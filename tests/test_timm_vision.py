@@ -7,8 +7,15 @@ import timm
 import torch
 
 from kd_plugins.losses import get_loss, list_losses
-from kd_plugins.vision import (ConvExitBranch, CrossSelectiveFusion, TokenExitBranch, hcl_loss, inherit_student,
-                               ofa_loss, rank_students)
+from kd_plugins.vision import (
+    ConvExitBranch,
+    CrossSelectiveFusion,
+    TokenExitBranch,
+    hcl_loss,
+    inherit_vit_student,
+    ofa_loss,
+    rank_students,
+)
 from kd_plugins.vision.diswot import diswot_score
 from kd_plugins.vision.ofa import default_ofa_stages
 
@@ -87,14 +94,14 @@ def test_diswot_identity_and_scale_invariance():
 
 def test_inherit_full_size_reproduces_teacher():
     teacher = tiny_vit().eval()
-    student = inherit_student(teacher).eval()
+    student = inherit_vit_student(teacher).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(student(x), teacher(x))
 
 
 def test_inherit_depth_width_slicing():
     teacher = tiny_vit().eval()
-    student = inherit_student(teacher, depth=2, width=32, strategy="uniform").eval()
+    student = inherit_vit_student(teacher, depth=2, width=32, strategy="uniform").eval()
     info = student.kd_plugins_inherit
     assert info["teacher_layers"] == [0, 2]
     assert student.embed_dim == 32 and len(student.blocks) == 2 and student.blocks[0].attn.num_heads == 2
@@ -109,18 +116,18 @@ def test_inherit_depth_width_slicing():
     again = timm.create_model(info["model_name"], pretrained=False, **info["model_kwargs"]).eval()
     again.load_state_dict(student.state_dict())
     torch.testing.assert_close(again(x), student(x))
-    assert inherit_student(teacher, depth=2, strategy=[1, 3]).kd_plugins_inherit["teacher_layers"] == [1, 3]
-    assert inherit_student(teacher, num_classes=3)(x).shape == (3, 3)
+    assert inherit_vit_student(teacher, depth=2, strategy=[1, 3]).kd_plugins_inherit["teacher_layers"] == [1, 3]
+    assert inherit_vit_student(teacher, num_classes=3)(x).shape == (3, 3)
 
 
 def test_inherit_errors():
     with pytest.raises(ValueError, match="cannot shrink a ResNet"):
-        inherit_student(timm.create_model("resnet10t", num_classes=10), depth=2)
+        inherit_vit_student(timm.create_model("resnet10t", num_classes=10), depth=2)
     teacher = tiny_vit()
     with pytest.raises(ValueError, match="out of range|must lie"):
-        inherit_student(teacher, depth=9)
+        inherit_vit_student(teacher, depth=9)
     with pytest.raises(ValueError, match="no larger than the teacher"):
-        inherit_student(teacher, width=128)
+        inherit_vit_student(teacher, width=128)
 
 
 # ---------------------------------------------------------------- TransKD

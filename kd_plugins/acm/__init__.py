@@ -3,23 +3,27 @@
 ::
 
     import copy
-    from kd_plugins.acm import acmize, collect_block_io, stage1_distill, stage2_gates, ACMCallback, ACMConfig
+    from kd_plugins import ACMCallback
+    from kd_plugins.acm import acmize, collect_block_io, stage1_distill, stage2_gates, acm_param_groups, ACMConfig
     teacher = copy.deepcopy(model)                                  # frozen original
     acmize(model, targets="mlp", num_learners=4, init="slice")      # exact at k = N
     io = collect_block_io(teacher, model, batches)                   # hooked block inputs / outputs
     stage1_distill(model, io, steps=500)                             # stage 1: learners, MSE over every prefix k
     stage2_gates(model, io, steps=300)                               # stage 2: gates, CE on error-ratio labels
-    Trainer(model=model, ..., callbacks=[ACMCallback(ACMConfig(budget=0.5), teacher=teacher)]).train()  # stage 3
+    opt = torch.optim.AdamW(acm_param_groups(model, lr=1e-4, gate_lr=1e-3))  # gates: their own learning rate
+    Trainer(model=model, ..., optimizers=(opt, sched),
+            callbacks=[ACMCallback(teacher, ACMConfig(budget=0.5))]).train()  # stage 3
     model.eval()                                                     # grouped sparse inference per token
     save_acm(model, "out/acm"); model = load_acm("out/acm")
 
-timm: :class:`kd_plugins.acm.timm_task.ACMTask`.
+HF ``Trainer``: :class:`kd_plugins.integrations.hf.ACMCallback`; timm: :class:`kd_plugins.integrations.timm.ACMTask`.
 """
 
 from .config import ACMConfig
 from .convert import Candidate, acmize, find_candidates
 from .io import load_acm, save_acm
 from .modules import ACMBlock, ACMGate, acm_blocks, acm_stats, reset_acm_stats, set_acm_mode, token_flops
+from .optim import acm_param_groups
 from .stages import (
     ACMRegularizers,
     acm_regularizers,
@@ -39,15 +43,14 @@ from .stages import (
 )
 
 
+#: Framework adapters live in the integration layer (a method package never imports upward).
+_MOVED = {"ACMCallback": "kd_plugins.integrations.hf", "ACMTask": "kd_plugins.integrations.timm"}
+
+
 def __getattr__(name):
-    if name == "ACMCallback":  # imports transformers.Trainer (slow): load on first use
-        from .hf import ACMCallback
-
-        return ACMCallback
-    if name == "ACMTask":
-        from .timm_task import ACMTask
-
-        return ACMTask
+    if name in _MOVED:
+        raise AttributeError(f"{name} is a framework adapter and lives in {_MOVED[name]}: "
+                             f"`from kd_plugins import {name}` (or `from {_MOVED[name]} import {name}`).")
     raise AttributeError(f"module 'kd_plugins.acm' has no attribute {name!r}")
 
 
@@ -57,6 +60,5 @@ __all__ = [
     "collect_block_io", "stage1_distill", "stage2_gates", "gate_labels", "block_errors", "sample_fractions",
     "budget_loss",
     "entropy_loss", "diversity_loss", "acm_regularizers", "ACMRegularizers", "distill_term", "set_recording",
-    "calibrate_gate_budget",
-    "ACMCallback", "ACMTask",
+    "calibrate_gate_budget", "acm_param_groups",
 ]

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from .._config import resolve_config
 from .config import ACMConfig
 from .modules import ACMBlock, ACMContext, acm_blocks, run_batch
 
@@ -285,20 +286,19 @@ def acmize(model: nn.Module, targets: str | Iterable[str] | None = None, num_lea
         calibration: optional iterable of model inputs (dicts of tensors for HF models, image tensors for timm)
             used to measure hidden-unit activation magnitudes for ``order="importance"``.
         gate_hidden, attention_rank: see :class:`~kd_plugins.acm.ACMConfig`.
-        config: an :class:`~kd_plugins.acm.ACMConfig`; explicit arguments override its fields.
+        config: an :class:`~kd_plugins.acm.ACMConfig`; explicit arguments override its fields (the precedence
+            rule of every kd_plugins verb, ``kd_plugins._config.resolve_config``).
         skip_padding: at inference, padding tokens (``attention_mask == 0``) run no learner.
 
     The gates start untrained (stage 2 trains them); until then use ``set_acm_mode(model, "full")``.
     The frozen original model needed by the stages is *not* kept: ``copy.deepcopy`` it first.
     """
-    cfg = config or ACMConfig()
+    overrides = {"num_learners": num_learners, "init": init, "order": order, "gate_hidden": gate_hidden,
+                 "attention_rank": attention_rank}
+    cfg = resolve_config(ACMConfig, config, {k: v for k, v in overrides.items() if v is not None})  # validates
     targets = cfg.targets if targets is None else targets
-    N = cfg.num_learners if num_learners is None else int(num_learners)
-    init = cfg.init if init is None else init
-    order = cfg.order if order is None else order
-    gate_hidden = cfg.gate_hidden if gate_hidden is None else gate_hidden
-    attention_rank = cfg.attention_rank if attention_rank is None else attention_rank
-    ACMConfig(num_learners=N, init=init, order=order)  # validates
+    N, init, order = int(cfg.num_learners), cfg.init, cfg.order
+    gate_hidden, attention_rank = cfg.gate_hidden, cfg.attention_rank
     if acm_blocks(model):
         raise ValueError("model already has ACM blocks (acmize was called on it); load weights into it with "
                          "kd_plugins.acm.load_acm or start from the original model")

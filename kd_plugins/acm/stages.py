@@ -5,7 +5,7 @@
    learners: ``L = mean_{blocks, tokens, k=1..N} ||h(z, k) - o||^2`` (no end-to-end backprop; all ACMs in parallel).
 2. :func:`stage2_gates` — gate pre-training as classification: labels from the learners' error ratios
    (:func:`gate_labels`), cross-entropy on the gate logits, learners frozen.
-3. End-to-end fine-tuning (:class:`~kd_plugins.acm.ACMCallback`, :class:`~kd_plugins.acm.timm_task.ACMTask`) with
+3. End-to-end fine-tuning (:class:`~kd_plugins.acm.ACMCallback`, :class:`~kd_plugins.integrations.timm.ACMTask`) with
    :func:`acm_regularizers`: budget ``L_b``, entropy ``L_e`` and diversity ``L_d`` on top of the task / distillation
    loss.
 """
@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..losses.feature import embedding_cosine, embedding_mse, hidden_mse, mean_pool
+from ..losses.logit import kl_divergence
 from .modules import ACMBlock, acm_blocks, run_batch as _run
 
 __all__ = ["collect_block_io", "stage1_distill", "stage2_gates", "gate_labels", "block_errors", "sample_fractions",
@@ -338,11 +340,10 @@ def acm_regularizers(model: nn.Module, beta: float) -> ACMRegularizers:
 
 def distill_term(student_out, teacher_out, attention_mask: torch.Tensor | None = None, kind: str = "auto",
                  hidden_weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
-    """Distillation from the original model: ``kl`` on logits (``T^2 KL(p_T || q_S)`` over valid positions) or, for
-    bare encoders, ``cosine`` (``1 - cos``) / ``mse`` of mask-mean-pooled ``last_hidden_state`` embeddings, plus
-    ``hidden_weight`` x MSE of the last hidden states. ``student_out`` / ``teacher_out``: model outputs or tensors."""
-    from ..losses.feature import mean_pool
-
+    """Distillation from the original model with the registered losses: ``kl`` on logits (``T^2 KL(p_T || q_S)``
+    over valid positions) or, for bare encoders, ``cosine`` (``embedding_cosine``) / ``mse`` (``embedding_mse``) of
+    mask-mean-pooled ``last_hidden_state`` embeddings, plus ``hidden_weight`` x ``hidden_mse`` of the last hidden
+    states. ``student_out`` / ``teacher_out``: model outputs or logit tensors."""
     def get(o, key):
         if torch.is_tensor(o):
             return o if key == "logits" else None
@@ -354,25 +355,15 @@ def distill_term(student_out, teacher_out, attention_mask: torch.Tensor | None =
     if kind == "kl":
         if s_logits is None or t_logits is None:
             raise ValueError("distill_loss='kl' needs logits from both models; use 'cosine' or 'mse' for encoders")
-        s = F.log_softmax(s_logits.float() / temperature, -1)
-        t = F.log_softmax(t_logits.float() / temperature, -1)
-        kl = (t.exp() * (t - s)).sum(-1)
-        if attention_mask is not None and kl.dim() == 2 and kl.shape == attention_mask.shape:
-            m = attention_mask.to(kl.dtype)
-            return temperature ** 2 * (kl * m).sum() / m.sum().clamp_min(1)
-        return temperature ** 2 * kl.mean()
+        mask = attention_mask if attention_mask is not None and attention_mask.shape == s_logits.shape[:-1] else None
+        return kl_divergence(s_logits.float(), t_logits.float(), mask=mask, temperature=temperature)
     sh, th = get(student_out, "last_hidden_state"), get(teacher_out, "last_hidden_state")
     if sh is None or th is None:
         raise ValueError(f"distill_loss={kind!r} needs last_hidden_state from both models")
     se, te = mean_pool(sh.float(), attention_mask), mean_pool(th.float(), attention_mask)
-    loss = (1 - F.cosine_similarity(se, te, dim=-1)).mean() if kind == "cosine" else F.mse_loss(se, te)
+    loss = embedding_cosine(se, te) if kind == "cosine" else embedding_mse(se, te)
     if hidden_weight:
-        diff = (sh.float() - th.float()).pow(2).mean(-1)
-        if attention_mask is not None:
-            m = attention_mask.to(diff.dtype)
-            loss = loss + hidden_weight * (diff * m).sum() / m.sum().clamp_min(1)
-        else:
-            loss = loss + hidden_weight * diff.mean()
+        loss = loss + hidden_weight * hidden_mse(sh.float(), th.float(), mask=attention_mask)
     return loss
 
 

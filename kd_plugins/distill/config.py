@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
 from ..losses.registry import get_loss_spec
@@ -99,6 +99,8 @@ class DistillationConfig:
     fused_chunk_size: int = field(default=1024, metadata={"help": "Token chunk size of the fused loss."})
 
     def __post_init__(self):
+        # What the user wrote, for kd_plugins._config.resolve_config (overrides re-derive the implicit terms).
+        self._init_args = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         terms = _parse_mapping(self.loss_terms, "loss_terms", float)
         kwargs = _parse_mapping(self.loss_kwargs, "loss_kwargs", str)
         for k, v in kwargs.items():

@@ -10,7 +10,8 @@
 Both use fixed block configurations (no autotuning): one for real GPUs, a smaller one for the Triton interpreter.
 They run on a CUDA GPU, or on CPU tensors when ``TRITON_INTERPRET=1`` is set in the environment **before triton is
 first imported** (triton's own helpers are built at import time; the interpreter is slow and only meant for tests at
-small shapes). Anything else raises :class:`TritonUnavailableError` with the reason.
+small shapes). Anything else raises :class:`TritonUnavailableError` with the reason. ``triton_available`` and
+``interpreter_enabled`` are re-exported from :mod:`._triton` (the package's single reader of ``TRITON_INTERPRET``).
 
 Rounding: the quantizer rounds half to even like ``torch.round``, using the ``(v + 1.5*2^23) - 1.5*2^23`` identity on
 fp32 values already clamped to ``[-127, 127]`` (``libdevice.rint`` is not implemented by the interpreter).
@@ -18,9 +19,9 @@ fp32 values already clamped to ``[-127, 127]`` (``libdevice.rint`` is not implem
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._triton import interpreter_enabled, triton_available
 
 try:  # triton is an optional dependency (extra "gpu")
     import triton
@@ -47,32 +48,22 @@ _MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |v|
 _QMAX = 127.0
 _TINY = 1e-30
 
-#: Fixed block sizes. GPU: a conventional Ampere/Hopper-class int8 tile; interpreter: small blocks so CPU tests stay fast.
-GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "ROW_BLOCK": 1024}
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1, "ROW_BLOCK": 64}
+#: Fixed block sizes. GPU: a conventional Ampere/Hopper-class int8 tile; interpreter: small blocks so CPU tests
+#: stay fast.
+GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
+              "ROW_BLOCK": 1024}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1,
+                      "ROW_BLOCK": 64}
 
 
 class TritonUnavailableError(RuntimeError):
     """The Triton path was requested where it cannot run (no GPU and no interpreter, or triton not installed)."""
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def triton_available(device: torch.device | str | None = None) -> bool:
-    """True when the kernels can run for tensors on ``device`` (CUDA with triton, or any device under the interpreter)."""
-    if not _HAS_TRITON:
-        return False
-    if interpreter_enabled():
-        return True
-    dev = torch.device(device) if device is not None else None
-    return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
-
-
 def _check_runtime(*tensors: torch.Tensor) -> dict:
     if not _HAS_TRITON:
-        raise TritonUnavailableError("The Triton int8 kernels need the `triton` package (pip install 'kd-plugins[gpu]').")
+        raise TritonUnavailableError(
+            "The Triton int8 kernels need the `triton` package (pip install 'kd-plugins[gpu]').")
     devices = {t.device.type for t in tensors if t is not None}
     if interpreter_enabled():
         if type(tl.cdiv).__name__ != "InterpretedFunction":
@@ -222,6 +213,25 @@ def quantize_rows(
     return q, rs
 
 
+def _check_gemm_args(a, b, row_scale, col_scale, bias) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"int8_gemm needs int8 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"int8_gemm shape mismatch: A {tuple(a.shape)} @ B {tuple(b.shape)}")
+    if (row_scale is None) != (col_scale is None):
+        raise ValueError("pass both row_scale and col_scale, or neither (raw int32 output)")
+    if bias is not None and row_scale is None:
+        raise ValueError("bias needs the scaled epilogue (row_scale and col_scale)")
+    if row_scale is None:
+        return
+    m, n = a.shape[0], b.shape[1]
+    if row_scale.numel() != m or col_scale.numel() != n:
+        raise ValueError(f"row_scale must have {m} entries and col_scale {n}, got {row_scale.numel()} and "
+                         f"{col_scale.numel()}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
+
+
 def int8_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -236,22 +246,10 @@ def int8_gemm(
 
     ``B`` may be any strided view (pass ``weight_int8.t()`` for an ``[N, K]`` weight without copying).
     """
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"int8_gemm needs int8 operands, got {a.dtype} and {b.dtype}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"int8_gemm shape mismatch: A {tuple(a.shape)} @ B {tuple(b.shape)}")
-    if (row_scale is None) != (col_scale is None):
-        raise ValueError("pass both row_scale and col_scale, or neither (raw int32 output)")
-    if bias is not None and row_scale is None:
-        raise ValueError("bias needs the scaled epilogue (row_scale and col_scale)")
+    _check_gemm_args(a, b, row_scale, col_scale, bias)
     m, k = a.shape
     n = b.shape[1]
     epilogue = row_scale is not None
-    if epilogue:
-        if row_scale.numel() != m or col_scale.numel() != n:
-            raise ValueError(f"row_scale must have {m} entries and col_scale {n}, got {row_scale.numel()} and {col_scale.numel()}")
-        if bias is not None and bias.numel() != n:
-            raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
     cfg = _check_runtime(a, b, row_scale, col_scale, bias)
     _, gemm_kernel = _kernels()
     c = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=a.device)

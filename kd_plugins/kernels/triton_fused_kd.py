@@ -21,18 +21,19 @@ Block sizes are fixed (no autotuning). Under ``TRITON_INTERPRET=1`` the kernels 
 upcast to float32 there (float32 inputs run exactly the GPU code path).
 
 This module imports ``triton``: import it only through :func:`kd_plugins.kernels.fused_linear_kd_loss` with
-``backend="triton"`` (which checks the device first).
+``backend="triton"`` (which checks the device first). It consumes the same :class:`~._spec.FusedKDSpec` as the
+chunked PyTorch backend (:mod:`.torch_fused_kd`) and shares its sparse-teacher math (:mod:`._topk`).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .fused_linear_kd import _Spec, topk_rows_and_grad
+from ._spec import FusedKDSpec
+from ._topk import topk_rows_and_grad
+from ._triton import interpreter_enabled
 
 __all__ = ["triton_fused_linear_kd", "FWD_CONFIG", "BWD_CONFIG"]
 
@@ -43,10 +44,6 @@ FWD_CONFIG = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3
 BWD_CONFIG = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=2)
 #: Tiny blocks for the CPU interpreter (tl.dot needs every dimension >= 16).
 _INTERP_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -86,6 +83,16 @@ def _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, s
 
 
 @triton.jit
+def _lse_step(m, l, x):
+    """One online log-sum-exp step over a ``[BLOCK_M, BLOCK_V]`` tile ``x``: returns the new running max and sum, the
+    factor that rescaled the old sum, and the tile's exponentials (relative to the new max)."""
+    mn = tl.maximum(m, tl.max(x, 1))
+    a = tl.exp(m - mn)
+    e = tl.exp(x - mn[:, None])
+    return mn, l * a + tl.sum(e, 1), a, e
+
+
+@triton.jit
 def _stats_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y,
                   LSE_S, LSE_T, LSE_1, ZY, KD,
                   V, HS, HT, stride_xs, stride_ws, stride_xt, stride_wt, stride_tl, inv_t,
@@ -114,26 +121,16 @@ def _stats_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y,
                          HAS_BS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         if HAS_CE:
-            mn = tl.maximum(m_1, tl.max(z, 1))
-            l_1 = l_1 * tl.exp(m_1 - mn) + tl.sum(tl.exp(z - mn[:, None]), 1)
-            m_1 = mn
+            m_1, l_1, _a1, _e1 = _lse_step(m_1, l_1, z)
             zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
         if MODE != 0:
             s = z * inv_t
-            mn = tl.maximum(m_s, tl.max(s, 1))
-            a_s = tl.exp(m_s - mn)
-            e_s = tl.exp(s - mn[:, None])
-            l_s = l_s * a_s + tl.sum(e_s, 1)
-            m_s = mn
+            m_s, l_s, a_s, e_s = _lse_step(m_s, l_s, s)
             if MODE != 5:
                 t = _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt, stride_tl,
                                   TEACHER, HAS_BT, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H)
                 t = tl.where(v_mask[None, :], t * inv_t, float("-inf"))
-                mt = tl.maximum(m_t, tl.max(t, 1))
-                a_t = tl.exp(m_t - mt)
-                e_t = tl.exp(t - mt[:, None])
-                l_t = l_t * a_t + tl.sum(e_t, 1)
-                m_t = mt
+                m_t, l_t, a_t, e_t = _lse_step(m_t, l_t, t)
                 diff = tl.where(v_mask[None, :], t - s, 0.0)
                 if MODE == 1:  # forward KL: sum_j p_j (t_j - s_j), rescaled online by the teacher max
                     acc = acc * a_t + tl.sum(tl.where(e_t > 0, e_t * diff, 0.0), 1)
@@ -223,6 +220,54 @@ def _gather_kernel(ROWS, XS, WS, BS, IDX, OUT, K, HS, stride_xs, stride_ws,
 
 
 @triton.jit
+def _dense_kd_grad_tile(q, log_q, log_p, C, offs_m, m_mask, beta, MODE: tl.constexpr):
+    """``d KD-row / d s`` on a tile for a dense teacher (``s = z / T``); ``C`` holds the per-row scalar of the mode."""
+    p = tl.exp(log_p)
+    if MODE == 1:  # forward KL
+        g = q - p
+    elif MODE == 2:  # reverse KL: c = the row's divergence
+        c = tl.load(C + offs_m, mask=m_mask, other=0.0)
+        g = tl.where(q > 0, q * (log_q - log_p - c[:, None]), 0.0)
+    elif MODE == 3:  # JSD: c = (1 - beta) * sum_j q_j log(q_j / m_j)
+        c = tl.load(C + offs_m, mask=m_mask, other=0.0)
+        log_m = tl.log(beta * p + (1.0 - beta) * q)
+        g = tl.where(q > 0, q * ((1.0 - beta) * (log_q - log_m) - c[:, None]), 0.0)
+    else:  # TVD: c = 0.5 * sum_j q_j sign(q_j - p_j)
+        c = tl.load(C + offs_m, mask=m_mask, other=0.0)
+        sg = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        g = q * (sg - c[:, None])
+    return g
+
+
+@triton.jit
+def _fold_grad_tile(d, XS, WS, GX, GW, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
+                    NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+    """``GX[rows] += d @ W[offs_v]`` and ``GW[offs_v] += d.T @ X[rows]`` (float32 atomics), ``BLOCK_H`` at a time."""
+    if UPCAST:
+        dd = d
+    else:
+        dd = d.to(XS.dtype.element_ty)
+    for h0 in range(0, HS, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < HS
+        if NEED_GX:
+            w = tl.load(WS + offs_v[:, None] * stride_ws + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :],
+                        other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            gx = tl.dot(dd, w, input_precision=PREC)
+            tl.atomic_add(GX + rows[:, None] * HS + offs_h[None, :], gx, mask=m_mask[:, None] & h_mask[None, :])
+        if NEED_GW:
+            x = tl.load(XS + rows[:, None] * stride_xs + offs_h[None, :], mask=m_mask[:, None] & h_mask[None, :],
+                        other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+            gw = tl.dot(tl.trans(dd), x, input_precision=PREC)
+            tl.atomic_add(GW + offs_v[:, None] * HS + offs_h[None, :], gw, mask=v_mask[:, None] & h_mask[None, :])
+
+
+@triton.jit
 def _grad_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y, LSE_S, LSE_T, LSE_1, C, TK_IDX, TK_G, K, SCALE,
                  GX, GW, GB,
                  V, HS, HT, stride_xs, stride_ws, stride_xt, stride_wt, stride_tl, inv_t, beta,
@@ -249,9 +294,8 @@ def _grad_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y, LSE_S, LSE_T, LSE_
         sm = tl.exp(z - lse_1[:, None])
         d += w_ce * (sm - tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0))
     if MODE != 0:
-        s = z * inv_t
         lse_s = tl.load(LSE_S + offs_m, mask=m_mask, other=0.0)
-        log_q = s - lse_s[:, None]
+        log_q = z * inv_t - lse_s[:, None]
         q = tl.exp(log_q)
         if MODE == 5:  # sparse teacher: scatter(G) - q * sum(G)
             c = tl.load(C + offs_m, mask=m_mask, other=0.0)
@@ -264,46 +308,18 @@ def _grad_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y, LSE_S, LSE_T, LSE_
             t = _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt, stride_tl,
                               TEACHER, HAS_BT, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H) * inv_t
             lse_t = tl.load(LSE_T + offs_m, mask=m_mask, other=0.0)
-            log_p = t - lse_t[:, None]
-            p = tl.exp(log_p)
-            if MODE == 1:
-                g = q - p
-            if MODE == 2:
-                c = tl.load(C + offs_m, mask=m_mask, other=0.0)
-                g = tl.where(q > 0, q * (log_q - log_p - c[:, None]), 0.0)
-            if MODE == 3:
-                c = tl.load(C + offs_m, mask=m_mask, other=0.0)
-                log_m = tl.log(beta * p + (1.0 - beta) * q)
-                g = tl.where(q > 0, q * ((1.0 - beta) * (log_q - log_m) - c[:, None]), 0.0)
-            if MODE == 4:
-                c = tl.load(C + offs_m, mask=m_mask, other=0.0)
-                sg = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-                g = q * (sg - c[:, None])
+            g = _dense_kd_grad_tile(q, log_q, t - lse_t[:, None], C, offs_m, m_mask, beta, MODE)
         d += (w_kd * inv_t) * g
     d = tl.where(m_mask[:, None] & v_mask[None, :], d, 0.0)
     if NEED_GB:
         tl.atomic_add(GB + offs_v, tl.sum(d, 0), mask=v_mask)
-    if UPCAST:
-        dd = d
-    else:
-        dd = d.to(XS.dtype.element_ty)
-    for h0 in range(0, HS, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < HS
-        if NEED_GX:
-            w = tl.load(WS + offs_v[:, None] * stride_ws + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :],
-                        other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            gx = tl.dot(dd, w, input_precision=PREC)
-            tl.atomic_add(GX + rows[:, None] * HS + offs_h[None, :], gx, mask=m_mask[:, None] & h_mask[None, :])
-        if NEED_GW:
-            x = tl.load(XS + rows[:, None] * stride_xs + offs_h[None, :], mask=m_mask[:, None] & h_mask[None, :],
-                        other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-            gw = tl.dot(tl.trans(dd), x, input_precision=PREC)
-            tl.atomic_add(GW + offs_v[:, None] * HS + offs_h[None, :], gw, mask=v_mask[:, None] & h_mask[None, :])
+    _fold_grad_tile(d, XS, WS, GX, GW, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
+                    NEED_GX, NEED_GW, UPCAST, PREC, BLOCK_H)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _contig(t):
@@ -312,11 +328,14 @@ def _contig(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_args(spec: _Spec):
-    xs, ws, bs = _contig(spec.xs), _contig(spec.ws), spec.bs
-    xt, wt, bt, tlog = _contig(spec.xt), _contig(spec.wt), spec.bt, _contig(spec.tl)
+def _launch_args(spec: FusedKDSpec) -> dict:
+    """Pointer, size, stride and flag arguments shared by the dense kernels."""
+    xs, ws, bs = _contig(spec.student.x), _contig(spec.student.w), spec.student.b
+    teacher = spec.teacher
+    xt, wt, bt = (_contig(teacher.x), _contig(teacher.w), teacher.b) if teacher is not None else (None, None, None)
+    tlog = _contig(spec.teacher_logits)
     dummy = xs  # placeholder pointer for absent optional tensors (never dereferenced)
-    teacher = 1 if xt is not None else (2 if tlog is not None else 0)
+    kind = 1 if xt is not None else (2 if tlog is not None else 0)
     return dict(
         XS=xs, WS=ws, BS=bs if bs is not None else dummy,
         XT=xt if xt is not None else dummy, WT=wt if wt is not None else dummy, BT=bt if bt is not None else dummy,
@@ -325,115 +344,144 @@ def _launch_args(spec: _Spec):
         stride_xs=xs.stride(0), stride_ws=ws.stride(0),
         stride_xt=xt.stride(0) if xt is not None else 0, stride_wt=wt.stride(0) if wt is not None else 0,
         stride_tl=tlog.stride(0) if tlog is not None else 0,
-        TEACHER=teacher, HAS_BS=bs is not None, HAS_BT=bt is not None,
+        TEACHER=kind, HAS_BS=bs is not None, HAS_BT=bt is not None,
     )
 
 
-def _needs_upcast(spec: _Spec) -> bool:
+def _needs_upcast(spec: FusedKDSpec) -> bool:
     """The interpreter mis-computes ``tl.dot`` on 16-bit operands: upcast them there (float32 runs the GPU code)."""
-    if not _interpreting():
+    if not interpreter_enabled():
         return False
-    return any(t is not None and t.dtype != torch.float32 for t in (spec.xs, spec.xt))
+    xt = spec.teacher.x if spec.teacher is not None else None
+    return any(t is not None and t.dtype != torch.float32 for t in (spec.student.x, xt))
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _block_config(gpu_config: dict) -> dict:
+    return dict(_INTERP_CONFIG) if interpreter_enabled() else dict(gpu_config)
+
+
+class _RowStats:
+    """The ``O(rows)`` float32 statistics of the forward pass (the backward pass needs ``lse_*``, ``c``, ``tk_g``)."""
+
+    def __init__(self, n: int, device: torch.device):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.lse_s, self.lse_t, self.lse_1, self.zy, self.kd_rows, self.c = (torch.zeros(n, **f32) for _ in range(6))
+        self.tk_g: torch.Tensor | None = None  # [rows, K] gradient of the sparse divergence w.r.t. log q at top-k
+
+
+def _topk_stats(spec: FusedKDSpec, rows, st: _RowStats, common: dict, fwd: dict, need_grad: bool) -> None:
+    """Sparse teacher: gather the student logits at the top-k indices, then evaluate the small problem in PyTorch."""
+    n = int(rows.numel())
+    idx = spec.topk.idx.contiguous()
+    k = idx.shape[1]
+    z_k = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+    block_k = 16 if interpreter_enabled() else min(64, triton.next_power_of_2(max(k, 16)))
+    _gather_kernel[(n, triton.cdiv(k, block_k))](
+        rows, common["XS"], common["WS"], common["BS"], idx, z_k, k, common["HS"], common["stride_xs"],
+        common["stride_ws"], HAS_BS=common["HAS_BS"], BLOCK_K=block_k, BLOCK_H=fwd["BLOCK_H"])
+    log_q_k = z_k * (1.0 / spec.temperature) - st.lse_s[:, None]
+    kd_rows, tk_g = topk_rows_and_grad(log_q_k, spec.topk.log_probs, spec.topk.row_fn, spec.topk.tail, need_grad)
+    st.kd_rows = kd_rows.float()
+    if tk_g is not None:
+        st.tk_g = tk_g.float().contiguous()
+        st.c = st.tk_g.sum(-1)
+
+
+def _forward_stats(spec: FusedKDSpec, rows, y, need_grad: bool) -> _RowStats:
+    """Launch the forward kernels over the valid ``rows``; returns the per-row statistics."""
+    n = int(rows.numel())
+    st = _RowStats(n, rows.device)
+    if not n:
+        return st
+    fwd = _block_config(FWD_CONFIG)
+    common = _launch_args(spec)
+    mode = _MODES[spec.mode]
+    inv_t = 1.0 / spec.temperature
+    v = spec.student.w.shape[0]
+    kernel_flags = dict(UPCAST=_needs_upcast(spec), PREC=_precision(spec.student.x.dtype))
+    grid = (triton.cdiv(n, fwd["BLOCK_M"]),)
+    _stats_kernel[grid](rows, n, Y=y, LSE_S=st.lse_s, LSE_T=st.lse_t, LSE_1=st.lse_1, ZY=st.zy, KD=st.kd_rows, V=v,
+                        inv_t=inv_t, MODE=mode, HAS_CE=spec.need_ce, **kernel_flags, **common, **fwd)
+    if mode in (3, 4):
+        _loss_kernel[grid](rows, n, LSE_S=st.lse_s, LSE_T=st.lse_t, KD=st.kd_rows, C=st.c, V=v, inv_t=inv_t,
+                           beta=spec.beta, MODE=mode, **kernel_flags, **common, **fwd)
+    elif mode == 2:
+        st.c = st.kd_rows.clone()
+    elif mode == 5:
+        _topk_stats(spec, rows, st, common, fwd, need_grad)
+    return st
+
+
+def _launch_grad(ctx, grad_loss, lse_s, lse_t, lse_1, c, tk_g, gx, gw, gb) -> None:
+    """Launch the backward kernel: accumulates into the float32 buffers ``gx``/``gw``/``gb`` (those not None)."""
+    spec: FusedKDSpec = ctx.spec
+    n, v = int(ctx.rows.numel()), spec.student.w.shape[0]
+    bwd = _block_config(BWD_CONFIG)
+    mode = _MODES[spec.mode]
+    sc = spec.scales
+    scale = torch.stack([grad_loss.float() * sc.kd_coef, grad_loss.float() * sc.ce_coef]).contiguous()
+    topk = mode == 5
+    grid = (triton.cdiv(n, bwd["BLOCK_M"]), triton.cdiv(v, bwd["BLOCK_V"]))
+    _grad_kernel[grid](
+        ctx.rows, n, Y=ctx.y, LSE_S=lse_s, LSE_T=lse_t, LSE_1=lse_1, C=c,
+        TK_IDX=spec.topk.idx.contiguous() if topk else ctx.rows, TK_G=tk_g if topk else c,
+        K=spec.topk.idx.shape[1] if topk else 0, SCALE=scale, GX=gx if gx is not None else c,
+        GW=gw if gw is not None else c, GB=gb if gb is not None else c, V=v, inv_t=1.0 / spec.temperature,
+        beta=spec.beta, MODE=mode, HAS_CE=spec.need_ce, NEED_GX=gx is not None, NEED_GW=gw is not None,
+        NEED_GB=gb is not None, UPCAST=_needs_upcast(spec), PREC=_precision(spec.student.x.dtype),
+        **_launch_args(spec), **bwd)
+
+
 class _TritonFusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xs, ws, bs, spec: _Spec, need_grad: bool):
-        interp = _interpreting()
-        fwd = dict(_INTERP_CONFIG) if interp else dict(FWD_CONFIG)
-        common = _launch_args(spec)
-        mode = _MODES[spec.mode]
-        dev, n = xs.device, int(spec.rows.numel())
-        v = ws.shape[0]
-        f32 = dict(dtype=torch.float32, device=dev)
-        lse_s, lse_t, lse_1, zy, kd_rows = (torch.zeros(n, **f32) for _ in range(5))
-        c = torch.zeros(n, **f32)
-        tk_g = None
-        inv_t = 1.0 / spec.temperature
+    def forward(ctx, xs, ws, bs, spec: FusedKDSpec, need_grad: bool):
         rows = spec.rows.contiguous()
-        y = spec.labels_valid.contiguous() if spec.need_ce else rows
-        prec = _precision(xs.dtype)
-        upcast = _needs_upcast(spec)
-        if n:
-            grid = (triton.cdiv(n, fwd["BLOCK_M"]),)
-            _stats_kernel[grid](rows, n, Y=y, LSE_S=lse_s, LSE_T=lse_t, LSE_1=lse_1, ZY=zy, KD=kd_rows, V=v,
-                                inv_t=inv_t, MODE=mode, HAS_CE=spec.need_ce, UPCAST=upcast, PREC=prec,
-                                **common, **fwd)
-            if mode in (3, 4):
-                _loss_kernel[grid](rows, n, LSE_S=lse_s, LSE_T=lse_t, KD=kd_rows, C=c, V=v, inv_t=inv_t,
-                                   beta=spec.beta, MODE=mode, UPCAST=upcast, PREC=prec, **common, **fwd)
-            elif mode == 2:
-                c = kd_rows.clone()
-            elif mode == 5:
-                idx = spec.topk_idx.contiguous()
-                k = idx.shape[1]
-                z_k = torch.empty(n, k, **f32)
-                block_k = 16 if interp else min(64, triton.next_power_of_2(max(k, 16)))
-                _gather_kernel[(n, triton.cdiv(k, block_k))](
-                    rows, common["XS"], common["WS"], common["BS"], idx, z_k, k, common["HS"], common["stride_xs"],
-                    common["stride_ws"], HAS_BS=common["HAS_BS"], BLOCK_K=block_k, BLOCK_H=fwd["BLOCK_H"])
-                log_q_k = z_k * inv_t - lse_s[:, None]
-                kd_rows, tk_g = topk_rows_and_grad(log_q_k, spec.topk_lp, spec.topk_row_fn, spec.topk_tail,
-                                                   need_grad)
-                kd_rows = kd_rows.float()
-                if tk_g is not None:
-                    tk_g = tk_g.float().contiguous()
-                    c = tk_g.sum(-1)
-        kd_sum = kd_rows.sum() if spec.mode != "none" else torch.zeros((), **f32)
-        ce_sum = (lse_1 - zy).sum() if spec.need_ce else torch.zeros((), **f32)
-        loss = kd_sum * spec.kd_coef + ce_sum * spec.ce_coef
-        kd, ce = kd_sum * spec.kd_norm, ce_sum * spec.ce_norm
+        y = spec.labels.contiguous() if spec.need_ce else rows
+        st = _forward_stats(spec, rows, y, need_grad)
+        zero = torch.zeros((), dtype=torch.float32, device=xs.device)
+        kd_sum = st.kd_rows.sum() if spec.mode != "none" else zero
+        ce_sum = (st.lse_1 - st.zy).sum() if spec.need_ce else zero
+        sc = spec.scales
+        loss = kd_sum * sc.kd_coef + ce_sum * sc.ce_coef
+        kd, ce = kd_sum * sc.kd_norm, ce_sum * sc.ce_norm
         ctx.mark_non_differentiable(kd, ce)
-        ctx.save_for_backward(xs, ws, bs if bs is not None else torch.empty(0), lse_s, lse_t, lse_1, c,
-                              tk_g if tk_g is not None else torch.empty(0))
+        ctx.save_for_backward(xs, ws, bs if bs is not None else torch.empty(0), st.lse_s, st.lse_t, st.lse_1, st.c,
+                              st.tk_g if st.tk_g is not None else torch.empty(0))
         ctx.spec, ctx.has_bias, ctx.y, ctx.rows = spec, bs is not None, y, rows
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _gkd, _gce):
         xs, ws, bs, lse_s, lse_t, lse_1, c, tk_g = ctx.saved_tensors
-        spec: _Spec = ctx.spec
         need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_gb = ctx.has_bias and ctx.needs_input_grad[2]
-        n, v = int(ctx.rows.numel()), ws.shape[0]
-        dev = xs.device
-        gx = torch.zeros(xs.shape, dtype=torch.float32, device=dev) if need_gx else None
-        gw = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if need_gw else None
-        gb = torch.zeros(v, dtype=torch.float32, device=dev) if need_gb else None
-        if n and (need_gx or need_gw or need_gb):
-            interp = _interpreting()
-            bwd = dict(_INTERP_CONFIG) if interp else dict(BWD_CONFIG)
-            common = _launch_args(spec)
-            mode = _MODES[spec.mode]
-            scale = torch.stack([grad_loss.float() * spec.kd_coef, grad_loss.float() * spec.ce_coef]).contiguous()
-            topk = mode == 5
-            grid = (triton.cdiv(n, bwd["BLOCK_M"]), triton.cdiv(v, bwd["BLOCK_V"]))
-            _grad_kernel[grid](
-                ctx.rows, n, Y=ctx.y, LSE_S=lse_s, LSE_T=lse_t, LSE_1=lse_1, C=c,
-                TK_IDX=spec.topk_idx.contiguous() if topk else ctx.rows, TK_G=tk_g if topk else c,
-                K=spec.topk_idx.shape[1] if topk else 0, SCALE=scale, GX=gx if need_gx else c,
-                GW=gw if need_gw else c, GB=gb if need_gb else c, V=v, inv_t=1.0 / spec.temperature, beta=spec.beta,
-                MODE=mode, HAS_CE=spec.need_ce, NEED_GX=need_gx, NEED_GW=need_gw, NEED_GB=need_gb,
-                UPCAST=_needs_upcast(spec),
-                PREC=_precision(xs.dtype), **common, **bwd)
+        f32 = dict(dtype=torch.float32, device=xs.device)
+        gx = torch.zeros(xs.shape, **f32) if need_gx else None
+        gw = torch.zeros(ws.shape, **f32) if need_gw else None
+        gb = torch.zeros(ws.shape[0], **f32) if need_gb else None
+        if ctx.rows.numel() and (need_gx or need_gw or need_gb):
+            _launch_grad(ctx, grad_loss, lse_s, lse_t, lse_1, c, tk_g, gx, gw, gb)
         return (gx.to(xs.dtype) if need_gx else None, gw.to(ws.dtype) if need_gw else None,
                 gb.to(bs.dtype) if need_gb else None, None, None)
 
 
-def triton_fused_linear_kd(spec: _Spec):
-    """Run the Triton kernels on a validated :class:`~kd_plugins.kernels.fused_linear_kd._Spec`.
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_fused_linear_kd(spec: FusedKDSpec):
+    """Run the Triton kernels on a validated :class:`~kd_plugins.kernels._spec.FusedKDSpec`.
 
     Returns ``(loss, kd, ce)`` like the chunked PyTorch path.
     """
-    if spec.xs.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"backend='triton' supports float32/bfloat16/float16 inputs, got {spec.xs.dtype}; use "
+    if spec.student.x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float32/bfloat16/float16 inputs, got {spec.student.x.dtype}; use "
                         "backend='torch'")
-    if spec.xt is not None and spec.xt.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"backend='triton' supports float32/bfloat16/float16 teacher inputs, got {spec.xt.dtype}")
-    xs, ws, bs = spec.xs, spec.ws, spec.bs
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xs, ws, bs))
-    return _TritonFusedLinearKD.apply(xs, ws, bs, spec, need_grad)
+    if spec.teacher is not None and spec.teacher.x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float32/bfloat16/float16 teacher inputs, got "
+                        f"{spec.teacher.x.dtype}")
+    s = spec.student
+    return _TritonFusedLinearKD.apply(s.x, s.w, s.b, spec, spec.needs_student_grad())

@@ -169,3 +169,24 @@ def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
     if w >= 1.0:
         return log_a
     return torch.logsumexp(torch.stack([log_a + math.log(w), log_b + math.log1p(-w)]), dim=0)
+
+
+def _pair_rows(student_logits, teacher_logits, labels, mask, ignore_index):
+    """Check that student and teacher logits match, and return their valid rows ``(s, t, valid)`` in compute dtype.
+
+    Shared by the losses that need the dense rows of both sides (Sinkhorn, DAC-KL); raises on a shape mismatch or a
+    non-finite teacher value at a valid row.
+    """
+    if teacher_logits is None or teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(getattr(teacher_logits, 'shape', ()))} must have the same shape (same rows and vocabulary)."
+        )
+    valid = valid_mask(student_logits.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index,
+                       device=student_logits.device)
+    dtype = compute_dtype(student_logits)
+    s = rows(student_logits, valid).to(dtype)
+    t = rows(teacher_logits, valid).to(s.device, dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("teacher logits contain NaN/inf at valid rows; fix the teacher or mask those rows out.")
+    return s, t, valid

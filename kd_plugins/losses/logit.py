@@ -38,6 +38,8 @@ __all__ = [
     "total_variation_distance",
     "soft_cross_entropy",
     "dkd_loss",
+    "ofa_loss",
+    "OFALoss",
     "logit_mse",
 ]
 
@@ -223,6 +225,45 @@ def dkd_loss(
     return loss
 
 
+def ofa_loss(student_logits, teacher_logits, *, labels, eps: float = 1.0, temperature: float = 1.0, mask=None,
+             num_items_in_batch=None, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """OFA-KD's adaptive target-enhancement loss (Hao et al., NeurIPS 2023), repository form.
+
+    With teacher probabilities ``p = softmax(t / T)``, student ``q = softmax(z / T)``, target class ``y`` and
+    exponent ``eps`` (the paper's gamma)::
+
+        l_OFA(z) = - sum_c w_c log q_c,   w_y = (1 + p_y) ** eps - 1,   w_c = p_c ** eps  (c != y)
+
+    With ``eps = 1`` it is the plain soft-target cross-entropy; larger ``eps`` amplifies the target class when the
+    teacher is confident. ``labels`` are class indices ``[B]`` (rows equal to ``ignore_index`` are skipped);
+    averaged over valid rows and not ``T^2``-scaled (the paper uses ``T = 1``). The exit branches OFA-KD trains
+    with it are in :mod:`kd_plugins.vision.ofa`.
+    """
+    if labels is None:
+        raise ValueError("ofa_loss needs labels: the target class receives the enhanced weight (1 + p_y)^eps - 1.")
+    if eps <= 0:
+        raise ValueError(f"ofa_loss eps must be > 0, got {eps}")
+    if teacher_logits is None or teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"ofa_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{None if teacher_logits is None else tuple(teacher_logits.shape)} must have the same shape "
+            "(same number of classes).")
+    prefix = student_logits.shape[:-1]
+    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
+    dtype = compute_dtype(student_logits)
+    s = rows(student_logits, valid).to(dtype) / temperature
+    t = rows(teacher_logits, valid).to(s.device, dtype) / temperature
+    y = labels.reshape(-1)[valid.reshape(-1)].to(s.device).long().unsqueeze(-1)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= s.shape[-1]):
+        raise ValueError(f"ofa_loss labels must lie in [0, {s.shape[-1]}); got max {int(y.max())}")
+    p_t = torch.softmax(t, -1).detach()
+    w = p_t.pow(eps)
+    w_y = (1.0 + p_t.gather(-1, y)).pow(eps) - 1.0
+    w = w.scatter(-1, y, w_y)
+    per_row = -(w * torch.log_softmax(s, -1)).sum(-1)
+    return reduce_rows(per_row, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
 def logit_mse(
     student_logits, teacher_logits, *, labels=None, mask=None, num_items_in_batch=None, reduction: str = "mean",
     ignore_index: int = IGNORE_INDEX, center: bool = False, temperature: float = 1.0,
@@ -348,6 +389,29 @@ class DKDLoss(nn.Module):
         return dkd_loss(student_logits, teacher_logits, labels=labels, alpha=self.alpha, beta=self.beta, mask=mask,
                         temperature=self.temperature, num_items_in_batch=num_items_in_batch,
                         reduction=self.reduction, ignore_index=self.ignore_index)
+
+
+@register_loss("ofa", kind="logits", function=ofa_loss, aliases=("ofa_kd", "target_enhancement"))
+class OFALoss(nn.Module):
+    """OFA-KD adaptive target-enhancement loss (needs labels)."""
+
+    def __init__(self, eps: float = 1.0, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                 reduction: str = "mean"):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"OFA eps must be > 0, got {eps}")
+        self.eps, self.temperature, self.ignore_index, self.reduction = eps, temperature, ignore_index, reduction
+
+    def forward(self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None,
+                teacher_topk=None):
+        if teacher_topk is not None:
+            raise ValueError("OFA needs dense teacher logits; a sparse top-k teacher signal is not supported.")
+        return ofa_loss(student_logits, teacher_logits, labels=labels, eps=self.eps, mask=mask,
+                        temperature=self.temperature, num_items_in_batch=num_items_in_batch,
+                        reduction=self.reduction, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, temperature={self.temperature}"
 
 
 @register_loss("logit_mse", kind="logits", function=logit_mse, aliases=("mse_logits",))

@@ -54,24 +54,8 @@ def register_loss(name: str, *, kind: str, function: Callable | None = None, ali
     return deco
 
 
-# Modules that register more losses but are heavy to import (timm); loaded on the first unknown name.
-_LAZY_PLUGIN_MODULES = ("kd_plugins.vision",)
-
-
-def _load_plugins() -> None:
-    import importlib
-
-    for mod in _LAZY_PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-
-
 def _lookup(name: str) -> LossSpec:
     key = name.strip().lower()
-    if key not in _REGISTRY:
-        _load_plugins()
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -102,5 +86,4 @@ def get_loss_function(name: str) -> Callable:
 
 def list_losses(kind: str | None = None) -> list[str]:
     """Registered canonical loss names, optionally only those of one ``kind``."""
-    _load_plugins()
     return sorted({s.name for s in _REGISTRY.values() if kind is None or s.kind == kind})

@@ -7,14 +7,16 @@ the early-exit functions answer each input at the first confident exit.
 
 ::
 
-    from kd_plugins.multiexit import add_exits, MultiExitCallback, MultiExitConfig, truncate
+    from kd_plugins import MultiExitCallback
+    from kd_plugins.multiexit import add_exits, MultiExitConfig, truncate
     add_exits(model, layers=[2, 4, 6], head="shared")              # HF BERT/MPNet/Llama or timm ViT/ResNet
-    trainer = Trainer(model=model, ..., callbacks=[MultiExitCallback(MultiExitConfig())])
+    trainer = Trainer(model=model, ..., callbacks=[MultiExitCallback(config=MultiExitConfig())])
     trainer.train()
     small = truncate(model, 2)                                      # plain PreTrainedModel, 2 layers
     small.save_pretrained("out/layer2")                             # loads with AutoModel.from_pretrained
 
-timm: :class:`kd_plugins.multiexit.timm_task.MultiExitTask` (a ``timm.task.TrainingTask``).
+HF ``Trainer``: :class:`kd_plugins.integrations.hf.MultiExitCallback`; timm:
+:class:`kd_plugins.integrations.timm.MultiExitTask` (a ``timm.task.TrainingTask``).
 """
 
 from .core import (
@@ -42,7 +44,8 @@ from .early_exit import (
     plot_accuracy_vs_depth,
     simulate_early_exit,
 )
-from .loss import MultiExitConfig, MultiExitLoss, exit_ce_losses, exit_weights, info_nce, multi_exit_loss
+from .config import MultiExitConfig
+from .loss import MultiExitLoss, exit_ce_losses, exit_weights, info_nce, multi_exit_loss
 from .truncate import timm_truncation_kwargs, truncate
 
 __all__ = [
@@ -52,18 +55,15 @@ __all__ = [
     "truncate", "timm_truncation_kwargs",
     "EarlyExitResult", "confidence", "early_exit_classify", "early_exit_embed", "early_exit_generate",
     "simulate_early_exit", "plot_accuracy_vs_depth",
-    "MultiExitCallback", "MultiExitTask",
 ]
 
 
+#: Framework adapters live in the integration layer (a method package never imports upward).
+_MOVED = {"MultiExitCallback": "kd_plugins.integrations.hf", "MultiExitTask": "kd_plugins.integrations.timm"}
+
+
 def __getattr__(name):
-    # transformers.Trainer and timm.task are slow imports: load the integrations on first use.
-    if name == "MultiExitCallback":
-        from .hf import MultiExitCallback
-
-        return MultiExitCallback
-    if name == "MultiExitTask":
-        from .timm_task import MultiExitTask
-
-        return MultiExitTask
+    if name in _MOVED:
+        raise AttributeError(f"{name} is a framework adapter and lives in {_MOVED[name]}: "
+                             f"`from kd_plugins import {name}` (or `from {_MOVED[name]} import {name}`).")
     raise AttributeError(f"module 'kd_plugins.multiexit' has no attribute {name!r}")

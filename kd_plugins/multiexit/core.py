@@ -352,7 +352,7 @@ def has_exits(model: nn.Module) -> bool:
 
 def get_exits(model: nn.Module) -> MultiExitHeads:
     """``model.multi_exit``; ``ValueError`` if :func:`add_exits` was not called."""
-    from ..distill.engine import unwrap_model
+    from .._utils import unwrap_model
 
     m = unwrap_model(model)
     heads = getattr(m, ATTR, None)

@@ -14,66 +14,18 @@ deepest exit's output is detached when it serves as teacher, so self-distillatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..distill.terms import weighted_sum
 from ..losses import get_loss_spec
 from ..losses._common import IGNORE_INDEX
+from .config import MultiExitConfig
 
 __all__ = ["MultiExitConfig", "MultiExitLoss", "exit_weights", "multi_exit_loss", "exit_ce_losses", "info_nce"]
-
-
-@dataclass
-class MultiExitConfig:
-    """Weights and losses of the multi-exit objective (see the module docstring).
-
-    Args:
-        weights: ``"depth"`` (``alpha_i = layer_i / L``, the paper's), ``"uniform"`` (all 1) or one float per exit.
-        task_weight: weight of each exit's task loss (labels: cross-entropy; encoders: ``embedding_task``).
-        self_distill_weight: weight of the deepest-exit -> shallower-exit distillation term.
-        teacher_weight: weight of the external-teacher -> every-exit term (used only when a teacher is given).
-        distill_loss: registry name of the distillation loss; ``None``: ``"kl"`` for logits,
-            ``"embedding_cosine"`` for embeddings. Must be of kind ``logits`` or ``embedding`` to match the exits.
-        distill_kwargs: extra keyword arguments for that loss (e.g. ``{"normalize": True}`` for ``embedding_mse``).
-        temperature: softmax temperature of logit distillation.
-        embedding_task: encoders: ``"none"`` (distillation only) or ``"infonce"`` (symmetric in-batch InfoNCE
-            between each text and its positive, CLIP-style as in MoSE fine-tuning; the batch carries
-            ``positive_input_ids`` / ``positive_attention_mask``).
-        infonce_scale: logit scale of InfoNCE (cosine similarity times this).
-    """
-
-    weights: str | Sequence[float] = "depth"
-    task_weight: float = 1.0
-    self_distill_weight: float = 1.0
-    teacher_weight: float = 1.0
-    distill_loss: str | None = None
-    distill_kwargs: dict = field(default_factory=dict)
-    temperature: float = 1.0
-    embedding_task: str = "none"
-    infonce_scale: float = 20.0
-
-    def __post_init__(self):
-        if isinstance(self.weights, str) and self.weights not in ("depth", "uniform"):
-            raise ValueError(f"weights must be 'depth', 'uniform' or a list of floats, got {self.weights!r}")
-        for name in ("task_weight", "self_distill_weight", "teacher_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.embedding_task not in ("none", "infonce"):
-            raise ValueError(f"embedding_task must be 'none' or 'infonce', got {self.embedding_task!r}")
-
-    def distill_fn(self, kind: str):
-        name = self.distill_loss or ("kl" if kind == "logits" else "embedding_cosine")
-        spec = get_loss_spec(name)
-        if spec.kind != kind or spec.function is None:
-            examples = "kl, jsd, reverse_kl" if kind == "logits" else "embedding_cosine, embedding_mse, affinity_kl"
-            raise ValueError(f"distill_loss={name!r} is a {spec.kind!r} loss; these exits produce {kind!r} outputs "
-                             f"(pick e.g. {examples})")
-        return name, spec.function
 
 
 def exit_weights(layers: Sequence[int], num_layers: int, weights: str | Sequence[float] = "depth") -> list[float]:
@@ -128,31 +80,22 @@ def multi_exit_loss(exits: Mapping[int, torch.Tensor], num_layers: int, config: 
         if mask is not None:
             kw["mask"] = mask.bool()
     deepest = exits[layers[-1]].detach()
-    total = None
-    terms: dict[str, float] = {}
-
-    def add(x, weight):
-        nonlocal total
-        total = x * weight if total is None else total + x * weight
-
+    values: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}
     for k, a in zip(layers, w):
         out = exits[k]
         if task_losses is not None and k in task_losses and cfg.task_weight > 0:
-            t = task_losses[k]
-            add(t, a * cfg.task_weight)
-            terms[f"exit{k}_task"] = float(t.detach())
+            values[f"exit{k}_task"], weights[f"exit{k}_task"] = task_losses[k], a * cfg.task_weight
         if k != layers[-1] and cfg.self_distill_weight > 0:
-            d = fn(out, deepest, **kw) * kd_scale
-            add(d, a * cfg.self_distill_weight)
-            terms[f"exit{k}_self_kd"] = float(d.detach())
+            values[f"exit{k}_self_kd"] = fn(out, deepest, **kw) * kd_scale
+            weights[f"exit{k}_self_kd"] = a * cfg.self_distill_weight
         if teacher is not None and cfg.teacher_weight > 0:
-            d = fn(out, teacher.detach().to(out.device), **kw) * kd_scale
-            add(d, a * cfg.teacher_weight)
-            terms[f"exit{k}_teacher_kd"] = float(d.detach())
+            values[f"exit{k}_teacher_kd"] = fn(out, teacher.detach().to(out.device), **kw) * kd_scale
+            weights[f"exit{k}_teacher_kd"] = a * cfg.teacher_weight
+    total = weighted_sum(values, weights, hint="Lower the learning rate or check the inputs.")
     if total is None:
         total = sum(o.sum() * 0.0 for o in exits.values())
-    if not torch.isfinite(total.detach()):
-        raise FloatingPointError(f"non-finite multi-exit loss; terms: {terms}")
+    terms = {name: float(v.detach()) for name, v in values.items()}
     terms["multi_exit_loss"] = float(total.detach())
     return MultiExitLoss(total, terms)
 

@@ -2,6 +2,7 @@
 
 >>> from kd_plugins.quant import quantize, save_quantized, load_quantized, quantization_kernel_report
 >>> model = quantize(model, method="crossquant", calibration_data=batches)   # alpha defaults to DEFAULT_ALPHA
+>>> model = quantize(model, QuantConfig(method="smoothquant", alpha=0.6), calibration_data=batches)
 >>> report = quantization_kernel_report(model, batches); print(report.to_table())
 >>> save_quantized(model, "out/"); model2 = load_quantized("out/")
 >>> model3 = AutoModelForCausalLM.from_pretrained("out/")   # Hugging Face models, after `import kd_plugins`
@@ -17,28 +18,18 @@ GEMM; ``method="crossquant_dynamic"`` is the per-tensor form for fake-quant accu
 """
 
 from ._core import METHODS
-from .api import (
-    DEFAULT_ALPHA,
-    DEFAULT_ALPHA_GRID,
-    AlphaSweep,
-    LayerAlphaSearch,
-    calibrate_layer_alphas,
-    KernelReport,
-    LayerKernel,
-    LayerStats,
-    collect_activation_stats,
-    find_quantizable,
-    quantization_kernel_report,
-    quantize,
-    quantized_layers,
-    sweep_alpha,
-)
+from .api import quantize
+from .calibration import LayerAlphaSearch, LayerStats, calibrate_layer_alphas, collect_activation_stats
+from .config import DEFAULT_ALPHA, DEFAULT_ALPHA_GRID, QuantConfig
 from .layers import QuantizedLinear
+from .report import AlphaSweep, KernelReport, LayerKernel, quantization_kernel_report, sweep_alpha
 from .serialization import QuantizedCheckpointError, load_quantized, save_quantized
+from .targets import find_quantizable, quantized_layers
 
 __all__ = [
     "METHODS",
     "DEFAULT_ALPHA",
+    "QuantConfig",
     "quantize",
     "QuantizedLinear",
     "quantization_kernel_report",

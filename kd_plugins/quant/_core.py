@@ -54,7 +54,7 @@ def check_alpha(method: str, alpha) -> float | None:
 
 
 def pow_alpha(t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``t ** alpha`` for positive ``t`` written as ``exp2(alpha * log2(t))`` (the Triton quantizer uses the same form)."""
+    """``t ** alpha`` for positive ``t`` as ``exp2(alpha * log2(t))`` (the Triton quantizer uses the same form)."""
     if alpha == 1.0:
         return t
     if alpha == 0.0:
@@ -100,7 +100,8 @@ def quantize_activations(
     ``inv_col`` is the per-input-channel multiplier applied before rounding (``None`` for per-token); for
     ``crossquant_dynamic`` it is computed here from the column maxima of ``x`` and returned.
     """
-    # The scaled copy is rounded and clamped in place (fewer full-size temporaries). Same float operations in the same order as the Triton row quantizer, so the codes are identical.
+    # The scaled copy is rounded and clamped in place (fewer full-size temporaries). Same float operations in the
+    # same order as the Triton row quantizer, so the codes are identical.
     if method == "per_token":
         r = _row_absmax(x)
         v = None

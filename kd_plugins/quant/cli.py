@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 
 from ._core import METHODS
-from .api import DEFAULT_ALPHA, quantization_kernel_report, quantize, quantized_layers
+from .api import quantize
+from .config import DEFAULT_ALPHA, QuantConfig
+from .report import KernelReport, quantization_kernel_report
 from .serialization import QuantizedCheckpointError, save_quantized
+from .targets import quantized_layers
 
-__all__ = ["quantize_main", "build_parser"]
+__all__ = ["quantize_main", "build_parser", "quant_config_from_args"]
 
 
 class CLIError(Exception):
@@ -52,8 +55,9 @@ def build_parser(prog: str = "kd-plugins quantize") -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="calibration inputs (.txt/.jsonl/.json texts or .pt/.npy tensor); required except for "
                         "per_token and crossquant_dynamic")
+    defaults = ", ".join(f"{k}={v}" for k, v in DEFAULT_ALPHA.items() if v is not None)
     p.add_argument("--alpha", type=_alpha_arg, default=None,
-                   help=f"method alpha, or 'auto' to choose it per layer on the calibration data (defaults: {', '.join(f'{k}={v}' for k, v in DEFAULT_ALPHA.items() if v is not None)})")
+                   help=f"method alpha, or 'auto' to choose it per layer on the calibration data ({defaults})")
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="extra module names / globs to keep in float")
     p.add_argument("--no-default-skip", action="store_true",
                    help="also quantize lm_head / classifier heads (embeddings and norms are never linear)")
@@ -162,6 +166,12 @@ def _mb(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The :class:`QuantConfig` the command line asks for."""
+    return QuantConfig(method=args.method, alpha=args.alpha, skip=args.skip or None,
+                       default_skip=not args.no_default_skip, progress=not args.quiet)
+
+
 def quantize_main(argv: list[str] | None = None) -> int:
     """Entry point of ``kd-plugins quantize``; returns the process exit code (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
@@ -170,57 +180,68 @@ def quantize_main(argv: list[str] | None = None) -> int:
         model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
         if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
             raise CLIError(f"OUT_DIR {out_dir} exists and is not empty (use --overwrite)")
+        config = quant_config_from_args(args)
         model, tok, build_kwargs = _load_model(model_dir)
         calib = _read_calibration(Path(args.calibration), tok, args) if args.calibration else None
-        if calib is None and args.method in ("crossquant", "smoothquant"):
-            raise CLIError(f"--method {args.method} needs --calibration FILE")
-        fp_layer_bytes = {}
-        progress = not args.quiet
-        quantize(model, args.method, args.alpha, calibration_data=calib, skip=args.skip or None,
-                 default_skip=not args.no_default_skip, progress=progress)
-        layers = quantized_layers(model)
-        for name, q in layers.items():
-            fp_layer_bytes[name] = (q.in_features * q.out_features + (q.out_features if q.bias is not None else 0)) * 4
+        if calib is None and config.method in ("crossquant", "smoothquant"):
+            raise CLIError(f"--method {config.method} needs --calibration FILE")
+        quantize(model, config, calibration_data=calib)
         report = None
         if calib and args.report_batches > 0:
-            report = quantization_kernel_report(model, calib[: args.report_batches], progress=progress)
+            report = quantization_kernel_report(model, calib[: args.report_batches], progress=config.progress)
         save_quantized(model, out_dir, tokenizer=tok, overwrite=args.overwrite, build_kwargs=build_kwargs)
     except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, QuantizedCheckpointError) as e:
         print(f"kd-plugins quantize: error: {e}", file=sys.stderr)
         return 2
+    _print_summary(model, report, model_dir, out_dir, time.time() - t0)
+    return 0
 
-    # ---------------------------------------------------------------- summary table
+
+def _layer_bytes(q) -> tuple[int, int]:
+    """(fp32 bytes of the original layer, bytes of its int8 replacement)."""
+    bias = q.bias.numel() if q.bias is not None else 0
+    fp32 = (q.in_features * q.out_features + bias) * 4
+    side = q.weight_scale.numel() + (q.act_inv_col.numel() if q.act_inv_col is not None else 0) + bias
+    return fp32, q.weight_int8.numel() + 4 * side
+
+
+def _alpha_text(info: dict) -> str:
+    alpha = info["alpha"]
+    text = "" if alpha is None else (f", alpha={alpha:g}" if isinstance(alpha, float) else f", alpha={alpha}")
+    if isinstance(info.get("layer_alpha"), dict):
+        vals = sorted(info["layer_alpha"].values())
+        text += f" (per layer: min {vals[0]:g}, median {vals[len(vals) // 2]:g}, max {vals[-1]:g})"
+    return text
+
+
+def _print_summary(model, report: KernelReport | None, model_dir: Path, out_dir: Path, seconds: float) -> None:
+    """Sizes and quantization kernels per group of layers (the name after the last numeric component)."""
+    layers = quantized_layers(model)
+    sizes = {n: _layer_bytes(q) for n, q in layers.items()}
     groups: dict[str, list[str]] = {}
     for name in layers:
         parts = name.split(".")
         idx = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
         groups.setdefault(".".join(parts[idx + 1:]) or name, []).append(name)
     kern = {l.name: l for l in report.layers} if report is not None else {}
-    q_bytes = {n: q.weight_int8.numel() + 4 * (q.weight_scale.numel() + (q.act_inv_col.numel() if q.act_inv_col is not None else 0)
-                                               + (q.bias.numel() if q.bias is not None else 0))
-               for n, q in layers.items()}
-    alpha = model.kd_quantization["alpha"]
-    alpha_txt = "" if alpha is None else (f", alpha={alpha:g}" if isinstance(alpha, float) else f", alpha={alpha}")
-    if isinstance(model.kd_quantization.get("layer_alpha"), dict):
-        vals = sorted(model.kd_quantization["layer_alpha"].values())
-        alpha_txt += f" (per layer: min {vals[0]:g}, median {vals[len(vals) // 2]:g}, max {vals[-1]:g})"
-    print(f"\nQuantized {model_dir} -> {out_dir}  (method={args.method}" + alpha_txt
-          + f", {len(layers)} layers, {time.time() - t0:.1f}s)\n")
+    info = model.kd_quantization
+    print(f"\nQuantized {model_dir} -> {out_dir}  (method={info['method']}" + _alpha_text(info)
+          + f", {len(layers)} layers, {seconds:.1f}s)\n")
     print("| layers | n | fp32 | int8 | kernel | per-token kernel |")
     print("|---|---|---|---|---|---|")
     for key, names in groups.items():
         el = sum(kern[n].elements for n in names if n in kern)
         k = f"{100 * sum(kern[n].zeros for n in names if n in kern) / el:.2f}%" if el else "-"
         pk = f"{100 * sum(kern[n].per_token_zeros for n in names if n in kern) / el:.2f}%" if el else "-"
-        print(f"| {key} | {len(names)} | {_mb(sum(fp_layer_bytes[n] for n in names))} | "
-              f"{_mb(sum(q_bytes[n] for n in names))} | {k} | {pk} |")
+        print(f"| {key} | {len(names)} | {_mb(sum(sizes[n][0] for n in names))} | "
+              f"{_mb(sum(sizes[n][1] for n in names))} | {k} | {pk} |")
     tk = f"{100 * report.kernel:.2f}%" if report is not None else "-"
     tpk = f"{100 * report.per_token_kernel:.2f}%" if report is not None else "-"
-    print(f"| **all** | {len(layers)} | {_mb(sum(fp_layer_bytes.values()))} | {_mb(sum(q_bytes.values()))} | {tk} | {tpk} |")
+    print(f"| **all** | {len(layers)} | {_mb(sum(s[0] for s in sizes.values()))} | "
+          f"{_mb(sum(s[1] for s in sizes.values()))} | {tk} | {tpk} |")
     fp_files = _dir_bytes(model_dir, "*.safetensors") or _dir_bytes(model_dir, "*.bin")
     print(f"\ncheckpoint: {_mb(_dir_bytes(out_dir, '*.safetensors'))} (float model files: {_mb(fp_files)}); "
-          f"skipped in float: {len(model.kd_quantization['skipped'])} linear layer(s)")
-    return 0
+          f"skipped in float: {len(info['skipped'])} linear layer(s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ import torch.nn as nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._checkpoint import tensor_sha256
 from .layers import QuantizedLinear, is_pointwise_conv
 from .serialization import (
     CONFIG_NAME,
@@ -49,9 +50,8 @@ from .serialization import (
     FORMAT_VERSION,
     HF_QUANT_METHOD,
     QuantizedCheckpointError,
-    _read_config,
     _restore_buffer_dtypes,
-    _sha256,
+    read_quant_manifest,
 )
 
 __all__ = ["KDQuantConfig", "KDQuantHfQuantizer", "register", "HF_QUANT_METHOD"]
@@ -142,7 +142,7 @@ class KDQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: KDQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._cast = False
-        self._saved: dict[str, Any] | None = None  # quant_config.json, when found next to the weights
+        self._saved: dict[str, Any] | None = None  # the quant_config.json manifest, when found next to the weights
         self._names: dict[str, str] = {}  # saved layer name -> model layer name
         self._checkpoint_dir: Path | None = None
 
@@ -171,8 +171,8 @@ class KDQuantHfQuantizer(HfQuantizer):
         if checkpoint_files:
             self._checkpoint_dir = Path(checkpoint_files[0]).parent
             if (self._checkpoint_dir / CONFIG_NAME).is_file():
-                self._saved = _read_config(self._checkpoint_dir)
-                if self._saved["layers"] != layers:
+                self._saved = read_quant_manifest(self._checkpoint_dir)
+                if self._saved["metadata"]["layers"] != layers:
                     raise QuantizedCheckpointError(
                         f"{self._checkpoint_dir / CONFIG_NAME} and the quantization_config of config.json describe "
                         "different quantized layers (one of them was edited)"
@@ -220,7 +220,7 @@ class KDQuantHfQuantizer(HfQuantizer):
 
     def _same_class(self, model) -> bool:
         """Is ``model`` of the class that was saved (then every layer and tensor must match exactly)?"""
-        arch = (self._saved or {}).get("architecture", {})
+        arch = (self._saved or {}).get("architecture") or {}
         if arch:
             return arch.get("kind") == "hf" and arch.get("class") == type(model).__name__
         saved = getattr(getattr(model, "config", None), "architectures", None) or []
@@ -239,7 +239,7 @@ class KDQuantHfQuantizer(HfQuantizer):
         if not self._cast:
             buffers = {n for n, _ in model.named_buffers()}
             _restore_buffer_dtypes(
-                model, self.quantization_config.buffer_dtypes or (self._saved or {}).get("buffer_dtypes"),
+                model, self.quantization_config.buffer_dtypes or self._saved_metadata.get("buffer_dtypes"),
                 rename=lambda n: _map_name(model, n, lambda k: k in buffers),
             )
         if self._saved is not None:
@@ -254,13 +254,17 @@ class KDQuantHfQuantizer(HfQuantizer):
         model.kd_quantization = {
             "method": qc.method,
             "alpha": qc.alpha,
-            "skip": (self._saved or {}).get("skip", []),
-            "default_skip": (self._saved or {}).get("default_skip", True),
+            "skip": self._saved_metadata.get("skip", []),
+            "default_skip": self._saved_metadata.get("default_skip", True),
             "layers": sorted(self._names.values()),
         }
         if qc.layer_alpha:
             model.kd_quantization["layer_alpha"] = {self._names.get(n, n): a for n, a in qc.layer_alpha.items()}
         return model
+
+    @property
+    def _saved_metadata(self) -> dict[str, Any]:
+        return self._saved["metadata"] if self._saved is not None else {}
 
     def _verify(self, model) -> None:
         saved = self._saved
@@ -295,7 +299,7 @@ class KDQuantHfQuantizer(HfQuantizer):
                     cast += 1
                     continue
                 bad.append(f"{k}: dtype {dtype}, saved {meta['dtype']}")
-            elif _sha256(t) != meta["sha256"]:
+            elif tensor_sha256(t) != meta["sha256"]:
                 bad.append(f"{k}: checksum mismatch")
         if bad:
             raise QuantizedCheckpointError(

@@ -108,7 +108,7 @@ class QuantizedLinear(nn.Module):
         col_max: torch.Tensor | None = None,
         mode: str = "int8",
         backend: str = "auto",
-    ) -> "QuantizedLinear":
+    ) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` or pointwise ``nn.Conv2d``.
 
         ``col_max`` (per input channel abs-max of the calibration activations) is required by the static methods.
@@ -151,7 +151,7 @@ class QuantizedLinear(nn.Module):
         return q.to(module.weight.device)
 
     # ------------------------------------------------------------------ configuration
-    def set_mode(self, mode: str) -> "QuantizedLinear":
+    def set_mode(self, mode: str) -> QuantizedLinear:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "int8" and self.method not in INT8_METHODS:
@@ -162,7 +162,7 @@ class QuantizedLinear(nn.Module):
         self.mode = mode
         return self
 
-    def set_backend(self, backend: str) -> "QuantizedLinear":
+    def set_backend(self, backend: str) -> QuantizedLinear:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -254,7 +254,7 @@ def _triton_ok(device: torch.device) -> bool:
     key = str(device)
     if key not in _TRITON_OK:
         try:
-            from ..kernels.int8_gemm import triton_available
+            from ..kernels import triton_available
 
             _TRITON_OK[key] = triton_available(device)
         except Exception:  # pragma: no cover - broken triton install: fall back to torch._int_mm

@@ -1,8 +1,10 @@
-"""Save / load quantized models: one safetensors file + ``quant_config.json`` (with per-tensor SHA-256), written atomically.
+"""Save / load quantized models: one safetensors file + ``quant_config.json`` (the kd_plugins checkpoint manifest,
+with per-tensor SHA-256), written atomically (:mod:`kd_plugins._checkpoint`).
 
 Layout of a checkpoint directory::
 
-    quant_config.json     format, method, alpha, per-layer description, per-tensor dtype/shape/sha256, architecture
+    quant_config.json     manifest (kind "quant"): per-tensor dtype/shape/sha256, architecture, and as metadata the
+                          method, alpha, per-layer description, float / buffer dtypes
     model.safetensors     every tensor of the state dict: int8 ``weight_int8`` + float32 ``weight_scale``,
                           ``act_inv_col`` and ``bias`` for quantized layers; the float tensors of everything else
     config.json           (Hugging Face models) the model config, so the architecture can be rebuilt offline, with a
@@ -11,14 +13,13 @@ Layout of a checkpoint directory::
                           :mod:`kd_plugins.quant.hf_quantizer`; ``load_quantized`` ignores that entry)
     ...                   tokenizer files when a tokenizer is passed
 
-Tensors that share storage (tied embeddings / ``lm_head``) are stored once and listed under ``aliases``.
+Tensors that share storage (tied embeddings / ``lm_head``) are stored once and listed under ``aliases``. Checkpoints
+written before the common manifest (``format: "kd_plugins.quant"``, method fields at the top level) still load.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,28 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._atomic import atomic_dir
+from .._checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointSpec,
+    architecture_record,
+    dedupe_shared_tensors,
+    read_checkpoint,
+    read_manifest,
+    rebuild_model,
+    write_checkpoint,
+)
 from ._core import STATIC_METHODS
-from .api import quantized_layers
 from .layers import QuantizedLinear, is_pointwise_conv
+from .targets import quantized_layers, replace_submodule
 
 __all__ = ["save_quantized", "load_quantized", "QuantizedCheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT",
            "HF_QUANT_METHOD"]
 
 CONFIG_NAME = "quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: ``format`` / ``format_version`` of the ``quantization_config`` entry of ``config.json`` (and of the manifests
+#: written before the common checkpoint manifest).
 FORMAT = "kd_plugins.quant"
 FORMAT_VERSION = 1
 #: ``quant_method`` of the ``quantization_config`` written into a Hugging Face checkpoint's ``config.json``; the
@@ -43,34 +56,13 @@ FORMAT_VERSION = 1
 HF_QUANT_METHOD = "kd_plugins_w8a8"
 
 
-class QuantizedCheckpointError(ValueError):
+class QuantizedCheckpointError(CheckpointError):
     """A directory is not a valid kd_plugins quantized checkpoint (missing config, shape or checksum mismatch, ...)."""
 
 
-def _sha256(t: torch.Tensor) -> str:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    if t.numel() == 0:
-        return hashlib.sha256(b"").hexdigest()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _storage_key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-
-
-def _architecture(model: nn.Module, build_kwargs: dict | None) -> dict[str, Any]:
-    try:
-        from transformers import PreTrainedModel
-    except Exception:  # pragma: no cover - transformers is a dependency
-        PreTrainedModel = ()
-    if PreTrainedModel and isinstance(model, PreTrainedModel):
-        return {"kind": "hf", "class": type(model).__name__}
-    pcfg = getattr(model, "pretrained_cfg", None)
-    if type(model).__module__.startswith("timm.") and isinstance(pcfg, dict) and pcfg.get("architecture"):
-        kwargs = {"num_classes": int(getattr(model, "num_classes", 0) or 0)}
-        kwargs.update(build_kwargs or {})
-        return {"kind": "timm", "name": pcfg["architecture"], "kwargs": kwargs}
-    return {"kind": "torch", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+SPEC = CheckpointSpec(kind="quant", manifest_name=CONFIG_NAME, tensor_file=WEIGHTS_NAME,
+                      description="a kd_plugins quantized checkpoint", writer="kd_plugins.quant.save_quantized",
+                      legacy_format=FORMAT, error=QuantizedCheckpointError, missing_error=QuantizedCheckpointError)
 
 
 def _layer_entry(m: QuantizedLinear) -> dict[str, Any]:
@@ -83,6 +75,28 @@ def _layer_entry(m: QuantizedLinear) -> dict[str, Any]:
         "alpha": m.alpha,
         "stride": list(m.stride),
         "mode": m.mode,
+    }
+
+
+def _quant_metadata(model: nn.Module, qlayers: dict[str, QuantizedLinear]) -> dict[str, Any]:
+    """The method part of the manifest: how the model was quantized and how to rebuild its quantized layers."""
+    float_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters()})
+    info = getattr(model, "kd_quantization", {}) or {}
+    return {
+        "method": info.get("method", sorted({m.method for m in qlayers.values()})[0]),
+        "alpha": info.get("alpha"),
+        "layer_alpha": info.get("layer_alpha"),
+        "skip": info.get("skip", []),
+        "default_skip": info.get("default_skip", True),
+        "weights": {"bits": 8, "symmetric": True, "strategy": "channel"},
+        "activations": {"bits": 8, "symmetric": True, "dynamic": True, "strategy": "token"},
+        "float_dtype": float_dtypes[0] if len(float_dtypes) == 1 else "torch.float32",
+        "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
+        # Non-persistent float buffers (RoPE inv_freq, ...) are recomputed by the loaders, not stored; their dtype is
+        # recorded because it depends on how the model was made (`.to(bf16)` rounds them, `from_pretrained(dtype=)`
+        # keeps them float32) and it changes the outputs.
+        "buffer_dtypes": {n: str(t.dtype).replace("torch.", "") for n, t in _nonpersistent_buffers(model).items()
+                          if t.is_floating_point()},
     }
 
 
@@ -110,58 +124,12 @@ def save_quantized(
     qlayers = quantized_layers(model)
     if not qlayers:
         raise ValueError("model has no QuantizedLinear layers: call kd_plugins.quant.quantize(model, ...) first")
-    out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
-
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in state.items():
-        key = _storage_key(t)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().cpu().contiguous()
-    float_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters()})
-    info = getattr(model, "kd_quantization", {}) or {}
-    cfg = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "method": info.get("method", sorted({m.method for m in qlayers.values()})[0]),
-        "alpha": info.get("alpha"),
-        "layer_alpha": info.get("layer_alpha"),
-        "skip": info.get("skip", []),
-        "default_skip": info.get("default_skip", True),
-        "weights": {"bits": 8, "symmetric": True, "strategy": "channel"},
-        "activations": {"bits": 8, "symmetric": True, "dynamic": True, "strategy": "token"},
-        "float_dtype": float_dtypes[0] if len(float_dtypes) == 1 else "torch.float32",
-        "architecture": _architecture(model, build_kwargs),
-        "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
-        "aliases": aliases,
-        "tensors": {n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": _sha256(t)}
-                    for n, t in tensors.items()},
-        # Non-persistent float buffers (RoPE inv_freq, ...) are recomputed by the loaders, not stored; their dtype is
-        # recorded because it depends on how the model was made (`.to(bf16)` rounds them, `from_pretrained(dtype=)`
-        # keeps them float32) and it changes the outputs.
-        "buffer_dtypes": {n: str(t.dtype).replace("torch.", "") for n, t in _nonpersistent_buffers(model).items()
-                          if t.is_floating_point()},
-    }
-
-    from safetensors.torch import save_file
-
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
-        if cfg["architecture"]["kind"] == "hf":
-            _hf_config_with_quantization(model, cfg).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, sort_keys=False))
-    return out
+    tensors, aliases = dedupe_shared_tensors(model.state_dict())
+    metadata = _quant_metadata(model, qlayers)
+    arch = architecture_record(model, build_kwargs)
+    hf_config = _hf_config_with_quantization(model, metadata) if arch["kind"] == "hf" else None
+    return write_checkpoint(SPEC, out_dir, tensors, aliases=aliases, architecture=arch, metadata=metadata,
+                            hf_config=hf_config, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def _nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,7 +159,7 @@ def _restore_buffer_dtypes(model: nn.Module, buffer_dtypes: dict[str, str] | Non
 
 
 def hf_quantization_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json`` for a checkpoint described by ``cfg`` (quant_config.json):
+    """The ``quantization_config`` entry of ``config.json`` for a checkpoint whose manifest metadata is ``cfg``:
     everything needed to rebuild the quantized modules; the per-tensor checksums stay in quant_config.json."""
     fdt = cfg.get("float_dtype")
     return {
@@ -222,100 +190,95 @@ def _hf_config_with_quantization(model: nn.Module, cfg: dict[str, Any]):
     return config
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory")
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise QuantizedCheckpointError(
-            f"{path} has no {CONFIG_NAME}: it is not a kd_plugins quantized checkpoint (write one with save_quantized)"
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantizedCheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
-    if cfg.get("format") != FORMAT:
-        raise QuantizedCheckpointError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
-    if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
-        raise QuantizedCheckpointError(
-            f"{cfg_path}: format_version {cfg.get('format_version')} is newer than this library ({FORMAT_VERSION})"
-        )
-    for key in ("layers", "tensors", "architecture"):
-        if not isinstance(cfg.get(key), dict):
-            raise QuantizedCheckpointError(f"{cfg_path}: missing or malformed {key!r}")
-    return cfg
+def read_quant_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest (:func:`kd_plugins._checkpoint.read_manifest`) of the quantized checkpoint in ``path``;
+    its ``metadata`` holds the method fields and the ``layers`` table."""
+    manifest = read_manifest(SPEC, path)
+    _check_quant_manifest(Path(path), manifest)
+    return manifest
 
 
-def _load_tensors(path: Path, cfg: dict, verify: bool) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _check_quant_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    for key, table in (("layers", manifest["metadata"].get("layers")), ("architecture", manifest["architecture"])):
+        if not isinstance(table, dict):
+            raise QuantizedCheckpointError(f"{path / CONFIG_NAME}: missing or malformed {key!r}")
 
-    wpath = path / WEIGHTS_NAME
-    if not wpath.is_file():
-        raise QuantizedCheckpointError(f"{path} has no {WEIGHTS_NAME}")
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise QuantizedCheckpointError(f"{wpath} cannot be read: {e}") from None
-    expected = cfg["tensors"]
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise QuantizedCheckpointError(
-            f"{wpath} does not match {CONFIG_NAME}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}"
-        )
-    bad_shape, bad_sum = [], []
-    for name, meta in expected.items():
-        t = tensors[name]
-        if list(t.shape) != list(meta["shape"]) or str(t.dtype).replace("torch.", "") != meta["dtype"]:
-            bad_shape.append(f"{name}: file {tuple(t.shape)} {t.dtype}, config {tuple(meta['shape'])} {meta['dtype']}")
-        elif verify and _sha256(t) != meta["sha256"]:
-            bad_sum.append(name)
-    if bad_shape:
-        raise QuantizedCheckpointError(f"tensor shape/dtype mismatch in {wpath}: " + "; ".join(bad_shape[:5]))
-    if bad_sum:
-        raise QuantizedCheckpointError(
-            f"checksum mismatch in {wpath} for {len(bad_sum)} tensor(s): {bad_sum[:5]} (file corrupted or edited)"
-        )
-    # quantized-layer tensors must agree with the layer descriptions
-    for lname, l in cfg["layers"].items():
-        want = {f"{lname}.weight_int8": [l["out_features"], l["in_features"]], f"{lname}.weight_scale": [l["out_features"]]}
+
+def _check_layer_tensors(ckpt: Checkpoint) -> None:
+    """The tensors of every quantized layer exist with the shapes its layer description implies."""
+    tensors = ckpt.tensors
+    for lname, l in ckpt.metadata["layers"].items():
+        want = {f"{lname}.weight_int8": [l["out_features"], l["in_features"]],
+                f"{lname}.weight_scale": [l["out_features"]]}
         if l["method"] in STATIC_METHODS:
             want[f"{lname}.act_inv_col"] = [l["in_features"]]
         if l["bias"]:
             want[f"{lname}.bias"] = [l["out_features"]]
         for tname, shape in want.items():
-            src = cfg.get("aliases", {}).get(tname, tname)
+            src = ckpt.aliases.get(tname, tname)
             if src not in tensors:
                 raise QuantizedCheckpointError(f"layer {lname} needs tensor {tname}, which the file does not have")
             if list(tensors[src].shape) != shape:
                 raise QuantizedCheckpointError(
                     f"layer {lname}: tensor {tname} has shape {tuple(tensors[src].shape)}, expected {tuple(shape)}"
                 )
-    return tensors
 
 
-def _build_skeleton(path: Path, cfg: dict) -> nn.Module:
-    arch = cfg["architecture"]
-    kind = arch.get("kind")
-    if kind == "hf":
-        import transformers
+def _float_skeleton(ckpt: Checkpoint) -> nn.Module:
+    """The float architecture of ``ckpt`` in its saved float dtype, non-persistent buffers as the saved model had
+    them."""
+    model = rebuild_model(ckpt.architecture, ckpt.directory, error=QuantizedCheckpointError)
+    fp32_buffers = _nonpersistent_buffers(model)
+    fdt = ckpt.metadata.get("float_dtype") or "torch.float32"
+    dt = getattr(torch, fdt.replace("torch.", ""), torch.float32)
+    if dt != torch.float32:
+        model = model.to(dt)
+    buffer_dtypes = ckpt.metadata.get("buffer_dtypes")
+    if buffer_dtypes:  # checkpoints from before buffer_dtypes was recorded: unchanged behaviour
+        for name, t in fp32_buffers.items():
+            parent_name, _, leaf = name.rpartition(".")
+            (model.get_submodule(parent_name) if parent_name else model)._buffers[leaf] = t
+        _restore_buffer_dtypes(model, buffer_dtypes)
+    return model
 
-        cls = getattr(transformers, arch["class"], None)
-        if cls is None:
-            raise QuantizedCheckpointError(f"transformers has no class {arch['class']!r}; pass model= to load_quantized")
-        config = transformers.AutoConfig.from_pretrained(str(path))
-        if "quantization_config" in vars(config):  # for from_pretrained only; the skeleton is the float model
-            del config.quantization_config
-        return cls(config)
-    if kind == "timm":
-        import timm
 
-        return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
-    raise QuantizedCheckpointError(
-        f"checkpoint was saved from a plain torch model ({arch.get('class')}); pass an instance of that architecture "
-        "as load_quantized(path, model=...)"
-    )
+def _check_layer_modules(model: nn.Module, layers: dict[str, dict]) -> None:
+    """Every saved quantized layer names a float module of ``model`` with the same kind and shape."""
+    for lname, l in layers.items():
+        try:
+            sub = model.get_submodule(lname)
+        except AttributeError:
+            raise QuantizedCheckpointError(f"the architecture has no module {lname!r} listed in {CONFIG_NAME}") \
+                from None
+        if l["kind"] == "linear":
+            ok = isinstance(sub, nn.Linear) and (sub.in_features, sub.out_features) == (l["in_features"],
+                                                                                       l["out_features"])
+        else:
+            ok = is_pointwise_conv(sub) and (sub.in_channels, sub.out_channels) == (l["in_features"],
+                                                                                   l["out_features"])
+        if not ok:
+            raise QuantizedCheckpointError(
+                f"module {lname} is {sub!r}, which does not match the saved {l['kind']} "
+                f"{l['in_features']}->{l['out_features']}"
+            )
+
+
+def _check_fit(model: nn.Module, new: dict[str, QuantizedLinear], full: dict[str, torch.Tensor]) -> None:
+    """The complete key set and every shape of ``model`` with ``new`` swapped in match ``full``, checked before the
+    model is touched so that a mismatch leaves it unchanged."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if not any(k.startswith(l + ".") for l in new)}
+    for lname, q in new.items():
+        expected.update({f"{lname}.{k}": tuple(v.shape) for k, v in q.state_dict().items()})
+    missing = sorted(set(expected) - set(full))
+    unexpected = sorted(set(full) - set(expected))
+    wrong = [f"{k}: file {tuple(full[k].shape)}, model {expected[k]}" for k in sorted(set(expected) & set(full))
+             if tuple(full[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise QuantizedCheckpointError(
+            f"checkpoint does not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
 
 
 def load_quantized(
@@ -333,80 +296,47 @@ def load_quantized(
     the same architecture, modified in place). Shapes, dtypes and SHA-256 checksums of every tensor are verified
     before anything is built (``verify=False`` skips only the checksums). ``mode`` overrides the saved int8/fake mode.
     """
-    path = Path(path)
-    cfg = _read_config(path)
-    tensors = _load_tensors(path, cfg, verify)
+    ckpt = read_checkpoint(SPEC, path, verify=verify)
+    _check_quant_manifest(ckpt.directory, ckpt.manifest)
+    _check_layer_tensors(ckpt)
+    layers = ckpt.metadata["layers"]
     if model is None:
-        model = _build_skeleton(path, cfg)
-        fp32_buffers = _nonpersistent_buffers(model)
-        fdt = cfg.get("float_dtype", "torch.float32")
-        dt = getattr(torch, fdt.replace("torch.", ""), torch.float32)
-        if dt != torch.float32:
-            model = model.to(dt)
-        if cfg.get("buffer_dtypes"):  # checkpoints from before buffer_dtypes was recorded: unchanged behaviour
-            for name, t in fp32_buffers.items():
-                parent_name, _, leaf = name.rpartition(".")
-                (model.get_submodule(parent_name) if parent_name else model)._buffers[leaf] = t
-            _restore_buffer_dtypes(model, cfg["buffer_dtypes"])
+        model = _float_skeleton(ckpt)
     if quantized_layers(model):
         raise ValueError("model= must be the float architecture, not an already quantized model")
-    for lname, l in cfg["layers"].items():
-        try:
-            sub = model.get_submodule(lname)
-        except AttributeError:
-            raise QuantizedCheckpointError(f"the architecture has no module {lname!r} listed in {CONFIG_NAME}") from None
-        if l["kind"] == "linear":
-            ok = isinstance(sub, nn.Linear) and (sub.in_features, sub.out_features) == (l["in_features"], l["out_features"])
-        else:
-            ok = is_pointwise_conv(sub) and (sub.in_channels, sub.out_channels) == (l["in_features"], l["out_features"])
-        if not ok:
-            raise QuantizedCheckpointError(
-                f"module {lname} is {sub!r}, which does not match the saved {l['kind']} "
-                f"{l['in_features']}->{l['out_features']}"
-            )
-    new = {}
-    for lname, l in cfg["layers"].items():
-        lmode = mode or l.get("mode", "int8")
-        new[lname] = QuantizedLinear(
+    _check_layer_modules(model, layers)
+    new = {
+        lname: QuantizedLinear(
             l["in_features"], l["out_features"], bias=l["bias"], method=l["method"], alpha=l["alpha"], kind=l["kind"],
-            stride=tuple(l.get("stride", (1, 1))), mode=lmode, backend=backend,
+            stride=tuple(l.get("stride", (1, 1))), mode=mode or l.get("mode", "int8"), backend=backend,
         )
-    full = dict(tensors)
-    for alias, src in cfg.get("aliases", {}).items():
-        if src not in tensors:
-            raise QuantizedCheckpointError(f"alias {alias!r} points to {src!r}, which is not in {WEIGHTS_NAME}")
-        full[alias] = tensors[src]
-    # Check the complete key set and every shape before touching the model, so a mismatch leaves it unchanged.
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if not any(k.startswith(l + ".") for l in new)}
+        for lname, l in layers.items()
+    }
+    full = ckpt.state_dict()
+    _check_fit(model, new, full)
     for lname, q in new.items():
-        expected.update({f"{lname}.{k}": tuple(v.shape) for k, v in q.state_dict().items()})
-    missing = sorted(set(expected) - set(full))
-    unexpected = sorted(set(full) - set(expected))
-    wrong = [f"{k}: file {tuple(full[k].shape)}, model {expected[k]}" for k in sorted(set(expected) & set(full))
-             if tuple(full[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        raise QuantizedCheckpointError(
-            f"checkpoint does not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {wrong[:5]}"
-        )
-    for lname, q in new.items():
-        parent_name, _, leaf = lname.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, q)
+        replace_submodule(model, lname, q)
     try:
         model.load_state_dict(full, strict=True)
     except RuntimeError as e:
         raise QuantizedCheckpointError(f"checkpoint does not fit the architecture: {e}") from None
-    model.kd_quantization = {
-        "method": cfg.get("method"),
-        "alpha": cfg.get("alpha"),
-        "skip": cfg.get("skip", []),
-        "default_skip": cfg.get("default_skip", True),
-        "layers": sorted(cfg["layers"]),
-    }
-    if cfg.get("layer_alpha"):
-        model.kd_quantization["layer_alpha"] = dict(cfg["layer_alpha"])
+    model.kd_quantization = _loaded_record(ckpt.metadata)
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def _loaded_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """``model.kd_quantization`` of a loaded model (what :func:`~kd_plugins.quant.quantize` records, minus the
+    skipped-layer table, which is not saved)."""
+    record = {
+        "method": meta.get("method"),
+        "alpha": meta.get("alpha"),
+        "skip": meta.get("skip", []),
+        "default_skip": meta.get("default_skip", True),
+        "layers": sorted(meta["layers"]),
+    }
+    if meta.get("layer_alpha"):
+        record["layer_alpha"] = dict(meta["layer_alpha"])
+    return record

@@ -1,6 +1,6 @@
 """Retrieval distillation recipe: cross-encoder teacher -> bi-encoder student with a ranking-distillation loss.
 
-Building blocks used by ``benchmarks/ranking_bbc.py`` (BBC News title -> body) and usable on any query/document
+Building blocks used by ``benchmarks/ranking/ranking_bbc.py`` (BBC News title -> body) and usable on any query/document
 collection:
 
 1. :func:`mine_candidates`: per query, the top-``k`` documents of a first-stage bi-encoder (optionally restricted

@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .core import DENSE_BYTES_PER_ELEMENT, Entry, SkillPack, compress_deltas
+from .budget import DENSE_BYTES_PER_ELEMENT
+from .entry import Entry
 from .errors import SkillPackError
+from .pack import SkillPack, compress_deltas
 
 METHODS = ("task_arithmetic", "ties", "router")
 
@@ -72,6 +74,54 @@ def _dense_items(packs, names):
     return items
 
 
+def _concat_lowrank(name: str, parts: list[tuple[Entry, float]], scale: float) -> Entry:
+    """``[U_1 U_2 ..] diag(w_1 s S_1, w_2 s S_2, ..) [V_1 V_2 ..]^T``: the weighted sum of low-rank entries, exactly,
+    still compressed (the bit groups of every part are kept as they are)."""
+    ref = parts[0][0]
+    tensors, groups, s = {}, [], []
+    for e, w in parts:
+        for g, grp in enumerate(e.groups):
+            gi = len(groups)
+            for role, t in e.tensors.items():
+                if role[0] in "UV" and role[1:].split(".")[0] == str(g):
+                    tensors[f"{role[0]}{gi}.{role.split('.', 1)[1]}"] = t
+            groups.append(tuple(grp))
+        s.append(e.tensors["S"].float() * (w * scale))
+    tensors["S"] = torch.cat(s)
+    return Entry(name, "lowrank", ref.shape, ref.dtype, ref.module_type, ref.module_class, tensors, groups,
+                 ref.group_size)
+
+
+def _task_arithmetic_entries(packs: list[SkillPack], weights: list[float], scale: float,
+                             names: list[str]) -> list[Entry]:
+    """Per tensor: lossless concatenation when every pack stores it low-rank (same group size), else a dense sum."""
+    entries = []
+    for n in names:
+        parts = [(p.entries[n], w) for p, w in zip(packs, weights) if n in p.entries]
+        ref = parts[0][0]
+        if all(e.kind == "lowrank" and e.group_size == ref.group_size for e, _ in parts):
+            entries.append(_concat_lowrank(n, parts, scale))
+        else:
+            d = sum(w * scale * e.delta() for e, w in parts)
+            entries.append(Entry(n, "exact", ref.shape, ref.dtype, ref.module_type, ref.module_class,
+                                 {"D": d.contiguous()}))
+    return entries
+
+
+def _merged_items(packs: list[SkillPack], method: str, weights: list[float], scale: float, density: float,
+                  names: list[str]) -> list[dict]:
+    """Dense merged deltas (TIES or weighted sum) of every tensor that does not cancel out."""
+    items = _dense_items(packs, names)
+    for it in items:
+        n = it["name"]
+        ds = [p.entries[n].delta() if n in p.entries else torch.zeros(it["shape"]) for p in packs]
+        if method == "ties":
+            it["delta"] = ties_merge_tensors(ds, density=density, scale=scale, weights=weights)
+        else:
+            it["delta"] = scale * sum(w * d for w, d in zip(weights, ds))
+    return [it for it in items if torch.any(it["delta"] != 0)]
+
+
 def fuse(packs: Sequence[SkillPack], method: str = "task_arithmetic", *, weights: Sequence[float] | None = None,
          scale: float = 1.0, density: float = 0.2, budget=None, energy: float | None = None, router=None,
          names: Sequence[str] | None = None, name: str | None = None, **compress_kwargs):
@@ -98,38 +148,9 @@ def fuse(packs: Sequence[SkillPack], method: str = "task_arithmetic", *, weights
             * DENSE_BYTES_PER_ELEMENT}
     fp = packs[0].base_fingerprint
     if method == "task_arithmetic" and budget is None and energy is None:
-        entries = []
-        for n in all_names:
-            parts = [(p.entries[n], w) for p, w in zip(packs, weights) if n in p.entries]
-            ref = parts[0][0]
-            if all(e.kind == "lowrank" and e.group_size == ref.group_size for e, _ in parts):
-                tensors, groups, s = {}, [], []
-                for e, w in parts:
-                    for g, grp in enumerate(e.groups):
-                        gi = len(groups)
-                        for role, t in e.tensors.items():
-                            if role[0] in "UV" and role[1:].split(".")[0] == str(g):
-                                tensors[f"{role[0]}{gi}.{role.split('.', 1)[1]}"] = t
-                        groups.append(tuple(grp))
-                    s.append(e.tensors["S"].float() * (w * scale))
-                tensors["S"] = torch.cat(s)
-                entries.append(Entry(n, "lowrank", ref.shape, ref.dtype, ref.module_type, ref.module_class, tensors,
-                                     groups, ref.group_size))
-            else:
-                d = sum(w * scale * e.delta() for e, w in parts)
-                entries.append(Entry(n, "exact", ref.shape, ref.dtype, ref.module_type, ref.module_class,
-                                     {"D": d.contiguous()}))
+        entries = _task_arithmetic_entries(packs, weights, scale, all_names)
         return SkillPack(entries, fp, name=name or "task_arithmetic", info=info)
-
-    items = _dense_items(packs, all_names)
-    for it in items:
-        n = it["name"]
-        ds = [p.entries[n].delta() if n in p.entries else torch.zeros(it["shape"]) for p in packs]
-        if method == "ties":
-            it["delta"] = ties_merge_tensors(ds, density=density, scale=scale, weights=weights)
-        else:
-            it["delta"] = scale * sum(w * d for w, d in zip(weights, ds))
-    items = [it for it in items if torch.any(it["delta"] != 0)]
+    items = _merged_items(packs, method, weights, scale, density, all_names)
     if budget is not None or energy is not None:
         pack = compress_deltas(items, fp, budget=budget, energy=energy, name=name or method, **compress_kwargs)
         pack.info.update({k: v for k, v in info.items() if k != "dense_bytes"})
@@ -155,12 +176,12 @@ class SkillRouter:
         self.key_fn = None
 
     @classmethod
-    def manual(cls, mapping: dict, key_fn: Callable | None = None) -> "SkillRouter":
+    def manual(cls, mapping: dict, key_fn: Callable | None = None) -> SkillRouter:
         r = cls()
         r.kind, r.mapping, r.key_fn = "manual", dict(mapping), key_fn or (lambda x: x)
         return r
 
-    def fit(self, features: torch.Tensor, labels, l2: float = 1e-3, max_iter: int = 200) -> "SkillRouter":
+    def fit(self, features: torch.Tensor, labels, l2: float = 1e-3, max_iter: int = 200) -> SkillRouter:
         x = torch.as_tensor(features, dtype=torch.float32)
         y = torch.as_tensor(labels, dtype=torch.long)
         if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:

@@ -25,7 +25,8 @@ SUPPORTED_BITS = QUANT_BITS + FLOAT_BITS
 _CLIP_GRID = {2: (1.0, 0.9, 0.8, 0.7, 0.6), 4: (1.0, 0.95, 0.9, 0.85), 8: (1.0,)}
 
 
-def _check(bits: int, group_size: int) -> None:
+def check_bits(bits: int, group_size: int) -> None:
+    """Raise ``ValueError`` unless ``bits`` is a supported width and ``group_size`` a positive multiple of 4."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size < 4 or group_size % 4:
@@ -38,7 +39,7 @@ def padded_rows(n: int, group_size: int) -> int:
 
 def column_bytes(n: int, bits: int, group_size: int) -> int:
     """Stored bytes of one quantized column of length ``n`` (codes + fp16 scales)."""
-    _check(bits, group_size)
+    check_bits(bits, group_size)
     if bits in FLOAT_BITS:
         return n * bits // 8
     rows = padded_rows(n, group_size)
@@ -91,12 +92,12 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=1).reshape(packed.shape[0] * per, packed.shape[1]).to(torch.uint8)
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int = 64) -> dict[str, torch.Tensor]:
+def quantize_tensor(x: torch.Tensor, bits: int, group_size: int = 64) -> dict[str, torch.Tensor]:
     """Quantize the columns of ``x [n, k]``; returns the tensors to store: ``{"q": codes-or-floats, "s": scales}``
     (``"s"`` only for 2/4/8 bits)."""
-    _check(bits, group_size)
+    check_bits(bits, group_size)
     if x.dim() != 2:
-        raise ValueError(f"quantize expects a 2-D [n, k] factor, got shape {tuple(x.shape)}")
+        raise ValueError(f"quantize_tensor expects a 2-D [n, k] factor, got shape {tuple(x.shape)}")
     if bits == 32:
         return {"q": x.float().contiguous()}
     if bits == 16:
@@ -105,9 +106,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int = 64) -> dict[str, torc
     return {"q": _pack(codes, bits), "s": scales.contiguous()}
 
 
-def dequantize(stored: dict[str, torch.Tensor], bits: int, n: int, group_size: int = 64) -> torch.Tensor:
-    """Float32 ``[n, k]`` factor back from :func:`quantize`'s tensors."""
-    _check(bits, group_size)
+def dequantize_tensor(stored: dict[str, torch.Tensor], bits: int, n: int, group_size: int = 64) -> torch.Tensor:
+    """Float32 ``[n, k]`` factor back from :func:`quantize_tensor`'s tensors."""
+    check_bits(bits, group_size)
     if bits in FLOAT_BITS:
         return stored["q"].float()
     codes = _unpack(stored["q"], bits).float()
@@ -118,8 +119,8 @@ def dequantize(stored: dict[str, torch.Tensor], bits: int, n: int, group_size: i
 
 
 def roundtrip(x: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
-    """``dequantize(quantize(x))`` without packing (same values)."""
-    _check(bits, group_size)
+    """``dequantize_tensor(quantize_tensor(x))`` without packing (same values)."""
+    check_bits(bits, group_size)
     if bits == 32:
         return x.float()
     if bits == 16:

@@ -1,5 +1,6 @@
 """Intermediate features of timm models: ``forward_intermediates()`` where the model has it, forward hooks on named
-modules otherwise (or when a module name is asked for), plus layout/spatial alignment helpers.
+modules otherwise (or when a module name is asked for), shape probing (:func:`probe_shapes`), plus layout/spatial
+alignment helpers.
 
 Feature specs are either an ``int`` (a ``forward_intermediates`` index = a position in ``model.feature_info``,
 negative counts from the end) or a ``str`` (a dotted module name, captured with a temporary forward hook).
@@ -9,18 +10,36 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Iterable, Sequence, Union
+import math
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ofa import tokens_to_grid
-
 FeatureSpec = Union[int, str]
 
-__all__ = ["FeatureSpec", "num_feature_levels", "describe_feature_levels", "resolve_specs", "capture_modules",
-           "forward_with_features", "to_nchw", "align_spatial", "parse_spec", "model_label", "channel_project"]
+__all__ = ["FeatureSpec", "ModelFeatures", "FeatureShapes", "num_feature_levels", "describe_feature_levels",
+           "resolve_specs", "capture_modules", "forward_with_features", "probe_shapes", "default_input_size", "as_hw",
+           "to_nchw", "tokens_to_grid", "align_spatial", "parse_spec", "model_label", "channel_project",
+           "module_out_channels"]
+
+
+class ModelFeatures(NamedTuple):
+    """One forward pass of a model: final ``logits``, ``features`` by spec and ``captured`` module outputs by name
+    (as returned by the model, not yet brought to NCHW)."""
+
+    logits: torch.Tensor
+    features: dict
+    captured: dict
+
+
+class FeatureShapes(NamedTuple):
+    """NCHW ``[C, H, W]`` shapes of a model's ``features`` (by spec) and ``captured`` module outputs (by name)."""
+
+    features: dict
+    captured: dict
 
 
 def model_label(model: nn.Module) -> str:
@@ -111,8 +130,8 @@ def capture_modules(model: nn.Module, names: Sequence[str]):
 
 
 def forward_with_features(model: nn.Module, x: torch.Tensor, specs: Sequence[FeatureSpec],
-                          extra_modules: Sequence[str] = ()) -> tuple[torch.Tensor, dict, dict]:
-    """One forward pass returning ``(logits, {spec: feature}, {module_name: output})``.
+                          extra_modules: Sequence[str] = ()) -> ModelFeatures:
+    """One forward pass returning ``ModelFeatures(logits, {spec: feature}, {module_name: output})``.
 
     Integer specs come from ``forward_intermediates(x, indices, intermediates_only=False)`` followed by
     ``forward_head``; string specs and ``extra_modules`` from temporary forward hooks.
@@ -130,7 +149,60 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, specs: Sequence[Fea
     for s in specs:
         if isinstance(s, str):
             feats[s] = rec[s]
-    return logits, feats, {n: rec[n] for n in extra_modules}
+    return ModelFeatures(logits, feats, {n: rec[n] for n in extra_modules})
+
+
+def as_hw(size) -> tuple | None:
+    """``224`` / ``(3, 224, 224)`` / ``(224, 224)`` -> ``(224, 224)``; ``None`` stays ``None``."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    return size[-2:]
+
+
+def default_input_size(model: nn.Module) -> tuple:
+    """``(H, W)`` the model was built for: its patch embedding's ``img_size``, else ``pretrained_cfg``, else 224."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        return as_hw(pe.img_size)
+    return as_hw((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, specs: Sequence[FeatureSpec], captures: Sequence[str],
+                 size: Sequence[int]) -> FeatureShapes:
+    """One eval-mode forward on zeros of ``size = (H, W)`` to learn the NCHW shapes ``[C, H, W]`` of ``specs`` and
+    of the ``captures`` module outputs (the training mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device=p.device, dtype=p.dtype)
+        _, feats, captured = forward_with_features(model, x, list(dict.fromkeys(specs)), captures)
+    finally:
+        model.train(was)
+    shapes = {}
+    for s, f in feats.items():
+        ch = module_out_channels(model.get_submodule(s)) if isinstance(s, str) else None
+        shapes[s] = tuple(to_nchw(f, ch).shape[1:])
+    captured_shapes = {n: tuple(to_nchw(f, module_out_channels(model.get_submodule(n))).shape[1:])
+                       for n, f in captured.items()}
+    return FeatureShapes(shapes, captured_shapes)
+
+
+def module_out_channels(module: nn.Module) -> int | None:
+    """Output width of a patch-embedding-like module: its last ``Linear``/``Conv2d``/``LayerNorm``."""
+    width = None
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            width = m.out_features
+        elif isinstance(m, nn.Conv2d):
+            width = m.out_channels
+        elif isinstance(m, nn.LayerNorm):
+            width = m.normalized_shape[0]
+    return width
 
 
 def to_nchw(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
@@ -145,6 +217,18 @@ def to_nchw(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
             return x.permute(0, 3, 1, 2)
         return x
     raise ValueError(f"unsupported feature shape {tuple(x.shape)}")
+
+
+def tokens_to_grid(x: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C]`` patch tokens -> ``[B, C, s, s]``; drops leading prefix tokens when ``N`` is ``s*s + k``."""
+    n = x.shape[1]
+    s = int(math.isqrt(n))
+    while s * s > n:
+        s -= 1
+    if s == 0:
+        raise ValueError(f"cannot arrange {n} tokens on a square grid")
+    x = x[:, n - s * s:]
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], s, s)
 
 
 def align_spatial(s: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

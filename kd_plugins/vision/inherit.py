@@ -9,7 +9,8 @@ from the teacher's own weights.
 
 The student is an ordinary timm model re-creatable with ``timm.create_model(student.kd_plugins_inherit["model_name"],
 **student.kd_plugins_inherit["model_kwargs"])``. Families it cannot shrink (CNNs, Swin, EVA, ...) raise a
-``ValueError``.
+``ValueError``. (:func:`kd_plugins.distill.inherit_student` is the Hugging Face counterpart: it drops layers of a
+``PreTrainedModel``.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from ..distill.inherit import select_layer_indices
 
-__all__ = ["inherit_student", "SUPPORTED_FAMILIES"]
+__all__ = ["inherit_vit_student", "SUPPORTED_FAMILIES"]
 
 SUPPORTED_FAMILIES = ("VisionTransformer", "VisionTransformerDistilled")
 
@@ -28,14 +29,14 @@ SUPPORTED_FAMILIES = ("VisionTransformer", "VisionTransformerDistilled")
 def _vit_attn(teacher):
     attn = teacher.blocks[0].attn
     if not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
-        raise ValueError(f"inherit_student: {type(attn).__name__} attention (no fused qkv) is not supported")
+        raise ValueError(f"inherit_vit_student: {type(attn).__name__} attention (no fused qkv) is not supported")
     return attn
 
 
-def inherit_student(teacher: nn.Module, *, depth: int | None = None, width: int | None = None,
+def inherit_vit_student(teacher: nn.Module, *, depth: int | None = None, width: int | None = None,
                     num_heads: int | None = None, mlp_ratio: float | None = None,
                     strategy: str | Sequence[int] = "uniform", num_classes: int | None = None) -> nn.Module:
-    """A ViT student initialised from ``teacher``'s weights.
+    """A shallower and/or narrower timm ViT student initialised from ``teacher``'s weights.
 
     Args:
         teacher: a timm ``VisionTransformer`` (``vit_*``, ``deit_*``; not the attention-pool variants).
@@ -52,11 +53,12 @@ def inherit_student(teacher: nn.Module, *, depth: int | None = None, width: int 
     family = type(teacher).__name__
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(
-            f"inherit_student cannot shrink a {family}: depth/width inheritance is implemented for timm "
+            f"inherit_vit_student cannot shrink a {family}: depth/width inheritance is implemented for timm "
             f"VisionTransformer models (vit_*, deit_*) only. For CNNs (ResNet, EfficientNet, ConvNeXt) and "
             f"hierarchical transformers (Swin) build the student yourself and distil it from scratch.")
     if getattr(teacher, "attn_pool", None) is not None:
-        raise ValueError("inherit_student: ViTs with an attention-pool head (global_pool='map') are not supported")
+        raise ValueError("inherit_vit_student: ViTs with an attention-pool head (global_pool='map') are not "
+                         "supported")
     attn = _vit_attn(teacher)
     t_width, t_heads, t_depth = teacher.embed_dim, attn.num_heads, len(teacher.blocks)
     t_head_dim = attn.head_dim
@@ -81,7 +83,8 @@ def inherit_student(teacher: nn.Module, *, depth: int | None = None, width: int 
 
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture")
     if not arch or not timm.is_model(arch):
-        raise ValueError("inherit_student needs a teacher created with timm.create_model (pretrained_cfg.architecture)")
+        raise ValueError("inherit_vit_student needs a teacher created with timm.create_model "
+                         "(pretrained_cfg.architecture)")
     kwargs = dict(getattr(teacher, "_model_args", {}) or {})
     kwargs.update(depth=len(idx), embed_dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio)
     new_head = num_classes is not None and num_classes != teacher.num_classes
@@ -100,7 +103,7 @@ def inherit_student(teacher: nn.Module, *, depth: int | None = None, width: int 
             new[key] = ref
             continue
         if src_key not in t_sd:
-            raise ValueError(f"inherit_student: teacher has no tensor {src_key!r} for student {key!r}")
+            raise ValueError(f"inherit_vit_student: teacher has no tensor {src_key!r} for student {key!r}")
         src = t_sd[src_key]
         if src_key.endswith("attn.qkv.weight") or src_key.endswith("attn.qkv.bias"):
             v = src.reshape(3, t_heads, t_head_dim, *src.shape[1:])[:, :num_heads, :head_dim]
@@ -111,10 +114,10 @@ def inherit_student(teacher: nn.Module, *, depth: int | None = None, width: int 
             v = src.reshape(t_width, t_heads, t_head_dim)[:width, :num_heads, :head_dim].reshape(width, width)
         else:
             if src.dim() != ref.dim():
-                raise ValueError(f"inherit_student: {src_key} {tuple(src.shape)} vs student {tuple(ref.shape)}")
+                raise ValueError(f"inherit_vit_student: {src_key} {tuple(src.shape)} vs student {tuple(ref.shape)}")
             v = src[tuple(slice(0, n) for n in ref.shape)]
         if tuple(v.shape) != tuple(ref.shape):
-            raise ValueError(f"inherit_student: {src_key} sliced to {tuple(v.shape)}, "
+            raise ValueError(f"inherit_vit_student: {src_key} sliced to {tuple(v.shape)}, "
                              f"student expects {tuple(ref.shape)}")
         new[key] = v.clone()
     student.load_state_dict(new, strict=True)

@@ -1,91 +1,27 @@
-"""OFA-KD (Hao et al., NeurIPS 2023): exit branches that turn intermediate student stages into class logits, and
-the adaptive target-enhancement loss, for heterogeneous (CNN <-> ViT) teacher/student pairs.
+"""OFA-KD (Hao et al., NeurIPS 2023) exit branches for heterogeneous (CNN <-> ViT) teacher/student pairs.
 
-The loss (repository form) with teacher probabilities ``p = softmax(t / T)``, student ``q = softmax(z / T)``,
-target class ``y`` and exponent ``eps`` (the paper's gamma)::
+Exit branches turn intermediate student stages into class logits. Each is trained with OFA's adaptive
+target-enhancement loss on the teacher's logits (:func:`kd_plugins.losses.ofa_loss`, registered as ``"ofa"``; it is
+re-exported here). The final student logits get the same loss as an ordinary ``"ofa"`` logit term, and every exit
+branch adds one more (weight ``ofa_branch_weight``, 1 in the paper), always next to the ordinary task loss.
 
-    l_OFA(z) = - sum_c w_c log q_c,   w_y = (1 + p_y) ** eps - 1,   w_c = p_c ** eps  (c != y)
-
-With ``eps = 1`` it is the plain soft-target cross-entropy; larger ``eps`` amplifies the target class when the
-teacher is confident. The task uses it on the final student logits (weight of the ``"ofa"`` loss term) and on
-every exit branch (``ofa_branch_weight``, 1 in the paper), always next to the ordinary task loss.
-
-Registered as ``get_loss("ofa", eps=..., temperature=...)`` (kind ``"logits"``; needs labels).
+:class:`OFABranchTerms` is the term provider (see :mod:`.terms`) that builds the branches and their loss.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses._common import IGNORE_INDEX, compute_dtype, reduce_rows, rows, valid_mask
-from ..losses.registry import _REGISTRY, register_loss
+from ..losses.logit import OFALoss, ofa_loss
+from .features import FeatureSpec, model_label, num_feature_levels, resolve_specs, to_nchw, tokens_to_grid
+from .terms import TermProvider, Terms
 
 __all__ = ["ofa_loss", "OFALoss", "SepConv", "ConvExitBranch", "TokenExitBranch", "build_exit_branch",
-           "default_ofa_stages", "is_token_model"]
-
-
-def ofa_loss(student_logits, teacher_logits, *, labels, eps: float = 1.0, temperature: float = 1.0, mask=None,
-             num_items_in_batch=None, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Adaptive target-enhancement loss of OFA-KD (see the module docstring); averaged over valid rows.
-
-    ``labels`` are class indices ``[B]`` (rows equal to ``ignore_index`` are skipped). Not ``T^2``-scaled
-    (the paper uses ``T = 1``).
-    """
-    if labels is None:
-        raise ValueError("ofa_loss needs labels: the target class receives the enhanced weight (1 + p_y)^eps - 1.")
-    if eps <= 0:
-        raise ValueError(f"ofa_loss eps must be > 0, got {eps}")
-    if teacher_logits is None or teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"ofa_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{None if teacher_logits is None else tuple(teacher_logits.shape)} must have the same shape "
-            "(same number of classes).")
-    prefix = student_logits.shape[:-1]
-    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
-    dtype = compute_dtype(student_logits)
-    s = rows(student_logits, valid).to(dtype) / temperature
-    t = rows(teacher_logits, valid).to(s.device, dtype) / temperature
-    y = labels.reshape(-1)[valid.reshape(-1)].to(s.device).long().unsqueeze(-1)
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= s.shape[-1]):
-        raise ValueError(f"ofa_loss labels must lie in [0, {s.shape[-1]}); got max {int(y.max())}")
-    p_t = torch.softmax(t, -1).detach()
-    w = p_t.pow(eps)
-    w_y = (1.0 + p_t.gather(-1, y)).pow(eps) - 1.0
-    w = w.scatter(-1, y, w_y)
-    per_row = -(w * torch.log_softmax(s, -1)).sum(-1)
-    return reduce_rows(per_row, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
-
-
-if "ofa" not in _REGISTRY:  # module reloads (tests) must not re-register a new class object under the same name
-
-    @register_loss("ofa", kind="logits", function=ofa_loss, aliases=("ofa_kd", "target_enhancement"))
-    class OFALoss(nn.Module):
-        """OFA-KD adaptive target-enhancement loss (needs labels)."""
-
-        def __init__(self, eps: float = 1.0, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                     reduction: str = "mean"):
-            super().__init__()
-            if eps <= 0:
-                raise ValueError(f"OFA eps must be > 0, got {eps}")
-            self.eps, self.temperature, self.ignore_index, self.reduction = eps, temperature, ignore_index, reduction
-
-        def forward(self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None,
-                    teacher_topk=None):
-            if teacher_topk is not None:
-                raise ValueError("OFA needs dense teacher logits; a sparse top-k teacher signal is not supported.")
-            return ofa_loss(student_logits, teacher_logits, labels=labels, eps=self.eps, mask=mask,
-                            temperature=self.temperature, num_items_in_batch=num_items_in_batch,
-                            reduction=self.reduction, ignore_index=self.ignore_index)
-
-        def extra_repr(self) -> str:
-            return f"eps={self.eps}, temperature={self.temperature}"
-else:  # pragma: no cover
-    OFALoss = _REGISTRY["ofa"].module_cls
+           "default_ofa_stages", "is_token_model", "resolve_ofa_stages", "OFABranchTerms", "tokens_to_grid"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,18 +116,6 @@ class TokenExitBranch(nn.Module):
         return self.fc(self.norm(x.mean(1)))
 
 
-def tokens_to_grid(x: torch.Tensor) -> torch.Tensor:
-    """``[B, N, C]`` patch tokens -> ``[B, C, s, s]``; drops leading prefix tokens when ``N`` is ``s*s + k``."""
-    n = x.shape[1]
-    s = int(math.isqrt(n))
-    while s * s > n:
-        s -= 1
-    if s == 0:
-        raise ValueError(f"cannot arrange {n} tokens on a square grid")
-    x = x[:, n - s * s:]
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], s, s)
-
-
 def is_token_model(model: nn.Module) -> bool:
     """True for attention-based (ViT, Swin, DeiT, ...) models: OFA then uses token branches."""
     return any("Attention" in type(m).__name__ for m in model.modules())
@@ -237,3 +161,62 @@ def build_exit_branch(kind: str, feature_shape: Sequence[int], final_shape: Sequ
             num_merge += 1
         return TokenExitBranch(c, fc, num_classes, num_merge, max(remaining, 1))
     raise ValueError(f"branch kind must be 'conv' or 'token', got {kind!r}")
+
+
+def resolve_ofa_stages(student: nn.Module, stages: str | Sequence[FeatureSpec] = "auto") -> list[FeatureSpec]:
+    """Exit positions of the student: ``"auto"`` (:func:`default_ofa_stages`; plain ViTs are recognised by a
+    single feature reduction) or explicit feature indices / module names (validated)."""
+    if not isinstance(stages, str):
+        return resolve_specs(student, list(stages), "student")
+    if stages != "auto":
+        raise ValueError(f"ofa_stages must be 'auto', a list of feature indices/module names or None; got {stages!r}")
+    n = num_feature_levels(student)
+    if n == 0:
+        raise ValueError(f"student {model_label(student)} has no forward_intermediates(); pass ofa_stages as module "
+                         "names")
+    reductions = [f.get("reduction") for f in (getattr(student, "feature_info", None) or [])]
+    return default_ofa_stages(n, len(set(reductions)) == 1)
+
+
+class OFABranchTerms(TermProvider):
+    """Term provider: OFA-KD exit branches at ``student_specs``, each trained with ``loss`` (the task's ``"ofa"``
+    logit loss) against the teacher's logits. One term, ``"ofa_branches"`` (the sum over the branches), weighted by
+    ``weight``.
+
+    Args:
+        loss: the OFA loss module (shared with the ``"ofa"`` logit term, so both use the same ``eps``/temperature).
+        student / teacher: the plain models (the branches end in the student's classes; the CNN branch width is at
+            least the teacher's ``num_features``).
+        stages: ``"auto"`` or feature indices / module names (see :func:`resolve_ofa_stages`).
+        weight: ``ofa_branch_weight``.
+    """
+
+    build_rank = 1
+    output_key = "branch_logits"
+
+    def __init__(self, loss: nn.Module, student: nn.Module, teacher: nn.Module,
+                 stages: str | Sequence[FeatureSpec] = "auto", weight: float = 1.0):
+        self.loss, self.weight = loss, float(weight)
+        self.student_specs = resolve_ofa_stages(student, stages)
+        self.kind = "token" if is_token_model(student) else "conv"
+        levels = num_feature_levels(student)
+        self.final_spec = levels - 1 if levels else self.student_specs[-1]
+        self.teacher_width = int(getattr(teacher, "num_features", 0) or 0)
+        self.num_classes = int(student.num_classes)
+
+    def build(self, student, teacher):
+        # the final stage's shape when some provider reads that stage (always with "auto"), else the deepest branch's
+        final = student.features.get(self.final_spec) or student.features[self.student_specs[-1]]
+        return {"branches": nn.ModuleList(
+            build_exit_branch(self.kind, student.features[s], final, num_classes=self.num_classes,
+                              teacher_width=self.teacher_width or final[0], stage_pos=i,
+                              num_stages=len(self.student_specs))
+            for i, s in enumerate(self.student_specs))}
+
+    def student_outputs(self, modules, student):
+        return {self.output_key: [b(to_nchw(student.features[s]))
+                                  for s, b in zip(self.student_specs, modules.branches)]}
+
+    def terms(self, student, teacher, labels) -> Terms:
+        total = sum(self.loss(b, teacher.logits, labels=labels) for b in student[self.output_key])
+        return {"ofa_branches": total}, {"ofa_branches": self.weight}

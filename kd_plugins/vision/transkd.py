@@ -10,17 +10,25 @@
   embedding, weights ``(0.1, 0.1, 0.5, 1.0)`` from the first embedding on.
 
 Simplification: the SK attention's squeeze FC has no BatchNorm (so batch size 1 works).
+
+Term providers (see :mod:`.terms`): :class:`CSFTerms` (CSF + HCL on the feature pairs) and
+:class:`PatchEmbedTerms` (PEA).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["hcl_loss", "CrossSelectiveFusion", "find_patch_embeddings", "module_out_channels", "PEA_WEIGHTS"]
+from ..losses import FeatureProjector
+from .features import align_spatial, channel_project, module_out_channels, to_nchw
+from .terms import FeaturePairTerms, TermProvider, Terms
+
+__all__ = ["hcl_loss", "CrossSelectiveFusion", "find_patch_embeddings", "module_out_channels", "PEA_WEIGHTS",
+           "CSFTerms", "PatchEmbedTerms"]
 
 #: TransKD's patch-embedding alignment weights, first stage first.
 PEA_WEIGHTS = (0.1, 0.1, 0.5, 1.0)
@@ -88,19 +96,6 @@ class CrossSelectiveFusion(nn.Module):
         return outs
 
 
-def module_out_channels(module: nn.Module) -> int | None:
-    """Output width of a patch-embedding-like module: its last ``Linear``/``Conv2d``/``LayerNorm``."""
-    width = None
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            width = m.out_features
-        elif isinstance(m, nn.Conv2d):
-            width = m.out_channels
-        elif isinstance(m, nn.LayerNorm):
-            width = m.normalized_shape[0]
-    return width
-
-
 def find_patch_embeddings(model: nn.Module) -> list[str]:
     """Names of the patch-embedding modules, first stage first: ``patch_embed`` and non-identity ``downsample``
     (patch merging) modules of hierarchical transformers."""
@@ -116,3 +111,62 @@ def find_patch_embeddings(model: nn.Module) -> list[str]:
     # stage order: patch_embed first, then downsample modules in definition order (named_modules is pre-order)
     names.sort(key=lambda n: (0 if n.endswith("patch_embed") else 1))
     return names
+
+
+class CSFTerms(FeaturePairTerms):
+    """Term provider: the feature pairs of :class:`~.terms.FeaturePairTerms` through TransKD's cross selective
+    fusion (one :class:`CrossSelectiveFusion` over all paired student stages, ``mid_channels`` wide), every
+    ``hidden`` loss term computed as the :func:`hcl_loss` averaged over the pairs."""
+
+    def __init__(self, config, student: nn.Module, teacher: nn.Module, mid_channels: int = 64):
+        super().__init__(config, student, teacher)
+        self.mid_channels = mid_channels
+
+    def build(self, student, teacher):
+        self.student_channels = [student.features[s][0] for s in self.student_specs]
+        t_channels = [teacher.features[t][0] for t in self.teacher_specs]
+        return {"csf": CrossSelectiveFusion(self.student_channels, t_channels, self.mid_channels)}
+
+    def student_outputs(self, modules, student):
+        return {self.output_key: modules.csf(self.student_maps(student))}
+
+    def pair_loss(self, name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return hcl_loss(s, t)
+
+
+class PatchEmbedTerms(TermProvider):
+    """Term provider: TransKD patch-embedding alignment. The first ``k`` patch embeddings of both models
+    (:func:`find_patch_embeddings`, ``k`` = the smaller count) are captured. The student's are projected to the
+    teacher's widths by linear projectors, resized to the teacher's grid and compared by MSE with ``stage_weights``
+    (1 past their end). One term, ``"patch_embed"``, weighted by ``weight``."""
+
+    build_rank = 2
+    output_key = "patch_embeds"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, weight: float,
+                 stage_weights: Sequence[float] = PEA_WEIGHTS):
+        s_all, t_all = find_patch_embeddings(student), find_patch_embeddings(teacher)
+        k = min(len(s_all), len(t_all))
+        self.student_captures, self.teacher_captures = s_all[:k], t_all[:k]
+        self.weight = float(weight)
+        self.stage_weights = [float(stage_weights[i]) if i < len(stage_weights) else 1.0 for i in range(k)]
+        self.student_channels: list[int] = []
+        self.teacher_channels: list[int] = []
+
+    def build(self, student, teacher):
+        self.student_channels = [student.captured[n][0] for n in self.student_captures]
+        self.teacher_channels = [teacher.captured[n][0] for n in self.teacher_captures]
+        return {"pe_projectors": nn.ModuleList(nn.Identity() if a == b else FeatureProjector(a, b)
+                                               for a, b in zip(self.student_channels, self.teacher_channels))}
+
+    def student_outputs(self, modules, student):
+        return {self.output_key: [channel_project(p, to_nchw(student.captured[n], c)) for n, c, p in
+                                  zip(self.student_captures, self.student_channels, modules.pe_projectors)]}
+
+    def terms(self, student, teacher, labels) -> Terms:
+        vals = []
+        for s, n, c, w in zip(student[self.output_key], self.teacher_captures, self.teacher_channels,
+                              self.stage_weights):
+            t = to_nchw(teacher.captured[n], c).to(s.dtype)
+            vals.append(w * F.mse_loss(align_spatial(s, t.shape[-2:]), t))
+        return {"patch_embed": sum(vals)}, {"patch_embed": self.weight}

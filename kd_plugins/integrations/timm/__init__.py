@@ -1,6 +1,16 @@
-"""timm integration: :class:`KDTask` (a ``timm.task.TrainingTask``) and the ``kd-plugins-timm-train`` entry point
-(``python -m kd_plugins.integrations.timm.train``)."""
+"""timm integration: the ``timm.task.TrainingTask`` adapters and the ``kd-plugins-timm-train`` entry point
+(``python -m kd_plugins.integrations.timm.train``).
 
+* :class:`KDTask` - distillation with any kd_plugins logit/hidden loss, OFA-KD and TransKD (composed from the term
+  providers of :mod:`kd_plugins.vision`).
+* :class:`ACMTask` - stage 3 of Adaptive Computation Modules (:mod:`kd_plugins.acm`).
+* :class:`MultiExitTask` - multi-exit self-distillation (:mod:`kd_plugins.multiexit`).
+"""
+
+from .acm import ACMTask, timm_acm_loss
+from .model_task import ModelForward, ModelTask
+from .multiexit import MultiExitTask, timm_multi_exit_loss
 from .task import KDTask, KDTrainableModule
 
-__all__ = ["KDTask", "KDTrainableModule"]
+__all__ = ["KDTask", "KDTrainableModule", "ACMTask", "MultiExitTask", "ModelTask", "ModelForward", "timm_acm_loss",
+           "timm_multi_exit_loss"]

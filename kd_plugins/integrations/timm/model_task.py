@@ -10,13 +10,24 @@ checkpoints keep the plain ``state_dict``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 
-__all__ = ["ModelForward", "ModelTask"]
+from ..._utils import unwrap_model
+from ...distill.teacher import Teacher
+
+__all__ = ["ModelForward", "ModelTask", "as_teacher"]
+
+
+def as_teacher(teacher: nn.Module | Teacher | None) -> Teacher | None:
+    """``teacher`` as a :class:`Teacher` (frozen, run in eval mode without gradients); ``None`` stays ``None``."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    return Teacher(teacher)
 
 
 class ModelForward(nn.Module):
@@ -42,44 +53,42 @@ class ModelTask(TrainingTask):
         model: the model to train (``task.trainable_module``).
         forward_fn: ``(model, input) -> outputs``, the forward the loss is computed from.
         criterion / criterion_kwargs: task loss, ``create_classification_loss(**criterion_kwargs)`` when ``None``.
-        teacher: optional frozen teacher. It is held in a list: not a sub-module, so it never enters the task's
-            ``state_dict``, the optimizer (``get_trainable_module()``) or DDP.
+        teacher: optional frozen teacher. It is held in a :class:`~kd_plugins.distill.teacher.Teacher`, not as a
+            sub-module, so it never enters the task's ``state_dict``, the optimizer (``get_trainable_module()``) or
+            DDP; every teacher forward goes through that ``Teacher`` (eval mode, no gradients).
     """
 
     #: keyword arguments for ``DistributedDataParallel`` that the subclass needs (overridable per call)
     ddp_defaults: dict[str, Any] = {}
 
-    def __init__(self, model: nn.Module, forward_fn: Callable[..., Any], criterion: Optional[Callable] = None,
-                 criterion_kwargs: Optional[dict] = None, teacher: Optional[nn.Module] = None,
+    def __init__(self, model: nn.Module, forward_fn: Callable[..., Any], criterion: Callable | None = None,
+                 criterion_kwargs: dict | None = None, teacher: nn.Module | None = None,
                  device=None, dtype=None, verbose: bool = False):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.trainable_module = model
         self._forward_fn = forward_fn
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
-        self._teacher = [teacher] if teacher is not None else []
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+        self._teacher = as_teacher(teacher)
+        if self._teacher is not None:
+            self._teacher.check_separate(model)
 
-    def train(self, mode: bool = True) -> "ModelTask":
+    def train(self, mode: bool = True) -> ModelTask:
         super().train(mode)
         if self.teacher is not None:  # not a sub-module, so re-assert eval mode here
             self.teacher.eval()
         return self
 
     @property
-    def teacher(self) -> Optional[nn.Module]:
-        return self._teacher[0] if self._teacher else None
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher module (``None`` without a teacher)."""
+        return self._teacher.module if self._teacher is not None else None
 
     @property
     def model(self) -> nn.Module:
         """The plain model (without the DDP / forward wrappers)."""
-        from ...distill.engine import unwrap_model
-
         return unwrap_model(self.trainable_module)
 
-    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+    def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
         """The plain model (its ``forward`` gives the final logits), not the DDP-wrapped loss forward."""
         if module is None and not ema and not hasattr(self, "eval_model"):
             return self.model
@@ -92,7 +101,7 @@ class ModelTask(TrainingTask):
             return tm(input)
         return self._forward_fn(self.model, input)
 
-    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "ModelTask":
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> ModelTask:
         """Wrap the model (with its loss forward) in DDP; the teacher stays outside."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 

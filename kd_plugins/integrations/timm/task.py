@@ -1,17 +1,18 @@
 """``KDTask``: a ``timm.task.TrainingTask`` that runs any kd_plugins loss on timm models.
 
-Everything trainable (the student, feature projectors, OFA exit branches, the TransKD fusion module, patch-embedding
-projectors) lives in one ``KDTrainableModule`` (``task.get_trainable_module()``), so the optimizer and DDP cover
-exactly those parameters and never the frozen teacher. The extra modules are saved as task state
-(``get_task_state``), so the student checkpoint (``state_dict``) is a plain timm model that reloads with
+The objective is a list of term providers (:mod:`kd_plugins.vision.terms`): logit losses, feature pairs (linear
+projectors or TransKD's CSF), OFA-KD exit branches, TransKD patch-embedding alignment. Everything trainable (the
+student and the providers' modules) lives in one ``KDTrainableModule`` (``task.get_trainable_module()``), so the
+optimizer and DDP cover exactly those parameters and never the frozen teacher. The extra modules are saved as task
+state (``get_task_state``), so the student checkpoint (``state_dict``) is a plain timm model that reloads with
 ``timm.create_model(name, num_classes=...)`` + ``load_state_dict``.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import partial
-from typing import Any, Dict, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,23 +20,31 @@ import torch.nn.functional as F
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
+from ..._config import resolve_config
 from ...distill.config import DistillationConfig
-from ...losses import FeatureProjector, get_loss, get_loss_spec
-from ...vision import ofa as _ofa  # noqa: F401  (registers the "ofa" loss)
-from ...vision.features import (align_spatial, channel_project, forward_with_features, model_label,
-                                num_feature_levels, parse_spec, resolve_specs, to_nchw)
+from ...distill.teacher import Teacher, freeze_teacher
+from ...distill.terms import weighted_sum
+from ...losses import get_loss_spec
+from ...vision.features import (
+    ModelFeatures,
+    as_hw,
+    default_input_size,
+    forward_with_features,
+    model_label,
+    probe_shapes,
+)
 from ...vision.models import create_timm_model, load_checkpoint_strict
-from ...vision.ofa import build_exit_branch, default_ofa_stages, is_token_model
-from ...vision.transkd import PEA_WEIGHTS, CrossSelectiveFusion, find_patch_embeddings, hcl_loss, module_out_channels
+from ...vision.ofa import OFABranchTerms
+from ...vision.terms import FeaturePairTerms, LogitTerms, TermProvider
+from ...vision.transkd import PEA_WEIGHTS, CSFTerms, PatchEmbedTerms
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["KDTask", "KDTrainableModule"]
 
-#: Logit losses that keep their own temperature default instead of the task's (OFA-KD uses T = 1).
-_OWN_TEMPERATURE = ("ofa",)
-#: Constructor-only hyper-parameters of the hidden-state loss modules (not accepted by their functional forms).
-_HIDDEN_CTOR_KEYS = ("student_dim", "teacher_dim", "projector")
+#: Where to look when a distillation term is NaN/inf (the default hint is about language models).
+_NON_FINITE_HINT = ("Check for fp16 overflow (use --amp-dtype bfloat16), a too-low temperature, or a diverging "
+                    "learning rate.")
 
 
 def _resolve_criterion(criterion, device, criterion_kwargs):
@@ -51,24 +60,48 @@ def _resolve_criterion(criterion, device, criterion_kwargs):
 
 
 class KDTrainableModule(nn.Module):
-    """Student plus every trainable distillation module; ``forward(x)`` returns a dict with ``logits`` and, when
-    configured, ``features`` (projected to the teacher's widths), ``branch_logits`` (OFA exits) and
-    ``patch_embeds`` (projected student patch embeddings)."""
+    """Student plus the providers' trainable modules (``projectors``, ``csf``, ``branches``, ``pe_projectors``).
 
-    def __init__(self, student: nn.Module, *, pair_specs: Sequence = (), pair_channels: Sequence[int] = (),
-                 projectors: Optional[Sequence[Optional[nn.Module]]] = None, csf: Optional[nn.Module] = None,
-                 branch_specs: Sequence = (), branches: Sequence[nn.Module] = (), pe_names: Sequence[str] = (),
-                 pe_channels: Sequence[int] = (), pe_projectors: Sequence[Optional[nn.Module]] = ()):
+    ``forward(x)`` returns a dict with ``logits`` and what each provider adds (``features`` projected to the
+    teacher's widths, ``branch_logits`` of the OFA exits, ``patch_embeds``). The student's intermediate features
+    come from one forward pass (``forward_intermediates`` and/or hooks).
+    """
+
+    def __init__(self, student: nn.Module, providers: Sequence[TermProvider] = (),
+                 modules: dict[str, nn.Module] | None = None):
         super().__init__()
         self.student = student
-        self.pair_specs, self.pair_channels = list(pair_specs), list(pair_channels)
-        self.projectors = nn.ModuleList([p if p is not None else nn.Identity() for p in (projectors or [])])
-        self.csf = csf
-        self.branch_specs = list(branch_specs)
-        self.branches = nn.ModuleList(branches)
-        self.pe_names, self.pe_channels = list(pe_names), list(pe_channels)
-        self.pe_projectors = nn.ModuleList([p if p is not None else nn.Identity() for p in pe_projectors])
-        self._specs = list(dict.fromkeys(self.pair_specs + self.branch_specs))
+        for name, module in (modules or {}).items():
+            self.add_module(name, module)
+        for name in ("projectors", "branches", "pe_projectors"):  # always present, as callers inspect them
+            if name not in self._modules:
+                self.add_module(name, nn.ModuleList())
+        if "csf" not in self._modules:
+            self.csf = None
+        self.providers = list(providers)
+        self._specs = list(dict.fromkeys(s for p in self.providers for s in p.student_specs))
+        self._captures = list(dict.fromkeys(n for p in self.providers for n in p.student_captures))
+
+    def _provider(self, cls) -> TermProvider | None:
+        return next((p for p in self.providers if isinstance(p, cls)), None)
+
+    @property
+    def pair_specs(self) -> list:
+        """Student feature specs of the feature pairs."""
+        p = self._provider(FeaturePairTerms)
+        return list(p.student_specs) if p else []
+
+    @property
+    def branch_specs(self) -> list:
+        """Student feature specs of the OFA exit branches."""
+        p = self._provider(OFABranchTerms)
+        return list(p.student_specs) if p else []
+
+    @property
+    def pe_names(self) -> list:
+        """Student patch-embedding modules aligned by TransKD's PEA."""
+        p = self._provider(PatchEmbedTerms)
+        return list(p.student_captures) if p else []
 
     def no_weight_decay(self):
         student = unwrap_model(self.student)
@@ -76,32 +109,14 @@ class KDTrainableModule(nn.Module):
             return set()
         return {"student." + name for name in student.no_weight_decay()}
 
-    def forward(self, x: torch.Tensor) -> Dict[str, Any]:
-        if not self._specs and not self.pe_names:
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        if not self._specs and not self._captures:
             return {"logits": self.student(x)}
-        logits, feats, pe = forward_with_features(self.student, x, self._specs, self.pe_names)
-        out: Dict[str, Any] = {"logits": logits}
-        if self.pair_specs:
-            fs = [to_nchw(feats[s], c) for s, c in zip(self.pair_specs, self.pair_channels)]
-            if self.csf is not None:
-                out["features"] = self.csf(fs)
-            else:
-                out["features"] = [channel_project(p, f) for p, f in zip(self.projectors, fs)]
-        if self.branches:
-            out["branch_logits"] = [b(to_nchw(feats[s])) for s, b in zip(self.branch_specs, self.branches)]
-        if self.pe_names:
-            out["patch_embeds"] = [channel_project(p, to_nchw(pe[n], c))
-                                   for n, c, p in zip(self.pe_names, self.pe_channels, self.pe_projectors)]
+        student = forward_with_features(self.student, x, self._specs, self._captures)
+        out: dict[str, Any] = {"logits": student.logits}
+        for provider in self.providers:
+            out.update(provider.student_outputs(self, student))
         return out
-
-
-def _as_hw(size) -> Optional[tuple]:
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
-    return size[-2:]
 
 
 class KDTask(TrainingTask):
@@ -120,69 +135,88 @@ class KDTask(TrainingTask):
       block split for plain ViTs), each trained with the OFA loss, weighted by ``ofa_branch_weight``.
     * ``patch_embed_weight > 0``: TransKD patch-embedding alignment (MSE of projected patch embeddings).
 
+    Each group is a term provider of :mod:`kd_plugins.vision`; the terms are summed by
+    :func:`kd_plugins.distill.terms.weighted_sum`, which raises on a NaN/inf term.
+
     Weighting follows timm's distillation tasks: both weights given -> independent; only ``task_loss_weight`` ->
     ``distill = 1 - task``; neither -> both 1 (with a ``config``: ``task = config.hard_label_weight``).
 
     The teacher (a timm name + ``teacher_checkpoint``, an ``nn.Module`` or a ``timm.task.DistillationTeacher``) is
-    frozen, kept in eval mode and outside the trainable module. Inputs normalised for the student are re-normalised
-    for the teacher (``DistillationTeacher.normalize_input``; mean/std from the models' ``pretrained_cfg`` or the
+    frozen, kept in eval mode and outside the trainable module, and runs through a
+    :class:`kd_plugins.distill.teacher.Teacher`. Inputs normalised for the student are re-normalised for the teacher
+    (``DistillationTeacher.normalize_input``; mean/std from the models' ``pretrained_cfg`` or the
     ``student_mean/std``/``teacher_mean/std`` overrides) and resized to ``teacher_input_size`` when given.
 
-    All arguments are keyword-only. Pass either a ``DistillationConfig`` (``config=``) or the equivalent keyword
-    arguments (``loss_terms``, ``loss_kwargs``, ``temperature``, ``feature_pairs``, ``feature_loss``,
-    ``feature_weight``, ``feature_projector``).
+    All arguments are keyword-only. The objective is a ``DistillationConfig`` (``config=``, default
+    ``DistillationConfig()``); the keyword arguments ``loss_terms``, ``loss_kwargs``, ``temperature``,
+    ``feature_pairs``, ``feature_loss``, ``feature_weight`` and ``feature_projector``, when given, replace its fields.
     """
 
     def __init__(
             self,
             *,
             student_model: nn.Module,
-            teacher_model: Union[str, nn.Module, DistillationTeacher],
-            config: Optional[DistillationConfig] = None,
-            loss_terms: Optional[Union[dict, str]] = None,
-            loss_kwargs: Optional[Union[dict, str]] = None,
-            temperature: Optional[float] = None,
-            feature_pairs: Optional[Union[dict, str]] = None,
-            feature_loss: str = "mse",
-            feature_weight: float = 1.0,
-            feature_projector: bool = True,
+            teacher_model: str | nn.Module | DistillationTeacher,
+            config: DistillationConfig | None = None,
+            loss_terms: dict | str | None = None,
+            loss_kwargs: dict | str | None = None,
+            temperature: float | None = None,
+            feature_pairs: dict | str | None = None,
+            feature_loss: str | None = None,
+            feature_weight: float | None = None,
+            feature_projector: bool | None = None,
             feature_align: str = "linear",
             csf_mid_channels: int = 64,
-            ofa_stages: Union[str, Sequence, None] = "auto",
+            ofa_stages: str | Sequence | None = "auto",
             ofa_branch_weight: float = 1.0,
             patch_embed_weight: float = 0.0,
             patch_embed_weights: Sequence[float] = PEA_WEIGHTS,
-            distill_loss_weight: Optional[float] = None,
-            task_loss_weight: Optional[float] = None,
-            criterion: Optional[nn.Module] = None,
-            criterion_kwargs: Optional[Dict[str, Any]] = None,
-            teacher_checkpoint: Optional[str] = None,
-            teacher_kwargs: Optional[Dict[str, Any]] = None,
-            teacher_input_size: Union[int, Sequence[int], None] = None,
-            input_size: Union[int, Sequence[int], None] = None,
-            student_mean: Optional[Sequence[float]] = None,
-            student_std: Optional[Sequence[float]] = None,
-            teacher_mean: Optional[Sequence[float]] = None,
-            teacher_std: Optional[Sequence[float]] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+            distill_loss_weight: float | None = None,
+            task_loss_weight: float | None = None,
+            criterion: nn.Module | None = None,
+            criterion_kwargs: dict[str, Any] | None = None,
+            teacher_checkpoint: str | None = None,
+            teacher_kwargs: dict[str, Any] | None = None,
+            teacher_input_size: int | Sequence[int] | None = None,
+            input_size: int | Sequence[int] | None = None,
+            student_mean: Sequence[float] | None = None,
+            student_std: Sequence[float] | None = None,
+            teacher_mean: Sequence[float] | None = None,
+            teacher_std: Sequence[float] | None = None,
+            device: torch.device | None = None,
+            dtype: torch.dtype | None = None,
             verbose: bool = True,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(student_model, nn.Module):
             raise TypeError(f"student_model must be an nn.Module, got {type(student_model).__name__}")
         student = unwrap_model(student_model)
+        # the keyword arguments that are DistillationConfig fields: when given, they replace config's
+        given = dict(loss_terms=loss_terms, loss_kwargs=loss_kwargs, temperature=temperature,
+                     feature_pairs=feature_pairs, feature_loss=feature_loss, feature_weight=feature_weight,
+                     feature_projector=feature_projector)
+        self._set_objective(config, {k: v for k, v in given.items() if v is not None}, feature_align)
+        self._set_loss_weights(config is not None, distill_loss_weight, task_loss_weight)
+        self.criterion = _resolve_criterion(criterion, self.device, criterion_kwargs)
+        t_model = self._set_teacher(teacher_model, student, teacher_checkpoint, teacher_kwargs, teacher_mean,
+                                    teacher_std)
+        self._set_input_transform(student, student_mean, student_std, teacher_input_size)
+        self.providers = self._build_providers(student, t_model, csf_mid_channels=csf_mid_channels,
+                                               ofa_stages=ofa_stages, ofa_branch_weight=ofa_branch_weight,
+                                               patch_embed_weight=patch_embed_weight,
+                                               patch_embed_weights=patch_embed_weights)
+        self.trainable_module = self._build_trainable(student_model, t_model, input_size)
+        if verbose:
+            _logger.info(f"KDTask: teacher={model_label(t_model)} student={model_label(student)} "
+                         f"logit_terms={self.logit_terms} hidden_terms={self.hidden_terms} "
+                         f"providers={self.providers} task_w={self.task_loss_weight} "
+                         f"distill_w={self.distill_loss_weight}")
 
-        # ---- objective: validated by DistillationConfig (unknown loss names, weights, pairs) ----
-        config_given = config is not None
-        if config is None:
-            config = DistillationConfig(
-                loss_terms=loss_terms if loss_terms is not None else "kl", loss_kwargs=loss_kwargs,
-                temperature=1.0 if temperature is None else temperature, feature_pairs=feature_pairs,
-                feature_loss=feature_loss, feature_weight=feature_weight, feature_projector=feature_projector)
-        elif any(v is not None for v in (loss_terms, loss_kwargs, temperature, feature_pairs)):
-            raise ValueError("Pass either config= or loss_terms/loss_kwargs/temperature/feature_pairs, not both.")
-        self.config = config
+    # ------------------------------------------------------------------------------------------------ construction
+    def _set_objective(self, config: DistillationConfig | None, overrides: dict[str, Any],
+                       feature_align: str) -> None:
+        """``config`` (or the default) with the keyword overrides; only logit and hidden-state losses apply."""
+        self.config = config = resolve_config(DistillationConfig, config, overrides)
         bad = {n: k for n, k in config.kinds.items() if k not in ("logits", "hidden")}
         if bad:
             raise ValueError(f"KDTask supports logit and hidden-state losses; {bad} need text models "
@@ -192,21 +226,10 @@ class KDTask(TrainingTask):
         self.feature_align = feature_align
         self.logit_terms = {n: w for n, w in config.loss_terms.items() if config.kinds[n] == "logits"}
         self.hidden_terms = {n: w for n, w in config.loss_terms.items() if config.kinds[n] == "hidden"}
-        self.logit_losses = nn.ModuleDict()
-        for name in self.logit_terms:
-            kw = dict(config.loss_kwargs.get(name, {}))
-            if get_loss_spec(name).name not in _OWN_TEMPERATURE:
-                kw.setdefault("temperature", config.temperature)
-            self.logit_losses[name] = get_loss(name, **kw)
-        self.hidden_fns = {}
-        for name in self.hidden_terms:
-            kw = {k: v for k, v in config.loss_kwargs.get(name, {}).items() if k not in _HIDDEN_CTOR_KEYS}
-            self.hidden_fns[name] = (get_loss_spec(name).function, kw)
-        self.ofa_name = next((n for n in self.logit_terms if get_loss_spec(n).name == "ofa"), None)
-        self.ofa_branch_weight = float(ofa_branch_weight)
-        self.patch_embed_weight = float(patch_embed_weight)
 
-        # ---- loss weights (timm's three modes) ----
+    def _set_loss_weights(self, config_given: bool, distill_loss_weight: float | None,
+                          task_loss_weight: float | None) -> None:
+        """timm's three weighting modes (see the class docstring)."""
         if distill_loss_weight is not None:
             self.distill_loss_weight = float(distill_loss_weight)
             self.task_loss_weight = 1.0 if task_loss_weight is None else float(task_loss_weight)
@@ -214,111 +237,80 @@ class KDTask(TrainingTask):
             self.task_loss_weight = float(task_loss_weight)
             self.distill_loss_weight = 1.0 - self.task_loss_weight
         else:
-            self.task_loss_weight = float(config.hard_label_weight) if config_given else 1.0
+            self.task_loss_weight = float(self.config.hard_label_weight) if config_given else 1.0
             self.distill_loss_weight = 1.0
-        self.criterion = _resolve_criterion(criterion, self.device, criterion_kwargs)
 
-        # ---- teacher ----
-        self.teacher = self._resolve_teacher(teacher_model, student, teacher_checkpoint, teacher_kwargs)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        t_model = unwrap_model(self.teacher.model)
+    def _set_teacher(self, teacher_model, student, checkpoint, teacher_kwargs, teacher_mean,
+                     teacher_std) -> nn.Module:
+        """``self.teacher`` (the ``DistillationTeacher``, a sub-module of the task as in timm's own distillation
+        tasks) and ``self._teacher`` (the :class:`Teacher` every teacher forward goes through). Returns the plain
+        teacher model."""
+        self.teacher = self._resolve_teacher(teacher_model, student, checkpoint, teacher_kwargs)
+        self._teacher = Teacher(self.teacher)
+        self._teacher.check_separate(student)
         if teacher_mean is not None or teacher_std is not None:
             self._set_buffer(self.teacher, "mean_kd", teacher_mean, self.teacher.mean_kd)
             self._set_buffer(self.teacher, "std_kd", teacher_std, self.teacher.std_kd)
+        return unwrap_model(self.teacher.model)
+
+    def _set_input_transform(self, student, student_mean, student_std, teacher_input_size) -> None:
+        """The student's normalisation (to re-normalise inputs for the teacher) and the teacher's input size."""
         cfg = getattr(student, "pretrained_cfg", None) or {}
         s_mean = student_mean if student_mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))
         s_std = student_std if student_std is not None else cfg.get("std", (0.229, 0.224, 0.225))
-        as_buf = partial(torch.tensor, device=self.device, dtype=self.dtype)
-        self.register_buffer("student_mean", as_buf(s_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("student_std", as_buf(s_std).view(1, -1, 1, 1), persistent=False)
-        self.teacher_input_size = _as_hw(teacher_input_size)
+        for name, value in (("student_mean", s_mean), ("student_std", s_std)):
+            buf = torch.tensor(value, device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
+            self.register_buffer(name, buf, persistent=False)
+        self.teacher_input_size = as_hw(teacher_input_size)
 
-        if self.logit_terms:
-            s_k, t_k = getattr(student, "num_classes", None), getattr(t_model, "num_classes", None)
-            if s_k is not None and t_k is not None and s_k != t_k:
-                raise ValueError(
-                    f"Class-count mismatch: teacher {model_label(t_model)} has {t_k} classes, student "
-                    f"{model_label(student)} has {s_k}. Logit losses ({', '.join(self.logit_terms)}) compare class "
-                    f"distributions; create the teacher with num_classes={s_k} (and a checkpoint trained on this "
-                    "label space) or use only feature losses.")
+    def _build_providers(self, student, teacher, *, csf_mid_channels, ofa_stages, ofa_branch_weight,
+                         patch_embed_weight, patch_embed_weights) -> list:
+        """The objective's term providers, in the order their terms are summed (logits, OFA branches, feature
+        pairs, patch embeddings)."""
+        config = self.config
+        logits = LogitTerms(config, student, teacher)
+        self.logit_losses = logits.losses
+        providers: list = [logits]
+        pairs: TermProvider | None = None  # validated before the OFA stages, summed after the OFA branches
+        if config.feature_pairs:
+            pairs = (CSFTerms(config, student, teacher, csf_mid_channels) if self.feature_align == "csf"
+                     else FeaturePairTerms(config, student, teacher))
+        ofa_name = next((n for n in self.logit_terms if get_loss_spec(n).name == "ofa"), None)
+        if ofa_name is not None and ofa_stages:
+            providers.append(OFABranchTerms(self.logit_losses[ofa_name], student, teacher, ofa_stages,
+                                            ofa_branch_weight))
+        if pairs is not None:
+            providers.append(pairs)
+        if patch_embed_weight > 0:
+            providers.append(PatchEmbedTerms(student, teacher, patch_embed_weight, patch_embed_weights))
+        return providers
 
-        # ---- feature pairs, OFA branches, patch embeddings ----
-        pairs = [(parse_spec(s), parse_spec(t)) for s, t in config.feature_pairs.items()]
-        s_pair = resolve_specs(student, [p[0] for p in pairs], "student")
-        t_pair = resolve_specs(t_model, [p[1] for p in pairs], "teacher")
-        if self.hidden_terms and not pairs:
-            raise ValueError("hidden-state losses need feature_pairs")
-        branch_specs: list = []
-        if self.ofa_name is not None and ofa_stages:
-            if isinstance(ofa_stages, str):
-                if ofa_stages != "auto":
-                    raise ValueError(f"ofa_stages must be 'auto', a list of feature indices/module names or None; "
-                                     f"got {ofa_stages!r}")
-                n = num_feature_levels(student)
-                if n == 0:
-                    raise ValueError(f"student {model_label(student)} has no forward_intermediates(); pass "
-                                     "ofa_stages as module names")
-                reductions = [f.get("reduction") for f in (getattr(student, "feature_info", None) or [])]
-                plain = len(set(reductions)) == 1
-                branch_specs = default_ofa_stages(n, plain)
-            else:
-                branch_specs = resolve_specs(student, list(ofa_stages), "student")
-        s_pe, t_pe = [], []
-        if self.patch_embed_weight > 0:
-            s_all, t_all = find_patch_embeddings(student), find_patch_embeddings(t_model)
-            k = min(len(s_all), len(t_all))
-            s_pe, t_pe = s_all[:k], t_all[:k]
-        self.pe_weights = [float(patch_embed_weights[i]) if i < len(patch_embed_weights) else 1.0
-                           for i in range(len(s_pe))]
-        self.t_pair, self.t_pe, self.t_pe_channels = t_pair, t_pe, []
+    def _build_trainable(self, student_model: nn.Module, teacher: nn.Module, input_size) -> KDTrainableModule:
+        """Probe the feature shapes the providers read, build their modules (on the student's device) and wrap
+        them with the student."""
+        student = unwrap_model(student_model)
+        modules: dict[str, nn.Module] = {}
+        if any(p.student_specs or p.student_captures for p in self.providers):
+            s_shapes, t_shapes = self._probe_shapes(student, teacher, input_size)
+            device = next(student.parameters()).device
+            for provider in sorted(self.providers, key=lambda p: p.build_rank):
+                built = provider.build(s_shapes, t_shapes)
+                modules.update({name: module.to(device) for name, module in built.items()})
+        return KDTrainableModule(student_model, self.providers, modules)
 
-        kwargs: Dict[str, Any] = {}
-        if s_pair or branch_specs or s_pe:
-            s_shapes, t_shapes = self._dry_run(student, t_model, s_pair + branch_specs, t_pair, s_pe, t_pe,
-                                               input_size)
-            s_ch = [s_shapes[s][0] for s in s_pair]
-            t_ch = [t_shapes[t][0] for t in t_pair]
-            sdev = next(student.parameters()).device
-            kwargs.update(pair_specs=s_pair, pair_channels=s_ch)
-            if s_pair and feature_align == "csf":
-                kwargs["csf"] = CrossSelectiveFusion(s_ch, t_ch, csf_mid_channels).to(sdev)
-            elif s_pair:
-                projs = []
-                for (s, t), cs, ct in zip(zip(s_pair, t_pair), s_ch, t_ch):
-                    if cs == ct:
-                        projs.append(None)
-                    elif not config.feature_projector:
-                        raise ValueError(f"feature widths differ for pair {s}->{t} (student {cs}, teacher {ct}) and "
-                                         "feature_projector=False")
-                    else:
-                        projs.append(FeatureProjector(cs, ct).to(sdev))
-                kwargs["projectors"] = projs
-            if branch_specs:
-                kind = "token" if is_token_model(student) else "conv"
-                final_spec = num_feature_levels(student) - 1 if num_feature_levels(student) else branch_specs[-1]
-                final = s_shapes.get(final_spec) or s_shapes[branch_specs[-1]]
-                t_width = int(getattr(t_model, "num_features", 0) or final[0])
-                num_classes = int(getattr(student, "num_classes"))
-                kwargs.update(branch_specs=branch_specs, branches=[
-                    build_exit_branch(kind, s_shapes[s], final, num_classes=num_classes, teacher_width=t_width,
-                                      stage_pos=i, num_stages=len(branch_specs)).to(sdev)
-                    for i, s in enumerate(branch_specs)])
-            if s_pe:
-                pe_s = [s_shapes["pe:" + n][0] for n in s_pe]
-                pe_t = [t_shapes["pe:" + n][0] for n in t_pe]
-                kwargs.update(pe_names=s_pe, pe_channels=pe_s, pe_projectors=[
-                    None if a == b else FeatureProjector(a, b).to(sdev) for a, b in zip(pe_s, pe_t)])
-                self.t_pe_channels = pe_t
-        self.trainable_module = KDTrainableModule(student_model, **kwargs)
-        if verbose:
-            _logger.info(f"KDTask: teacher={model_label(t_model)} student={model_label(student)} "
-                         f"logit_terms={self.logit_terms} hidden_terms={self.hidden_terms} "
-                         f"pairs={list(zip(s_pair, t_pair))} "
-                         f"ofa_branches={branch_specs} patch_embeds={s_pe} task_w={self.task_loss_weight} "
-                         f"distill_w={self.distill_loss_weight}")
+    def _probe_shapes(self, student, teacher, input_size):
+        """NCHW shapes of every feature the providers read, from one eval-mode forward of each model on zeros."""
+        def union(attr):
+            return list(dict.fromkeys(x for p in self.providers for x in getattr(p, attr)))
 
-    # ------------------------------------------------------------------------------------------------------------
+        s_size = as_hw(input_size) or default_input_size(student)
+        t_size = self.teacher_input_size or (as_hw(input_size) if input_size is not None
+                                             else default_input_size(teacher))
+        s_shapes = probe_shapes(student, union("student_specs"), union("student_captures"), s_size)
+        t_shapes = self._teacher.run(lambda m: probe_shapes(unwrap_model(m.model), union("teacher_specs"),
+                                                            union("teacher_captures"), t_size))
+        return s_shapes, t_shapes
+
     @staticmethod
     def _set_buffer(module, name, value, like):
         if value is not None:
@@ -347,62 +339,34 @@ class KDTask(TrainingTask):
             load_checkpoint_strict(unwrap_model(model), checkpoint)
         return DistillationTeacher(model, device=self.device, dtype=self.dtype)
 
-    @torch.no_grad()
-    def _dry_run(self, student, teacher, s_specs, t_specs, s_pe, t_pe, input_size):
-        """One eval-mode forward of each model on zeros to learn feature shapes ``[C, H, W]``."""
-        def default_size(m):
-            pe = getattr(m, "patch_embed", None)
-            if pe is not None and getattr(pe, "img_size", None) is not None:
-                return _as_hw(pe.img_size)
-            return _as_hw((getattr(m, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
-
-        def run(model, specs, pe, size):
-            was = model.training
-            model.eval()
-            try:
-                p = next(model.parameters())
-                x = torch.zeros(1, getattr(model, "in_chans", 3), *size, device=p.device, dtype=p.dtype)
-                _, feats, pes = forward_with_features(model, x, list(dict.fromkeys(specs)), pe)
-            finally:
-                model.train(was)
-            shapes = {}
-            for s, f in feats.items():
-                ch = module_out_channels(model.get_submodule(s)) if isinstance(s, str) else None
-                shapes[s] = tuple(to_nchw(f, ch).shape[1:])
-            for n, f in pes.items():
-                ch = module_out_channels(model.get_submodule(n))
-                shapes["pe:" + n] = tuple(to_nchw(f, ch).shape[1:])
-            return shapes
-
-        s_size = _as_hw(input_size) or default_size(student)
-        t_size = self.teacher_input_size or (_as_hw(input_size) if input_size is not None else default_size(teacher))
-        return run(student, s_specs, s_pe, s_size), run(teacher, t_specs, t_pe, t_size)
-
-    # ------------------------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "KDTask":
+    # ------------------------------------------------------------------------------------------------ task API
+    def train(self, mode: bool = True) -> KDTask:
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "KDTask":
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> KDTask:
         """Wrap only the trainable module (student + distillation modules) in DDP; the teacher stays unwrapped."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        for p in self.teacher.parameters():
-            p.requires_grad = False
+        freeze_teacher(self.teacher)
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
-    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+    @property
+    def _teacher_reads_features(self) -> bool:
+        return any(p.teacher_specs or p.teacher_captures for p in self.providers)
+
+    def compile(self, backend: str = "inductor", mode: str | None = None, **compile_kwargs) -> nn.Module:
         trainable = unwrap_model(self.trainable_module)
         self.eval_model = torch.compile(trainable.student, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        if not (self.hidden_terms or self.t_pe):
+        if not self._teacher_reads_features:
             self.teacher.compile(backend=backend, mode=mode, compile_model=True, compile_features=False,
                                  **compile_kwargs)
         return self.eval_model
 
-    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+    def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
         resolved = super().get_eval_model(module=module, ema=ema)
         current = resolved
         while current is not None:
@@ -414,14 +378,14 @@ class KDTask(TrainingTask):
             current = nxt
         return resolved
 
-    def _trainable(self, module=None, ema=False) -> Optional[KDTrainableModule]:
+    def _trainable(self, module=None, ema=False) -> KDTrainableModule | None:
         module = module if module is not None else self.get_trainable_module(ema=ema)
         current = module
         while current is not None and not isinstance(current, KDTrainableModule):
             current = getattr(current, "module", None) or getattr(current, "_orig_mod", None)
         return current
 
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+    def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
         """Projectors, OFA branches and fusion modules (never the student's weights)."""
         trainable = self._trainable(module, ema)
         if trainable is None:
@@ -429,7 +393,7 @@ class KDTask(TrainingTask):
         state = {k: v for k, v in trainable.state_dict().items() if not k.startswith("student.")}
         return {"kd_modules": state} if state else {}
 
-    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
+    def load_task_state(self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None,
                         ema: bool = False) -> None:
         if not state:
             return
@@ -452,7 +416,7 @@ class KDTask(TrainingTask):
         params += [p for n, p in trainable.named_parameters() if not n.startswith("student.")]
         return params
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------ forward
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
         """The batch as the teacher expects it: re-normalised (teacher mean/std) and resized if configured."""
         x = self.teacher.normalize_input(x, self.student_mean, self.student_std)
@@ -460,48 +424,31 @@ class KDTask(TrainingTask):
             x = F.interpolate(x, size=self.teacher_input_size, mode="bilinear", align_corners=False)
         return x
 
-    @torch.no_grad()
-    def _teacher_forward(self, x: torch.Tensor):
+    def _teacher_forward(self, x: torch.Tensor) -> ModelFeatures:
+        """The teacher's logits plus the features and module outputs the providers read (one forward, no grad)."""
         x = self.teacher_input(x.detach())
-        if not self.t_pair and not self.t_pe:
-            return self.teacher(x), {}, {}
-        return forward_with_features(self.teacher.model, x, self.t_pair, self.t_pe)
+        if not self._teacher_reads_features:
+            return ModelFeatures(self._teacher.run(lambda m: m(x)), {}, {})
+        specs = list(dict.fromkeys(s for p in self.providers for s in p.teacher_specs))
+        captures = list(dict.fromkeys(n for p in self.providers for n in p.teacher_captures))
+        return self._teacher.run(lambda m: forward_with_features(m.model, x, specs, captures))
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = self.trainable_module(input)
-        logits = out["logits"]
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        student = self.trainable_module(input)
+        logits = student["logits"]
         task_loss = self.criterion(logits, target)
-        t_logits, t_feats, t_pe = self._teacher_forward(input)
+        teacher = self._teacher_forward(input)
         labels = target if target.dim() == 1 else target.argmax(-1)
-        terms: Dict[str, torch.Tensor] = {}
-        for name, w in self.logit_terms.items():
-            terms[name] = self.logit_losses[name](logits, t_logits, labels=labels)
-        kd_loss = sum((w * terms[n] for n, w in self.logit_terms.items()), logits.new_zeros(()))
-        if self.ofa_name is not None and out.get("branch_logits"):
-            fn = self.logit_losses[self.ofa_name]
-            terms["ofa_branches"] = sum(fn(b, t_logits, labels=labels) for b in out["branch_logits"])
-            kd_loss = kd_loss + self.ofa_branch_weight * terms["ofa_branches"]
-        if self.hidden_terms:
-            pairs = []
-            for s, t_spec in zip(out["features"], self.t_pair):
-                t = to_nchw(t_feats[t_spec], s.shape[1]).to(s.dtype)
-                pairs.append((align_spatial(s, t.shape[-2:]), t))
-            for name, w in self.hidden_terms.items():
-                if self.feature_align == "csf":
-                    vals = [hcl_loss(s, t) for s, t in pairs]
-                else:
-                    fn, kw = self.hidden_fns[name]
-                    vals = [fn(s.permute(0, 2, 3, 1), t.permute(0, 2, 3, 1), **kw) for s, t in pairs]
-                terms[name] = torch.stack(vals).mean()
-                kd_loss = kd_loss + w * terms[name]
-        if out.get("patch_embeds"):
-            vals = []
-            for s, n, c, w in zip(out["patch_embeds"], self.t_pe, self.t_pe_channels, self.pe_weights):
-                t = to_nchw(t_pe[n], c).to(s.dtype)
-                vals.append(w * F.mse_loss(align_spatial(s, t.shape[-2:]), t))
-            terms["patch_embed"] = sum(vals)
-            kd_loss = kd_loss + self.patch_embed_weight * terms["patch_embed"]
+        values: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        for provider in self.providers:
+            v, w = provider.terms(student, teacher, labels)
+            values.update(v)
+            weights.update(w)
+        kd_loss = weighted_sum(values, weights, hint=_NON_FINITE_HINT)
+        if kd_loss is None:  # no distillation term (only the task loss)
+            kd_loss = logits.new_zeros(())
         total = self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss
         result = {"loss": total, "output": logits, "task_loss": task_loss, "kd_loss": kd_loss}
-        result.update({f"kd_{k}": v.detach() for k, v in terms.items()})
+        result.update({f"kd_{k}": v.detach() for k, v in values.items()})
         return result

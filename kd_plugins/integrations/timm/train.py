@@ -33,9 +33,17 @@ _logger = logging.getLogger("kd_plugins.timm.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """timm's usual training flags (a subset, same names and defaults) plus the ``--kd-*`` and ``--exit-*`` flags."""
     p = argparse.ArgumentParser(description="kd_plugins distillation training for timm models",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_dir", nargs="?", default=None, metavar="DIR", help="path to dataset (root folder)")
+    for add_group in (_add_dataset_args, _add_model_args, _add_optimizer_args, _add_schedule_args,
+                      _add_augmentation_args, _add_ema_args, _add_misc_args, _add_kd_args, _add_multi_exit_args):
+        add_group(p)
+    return p
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dataset")
     g.add_argument("--data-dir", dest="data_dir_opt", default=None, help="path to dataset (alternative to DIR)")
     g.add_argument("--dataset", "-d", default="", help="dataset type (default: ImageFolder/ImageTar if empty)")
@@ -43,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-split", default="validation")
     g.add_argument("--class-map", default="")
     g.add_argument("--dataset-download", action="store_true", default=False)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Model")
     g.add_argument("--model", default="resnet50", help="student model name")
     g.add_argument("--pretrained", action="store_true", default=False,
@@ -65,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum-steps", type=int, default=1)
     g.add_argument("--grad-checkpointing", action="store_true", default=False)
     g.add_argument("--model-kwargs", default=None, help="JSON dict of extra student create_model kwargs")
+
+
+def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Optimizer")
     g.add_argument("--opt", default="sgd")
     g.add_argument("--opt-eps", default=None, type=float)
@@ -74,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=None)
     g.add_argument("--clip-mode", default="norm")
     g.add_argument("--layer-decay", type=float, default=None)
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Learning rate schedule")
     g.add_argument("--sched", default="cosine")
     g.add_argument("--sched-on-updates", action="store_true", default=False)
@@ -88,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cooldown-epochs", type=int, default=0)
     g.add_argument("--patience-epochs", type=int, default=10)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+
+def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Augmentation and regularization")
     g.add_argument("--no-aug", action="store_true", default=False)
     g.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0])
@@ -111,9 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bn-momentum", type=float, default=None)
     g.add_argument("--bn-eps", type=float, default=None)
     g.add_argument("--dist-bn", default="reduce", help="'broadcast', 'reduce' or '' after each epoch")
+
+
+def _add_ema_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("EMA")
     g.add_argument("--model-ema", action="store_true", default=False)
     g.add_argument("--model-ema-decay", type=float, default=0.9998)
+
+
+def _add_misc_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Misc")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--log-interval", type=int, default=50)
@@ -129,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dist-backend", default=None)
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
+
+
+def _add_kd_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Knowledge distillation (kd_plugins)")
     g.add_argument("--kd-model-name", default=None, help="teacher timm model name; enables distillation")
     g.add_argument("--kd-teacher-checkpoint", default=None,
@@ -154,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd-ofa-stages", default="auto", help="OFA exit stages: 'auto', 'none' or '1,2,3'")
     g.add_argument("--kd-ofa-branch-weight", type=float, default=1.0)
     g.add_argument("--kd-patch-embed-weight", type=float, default=0.0, help="TransKD patch-embedding alignment")
+
+
+def _add_multi_exit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Multi-exit self-distillation (kd_plugins.multiexit)")
     g.add_argument("--exit-layers", default=None,
                    help="exits after these blocks (ViT) / stages (ResNet), 1-based, e.g. '2,4,6'; trains with "
@@ -166,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-export", action="store_true", default=False,
                    help="after training, save each exit's standalone truncated model as exits/exit{k}.safetensors "
                         "(+ exits/exit{k}.json: the timm.create_model arguments) in the output folder")
-    return p
 
 
 def _stages(text):
@@ -192,19 +223,40 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    """Train (and distil) as configured by the command line ``argv``; returns the best metric and epoch, the output
+    folder, the last evaluation and the exported exits."""
     import timm.utils as tutils
-    from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-
-    from ...vision.models import create_timm_model
-    from .task import KDTask
 
     tutils.setup_default_logging()
     args = parse_args(argv)
     device = tutils.init_distributed_device(args)
     primary = tutils.is_primary(args)
     tutils.random_seed(args.seed, args.rank)
+
+    model, data_config, create_kwargs = _build_student(args, device, primary)
+    task = _build_task(args, model, data_config, create_kwargs, device, primary)
+    mixup_fn = _set_criterion(args, task)
+    optimizer, resume_epoch = _prepare_task(args, task, device, primary)
+    loader_train, loader_eval = _build_loaders(args, data_config, device)
+    saver, output_dir = _make_saver(args, task, optimizer, data_config) if primary else (None, None)
+    best_metric, best_epoch, eval_metrics = _run_epochs(args, task, optimizer, loader_train, loader_eval, device,
+                                                        mixup_fn, saver, output_dir, resume_epoch or 0)
+    if primary and best_metric is not None:
+        _logger.info(f"*** Best metric: {best_metric} (epoch {best_epoch})")
+    exports = {}
+    if args.exit_layers and args.exit_export and output_dir is not None:
+        exports = _export_exits(task.model, args.model, output_dir)
+    if args.distributed:
+        torch.distributed.barrier()
+    return {"best_metric": best_metric, "best_epoch": best_epoch, "output_dir": output_dir, "eval": eval_metrics,
+            "exit_exports": exports}
+
+
+def _build_student(args, device, primary):
+    """The student on ``device``, its resolved data config and its ``create_model`` kwargs (for exit exports)."""
+    from timm.data import resolve_data_config
+
+    from ...vision.models import create_timm_model, load_checkpoint_strict
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     kw = dict(num_classes=args.num_classes, in_chans=in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path,
@@ -214,8 +266,6 @@ def main(argv=None) -> dict:
     kw.update(args.model_kwargs)
     model = create_timm_model(args.model, **{k: v for k, v in kw.items() if v is not None})
     if args.initial_checkpoint:
-        from ...vision.models import load_checkpoint_strict
-
         load_checkpoint_strict(model, args.initial_checkpoint, role="student")
     if args.num_classes is None:
         args.num_classes = model.num_classes
@@ -225,8 +275,14 @@ def main(argv=None) -> dict:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-
     create_kwargs = {k: v for k, v in kw.items() if v is not None and k not in ("drop_rate", "drop_path_rate")}
+    return model, data_config, create_kwargs
+
+
+def _build_task(args, model, data_config, create_kwargs, device, primary):
+    """``MultiExitTask`` (``--exit-layers``), ``KDTask`` (``--kd-model-name``) or timm's ``ClassificationTask``."""
+    from .task import KDTask
+
     if args.exit_layers:
         task = _multi_exit_task(args, model, create_kwargs, device, primary)
     elif args.kd_model_name:
@@ -247,28 +303,36 @@ def main(argv=None) -> dict:
 
         task = ClassificationTask(model, device=device, verbose=primary)
     task.to(device)
+    return task
 
-    # loss: label smoothing / mixup soft targets, as timm's train.py
-    mixup_active = args.mixup > 0 or args.cutmix > 0
-    mixup_fn = None
-    if mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                         num_classes=args.num_classes)
+
+def _set_criterion(args, task):
+    """The task loss as in timm's train.py (Mixup/CutMix soft targets or label smoothing); returns the Mixup
+    function (``None`` without Mixup/CutMix)."""
+    from timm.data import Mixup
+
+    if args.mixup > 0 or args.cutmix > 0:
         from timm.loss import SoftTargetCrossEntropy
 
         task.criterion = SoftTargetCrossEntropy()
-    elif args.smoothing:
+        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                     switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                     num_classes=args.num_classes)
+    if args.smoothing:
         from timm.loss import LabelSmoothingCrossEntropy
 
         task.criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         task.criterion = nn.CrossEntropyLoss()
+    return None
 
-    trainable = task.get_trainable_module()
-    optimizer = create_optimizer_v2(trainable, **optimizer_kwargs(cfg=args))
-    amp_autocast = partial(torch.autocast, device_type=device.type,
-                           dtype=getattr(torch, args.amp_dtype)) if args.amp else nullcontext
+
+def _prepare_task(args, task, device, primary):
+    """Optimizer over the trainable module, then resume, EMA, ``torch.compile`` and DDP (in timm's order).
+    Returns the optimizer and the resumed epoch (``None`` without ``--resume``)."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args))
     resume_epoch = None
     if args.resume:
         from timm.task import resume_task_checkpoint
@@ -281,6 +345,12 @@ def main(argv=None) -> dict:
         task.compile(backend=args.torchcompile)
     if args.distributed:
         task.prepare_distributed(device_ids=[device] if device.type == "cuda" else None)
+    return optimizer, resume_epoch
+
+
+def _build_loaders(args, data_config, device):
+    """timm train/eval datasets and loaders (augmentation from the flags, normalisation from ``data_config``)."""
+    from timm.data import create_dataset, create_loader
 
     root = args.data_dir
     dataset_train = create_dataset(args.dataset, root=root, split=args.train_split, is_training=True,
@@ -304,28 +374,40 @@ def main(argv=None) -> dict:
         is_training=False, use_prefetcher=prefetch, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], num_workers=args.workers, distributed=args.distributed,
         crop_pct=data_config["crop_pct"], pin_memory=args.pin_mem, device=device)
+    return loader_train, loader_eval
+
+
+def _make_saver(args, task, optimizer, data_config):
+    """The output folder (with ``args.json``) and timm's ``CheckpointSaver`` over the task (primary rank only)."""
+    import timm.utils as tutils
+
+    exp = args.experiment or "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), tutils.safe_model_name(args.model)
+                                       if hasattr(tutils, "safe_model_name") else args.model,
+                                       str(data_config["input_size"][-1])])
+    output_dir = tutils.get_outdir(args.output or "./output/train", exp)
+    saver = tutils.CheckpointSaver(model=task.get_eval_model(), optimizer=optimizer, args=args, task=task,
+                                   checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                   decreasing=args.eval_metric == "loss", max_history=args.checkpoint_hist)
+    with open(os.path.join(output_dir, "args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+                  f, indent=1)
+    return saver, output_dir
+
+
+def _run_epochs(args, task, optimizer, loader_train, loader_eval, device, mixup_fn, saver, output_dir,
+                start_epoch):
+    """The LR schedule and the epoch loop (train, sync BN, validate, log, checkpoint); returns the best metric,
+    its epoch and the last evaluation."""
+    import timm.utils as tutils
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                    updates_per_epoch=updates_per_epoch)
-    start_epoch = resume_epoch or 0
     if lr_scheduler is not None and start_epoch > 0:
         lr_scheduler.step(start_epoch)
-
-    saver, output_dir = None, None
-    if primary:
-        exp = args.experiment or "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), tutils.safe_model_name(args.model)
-                                           if hasattr(tutils, "safe_model_name") else args.model,
-                                           str(data_config["input_size"][-1])])
-        output_dir = tutils.get_outdir(args.output or "./output/train", exp)
-        decreasing = args.eval_metric == "loss"
-        saver = tutils.CheckpointSaver(model=task.get_eval_model(), optimizer=optimizer, args=args, task=task,
-                                       checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
-                                       max_history=args.checkpoint_hist)
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-                      f, indent=1)
-
+    amp_autocast = partial(torch.autocast, device_type=device.type,
+                           dtype=getattr(torch, args.amp_dtype)) if args.amp else nullcontext
     best_metric, best_epoch, eval_metrics, num_updates = None, None, {}, start_epoch * updates_per_epoch
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
@@ -345,22 +427,14 @@ def main(argv=None) -> dict:
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-    if primary and best_metric is not None:
-        _logger.info(f"*** Best metric: {best_metric} (epoch {best_epoch})")
-    exports = {}
-    if args.exit_layers and args.exit_export and output_dir is not None:
-        exports = _export_exits(task.model, args.model, output_dir)
-    if args.distributed:
-        torch.distributed.barrier()
-    return {"best_metric": best_metric, "best_epoch": best_epoch, "output_dir": output_dir, "eval": eval_metrics,
-            "exit_exports": exports}
+    return best_metric, best_epoch, eval_metrics
 
 
 def _multi_exit_task(args, model, create_kwargs, device, primary):
     """``MultiExitTask`` for ``--exit-layers``: exits on the student, optional frozen teacher from ``--kd-*``."""
     from ...multiexit import MultiExitConfig, add_exits
-    from ...multiexit.timm_task import MultiExitTask
     from ...vision.models import create_timm_model, load_checkpoint_strict
+    from .multiexit import MultiExitTask
 
     layers = [int(t) for t in str(args.exit_layers).split(",") if t.strip()]
     weights = args.exit_weights
@@ -371,8 +445,8 @@ def _multi_exit_task(args, model, create_kwargs, device, primary):
     teacher = None
     if args.kd_model_name:
         if not args.kd_teacher_checkpoint:
-            raise ValueError(f"--kd-model-name {args.kd_model_name} needs --kd-teacher-checkpoint (a trained checkpoint "
-                             "for that architecture); kd_plugins never downloads weights")
+            raise ValueError(f"--kd-model-name {args.kd_model_name} needs --kd-teacher-checkpoint (a trained "
+                             "checkpoint for that architecture); kd_plugins never downloads weights")
         teacher = create_timm_model(args.kd_model_name, num_classes=args.kd_teacher_num_classes or args.num_classes,
                                     in_chans=create_kwargs.get("in_chans", 3))
         load_checkpoint_strict(teacher, args.kd_teacher_checkpoint, role="teacher")

@@ -1,0 +1,173 @@
+"""The fused linear + KD path of the distillation core (causal LMs).
+
+For a causal-LM student the logit loss can run through the chunked fused kernel
+(:func:`kd_plugins.kernels.fused_linear_kd_loss`): both models run their decoder with ``logits_to_keep=1``, the last
+hidden states are captured with a hook, and the kernel computes the task cross-entropy and the divergence chunk by
+chunk without ever materialising ``[tokens x vocab]`` logits. ``DistillationConfig.fused_loss=None`` turns it on only
+where it computes exactly the objective of the plain path; ``True`` raises instead of falling back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .._utils import unwrap_model
+from ..losses._common import IGNORE_INDEX
+from .engine import DistillationEngine, KDResult
+from .scaling import LossScaling
+from .terms import check_finite
+
+__all__ = ["FusedLogitLoss", "FusedOutput", "FUSABLE_DIVERGENCES"]
+
+#: Divergences the fused kernel computes.
+FUSABLE_DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
+
+
+@dataclass
+class FusedOutput:
+    """What one fused step returns: the total loss (task + KD + other terms), the student outputs (logits of the
+    last position only), the KD terms for the logs and the task loss as a batch mean (``None`` without labels)."""
+
+    loss: torch.Tensor
+    outputs: Any
+    result: KDResult
+    task_loss: torch.Tensor | None
+
+
+def _decoder_hidden(model: nn.Module, store: dict, key: str):
+    """A hook on ``model.get_decoder()`` that keeps its last hidden state in ``store[key]``."""
+    def hook(module, args, out):
+        store[key] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    return model.get_decoder().register_forward_hook(hook)
+
+
+class FusedLogitLoss:
+    """Decides whether the engine's logit term can be fused, and computes it fused."""
+
+    def __init__(self, engine: DistillationEngine):
+        self.engine = engine
+        self.enabled: bool | None = None  # decided on the first training step
+        self.reasons: list[str] = []
+
+    def unsupported_reasons(self, student: nn.Module, *, custom_task_loss: bool = False) -> list[str]:
+        """Why the fused kernel would not compute exactly this objective (empty: it would)."""
+        cfg, engine = self.engine.config, self.engine
+        reasons = []
+        logit_terms = [n for n, k in cfg.kinds.items() if k == "logits"]
+        if engine.task != "causal_lm":
+            reasons.append(f"the student task is {engine.task}, not causal_lm")
+        if len(logit_terms) != 1 or logit_terms[0] not in FUSABLE_DIVERGENCES:
+            reasons.append(f"the fused kernel computes one of {FUSABLE_DIVERGENCES}; loss_terms has logit terms "
+                           f"{logit_terms}")
+        if any(k == "attention" for k in cfg.kinds.values()):
+            reasons.append("attention losses need the full forward outputs")
+        if engine.retokenize:
+            reasons.append("teacher and student tokenizers differ")
+        if custom_task_loss:
+            reasons.append("the Trainer uses label smoothing or a custom compute_loss_func")
+        for role, m in (("student", student), ("teacher", engine.teacher)):
+            if "logits_to_keep" not in inspect.signature(m.forward).parameters or not hasattr(m, "get_decoder"):
+                reasons.append(f"the {role} does not support logits_to_keep/get_decoder()")
+        sv = getattr(getattr(student, "config", None), "vocab_size", None)
+        tv = getattr(getattr(engine.teacher, "config", None), "vocab_size", None)
+        if sv != tv:
+            reasons.append(f"vocab sizes differ ({sv} vs {tv})")
+        if logit_terms and set(cfg.loss_kwargs.get(logit_terms[0], {})) - {"beta", "t2_scale"}:
+            reasons.append(f"loss_kwargs {sorted(cfg.loss_kwargs[logit_terms[0]])} are not supported by the fused "
+                           "kernel")
+        if not reasons:
+            from ..kernels import check_fusable_head
+
+            try:
+                check_fusable_head(student)
+                check_fusable_head(engine.teacher)
+            except ValueError as e:
+                reasons.append(str(e))
+        return reasons
+
+    def decide(self, model: nn.Module, *, custom_task_loss: bool = False) -> bool:
+        """Whether to fuse (decided once). ``fused_loss=True`` raises when the kernel cannot compute the objective
+        exactly; ``None`` falls back to the plain path, ``False`` never fuses."""
+        if self.enabled is not None:
+            return self.enabled
+        cfg = self.engine.config
+        if cfg.fused_loss is False:
+            self.enabled = False
+            return False
+        self.reasons = self.unsupported_reasons(unwrap_model(model), custom_task_loss=custom_task_loss)
+        if self.reasons and cfg.fused_loss:
+            raise ValueError("fused_loss=True but the fused linear+KD loss cannot compute this objective exactly: "
+                             + "; ".join(self.reasons) + ". Set fused_loss=None (automatic) or False.")
+        self.enabled = not self.reasons
+        return self.enabled
+
+    def __call__(self, model: nn.Module, inputs: dict, scaling: LossScaling) -> FusedOutput:
+        """Task loss + fused logit KD (+ hidden-state terms) for one batch. ``model`` may be a DDP wrapper."""
+        from ..kernels import fused_linear_kd_loss
+
+        engine, cfg = self.engine, self.engine.config
+        labels = inputs.get("labels")
+        if cfg.hard_label_weight > 0 and labels is None:
+            raise ValueError("hard_label_weight > 0 but the batch has no 'labels'; add labels or set "
+                             "hard_label_weight=0.")
+        student, hidden = unwrap_model(model), {}
+        handle = _decoder_hidden(student, hidden, "student")
+        try:
+            fwd = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_loss")}
+            outputs = model(**fwd, logits_to_keep=1)  # through the DDP wrapper; the head runs on one position only
+        finally:
+            handle.remove()
+        handle = _decoder_hidden(engine.teacher, hidden, "teacher")
+        try:
+            t_out = engine.teacher_forward(inputs, extra={"logits_to_keep": 1})
+        finally:
+            handle.remove()
+        h_s, h_t = hidden["student"][:, :-1], hidden["teacher"][:, :-1].to(hidden["student"].device)
+        am = inputs.get("attention_mask")
+        mask = am[:, 1:].reshape(-1).bool() if am is not None else None
+        rows_labels = labels[:, 1:].reshape(-1) if labels is not None else None
+        by_items = scaling.uses_items and labels is not None
+        name = next(n for n, k in cfg.kinds.items() if k == "logits")
+        kw = cfg.loss_kwargs.get(name, {})
+        s_head, t_head = student.get_output_embeddings(), engine.teacher.get_output_embeddings()
+        hs = h_s.reshape(-1, h_s.shape[-1]).to(s_head.weight.dtype)
+        loss, parts = fused_linear_kd_loss(
+            hs, s_head.weight, h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype), t_head.weight.detach(),
+            student_head_bias=s_head.bias, teacher_head_bias=None if t_head.bias is None else t_head.bias.detach(),
+            labels=rows_labels, mask=mask, divergence=name, beta=float(kw.get("beta", 0.5)),
+            temperature=cfg.temperature, hard_label_weight=cfg.hard_label_weight, kd_weight=cfg.loss_terms[name],
+            t2_scale=kw.get("t2_scale"), chunk_size=cfg.fused_chunk_size,
+            num_items_in_batch=scaling.num_items_in_batch if by_items else None, return_parts=True)
+        loss = loss * (scaling.items_scale if by_items else 1.0)
+        check_finite(name, loss, engine.step, path="fused")
+        # The kernel normalised by the accumulated batch's items; the logs show this micro-batch's means.
+        count = max(int(_valid(hs.shape[0], rows_labels, mask, hs.device).sum()), 1)
+        to_mean = float(scaling.num_items_in_batch) / count if by_items else 1.0
+        result = KDResult(loss=loss)
+        if "kd" in parts:
+            result.terms[name] = parts["kd"] * to_mean
+        if any(k == "hidden" for k in cfg.kinds.values()):
+            plain = LossScaling(by_items=by_items, num_items_in_batch=scaling.num_items_in_batch,
+                                grad_accum_steps=scaling.grad_accum_steps)
+            extra = engine.compute({k: v for k, v in inputs.items() if k != "labels"}, outputs, scaling=plain,
+                                   teacher_outputs=t_out, kinds={"hidden"})
+            loss = loss + extra.loss
+            result.terms.update(extra.terms)
+        task = parts.get("ce")
+        return FusedOutput(loss=loss, outputs=outputs, result=result,
+                           task_loss=task * to_mean if task is not None else None)
+
+
+def _valid(n: int, labels, mask, device) -> torch.Tensor:
+    valid = torch.ones(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        valid &= labels.to(device) != IGNORE_INDEX
+    if mask is not None:
+        valid &= mask.to(device)
+    return valid

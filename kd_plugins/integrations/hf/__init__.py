@@ -1,0 +1,11 @@
+"""Hugging Face ``Trainer`` adapters: one callback per capability, all with the signature
+``<Capability>Callback(teacher=None, config=None, **overrides)`` (the distillation callback requires its teacher),
+plus the drop-in :class:`DistillationTrainer`."""
+
+from ._trainer import TrainerPluginCallback, patch_trainer, trainer_loss_scaling
+from .acm import ACMCallback
+from .distill import DistillationCallback, DistillationTrainer, load_teacher
+from .multiexit import MultiExitCallback
+
+__all__ = ["DistillationCallback", "DistillationTrainer", "ACMCallback", "MultiExitCallback", "load_teacher",
+           "TrainerPluginCallback", "patch_trainer", "trainer_loss_scaling"]

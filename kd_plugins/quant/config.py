@@ -1,0 +1,147 @@
+"""``QuantConfig``: every option of :func:`~kd_plugins.quant.quantize`, parseable by ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from ._core import METHODS, STATIC_METHODS, check_alpha, check_method
+from .layers import BACKENDS
+
+__all__ = ["QuantConfig", "DEFAULT_ALPHA", "DEFAULT_ALPHA_GRID", "MODES"]
+
+#: Default ``alpha`` per method. CrossQuant's 0.35 is our own choice (the paper's value could not be verified): it gave
+#: the lowest validation perplexity of SmolLM2-135M in a sweep over 0.05..0.8 (Mansfield Park windows, calibration on
+#: Emma; see benchmarks/quant/RESULTS_quant.md); on all-MiniLM-L6-v2 embedding agreement was flat between 0.35 and 0.8.
+#: SmoothQuant's 0.5 is the migration strength of its reference implementation (0.65 was best on SmolLM2).
+DEFAULT_ALPHA: dict[str, float | None] = {
+    "crossquant": 0.35,
+    "crossquant_dynamic": 0.35,
+    "smoothquant": 0.5,
+    "per_token": None,
+}
+
+#: Alphas tried per layer by ``alpha="auto"`` (:func:`~kd_plugins.quant.calibrate_layer_alphas`).
+DEFAULT_ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+MODES = ("int8", "fake")
+
+
+def _parse_alpha(method: str, value):
+    """``None`` | a float | ``"auto"`` | ``{layer: float}``, from a number, a dict or their string forms
+    (``"0.4"``, ``"auto"``, ``'{"fc1": 0.3}'``, ``"fc1=0.3,fc2=0.5"``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "auto":
+            if method not in STATIC_METHODS:
+                raise ValueError(f"alpha='auto' is calibrated per layer and applies to {STATIC_METHODS}, not "
+                                 f"{method!r}")
+            return "auto"
+        if text.startswith("{") or "=" in text:
+            return _parse_alpha(method, _alpha_mapping(text))
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"alpha must be a number in [0, 1], 'auto' or a {{layer: alpha}} mapping, got "
+                             f"{value!r}") from None
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if method == "per_token":
+            raise ValueError("per_token has no alpha")
+        return {str(k): check_alpha(method, v) for k, v in value.items()}
+    return check_alpha(method, value)
+
+
+def _alpha_mapping(text: str) -> dict:
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"alpha: invalid JSON {text!r}: {e}") from None
+        if not isinstance(out, dict):
+            raise ValueError(f"alpha: expected a JSON object, got {text!r}")
+        return out
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, number = part.partition("=")
+        if not sep:
+            raise ValueError(f"alpha: entry {part!r} must look like 'layer=alpha'")
+        out[name.strip()] = number.strip()
+    return out
+
+
+def _parse_names(value, what: str) -> list[str]:
+    """A list of names from a list / tuple or a comma-separated string (a single name stays one entry)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [p.strip() for p in value.split(",") if p.strip()] if "," in value else [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"{what} must be a list of names or a comma-separated string, got {type(value).__name__}")
+
+
+def _parse_grid(value) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = [p for p in value.split(",") if p.strip()]
+    try:
+        grid = tuple(float(a) for a in value)
+    except (TypeError, ValueError):
+        grid = ()
+    if not grid or not all(0.0 <= a <= 1.0 for a in grid):
+        raise ValueError(f"alpha_grid must be one or more numbers in [0, 1] (e.g. '0.2,0.4,0.6'), got {value!r}")
+    return grid
+
+
+@dataclass
+class QuantConfig:
+    """Options of W8A8 post-training quantization (:func:`~kd_plugins.quant.quantize`).
+
+    Every field has a plain type for ``HfArgumentParser``; ``alpha``, ``skip`` and ``alpha_grid`` also accept their
+    string forms, which ``__post_init__`` parses (``alpha="0.4"`` / ``"auto"`` / ``"fc1=0.3,fc2=0.5"``,
+    ``skip="lm_head,layers.0"``, ``alpha_grid="0.2,0.4"``). ``alpha=None`` means :data:`DEFAULT_ALPHA` of the method
+    (resolved when quantizing, so changing ``method`` keeps the right default).
+    """
+
+    method: str = field(default="crossquant", metadata={"help": f"Quantization method, one of {METHODS}."})
+    alpha: float | str | dict | None = field(
+        default=None, metadata={"help": "Method alpha in [0, 1]; 'auto' to choose it per layer on the calibration "
+                                        "data (crossquant, smoothquant); or 'layer=alpha,...' / JSON for every "
+                                        "quantized layer. Default: DEFAULT_ALPHA of the method."})
+    skip: list | str | None = field(
+        default=None, metadata={"help": "Extra module names / globs to keep in float, comma-separated "
+                                        "(e.g. 'lm_head,layers.0.mlp')."})
+    default_skip: bool = field(
+        default=True, metadata={"help": "Also keep lm_head / output embeddings, classifier heads and modules under "
+                                        "'*embed*' / '*norm*' names in float."})
+    mode: str = field(default="int8", metadata={"help": "'int8' (real int8 GEMMs) or 'fake' (dequantize + float "
+                                                        "matmul, for debugging)."})
+    backend: str = field(default="auto", metadata={"help": f"Int8 GEMM backend, one of {BACKENDS} ('auto': Triton "
+                                                           "on CUDA when available, else torch._int_mm)."})
+    min_calibration_rows: int = field(
+        default=16, metadata={"help": "Fewest calibration rows (tokens / pixels) every layer must see."})
+    alpha_grid: tuple | str | None = field(
+        default=DEFAULT_ALPHA_GRID, metadata={"help": "Alphas tried per layer by alpha='auto', comma-separated."})
+    progress: bool = field(default=False, metadata={"help": "Show tqdm bars for calibration and conversion."})
+
+    def __post_init__(self):
+        check_method(self.method)
+        self.alpha = _parse_alpha(self.method, self.alpha)
+        self.skip = _parse_names(self.skip, "skip")
+        self.alpha_grid = _parse_grid(DEFAULT_ALPHA_GRID if self.alpha_grid is None else self.alpha_grid)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'int8' or 'fake', got {self.mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.min_calibration_rows, int) or self.min_calibration_rows < 1:
+            raise ValueError(f"min_calibration_rows must be an int >= 1, got {self.min_calibration_rows!r}")
+
+    @property
+    def resolved_alpha(self):
+        """``alpha``, with ``None`` replaced by the method's :data:`DEFAULT_ALPHA`."""
+        return DEFAULT_ALPHA[self.method] if self.alpha is None else self.alpha
+
+    def to_dict(self) -> dict:
+        return asdict(self)
