@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import difflib
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -37,3 +38,36 @@ def resolve_config(cls: type[ConfigT], config: ConfigT | None = None,
     if raw is not None:
         return cls(**{**raw, **overrides})
     return dataclasses.replace(config, **overrides)
+
+
+def parse_mapping(value, name: str, value_type=float) -> dict:
+    """Accept a dict, a JSON object string, or ``"a:1,b:2"`` / ``"a=b,c=d"`` shorthand."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a dict or a string, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: invalid JSON {text!r}: {e}") from None
+        if not isinstance(out, dict):
+            raise ValueError(f"{name}: expected a JSON object, got {text!r}")
+        return out
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        sep = "=" if "=" in part else (":" if ":" in part else None)
+        if sep is None:
+            if value_type is float:
+                out[part] = 1.0
+                continue
+            raise ValueError(f"{name}: entry {part!r} must look like 'key{'=' if value_type is str else ':'}value'")
+        k, v = (x.strip() for x in part.split(sep, 1))
+        try:
+            out[k] = value_type(v)
+        except ValueError:
+            raise ValueError(f"{name}: cannot parse {v!r} in {part!r} as {value_type.__name__}") from None
+    return out

@@ -453,3 +453,132 @@ def test_plot_accuracy_vs_depth(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         get_exits(nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------- the MiniLM benchmark's final phase through the callback
+def _texts(b, t, seed, pad_rows=(1,)):
+    batch = _ids(b=b, t=t, seed=seed, pad=False)
+    for i in pad_rows:  # padding, so pooling must use each group's own attention mask
+        batch["input_ids"][i, -2:] = 0
+        batch["attention_mask"][i, -2:] = 0
+    return batch
+
+
+def _loop_objective(model, teacher_emb, groups, cfg, autocast):
+    """The benchmark loop's formula (multiexit_minilm_bbc.py before it moved to the Trainer), public functions only:
+    InfoNCE(title, body) + w * InfoNCE(ict query, ict doc) per exit, and both title and body embeddings distilled."""
+    from kd_plugins.multiexit import info_nce, pool
+
+    q, d, iq, idoc = groups
+    for_student = dict(device_type="cpu", dtype=torch.bfloat16, enabled=autocast)  # the student's forwards only
+    with torch.autocast(**for_student):
+        oq, od = exit_outputs(model, **q), exit_outputs(model, **d)
+    with torch.autocast(**for_student):
+        oiq, oid = exit_outputs(model, **iq), exit_outputs(model, **idoc)
+    eq = {k: pool(h.float(), q["attention_mask"]) for k, h in oq.items()}
+    ed = {k: pool(h.float(), d["attention_mask"]) for k, h in od.items()}
+    task = {k: info_nce(eq[k], ed[k], cfg.infonce_scale) for k in eq}
+    for k in task:
+        ict = info_nce(pool(oiq[k].float(), iq["attention_mask"]), pool(oid[k].float(), idoc["attention_mask"]),
+                       cfg.infonce_scale)
+        task[k] = task[k] + cfg.extra_pairs_weight * ict
+    both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
+    return multi_exit_loss(both, get_exits(model).num_layers, cfg, kind="embedding", task_losses=task,
+                           teacher=teacher_emb)
+
+
+@pytest.mark.parametrize("head,heads_only,precomputed,bf16", [
+    ("ffn", True, True, False),       # the benchmark's phase N: heads only, cached teacher embeddings
+    ("ffn", True, True, True),        # ... with --bf16 (Trainer(bf16=True) autocast, losses in fp32)
+    ("separate", False, False, False),  # everything trains, teacher model run by the callback
+])
+def test_callback_step_equals_benchmark_loop_objective(tmp_out, head, heads_only, precomputed, bf16):
+    from transformers import Trainer, TrainerCallback
+
+    from kd_plugins import MultiExitCallback
+    from kd_plugins.multiexit import pool
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = tiny_bert(layers=4, **no_dropout)
+    add_exits(model, [1, 2, 4], head=head)
+    _perturb(model.multi_exit, seed=3, scale=0.05)
+    if heads_only:
+        for name, prm in model.named_parameters():
+            prm.requires_grad_(name.startswith("multi_exit."))
+    teacher = tiny_bert(layers=4, seed=1, **no_dropout).eval()
+    groups = (_texts(4, 7, 1), _texts(4, 11, 2, (0, 2)), _texts(3, 6, 3), _texts(3, 10, 4, (2,)))
+    with torch.no_grad():
+        t_q, t_d = (pool(teacher(**x).last_hidden_state, x["attention_mask"]) for x in groups[:2])
+    cfg = MultiExitConfig(weights=[0.333, 0.5, 3], task_weight=1.0, self_distill_weight=0.5, teacher_weight=1.0,
+                          distill_loss="embedding_mse", embedding_task="infonce", infonce_scale=20.0,
+                          distill_positives=True, extra_pairs_weight=0.7, embedding_losses_fp32=True)
+    batch = {}
+    for prefix, group in zip(("", "positive_", "extra_", "extra_positive_"), groups):
+        batch.update({prefix + k: v for k, v in group.items()})
+    if precomputed:
+        batch.update(teacher_embedding=t_q, positive_teacher_embedding=t_d)
+    cb = MultiExitCallback(None if precomputed else teacher, cfg)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    seen = {}
+
+    class Capture(TrainerCallback):  # one Trainer step: its gradients and loss terms, before the optimizer moves
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            seen["grads"] = {n: None if p.grad is None else p.grad.clone() for n, p in trainable}
+            seen["terms"] = {k: v / cb._counts["train"] for k, v in cb._sums["train"].items()}
+
+    args = training_args(tmp_out, max_steps=1, per_device_train_batch_size=1, remove_unused_columns=False,
+                         bf16=bf16, max_grad_norm=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=[batch], data_collator=lambda rows: dict(rows[0]),
+                      optimizers=(torch.optim.SGD([p for _, p in trainable], lr=0.0), None), callbacks=[cb, Capture()])
+    step_loss = trainer.train().training_loss
+    model.zero_grad(set_to_none=True)
+
+    ref = _loop_objective(model, torch.cat([t_q, t_d]), groups, cfg, autocast=bf16)
+    ref.loss.backward()
+    assert step_loss == float(ref.loss.detach())
+    for n, p in trainable:  # (the pooler gets no gradient in either)
+        assert (p.grad is None and seen["grads"][n] is None) or torch.equal(seen["grads"][n], p.grad), n
+    terms = seen["terms"]
+    assert all(terms[k] == v for k, v in ref.terms.items())
+    assert set(terms) - set(ref.terms) == {"exit1_extra_infonce", "exit2_extra_infonce", "exit4_extra_infonce"}
+    if heads_only:  # the deepest exit has no trainable weight: no gradient check error, and only heads move
+        assert all(n.startswith("multi_exit.") for n, _ in trainable)
+
+
+def test_callback_pair_groups_and_teacher_embeddings_errors(tmp_out):
+    from transformers import Trainer
+
+    from kd_plugins import MultiExitCallback
+
+    model = tiny_bert(layers=2)
+    add_exits(model, [1, 2], head="separate")
+    q, d = _texts(3, 6, 1), _texts(3, 8, 2)
+    pairs = {**q, **{"positive_" + k: v for k, v in d.items()}}
+
+    def loss_of(batch, teacher=None, **cfg):
+        cb = MultiExitCallback(teacher, MultiExitConfig(**cfg))
+        trainer = Trainer(model=model, args=training_args(tmp_out, remove_unused_columns=False), callbacks=[cb])
+        return trainer.compute_loss(model, batch)
+
+    with pytest.raises(ValueError, match="extra_pairs_weight > 0 needs extra_input_ids"):
+        loss_of(pairs, embedding_task="infonce", extra_pairs_weight=1.0)
+    with pytest.raises(ValueError, match="distill_positives=True needs positive_input_ids"):
+        loss_of(q, distill_positives=True)
+    with pytest.raises(ValueError, match="embedding_task='infonce' needs positive_input_ids"):
+        loss_of(q, embedding_task="infonce")
+    emb = torch.randn(3, 32)
+    with pytest.raises(ValueError, match=r"not \['positive_teacher_embedding'\]"):
+        loss_of({**pairs, "teacher_embedding": emb}, distill_positives=True)
+    with pytest.raises(ValueError, match="give one source of teacher embeddings"):
+        loss_of({**q, "teacher_embedding": emb}, teacher=tiny_bert(layers=2, seed=1))
+    with pytest.raises(ValueError, match="needs embedding_task='infonce' and task_weight > 0"):
+        MultiExitConfig(extra_pairs_weight=1.0)
+    with pytest.raises(ValueError, match="needs embedding_task='infonce' and task_weight > 0"):
+        MultiExitConfig(embedding_task="infonce", task_weight=0.0, extra_pairs_weight=1.0)
+    with pytest.raises(ValueError, match="apply to encoder exits"):
+        clf = add_exits(tiny_bert("BertForSequenceClassification", layers=2), [1, 2], head="separate")
+        Trainer(model=clf, args=training_args(tmp_out), callbacks=[MultiExitCallback(distill_positives=True)])
+    # defaults: the extra groups and the teacher embedding key are not model inputs, and change nothing
+    base = loss_of(pairs, embedding_task="infonce")
+    extra = {"extra_" + k: v for k, v in _texts(3, 5, 5).items()}
+    assert torch.equal(loss_of({**pairs, **extra}, embedding_task="infonce"), base)

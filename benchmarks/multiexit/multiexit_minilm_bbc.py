@@ -22,6 +22,30 @@ Setup:
   (256 = the evaluation length). AdamW, linear decay after ``--warmup`` of the steps; ``--shallow-lr-mult`` scales
   the learning rate of encoder layers 1..``--shallow-upto`` and the exit heads.
 
+Training loop: a plain ``transformers.Trainer`` with :class:`kd_plugins.MultiExitCallback` whenever the options can
+be expressed through it, which covers every option of the reported recipe's exit-head phases (L2, L3 and N:
+``--resume``, ``--head ffn --freeze-shared``, ``--task-weight`` / ``--scale``, ``--ict`` / ``--ict-weight``,
+``--distill-loss`` / ``--distill-normalize``, the weights, ``--head-lr`` / ``--shallow-lr-mult`` optimizer groups,
+``--warmup``, ``--no-dropout``, ``--bf16``). The step is the loop's, by construction and by test
+(``tests/test_multiexit.py::test_callback_step_equals_benchmark_loop_objective``):
+
+* every text group in the batch (titles; bodies as ``positive_*``; ``--ict`` pairs as ``extra_*`` /
+  ``extra_positive_*``) goes through the exits; task per exit = InfoNCE(title, body) + ``--ict-weight`` x InfoNCE
+  over the inverse-cloze pairs (``MultiExitConfig.extra_pairs_weight``); titles and bodies are both distilled
+  (``distill_positives=True``) to the frozen original's cached mean-pooled embeddings, handed over in the batch
+  (``teacher_embedding`` / ``positive_teacher_embedding``); pooling and losses in fp32 (``embedding_losses_fp32``);
+* the same AdamW groups and LambdaLR schedule (``Trainer(optimizers=(opt, sched))``), gradient clip 1.0
+  (``max_grad_norm``), ``--bf16`` as ``TrainingArguments(bf16=True)``;
+* the same data order: an ``IterableDataset`` of article indices from successive ``random.Random(--seed)`` shuffles,
+  so consecutive chunks of ``--batch`` are the loop's batches; the inverse-cloze pairs are drawn in the collator from
+  the loop's generator (``random.Random(--seed + 104729)``).
+
+The hand-written loop remains only for the experimental first-stage options the callback cannot express:
+``--token-weight`` (token-level MSE to the teacher), ``--anchor-sentences`` (a full-model anchor on other texts) and
+``--reanchor`` (its own second-stage loop); ``--legacy-loop`` forces it for any run (to compare the two).
+``--interp`` and ``--load`` do not train. The reported model's shared-layer phases (K, K2) used
+``--anchor-sentences``, so they run in the loop; its final phase N runs through the Trainer.
+
 The tuned recipe (chosen on the validation split, see ``benchmarks/multiexit/results/archive/multiexit_notes.md``) is
 spelled out in ``RESULTS_multiexit.md`` with its exact command.
 """
@@ -29,6 +53,7 @@ spelled out in ``RESULTS_multiexit.md`` with its exact command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -138,6 +163,11 @@ def parse_args(argv=None):
                    help="bfloat16 autocast for the student's training forwards (about 1.3x faster per step on a "
                         "2-core AVX512-BF16 CPU with --anchor-sentences, run K); the teacher, its cached embeddings, "
                         "the head init and every evaluation stay fp32")
+    p.add_argument("--legacy-loop", action="store_true",
+                   help="train with the hand-written loop even when transformers.Trainer + MultiExitCallback can "
+                        "express the options (to compare the two)")
+    p.add_argument("--limit-articles", type=int, default=None,
+                   help="use only the first N articles of the train and validation splits (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0,
                    help="seed of split_articles (train / validation / test draw); every reported run used 0. Another "
@@ -331,6 +361,118 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
     return history
 
 
+def loop_only_options(args) -> list[str]:
+    """The given options that only the hand-written loop implements (empty: the run trains through
+    ``transformers.Trainer`` + ``MultiExitCallback``)."""
+    named = [("--token-weight", args.token_weight > 0), ("--anchor-sentences", args.anchor_sentences > 0),
+             ("--reanchor", args.reanchor), ("--legacy-loop", args.legacy_loop)]
+    return [name for name, given in named if given]
+
+
+def callback_config(args) -> MultiExitConfig:
+    """The loop's objective as a ``MultiExitConfig`` (see the module docstring)."""
+    weights = args.weights if args.weights in ("depth", "uniform") else [float(x) for x in args.weights.split(",")]
+    dkw = {"normalize": True} if (args.distill_normalize and args.distill_loss == "embedding_mse") else {}
+    return MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
+                           self_distill_weight=args.self_weight, distill_loss=args.distill_loss, distill_kwargs=dkw,
+                           embedding_task="infonce" if args.task_weight > 0 else "none", infonce_scale=args.scale,
+                           distill_positives=True, extra_pairs_weight=args.ict_weight if args.ict else 0.0,
+                           embedding_losses_fp32=True)
+
+
+class ArticleOrder(torch.utils.data.IterableDataset):
+    """Training article indices in the loop's order: successive shuffles of ``range(n)`` by ``random.Random(seed)``,
+    so consecutive chunks of ``--batch`` are the loop's batches (one may span two shuffles)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        while True:
+            perm = list(range(self.n))
+            rng.shuffle(perm)
+            yield from perm
+
+
+def make_collator(args, tok, enc_q, enc_d, bodies, padded, teacher_emb):
+    """Article indices -> the callback's batch: titles, bodies (``positive_``), the ``--ict`` pairs (``extra_`` /
+    ``extra_positive_``, drawn as the loop draws them) and the teacher's cached embeddings of titles and bodies."""
+    ict_rng = random.Random(args.seed + 104729)
+
+    def collate(idx):
+        idx = list(idx)
+        teach = teacher_emb(idx)
+        batch = dict(padded(enc_q, idx))
+        batch.update({"positive_" + k: v for k, v in padded(enc_d, idx).items()})
+        batch["teacher_embedding"], batch["positive_teacher_embedding"] = teach[:len(idx)], teach[len(idx):]
+        if args.ict:  # distinct articles, so no in-batch negative is a positive
+            pairs = inverse_cloze_pairs(bodies, ict_rng.sample(range(len(bodies)), args.ict), ict_rng)
+            for prefix, texts in zip(("extra_", "extra_positive_"), pairs):
+                enc = tok(texts, padding=True, truncation=True, max_length=args.train_max_len, return_tensors="pt")
+                batch.update({prefix + k: v for k, v in enc.items()})
+        return batch
+
+    return collate
+
+
+@contextlib.contextmanager
+def plain_forward(model):
+    """The model's own forward, without the autocast wrapper ``Trainer(bf16=True)`` sets on the instance: evaluation
+    in fp32, as in the loop."""
+    wrapped = model.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
+def train_with_trainer(model, opt, sched, total, args, collate, n, log, on_step) -> list[dict]:
+    """``total`` optimizer steps of ``transformers.Trainer`` + ``MultiExitCallback`` (the loop's step, see the module
+    docstring). ``on_step(step)`` runs after each optimizer step (validation, cache saves). Returns the logged
+    10-step averages of the loss terms."""
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from kd_plugins import MultiExitCallback
+
+    history = []
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == total:
+                control.should_log = True  # the last partial window too, as the loop logs it
+            with plain_forward(model):
+                on_step(state.global_step)
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                terms = {k: v for k, v in logs.items() if k not in ("loss", "grad_norm", "learning_rate", "epoch")}
+                history.append(terms)
+                log(f"step {state.global_step}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(terms.items())))
+
+    targs = TrainingArguments(
+        output_dir=str(ROOT / ".cache" / "multiexit" / "trainer"), max_steps=total,
+        per_device_train_batch_size=args.batch, max_grad_norm=1.0, bf16=args.bf16, logging_steps=10,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=args.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, accelerator_config={"dispatch_batches": False})
+    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropout]
+    if args.no_dropout:  # Trainer calls model.train() every step; p = 0 is the loop's eval-mode forward for BERT
+        for m in dropout:
+            m.p = 0.0
+    trainer = Trainer(model=model, args=targs, train_dataset=ArticleOrder(n, args.seed), data_collator=collate,
+                      optimizers=(opt, sched), callbacks=[MultiExitCallback(config=callback_config(args)), Progress()])
+    trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train()
+    finally:
+        model.__dict__.pop("forward", None)  # drop the bf16 autocast wrapper: evaluation and exports in fp32
+        for m, p in zip(dropout, rates):
+            m.p = p
+    return history
+
+
 def main(argv=None):
     args = parse_args(argv)
     set_threads_and_seed(args.threads)
@@ -340,7 +482,8 @@ def main(argv=None):
 
     split = split_articles(seed=args.split_seed)
     tag = f"_split{args.split_seed}" if args.split_seed else ""  # cache names: seed 0 keeps the original names
-    train = split.train
+    train = split.train[: args.limit_articles] if args.limit_articles else split.train
+    val_articles = split.validation[: args.limit_articles] if args.limit_articles else split.validation
     ev = split.test if args.eval == "test" else split.validation
     if args.eval_n:
         ev = ev[: args.eval_n]
@@ -428,10 +571,10 @@ def main(argv=None):
         log(f"lsq head init on {len(fit_idx)} articles ({time.time() - t_fit:.0f}s): teacher cosine distance "
             + ", ".join(f"exit {k}: {v['cosd_before']:.3f} -> {v['cosd_after']:.3f}" for k, v in head_init.items()))
 
-    weights = args.weights if args.weights in ("depth", "uniform") else [float(x) for x in args.weights.split(",")]
-    dkw = {"normalize": True} if (args.distill_normalize and args.distill_loss == "embedding_mse") else {}
-    cfg = MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
-                          self_distill_weight=args.self_weight, distill_loss=args.distill_loss, distill_kwargs=dkw)
+    if args.ict and args.task_weight <= 0:
+        raise SystemExit("--ict adds pairs to the InfoNCE task loss: give --task-weight > 0")
+    cfg = callback_config(args)  # the loop passes its task losses itself: only the weights and losses are read
+    weights = cfg.weights
     if args.freeze_shared:
         if args.anchor_sentences or args.token_weight or args.reanchor:
             raise SystemExit("--freeze-shared trains the exit heads only: the full-model anchor, token MSE and "
@@ -457,7 +600,7 @@ def main(argv=None):
     if args.head_lr is not None and head_params:
         groups.append({"params": head_params, "lr": args.head_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    steps_per_epoch = n // args.batch
+    steps_per_epoch = max(1, n // args.batch)
     total = args.steps if args.steps is not None else int(round(args.epochs * steps_per_epoch))
     epochs = total / steps_per_epoch
     warm = max(1, int(round(args.warmup * total)))
@@ -488,9 +631,9 @@ def main(argv=None):
     def validate(step):
         nonlocal ref_val
         if ref_val is None:  # the original model's validation embeddings, for the drift measure
-            ref_val = {"q": encode(teacher, tok, [a.title for a in split.validation], max_length=args.max_len),
-                       "d": encode(teacher, tok, [a.body for a in split.validation], max_length=args.max_len)}
-        res, embs = exits_mrr(model, tok, split.validation, args.max_len, return_embeddings=True)
+            ref_val = {"q": encode(teacher, tok, [a.title for a in val_articles], max_length=args.max_len),
+                       "d": encode(teacher, tok, [a.body for a in val_articles], max_length=args.max_len)}
+        res, embs = exits_mrr(model, tok, val_articles, args.max_len, return_embeddings=True)
         vm = {k: v["mrr"] for k, v in res.items()}
         full = vm[max(vm)]
         drift = drift_of(embs, ref_val)
@@ -517,19 +660,34 @@ def main(argv=None):
         sent_enc = tok(sents, truncation=True, max_length=args.train_max_len)
         log(f"anchoring the full model on {args.anchor_sentences} of {len(sents)} training sentences per step "
             f"(weight {args.anchor_weight})")
-    if args.ict and args.task_weight <= 0:
-        raise SystemExit("--ict adds pairs to the InfoNCE task loss: give --task-weight > 0")
     ict_rng = random.Random(args.seed + 104729)
     if args.ict:
         log(f"inverse cloze task: {args.ict} (sentence -> rest of body) pairs per step, weight {args.ict_weight}")
+    loop_only = loop_only_options(args)
+    training_loop = ("hand-written loop (" + ", ".join(loop_only) + ")") if loop_only else \
+        "transformers.Trainer + MultiExitCallback"
     if not args.reanchor:
         log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
-            f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss})")
+            f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss}) "
+            f"with the {training_loop}")
+    loop_steps = total
+    if total and not loop_only:
+        collate = make_collator(args, tok, enc_q, enc_d, bodies, padded, teacher_emb)
+
+        def on_step(step):
+            if step % 50 == 0 or step == total:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save((t_q, t_d), cache)
+            if args.val_every and (step % args.val_every == 0 or step == total):
+                validate(step)
+
+        history = train_with_trainer(model, opt, sched, total, args, collate, n, log, on_step)
+        loop_steps = 0  # the hand-written loop below is skipped
 
     def amp():  # the student's training forwards only
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
-    for step in range(total):
+    for step in range(loop_steps):
         if len(order) < args.batch:
             perm = list(range(n))
             rng.shuffle(perm)
@@ -636,7 +794,9 @@ def main(argv=None):
         params[k] = sum(p.numel() for p in small.parameters())
         log(f"exit {k}: MRR {before[k]:.4f} -> {after[k]:.4f}  ({params[k] / 1e6:.2f}M params)")
     curve = {}
-    if history:
+    if history and total and not loop_only:  # the Trainer path logged 10-step averages
+        curve = {"first10": history[0], "last10": history[-1]}
+    elif history:
         h10, t10 = history[:10], history[-10:]
         curve = {"first10": {k: sum(h.get(k, 0.0) for h in h10) / len(h10) for k in h10[-1]},
                  "last10": {k: sum(h.get(k, 0.0) for h in t10) / len(t10) for k in t10[-1]}}
@@ -645,7 +805,7 @@ def main(argv=None):
         "before": before, "before_first3": first3, "after": after, "params": params,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
         "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
-        "validation_curve": val_curve,
+        "validation_curve": val_curve, "training_loop": training_loop if (total or args.reanchor) else None,
         "truncate_check_max_abs_diff": check, "head_init": head_init, "drift": drift,
         "threads": args.threads, "command": command_line(quote=False),
     }

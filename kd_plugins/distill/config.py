@@ -2,49 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
+from .._config import parse_mapping
 from ..losses.registry import get_loss_spec
 
 TASKS = ("auto", "causal_lm", "masked_lm", "seq_classification", "token_classification", "seq2seq", "encoder")
 VOCAB_ALIGNMENTS = ("error", "truncate", "pad")
 POOLINGS = ("mean", "cls")
 TEACHER_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
-
-
-def _parse_mapping(value, name: str, value_type=float) -> dict:
-    """Accept a dict, a JSON object string, or ``"a:1,b:2"`` / ``"a=b,c=d"`` shorthand."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a dict or a string, got {type(value).__name__}")
-    text = value.strip()
-    if text.startswith("{"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name}: invalid JSON {text!r}: {e}") from None
-        if not isinstance(out, dict):
-            raise ValueError(f"{name}: expected a JSON object, got {text!r}")
-        return out
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        sep = "=" if "=" in part else (":" if ":" in part else None)
-        if sep is None:
-            if value_type is float:
-                out[part] = 1.0
-                continue
-            raise ValueError(f"{name}: entry {part!r} must look like 'key{'=' if value_type is str else ':'}value'")
-        k, v = (x.strip() for x in part.split(sep, 1))
-        try:
-            out[k] = value_type(v)
-        except ValueError:
-            raise ValueError(f"{name}: cannot parse {v!r} in {part!r} as {value_type.__name__}") from None
-    return out
 
 
 @dataclass
@@ -101,13 +68,13 @@ class DistillationConfig:
     def __post_init__(self):
         # What the user wrote, for kd_plugins._config.resolve_config (overrides re-derive the implicit terms).
         self._init_args = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        terms = _parse_mapping(self.loss_terms, "loss_terms", float)
-        kwargs = _parse_mapping(self.loss_kwargs, "loss_kwargs", str)
+        terms = parse_mapping(self.loss_terms, "loss_terms", float)
+        kwargs = parse_mapping(self.loss_kwargs, "loss_kwargs", str)
         for k, v in kwargs.items():
             if not isinstance(v, dict):
                 raise ValueError(f"loss_kwargs[{k!r}] must be a dict of hyper-parameters, got {v!r}")
-        pairs = {str(k): str(v) for k, v in _parse_mapping(self.feature_pairs, "feature_pairs", str).items()}
-        attn = {int(k): int(v) for k, v in _parse_mapping(self.attention_layer_map, "attention_layer_map",
+        pairs = {str(k): str(v) for k, v in parse_mapping(self.feature_pairs, "feature_pairs", str).items()}
+        attn = {int(k): int(v) for k, v in parse_mapping(self.attention_layer_map, "attention_layer_map",
                                                             str).items()}
         self.kinds = {}
         for name, w in terms.items():

@@ -186,6 +186,19 @@ def soft_cross_entropy(
                        ignore_index=ignore_index, t2_scale=t2_scale)
 
 
+def _class_rows(name: str, student_logits, teacher_logits, labels, mask, ignore_index: int, temperature: float):
+    """Valid rows of both logits (divided by ``temperature``), their target classes ``[N, 1]`` and the row mask."""
+    prefix = student_logits.shape[:-1]
+    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
+    dtype = compute_dtype(student_logits)
+    s = rows(student_logits, valid).to(dtype) / temperature
+    t = rows(teacher_logits, valid).to(s.device, dtype) / temperature
+    y = labels.reshape(-1)[valid.reshape(-1)].to(s.device).long().unsqueeze(-1)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= s.shape[-1]):
+        raise ValueError(f"{name} labels must lie in [0, {s.shape[-1]}); got max {int(y.max())}")
+    return s, t, y, valid
+
+
 def dkd_loss(
     student_logits, teacher_logits, *, labels, alpha: float = 1.0, beta: float = 8.0, mask=None,
     temperature: float = 4.0, num_items_in_batch=None, reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
@@ -200,14 +213,7 @@ def dkd_loss(
     """
     if labels is None:
         raise ValueError("dkd_loss needs labels (the target class of every row): DKD splits target/non-target mass.")
-    prefix = student_logits.shape[:-1]
-    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
-    dtype = compute_dtype(student_logits)
-    s = rows(student_logits, valid).to(dtype) / temperature
-    t = rows(teacher_logits, valid).to(s.device, dtype) / temperature
-    y = labels.reshape(-1)[valid.reshape(-1)].to(s.device).long().unsqueeze(-1)
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= s.shape[-1]):
-        raise ValueError(f"dkd_loss labels must lie in [0, {s.shape[-1]}); got max {int(y.max())}")
+    s, t, y, valid = _class_rows("dkd_loss", student_logits, teacher_logits, labels, mask, ignore_index, temperature)
     ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     ls_y, lt_y = ls.gather(-1, y), lt.gather(-1, y)
     b_s = torch.cat([ls_y, log1mexp(ls_y)], -1)
@@ -248,14 +254,7 @@ def ofa_loss(student_logits, teacher_logits, *, labels, eps: float = 1.0, temper
             f"ofa_loss: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{None if teacher_logits is None else tuple(teacher_logits.shape)} must have the same shape "
             "(same number of classes).")
-    prefix = student_logits.shape[:-1]
-    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
-    dtype = compute_dtype(student_logits)
-    s = rows(student_logits, valid).to(dtype) / temperature
-    t = rows(teacher_logits, valid).to(s.device, dtype) / temperature
-    y = labels.reshape(-1)[valid.reshape(-1)].to(s.device).long().unsqueeze(-1)
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= s.shape[-1]):
-        raise ValueError(f"ofa_loss labels must lie in [0, {s.shape[-1]}); got max {int(y.max())}")
+    s, t, y, valid = _class_rows("ofa_loss", student_logits, teacher_logits, labels, mask, ignore_index, temperature)
     p_t = torch.softmax(t, -1).detach()
     w = p_t.pow(eps)
     w_y = (1.0 + p_t.gather(-1, y)).pow(eps) - 1.0

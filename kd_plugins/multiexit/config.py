@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .._config import parse_mapping
 from ..losses import get_loss_spec
 
 __all__ = ["MultiExitConfig"]
@@ -23,20 +23,6 @@ def _parse_weights(value) -> Union[str, list[float]]:
             raise ValueError(f"weights must be 'depth', 'uniform' or a list of floats (e.g. '0.2,0.5,1.0'), got "
                              f"{value!r}") from None
     return [float(x) for x in value]
-
-
-def _parse_kwargs(value) -> dict:
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        out = json.loads(value)
-    except (TypeError, json.JSONDecodeError):
-        raise ValueError(f"distill_kwargs must be a dict or a JSON object string, got {value!r}") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"distill_kwargs must be a JSON object, got {value!r}")
-    return out
 
 
 @dataclass
@@ -103,7 +89,7 @@ class MultiExitConfig:
 
     def __post_init__(self):
         self.weights = _parse_weights(self.weights)
-        self.distill_kwargs = _parse_kwargs(self.distill_kwargs)
+        self.distill_kwargs = parse_mapping(self.distill_kwargs, "distill_kwargs", str)
         for name in ("task_weight", "self_distill_weight", "teacher_weight", "extra_pairs_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

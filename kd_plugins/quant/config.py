@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from .._config import parse_mapping
 from ._core import METHODS, STATIC_METHODS, check_alpha, check_method
 from .layers import BACKENDS
 
@@ -39,7 +39,7 @@ def _parse_alpha(method: str, value):
                                  f"{method!r}")
             return "auto"
         if text.startswith("{") or "=" in text:
-            return _parse_alpha(method, _alpha_mapping(text))
+            return _parse_alpha(method, parse_mapping(text, "alpha", str))
         try:
             value = float(text)
         except ValueError:
@@ -52,24 +52,6 @@ def _parse_alpha(method: str, value):
             raise ValueError("per_token has no alpha")
         return {str(k): check_alpha(method, v) for k, v in value.items()}
     return check_alpha(method, value)
-
-
-def _alpha_mapping(text: str) -> dict:
-    if text.startswith("{"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"alpha: invalid JSON {text!r}: {e}") from None
-        if not isinstance(out, dict):
-            raise ValueError(f"alpha: expected a JSON object, got {text!r}")
-        return out
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, number = part.partition("=")
-        if not sep:
-            raise ValueError(f"alpha: entry {part!r} must look like 'layer=alpha'")
-        out[name.strip()] = number.strip()
-    return out
 
 
 def _parse_names(value, what: str) -> list[str]:

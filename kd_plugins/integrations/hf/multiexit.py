@@ -27,6 +27,9 @@ Instead of running a teacher model, a batch may carry the teacher's pooled embed
 (``[B, D]``, the queries) and, with ``distill_positives``, ``positive_teacher_embedding`` (offline distillation, e.g.
 from a cache).
 
+Under mixed precision (``bf16`` / ``fp16``) the exit heads run under the Trainer's autocast, like the model's forward;
+``embedding_losses_fp32`` keeps the encoder loss terms in float32.
+
 Logged with the Trainer's logs: ``multi_exit_loss`` and ``exit{k}_task`` / ``exit{k}_self_kd`` /
 ``exit{k}_teacher_kd`` per exit, ``exit{k}_extra_infonce`` with extra pairs (``eval_``-prefixed during evaluation).
 """
@@ -69,6 +72,13 @@ def split_groups(inputs: dict) -> dict[str, dict]:
 
 def _forward_inputs(group: dict) -> dict:
     return {k: v for k, v in group.items() if k not in _NOT_MODEL_INPUTS}
+
+
+def _head_precision(trainer: Trainer | None):
+    """The autocast the Trainer's accelerator wraps around the model's forward under mixed precision (``bf16`` /
+    ``fp16``), for the exit heads: they run on hooked hidden states after that forward returns, and belong to it."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
 
 def _loss_precision(fp32: bool, device: torch.device):
@@ -126,14 +136,25 @@ class MultiExitCallback(TrainerPluginCallback):
         shallow = [k for k in ex.layers if k != ex.num_layers]
         groups = split_groups(inputs)
         final_task = None
-        with capture_hidden(base, shallow) as store:
-            if inputs.get("labels") is not None and ex.kind == "logits":
-                call = {k: v for k, v in groups[""].items() if k != TEACHER_EMBEDDING_KEY}
-                final_task, outputs = original(model, call, return_outputs=True,
-                                               num_items_in_batch=num_items_in_batch, **kw)
-            else:
-                outputs = model(**_forward_inputs(groups[""]))
-        exits = _assemble(base, ex, store, outputs)
+        # Mixed precision: the exit heads run under the autocast the Trainer puts around the model's forward. For
+        # encoders, the forward passes of a pair group (queries and positives; extra queries and extra positives)
+        # share one autocast region, as in a hand-written bf16 loop (one weight cast per region, its gradients
+        # summed in the low precision): the MiniLM benchmark's loop, which this reproduces step for step.
+        encoder = ex.kind == "embedding"
+        with _head_precision(trainer) if encoder else contextlib.nullcontext():
+            with capture_hidden(base, shallow) as store:
+                if inputs.get("labels") is not None and ex.kind == "logits":
+                    call = {k: v for k, v in groups[""].items() if k != TEACHER_EMBEDDING_KEY}
+                    final_task, outputs = original(model, call, return_outputs=True,
+                                                   num_items_in_batch=num_items_in_batch, **kw)
+                else:
+                    outputs = model(**_forward_inputs(groups[""]))
+            with _head_precision(trainer):
+                exits = _assemble(base, ex, store, outputs)
+            outs = self._pair_exits(model, base, ex, groups, shallow, ("positive_",)) if encoder else {}
+        if encoder:
+            with _head_precision(trainer):
+                outs.update(self._pair_exits(model, base, ex, groups, shallow, ("extra_", "extra_positive_")))
         if model.training and torch.is_grad_enabled():
             _check_exit_gradients(base, ex, exits, trainer)
         if ex.kind == "logits":
@@ -141,7 +162,7 @@ class MultiExitCallback(TrainerPluginCallback):
                                            has_task_loss=inputs.get("labels") is not None)
             result = self._logit_loss(ex, exits, inputs, final_task, scaling)
         else:
-            result = self._embedding_loss(model, base, ex, exits, groups, shallow)
+            result = self._embedding_loss(ex, {"": exits, **outs}, groups)
         self._record(model.training, result.terms)
         return (result.loss, outputs) if return_outputs else result.loss
 
@@ -165,18 +186,23 @@ class MultiExitCallback(TrainerPluginCallback):
         return multi_exit_loss(exits, L, self.config, kind="logits", task_losses=task_losses, teacher=teacher_out,
                                mask=mask, kd_scale=scaling.mean_scale)
 
-    def _embedding_loss(self, model, base, ex, exits, groups, shallow) -> MultiExitLoss:
-        """Pooled-embedding objective. The forward passes run first (in the caller's precision); pooling and every
-        loss term then run under ``embedding_losses_fp32``'s precision."""
+    def _pair_exits(self, model, base, ex, groups: dict, shallow, prefixes: tuple[str, ...]) -> dict:
+        """Every exit's output (``prefix -> exits``) for those of the batch's other text groups among ``prefixes``
+        that the objective uses."""
         cfg = self.config
         infonce = cfg.embedding_task == "infonce" and cfg.task_weight > 0
-        outs = {"": exits}
-        if infonce or cfg.distill_positives:
-            why = "embedding_task='infonce'" if infonce else "distill_positives=True"
-            outs["positive_"] = _group_exits(model, base, ex, groups, "positive_", shallow, why)
-        if infonce and cfg.extra_pairs_weight > 0:
-            for g in ("extra_", "extra_positive_"):
-                outs[g] = _group_exits(model, base, ex, groups, g, shallow, "extra_pairs_weight > 0")
+        used = {"positive_": infonce or cfg.distill_positives, "extra_": infonce and cfg.extra_pairs_weight > 0}
+        used["extra_positive_"] = used["extra_"]
+        why = {"positive_": "embedding_task='infonce'" if infonce else "distill_positives=True",
+               "extra_": "extra_pairs_weight > 0", "extra_positive_": "extra_pairs_weight > 0"}
+        return {g: self._group_exits(model, base, ex, groups, g, shallow, why[g]) for g in prefixes if used[g]}
+
+    def _embedding_loss(self, ex, outs: dict, groups: dict) -> MultiExitLoss:
+        """Pooled-embedding objective from every group's exit outputs (``outs``: prefix -> exits), pooled and scored
+        in ``embedding_losses_fp32``'s precision."""
+        cfg = self.config
+        infonce = cfg.embedding_task == "infonce" and cfg.task_weight > 0
+        exits = outs[""]
         distilled = ("", "positive_") if cfg.distill_positives else ("",)
         teacher = self._teacher_states(groups, distilled)
         fp32 = cfg.embedding_losses_fp32
@@ -203,6 +229,17 @@ class MultiExitCallback(TrainerPluginCallback):
         result.terms.update(extra_terms)
         return result
 
+    def _group_exits(self, model, base, ex, groups: dict, prefix: str, shallow, why: str):
+        """Every exit's output for one text group of the batch (one forward pass with the exit hooks)."""
+        group = _forward_inputs(groups[prefix])
+        if "input_ids" not in group and "inputs_embeds" not in group:
+            raise ValueError(f"{why} needs {prefix}input_ids / {prefix}attention_mask in the batch (and "
+                             "TrainingArguments(remove_unused_columns=False))")
+        with capture_hidden(base, shallow) as store:
+            out = model(**group)
+        with _head_precision(self.trainer):
+            return _assemble(base, ex, store, out)
+
     def _teacher_states(self, groups: dict, names: tuple[str, ...]) -> list | None:
         """Per distilled group, ``(tensor, attention_mask)``: the teacher model's last hidden state and the mask to
         pool it with, or a precomputed pooled embedding from the batch (mask ``None``). ``None`` without a
@@ -221,17 +258,6 @@ class MultiExitCallback(TrainerPluginCallback):
             return None
         return [(self.teacher.forward_batch(_forward_inputs(groups[g]))["last_hidden_state"],
                  groups[g].get("attention_mask")) for g in names]
-
-
-def _group_exits(model, base, ex, groups: dict, prefix: str, shallow, why: str):
-    """Every exit's output for one text group of the batch (one forward pass with the exit hooks)."""
-    group = _forward_inputs(groups[prefix])
-    if "input_ids" not in group and "inputs_embeds" not in group:
-        raise ValueError(f"{why} needs {prefix}input_ids / {prefix}attention_mask in the batch (and "
-                         "TrainingArguments(remove_unused_columns=False))")
-    with capture_hidden(base, shallow) as store:
-        out = model(**group)
-    return _assemble(base, ex, store, out)
 
 
 def _check_exit_gradients(base, ex, exits, trainer) -> None:
