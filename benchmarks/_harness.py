@@ -59,8 +59,9 @@ def script_path(script: str | os.PathLike | None = None) -> str:
         return path.as_posix()
 
 
-def command_line(script: str | os.PathLike | None = None, argv: Sequence[str] | None = None, *,
-                 quote: bool = True) -> str:
+def command_line(
+    script: str | os.PathLike | None = None, argv: Sequence[str] | None = None, *, quote: bool = True
+) -> str:
     """``python benchmarks/<capability>/<script>.py ARGS`` as run from the repository root, for the RESULTS files.
 
     ``argv`` defaults to ``sys.argv[1:]``; ``quote=False`` joins the arguments unquoted (the older scripts' format).
@@ -111,7 +112,7 @@ def replace_section(path: Path, marker: str, section: str, title: str) -> None:
     if marker in text:
         start = text.index(marker)
         nxt = text.find("\n## ", start + 5)
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)

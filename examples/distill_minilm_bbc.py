@@ -44,16 +44,16 @@ from kd_plugins.data import article_paragraphs, encode, minilm_path, retrieval_m
 
 # The recipe (defaults of the command-line flags). See benchmarks/demo/RESULTS_demo.md for how it was found.
 RECIPE = dict(
-    layers="0,2,5",        # teacher layers the student keeps
-    steps=100,             # optimizer steps (~0.6 epoch of the training articles)
-    batch_articles=8,      # articles per batch -> 8 titles + 8 bodies = 16 texts
-    paragraphs=0,          # extra random body paragraphs per article in the batch
+    layers="0,2,5",  # teacher layers the student keeps
+    steps=100,  # optimizer steps (~0.6 epoch of the training articles)
+    batch_articles=8,  # articles per batch -> 8 titles + 8 bodies = 16 texts
+    paragraphs=0,  # extra random body paragraphs per article in the batch
     lr=1e-4,
     warmup_ratio=0.1,
     scheduler="linear",
-    max_length=256,        # training truncation (evaluation always uses 256)
-    mse_weight=1.0,        # embedding_mse on pooled embeddings
-    affinity_weight=1.0,   # affinity_kl (in-batch, titles and bodies together), unscaled KL at tau=0.05
+    max_length=256,  # training truncation (evaluation always uses 256)
+    mse_weight=1.0,  # embedding_mse on pooled embeddings
+    affinity_weight=1.0,  # affinity_kl (in-batch, titles and bodies together), unscaled KL at tau=0.05
     affinity_temperature=0.05,
 )
 
@@ -71,8 +71,9 @@ class TitleBodyDataset(torch.utils.data.Dataset):
                 texts += rng.sample(paras, min(paragraphs, len(paras)))
             texts.append(a.body)
             enc = tokenizer(texts, truncation=True, max_length=max_length)
-            self.items.append([{"input_ids": ids, "attention_mask": m}
-                               for ids, m in zip(enc["input_ids"], enc["attention_mask"])])
+            self.items.append(
+                [{"input_ids": ids, "attention_mask": m} for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+            )
 
     def __len__(self):
         return len(self.items)
@@ -122,16 +123,25 @@ def n_params(model) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=RECIPE["steps"], help="distillation optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="training seed (batch order, init of nothing else)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test article split")
-    p.add_argument("--eval-split", choices=("test", "validation"), default="test",
-                   help="which held-out articles to report; tune on 'validation' only")
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "validation"),
+        default="test",
+        help="which held-out articles to report; tune on 'validation' only",
+    )
     p.add_argument("--output-dir", default="outputs/minilm-l3-bbc", help="where the distilled student is saved")
-    p.add_argument("--max-minutes", type=float, default=11.0,
-                   help="stop distillation after this many minutes of training (0 = no limit)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=11.0,
+        help="stop distillation after this many minutes of training (0 = no limit)",
+    )
     p.add_argument("--layers", default=RECIPE["layers"], help="teacher layer indices the student keeps")
     p.add_argument("--batch-articles", type=int, default=RECIPE["batch_articles"])
     p.add_argument("--paragraphs", type=int, default=RECIPE["paragraphs"])
@@ -142,8 +152,12 @@ def parse_args(argv=None):
     p.add_argument("--mse-weight", type=float, default=RECIPE["mse_weight"])
     p.add_argument("--affinity-weight", type=float, default=RECIPE["affinity_weight"])
     p.add_argument("--affinity-temperature", type=float, default=RECIPE["affinity_temperature"])
-    p.add_argument("--eval-articles", type=int, default=None,
-                   help="evaluate on only the first N held-out articles (smoke tests; the reported figure uses all)")
+    p.add_argument(
+        "--eval-articles",
+        type=int,
+        default=None,
+        help="evaluate on only the first N held-out articles (smoke tests; the reported figure uses all)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-teacher-eval", action="store_true", help="do not evaluate the teacher (saves time)")
     return p.parse_args(argv)
@@ -162,17 +176,20 @@ def main(argv=None) -> int:
     split = split_articles(seed=args.split_seed)
     held_out = split.test if args.eval_split == "test" else split.validation
     if args.eval_articles:
-        held_out = held_out[:args.eval_articles]
+        held_out = held_out[: args.eval_articles]
     layers = [int(x) for x in args.layers.split(",")]
     student = inherit_student(teacher, strategy=layers)
-    print(f"BBC News: {len(split.train)} train / {len(split.validation)} validation / {len(split.test)} test articles;"
-          f" evaluating title -> body retrieval on {len(held_out)} {args.eval_split} articles", flush=True)
+    print(
+        f"BBC News: {len(split.train)} train / {len(split.validation)} validation / {len(split.test)} test articles;"
+        f" evaluating title -> body retrieval on {len(held_out)} {args.eval_split} articles",
+        flush=True,
+    )
 
     rows = {}
     if not args.skip_teacher_eval:
         rows["teacher"] = (teacher, evaluate(teacher, tokenizer, held_out))
     rows["student, inherited"] = (student, evaluate(student, tokenizer, held_out))
-    for name, (m, r) in rows.items():
+    for name, (_, r) in rows.items():
         print(f"  {name:<22} MRR {r['mrr']:.3f}  R@1 {r['recall@1']:.3f}", flush=True)
 
     # ---------------------------------------------------------------- distillation through the HF Trainer
@@ -204,15 +221,24 @@ def main(argv=None) -> int:
         disable_tqdm=True,
     )
     student_copy = inherit_student(teacher, strategy=layers)  # the model trained (the inherited one is kept)
-    trainer = Trainer(model=student_copy, args=targs, train_dataset=train_ds, data_collator=PadTexts(tokenizer),
-                      processing_class=tokenizer, callbacks=[DistillationCallback(teacher, config), budget])
+    trainer = Trainer(
+        model=student_copy,
+        args=targs,
+        train_dataset=train_ds,
+        data_collator=PadTexts(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[DistillationCallback(teacher, config), budget],
+    )
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     steps_done = trainer.state.global_step
     distilled = trainer.model.eval()
-    print(f"distilled {steps_done} steps in {train_s / 60:.1f} min"
-          + (f" (stopped by --max-minutes {args.max_minutes})" if budget.stopped_at else ""), flush=True)
+    print(
+        f"distilled {steps_done} steps in {train_s / 60:.1f} min"
+        + (f" (stopped by --max-minutes {args.max_minutes})" if budget.stopped_at else ""),
+        flush=True,
+    )
     rows["student, distilled"] = (distilled, evaluate(distilled, tokenizer, held_out))
 
     # ---------------------------------------------------------------- save + reload check
@@ -229,23 +255,29 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- table
     ref = rows.get("teacher", (None, None))[1]
     print()
-    print(f"title -> body retrieval, {len(held_out)} held-out BBC {args.eval_split} articles "
-          f"(mean pooling, max 256 tokens, {torch.get_num_threads()} threads)")
+    print(
+        f"title -> body retrieval, {len(held_out)} held-out BBC {args.eval_split} articles "
+        f"(mean pooling, max 256 tokens, {torch.get_num_threads()} threads)"
+    )
     header = f"| {'model':<20} | layers | params | encode {2 * len(held_out)} texts | MRR | R@1 |"
     if ref:
         header += " MRR / teacher |"
     print(header)
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
     for name, (m, r) in rows.items():
-        line = (f"| {name:<20} | {m.config.num_hidden_layers} | {n_params(m) / 1e6:.1f}M | {r['encode_s']:.1f} s | "
-                f"{r['mrr']:.3f} | {r['recall@1']:.3f} |")
+        line = (
+            f"| {name:<20} | {m.config.num_hidden_layers} | {n_params(m) / 1e6:.1f}M | {r['encode_s']:.1f} s | "
+            f"{r['mrr']:.3f} | {r['recall@1']:.3f} |"
+        )
         if ref:
             line += f" {r['mrr'] / ref['mrr']:.1%} |"
         print(line)
     print()
-    print(f"student layers {layers} of the teacher; {steps_done} steps x {args.batch_articles} articles "
-          f"(title + body); saved to {out} (reloaded with AutoModel.from_pretrained: max |diff| {diff:.1e}); "
-          f"total {(time.perf_counter() - t_start) / 60:.1f} min")
+    print(
+        f"student layers {layers} of the teacher; {steps_done} steps x {args.batch_articles} articles "
+        f"(title + body); saved to {out} (reloaded with AutoModel.from_pretrained: max |diff| {diff:.1e}); "
+        f"total {(time.perf_counter() - t_start) / 60:.1f} min"
+    )
     return 0
 
 

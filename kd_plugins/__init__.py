@@ -69,5 +69,13 @@ def _register_hf_quantizer() -> bool:
 
 _install_hf_quantizer(_register_hf_quantizer)
 
-__all__ = ["__version__", "DistillationConfig", "DistillationEngine", "inherit_student", "get_loss", "list_losses",
-           "register_loss", *_LAZY]
+__all__ = [
+    "__version__",
+    "DistillationConfig",
+    "DistillationEngine",
+    "inherit_student",
+    "get_loss",
+    "list_losses",
+    "register_loss",
+    *_LAZY,
+]

@@ -62,8 +62,17 @@ __all__ = [
 SCHEMA_FORMAT = "kd_plugins.checkpoint"
 SCHEMA_VERSION = 2
 #: Manifest keys shared by every kind; everything else of a version-1 manifest is method metadata.
-_COMMON_KEYS = ("format", "format_version", "version", "kind", "architecture", "tensors", "aliases", "checksums",
-                "file_bytes")
+_COMMON_KEYS = (
+    "format",
+    "format_version",
+    "version",
+    "kind",
+    "architecture",
+    "tensors",
+    "aliases",
+    "checksums",
+    "file_bytes",
+)
 
 
 class CheckpointError(ValueError):
@@ -165,8 +174,7 @@ def dedupe_shared_tensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-               t.device)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
         if key in seen:
             aliases[name] = seen[key]
             continue
@@ -205,8 +213,9 @@ def architecture_record(model: nn.Module, build_kwargs: Mapping[str, Any] | None
     return {"kind": "torch", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
-def rebuild_model(record: Mapping[str, Any], config_dir: str | os.PathLike | None = None, *,
-                  error: type[Exception] = CheckpointError) -> nn.Module:
+def rebuild_model(
+    record: Mapping[str, Any], config_dir: str | os.PathLike | None = None, *, error: type[Exception] = CheckpointError
+) -> nn.Module:
     """A freshly initialized float model of the architecture ``record`` describes (:func:`architecture_record`).
 
     Hugging Face models are built from the ``config.json`` in ``config_dir`` (without any ``quantization_config``:
@@ -231,8 +240,10 @@ def rebuild_model(record: Mapping[str, Any], config_dir: str | os.PathLike | Non
 
         kwargs = {k: v for k, v in (record.get("kwargs") or {}).items() if v is not None}
         return timm.create_model(record["name"], pretrained=False, **kwargs)
-    raise error(f"the checkpoint was saved from a plain torch model ({record.get('class')}), which cannot be rebuilt "
-                "by itself: pass an instance of that architecture as model=")
+    raise error(
+        f"the checkpoint was saved from a plain torch model ({record.get('class')}), which cannot be rebuilt "
+        "by itself: pass an instance of that architecture as model="
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -281,8 +292,9 @@ def write_checkpoint(
         "kd_plugins_version": _kd_plugins_version(),
         "tensor_file": spec.tensor_file,
         "tensor_file_bytes": None,
-        "tensors": {n: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": tensor_sha256(t)}
-                    for n, t in tensors.items()},
+        "tensors": {
+            n: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": tensor_sha256(t)} for n, t in tensors.items()
+        },
         "aliases": dict(aliases or {}),
         "architecture": dict(architecture) if architecture is not None else None,
         "metadata": dict(metadata),
@@ -358,8 +370,9 @@ def read_manifest(spec: CheckpointSpec, directory: str | os.PathLike) -> dict[st
     if not d.is_dir():
         raise MissingCheckpointFileError(f"{d} is not a directory, so it is not {spec.description}")
     if not path.is_file():
-        raise spec.missing_error(f"{d} has no {spec.manifest_name}: it is not {spec.description} (write one with "
-                                 f"{spec.writer})")
+        raise spec.missing_error(
+            f"{d} has no {spec.manifest_name}: it is not {spec.description} (write one with {spec.writer})"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -379,8 +392,9 @@ def read_manifest(spec: CheckpointSpec, directory: str | os.PathLike) -> dict[st
     if not isinstance(version, int) or isinstance(version, bool):
         raise spec.error(f"{path}: malformed schema version {version!r}")
     if version > known:
-        raise spec.error(f"{path}: schema version {version} is newer than this kd_plugins ({known}); upgrade "
-                         "kd_plugins")
+        raise spec.error(
+            f"{path}: schema version {version} is newer than this kd_plugins ({known}); upgrade kd_plugins"
+        )
     if fmt != SCHEMA_FORMAT:
         manifest = _upgrade_v1(spec, manifest)
     for key, kind in (("tensors", dict), ("aliases", dict), ("metadata", dict)):
@@ -394,14 +408,17 @@ def _check_tensor_table(spec: CheckpointSpec, wpath: Path, manifest: dict, tenso
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise spec.error(f"{wpath} does not match {spec.manifest_name}: missing tensors {missing[:5]}, unexpected "
-                         f"tensors {extra[:5]}")
+        raise spec.error(
+            f"{wpath} does not match {spec.manifest_name}: missing tensors {missing[:5]}, unexpected "
+            f"tensors {extra[:5]}"
+        )
     bad_shape = []
     for name, meta in expected.items():
         t = tensors[name]
         if "shape" in meta and (list(t.shape) != list(meta["shape"]) or _dtype_name(t) != meta["dtype"]):
-            bad_shape.append(f"{name}: file {tuple(t.shape)} {_dtype_name(t)}, manifest {tuple(meta['shape'])} "
-                             f"{meta['dtype']}")
+            bad_shape.append(
+                f"{name}: file {tuple(t.shape)} {_dtype_name(t)}, manifest {tuple(meta['shape'])} {meta['dtype']}"
+            )
     if bad_shape:
         raise spec.error(f"tensor shape/dtype mismatch in {wpath}: " + "; ".join(bad_shape[:5]))
     for alias, src in manifest["aliases"].items():
@@ -410,8 +427,9 @@ def _check_tensor_table(spec: CheckpointSpec, wpath: Path, manifest: dict, tenso
     if verify:
         bad_sum = [n for n, meta in expected.items() if tensor_sha256(tensors[n]) != meta.get("sha256")]
         if bad_sum:
-            raise spec.error(f"checksum mismatch in {wpath} for {len(bad_sum)} tensor(s): {bad_sum[:5]} (file "
-                             "corrupted or edited)")
+            raise spec.error(
+                f"checksum mismatch in {wpath} for {len(bad_sum)} tensor(s): {bad_sum[:5]} (file corrupted or edited)"
+            )
 
 
 def read_checkpoint(spec: CheckpointSpec, directory: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
@@ -431,7 +449,8 @@ def read_checkpoint(spec: CheckpointSpec, directory: str | os.PathLike, *, verif
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
-        raise spec.error(f"{wpath} cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt") \
-            from None
+        raise spec.error(
+            f"{wpath} cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt"
+        ) from None
     _check_tensor_table(spec, wpath, manifest, tensors, verify)
     return Checkpoint(d, manifest, tensors)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import difflib
+import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 ConfigT = TypeVar("ConfigT")
 
 
-def resolve_config(cls: type[ConfigT], config: ConfigT | None = None,
-                   overrides: Mapping[str, Any] | None = None) -> ConfigT:
+def resolve_config(
+    cls: type[ConfigT], config: ConfigT | None = None, overrides: Mapping[str, Any] | None = None
+) -> ConfigT:
     """Start from ``config`` (or ``cls()``), then let keyword ``overrides`` replace those fields.
 
     Raises ``TypeError`` when ``config`` is not a ``cls`` instance or when an override names no field of ``cls``
@@ -28,8 +29,9 @@ def resolve_config(cls: type[ConfigT], config: ConfigT | None = None,
         for name in unknown:
             close = difflib.get_close_matches(name, field_names, n=3)
             hints.append(f"{name!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
-        raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(hints)}; valid options: "
-                        f"{', '.join(field_names)}")
+        raise TypeError(
+            f"unknown {cls.__name__} option(s): {', '.join(hints)}; valid options: {', '.join(field_names)}"
+        )
     if config is None:
         return cls(**overrides)
     # Configs that normalise their inputs in __post_init__ (e.g. DistillationConfig adds an implicit feature term)

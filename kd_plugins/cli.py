@@ -39,8 +39,11 @@ def inherit_main(argv: list[str]) -> int:
     p.add_argument("teacher_dir")
     p.add_argument("out_dir")
     p.add_argument("--num-layers", type=int, required=False)
-    p.add_argument("--strategy", default="uniform",
-                   help="uniform | first | last | comma-separated teacher layer indices (e.g. 0,2,4)")
+    p.add_argument(
+        "--strategy",
+        default="uniform",
+        help="uniform | first | last | comma-separated teacher layer indices (e.g. 0,2,4)",
+    )
     p.add_argument("--auto-class", default="AutoModel", help="transformers Auto class used to load the teacher")
     args = p.parse_args(argv)
     import transformers

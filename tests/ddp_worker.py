@@ -11,10 +11,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from tiny import TokenDataset, tiny_llama, training_args  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from kd_plugins import DistillationCallback, DistillationConfig  # noqa: E402
-from tiny import TokenDataset, tiny_llama, training_args  # noqa: E402
 
 
 def make_dataset():
@@ -47,8 +47,12 @@ def make_callback(kind):
         acmize(student, config=cfg)
         return teacher, student, ACMCallback(teacher, cfg)
     teacher, student = tiny_llama(seed=1, hidden=48), tiny_llama(seed=2, hidden=32)
-    cfg = DistillationConfig(loss_terms={"kl": 1.0, "hidden_mse": 0.5}, temperature=2.0, hard_label_weight=0.5,
-                             feature_pairs={"model.layers.1": "model.layers.1"})
+    cfg = DistillationConfig(
+        loss_terms={"kl": 1.0, "hidden_mse": 0.5},
+        temperature=2.0,
+        hard_label_weight=0.5,
+        feature_pairs={"model.layers.1": "model.layers.1"},
+    )
     return teacher, student, DistillationCallback(teacher, cfg)
 
 
@@ -56,8 +60,15 @@ def main(out_file, per_device_batch, kind="distill"):
     torch.set_num_threads(1)
     teacher, student, cb = make_callback(kind)
     extra = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
-    args = training_args(os.path.dirname(out_file), per_device_train_batch_size=per_device_batch, max_steps=1,
-                         optim="sgd", learning_rate=1.0, max_grad_norm=0.0, **extra)
+    args = training_args(
+        os.path.dirname(out_file),
+        per_device_train_batch_size=per_device_batch,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        **extra,
+    )
     trainer = Trainer(model=student, args=args, train_dataset=make_dataset(), callbacks=[cb])
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,8 +81,7 @@ def main(out_file, per_device_batch, kind="distill"):
     if int(os.environ.get("RANK", "0")) == 0:
         tensors = {f"student.{k}": v.detach().contiguous() for k, v in student.state_dict().items()}
         if kind == "distill":
-            tensors.update({f"proj.{k}": v.detach().contiguous()
-                            for k, v in cb.engine.projectors.state_dict().items()})
+            tensors.update({f"proj.{k}": v.detach().contiguous() for k, v in cb.engine.projectors.state_dict().items()})
         save_file(tensors, out_file)
     import torch.distributed as dist
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 
 from kd_plugins.acm import (
     ACMBlock,
@@ -36,7 +37,6 @@ from kd_plugins.acm import (
     stage2_gates,
     token_flops,
 )
-from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 
 
 def _ids(b=3, t=9, vocab=96, seed=1):
@@ -52,9 +52,16 @@ def _tiny_mpnet():
     import transformers
 
     torch.manual_seed(0)
-    return transformers.MPNetModel(transformers.MPNetConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
-                                                            num_attention_heads=4, intermediate_size=64,
-                                                            max_position_embeddings=64))
+    return transformers.MPNetModel(
+        transformers.MPNetConfig(
+            vocab_size=96,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _tiny_vit():
@@ -103,7 +110,7 @@ def test_attention_projections_low_rank():
     blocks = acm_blocks(bert)
     assert len(blocks) == 8 and all(b.min_choice == 1 and b.kind == "proj" for b in blocks.values())
     b = next(iter(blocks.values()))
-    assert b.width == round(32 * 32 / (4 * 64))          # paper sizing r = d/(2N) -> dense MACs
+    assert b.width == round(32 * 32 / (4 * 64))  # paper sizing r = d/(2N) -> dense MACs
     assert b.dense_macs() == 32 * 32
     # SVD slicing is exact when N*r covers the rank
     lin = nn.Linear(8, 8)
@@ -134,8 +141,9 @@ def test_random_init_paper_sizing_and_importance_order():
         t = copy.deepcopy(base).eval()
         acmize(m, "mlp", 4, order=order, calibration=[inputs])
         io = collect_block_io(t, m, [inputs])
-        errs[order] = sum(((blk.output_k(io[n][0], 1) - io[n][1]) ** 2).mean().item()
-                          for n, blk in acm_blocks(m).items())
+        errs[order] = sum(
+            ((blk.output_k(io[n][0], 1) - io[n][1]) ** 2).mean().item() for n, blk in acm_blocks(m).items()
+        )
     assert errs["importance"] < errs["original"]
 
 
@@ -219,7 +227,7 @@ def test_stage3_loss_fixtures():
     assert math.isclose(float(frac), 0.5)
     assert float(budget_loss(frac, 0.5)) == 0.0
     C = 5
-    uniform = torch.eye(C)[None]            # 5 tokens spreading over the 5 choices
+    uniform = torch.eye(C)[None]  # 5 tokens spreading over the 5 choices
     assert math.isclose(float(entropy_loss([uniform])), -1.0, rel_tol=1e-6)
     same = torch.eye(C)[[2, 2, 2, 2]][None]
     assert float(entropy_loss([same])) == 0.0
@@ -259,7 +267,9 @@ def test_save_load_round_trip_bit_identical(tmp_path):
         for b in acm_blocks(model).values():
             b.gate.l3.bias.add_(torch.randn_like(b.gate.l3.bias))
     path = save_acm(model, tmp_path / "acm")
-    assert (path / "model.safetensors").is_file() and json.loads((path / "acm_config.json").read_text())["metadata"]["acm"]
+    assert (path / "model.safetensors").is_file() and json.loads((path / "acm_config.json").read_text())["metadata"][
+        "acm"
+    ]
     loaded = load_acm(path)  # rebuilt from the saved config.json
     sd_a, sd_b = model.state_dict(), loaded.state_dict()
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
@@ -288,8 +298,11 @@ def test_save_load_timm(tmp_path):
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="matched no module.*encoder.layer.0.intermediate"):
         acmize(tiny_bert(), "decoder.*")
-    with pytest.raises(ValueError, match=r"divisible by num_learners=5.*num_learners in \[2, 4, 8, 16, 32, 64\].*"
-                                         r"init='random'.*round\(64/5\) = 13"):
+    with pytest.raises(
+        ValueError,
+        match=r"divisible by num_learners=5.*num_learners in \[2, 4, 8, 16, 32, 64\].*"
+        r"init='random'.*round\(64/5\) = 13",
+    ):
         acmize(tiny_bert(), "mlp", 5)
     m = tiny_bert()
     acmize(m, "mlp", 5, init="random")  # random init works for any N
@@ -318,7 +331,8 @@ def test_config_parses_with_hf_argument_parser():
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(ACMConfig).parse_args_into_dataclasses(
-        ["--num_learners", "8", "--budget", "0.25", "--init", "random", "--straight_through", "false"])
+        ["--num_learners", "8", "--budget", "0.25", "--init", "random", "--straight_through", "false"]
+    )
     assert cfg.num_learners == 8 and cfg.budget == 0.25 and cfg.init == "random" and not cfg.straight_through
 
 
@@ -334,8 +348,12 @@ def test_hf_callback_trains_acm_and_saved_model_loads(tmp_path):
     blk = next(iter(acm_blocks(model).values()))
     before = {"w1": blk.w1.detach().clone(), "gate": blk.gate.l3.weight.detach().clone()}
     cb = ACMCallback(teacher, ACMConfig(budget=0.5))
-    trainer = Trainer(model=model, args=training_args(str(tmp_path / "out"), max_steps=2),
-                      train_dataset=TokenDataset(n=8, labels="seq"), callbacks=[cb])
+    trainer = Trainer(
+        model=model,
+        args=training_args(str(tmp_path / "out"), max_steps=2),
+        train_dataset=TokenDataset(n=8, labels="seq"),
+        callbacks=[cb],
+    )
     trainer.train()
     assert not torch.equal(blk.w1, before["w1"]) and not torch.equal(blk.gate.l3.weight, before["gate"])
     logged = [h for h in trainer.state.log_history if "acm_budget" in h]
@@ -375,8 +393,13 @@ def test_acm_param_groups_give_gates_their_own_lr_in_trainer(tmp_path):
     opt = torch.optim.AdamW(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 4)
     cb = ACMCallback(teacher, ACMConfig(budget=0.5, distill_loss="cosine", hidden_weight=1.0, gate_noise=False))
-    trainer = Trainer(model=model, args=training_args(str(tmp_path / "out"), max_steps=2, max_grad_norm=1.0),
-                      train_dataset=TokenDataset(n=8, labels=None), optimizers=(opt, sched), callbacks=[cb])
+    trainer = Trainer(
+        model=model,
+        args=training_args(str(tmp_path / "out"), max_steps=2, max_grad_norm=1.0),
+        train_dataset=TokenDataset(n=8, labels=None),
+        optimizers=(opt, sched),
+        callbacks=[cb],
+    )
     trainer.train()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4 * 0.5, 1e-3 * 0.5])  # ours, stepped twice
     assert not torch.equal(blk.w1, before["w1"]) and not torch.equal(blk.gate.l3.weight, before["gate"])

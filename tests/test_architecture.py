@@ -101,8 +101,9 @@ def test_no_import_goes_upward():
         for name, line, _ in imports(path):
             target = existing(name)
             if target is not None and layer(target) > layer(me):
-                bad.append(f"{path.relative_to(ROOT.parent)}:{line} imports {target} (layer {layer(target)} > "
-                           f"{layer(me)})")
+                bad.append(
+                    f"{path.relative_to(ROOT.parent)}:{line} imports {target} (layer {layer(target)} > {layer(me)})"
+                )
     assert not bad, "upward imports:\n" + "\n".join(sorted(set(bad)))
 
 
@@ -119,7 +120,7 @@ def test_no_file_level_import_cycles():
     def visit(node: str, stack: list[str]) -> None:
         for nxt in sorted(graph.get(node, ())):
             if nxt in stack:
-                cycles.add(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.add(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in done:
                 visit(nxt, stack + [nxt])
         done.add(node)

@@ -2,16 +2,20 @@
 
 import pytest
 import torch
+from test_hf_integration import _word_tokenizer
+from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 from transformers import Trainer
 
 from kd_plugins import DistillationCallback, DistillationConfig
-from test_hf_integration import _word_tokenizer
-from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 
 
 def _train(teacher, student, cfg, out, ds=None, **kw):
-    trainer = Trainer(model=student, args=training_args(out, max_steps=1, **kw), train_dataset=ds or TokenDataset(),
-                      callbacks=[DistillationCallback(teacher, cfg)])
+    trainer = Trainer(
+        model=student,
+        args=training_args(out, max_steps=1, **kw),
+        train_dataset=ds or TokenDataset(),
+        callbacks=[DistillationCallback(teacher, cfg)],
+    )
     trainer.train()
     return trainer
 
@@ -26,8 +30,13 @@ def test_different_tokenizers(tmp_out):
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok_t = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
     cb = DistillationCallback(tiny_llama(seed=1), DistillationConfig(), teacher_tokenizer=tok_t)
-    trainer = Trainer(model=tiny_llama(seed=2), args=training_args(tmp_out, max_steps=1),
-                      train_dataset=TokenDataset(), processing_class=tok_s, callbacks=[cb])
+    trainer = Trainer(
+        model=tiny_llama(seed=2),
+        args=training_args(tmp_out, max_steps=1),
+        train_dataset=TokenDataset(),
+        processing_class=tok_s,
+        callbacks=[cb],
+    )
     with pytest.raises(ValueError, match="tokenizers differ.*same tokenizer"):
         trainer.train()
 
@@ -36,8 +45,9 @@ def test_padded_vocab_sizes_need_vocab_alignment(tmp_out):
     with pytest.raises(ValueError, match="vocab_size 96 differs from teacher vocab_size 100.*vocab_alignment"):
         _train(tiny_llama(seed=1, vocab=100), tiny_llama(seed=2), DistillationConfig(), tmp_out)
     # truncate: compare the shared first 96 entries
-    tr = _train(tiny_llama(seed=1, vocab=100), tiny_llama(seed=2), DistillationConfig(vocab_alignment="truncate"),
-                tmp_out)
+    tr = _train(
+        tiny_llama(seed=1, vocab=100), tiny_llama(seed=2), DistillationConfig(vocab_alignment="truncate"), tmp_out
+    )
     assert [h["kd_kl"] for h in tr.state.log_history if "kd_kl" in h]
     # pad: a larger student gets -inf teacher columns, i.e. is taught to put no mass there
     tr = _train(tiny_llama(seed=1), tiny_llama(seed=2, vocab=100), DistillationConfig(vocab_alignment="pad"), tmp_out)
@@ -46,8 +56,13 @@ def test_padded_vocab_sizes_need_vocab_alignment(tmp_out):
 
 def test_hard_label_weight_without_labels(tmp_out):
     with pytest.raises(ValueError, match="hard_label_weight > 0 but the batch has no 'labels'.*hard_label_weight=0"):
-        _train(tiny_llama(seed=1), tiny_llama(seed=2), DistillationConfig(hard_label_weight=0.5), tmp_out,
-               ds=TokenDataset(labels=None))
+        _train(
+            tiny_llama(seed=1),
+            tiny_llama(seed=2),
+            DistillationConfig(hard_label_weight=0.5),
+            tmp_out,
+            ds=TokenDataset(labels=None),
+        )
 
 
 def test_unknown_feature_module_lists_close_matches(tmp_out):
@@ -84,12 +99,22 @@ def test_teacher_is_student_or_shares_weights(tmp_out):
 
 def test_logit_loss_on_bare_encoder_and_label_mismatch(tmp_out):
     with pytest.raises(ValueError, match="bare encoder.*embedding losses"):
-        _train(tiny_bert("BertModel", seed=1), tiny_bert("BertModel", seed=2), DistillationConfig(), tmp_out,
-               ds=TokenDataset(labels=None), remove_unused_columns=False)
+        _train(
+            tiny_bert("BertModel", seed=1),
+            tiny_bert("BertModel", seed=2),
+            DistillationConfig(),
+            tmp_out,
+            ds=TokenDataset(labels=None),
+            remove_unused_columns=False,
+        )
     with pytest.raises(ValueError, match="Student has 3 labels but the teacher has 5"):
-        _train(tiny_bert("BertForSequenceClassification", seed=1, num_labels=5),
-               tiny_bert("BertForSequenceClassification", seed=2, num_labels=3), DistillationConfig(), tmp_out,
-               ds=TokenDataset(labels="seq"))
+        _train(
+            tiny_bert("BertForSequenceClassification", seed=1, num_labels=5),
+            tiny_bert("BertForSequenceClassification", seed=2, num_labels=3),
+            DistillationConfig(),
+            tmp_out,
+            ds=TokenDataset(labels="seq"),
+        )
 
 
 def test_config_errors():

@@ -19,10 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p for p in BENCH.glob("*/*.py") if p.name != "quant_common.py")
 # Files whose `benchmarks/...` mentions must point at files or folders that exist.
-DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "Makefile", *sorted((ROOT / "docs").glob("*.md")),
-        *sorted(BENCH.rglob("*.md")), *sorted(BENCH.rglob("*.sh"))]
-SOURCES = [*sorted(BENCH.rglob("*.py")), *sorted((ROOT / "kd_plugins").rglob("*.py")),
-           *sorted((ROOT / "examples").glob("*.py")), *sorted((ROOT / "tests").glob("*.py"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "BENCHMARKS.md",
+    ROOT / "Makefile",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted(BENCH.rglob("*.md")),
+    *sorted(BENCH.rglob("*.sh")),
+]
+SOURCES = [
+    *sorted(BENCH.rglob("*.py")),
+    *sorted((ROOT / "kd_plugins").rglob("*.py")),
+    *sorted((ROOT / "examples").glob("*.py")),
+    *sorted((ROOT / "tests").glob("*.py")),
+]
 PATH_RE = re.compile(r"benchmarks/[\w./-]+")
 
 
@@ -48,7 +58,8 @@ def test_script_uses_the_harness(script):
     text = script.read_text()
     assert re.search(r"^(from _harness import|import _harness)", text, re.M), "import the shared harness"
     assert "parents[1]" not in text.replace("sys.path.insert(0, str(Path(__file__).resolve().parents[1]))", ""), (
-        "ROOT comes from _harness (scripts are two levels below the repository root)")
+        "ROOT comes from _harness (scripts are two levels below the repository root)"
+    )
 
 
 def _missing_paths(text: str) -> list[str]:
@@ -113,7 +124,13 @@ def test_replace_section_keeps_the_other_sections(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(BENCH).as_posix())
 def test_script_help_runs_from_the_repository_root(script):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run([sys.executable, script.relative_to(ROOT).as_posix(), "--help"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, script.relative_to(ROOT).as_posix(), "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage:" in res.stdout

@@ -20,20 +20,34 @@ from kd_plugins._config import resolve_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SPEC = ck.CheckpointSpec(kind="demo", manifest_name="demo.json", tensor_file="demo.safetensors",
-                         description="a demo checkpoint", legacy_format="kd_plugins.demo")
+SPEC = ck.CheckpointSpec(
+    kind="demo",
+    manifest_name="demo.json",
+    tensor_file="demo.safetensors",
+    description="a demo checkpoint",
+    legacy_format="kd_plugins.demo",
+)
 
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(4, 3, generator=g), "b.bias": torch.arange(5, dtype=torch.int8),
-            "empty": torch.zeros(0)}
+    return {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "b.bias": torch.arange(5, dtype=torch.int8),
+        "empty": torch.zeros(0),
+    }
 
 
 def test_write_read_round_trip_and_manifest_schema(tmp_path):
     tensors = _tensors()
-    out = ck.write_checkpoint(SPEC, tmp_path / "c", tensors, aliases={"tied": "a.weight"},
-                              architecture={"kind": "torch", "class": "x.Y"}, metadata={"note": [1, 2]})
+    out = ck.write_checkpoint(
+        SPEC,
+        tmp_path / "c",
+        tensors,
+        aliases={"tied": "a.weight"},
+        architecture={"kind": "torch", "class": "x.Y"},
+        metadata={"note": [1, 2]},
+    )
     manifest = json.loads((out / "demo.json").read_text())
     assert manifest["format"] == ck.SCHEMA_FORMAT and manifest["schema_version"] == ck.SCHEMA_VERSION
     assert manifest["kind"] == "demo" and manifest["kd_plugins_version"]
@@ -104,10 +118,18 @@ def test_skillpack_style_v1_manifest_still_reads(tmp_path):
     d = tmp_path / "old"
     d.mkdir()
     save_file(tensors, str(d / "demo.safetensors"))
-    (d / "demo.json").write_text(json.dumps({
-        "format": "kd_plugins.demo", "version": 1, "id": "abc", "entries": [],
-        "checksums": {k: ck.tensor_sha256(t) for k, t in tensors.items()},
-        "file_bytes": (d / "demo.safetensors").stat().st_size}))
+    (d / "demo.json").write_text(
+        json.dumps(
+            {
+                "format": "kd_plugins.demo",
+                "version": 1,
+                "id": "abc",
+                "entries": [],
+                "checksums": {k: ck.tensor_sha256(t) for k, t in tensors.items()},
+                "file_bytes": (d / "demo.safetensors").stat().st_size,
+            }
+        )
+    )
     got = ck.read_checkpoint(SPEC, d)
     assert got.manifest["schema_version"] == 1 and got.metadata == {"id": "abc", "entries": []}
     raw = json.loads((d / "demo.json").read_text())
@@ -129,12 +151,6 @@ def test_architecture_record_and_rebuild():
     rec = ck.architecture_record(vit, {"img_size": 32})
     assert rec == {"kind": "timm", "name": "vit_tiny_patch16_224", "kwargs": {"num_classes": 5, "img_size": 32}}
     assert sum(p.numel() for p in ck.rebuild_model(rec).parameters()) == sum(p.numel() for p in vit.parameters())
-
-
-def test_atomic_helpers_keep_their_old_import_path():
-    from kd_plugins._atomic import atomic_dir, publish_dir
-
-    assert atomic_dir is ck.atomic_dir and publish_dir is ck.publish_dir
 
 
 # ------------------------------------------------------------------------------------------------ old quant / ACM

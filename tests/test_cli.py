@@ -2,9 +2,9 @@ import subprocess
 import sys
 
 import torch
+from tiny import tiny_bert
 
 from kd_plugins.cli import main
-from tiny import tiny_bert
 
 
 def test_losses_listing(capsys):

@@ -21,9 +21,13 @@ CONFIGS = [
     ("kd_plugins.skillpack", "SkillPackConfig"),
 ]
 #: One valid non-default value per config, for the precedence test.
-OVERRIDE = {"DistillationConfig": ("temperature", 3.0), "ACMConfig": ("budget", 0.25),
-            "MultiExitConfig": ("temperature", 2.0), "QuantConfig": ("min_calibration_rows", 32),
-            "SkillPackConfig": ("group_size", 128)}
+OVERRIDE = {
+    "DistillationConfig": ("temperature", 3.0),
+    "ACMConfig": ("budget", 0.25),
+    "MultiExitConfig": ("temperature", 2.0),
+    "QuantConfig": ("min_calibration_rows", 32),
+    "SkillPackConfig": ("group_size", 128),
+}
 CALLBACKS = ["DistillationCallback", "ACMCallback", "MultiExitCallback"]
 
 
@@ -43,13 +47,16 @@ def test_every_config_parses_with_hf_argument_parser(module, name):
 
 def test_configs_round_trip_command_line_values():
     (d,) = HfArgumentParser(_config("kd_plugins.distill", "DistillationConfig")).parse_args_into_dataclasses(
-        args=["--loss_terms", "kl:0.7,hidden_mse:0.3", "--feature_pairs", "a=b", "--temperature", "2"])
+        args=["--loss_terms", "kl:0.7,hidden_mse:0.3", "--feature_pairs", "a=b", "--temperature", "2"]
+    )
     assert d.loss_terms == {"kl": 0.7, "hidden_mse": 0.3} and d.feature_pairs == {"a": "b"} and d.temperature == 2
     (m,) = HfArgumentParser(_config("kd_plugins.multiexit", "MultiExitConfig")).parse_args_into_dataclasses(
-        args=["--weights", "0.2,0.5,1.0", "--distill_kwargs", '{"normalize": true}'])
+        args=["--weights", "0.2,0.5,1.0", "--distill_kwargs", '{"normalize": true}']
+    )
     assert m.weights == [0.2, 0.5, 1.0] and m.distill_kwargs == {"normalize": True}
     (m,) = HfArgumentParser(_config("kd_plugins.multiexit", "MultiExitConfig")).parse_args_into_dataclasses(
-        args=["--weights", "uniform"])
+        args=["--weights", "uniform"]
+    )
     assert m.weights == "uniform"
 
 
@@ -107,15 +114,36 @@ def _public_names() -> dict[str, list[tuple[str, object]]]:
 
 
 def test_no_two_public_functions_share_a_name():
-    clashes = {name: [m for m, _ in entries] for name, entries in _public_names().items()
-               if len({id(o) for _, o in entries}) > 1}
+    clashes = {
+        name: [m for m, _ in entries]
+        for name, entries in _public_names().items()
+        if len({id(o) for _, o in entries}) > 1
+    }
     assert not clashes, f"same public name, different objects: {clashes}"
 
 
 def test_top_level_reaches_every_capability():
-    for name in ("quantize", "QuantConfig", "acmize", "add_exits", "truncate", "SkillPack", "SkillPackConfig",
-                 "DistillationCallback", "ACMCallback", "MultiExitCallback", "KDTask", "ACMTask", "MultiExitTask",
-                 "save_quantized", "load_quantized", "save_acm", "load_acm", "save_skillpack", "load_skillpack"):
+    for name in (
+        "quantize",
+        "QuantConfig",
+        "acmize",
+        "add_exits",
+        "truncate",
+        "SkillPack",
+        "SkillPackConfig",
+        "DistillationCallback",
+        "ACMCallback",
+        "MultiExitCallback",
+        "KDTask",
+        "ACMTask",
+        "MultiExitTask",
+        "save_quantized",
+        "load_quantized",
+        "save_acm",
+        "load_acm",
+        "save_skillpack",
+        "load_skillpack",
+    ):
         assert getattr(kd_plugins, name) is not None, name
 
 

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama
 
 from kd_plugins.data import lm
 
-from tiny import tiny_llama
-
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("It is a truth universally acknowledged, that a single man in possession\nof a good fortune, must be in "
-        "want of a wife.\n\nHowever little known the feelings or views of such a man may be!")
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession\nof a good fortune, must be in "
+    "want of a wife.\n\nHowever little known the feelings or views of such a man may be!"
+)
 
 
 def char_tokenizer(text: str = TEXT):
@@ -44,7 +45,7 @@ def test_lm_windows_bos_evenly_spaced_non_overlapping():
     total = len(ids) // 10
     for i, row in enumerate(w):
         start = (i * total // 4) * 10
-        assert row[1:].tolist() == ids[start:start + 10]
+        assert row[1:].tolist() == ids[start : start + 10]
     starts = [(i * total // 4) * 10 for i in range(4)]
     assert all(b - a >= 10 for a, b in zip(starts, starts[1:]))  # non-overlapping
     assert torch.equal(w, lm.lm_windows(tok, TEXT, seq_len=11, n=4))  # deterministic
@@ -73,8 +74,9 @@ def test_perplexity_and_bits_per_char_match_manual_cross_entropy():
     w = lm.lm_windows(tok, TEXT, seq_len=12, n=5)
     with torch.no_grad():
         logits = model(input_ids=w).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                            reduction="sum").item()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"
+    ).item()
     ppl = lm.perplexity(model, w, batch_size=2)
     assert model.training  # mode restored
     assert ppl == pytest.approx(math.exp(nll / w[:, 1:].numel()), rel=1e-5)

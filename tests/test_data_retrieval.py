@@ -19,9 +19,7 @@ def test_perfect_retrieval():
 def test_known_ranks():
     # query 0 -> doc 0 first (rank 1); query 1 -> doc 1 second (rank 2); query 2 -> doc 2 third (rank 3)
     docs = torch.eye(3)
-    queries = torch.tensor([[1.0, 0.0, 0.0],
-                            [0.9, 0.5, 0.0],
-                            [0.9, 0.5, 0.1]])
+    queries = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.5, 0.0], [0.9, 0.5, 0.1]])
     r = retrieval_metrics(queries, docs)
     assert r["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
     assert r["recall@1"] == pytest.approx(1 / 3)
@@ -49,15 +47,20 @@ def test_random_embeddings_match_bruteforce():
 
 def test_split_sentences_and_min_words():
     text = "First sentence has five words. Short one! Is this the third one?\nA line break splits too"
-    assert split_sentences(text) == ["First sentence has five words.", "Is this the third one?",
-                                     "A line break splits too"]
+    assert split_sentences(text) == [
+        "First sentence has five words.",
+        "Is this the third one?",
+        "A line break splits too",
+    ]
     assert split_sentences(text, min_words=1)[1] == "Short one!"
 
 
 def test_inverse_cloze_pairs_remove_the_query_and_skip_short_docs():
-    docs = ["Alpha beta gamma delta. Epsilon zeta eta theta. Iota kappa lambda mu.",
-            "Only one long sentence here.",
-            "One two three four. Five six seven eight."]
+    docs = [
+        "Alpha beta gamma delta. Epsilon zeta eta theta. Iota kappa lambda mu.",
+        "Only one long sentence here.",
+        "One two three four. Five six seven eight.",
+    ]
     q, pos = inverse_cloze_pairs(docs, [0, 1, 2], random.Random(0))
     assert len(q) == len(pos) == 2  # doc 1 has a single sentence: skipped
     for query, positive, doc in zip(q, pos, [docs[0], docs[2]]):
@@ -89,9 +92,7 @@ def articles():
 
 @pytest.mark.real
 def test_bbc_loads_all_classes(articles):
-    from kd_plugins.data import BBC_CLASSES
-
-    from kd_plugins.data import load_bbc_news
+    from kd_plugins.data import BBC_CLASSES, load_bbc_news
 
     raw = load_bbc_news(dedupe=False)
     assert len(raw) == 2225

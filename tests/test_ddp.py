@@ -17,8 +17,13 @@ def test_ddp_two_ranks_match_single_process(tmp_path, kind):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE, MASTER_ADDR="127.0.0.1")
     single, ddp = str(tmp_path / "single" / "r.safetensors"), str(tmp_path / "ddp" / "r.safetensors")
     os.makedirs(os.path.dirname(single)), os.makedirs(os.path.dirname(ddp))
-    r = subprocess.run([sys.executable, os.path.join(HERE, "ddp_worker.py"), single, "4", kind], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "ddp_worker.py"), single, "4", kind],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_torchrun([os.path.join(HERE, "ddp_worker.py"), ddp, "2", kind], env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])

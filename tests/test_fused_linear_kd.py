@@ -57,8 +57,12 @@ TOL = {
     ("triton", torch.float32): (2e-5, 2e-5),
     ("triton", torch.bfloat16): (2e-2, 4e-2),
 }
-REF = {"kl": L.kl_divergence, "reverse_kl": L.reverse_kl_divergence, "jsd": L.generalized_jsd,
-       "tvd": L.total_variation_distance}
+REF = {
+    "kl": L.kl_divergence,
+    "reverse_kl": L.reverse_kl_divergence,
+    "jsd": L.generalized_jsd,
+    "tvd": L.total_variation_distance,
+}
 DIVS = ("kl", "reverse_kl", "jsd", "tvd")
 
 inner_only = pytest.mark.skipif(not _INNER, reason="runs inside the TRITON_INTERPRET=1 subprocess")
@@ -70,17 +74,35 @@ outer_only = pytest.mark.skipif(_INNER, reason="outer process only")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def make_case(n=29, h=24, ht=40, v=61, dtype=torch.float32, bias=False, teacher="hidden", ignore_every=4,
-              temperature=1.0, k=6, seed=0):
+def make_case(
+    n=29,
+    h=24,
+    ht=40,
+    v=61,
+    dtype=torch.float32,
+    bias=False,
+    teacher="hidden",
+    ignore_every=4,
+    temperature=1.0,
+    k=6,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     c = types.SimpleNamespace(
-        xs=rnd(n, h), w=rnd(v, h, scale=h ** -0.5 * 3), b=rnd(v) if bias else None,
-        xt=rnd(n, ht), wt=rnd(v, ht, scale=ht ** -0.5 * 3), bt=rnd(v) if bias else None,
-        labels=torch.randint(0, v, (n,), generator=g), teacher=teacher, v=v)
+        xs=rnd(n, h),
+        w=rnd(v, h, scale=h**-0.5 * 3),
+        b=rnd(v) if bias else None,
+        xt=rnd(n, ht),
+        wt=rnd(v, ht, scale=ht**-0.5 * 3),
+        bt=rnd(v) if bias else None,
+        labels=torch.randint(0, v, (n,), generator=g),
+        teacher=teacher,
+        v=v,
+    )
     if ignore_every:
         c.labels[::ignore_every] = -100
     t_logits = c.xt.float() @ c.wt.float().T + (c.bt.float() if bias else 0)
@@ -98,8 +120,21 @@ def teacher_kwargs(c):
     return dict(teacher_topk=c.topk)
 
 
-def reference(c, xs, w, b, *, divergence="kl", beta=0.5, temperature=1.0, hard_label_weight=0.0, kd_weight=1.0,
-              num_items_in_batch=None, mask=None, topk_tail="bucket"):
+def reference(
+    c,
+    xs,
+    w,
+    b,
+    *,
+    divergence="kl",
+    beta=0.5,
+    temperature=1.0,
+    hard_label_weight=0.0,
+    kd_weight=1.0,
+    num_items_in_batch=None,
+    mask=None,
+    topk_tail="bucket",
+):
     z = xs @ w.T
     if b is not None:
         z = z + b
@@ -136,9 +171,17 @@ def run_both(c, backend="torch", chunk_size=7, **kw):
     leaves = [c.xs.clone().requires_grad_(), c.w.clone().requires_grad_()]
     if c.b is not None:
         leaves.append(c.b.clone().requires_grad_())
-    loss, parts = fused_linear_kd_loss(leaves[0], leaves[1], student_head_bias=leaves[2] if c.b is not None else None,
-                                       labels=c.labels, chunk_size=chunk_size, backend=backend, return_parts=True,
-                                       **teacher_kwargs(c), **kw)
+    loss, parts = fused_linear_kd_loss(
+        leaves[0],
+        leaves[1],
+        student_head_bias=leaves[2] if c.b is not None else None,
+        labels=c.labels,
+        chunk_size=chunk_size,
+        backend=backend,
+        return_parts=True,
+        **teacher_kwargs(c),
+        **kw,
+    )
     loss.backward()
     got = (loss, parts, [t.grad for t in leaves])
     rl = [c.xs.clone().requires_grad_(), c.w.clone().requires_grad_()]
@@ -192,8 +235,9 @@ def test_torch_parity_topk(divergence, topk_tail, temperature):
 @pytest.mark.parametrize("divergence", DIVS)
 def test_torch_parity_float64_exact(divergence):
     c = make_case(dtype=torch.float64, bias=True)
-    got, want = run_both(c, divergence=divergence, temperature=1.7, beta=0.6, hard_label_weight=0.3,
-                         num_items_in_batch=50)
+    got, want = run_both(
+        c, divergence=divergence, temperature=1.7, beta=0.6, hard_label_weight=0.3, num_items_in_batch=50
+    )
     assert_parity(got, want, TOL[("torch", torch.float64)])
 
 
@@ -203,8 +247,15 @@ def test_torch_parity_float64_exact(divergence):
 def test_torch_masks_and_num_items(num_items_in_batch, use_mask):
     c = make_case(ignore_every=3)
     mask = (torch.arange(29) % 5 != 1) if use_mask else None
-    got, want = run_both(c, divergence="jsd", temperature=2.0, hard_label_weight=0.7, kd_weight=0.5,
-                         num_items_in_batch=num_items_in_batch, mask=mask)
+    got, want = run_both(
+        c,
+        divergence="jsd",
+        temperature=2.0,
+        hard_label_weight=0.7,
+        kd_weight=0.5,
+        num_items_in_batch=num_items_in_batch,
+        mask=mask,
+    )
     assert_parity(got, want, TOL[("torch", torch.float32)])
     # ignored / masked rows get exactly zero gradient
     dead = c.labels == -100
@@ -236,8 +287,9 @@ def test_chunk_size_invariance_and_hard_label_only():
             assert rel(g, g0) < 1e-5
     # kd_weight=0 and no teacher: a fused hard-label cross-entropy
     xs = c.xs.clone().requires_grad_()
-    loss = fused_linear_kd_loss(xs, c.w, student_head_bias=c.b, labels=c.labels, kd_weight=0.0,
-                                hard_label_weight=1.0, chunk_size=4)
+    loss = fused_linear_kd_loss(
+        xs, c.w, student_head_bias=c.b, labels=c.labels, kd_weight=0.0, hard_label_weight=1.0, chunk_size=4
+    )
     loss.backward()
     xr = c.xs.clone().requires_grad_()
     ref = F.cross_entropy(xr @ c.w.T + c.b, c.labels, ignore_index=-100)
@@ -280,8 +332,9 @@ def test_module_form_and_aliases():
     crit = FusedLinearKDLoss("gkd", beta=0.4, temperature=1.5, hard_label_weight=0.2, chunk_size=6)
     assert "gkd" in repr(crit)
     xs = c.xs.clone().requires_grad_()
-    loss, parts = crit(xs, c.w, c.xt, c.wt, labels=c.labels, student_head_bias=c.b, teacher_head_bias=c.bt,
-                       return_parts=True)
+    loss, parts = crit(
+        xs, c.w, c.xt, c.wt, labels=c.labels, student_head_bias=c.b, teacher_head_bias=c.bt, return_parts=True
+    )
     c.teacher = "hidden"
     ref, kd, ce = reference(c, c.xs, c.w, c.b, divergence="jsd", beta=0.4, temperature=1.5, hard_label_weight=0.2)
     assert rel(loss, ref) < 2e-5 and rel(parts["kd"], kd) < 2e-5 and rel(parts["ce"], ce) < 2e-5
@@ -309,8 +362,9 @@ def test_never_materialises_full_logits(teacher):
     c = make_case(n=n, v=v, h=16, ht=16, teacher=teacher, ignore_every=0)
     xs, w = c.xs.clone().requires_grad_(), c.w.clone().requires_grad_()
     with _MaxAllocMode() as mode:
-        loss = fused_linear_kd_loss(xs, w, labels=c.labels, chunk_size=cs, divergence="jsd", hard_label_weight=0.5,
-                                    **teacher_kwargs(c))
+        loss = fused_linear_kd_loss(
+            xs, w, labels=c.labels, chunk_size=cs, divergence="jsd", hard_label_weight=0.5, **teacher_kwargs(c)
+        )
         loss.backward()
     assert mode.max_numel <= cs * v, (mode.max_numel, n * v)
     with _MaxAllocMode() as naive:
@@ -368,8 +422,9 @@ def test_bad_inputs():
 
 
 @outer_only
-@pytest.mark.skipif(torch.cuda.is_available() or interpreter_enabled(),
-                    reason="checks the CPU-without-interpreter error")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or interpreter_enabled(), reason="checks the CPU-without-interpreter error"
+)
 def test_triton_backend_without_gpu_is_a_clear_error():
     c = make_case()
     with pytest.raises(RuntimeError, match="CUDA tensors|triton"):
@@ -412,9 +467,12 @@ def test_check_fusable_head():
     head = nn.Linear(4, 8, bias=False)
     assert check_fusable_head(_FakeLM(head, final_logit_softcapping=None, logit_scale=1.0)) is head
     assert check_fusable_head(head) is head
-    for cfg, msg in (({"final_logit_softcapping": 30.0}, "soft-capping"), ({"logit_scale": 0.0625}, "logit_scale"),
-                     ({"logits_scaling": 8.0}, "logits_scaling"), ({"model_type": "t5", "tie_word_embeddings": True},
-                                                                    "d_model")):
+    for cfg, msg in (
+        ({"final_logit_softcapping": 30.0}, "soft-capping"),
+        ({"logit_scale": 0.0625}, "logit_scale"),
+        ({"logits_scaling": 8.0}, "logits_scaling"),
+        ({"model_type": "t5", "tie_word_embeddings": True}, "d_model"),
+    ):
         with pytest.raises(UnfusableHeadError, match=msg):
             check_fusable_head(_FakeLM(head, **cfg))
     with pytest.raises(UnfusableHeadError, match="not a plain nn.Linear"):
@@ -436,17 +494,33 @@ def test_check_fusable_head():
 @outer_only
 def test_real_hf_heads_and_entry_point():
     transformers = pytest.importorskip("transformers")
-    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8))
+    gemma = transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
     with pytest.raises(UnfusableHeadError, match="final_logit_softcapping"):
         check_fusable_head(gemma)
     torch.manual_seed(0)
 
     def llama(hidden):
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, tie_word_embeddings=hidden == 16)).eval()
+        return transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=64,
+                hidden_size=hidden,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                tie_word_embeddings=hidden == 16,
+            )
+        ).eval()
 
     student, teacher = llama(16), llama(24)
     check_fusable_head(student)
@@ -464,8 +538,9 @@ def test_real_hf_heads_and_entry_point():
     loss = fused_kd_loss_from_heads(hs, student.lm_head, ht, teacher.lm_head, y, cfg)
     (g_fused,) = torch.autograd.grad(loss, student.lm_head.weight, retain_graph=True)
     s_logits = s_out.logits[:, :-1].reshape(-1, 64)
-    ref = L.reverse_kl_divergence(s_logits, t_out.logits[:, :-1].reshape(-1, 64), labels=y, temperature=2.0) \
-        + 0.5 * F.cross_entropy(s_logits, y, ignore_index=-100)
+    ref = L.reverse_kl_divergence(
+        s_logits, t_out.logits[:, :-1].reshape(-1, 64), labels=y, temperature=2.0
+    ) + 0.5 * F.cross_entropy(s_logits, y, ignore_index=-100)
     (g_ref,) = torch.autograd.grad(ref, student.lm_head.weight)
     assert rel(loss, ref) < 2e-5 and rel(g_fused, g_ref) < 2e-5
 
@@ -479,28 +554,56 @@ def test_real_hf_heads_and_entry_point():
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_interpreter_parity_subprocess():
     env = dict(os.environ, KD_FUSED_KD_TRITON_INNER="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "interp_triton",
-           "-W", "ignore:invalid value encountered:RuntimeWarning"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "interp_triton",
+        "-W",
+        "ignore:invalid value encountered:RuntimeWarning",
+    ]
+    res = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
 
 
-TRITON_CASES = (
-    [(d, T, t, torch.float32, b) for d in DIVS for T in (1.0, 2.0) for t in ("hidden", "logits", "topk")
-     for b in (T == 1.0,)]
-    + [(d, 1.0, "hidden", torch.bfloat16, True) for d in DIVS]
-)
+TRITON_CASES = [
+    (d, T, t, torch.float32, b)
+    for d in DIVS
+    for T in (1.0, 2.0)
+    for t in ("hidden", "logits", "topk")
+    for b in (T == 1.0,)
+] + [(d, 1.0, "hidden", torch.bfloat16, True) for d in DIVS]
 
 
 @inner_only
 @pytest.mark.parametrize("divergence,temperature,teacher,dtype,bias", TRITON_CASES)
 def test_interp_triton_parity(divergence, temperature, teacher, dtype, bias):
-    c = make_case(n=21, h=20, ht=24, v=45, dtype=dtype, teacher=teacher, bias=bias, temperature=temperature, k=5,
-                  ignore_every=3)
-    got, want = run_both(c, backend="triton", divergence=divergence, temperature=temperature, beta=0.3,
-                         hard_label_weight=0.5, num_items_in_batch=17)
+    c = make_case(
+        n=21, h=20, ht=24, v=45, dtype=dtype, teacher=teacher, bias=bias, temperature=temperature, k=5, ignore_every=3
+    )
+    got, want = run_both(
+        c,
+        backend="triton",
+        divergence=divergence,
+        temperature=temperature,
+        beta=0.3,
+        hard_label_weight=0.5,
+        num_items_in_batch=17,
+    )
     assert_parity(got, want, TOL[("triton", dtype)])
 
 
@@ -508,8 +611,9 @@ def test_interp_triton_parity(divergence, temperature, teacher, dtype, bias):
 def test_interp_triton_kd_only_frozen_head_and_empty():
     c = make_case(n=21, h=20, ht=24, v=45, ignore_every=3)
     xs = c.xs.clone().requires_grad_()
-    loss = fused_linear_kd_loss(xs, c.w, c.xt, c.wt, labels=c.labels, divergence="kl", temperature=2.0,
-                                backend="triton")
+    loss = fused_linear_kd_loss(
+        xs, c.w, c.xt, c.wt, labels=c.labels, divergence="kl", temperature=2.0, backend="triton"
+    )
     loss.backward()
     xr = c.xs.clone().requires_grad_()
     ref = reference(c, xr, c.w, None, divergence="kl", temperature=2.0)[0]

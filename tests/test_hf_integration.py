@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from kd_plugins import DistillationCallback, DistillationConfig, DistillationTrainer
-from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 
 
 def _params(model):
@@ -61,8 +61,9 @@ def test_add_callback_after_init_and_trainer_subclass_agree(tmp_out):
             trainer = Trainer(model=student, args=args, train_dataset=TokenDataset())
             trainer.add_callback(DistillationCallback(teacher, cfg))
         else:
-            trainer = DistillationTrainer(model=student, args=args, train_dataset=TokenDataset(),
-                                          teacher_model=teacher, distillation_config=cfg)
+            trainer = DistillationTrainer(
+                model=student, args=args, train_dataset=TokenDataset(), teacher_model=teacher, distillation_config=cfg
+            )
         trainer.train()
         assert _logs(trainer, "kd_jsd")
         results.append(_params(student))
@@ -76,8 +77,15 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_out):
     for bs, ga in ((4, 1), (2, 2)):
         teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
         cfg = DistillationConfig(loss_terms="kl", temperature=2.0, hard_label_weight=0.3)
-        args = training_args(tmp_out + str(ga), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                             max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+        args = training_args(
+            tmp_out + str(ga),
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+        )
         ds = TokenDataset(n=4, pad_last=5)
         trainer = Trainer(model=student, args=args, train_dataset=ds, callbacks=[DistillationCallback(teacher, cfg)])
         trainer.train()
@@ -88,8 +96,11 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_out):
 
 @pytest.mark.parametrize("task", ["masked_lm", "seq_classification", "token_classification"])
 def test_encoder_heads(task, tmp_out):
-    cls = {"masked_lm": "BertForMaskedLM", "seq_classification": "BertForSequenceClassification",
-           "token_classification": "BertForTokenClassification"}[task]
+    cls = {
+        "masked_lm": "BertForMaskedLM",
+        "seq_classification": "BertForSequenceClassification",
+        "token_classification": "BertForTokenClassification",
+    }[task]
     teacher, student = tiny_bert(cls, seed=1, layers=3), tiny_bert(cls, seed=2)
     if task == "masked_lm":
         ds = TokenDataset(labels="lm")
@@ -97,8 +108,11 @@ def test_encoder_heads(task, tmp_out):
             it["labels"] = torch.where(torch.arange(12) % 4 == i % 4, it["labels"], torch.tensor(-100))
     else:
         ds = TokenDataset(labels="seq" if task == "seq_classification" else "token", pad_last=3)
-    cfg = DistillationConfig(loss_terms={"kl": 1.0, "dkd": 0.5} if task == "seq_classification" else "kl",
-                             temperature=2.0, hard_label_weight=1.0)
+    cfg = DistillationConfig(
+        loss_terms={"kl": 1.0, "dkd": 0.5} if task == "seq_classification" else "kl",
+        temperature=2.0,
+        hard_label_weight=1.0,
+    )
     cb = DistillationCallback(teacher, cfg)
     trainer = Trainer(model=student, args=training_args(tmp_out), train_dataset=ds, callbacks=[cb])
     trainer.train()
@@ -112,8 +126,18 @@ def test_seq2seq_student(tmp_out):
 
     def t5(seed, layers):
         torch.manual_seed(seed)
-        return T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=layers,
-                                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0))
+        return T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=96,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=layers,
+                num_heads=4,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+            )
+        )
 
     teacher, student = t5(1, 2), t5(2, 1)
     ds = TokenDataset(labels="lm")
@@ -128,8 +152,9 @@ def test_seq2seq_student(tmp_out):
 def test_bare_encoder_embedding_distillation_without_labels(tmp_out):
     teacher = tiny_bert("BertModel", seed=1, layers=3, hidden=48)
     student = tiny_bert("BertModel", seed=2, layers=2, hidden=32)
-    cfg = DistillationConfig(loss_terms={"embedding_mse": 1.0, "affinity_kl": 1.0},
-                             feature_pairs={"encoder.layer.1": "encoder.layer.2"})
+    cfg = DistillationConfig(
+        loss_terms={"embedding_mse": 1.0, "affinity_kl": 1.0}, feature_pairs={"encoder.layer.1": "encoder.layer.2"}
+    )
     cb = DistillationCallback(teacher, cfg)
     args = training_args(tmp_out, max_steps=6, remove_unused_columns=False)
     trainer = Trainer(model=student, args=args, train_dataset=TokenDataset(labels=None, pad_last=4), callbacks=[cb])
@@ -143,10 +168,12 @@ def test_bare_encoder_embedding_distillation_without_labels(tmp_out):
 def test_bf16_autocast_and_evaluation(tmp_out):
     teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
     cb = DistillationCallback(teacher, DistillationConfig(loss_terms="reverse_kl", hard_label_weight=0.5))
-    args = training_args(tmp_out, bf16=True, eval_strategy="steps", eval_steps=2, max_steps=2,
-                         per_device_eval_batch_size=4)
-    trainer = Trainer(model=student, args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(n=8, seed=3),
-                      callbacks=[cb])
+    args = training_args(
+        tmp_out, bf16=True, eval_strategy="steps", eval_steps=2, max_steps=2, per_device_eval_batch_size=4
+    )
+    trainer = Trainer(
+        model=student, args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(n=8, seed=3), callbacks=[cb]
+    )
     trainer.train()
     ev = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert ev and {"eval_kd_loss", "eval_task_loss", "eval_kd_reverse_kl"} <= set(ev[0])
@@ -158,8 +185,12 @@ def test_bf16_autocast_and_evaluation(tmp_out):
 def test_resume_from_checkpoint_restores_projectors(tmp_out):
     def run(max_steps, resume=None, out=tmp_out):
         teacher, student = tiny_llama(seed=1, hidden=48), tiny_llama(seed=2, hidden=32)
-        cfg = DistillationConfig(loss_terms="kl", hard_label_weight=1.0,
-                                 feature_pairs={"model.layers.1": "model.layers.1"}, projector_lr=1e-2)
+        cfg = DistillationConfig(
+            loss_terms="kl",
+            hard_label_weight=1.0,
+            feature_pairs={"model.layers.1": "model.layers.1"},
+            projector_lr=1e-2,
+        )
         cb = DistillationCallback(teacher, cfg)
         args = training_args(out, max_steps=max_steps, save_strategy="steps", save_steps=2)
         trainer = Trainer(model=student, args=args, train_dataset=TokenDataset(n=32), callbacks=[cb])
@@ -175,7 +206,9 @@ def test_resume_from_checkpoint_restores_projectors(tmp_out):
     with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(s_full.state_dict())
     cb_res, s_res = run(4, resume=ckpt, out=tmp_out + "_resumed")
-    for (k, a), b in zip(cb_full.engine.projectors.state_dict().items(), cb_res.engine.projectors.state_dict().values()):
+    for (k, a), b in zip(
+        cb_full.engine.projectors.state_dict().items(), cb_res.engine.projectors.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     for k, v in s_full.state_dict().items():
         torch.testing.assert_close(v, s_res.state_dict()[k], rtol=1e-5, atol=1e-6)
@@ -184,8 +217,12 @@ def test_resume_from_checkpoint_restores_projectors(tmp_out):
 def test_saved_student_loads_without_kd_plugins(tmp_out):
     teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
     cfg = DistillationConfig(loss_terms="kl", feature_pairs={"model.layers.0": "model.layers.1"})
-    trainer = Trainer(model=student, args=training_args(tmp_out, max_steps=2), train_dataset=TokenDataset(),
-                      callbacks=[DistillationCallback(teacher, cfg)])
+    trainer = Trainer(
+        model=student,
+        args=training_args(tmp_out, max_steps=2),
+        train_dataset=TokenDataset(),
+        callbacks=[DistillationCallback(teacher, cfg)],
+    )
     trainer.train()
     trainer.save_model(tmp_out)
     x = torch.randint(0, 96, (1, 7))
@@ -196,8 +233,8 @@ import sys, torch
 sys.modules['kd_plugins'] = None  # any import of kd_plugins would now fail
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({tmp_out!r}).eval()
-x = torch.load({os.path.join(tmp_out, 'x.pt')!r})
-torch.save(m(x).logits, {os.path.join(tmp_out, 'y.pt')!r})
+x = torch.load({os.path.join(tmp_out, "x.pt")!r})
+torch.save(m(x).logits, {os.path.join(tmp_out, "y.pt")!r})
 print(sorted(m.state_dict())[:1])
 """
     env = dict(os.environ, PYTHONPATH="")
@@ -226,12 +263,23 @@ def test_callback_on_trl_sft_trainer(tmp_out):
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 93, (10,), generator=g)) for _ in range(16)]
     teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
-    cb = DistillationCallback(teacher, DistillationConfig(loss_terms="kl", hard_label_weight=1.0),
-                              teacher_tokenizer=tok)
-    args = trl.SFTConfig(output_dir=tmp_out, per_device_train_batch_size=4, max_steps=2, logging_steps=1,
-                         report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", max_length=16)
-    trainer = trl.SFTTrainer(model=student, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tok, callbacks=[cb])
+    cb = DistillationCallback(
+        teacher, DistillationConfig(loss_terms="kl", hard_label_weight=1.0), teacher_tokenizer=tok
+    )
+    args = trl.SFTConfig(
+        output_dir=tmp_out,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        max_length=16,
+    )
+    trainer = trl.SFTTrainer(
+        model=student, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tok, callbacks=[cb]
+    )
     trainer.train()
     hist = [h for h in trainer.state.log_history if "kd_kl" in h]
     assert len(hist) == 2 and all(h["loss"] == pytest.approx(h["task_loss"] + h["kd_loss"], rel=1e-3) for h in hist)
@@ -241,11 +289,25 @@ def test_callback_on_trl_sft_trainer(tmp_out):
     student2 = tiny_llama(seed=2)
     before = _params(student2)
     cb2 = DistillationCallback(teacher, DistillationConfig(loss_terms="kl", hard_label_weight=0.0))
-    args2 = trl.SFTConfig(output_dir=tmp_out + "2", per_device_train_batch_size=4, max_steps=8, logging_steps=4,
-                          report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", max_length=16,
-                          learning_rate=5e-3)
-    trl.SFTTrainer(model=student2, args=args2, train_dataset=Dataset.from_dict({"text": texts}),
-                   processing_class=tok, callbacks=[cb2]).train()
+    args2 = trl.SFTConfig(
+        output_dir=tmp_out + "2",
+        per_device_train_batch_size=4,
+        max_steps=8,
+        logging_steps=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        max_length=16,
+        learning_rate=5e-3,
+    )
+    trl.SFTTrainer(
+        model=student2,
+        args=args2,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tok,
+        callbacks=[cb2],
+    ).train()
     assert not torch.equal(before["lm_head.weight"], student2.state_dict()["lm_head.weight"])
     kd = [h["kd_kl"] for h in cb2.trainer.state.log_history if "kd_kl" in h]
     assert kd[-1] < kd[0]
@@ -253,10 +315,24 @@ def test_callback_on_trl_sft_trainer(tmp_out):
 
 def test_config_parses_with_hf_argument_parser():
     parser = HfArgumentParser((TrainingArguments, DistillationConfig))
-    targs, cfg = parser.parse_args_into_dataclasses(args=[
-        "--output_dir", "x", "--loss_terms", "kl:0.7,hidden_mse:0.3", "--temperature", "2.0",
-        "--hard_label_weight", "0.5", "--feature_pairs", "model.layers.1=model.layers.3",
-        "--loss_kwargs", '{"kl": {"t2_scale": false}}', "--vocab_alignment", "truncate"])
+    targs, cfg = parser.parse_args_into_dataclasses(
+        args=[
+            "--output_dir",
+            "x",
+            "--loss_terms",
+            "kl:0.7,hidden_mse:0.3",
+            "--temperature",
+            "2.0",
+            "--hard_label_weight",
+            "0.5",
+            "--feature_pairs",
+            "model.layers.1=model.layers.3",
+            "--loss_kwargs",
+            '{"kl": {"t2_scale": false}}',
+            "--vocab_alignment",
+            "truncate",
+        ]
+    )
     assert cfg.loss_terms == {"kl": 0.7, "hidden_mse": 0.3}
     assert cfg.feature_pairs == {"model.layers.1": "model.layers.3"}
     assert cfg.loss_kwargs == {"kl": {"t2_scale": False}} and cfg.temperature == 2.0
@@ -279,8 +355,12 @@ def test_teacher_in_eval_mode_every_step(tmp_out):
         def on_step_end(self, args, state, control, **kw):
             self.teacher.train()  # user code flipping the mode must not leak into the distillation
 
-    trainer = Trainer(model=student, args=training_args(tmp_out), train_dataset=TokenDataset(),
-                      callbacks=[TeacherToTrain(teacher, DistillationConfig())])
+    trainer = Trainer(
+        model=student,
+        args=training_args(tmp_out),
+        train_dataset=TokenDataset(),
+        callbacks=[TeacherToTrain(teacher, DistillationConfig())],
+    )
     trainer.train()
     assert seen == [False, False, False]
 
@@ -288,8 +368,12 @@ def test_teacher_in_eval_mode_every_step(tmp_out):
 def test_teacher_on_another_device_is_moved_when_asked(tmp_out):
     teacher, student = copy.deepcopy(tiny_llama(seed=1)).to(torch.float64), tiny_llama(seed=2)
     cfg = DistillationConfig(teacher_dtype="float32", teacher_device="student")
-    Trainer(model=student, args=training_args(tmp_out, max_steps=1), train_dataset=TokenDataset(),
-            callbacks=[DistillationCallback(teacher, cfg)]).train()
+    Trainer(
+        model=student,
+        args=training_args(tmp_out, max_steps=1),
+        train_dataset=TokenDataset(),
+        callbacks=[DistillationCallback(teacher, cfg)],
+    ).train()
     assert next(teacher.parameters()).dtype == torch.float32
 
 
@@ -297,12 +381,17 @@ def test_attention_transfer_and_cosine_features(tmp_out):
     teacher = tiny_bert("BertForMaskedLM", seed=1, layers=3, attn_implementation="eager")
     student = tiny_bert("BertForMaskedLM", seed=2, layers=2, attn_implementation="eager")
     with pytest.raises(ValueError, match="after dropout"):
-        DistillationCallback(teacher, DistillationConfig(loss_terms="attention_kl", attention_layer_map={1: 2})
-                             ).engine.setup(student)
-    student = tiny_bert("BertForMaskedLM", seed=2, layers=2, attn_implementation="eager",
-                        attention_probs_dropout_prob=0.0)
-    cfg = DistillationConfig(loss_terms={"attention_kl": 1.0, "hidden_cosine": 0.5},
-                             attention_layer_map={1: 2}, feature_pairs={"bert.encoder.layer.1": "bert.encoder.layer.2"})
+        DistillationCallback(
+            teacher, DistillationConfig(loss_terms="attention_kl", attention_layer_map={1: 2})
+        ).engine.setup(student)
+    student = tiny_bert(
+        "BertForMaskedLM", seed=2, layers=2, attn_implementation="eager", attention_probs_dropout_prob=0.0
+    )
+    cfg = DistillationConfig(
+        loss_terms={"attention_kl": 1.0, "hidden_cosine": 0.5},
+        attention_layer_map={1: 2},
+        feature_pairs={"bert.encoder.layer.1": "bert.encoder.layer.2"},
+    )
     cb = DistillationCallback(teacher, cfg)
     args = training_args(tmp_out, max_steps=30, learning_rate=3e-3, logging_steps=10)
     Trainer(model=student, args=args, train_dataset=TokenDataset(labels="lm", pad_last=3), callbacks=[cb]).train()
@@ -312,19 +401,31 @@ def test_attention_transfer_and_cosine_features(tmp_out):
     assert hist[-1]["kd_hidden_cosine"] < hist[0]["kd_hidden_cosine"]
 
 
-@pytest.mark.parametrize("terms,kwargs", [("kl", {}), ("jsd", {"jsd": {"beta": 0.3}}), ("reverse_kl", {}),
-                                          ("tvd", {})])
+@pytest.mark.parametrize("terms,kwargs", [("kl", {}), ("jsd", {"jsd": {"beta": 0.3}}), ("reverse_kl", {}), ("tvd", {})])
 def test_fused_lm_loss_matches_plain_path(terms, kwargs, tmp_out):
     """The chunked fused linear+KD path (default for causal LMs) gives the same update as the full-logit path."""
     finals, logs = [], []
     for fused in (False, True):
         teacher, student = tiny_llama(seed=1, layers=3), tiny_llama(seed=2)
-        cfg = DistillationConfig(loss_terms=terms, loss_kwargs=kwargs, temperature=2.0, hard_label_weight=0.5,
-                                 fused_loss=fused, fused_chunk_size=7,
-                                 feature_pairs={"model.layers.1": "model.layers.2"})
+        cfg = DistillationConfig(
+            loss_terms=terms,
+            loss_kwargs=kwargs,
+            temperature=2.0,
+            hard_label_weight=0.5,
+            fused_loss=fused,
+            fused_chunk_size=7,
+            feature_pairs={"model.layers.1": "model.layers.2"},
+        )
         cb = DistillationCallback(teacher, cfg)
-        args = training_args(tmp_out + str(fused), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+        args = training_args(
+            tmp_out + str(fused),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+        )
         Trainer(model=student, args=args, train_dataset=TokenDataset(n=4, pad_last=5), callbacks=[cb]).train()
         assert cb.fused.enabled is fused
         finals.append(_params(student))
@@ -340,8 +441,9 @@ def test_fused_loss_refuses_heads_it_cannot_fuse(tmp_out):
         teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
         student.config.final_logit_softcapping = 30.0
         cb = DistillationCallback(teacher, DistillationConfig(fused_loss=fused))
-        Trainer(model=student, args=training_args(tmp_out, max_steps=1), train_dataset=TokenDataset(),
-                callbacks=[cb]).train()
+        Trainer(
+            model=student, args=training_args(tmp_out, max_steps=1), train_dataset=TokenDataset(), callbacks=[cb]
+        ).train()
         return cb
 
     with pytest.raises(ValueError, match="fused_loss=True but.*soft-capping"):

@@ -3,16 +3,22 @@
 import pytest
 import torch
 import transformers
+from tiny import tiny_bert, tiny_llama
 
 from kd_plugins import inherit_student
 from kd_plugins.distill import find_layer_container, select_layer_indices
-from tiny import tiny_bert, tiny_llama
 
 
 def tiny_mpnet(seed=0, layers=4):
     torch.manual_seed(seed)
-    cfg = transformers.MPNetConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, max_position_embeddings=66)
+    cfg = transformers.MPNetConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=66,
+    )
     return transformers.MPNetModel(cfg)
 
 
@@ -32,8 +38,12 @@ def test_layer_selection_strategies():
 
 @pytest.mark.parametrize("family", ["bert", "bert_cls", "mpnet", "llama"])
 def test_inherited_student_matches_teacher_layers_and_round_trips(family, tmp_path):
-    teacher = {"bert": lambda: tiny_bert("BertModel", layers=4), "bert_cls": lambda: tiny_bert(
-        "BertForSequenceClassification", layers=4), "mpnet": tiny_mpnet, "llama": lambda: tiny_llama(layers=4)}[family]()
+    teacher = {
+        "bert": lambda: tiny_bert("BertModel", layers=4),
+        "bert_cls": lambda: tiny_bert("BertForSequenceClassification", layers=4),
+        "mpnet": tiny_mpnet,
+        "llama": lambda: tiny_llama(layers=4),
+    }[family]()
     teacher.eval()
     student = inherit_student(teacher, num_layers=2, strategy=[1, 3]).eval()
     _, t_layers = find_layer_container(teacher)

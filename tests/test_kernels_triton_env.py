@@ -22,8 +22,30 @@ from kd_plugins.kernels import interpreter_enabled
 from kd_plugins.kernels._triton import INTERPRET_ENV, TRUTHY_VALUES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VALUES = ["1", "true", "TRUE", "True", "yes", "YES", "on", "On", "y", "Y",
-          "0", "false", "False", "off", "no", "n", "", " 1", "1 ", "2", "enable", "t"]
+VALUES = [
+    "1",
+    "true",
+    "TRUE",
+    "True",
+    "yes",
+    "YES",
+    "on",
+    "On",
+    "y",
+    "Y",
+    "0",
+    "false",
+    "False",
+    "off",
+    "no",
+    "n",
+    "",
+    " 1",
+    "1 ",
+    "2",
+    "enable",
+    "t",
+]
 ON = {"1", "true", "TRUE", "True", "yes", "YES", "on", "On", "y", "Y"}
 
 
@@ -42,8 +64,11 @@ def test_interpreter_off_when_unset(monkeypatch):
 def test_no_other_reader_of_the_variable():
     # Every kernel (and the rest of the package) asks kernels._triton instead of reading the environment itself.
     reader = re.compile(r"(os\.environ|getenv\()[^\n]*TRITON_INTERPRET")
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "kd_plugins").rglob("*.py")
-                 if reader.search(p.read_text(encoding="utf-8"))]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "kd_plugins").rglob("*.py")
+        if reader.search(p.read_text(encoding="utf-8"))
+    ]
     assert offenders == []
 
 
@@ -70,12 +95,18 @@ def test_matches_triton_and_device_check():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != INTERPRET_ENV}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(VALUES)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(VALUES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     if "cannot import name 'getenv_bool'" in proc.stderr:
         pytest.skip("this triton version has no getenv_bool")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT") :])
     assert out["lookup_imports_triton"] == [True, False]  # triton_available() looks the package up only
     for value, triton_says, ours, cpu_ok in out["rows"]:
         assert ours == triton_says, value

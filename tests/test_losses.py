@@ -45,8 +45,14 @@ GOLDEN = [
     (soft_cross_entropy, {}, 1.968041),
 ]
 
-DIVERGENCES = [kl_divergence, reverse_kl_divergence, generalized_jsd, skew_kl_divergence,
-               skew_reverse_kl_divergence, total_variation_distance]
+DIVERGENCES = [
+    kl_divergence,
+    reverse_kl_divergence,
+    generalized_jsd,
+    skew_kl_divergence,
+    skew_reverse_kl_divergence,
+    total_variation_distance,
+]
 
 
 @pytest.mark.parametrize("fn,kw,expected", GOLDEN, ids=[f"{f.__name__}-{k}" for f, k, _ in GOLDEN])
@@ -55,8 +61,7 @@ def test_golden_values(fn, kw, expected):
 
 
 def test_golden_dkd():
-    loss, tckd, nckd = dkd_loss(S, T, labels=torch.tensor([0]), alpha=1.0, beta=8.0, temperature=4.0,
-                                return_parts=True)
+    loss, tckd, nckd = dkd_loss(S, T, labels=torch.tensor([0]), alpha=1.0, beta=8.0, temperature=4.0, return_parts=True)
     assert loss.item() == pytest.approx(4.593562, rel=1e-6)
     assert tckd.item() == pytest.approx(0.998808, rel=1e-5)
     assert nckd.item() == pytest.approx(0.449344, rel=1e-5)
@@ -110,8 +115,8 @@ def test_dkd_shift_invariance_and_kl_identity():
     # Per sample, alpha=1 and beta=(1 - p_T[y]) reproduces KL exactly (Zhao et al., Eq. 4).
     for i in range(5):
         p_ty = torch.softmax(t[i] / 2.0, -1)[y[i]].item()
-        d = dkd_loss(s[i:i + 1], t[i:i + 1], labels=y[i:i + 1], alpha=1.0, beta=1 - p_ty, temperature=2.0)
-        k = kl_divergence(s[i:i + 1], t[i:i + 1], temperature=2.0)
+        d = dkd_loss(s[i : i + 1], t[i : i + 1], labels=y[i : i + 1], alpha=1.0, beta=1 - p_ty, temperature=2.0)
+        k = kl_divergence(s[i : i + 1], t[i : i + 1], temperature=2.0)
         assert d.item() == pytest.approx(k.item(), rel=1e-9)
 
 
@@ -121,8 +126,13 @@ def test_jsd_limits_and_symmetry():
     assert generalized_jsd(s, t, beta=1.0).item() == pytest.approx(reverse_kl_divergence(s, t).item(), rel=1e-12)
     assert generalized_jsd(s, t, beta=0.5).item() == pytest.approx(generalized_jsd(t, s, beta=0.5).item(), rel=1e-12)
     # TRL's check: the endpoints equal torch's F.kl_div.
-    ref = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
-                                     reduction="none").sum(-1).mean()
+    ref = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True, reduction="none"
+        )
+        .sum(-1)
+        .mean()
+    )
     assert generalized_jsd(s, t, beta=0.0).item() == pytest.approx(ref.item(), rel=1e-12)
     with pytest.raises(ValueError, match="beta"):
         generalized_jsd(s, t, beta=1.5)
@@ -133,7 +143,8 @@ def test_skew_limits():
     assert skew_kl_divergence(s, t, skew=0.0).item() == pytest.approx(kl_divergence(s, t).item(), rel=1e-12)
     assert skew_kl_divergence(s, t, skew=1.0).item() == pytest.approx(0.0, abs=1e-14)
     assert skew_reverse_kl_divergence(s, t, skew=0.0).item() == pytest.approx(
-        reverse_kl_divergence(s, t).item(), rel=1e-12)
+        reverse_kl_divergence(s, t).item(), rel=1e-12
+    )
     assert skew_reverse_kl_divergence(s, t, skew=1.0).item() == pytest.approx(0.0, abs=1e-14)
 
 
@@ -193,8 +204,9 @@ def test_reduction_modes_and_num_items_in_batch():
     assert total.item() == pytest.approx(none.sum().item(), rel=1e-12)
     assert kl_divergence(s, t, labels=labels).item() == pytest.approx(total.item() / 8, rel=1e-12)
     # Gradient accumulation: two halves normalised by the global count sum to the full-batch mean.
-    halves = sum(kl_divergence(s[i:i + 1], t[i:i + 1], labels=labels[i:i + 1], num_items_in_batch=8)
-                 for i in range(2))
+    halves = sum(
+        kl_divergence(s[i : i + 1], t[i : i + 1], labels=labels[i : i + 1], num_items_in_batch=8) for i in range(2)
+    )
     assert halves.item() == pytest.approx(kl_divergence(s, t, labels=labels).item(), rel=1e-12)
 
 
@@ -309,15 +321,29 @@ def test_module_form_equals_function(name, kw, fn):
     s, t = _rand(seed=33), _rand(seed=34)
     labels = torch.randint(0, 11, (2, 5))
     labels[1, 2] = -100
-    assert get_loss(name, **kw)(s, t, labels=labels).item() == pytest.approx(fn(s, t, labels=labels, **kw).item(),
-                                                                              rel=1e-12)
+    assert get_loss(name, **kw)(s, t, labels=labels).item() == pytest.approx(
+        fn(s, t, labels=labels, **kw).item(), rel=1e-12
+    )
     assert get_loss_function(name) is fn
 
 
 def test_registry_lookup_and_errors():
     names = list_losses()
-    for n in ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd", "logit_mse", "hidden_mse",
-              "hidden_cosine", "attention_kl", "embedding_mse", "affinity_kl"):
+    for n in (
+        "kl",
+        "reverse_kl",
+        "jsd",
+        "skew_kl",
+        "skew_reverse_kl",
+        "tvd",
+        "dkd",
+        "logit_mse",
+        "hidden_mse",
+        "hidden_cosine",
+        "attention_kl",
+        "embedding_mse",
+        "affinity_kl",
+    ):
         assert n in names
     assert "kl" in list_losses("logits") and "hidden_mse" not in list_losses("logits")
     assert type(get_loss("FKL")).__name__ == "KLDivergenceLoss"
@@ -355,15 +381,17 @@ def test_log_values_are_finite_with_extreme_logits():
 
 
 def test_ofa_registered_in_the_loss_library_without_vision():
-    """"ofa" lives next to dkd: importing kd_plugins.losses registers it, without importing kd_plugins.vision."""
+    """ "ofa" lives next to dkd: importing kd_plugins.losses registers it, without importing kd_plugins.vision."""
     import subprocess
     import sys
 
-    code = ("import sys, torch; from kd_plugins.losses import get_loss, list_losses, ofa_loss; "
-            "assert 'ofa' in list_losses('logits') and type(get_loss('ofa_kd')).__name__ == 'OFALoss'; "
-            "s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3]); "
-            "ref = -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean(); "
-            "torch.testing.assert_close(ofa_loss(s, t, labels=y, eps=1.0), ref); "
-            "assert 'kd_plugins.vision' not in sys.modules")
+    code = (
+        "import sys, torch; from kd_plugins.losses import get_loss, list_losses, ofa_loss; "
+        "assert 'ofa' in list_losses('logits') and type(get_loss('ofa_kd')).__name__ == 'OFALoss'; "
+        "s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3]); "
+        "ref = -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean(); "
+        "torch.testing.assert_close(ofa_loss(s, t, labels=y, eps=1.0), ref); "
+        "assert 'kd_plugins.vision' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

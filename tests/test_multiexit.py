@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 
 from kd_plugins.multiexit import (
     MultiExitConfig,
@@ -28,7 +29,6 @@ from kd_plugins.multiexit import (
     simulate_early_exit,
     truncate,
 )
-from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 
 
 def _ids(b=3, t=9, vocab=96, seed=1, pad=True):
@@ -52,9 +52,16 @@ def _tiny_mpnet(layers=4):
     import transformers
 
     torch.manual_seed(0)
-    return transformers.MPNetModel(transformers.MPNetConfig(vocab_size=96, hidden_size=32, num_hidden_layers=layers,
-                                                            num_attention_heads=4, intermediate_size=64,
-                                                            max_position_embeddings=64))
+    return transformers.MPNetModel(
+        transformers.MPNetConfig(
+            vocab_size=96,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _tiny_vit(**kw):
@@ -100,9 +107,18 @@ def test_self_distillation_moves_only_shallow_exits():
 
 
 # --------------------------------------------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize("layers, msg", [([0, 2], "out of range"), ([2, 5], "out of range"), ([3, 2], "increasing"),
-                                         ([2, 2], "increasing"), ([], "at least one"), ([1.5], "integers"),
-                                         (2, "list of exit layers")])
+@pytest.mark.parametrize(
+    "layers, msg",
+    [
+        ([0, 2], "out of range"),
+        ([2, 5], "out of range"),
+        ([3, 2], "increasing"),
+        ([2, 2], "increasing"),
+        ([], "at least one"),
+        ([1.5], "integers"),
+        (2, "list of exit layers"),
+    ],
+)
 def test_bad_exit_layers(layers, msg):
     with pytest.raises(ValueError, match=msg):
         add_exits(tiny_bert(layers=4), layers)
@@ -202,6 +218,7 @@ def test_ffn_head_bad_inputs():
         add_exits(model, [2, 4], head="ffn")
     model = add_exits(tiny_bert(layers=4), [2, 4], head="ffn")
     from kd_plugins.multiexit import apply_head
+
     with pytest.raises(ValueError, match="pass ffn_input"):
         apply_head(model, 2, torch.zeros(1, 3, 32))
 
@@ -289,12 +306,19 @@ def test_hf_trainer_causal_lm_callback(tmp_out):
             logs_list.append(dict(logs or {}))
 
     logs_list = logs
-    trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2), train_dataset=TokenDataset(n=8),
-                      callbacks=[cb, Keep()])
+    trainer = Trainer(
+        model=model, args=training_args(tmp_out, max_steps=2), train_dataset=TokenDataset(n=8), callbacks=[cb, Keep()]
+    )
     trainer.train()
     train_logs = [x for x in logs if "loss" in x]
-    assert train_logs and {"exit2_task", "exit4_task", "exit2_self_kd", "exit2_teacher_kd", "exit4_teacher_kd",
-                           "multi_exit_loss"} <= set(train_logs[0])
+    assert train_logs and {
+        "exit2_task",
+        "exit4_task",
+        "exit2_self_kd",
+        "exit2_teacher_kd",
+        "exit4_teacher_kd",
+        "multi_exit_loss",
+    } <= set(train_logs[0])
     assert any(not torch.equal(before[n], p) for n, p in model.multi_exit.named_parameters())
     assert all(not p.requires_grad for p in teacher.parameters())
 
@@ -308,8 +332,12 @@ def test_hf_trainer_sequence_classifier_callback(tmp_out):
     add_exits(model, [1, 2, 4], head="separate")
     cb = MultiExitCallback(config=MultiExitConfig(weights=[0.2, 0.5, 1.0]))
     before = model.multi_exit.heads["1"]["classifier"].weight.detach().clone()
-    trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2),
-                      train_dataset=TokenDataset(n=8, labels="seq"), callbacks=[cb])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_out, max_steps=2),
+        train_dataset=TokenDataset(n=8, labels="seq"),
+        callbacks=[cb],
+    )
     trainer.train()
     assert not torch.equal(before, model.multi_exit.heads["1"]["classifier"].weight)
     assert cb.trainer is trainer and cb._counts["train"] == 0  # logged and reset
@@ -332,12 +360,20 @@ def test_hf_trainer_encoder_infonce_with_teacher(tmp_out, head):
 
         def __getitem__(self, i):
             a, b = torch.randint(4, 96, (7,), generator=g), torch.randint(4, 96, (9,), generator=g)
-            return {"input_ids": a, "attention_mask": torch.ones_like(a), "positive_input_ids": b,
-                    "positive_attention_mask": torch.ones_like(b)}
+            return {
+                "input_ids": a,
+                "attention_mask": torch.ones_like(a),
+                "positive_input_ids": b,
+                "positive_attention_mask": torch.ones_like(b),
+            }
 
     cfg = MultiExitConfig(embedding_task="infonce", distill_loss="embedding_mse", teacher_weight=0.5)
-    trainer = Trainer(model=model, args=training_args(tmp_out, max_steps=2, remove_unused_columns=False),
-                      train_dataset=Pairs(), callbacks=[MultiExitCallback(teacher, cfg)])
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_out, max_steps=2, remove_unused_columns=False),
+        train_dataset=Pairs(),
+        callbacks=[MultiExitCallback(teacher, cfg)],
+    )
     head_param = next(model.multi_exit.heads["2"].parameters())
     before = head_param.detach().clone()
     out = trainer.train()
@@ -412,8 +448,9 @@ def test_truncated_models_load_without_kd_plugins(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     small = truncate(vit, 2)
     torch.save(small.state_dict(), tmp_path / "vit2.pt")
-    (tmp_path / "vit2.json").write_text(json.dumps({"arch": small.pretrained_cfg["architecture"],
-                                                    "kwargs": small.kd_plugins_create_kwargs}))
+    (tmp_path / "vit2.json").write_text(
+        json.dumps({"arch": small.pretrained_cfg["architecture"], "kwargs": small.kd_plugins_create_kwargs})
+    )
     torch.save({"x": x, "logits": exit_outputs(vit, x)[2]}, tmp_path / "vit_ref.pt")
     code = textwrap.dedent(f"""
         import json, sys, torch
@@ -447,8 +484,9 @@ def test_plot_accuracy_vs_depth(tmp_path):
     assert curve[-1]["exit_share"] == {1: 0.0, 2: 0.0, 4: 1.0}
     depths = [p["average_depth"] for p in curve]
     assert depths == sorted(depths)
-    path = plot_accuracy_vs_depth({"toy": curve}, tmp_path / "curve.png", num_layers=4,
-                                  per_exit={"toy": {k: 0.5 for k in logits}})
+    path = plot_accuracy_vs_depth(
+        {"toy": curve}, tmp_path / "curve.png", num_layers=4, per_exit={"toy": {k: 0.5 for k in logits}}
+    )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
@@ -479,19 +517,24 @@ def _loop_objective(model, teacher_emb, groups, cfg, autocast):
     ed = {k: pool(h.float(), d["attention_mask"]) for k, h in od.items()}
     task = {k: info_nce(eq[k], ed[k], cfg.infonce_scale) for k in eq}
     for k in task:
-        ict = info_nce(pool(oiq[k].float(), iq["attention_mask"]), pool(oid[k].float(), idoc["attention_mask"]),
-                       cfg.infonce_scale)
+        ict = info_nce(
+            pool(oiq[k].float(), iq["attention_mask"]), pool(oid[k].float(), idoc["attention_mask"]), cfg.infonce_scale
+        )
         task[k] = task[k] + cfg.extra_pairs_weight * ict
     both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
-    return multi_exit_loss(both, get_exits(model).num_layers, cfg, kind="embedding", task_losses=task,
-                           teacher=teacher_emb)
+    return multi_exit_loss(
+        both, get_exits(model).num_layers, cfg, kind="embedding", task_losses=task, teacher=teacher_emb
+    )
 
 
-@pytest.mark.parametrize("head,heads_only,precomputed,bf16", [
-    ("ffn", True, True, False),       # the benchmark's phase N: heads only, cached teacher embeddings
-    ("ffn", True, True, True),        # ... with --bf16 (Trainer(bf16=True) autocast, losses in fp32)
-    ("separate", False, False, False),  # everything trains, teacher model run by the callback
-])
+@pytest.mark.parametrize(
+    "head,heads_only,precomputed,bf16",
+    [
+        ("ffn", True, True, False),  # the benchmark's phase N: heads only, cached teacher embeddings
+        ("ffn", True, True, True),  # ... with --bf16 (Trainer(bf16=True) autocast, losses in fp32)
+        ("separate", False, False, False),  # everything trains, teacher model run by the callback
+    ],
+)
 def test_callback_step_equals_benchmark_loop_objective(tmp_out, head, heads_only, precomputed, bf16):
     from transformers import Trainer, TrainerCallback
 
@@ -509,9 +552,18 @@ def test_callback_step_equals_benchmark_loop_objective(tmp_out, head, heads_only
     groups = (_texts(4, 7, 1), _texts(4, 11, 2, (0, 2)), _texts(3, 6, 3), _texts(3, 10, 4, (2,)))
     with torch.no_grad():
         t_q, t_d = (pool(teacher(**x).last_hidden_state, x["attention_mask"]) for x in groups[:2])
-    cfg = MultiExitConfig(weights=[0.333, 0.5, 3], task_weight=1.0, self_distill_weight=0.5, teacher_weight=1.0,
-                          distill_loss="embedding_mse", embedding_task="infonce", infonce_scale=20.0,
-                          distill_positives=True, extra_pairs_weight=0.7, embedding_losses_fp32=True)
+    cfg = MultiExitConfig(
+        weights=[0.333, 0.5, 3],
+        task_weight=1.0,
+        self_distill_weight=0.5,
+        teacher_weight=1.0,
+        distill_loss="embedding_mse",
+        embedding_task="infonce",
+        infonce_scale=20.0,
+        distill_positives=True,
+        extra_pairs_weight=0.7,
+        embedding_losses_fp32=True,
+    )
     batch = {}
     for prefix, group in zip(("", "positive_", "extra_", "extra_positive_"), groups):
         batch.update({prefix + k: v for k, v in group.items()})
@@ -526,10 +578,17 @@ def test_callback_step_equals_benchmark_loop_objective(tmp_out, head, heads_only
             seen["grads"] = {n: None if p.grad is None else p.grad.clone() for n, p in trainable}
             seen["terms"] = {k: v / cb._counts["train"] for k, v in cb._sums["train"].items()}
 
-    args = training_args(tmp_out, max_steps=1, per_device_train_batch_size=1, remove_unused_columns=False,
-                         bf16=bf16, max_grad_norm=0.0)
-    trainer = Trainer(model=model, args=args, train_dataset=[batch], data_collator=lambda rows: dict(rows[0]),
-                      optimizers=(torch.optim.SGD([p for _, p in trainable], lr=0.0), None), callbacks=[cb, Capture()])
+    args = training_args(
+        tmp_out, max_steps=1, per_device_train_batch_size=1, remove_unused_columns=False, bf16=bf16, max_grad_norm=0.0
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[batch],
+        data_collator=lambda rows: dict(rows[0]),
+        optimizers=(torch.optim.SGD([p for _, p in trainable], lr=0.0), None),
+        callbacks=[cb, Capture()],
+    )
     step_loss = trainer.train().training_loss
     model.zero_grad(set_to_none=True)
 

@@ -23,10 +23,29 @@ def test_quant_config_parses_with_hf_argument_parser():
     transformers = pytest.importorskip("transformers")
     parser = transformers.HfArgumentParser(QuantConfig)
     (cfg,) = parser.parse_args_into_dataclasses(
-        ["--method", "smoothquant", "--alpha", "0.6", "--skip", "fc1,classifier", "--default_skip", "false",
-         "--alpha_grid", "0.2,0.4", "--min_calibration_rows", "4"])
-    assert cfg == QuantConfig(method="smoothquant", alpha=0.6, skip=["fc1", "classifier"], default_skip=False,
-                              alpha_grid=(0.2, 0.4), min_calibration_rows=4)
+        [
+            "--method",
+            "smoothquant",
+            "--alpha",
+            "0.6",
+            "--skip",
+            "fc1,classifier",
+            "--default_skip",
+            "false",
+            "--alpha_grid",
+            "0.2,0.4",
+            "--min_calibration_rows",
+            "4",
+        ]
+    )
+    assert cfg == QuantConfig(
+        method="smoothquant",
+        alpha=0.6,
+        skip=["fc1", "classifier"],
+        default_skip=False,
+        alpha_grid=(0.2, 0.4),
+        min_calibration_rows=4,
+    )
     (cfg,) = parser.parse_args_into_dataclasses(["--alpha", "auto"])
     assert cfg.alpha == "auto" and cfg.method == "crossquant" and cfg.alpha_grid == DEFAULT_ALPHA_GRID
     (cfg,) = parser.parse_args_into_dataclasses(["--alpha", "fc1=0.3,fc2=0.5"])
@@ -82,10 +101,12 @@ def test_quantize_config_overrides_and_legacy_positional_forms_agree():
 def test_cli_builds_a_quant_config():
     from kd_plugins.quant.cli import build_parser, quant_config_from_args
 
-    args = build_parser().parse_args(["a", "b", "--method", "smoothquant", "--alpha", "0.4", "--skip", "fc1",
-                                      "--no-default-skip", "--quiet"])
-    assert quant_config_from_args(args) == QuantConfig(method="smoothquant", alpha=0.4, skip=["fc1"],
-                                                       default_skip=False, progress=False)
+    args = build_parser().parse_args(
+        ["a", "b", "--method", "smoothquant", "--alpha", "0.4", "--skip", "fc1", "--no-default-skip", "--quiet"]
+    )
+    assert quant_config_from_args(args) == QuantConfig(
+        method="smoothquant", alpha=0.4, skip=["fc1"], default_skip=False, progress=False
+    )
 
 
 class _Inner(nn.Module):
@@ -115,7 +136,8 @@ class _CalibratesInside(nn.Module):
 def test_padding_mask_is_per_calibration_run():
     model = _CalibratesInside()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
-    stats = collect_activation_stats(model, [{"x": torch.randn(2, 5, 8), "attention_mask": mask}], min_rows=1,
-                                     skip=["inner"])
+    stats = collect_activation_stats(
+        model, [{"x": torch.randn(2, 5, 8), "attention_mask": mask}], min_rows=1, skip=["inner"]
+    )
     assert model.inner_rows == 6
     assert stats["fc"].rows == int(mask.sum())  # the nested run did not clear the outer run's padding mask

@@ -68,8 +68,16 @@ def tiny_llama(tie=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # outlier channels, as in real LLMs
         for layer in m.model.layers:
@@ -123,8 +131,11 @@ def test_activation_quantizers_properties():
 def test_all_zero_rows_and_columns_are_safe():
     x = torch.zeros(4, 8)
     x[1, 2] = 3.0
-    for method, alpha, inv in (("per_token", None, None), ("crossquant", 0.5, crossquant_inv_col(torch.zeros(8), 0.5)),
-                               ("crossquant_dynamic", 0.5, None)):
+    for method, alpha, inv in (
+        ("per_token", None, None),
+        ("crossquant", 0.5, crossquant_inv_col(torch.zeros(8), 0.5)),
+        ("crossquant_dynamic", 0.5, None),
+    ):
         q, rs, _ = quantize_activations(x, method, alpha, inv)
         assert torch.isfinite(rs).all() and q[0].abs().sum() == 0
 
@@ -346,7 +357,9 @@ def test_save_load_bit_identical_hf(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["config.json", "model.safetensors", "quant_config.json"]
     cfg = json.loads((out / "quant_config.json").read_text())
-    assert cfg["metadata"]["method"] == "crossquant" and cfg["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert cfg["metadata"]["method"] == "crossquant" and cfg["aliases"] == {
+        "lm_head.weight": "model.embed_tokens.weight"
+    }
     loaded = load_quantized(out)
     assert type(loaded).__name__ == "LlamaForCausalLM"
     for b in data:
@@ -355,8 +368,11 @@ def test_save_load_bit_identical_hf(tmp_path):
     # on-disk size of the quantized layers is ~1/4 of their fp32 weights
     names = set(cfg["metadata"]["layers"])
     q_bytes = _file_tensor_bytes(out / "model.safetensors", lambda k: k.rsplit(".", 1)[0] in names)
-    fp_bytes = sum((mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)) * 4
-                   for n, mod in m.named_modules() if n in names)
+    fp_bytes = sum(
+        (mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)) * 4
+        for n, mod in m.named_modules()
+        if n in names
+    )
     assert 0.25 <= q_bytes / fp_bytes < 0.30
     # no temporary directories left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -474,8 +490,9 @@ def test_calibrate_layer_alphas_picks_lowest_error_with_kernel_below_per_token()
     h.remove()
     x = torch.cat(rows)
     for i, a in enumerate(grid):
-        q = QuantizedLinear.from_float(m.get_submodule(name), method="crossquant", alpha=a, col_max=stats[name].col_max,
-                                       mode="fake")
+        q = QuantizedLinear.from_float(
+            m.get_submodule(name), method="crossquant", alpha=a, col_max=stats[name].col_max, mode="fake"
+        )
         with torch.no_grad():
             y, ref = q(x), x @ m.get_submodule(name).weight.T
         assert float((y - ref).pow(2).sum() / ref.pow(2).sum()) == pytest.approx(r.errors[i], rel=1e-3)
@@ -538,7 +555,7 @@ def test_row_blocking_is_bit_identical(method, monkeypatch):
 
 
 def test_atomic_dir_keeps_old_content_on_failure_and_replaces_on_success(tmp_path):
-    from kd_plugins._atomic import atomic_dir
+    from kd_plugins._checkpoint import atomic_dir
 
     out = tmp_path / "ck"
     out.mkdir()

@@ -41,8 +41,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                     max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     m = BertModel(cfg).eval()
     with torch.no_grad():  # outlier channels
         for layer in m.encoder.layer:
@@ -55,7 +61,7 @@ def bert_batches(n=4, seq=12, seed=0):
     out = []
     for _ in range(n):  # 4 x 4 [CLS] rows: enough calibration rows for the pooler
         mask = torch.ones(4, seq, dtype=torch.long)
-        mask[1, seq - 3:] = 0
+        mask[1, seq - 3 :] = 0
         out.append({"input_ids": torch.randint(0, 100, (4, seq), generator=g), "attention_mask": mask})
     return out
 
@@ -69,8 +75,10 @@ def _bert_equal(a, b, data):
     with torch.no_grad():
         for x in data:
             oa, ob = a(**x), b(**x)
-            if not (torch.equal(oa.last_hidden_state, ob.last_hidden_state)
-                    and torch.equal(oa.pooler_output, ob.pooler_output)):
+            if not (
+                torch.equal(oa.last_hidden_state, ob.last_hidden_state)
+                and torch.equal(oa.pooler_output, ob.pooler_output)
+            ):
                 return False
     return True
 
@@ -95,9 +103,15 @@ def test_registered_on_import():
     assert hfq.register() is True and hfq.register() is True  # idempotent
     assert hfq.KDQuantHfQuantizer.requires_calibration
     with pytest.raises(ValueError, match="pre-quantized"):
-        hfq.KDQuantHfQuantizer(hfq.KDQuantConfig(method="per_token", layers={"a": {
-            "kind": "linear", "in_features": 2, "out_features": 2, "bias": False, "method": "per_token"}}),
-            pre_quantized=False)
+        hfq.KDQuantHfQuantizer(
+            hfq.KDQuantConfig(
+                method="per_token",
+                layers={
+                    "a": {"kind": "linear", "in_features": 2, "out_features": 2, "bias": False, "method": "per_token"}
+                },
+            ),
+            pre_quantized=False,
+        )
 
 
 @pytest.mark.parametrize("method", ["crossquant", "per_token"])
@@ -321,10 +335,19 @@ def test_from_pretrained_after_plain_import_kd_plugins(tmp_path):
     out = save_quantized(qm, tmp_path / "ck")
     with torch.no_grad():
         torch.save({"ids": data[0]["input_ids"], "logits": qm(**data[0]).logits}, tmp_path / "ref.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     for prelude in _PRELUDES:
         script = _SUBPROCESS.replace("PRELUDE", prelude)
-        r = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "ref.pt")], env=env,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(out), str(tmp_path / "ref.pt")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0 and r.stdout.strip().endswith("OK"), (prelude, r.stderr[-3000:])

@@ -55,7 +55,7 @@ def _embed(model, tok, texts):
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), 16):
-            enc = tok(texts[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            enc = tok(texts[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt")
             h = model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
@@ -65,8 +65,10 @@ def _embed(model, tok, texts):
 def test_minilm_crossquant_quality_and_roundtrip(minilm, texts, tmp_path):
     model, tok, _ = minilm
     calib_texts, eval_texts = texts
-    calib = [dict(tok(calib_texts[i:i + 8], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-             for i in range(0, 16, 8)]
+    calib = [
+        dict(tok(calib_texts[i : i + 8], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        for i in range(0, 16, 8)
+    ]
     q = quantize(copy.deepcopy(model), "crossquant", calibration_data=calib)
     assert len(quantized_layers(q)) == 37  # 6 x (q, k, v, attn-out, intermediate, output) + pooler
     e_fp, e_q = _embed(model, tok, eval_texts), _embed(q, tok, eval_texts)
@@ -86,8 +88,23 @@ def test_cli_quantize_minilm(minilm, texts, tmp_path, capsys):
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text("\n".join(texts[0]))
     out = tmp_path / "out"
-    rc = quantize_main([str(path), str(out), "--method", "crossquant", "--calibration", str(calib_file),
-                        "--alpha", "0.5", "--max-length", "64", "--report-batches", "1", "--quiet"])
+    rc = quantize_main(
+        [
+            str(path),
+            str(out),
+            "--method",
+            "crossquant",
+            "--calibration",
+            str(calib_file),
+            "--alpha",
+            "0.5",
+            "--max-length",
+            "64",
+            "--report-batches",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| **all** | 37 |" in printed and "alpha=0.5" in printed

@@ -99,8 +99,9 @@ def _run(script: str, interpret: bool) -> str:
     env.setdefault("OMP_NUM_THREADS", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -109,7 +110,7 @@ def _run(script: str, interpret: bool) -> str:
 def interp_results():
     out = _run(SCRIPT, interpret=True)
     line = next(l for l in out.splitlines() if l.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def test_int8_gemm_matches_integer_reference_exactly(interp_results):

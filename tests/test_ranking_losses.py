@@ -45,6 +45,7 @@ def test_registered_as_ranking():
 
 # ---------------------------------------------------------------- FIRST
 
+
 def test_first_golden():
     z = torch.tensor([[1.0, 0.5, 2.0]], dtype=D)  # A, B, C; target A > C > B
     ranks, mask = ranks_from_order([[0, 2, 1]], 3)
@@ -92,6 +93,7 @@ def test_first_joint_loss():
 
 # ---------------------------------------------------------------- Margin-MSE
 
+
 def test_margin_mse_golden_and_properties():
     s = torch.tensor([[2.0, 1.0]], dtype=D)
     t = torch.tensor([[5.0, 3.0]], dtype=D)
@@ -104,12 +106,14 @@ def test_margin_mse_golden_and_properties():
     # several negatives: mean over triples; positive index per query
     s3, t3 = _rand((3, 5), 3), _rand((3, 5), 4)
     pos = torch.tensor([0, 2, 4])
-    ref = torch.stack([((s3[i, pos[i]] - s3[i]) - (t3[i, pos[i]] - t3[i]))[torch.arange(5) != pos[i]].pow(2).mean()
-                       for i in range(3)]).mean()
+    ref = torch.stack(
+        [((s3[i, pos[i]] - s3[i]) - (t3[i, pos[i]] - t3[i]))[torch.arange(5) != pos[i]].pow(2).mean() for i in range(3)]
+    ).mean()
     assert margin_mse_loss(s3, t3, positive_index=pos).item() == pytest.approx(ref.item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- RankNet / LambdaRank / ListNet
+
 
 def test_ranknet_soft_minimised_at_teacher_differences():
     t = _rand((2, 5), 5)
@@ -151,6 +155,7 @@ def test_listnet_golden_and_gradient_zero_at_identity():
 
 # ---------------------------------------------------------------- PLD
 
+
 def test_pld_golden():
     assert plackett_luce_loss(S, T, labels=torch.tensor([0])).item() == pytest.approx(1.904993, rel=1e-6)
     assert plackett_luce_loss(S, T, labels=torch.tensor([2])).item() == pytest.approx(0.905617, rel=1e-6)
@@ -179,10 +184,12 @@ def test_pld_reductions_and_invariances():
     y2 = torch.tensor([0, -100, 5, 1])
     keep = torch.tensor([0, 2, 3])
     assert plackett_luce_loss(s, t, labels=y2).item() == pytest.approx(
-        plackett_luce_loss(s[keep], t[keep], labels=y2[keep]).item(), rel=1e-12)
+        plackett_luce_loss(s[keep], t[keep], labels=y2[keep]).item(), rel=1e-12
+    )
 
 
 # ---------------------------------------------------------------- CPRD
+
 
 def test_cprd_golden_and_properties():
     s = torch.tensor([[0.5, 0.7, 0.2, 0.1]], dtype=D)
@@ -207,6 +214,7 @@ def test_cprd_golden_and_properties():
 
 # ---------------------------------------------------------------- DeAR
 
+
 def test_dear_parts_and_properties():
     total, ce, rn, kl = dear_loss(S, T, return_parts=True)
     assert kl.item() == pytest.approx(1.231432, rel=1e-6)  # = Hinton KD at T=2 fixture
@@ -222,6 +230,7 @@ def test_dear_parts_and_properties():
 
 
 # ---------------------------------------------------------------- masks and bad input
+
 
 @pytest.mark.parametrize("name", ["margin_mse", "ranknet", "lambdarank", "listnet", "pld", "cprd", "dear"])
 def test_padding_with_mask_is_neutral(name):
@@ -242,8 +251,9 @@ def test_unequal_lists_and_padding_helper():
     t, _ = pad_candidates(t_lists, dtype=D)
     per_query = listnet_loss(s, t, mask=m, reduction="none")
     assert per_query[0].item() == pytest.approx(1.968041, rel=1e-6)
-    assert per_query[1].item() == pytest.approx(listnet_loss(torch.tensor([[0.5, 0.1]], dtype=D),
-                                                             torch.tensor([[0.0, 2.0]], dtype=D)).item(), rel=1e-12)
+    assert per_query[1].item() == pytest.approx(
+        listnet_loss(torch.tensor([[0.5, 0.1]], dtype=D), torch.tensor([[0.0, 2.0]], dtype=D)).item(), rel=1e-12
+    )
     # lists of unequal length are accepted together with a mask
     assert listnet_loss(s_lists, t_lists, mask=m).item() == pytest.approx(per_query.mean().item(), rel=1e-6)
 

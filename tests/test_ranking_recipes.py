@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from tiny import tiny_bert, tiny_llama
 
 from kd_plugins.losses import get_loss_function
 from kd_plugins.ranking import (
@@ -25,12 +26,16 @@ from kd_plugins.ranking import (
     trans_encoder,
 )
 from kd_plugins.ranking.trans_encoder import bi_encoder_scores, cross_encoder_scores
-from tiny import tiny_bert, tiny_llama
 
 CORPUS = [
-    "the bank raised interest rates again", "shares fell on the stock market", "the team won the cup final",
-    "a new phone was launched today", "the minister announced an election", "the film won an award",
-    "rank the passages based on their relevance to the search query", "passages above all should be included",
+    "the bank raised interest rates again",
+    "shares fell on the stock market",
+    "the team won the cup final",
+    "a new phone was launched today",
+    "the minister announced an election",
+    "the film won an award",
+    "rank the passages based on their relevance to the search query",
+    "passages above all should be included",
     "the output format should be identifiers in descending order of relevance",
 ] * 3
 
@@ -44,8 +49,9 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
@@ -60,6 +66,7 @@ def minilm_tokenizer():
 
 
 # ---------------------------------------------------------------- FIRST
+
 
 def test_prompt_builder():
     p = build_listwise_prompt("rates", ["the bank raised rates", "the team won"], max_passage_words=3)
@@ -100,8 +107,11 @@ def test_first_rerank_is_one_forward_pass(bpe_tokenizer):
     assert torch.allclose(scores, ref, atol=1e-5)
     assert order == torch.argsort(ref, descending=True, stable=True).tolist()
     # batched scoring with right padding reads each row's last real token
-    enc2 = bpe_tokenizer([build_listwise_prompt("interest rates", passages), build_listwise_prompt("x", passages)],
-                         return_tensors="pt", padding=True)
+    enc2 = bpe_tokenizer(
+        [build_listwise_prompt("interest rates", passages), build_listwise_prompt("x", passages)],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         batch = first_scores(model, enc2["input_ids"], ids, attention_mask=enc2["attention_mask"])
     assert torch.allclose(batch[0], ref, atol=1e-4)
@@ -154,9 +164,14 @@ def test_sliding_window():
 
 # ---------------------------------------------------------------- Trans-Encoder
 
-PAIRS = [("the bank raised rates", "interest rates went up"), ("the team won", "a cup final victory"),
-         ("a new phone", "the film won an award"), ("the minister spoke", "an election was announced"),
-         ("shares fell", "the stock market dropped"), ("a new phone", "the team won")]
+PAIRS = [
+    ("the bank raised rates", "interest rates went up"),
+    ("the team won", "a cup final victory"),
+    ("a new phone", "the film won an award"),
+    ("the minister spoke", "an election was announced"),
+    ("shares fell", "the stock market dropped"),
+    ("a new phone", "the team won"),
+]
 
 
 def _bi(tok, seed):
@@ -164,8 +179,7 @@ def _bi(tok, seed):
 
 
 def _cross(tok, seed, **kw):
-    m = tiny_bert("BertForSequenceClassification", vocab=tok.vocab_size, hidden=32, layers=2, seed=seed,
-                  num_labels=1)
+    m = tiny_bert("BertForSequenceClassification", vocab=tok.vocab_size, hidden=32, layers=2, seed=seed, num_labels=1)
     return CrossEncoder(m, tok, max_length=32, **kw)
 
 
@@ -174,12 +188,24 @@ def test_trans_encoder_mutual_cycle(minilm_tokenizer):
     bis = [_bi(tok, 0), _bi(tok, 1)]
     crosses = [_cross(tok, 2), _cross(tok, 3)]
     expected_bi = (1 + torch.stack([bi_encoder_scores(b, PAIRS) for b in bis]).mean(0)) / 2
-    hist = trans_encoder(bis, crosses, PAIRS, cycles=1, cross_epochs=3, bi_epochs=3, cross_batch_size=4,
-                         bi_batch_size=4, cross_lr=1e-3, bi_lr=1e-3, evaluate=lambda c: {"score": float(c)})
+    hist = trans_encoder(
+        bis,
+        crosses,
+        PAIRS,
+        cycles=1,
+        cross_epochs=3,
+        bi_epochs=3,
+        cross_batch_size=4,
+        bi_batch_size=4,
+        cross_lr=1e-3,
+        bi_lr=1e-3,
+        evaluate=lambda c: {"score": float(c)},
+    )
     assert torch.allclose(hist.bi_labels[0], expected_bi, atol=1e-6)  # averaged, affine-mapped cosines
     assert ((hist.bi_labels[0] >= 0) & (hist.bi_labels[0] <= 1)).all()
-    assert torch.allclose(hist.cross_labels[0],
-                          torch.stack([cross_encoder_scores(c, PAIRS) for c in crosses]).mean(0), atol=1e-6)
+    assert torch.allclose(
+        hist.cross_labels[0], torch.stack([cross_encoder_scores(c, PAIRS) for c in crosses]).mean(0), atol=1e-6
+    )
     assert hist.best_cycle == 0
 
 
@@ -205,14 +231,23 @@ def test_trans_encoder_steps_move_towards_pseudo_labels(minilm_tokenizer):
 
 # ---------------------------------------------------------------- retrieval recipe
 
+
 def test_mine_candidates_and_metrics():
     q = torch.eye(4)
     d = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1, 0, 0], [0.8, 0, 0.2, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     g = mine_candidates(q, d, 3, relevant=[1, 2, 4, 5], queries=list("abcd"))
     assert g.candidates[0].tolist() == [0, 1, 3] and g.positive.tolist() == [1, 0, 0, 0]
     topics_q, topics_d = ["x", "x", "y", "y"], ["x", "x", "x", "y", "y", "y"]
-    g2 = mine_candidates(q, d, 3, relevant=[1, 2, 4, 5], queries=list("abcd"), query_topics=topics_q,
-                         doc_topics=topics_d, force_positive=True)
+    g2 = mine_candidates(
+        q,
+        d,
+        3,
+        relevant=[1, 2, 4, 5],
+        queries=list("abcd"),
+        query_topics=topics_q,
+        doc_topics=topics_d,
+        force_positive=True,
+    )
     assert g2.candidates[0].tolist() == [1, 0, 2] and (g2.positive == 0).all()
     assert set(g2.candidates[2].tolist()) == {3, 4, 5}
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1], [0.0, 0.0, 1.0]])
@@ -230,27 +265,36 @@ def test_distill_loss_fn_routing():
     keep = torch.ones(3, 5, dtype=torch.bool)
     keep[torch.arange(3), pos] = False
     assert distill_loss_fn("cprd")(s, t, pos).item() == pytest.approx(
-        get_loss_function("cprd")(s[keep].reshape(3, 4), t[keep].reshape(3, 4)).item())
-    assert distill_loss_fn("pld")(s, t, pos).item() == pytest.approx(
-        get_loss_function("pld")(s, t, labels=pos).item())
+        get_loss_function("cprd")(s[keep].reshape(3, 4), t[keep].reshape(3, 4)).item()
+    )
+    assert distill_loss_fn("pld")(s, t, pos).item() == pytest.approx(get_loss_function("pld")(s, t, labels=pos).item())
     assert distill_loss_fn("margin_mse")(s, t, pos).item() == pytest.approx(
-        get_loss_function("margin_mse")(s, t, positive_index=pos).item())
+        get_loss_function("margin_mse")(s, t, positive_index=pos).item()
+    )
 
 
 def test_cross_encoder_cache_and_students(minilm_tokenizer):
     tok = minilm_tokenizer
-    docs = ["interest rates went up", "the stock market dropped", "a cup final victory", "the film won an award",
-            "an election was announced", "the phone has a camera"]
+    docs = [
+        "interest rates went up",
+        "the stock market dropped",
+        "a cup final victory",
+        "the film won an award",
+        "an election was announced",
+        "the phone has a camera",
+    ]
     queries = ["bank rates", "shares fell", "team won", "new film"]
-    groups = RerankGroups(queries, torch.tensor([[0, 1, 2], [1, 0, 3], [2, 4, 5], [3, 2, 1]]),
-                          torch.zeros(4, dtype=torch.long))
+    groups = RerankGroups(
+        queries, torch.tensor([[0, 1, 2], [1, 0, 3], [2, 4, 5], [3, 2, 1]]), torch.zeros(4, dtype=torch.long)
+    )
     cross = _cross(tok, 6, freeze_layers=1)
     assert cross.supports_cache
     cross.eval()
     with torch.no_grad():
         full = cross(["bank rates", "team won"], ["interest rates went up", "a cup final victory now"])
-        cached = cross.upper(*cross.lower(["bank rates", "team won"], ["interest rates went up",
-                                                                        "a cup final victory now"]))
+        cached = cross.upper(
+            *cross.lower(["bank rates", "team won"], ["interest rates went up", "a cup final victory now"])
+        )
     assert torch.allclose(full, cached, atol=1e-5)
     frozen = [n for n, p in cross.named_parameters() if not p.requires_grad]
     assert any("embeddings" in n for n in frozen) and any("layer.0." in n for n in frozen)
@@ -262,17 +306,36 @@ def test_cross_encoder_cache_and_students(minilm_tokenizer):
     state = {k: v.clone() for k, v in student_model.state_dict().items()}
     for name in ("margin_mse", "ranknet", "pld", "cprd", "listnet", None):
         student_model.load_state_dict(state)
-        losses = train_bi_encoder(student_model, tok, groups, docs, steps=2, batch_queries=2, max_length=16,
-                                  teacher_scores=scores, distill=name)
+        losses = train_bi_encoder(
+            student_model,
+            tok,
+            groups,
+            docs,
+            steps=2,
+            batch_queries=2,
+            max_length=16,
+            teacher_scores=scores,
+            distill=name,
+        )
         assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     # frozen document tower
     doc_emb = torch.nn.functional.normalize(torch.randn(len(docs), 32), dim=-1)
-    train_bi_encoder(student_model, tok, groups, docs, steps=1, batch_queries=2, doc_emb=doc_emb,
-                     teacher_scores=scores, distill="listnet")
+    train_bi_encoder(
+        student_model,
+        tok,
+        groups,
+        docs,
+        steps=1,
+        batch_queries=2,
+        doc_emb=doc_emb,
+        teacher_scores=scores,
+        distill="listnet",
+    )
     with pytest.raises(ValueError, match="teacher_scores"):
         train_bi_encoder(student_model, tok, groups, docs, steps=1, distill="listnet")
     bad = scores.clone()
     bad[0, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf"):
-        train_bi_encoder(student_model, tok, groups, docs, steps=1, batch_queries=4, teacher_scores=bad,
-                         distill="margin_mse")
+        train_bi_encoder(
+            student_model, tok, groups, docs, steps=1, batch_queries=4, teacher_scores=bad, distill="margin_mse"
+        )

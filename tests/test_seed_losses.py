@@ -44,6 +44,7 @@ def test_registered():
 
 # ---------------------------------------------------------------- SinKD
 
+
 def test_sinkhorn_golden():
     assert sinkhorn_loss(ZS, ZT).item() == pytest.approx(0.929523, rel=1e-6)
     assert sinkhorn_loss(ZT, ZT).item() == pytest.approx(0.0035160, rel=1e-4)  # entropic OT is not 0 at identity
@@ -62,7 +63,8 @@ def test_sinkhorn_properties():
     labels = torch.tensor([[1, 2, -100, 3], [4, -100, -100, 5]])
     keep = labels.reshape(-1) != -100
     assert sinkhorn_loss(s3, t3, labels=labels).item() == pytest.approx(
-        sinkhorn_loss(s3.reshape(-1, 9)[keep], t3.reshape(-1, 9)[keep]).item(), rel=1e-12)
+        sinkhorn_loss(s3.reshape(-1, 9)[keep], t3.reshape(-1, 9)[keep]).item(), rel=1e-12
+    )
     # tiny epsilon stays finite (log-domain iterations)
     assert torch.isfinite(sinkhorn_loss(s, t, epsilon=1e-4))
     x = s.clone().requires_grad_()
@@ -71,6 +73,7 @@ def test_sinkhorn_properties():
 
 
 # ---------------------------------------------------------------- MI-alpha
+
 
 def _mi_reference(s, t, alpha, tau, log_q=0.0):
     s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
@@ -88,7 +91,8 @@ def _mi_reference(s, t, alpha, tau, log_q=0.0):
 def test_mi_alpha_matches_reference(alpha):
     s, t = _rand((5, 6), 6), _rand((5, 6), 7)
     assert mi_alpha_loss(s, t, alpha=alpha, temperature=0.5).item() == pytest.approx(
-        _mi_reference(s, t, alpha, 0.5), rel=1e-10)
+        _mi_reference(s, t, alpha, 0.5), rel=1e-10
+    )
 
 
 def test_mi_alpha_aligned_features_have_higher_bound():
@@ -107,10 +111,12 @@ def test_mi_alpha_aligned_features_have_higher_bound():
 
 # ---------------------------------------------------------------- DAC-KL
 
+
 def test_dac_kl_full_band_is_forward_kl_and_zero_at_identity():
     s, t = _rand((4, 10), 12) * 2, _rand((4, 10), 13) * 2
     assert dac_kl_loss(s, t, upper=1.0, lower=0.0, sharpness=0).item() == pytest.approx(
-        kl_divergence(s, t).item(), rel=1e-10)
+        kl_divergence(s, t).item(), rel=1e-10
+    )
     assert dac_kl_loss(s, s.clone(), upper=0.5, lower=0.1).item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -145,6 +151,7 @@ def test_dac_kl_bounds_net_is_trained_end_to_end():
 
 # ---------------------------------------------------------------- LELP
 
+
 def _lelp_setup(num_subclasses):
     g = torch.Generator().manual_seed(16)
     emb = torch.randn(40, 8, generator=g, dtype=D)
@@ -169,15 +176,17 @@ def test_lelp_projection_properties():
     assert torch.allclose(z.std(0, unbiased=False), torch.ones(3, dtype=D), atol=1e-8)
     # the student's class prediction is the logsumexp over its subclasses
     st = _rand((40, 6), 17)
-    assert torch.allclose(torch.softmax(subclass_to_class_logits(st, 3), -1),
-                          torch.softmax(st, -1).reshape(40, 2, 3).sum(-1), atol=1e-12)
+    assert torch.allclose(
+        torch.softmax(subclass_to_class_logits(st, 3), -1), torch.softmax(st, -1).reshape(40, 2, 3).sum(-1), atol=1e-12
+    )
 
 
 def test_lelp_with_one_subclass_is_vanilla_kd():
     emb, labels, head, proj = _lelp_setup(1)
     s, t = _rand((40, 2), 18), emb @ head.T
     assert lelp_loss(s, emb, t, proj, temperature=2.0).item() == pytest.approx(
-        kl_divergence(s, t, temperature=2.0).item(), rel=1e-10)
+        kl_divergence(s, t, temperature=2.0).item(), rel=1e-10
+    )
     mod = get_loss("lelp", projection=proj, alpha=0.5)
     expected = 0.5 * kl_divergence(s, t).item() + 0.5 * F.cross_entropy(s, labels).item()
     assert mod(s, t, teacher_emb=emb, labels=labels).item() == pytest.approx(expected, rel=1e-10)
@@ -188,6 +197,7 @@ def test_lelp_with_one_subclass_is_vanilla_kd():
 
 
 # ---------------------------------------------------------------- MDCS
+
 
 def test_mdcs_consistency():
     weak = _rand((1, 6, 5), 19).repeat(3, 1, 1) + 1e-3 * _rand((3, 6, 5), 37)  # experts agree on the argmax
@@ -220,20 +230,26 @@ def test_mdcs_full_loss_and_schedule():
     y = torch.arange(8) % 4
     counts = torch.tensor([100.0, 30.0, 10.0, 3.0], dtype=D)
     total, ce, cs = mdcs_loss(weak, strong, y, class_counts=counts, return_parts=True)
-    ref_ce = sum(F.cross_entropy(torch.cat([mdcs_logit_adjust(weak[e], counts, lam),
-                                            mdcs_logit_adjust(strong[e], counts, lam)]), torch.cat([y, y]))
-                 for e, lam in enumerate((-0.5, 1.0, 2.5)))
+    ref_ce = sum(
+        F.cross_entropy(
+            torch.cat([mdcs_logit_adjust(weak[e], counts, lam), mdcs_logit_adjust(strong[e], counts, lam)]),
+            torch.cat([y, y]),
+        )
+        for e, lam in enumerate((-0.5, 1.0, 2.5))
+    )
     assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-12)
     assert total.item() == pytest.approx(ce.item() + 0.6 * cs.item(), rel=1e-12)
     # count vs frequency normalisation gives the same loss (log-scale absorbed by softmax)
     assert mdcs_loss(weak, strong, y, class_counts=counts / counts.sum()).item() == pytest.approx(
-        total.item(), rel=1e-10)
+        total.item(), rel=1e-10
+    )
     assert mdcs_cs_weight(0) == 0.0 and mdcs_cs_weight(10) == pytest.approx(0.3) and mdcs_cs_weight(50) == 0.6
     mod = get_loss("mdcs", class_counts=counts.tolist())
     assert mod(weak.float(), strong.float(), labels=y).item() == pytest.approx(total.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- TinyCLIP
+
 
 def _repo_tinyclip(si, st, ti, tt, scale=50.0):
     si, st, ti, tt = (F.normalize(x, dim=-1) for x in (si, st, ti, tt))
@@ -250,17 +266,21 @@ def test_tinyclip_matches_repo_formula_and_reuses_affinity_kl():
     ti, tt = torch.cat([ti, _rand((6, 3), 28)], -1), torch.cat([tt, _rand((6, 3), 29)], -1)
     repo = _repo_tinyclip(si, st, ti, tt)
     assert tinyclip_affinity_loss(si, st, ti, tt, include_teacher_entropy=True).item() == pytest.approx(
-        repo.item(), rel=1e-10)
+        repo.item(), rel=1e-10
+    )
     kl = tinyclip_affinity_loss(si, st, ti, tt)
     tau = 1 / 50
-    ref = 0.5 * (affinity_kl(si, ti, student_keys=st, teacher_keys=tt, temperature=tau)
-                 + affinity_kl(st, tt, student_keys=si, teacher_keys=ti, temperature=tau))
+    ref = 0.5 * (
+        affinity_kl(si, ti, student_keys=st, teacher_keys=tt, temperature=tau)
+        + affinity_kl(st, tt, student_keys=si, teacher_keys=ti, temperature=tau)
+    )
     assert kl.item() == pytest.approx(ref.item(), rel=1e-12)
     assert tinyclip_affinity_loss(ti, tt, ti, tt).item() == pytest.approx(0.0, abs=1e-10)
     assert get_loss("tinyclip")(si, st, ti, tt).item() == pytest.approx(kl.item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- Hybrid Distill
+
 
 def test_hybrid_distill():
     q, k = _rand((2, 2, 5, 4), 30, torch.float32), _rand((2, 2, 5, 4), 31, torch.float32)

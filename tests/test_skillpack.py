@@ -7,14 +7,25 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_bert, tiny_llama
 
-from kd_plugins.skillpack import (ArchitectureMismatchError, BudgetTooSmallError, FingerprintMismatchError,
-                                  IntegrityError, SkillPack, SkillPackError, SkillRouter, applied_packs,
-                                  energy_rank, fuse, model_fingerprint, parse_budget, ties_merge_tensors)
+from kd_plugins.skillpack import (
+    ArchitectureMismatchError,
+    BudgetTooSmallError,
+    FingerprintMismatchError,
+    IntegrityError,
+    SkillPack,
+    SkillPackError,
+    SkillRouter,
+    applied_packs,
+    energy_rank,
+    fuse,
+    model_fingerprint,
+    parse_budget,
+    ties_merge_tensors,
+)
 from kd_plugins.skillpack import quant as Q
 from kd_plugins.skillpack.cli import skillpack_main
-
-from tiny import tiny_bert, tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,7 +54,7 @@ def _finetune(base, seed=1, scale=0.02, rank=None):
             if rank is not None and p.dim() == 2:
                 a = torch.randn(p.shape[0], rank, generator=g)
                 b = torch.randn(rank, p.shape[1], generator=g)
-                p.add_(scale * (a @ b) / rank ** 0.5)
+                p.add_(scale * (a @ b) / rank**0.5)
             else:
                 p.add_(scale * torch.randn(p.shape, generator=g))
     return ft
@@ -157,8 +168,8 @@ def test_mixed_precision_follows_singular_values():
     assert widths == sorted(widths, reverse=True)  # leading (largest-sigma) columns get the most bits
     s = e.tensors["S"]
     start = 0
-    for j, (_, cnt) in enumerate(e.groups[:-1]):  # every column of a wider group beats every narrower one
-        assert s[start:start + cnt].min() >= s[start + cnt:].max()
+    for _, cnt in e.groups[:-1]:  # every column of a wider group beats every narrower one
+        assert s[start : start + cnt].min() >= s[start + cnt :].max()
         start += cnt
     # low-rank delta: the budget goes to the 6 real components
     assert e.rank <= 8 and e.rel_error < 0.2
@@ -181,9 +192,12 @@ def test_more_budget_less_error(llama_pair):
     errs = []
     for b in ("3%", "10%", "30%"):
         pack = SkillPack.extract(base, ft, budget=b, progress=False)
-        d = sum((pack.entries[n].delta() - (f - a)).pow(2).sum().item() if n in pack.entries else
-                (f - a).pow(2).sum().item()
-                for (n, a), f in zip(base.named_parameters(), ft.parameters()))
+        d = sum(
+            (pack.entries[n].delta() - (f - a)).pow(2).sum().item()
+            if n in pack.entries
+            else (f - a).pow(2).sum().item()
+            for (n, a), f in zip(base.named_parameters(), ft.parameters())
+        )
         errs.append(d)
     assert errs[0] > errs[1] > errs[2]
 
@@ -195,8 +209,12 @@ def test_uniform_policy_and_energy_bit_split(llama_pair):
     en = SkillPack.extract(base, ft, energy=0.5, progress=False)
     e = en.entries["model.layers.0.mlp.up_proj.weight"]
     assert [b for b, _ in e.groups][0] == 8 and e.groups[-1][0] == 2
-    assert e.rank == energy_rank(torch.linalg.svdvals(
-        ft.model.layers[0].mlp.up_proj.weight.detach() - base.model.layers[0].mlp.up_proj.weight.detach()), 0.5)
+    assert e.rank == energy_rank(
+        torch.linalg.svdvals(
+            ft.model.layers[0].mlp.up_proj.weight.detach() - base.model.layers[0].mlp.up_proj.weight.detach()
+        ),
+        0.5,
+    )
 
 
 @pytest.mark.parametrize("policy", ["lowrank", "exact", "sparse", "skip"])
@@ -422,8 +440,9 @@ def test_lora_import(tmp_path, ids):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base = tiny_llama(hidden=64, layers=2)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
-                                                                                                   "down_proj"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -451,8 +470,12 @@ def test_cli_extract_info_apply(llama_pair, tmp_path, capsys):
     base, ft = llama_pair
     base.save_pretrained(tmp_path / "base")
     ft.save_pretrained(tmp_path / "ft")
-    assert skillpack_main(["extract", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "pack"),
-                           "--budget", "10%"]) == 0
+    assert (
+        skillpack_main(
+            ["extract", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "pack"), "--budget", "10%"]
+        )
+        == 0
+    )
     assert "saved to" in capsys.readouterr().out
     assert skillpack_main(["info", str(tmp_path / "pack")]) == 0
     assert "checksums OK" in capsys.readouterr().out
@@ -465,8 +488,12 @@ def test_cli_extract_info_apply(llama_pair, tmp_path, capsys):
         assert torch.equal(a, b)
     assert skillpack_main(["export-lora", str(tmp_path / "pack"), str(tmp_path / "lora")]) == 0
     # errors: clear message, non-zero exit, nothing written
-    assert skillpack_main(["extract", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "p2"),
-                           "--budget", "10"]) == 1
+    assert (
+        skillpack_main(
+            ["extract", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "p2"), "--budget", "10"]
+        )
+        == 1
+    )
     assert "too small" in capsys.readouterr().err and not (tmp_path / "p2").exists()
     wrong = tiny_llama(hidden=64, layers=2, seed=4)
     wrong.save_pretrained(tmp_path / "wrong")

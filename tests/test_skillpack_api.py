@@ -11,13 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
 
-from kd_plugins.skillpack import (IntegrityError, SkillPack, SkillPackConfig, SkillPackError, load_skillpack,
-                                  model_fingerprint, save_skillpack)
+from kd_plugins.skillpack import (
+    IntegrityError,
+    SkillPack,
+    SkillPackConfig,
+    SkillPackError,
+    load_skillpack,
+    model_fingerprint,
+    save_skillpack,
+)
 from kd_plugins.skillpack.cli import skillpack_main
-
-from tiny import tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SKILLPACK_DIR = Path(__file__).parents[1] / "kd_plugins" / "skillpack"
@@ -45,9 +51,10 @@ def pair():
 def _same_pack(a: SkillPack, b: SkillPack) -> bool:
     if list(a.entries) != list(b.entries):
         return False
-    return all(e.meta() == b.entries[n].meta() and all(torch.equal(t, b.entries[n].tensors[r])
-                                                       for r, t in e.tensors.items())
-               for n, e in a.entries.items())
+    return all(
+        e.meta() == b.entries[n].meta() and all(torch.equal(t, b.entries[n].tensors[r]) for r, t in e.tensors.items())
+        for n, e in a.entries.items()
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- config
@@ -55,8 +62,20 @@ def test_config_parses_with_hf_argument_parser():
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(SkillPackConfig).parse_args_into_dataclasses(
-        ["--budget", "5%", "--policy", "uniform", "--bits", "8,4", "--bit-split", "8:0.1,4:0.9", "--group-size", "32",
-         "--no-progress"])
+        [
+            "--budget",
+            "5%",
+            "--policy",
+            "uniform",
+            "--bits",
+            "8,4",
+            "--bit-split",
+            "8:0.1,4:0.9",
+            "--group-size",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert cfg.budget == "5%" and cfg.policy == "uniform" and cfg.bits == (8, 4) and cfg.group_size == 32
     assert cfg.bit_split == ((8, 0.1), (4, 0.9)) and cfg.progress is False
     (default,) = HfArgumentParser(SkillPackConfig).parse_args_into_dataclasses([])
@@ -73,21 +92,24 @@ def test_config_python_forms_and_idempotence():
     assert dataclasses.replace(cfg) == cfg  # __post_init__ accepts its own parsed values
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(policy="global"), "policy"),
-    (dict(embeddings="dense"), "embeddings"),
-    (dict(bits="8,3"), "bits"),
-    (dict(bits="eight"), "bits"),
-    (dict(bit_split="8-0.5"), "bit_split"),
-    (dict(bit_split="3:1.0"), "bit_split"),
-    (dict(group_size=30), "group_size"),
-    (dict(sparse_density=0.0), "sparse_density"),
-    (dict(exact_max_dim=-1), "exact_max_dim"),
-    (dict(energy=1.5), "energy"),
-    (dict(budget="lots"), "budget"),
-    (dict(budget=1.5), "fraction"),
-    (dict(budget="5%", energy=0.9), "only one of budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(policy="global"), "policy"),
+        (dict(embeddings="dense"), "embeddings"),
+        (dict(bits="8,3"), "bits"),
+        (dict(bits="eight"), "bits"),
+        (dict(bit_split="8-0.5"), "bit_split"),
+        (dict(bit_split="3:1.0"), "bit_split"),
+        (dict(group_size=30), "group_size"),
+        (dict(sparse_density=0.0), "sparse_density"),
+        (dict(exact_max_dim=-1), "exact_max_dim"),
+        (dict(energy=1.5), "energy"),
+        (dict(budget="lots"), "budget"),
+        (dict(budget=1.5), "fraction"),
+        (dict(budget="5%", energy=0.9), "only one of budget"),
+    ],
+)
 def test_config_validation_errors(kwargs, match):
     with pytest.raises(SkillPackError, match=match):
         SkillPackConfig(**kwargs)
@@ -113,13 +135,41 @@ def test_cli_builds_config(pair, tmp_path, capsys):
     base, ft = pair
     base.save_pretrained(tmp_path / "base")
     ft.save_pretrained(tmp_path / "ft")
-    assert skillpack_main(["extract", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "p"),
-                           "--energy", "0.9", "--bit-split", "8:0.5,4:0.5", "--name", "cli"]) == 0
+    assert (
+        skillpack_main(
+            [
+                "extract",
+                str(tmp_path / "base"),
+                str(tmp_path / "ft"),
+                str(tmp_path / "p"),
+                "--energy",
+                "0.9",
+                "--bit-split",
+                "8:0.5,4:0.5",
+                "--name",
+                "cli",
+            ]
+        )
+        == 0
+    )
     pack = load_skillpack(tmp_path / "p")
     assert pack.name == "cli" and pack.info["energy"] == 0.9
     assert {b for e in pack.entries.values() for b, _ in e.groups} <= {8, 4}
-    assert skillpack_main(["extract", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "p2"),
-                           "--budget", "30%", "--bits", "8,3"]) == 1
+    assert (
+        skillpack_main(
+            [
+                "extract",
+                str(tmp_path / "base"),
+                str(tmp_path / "ft"),
+                str(tmp_path / "p2"),
+                "--budget",
+                "30%",
+                "--bits",
+                "8,3",
+            ]
+        )
+        == 1
+    )
     assert "bits must be widths" in capsys.readouterr().err and not (tmp_path / "p2").exists()
 
 
@@ -201,13 +251,16 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycles_inside_skillpack():
-    graph = {p.stem: _imports(p) & {q.stem for q in SKILLPACK_DIR.glob("*.py")} for p in SKILLPACK_DIR.glob("*.py")
-             if p.stem != "__init__"}
+    graph = {
+        p.stem: _imports(p) & {q.stem for q in SKILLPACK_DIR.glob("*.py")}
+        for p in SKILLPACK_DIR.glob("*.py")
+        if p.stem != "__init__"
+    }
     done, stack = set(), []
 
     def visit(node):
         if node in stack:
-            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node) :] + [node]))
         if node in done:
             return
         stack.append(node)

@@ -10,10 +10,16 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.real
 
-SENTENCES = ["The central bank raised interest rates again.", "The striker scored twice in the cup final.",
-             "A new smartphone chip promises longer battery life.", "Parliament debated the education bill.",
-             "The film won three awards at the festival.", "Oil prices fell after the announcement.",
-             "The coach praised his young defenders.", "Broadband use keeps growing in rural areas."]
+SENTENCES = [
+    "The central bank raised interest rates again.",
+    "The striker scored twice in the cup final.",
+    "A new smartphone chip promises longer battery life.",
+    "Parliament debated the education bill.",
+    "The film won three awards at the festival.",
+    "Oil prices fell after the announcement.",
+    "The coach praised his young defenders.",
+    "Broadband use keeps growing in rural areas.",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")

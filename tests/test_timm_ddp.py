@@ -23,8 +23,16 @@ def build_task(kind: str = "kd"):
     torch.manual_seed(1)
     teacher = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
     torch.manual_seed(2)  # LayerNorm-only student: per-rank batches give the same gradients as the full batch
-    student = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                                embed_dim=48, num_heads=2, num_classes=10)
+    student = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=2,
+        num_classes=10,
+    )
     torch.manual_seed(3)
     if kind == "multiexit":
         from kd_plugins.integrations.timm import MultiExitTask
@@ -46,8 +54,15 @@ def build_task(kind: str = "kd"):
         return ACMTask(student, config=cfg, teacher=original)
     from kd_plugins.integrations.timm import KDTask
 
-    return KDTask(student_model=student, teacher_model=teacher, loss_terms={"kl": 1.0, "hidden_mse": 0.5, "ofa": 1.0},
-                  temperature=2.0, feature_pairs={1: 3}, input_size=32, verbose=False)
+    return KDTask(
+        student_model=student,
+        teacher_model=teacher,
+        loss_terms={"kl": 1.0, "hidden_mse": 0.5, "ofa": 1.0},
+        temperature=2.0,
+        feature_pairs={1: 3},
+        input_size=32,
+        verbose=False,
+    )
 
 
 def data():
@@ -89,8 +104,13 @@ def test_ddp_two_gloo_ranks_match_single_process(tmp_path, kind):
     # the single-process reference runs in a fresh interpreter too, so no global state left by earlier tests in this
     # process (thread pools, timm layer flags) can make it differ from the DDP ranks
     ref = str(tmp_path / "single.safetensors")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), ref, str(GLOBAL_BATCH), kind], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), ref, str(GLOBAL_BATCH), kind],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     single = load_file(ref)
     out = str(tmp_path / "ddp.safetensors")

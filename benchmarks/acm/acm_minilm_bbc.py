@@ -78,16 +78,30 @@ def parse_args(argv=None):
     p.add_argument("--recalibrate", type=int, default=1, help="re-calibrate the gate price to beta after stage 3")
     p.add_argument("--lr", type=float, default=5e-5, help="stage 3 learning rate (learners / backbone)")
     p.add_argument("--gate-lr", type=float, default=1e-3, help="stage 3 learning rate of the gates")
-    p.add_argument("--stage3-gate-noise", type=int, default=1,
-                   help="1: hard Gumbel gates in stage 3 (the paper); 0: the argmax choice inference makes")
-    p.add_argument("--serve-budgets", default="",
-                   help="after the last --budgets run: serve that stage-3 model at these betas too, by re-calibrating "
-                        "its gate price on its own block inputs (no retraining), e.g. 0.75,0.25")
+    p.add_argument(
+        "--stage3-gate-noise",
+        type=int,
+        default=1,
+        help="1: hard Gumbel gates in stage 3 (the paper); 0: the argmax choice inference makes",
+    )
+    p.add_argument(
+        "--serve-budgets",
+        default="",
+        help="after the last --budgets run: serve that stage-3 model at these betas too, by re-calibrating "
+        "its gate price on its own block inputs (no retraining), e.g. 0.75,0.25",
+    )
     p.add_argument("--stage1-lr", type=float, default=1e-3)
-    p.add_argument("--eval", default="test", choices=["validation", "test"],
-                   help="split for every MRR (tune with validation; the reported runs use test once)")
-    p.add_argument("--stage2-cache", default="",
-                   help="reuse (or write) the stage-1+2 model state and its cached training tokens here (.pt)")
+    p.add_argument(
+        "--eval",
+        default="test",
+        choices=["validation", "test"],
+        help="split for every MRR (tune with validation; the reported runs use test once)",
+    )
+    p.add_argument(
+        "--stage2-cache",
+        default="",
+        help="reuse (or write) the stage-1+2 model state and its cached training tokens here (.pt)",
+    )
     p.add_argument("--hidden-weight", type=float, default=1.0)
     p.add_argument("--timing-repeats", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "acm_minilm.json"))
@@ -101,7 +115,7 @@ def parse_args(argv=None):
 
 def batches(tok, texts, bs, max_len):
     for s in range(0, len(texts), bs):
-        yield dict(tok(texts[s:s + bs], padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
+        yield dict(tok(texts[s : s + bs], padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
 
 
 def evaluate(model, tok, split_articles_, acm: bool) -> dict:
@@ -117,10 +131,13 @@ def evaluate(model, tok, split_articles_, acm: bool) -> dict:
     if acm:
         st = acm_stats(model)
         reset_acm_stats(model, False)
-        res.update(learner_fraction=st["learner_fraction"], compute_fraction=st["compute_fraction"],
-                   avg_k={n.split(".")[2]: round(v["avg_k"], 3) for n, v in st["blocks"].items()},
-                   mlp_gflops_per_token=st["avg_flops_per_token"] / 1e9,
-                   dense_mlp_gflops_per_token=st["dense_flops_per_token"] / 1e9)
+        res.update(
+            learner_fraction=st["learner_fraction"],
+            compute_fraction=st["compute_fraction"],
+            avg_k={n.split(".")[2]: round(v["avg_k"], 3) for n, v in st["blocks"].items()},
+            mlp_gflops_per_token=st["avg_flops_per_token"] / 1e9,
+            dense_mlp_gflops_per_token=st["dense_flops_per_token"] / 1e9,
+        )
     return res
 
 
@@ -131,8 +148,9 @@ class TokenizeTexts:
         self.tok, self.max_length = tok, max_length
 
     def __call__(self, texts: list[str]) -> dict:
-        return dict(self.tok(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt"))
+        return dict(
+            self.tok(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        )
 
 
 def stage3(model, teacher, tok, texts, beta, args):
@@ -150,17 +168,40 @@ def stage3(model, teacher, tok, texts, beta, args):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(acm_param_groups(model, lr=args.lr, gate_lr=args.gate_lr, weight_decay=0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10) * (1 - step / steps))
-    config = ACMConfig(budget=beta, distill_loss="cosine", hidden_weight=args.hidden_weight, alpha_budget=0.1,
-                       alpha_entropy=0.05, alpha_diversity=0.05, gumbel_tau=0.8, straight_through=True,
-                       gate_noise=bool(args.stage3_gate_noise))
+    config = ACMConfig(
+        budget=beta,
+        distill_loss="cosine",
+        hidden_weight=args.hidden_weight,
+        alpha_budget=0.1,
+        alpha_entropy=0.05,
+        alpha_diversity=0.05,
+        gumbel_tau=0.8,
+        straight_through=True,
+        gate_noise=bool(args.stage3_gate_noise),
+    )
     with tempfile.TemporaryDirectory() as out_dir:  # nothing is saved: save_strategy="no"
-        targs = TrainingArguments(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch,
-                                  max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to=[],
-                                  use_cpu=True, seed=args.seed, dataloader_drop_last=True, disable_tqdm=True,
-                                  dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=targs, train_dataset=texts,
-                          data_collator=TokenizeTexts(tok, args.stage3_len), optimizers=(opt, sched),
-                          callbacks=[ACMCallback(teacher, config)])
+        targs = TrainingArguments(
+            output_dir=out_dir,
+            max_steps=steps,
+            per_device_train_batch_size=args.batch,
+            max_grad_norm=1.0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=args.seed,
+            dataloader_drop_last=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=texts,
+            data_collator=TokenizeTexts(tok, args.stage3_len),
+            optimizers=(opt, sched),
+            callbacks=[ACMCallback(teacher, config)],
+        )
         t0 = time.perf_counter()
         trainer.train()
     log(f"stage3 beta={beta}: {steps} Trainer steps in {time.perf_counter() - t0:.0f}s")
@@ -182,8 +223,12 @@ def timing(teacher, model, tok, articles, repeats):
     tmods = dict(teacher.named_modules())
     blocks = acm_blocks(model)
     zs: dict[str, list] = {n: [] for n in names}
-    hooks = [tmods[blocks[n].acm_source_in].register_forward_pre_hook(
-        lambda m, a, n=n: zs[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    hooks = [
+        tmods[blocks[n].acm_source_in].register_forward_pre_hook(
+            lambda m, a, n=n: zs[n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in names
+    ]
     teacher(**b)
     for h in hooks:
         h.remove()
@@ -214,12 +259,18 @@ def timing(teacher, model, tok, articles, repeats):
     acm_mlps()
     st = acm_stats(model)
     reset_acm_stats(model, False)
-    return {"tokens": 32 * 256, "mlp_dense_s": statistics.median(td), "mlp_acm_s": statistics.median(ta),
-            "mlp_speedup": statistics.median(td) / statistics.median(ta),
-            "model_dense_s": statistics.median(fd), "model_acm_s": statistics.median(fa),
-            "model_speedup": statistics.median(fd) / statistics.median(fa),
-            "timing_learner_fraction": st["learner_fraction"], "timing_compute_fraction": st["compute_fraction"],
-            "raw": {"mlp_dense": td, "mlp_acm": ta, "model_dense": fd, "model_acm": fa}}
+    return {
+        "tokens": 32 * 256,
+        "mlp_dense_s": statistics.median(td),
+        "mlp_acm_s": statistics.median(ta),
+        "mlp_speedup": statistics.median(td) / statistics.median(ta),
+        "model_dense_s": statistics.median(fd),
+        "model_acm_s": statistics.median(fa),
+        "model_speedup": statistics.median(fd) / statistics.median(fa),
+        "timing_learner_fraction": st["learner_fraction"],
+        "timing_compute_fraction": st["compute_fraction"],
+        "raw": {"mlp_dense": td, "mlp_acm": ta, "model_dense": fd, "model_acm": fa},
+    }
 
 
 def main(argv=None):
@@ -264,20 +315,30 @@ def main(argv=None):
         io = collect_block_io(teacher, model, batches(tok, texts[128:], 32, args.train_len), max_tokens=args.io_tokens)
         log(f"cached block I/O: {next(iter(io.values()))[0].shape[0]} tokens per block")
         t = time.perf_counter()
-        h1 = stage1_distill(model, io, steps=args.stage1_steps, lr=args.stage1_lr, batch_tokens=1024, log_every=100,
-                            normalize=True)
+        h1 = stage1_distill(
+            model, io, steps=args.stage1_steps, lr=args.stage1_lr, batch_tokens=1024, log_every=100, normalize=True
+        )
         results["stage1"] = {"first": h1[0], "last": sum(h1[-20:]) / 20, "seconds": time.perf_counter() - t}
         t = time.perf_counter()
         s2 = stage2_gates(model, io, steps=args.stage2_steps, lr=0.01, batch_tokens=2048, log_every=100)
-        results["stage2"] = {"label_hist": s2["label_hist"], "accuracy": s2["accuracy"],
-                             "seconds": time.perf_counter() - t}
+        results["stage2"] = {
+            "label_hist": s2["label_hist"],
+            "accuracy": s2["accuracy"],
+            "seconds": time.perf_counter() - t,
+        }
         log(f"stage 2 label histograms {s2['label_hist']}")
         io_small = {n: (z[:8192].clone(), o[:8192].clone()) for n, (z, o) in io.items()}
         del io
         if s2_cache is not None:
             s2_cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state": model.state_dict(), "io_small": io_small,
-                        "meta": {"stage1": results["stage1"], "stage2": results["stage2"]}}, s2_cache)
+            torch.save(
+                {
+                    "state": model.state_dict(),
+                    "io_small": io_small,
+                    "meta": {"stage1": results["stage1"], "stage2": results["stage2"]},
+                },
+                s2_cache,
+            )
     model.eval()
     if args.extra_evals:
         set_acm_mode(model, "full")
@@ -285,8 +346,10 @@ def main(argv=None):
         log(f"after stage 1 (k=N everywhere) {args.eval} MRR {results['full_k']['mrr']:.4f}")
         set_acm_mode(model, "gated")
         results["stage2_gated"] = evaluate(model, tok, ev, acm=True)
-        log(f"after stage 2 (gated) {args.eval} MRR {results['stage2_gated']['mrr']:.4f} "
-            f"frac {results['stage2_gated']['learner_fraction']:.3f}")
+        log(
+            f"after stage 2 (gated) {args.eval} MRR {results['stage2_gated']['mrr']:.4f} "
+            f"frac {results['stage2_gated']['learner_fraction']:.3f}"
+        )
     stage2_state = copy.deepcopy(model.state_dict())
 
     for beta in [float(x) for x in args.budgets.split(",")]:
@@ -310,8 +373,10 @@ def main(argv=None):
         r["stage3_last_kd"] = hist[-1]["acm_distill"] if hist else 0.0  # Trainer logs: means over 10 steps
         r["stage3_first_kd"] = hist[0]["acm_distill"] if hist else 0.0
         r["stage3_log"] = hist
-        log(f"beta={beta}: {args.eval} MRR {r['mrr']:.4f} learner fraction {r['learner_fraction']:.3f} "
-            f"compute fraction {r['compute_fraction']:.3f}")
+        log(
+            f"beta={beta}: {args.eval} MRR {r['mrr']:.4f} learner fraction {r['learner_fraction']:.3f} "
+            f"compute fraction {r['compute_fraction']:.3f}"
+        )
         if abs(beta - 0.5) < 1e-9:
             if args.save_dir:
                 from kd_plugins.acm import save_acm
@@ -319,9 +384,11 @@ def main(argv=None):
                 save_acm(model, args.save_dir, tokenizer=tok, overwrite=True)
             r["timing"] = timing(teacher, model, tok, ev, args.timing_repeats)
             tm = r["timing"]
-            log(f"timing: MLP dense {tm['mlp_dense_s'] * 1e3:.1f} ms, ACM {tm['mlp_acm_s'] * 1e3:.1f} ms "
+            log(
+                f"timing: MLP dense {tm['mlp_dense_s'] * 1e3:.1f} ms, ACM {tm['mlp_acm_s'] * 1e3:.1f} ms "
                 f"({tm['mlp_speedup']:.2f}x); model {tm['model_dense_s'] * 1e3:.0f} vs {tm['model_acm_s'] * 1e3:.0f} "
-                f"ms ({tm['model_speedup']:.2f}x)")
+                f"ms ({tm['model_speedup']:.2f}x)"
+            )
         results["budgets"][str(beta)] = r
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -335,8 +402,10 @@ def main(argv=None):
             calibrate_gate_budget(model, own, sb)
             r = evaluate(model, tok, ev, acm=True)
             results["served"][str(sb)] = r
-            log(f"served at beta={sb} (trained at {beta}): {args.eval} MRR {r['mrr']:.4f} learner fraction "
-                f"{r['learner_fraction']:.3f}")
+            log(
+                f"served at beta={sb} (trained at {beta}): {args.eval} MRR {r['mrr']:.4f} learner fraction "
+                f"{r['learner_fraction']:.3f}"
+            )
         model.load_state_dict(trained)
     results["total_seconds"] = time.perf_counter() - t_start
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -347,51 +416,70 @@ def write_report(res: dict, args) -> None:
     argv = [a for a in sys.argv[1:] if a != "--report-only"]
     cmd = f"OMP_NUM_THREADS={args.threads} " + command_line(__file__, argv, quote=False)
     d = res["dense"]
-    lines = ["# ACM (Adaptive Computation Modules) on all-MiniLM-L6-v2, BBC News", "",
-             f"Command: `{cmd}` (torch threads: {args.threads}; total {res.get('total_seconds', 0) / 60:.1f} min "
-             "on the shared 2-core CPU machine).", "",
-             "All 6 MLPs ACMized (N = 4 learners of width 384, sliced from the dense MLP after importance ordering), "
-             "stage 1 + stage 2 on cached block I/O of training texts; then per beta, from the stage-2 model: the gate "
-             "price is calibrated to beta on cached training-token block inputs (`calibrate_gate_budget`), stage 3 "
-             "(`transformers.Trainer` + `ACMCallback`: distillation from the frozen original + budget/entropy/"
-             "diversity losses, straight-through gates; AdamW over `acm_param_groups`) and a re-calibration of the "
-             "price on the trained model's own block inputs (`collect_acm_inputs`). Test split (400 articles, "
-             "seed 0), title -> body MRR, mean pooling, max 256 tokens, grouped sparse inference. *learner "
-             "fraction* = measured executed learner FLOPs / all learners over non-padding test tokens; *MLP "
-             "compute* = (learners + gates) / dense MLP FLOPs.", "",
-             "| model | target beta | test MRR | recall@1 | learner fraction | MLP compute (incl. gates) | "
-             "MLP MFLOPs/token |", "|---|---|---|---|---|---|---|",
-             f"| dense | - | {d['mrr']:.4f} | {d['recall@1']:.4f} | 1.000 | 1.000 | "
-             f"{next(iter(res['budgets'].values()))['dense_mlp_gflops_per_token'] * 1e3:.2f} |"]
+    lines = [
+        "# ACM (Adaptive Computation Modules) on all-MiniLM-L6-v2, BBC News",
+        "",
+        f"Command: `{cmd}` (torch threads: {args.threads}; total {res.get('total_seconds', 0) / 60:.1f} min "
+        "on the shared 2-core CPU machine).",
+        "",
+        "All 6 MLPs ACMized (N = 4 learners of width 384, sliced from the dense MLP after importance ordering), "
+        "stage 1 + stage 2 on cached block I/O of training texts; then per beta, from the stage-2 model: the gate "
+        "price is calibrated to beta on cached training-token block inputs (`calibrate_gate_budget`), stage 3 "
+        "(`transformers.Trainer` + `ACMCallback`: distillation from the frozen original + budget/entropy/"
+        "diversity losses, straight-through gates; AdamW over `acm_param_groups`) and a re-calibration of the "
+        "price on the trained model's own block inputs (`collect_acm_inputs`). Test split (400 articles, "
+        "seed 0), title -> body MRR, mean pooling, max 256 tokens, grouped sparse inference. *learner "
+        "fraction* = measured executed learner FLOPs / all learners over non-padding test tokens; *MLP "
+        "compute* = (learners + gates) / dense MLP FLOPs.",
+        "",
+        "| model | target beta | test MRR | recall@1 | learner fraction | MLP compute (incl. gates) | "
+        "MLP MFLOPs/token |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense | - | {d['mrr']:.4f} | {d['recall@1']:.4f} | 1.000 | 1.000 | "
+        f"{next(iter(res['budgets'].values()))['dense_mlp_gflops_per_token'] * 1e3:.2f} |",
+    ]
     for name, key in (("ACM k=N (after stage 1)", "full_k"), ("ACM gated (after stage 2)", "stage2_gated")):
         if key not in res:
             continue
         r = res[key]
-        lines.append(f"| {name} | - | {r['mrr']:.4f} | {r['recall@1']:.4f} | {r['learner_fraction']:.3f} | "
-                     f"{r['compute_fraction']:.3f} | {r['mlp_gflops_per_token'] * 1e3:.2f} |")
+        lines.append(
+            f"| {name} | - | {r['mrr']:.4f} | {r['recall@1']:.4f} | {r['learner_fraction']:.3f} | "
+            f"{r['compute_fraction']:.3f} | {r['mlp_gflops_per_token'] * 1e3:.2f} |"
+        )
     for beta, r in res["budgets"].items():
-        lines.append(f"| ACM stage 3 | {beta} | {r['mrr']:.4f} | {r['recall@1']:.4f} | {r['learner_fraction']:.3f} |"
-                     f" {r['compute_fraction']:.3f} | {r['mlp_gflops_per_token'] * 1e3:.2f} |")
+        lines.append(
+            f"| ACM stage 3 | {beta} | {r['mrr']:.4f} | {r['recall@1']:.4f} | {r['learner_fraction']:.3f} |"
+            f" {r['compute_fraction']:.3f} | {r['mlp_gflops_per_token'] * 1e3:.2f} |"
+        )
     for beta, r in res.get("served", {}).items():
-        lines.append(f"| ACM stage 3 at {res['served_from']}, served at | {beta} | {r['mrr']:.4f} | "
-                     f"{r['recall@1']:.4f} | {r['learner_fraction']:.3f} | {r['compute_fraction']:.3f} | "
-                     f"{r['mlp_gflops_per_token'] * 1e3:.2f} |")
+        lines.append(
+            f"| ACM stage 3 at {res['served_from']}, served at | {beta} | {r['mrr']:.4f} | "
+            f"{r['recall@1']:.4f} | {r['learner_fraction']:.3f} | {r['compute_fraction']:.3f} | "
+            f"{r['mlp_gflops_per_token'] * 1e3:.2f} |"
+        )
     lines += ["", f"Average k per layer ({res['args'].get('eval', 'test')} tokens):", ""]
     for beta, r in res["budgets"].items():
         lines.append(f"- beta {beta}: {r['avg_k']}")
     tm = next((r["timing"] for r in res["budgets"].values() if "timing" in r), None)
     if tm:
-        lines += ["", f"## CPU wall-clock at beta = 0.5 (batch 32 x 256 tokens, {args.threads} thread(s), median of "
-                  f"{args.timing_repeats} interleaved repeats)", "",
-                  "| | dense | ACM | speedup |", "|---|---|---|---|",
-                  f"| 6 MLP blocks | {tm['mlp_dense_s'] * 1e3:.1f} ms | {tm['mlp_acm_s'] * 1e3:.1f} ms | "
-                  f"{tm['mlp_speedup']:.2f}x |",
-                  f"| whole model forward | {tm['model_dense_s'] * 1e3:.0f} ms | {tm['model_acm_s'] * 1e3:.0f} ms | "
-                  f"{tm['model_speedup']:.2f}x |", "",
-                  f"In this timing batch (the 32 longest test bodies, padding to 256 included as tokens for the MLP "
-                  f"blocks) the gates chose a learner fraction of {tm['timing_learner_fraction']:.3f} (MLP compute "
-                  f"incl. gates {tm['timing_compute_fraction']:.3f}). Dense = the original `intermediate.dense` + GELU"
-                  " + `output.dense`; ACM = gate + sort by k + one GEMM pair per group.", ""]
+        lines += [
+            "",
+            f"## CPU wall-clock at beta = 0.5 (batch 32 x 256 tokens, {args.threads} thread(s), median of "
+            f"{args.timing_repeats} interleaved repeats)",
+            "",
+            "| | dense | ACM | speedup |",
+            "|---|---|---|---|",
+            f"| 6 MLP blocks | {tm['mlp_dense_s'] * 1e3:.1f} ms | {tm['mlp_acm_s'] * 1e3:.1f} ms | "
+            f"{tm['mlp_speedup']:.2f}x |",
+            f"| whole model forward | {tm['model_dense_s'] * 1e3:.0f} ms | {tm['model_acm_s'] * 1e3:.0f} ms | "
+            f"{tm['model_speedup']:.2f}x |",
+            "",
+            f"In this timing batch (the 32 longest test bodies, padding to 256 included as tokens for the MLP "
+            f"blocks) the gates chose a learner fraction of {tm['timing_learner_fraction']:.3f} (MLP compute "
+            f"incl. gates {tm['timing_compute_fraction']:.3f}). Dense = the original `intermediate.dense` + GELU"
+            " + `output.dense`; ACM = gate + sort by k + one GEMM pair per group.",
+            "",
+        ]
     Path(args.md).write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -403,13 +491,17 @@ def write_report(res: dict, args) -> None:
         xs = [r["compute_fraction"] for r in res["budgets"].values()]
         ys = [r["mrr"] for r in res["budgets"].values()]
         ax.plot(xs, ys, "o-", label="ACM (stage 3 per beta)")
-        for (beta, r) in res["budgets"].items():
+        for beta, r in res["budgets"].items():
             ax.annotate(f"β={beta}", (r["compute_fraction"], r["mrr"]), textcoords="offset points", xytext=(4, -10))
         if res.get("served"):
-            pts = sorted([(r["compute_fraction"], r["mrr"]) for r in res["served"].values()]
-                         + list(zip(xs, ys)))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", alpha=0.7,
-                    label=f"one model (stage 3 at β={res['served_from']}), price re-calibrated")
+            pts = sorted([(r["compute_fraction"], r["mrr"]) for r in res["served"].values()] + list(zip(xs, ys)))
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "s--",
+                alpha=0.7,
+                label=f"one model (stage 3 at β={res['served_from']}), price re-calibrated",
+            )
         ax.plot([1.0], [d["mrr"]], "k*", ms=12, label="dense")
         ax.axhline(d["mrr"] - 0.01, color="gray", ls=":", label="dense - 0.01")
         ax.set_xlabel("average MLP compute (fraction of dense, incl. gates)")

@@ -70,13 +70,17 @@ def worker(args) -> dict:
     n, h, v = args.n, args.h, args.v
     g = torch.Generator(device="cpu").manual_seed(0)
     xs = torch.randn(n, h, generator=g).to(dev, dtype).requires_grad_()
-    ws = (torch.randn(v, h, generator=g) * h ** -0.5).to(dev, dtype).requires_grad_()
+    ws = (torch.randn(v, h, generator=g) * h**-0.5).to(dev, dtype).requires_grad_()
     xt = torch.randn(n, h, generator=g).to(dev, dtype)
-    wt = (torch.randn(v, h, generator=g) * h ** -0.5).to(dev, dtype)
+    wt = (torch.randn(v, h, generator=g) * h**-0.5).to(dev, dtype)
     labels = torch.randint(0, v, (n,), generator=g).to(dev)
-    labels[:: 16] = -100
-    ref = {"kl": L.kl_divergence, "reverse_kl": L.reverse_kl_divergence, "jsd": L.generalized_jsd,
-           "tvd": L.total_variation_distance}[args.divergence]
+    labels[::16] = -100
+    ref = {
+        "kl": L.kl_divergence,
+        "reverse_kl": L.reverse_kl_divergence,
+        "jsd": L.generalized_jsd,
+        "tvd": L.total_variation_distance,
+    }[args.divergence]
 
     def run(rows: slice):
         x, w = xs, ws
@@ -87,9 +91,17 @@ def worker(args) -> dict:
             loss = ref(z, zt, labels=labels[rows], temperature=args.temperature)
             del z, zt
         else:
-            loss = fused_linear_kd_loss(x[rows], w, xt[rows], wt, labels=labels[rows], divergence=args.divergence,
-                                        temperature=args.temperature, chunk_size=args.chunk_size,
-                                        backend="torch" if args.method == "chunked" else "triton")
+            loss = fused_linear_kd_loss(
+                x[rows],
+                w,
+                xt[rows],
+                wt,
+                labels=labels[rows],
+                divergence=args.divergence,
+                temperature=args.temperature,
+                chunk_size=args.chunk_size,
+                backend="torch" if args.method == "chunked" else "triton",
+            )
         loss.backward()
         return float(loss.detach())
 
@@ -123,10 +135,29 @@ def naive_estimate_bytes(n, h, v, itemsize) -> float:
 
 
 def run_one(cfg: dict, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", cfg["method"], "--n-one", str(cfg["n"]),
-           "--h-one", str(cfg["h"]), "--v-one", str(cfg["v"]), "--dtype", args.dtype, "--device", args.device,
-           "--chunk-size", str(args.chunk_size), "--divergence", args.divergence,
-           "--temperature", str(args.temperature)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--method",
+        cfg["method"],
+        "--n-one",
+        str(cfg["n"]),
+        "--h-one",
+        str(cfg["h"]),
+        "--v-one",
+        str(cfg["v"]),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--chunk-size",
+        str(args.chunk_size),
+        "--divergence",
+        args.divergence,
+        "--temperature",
+        str(args.temperature),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -148,18 +179,28 @@ def main(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=[4096])
     p.add_argument("--hidden", type=int, nargs="+", default=[576])
     p.add_argument("--vocab", type=int, nargs="+", default=[49152])
-    p.add_argument("--methods", nargs="+", default=None, help="naive chunked triton (default: naive chunked, plus "
-                                                               "triton on CUDA)")
+    p.add_argument(
+        "--methods", nargs="+", default=None, help="naive chunked triton (default: naive chunked, plus triton on CUDA)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--divergence", default="kl")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
-    p.add_argument("--naive-max-gb", type=float, default=14.0,
-                   help="do not run naive when its estimated peak exceeds this; extrapolate instead")
-    p.add_argument("--extrapolate-from", type=int, nargs="+", default=[512, 1024],
-                   help="N values measured to extrapolate naive (linear in N)")
+    p.add_argument(
+        "--naive-max-gb",
+        type=float,
+        default=14.0,
+        help="do not run naive when its estimated peak exceeds this; extrapolate instead",
+    )
+    p.add_argument(
+        "--extrapolate-from",
+        type=int,
+        nargs="+",
+        default=[512, 1024],
+        help="N values measured to extrapolate naive (linear in N)",
+    )
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=None, help="write the markdown table here")
     # worker-only
@@ -196,8 +237,12 @@ def main(argv=None):
                 if len(pts) >= 2:
                     (n0, p0, t0), (n1, p1, t1) = [(q["n"], q["peak_bytes"], q["time_s"]) for q in pts[:2]]
                     slope_p, slope_t = (p1 - p0) / (n1 - n0), (t1 - t0) / (n1 - n0)
-                    r = dict(cfg, peak_bytes=p1 + slope_p * (n - n1), time_s=t1 + slope_t * (n - n1),
-                             estimated=f"linear from N={n0},{n1}")
+                    r = dict(
+                        cfg,
+                        peak_bytes=p1 + slope_p * (n - n1),
+                        time_s=t1 + slope_t * (n - n1),
+                        estimated=f"linear from N={n0},{n1}",
+                    )
                 else:
                     r = dict(cfg, error="could not measure extrapolation points")
             else:
@@ -206,12 +251,14 @@ def main(argv=None):
             print(json.dumps(r), flush=True)
     total = time.time() - t_start
 
-    lines = [f"Device: {args.device}, dtype {args.dtype}, divergence {args.divergence}, T={args.temperature}, "
-             f"chunk_size {args.chunk_size}, torch threads {args.threads or torch.get_num_threads()}; "
-             f"teacher hidden = student hidden size; 1/16 of rows ignored (-100). Total wall time {total:.0f} s.",
-             "",
-             "| N | H | V | method | peak MB (fwd+bwd) | time s (fwd+bwd) | peak vs naive | time vs naive |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {args.device}, dtype {args.dtype}, divergence {args.divergence}, T={args.temperature}, "
+        f"chunk_size {args.chunk_size}, torch threads {args.threads or torch.get_num_threads()}; "
+        f"teacher hidden = student hidden size; 1/16 of rows ignored (-100). Total wall time {total:.0f} s.",
+        "",
+        "| N | H | V | method | peak MB (fwd+bwd) | time s (fwd+bwd) | peak vs naive | time vs naive |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     by_key = {(r["n"], r["h"], r["v"], r["method"]): r for r in rows_out}
     for r in rows_out:
         naive = by_key.get((r["n"], r["h"], r["v"], "naive"))
@@ -222,10 +269,13 @@ def main(argv=None):
         mem_ratio = time_ratio = ""
         if naive and "error" not in naive and r["method"] != "naive":
             mem_ratio = f"{naive['peak_bytes'] / max(r['peak_bytes'], 1):.1f}x lower" + (
-                " (vs est.)" if naive.get("estimated") else "")
+                " (vs est.)" if naive.get("estimated") else ""
+            )
             time_ratio = f"{r['time_s'] / naive['time_s']:.2f}x" + (" (vs est.)" if naive.get("estimated") else "")
-        lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['method']}{est} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{r['time_s']:.2f} | {mem_ratio} | {time_ratio} |")
+        lines.append(
+            f"| {r['n']} | {r['h']} | {r['v']} | {r['method']}{est} | {r['peak_bytes'] / 2**20:.0f} | "
+            f"{r['time_s']:.2f} | {mem_ratio} | {time_ratio} |"
+        )
     table = "\n".join(lines)
     print()
     print(table)

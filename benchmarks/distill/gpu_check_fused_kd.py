@@ -38,8 +38,12 @@ import torch.nn.functional as F  # noqa: E402
 from kd_plugins import losses as L  # noqa: E402
 from kd_plugins.kernels import fused_linear_kd_loss  # noqa: E402
 
-REF = {"kl": L.kl_divergence, "reverse_kl": L.reverse_kl_divergence, "jsd": L.generalized_jsd,
-       "tvd": L.total_variation_distance}
+REF = {
+    "kl": L.kl_divergence,
+    "reverse_kl": L.reverse_kl_divergence,
+    "jsd": L.generalized_jsd,
+    "tvd": L.total_variation_distance,
+}
 
 
 def rel(a, b) -> float:
@@ -50,8 +54,15 @@ def rel(a, b) -> float:
 def make(n, h, v, dtype, dev, k=16, temperature=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(dev, dtype)  # noqa: E731
-    d = dict(xs=r(n, h), w=r(v, h, sc=3 * h ** -0.5), b=r(v), xt=r(n, h + 8), wt=r(v, h + 8, sc=3 * (h + 8) ** -0.5),
-             bt=r(v), labels=torch.randint(0, v, (n,), generator=g).to(dev))
+    d = dict(
+        xs=r(n, h),
+        w=r(v, h, sc=3 * h**-0.5),
+        b=r(v),
+        xt=r(n, h + 8),
+        wt=r(v, h + 8, sc=3 * (h + 8) ** -0.5),
+        bt=r(v),
+        labels=torch.randint(0, v, (n,), generator=g).to(dev),
+    )
     d["labels"][::5] = -100
     zt = d["xt"] @ d["wt"].T + d["bt"]
     d["zt"] = zt
@@ -92,20 +103,34 @@ def parity(dev, quick: bool):
                 ref.backward()
                 for be in backends:
                     xs, w, b = (d[x].clone().requires_grad_() for x in ("xs", "w", "b"))
-                    tk = dict(teacher_hidden=d["xt"], teacher_head_weight=d["wt"], teacher_head_bias=d["bt"]) \
-                        if teacher == "hidden" else (dict(teacher_logits=d["zt"]) if teacher == "logits"
-                                                     else dict(teacher_topk=d["topk"]))
-                    loss = fused_linear_kd_loss(xs, w, student_head_bias=b, labels=d["labels"], divergence=div,
-                                                beta=beta, temperature=T, hard_label_weight=hw, backend=be,
-                                                chunk_size=128, **tk)
+                    tk = (
+                        dict(teacher_hidden=d["xt"], teacher_head_weight=d["wt"], teacher_head_bias=d["bt"])
+                        if teacher == "hidden"
+                        else (dict(teacher_logits=d["zt"]) if teacher == "logits" else dict(teacher_topk=d["topk"]))
+                    )
+                    loss = fused_linear_kd_loss(
+                        xs,
+                        w,
+                        student_head_bias=b,
+                        labels=d["labels"],
+                        divergence=div,
+                        beta=beta,
+                        temperature=T,
+                        hard_label_weight=hw,
+                        backend=be,
+                        chunk_size=128,
+                        **tk,
+                    )
                     loss.backward()
                     errs = (rel(loss, ref), rel(xs.grad, xr.grad), rel(w.grad, wr.grad), rel(b.grad, br.grad))
                     ok = errs[0] <= tol_l and max(errs[1:]) <= tol_g
                     rows.append((str(dtype).split(".")[-1], teacher, div, be) + errs + ("ok" if ok else "FAIL",))
         if quick and dev.type != "cuda":
             break
-    print(f"\nParity vs reference (N={n}, H={h}, V={v}, T={T}, beta={beta}, hard_label_weight={hw}, "
-          f"{'CUDA' if dev.type == 'cuda' else 'CPU interpreter'})")
+    print(
+        f"\nParity vs reference (N={n}, H={h}, V={v}, T={T}, beta={beta}, hard_label_weight={hw}, "
+        f"{'CUDA' if dev.type == 'cuda' else 'CPU interpreter'})"
+    )
     print(f"{'dtype':9} {'teacher':7} {'div':10} {'backend':7} {'loss':>9} {'g_hidden':>9} {'g_W':>9} {'g_b':>9}")
     for r in rows:
         print(f"{r[0]:9} {r[1]:7} {r[2]:10} {r[3]:7} {r[4]:9.1e} {r[5]:9.1e} {r[6]:9.1e} {r[7]:9.1e}  {r[8]}")
@@ -118,6 +143,7 @@ def timing(dev, quick: bool, budget_s: float):
     liger = None
     try:  # chunked-loss API: forward(student_input, student_weight, teacher_input, teacher_weight, true_labels)
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # type: ignore
+
         try:
             liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, temperature=1.0)
         except TypeError:
@@ -125,6 +151,7 @@ def timing(dev, quick: bool, budget_s: float):
     except Exception:  # noqa: BLE001
         try:  # Triton op API: forward(student_input, student_weight, teacher_input, teacher_weight, shift_labels)
             from liger_kernel.transformers import LigerFusedLinearJSD  # type: ignore
+
             liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
         except Exception as e:  # noqa: BLE001
             print(f"\nliger_kernel not available ({type(e).__name__}: {str(e)[:80]}); skipping it")
@@ -141,9 +168,9 @@ def timing(dev, quick: bool, budget_s: float):
             continue
         g = torch.Generator(device="cpu").manual_seed(0)
         xs = torch.randn(n, h, generator=g).to(dev, dtype)
-        w = (torch.randn(v, h, generator=g) * h ** -0.5).to(dev, dtype)
+        w = (torch.randn(v, h, generator=g) * h**-0.5).to(dev, dtype)
         xt = torch.randn(n, h, generator=g).to(dev, dtype)
-        wt = (torch.randn(v, h, generator=g) * h ** -0.5).to(dev, dtype)
+        wt = (torch.randn(v, h, generator=g) * h**-0.5).to(dev, dtype)
         labels = torch.randint(0, v, (n,), generator=g).to(dev)
 
         def naive(a, b):
@@ -154,10 +181,12 @@ def timing(dev, quick: bool, budget_s: float):
 
         methods = {
             "naive": naive,
-            "chunked": lambda a, b: fused_linear_kd_loss(a, b, xt, wt, labels=labels, divergence="jsd",
-                                                         backend="torch", chunk_size=4096),
-            "triton": lambda a, b: fused_linear_kd_loss(a, b, xt, wt, labels=labels, divergence="jsd",
-                                                        backend="triton"),
+            "chunked": lambda a, b: fused_linear_kd_loss(
+                a, b, xt, wt, labels=labels, divergence="jsd", backend="torch", chunk_size=4096
+            ),
+            "triton": lambda a, b: fused_linear_kd_loss(
+                a, b, xt, wt, labels=labels, divergence="jsd", backend="triton"
+            ),
         }
         if liger is not None:
             methods["liger"] = lambda a, b: liger(a, b, xt, wt, labels)

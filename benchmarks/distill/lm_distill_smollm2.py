@@ -52,8 +52,9 @@ TEST_NOVEL = "prideprejudice"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=160, help="optimizer steps of each run")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -64,16 +65,27 @@ def parse_args(argv=None):
     p.add_argument("--val-windows", type=int, default=10, help="validation windows from the training novels' tails")
     p.add_argument("--val-fraction", type=float, default=0.05, help="tail of each training novel kept out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false",
-                   help="train in plain fp32 instead of bf16 autocast (fp32 weights either way; ~1.7x slower on CPU)")
+    p.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="train in plain fp32 instead of bf16 autocast (fp32 weights either way; ~1.7x slower on CPU)",
+    )
     p.add_argument("--runs", default="ce,kd", help="comma-separated subset of ce,kd")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "assets"))
-    p.add_argument("--results", default=str(BENCHMARKS / "distill" / "RESULTS_lm.md"),
-                   help="markdown file the table is written to ('' to skip)")
+    p.add_argument(
+        "--results",
+        default=str(BENCHMARKS / "distill" / "RESULTS_lm.md"),
+        help="markdown file the table is written to ('' to skip)",
+    )
     p.add_argument("--probe", type=int, default=0, help="only time this many steps of each run, then exit")
-    p.add_argument("--no-parallel", dest="parallel", action="store_false",
-                   help="run CE and KD one after the other in this process instead of as two 1-thread processes")
+    p.add_argument(
+        "--no-parallel",
+        dest="parallel",
+        action="store_false",
+        help="run CE and KD one after the other in this process instead of as two 1-thread processes",
+    )
     p.add_argument("--worker", choices=["ce", "kd"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -104,7 +116,7 @@ def build_data(tok, books: dict[str, str], args):
         ids = tok(books[name], add_special_tokens=False)["input_ids"]
         cut = int(len(ids) * (1 - args.val_fraction))
         for s in range(0, cut - chunk + 1, chunk):
-            train_rows.append([bos] + ids[s:s + chunk])
+            train_rows.append([bos] + ids[s : s + chunk])
         val_texts.append(tok.decode(ids[cut:]))
     train = torch.tensor(train_rows, dtype=torch.long)
     per_novel = max(1, args.val_windows // len(val_texts))
@@ -121,8 +133,13 @@ def evaluate(model, val, test, tok):
     t0, c0 = time.time(), time.process_time()
     r = lm_eval(model, test, tok)
     v = lm_eval(model, val, tok)
-    return {"test_ppl": r["ppl"], "test_bpc": r["bits_per_char"], "val_ppl": v["ppl"], "eval_s": time.time() - t0,
-            "eval_cpu_s": time.process_time() - c0}
+    return {
+        "test_ppl": r["ppl"],
+        "test_bpc": r["bits_per_char"],
+        "val_ppl": v["ppl"],
+        "eval_s": time.time() - t0,
+        "eval_cpu_s": time.process_time() - c0,
+    }
 
 
 def train_student(kind: str, teacher, tok, train_ds, args, out_dir: str, max_steps: int):
@@ -137,11 +154,24 @@ def train_student(kind: str, teacher, tok, train_ds, args, out_dir: str, max_ste
     for p in student.parameters():
         p.requires_grad_(True)
     targs = TrainingArguments(
-        output_dir=os.path.join(out_dir, kind), max_steps=max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=max(1, round(args.warmup_ratio * max_steps)),
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, min(25, max_steps // 4)), save_strategy="no",
-        report_to=[], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0, use_cpu=True,
-        disable_tqdm=True, remove_unused_columns=False, bf16=args.bf16,
+        output_dir=os.path.join(out_dir, kind),
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(args.warmup_ratio * max_steps)),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, min(25, max_steps // 4)),
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        bf16=args.bf16,
     )
     common = dict(model=student, args=targs, train_dataset=train_ds, processing_class=tok)
     if kind == "ce":
@@ -154,8 +184,11 @@ def train_student(kind: str, teacher, tok, train_ds, args, out_dir: str, max_ste
     t0, c0 = time.time(), time.process_time()
     trainer.train()
     secs, cpu = time.time() - t0, time.process_time() - c0
-    print(f"[{kind}] {max_steps} steps: wall {secs:.1f}s ({secs / max_steps:.2f} s/step), process CPU {cpu:.1f}s "
-          f"({cpu / max_steps:.2f} s/step)", flush=True)
+    print(
+        f"[{kind}] {max_steps} steps: wall {secs:.1f}s ({secs / max_steps:.2f} s/step), process CPU {cpu:.1f}s "
+        f"({cpu / max_steps:.2f} s/step)",
+        flush=True,
+    )
     logs = [h for h in trainer.state.log_history if "loss" in h]
     if logs:
         print(f"[{kind}] last logs: {logs[-1]}", flush=True)
@@ -171,8 +204,10 @@ def fmt_table(rows) -> str:
     head = "| model | layers | params | steps | held-out ppl | bits/char | val ppl | wall time |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['steps']} | "
-                     f"{r['test_ppl']:.2f} | {r['test_bpc']:.3f} | {r['val_ppl']:.2f} | {r['wall']} |")
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['steps']} | "
+            f"{r['test_ppl']:.2f} | {r['test_bpc']:.3f} | {r['val_ppl']:.2f} | {r['wall']} |"
+        )
     return "\n".join(lines)
 
 
@@ -188,10 +223,13 @@ def run_parts(args, runs: list[str], reference: bool) -> tuple[list[dict], dict]
     train, val, test = build_data(tok, books, args)
     train_ds = Chunks(train)
     info = dict(n_train=len(train_ds), test_shape=tuple(test.shape), val_shape=tuple(val.shape))
-    print(f"data: {len(train_ds)} training chunks x {args.seq_len} tokens ({train.numel() / 1e6:.2f}M tokens); "
-          f"{args.steps} steps x {args.batch_size} = {args.steps * args.batch_size} chunks "
-          f"({args.steps * args.batch_size / len(train_ds):.2f} epochs); val {tuple(val.shape)}, "
-          f"test {tuple(test.shape)} from {TEST_NOVEL}; threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"data: {len(train_ds)} training chunks x {args.seq_len} tokens ({train.numel() / 1e6:.2f}M tokens); "
+        f"{args.steps} steps x {args.batch_size} = {args.steps * args.batch_size} chunks "
+        f"({args.steps * args.batch_size / len(train_ds):.2f} epochs); val {tuple(val.shape)}, "
+        f"test {tuple(test.shape)} from {TEST_NOVEL}; threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="kd_bench_lm_") as out_dir:
         if args.probe:
@@ -202,20 +240,44 @@ def run_parts(args, runs: list[str], reference: bool) -> tuple[list[dict], dict]
             import kd_plugins
 
             ev = evaluate(teacher, val, test, tok)
-            rows.append(dict(model="SmolLM2-135M-Instruct (teacher)", layers=teacher.config.num_hidden_layers,
-                             params=n_params(teacher), steps=0, wall=eval_time(ev), **ev))
+            rows.append(
+                dict(
+                    model="SmolLM2-135M-Instruct (teacher)",
+                    layers=teacher.config.num_hidden_layers,
+                    params=n_params(teacher),
+                    steps=0,
+                    wall=eval_time(ev),
+                    **ev,
+                )
+            )
             print(fmt_table(rows[-1:]), flush=True)
             init = kd_plugins.inherit_student(teacher, num_layers=args.num_layers, strategy="uniform")
             ev = evaluate(init, val, test, tok)
-            rows.append(dict(model="student, inherited (no training)", layers=init.config.num_hidden_layers,
-                             params=n_params(init), steps=0, wall=eval_time(ev), **ev))
+            rows.append(
+                dict(
+                    model="student, inherited (no training)",
+                    layers=init.config.num_hidden_layers,
+                    params=n_params(init),
+                    steps=0,
+                    wall=eval_time(ev),
+                    **ev,
+                )
+            )
             print(fmt_table(rows[-1:]), flush=True)
             del init
         for kind in runs:
             student, secs, cpu = train_student(kind, teacher, tok, train_ds, args, out_dir, args.steps)
             ev = evaluate(student, val, test, tok)
-            rows.append(dict(model=NAMES[kind], layers=student.config.num_hidden_layers, params=n_params(student),
-                             steps=args.steps, wall=f"train {secs / 60:.1f} min ({cpu / 60:.1f} CPU-min)", **ev))
+            rows.append(
+                dict(
+                    model=NAMES[kind],
+                    layers=student.config.num_hidden_layers,
+                    params=n_params(student),
+                    steps=args.steps,
+                    wall=f"train {secs / 60:.1f} min ({cpu / 60:.1f} CPU-min)",
+                    **ev,
+                )
+            )
             print(fmt_table(rows[-1:]), flush=True)
             del student
     return rows, info
@@ -243,8 +305,16 @@ def main(argv=None):
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             for kind in runs:
                 out = os.path.join(tmp, f"{kind}.json")
-                cmd = [sys.executable, "-u", os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv),
-                       "--worker", kind, "--rows-json", out]
+                cmd = [
+                    sys.executable,
+                    "-u",
+                    os.path.abspath(__file__),
+                    *(sys.argv[1:] if argv is None else argv),
+                    "--worker",
+                    kind,
+                    "--rows-json",
+                    out,
+                ]
                 procs[kind] = (subprocess.Popen(cmd, env=env), out)
             failed = [k for k, (pr, _) in procs.items() if pr.wait() != 0]
             if failed:
@@ -268,8 +338,9 @@ def main(argv=None):
         write_results(Path(args.results), table, args, total, threads, **info)
 
 
-def write_results(path: Path, table: str, args, total: float, threads: str, n_train: int, test_shape,
-                  val_shape) -> None:
+def write_results(
+    path: Path, table: str, args, total: float, threads: str, n_train: int, test_shape, val_shape
+) -> None:
     cmd, env = command_line(__file__), omp_prefix()
     tokens = args.steps * args.batch_size * args.seq_len
     text = f"""# LM distillation benchmark: SmolLM2-135M -> 10-layer student on Jane Austen

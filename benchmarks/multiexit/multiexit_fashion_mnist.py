@@ -53,7 +53,7 @@ THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995
 def idx(path: Path) -> np.ndarray:
     b = gzip.open(path, "rb").read()
     nd = b[3]
-    dims = [int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    dims = [int.from_bytes(b[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd)]
     return np.frombuffer(b, np.uint8, offset=4 + 4 * nd).reshape(dims)
 
 
@@ -79,7 +79,7 @@ def build(arch: str):
 def batches(n, bs, gen):
     perm = torch.randperm(n, generator=gen)
     for s in range(0, n - bs + 1, bs):
-        yield perm[s:s + bs]
+        yield perm[s : s + bs]
 
 
 def train(task_or_fn, params, x, y, steps, bs, lr, seed):
@@ -109,7 +109,7 @@ def all_exit_logits(model, x, bs=500):
     model.eval()
     parts = {}
     for s in range(0, len(x), bs):
-        for k, v in exit_outputs(model, x[s:s + bs]).items():
+        for k, v in exit_outputs(model, x[s : s + bs]).items():
             parts.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -141,8 +141,11 @@ def run_arch(arch, args, xtr, ytr, xte, yte, log):
     train(probe_fn, probe_params, xtr, ytr, args.probe_steps, args.batch, args.lr, args.seed)
     base_s = time.time() - t
     logits = all_exit_logits(model, xte)
-    out["standard"] = {"per_exit": {k: float((v.argmax(-1) == yte).float().mean()) for k, v in logits.items()},
-                       "curve": simulate_early_exit(logits, yte, THRESHOLDS), "train_seconds": round(base_s, 1)}
+    out["standard"] = {
+        "per_exit": {k: float((v.argmax(-1) == yte).float().mean()) for k, v in logits.items()},
+        "curve": simulate_early_exit(logits, yte, THRESHOLDS),
+        "train_seconds": round(base_s, 1),
+    }
     log(f"{arch} standard (+probes): {out['standard']['per_exit']} ({base_s:.0f}s)")
 
     # ---- multi-exit training from the same init
@@ -150,8 +153,10 @@ def run_arch(arch, args, xtr, ytr, xte, yte, log):
     model, kw, exits = build(arch)
     add_exits(model, exits, head="separate", create_kwargs=kw)
     t = time.time()
-    task = MultiExitTask(model, config=MultiExitConfig(weights="depth", self_distill_weight=args.self_weight,
-                                                       temperature=args.temperature))
+    task = MultiExitTask(
+        model,
+        config=MultiExitConfig(weights="depth", self_distill_weight=args.self_weight, temperature=args.temperature),
+    )
     train(task, model.parameters(), xtr, ytr, args.steps, args.batch, args.lr, args.seed)
     me_s = time.time() - t
     logits = all_exit_logits(model, xte)
@@ -167,12 +172,19 @@ def run_arch(arch, args, xtr, ytr, xte, yte, log):
         with torch.no_grad():
             acc = float((small(xte).argmax(-1) == yte).float().mean())
         trunc[k] = {"accuracy": acc, "params": sum(p.numel() for p in small.parameters())}
-    out["multi_exit"] = {"per_exit": {k: float((v.argmax(-1) == yte).float().mean()) for k, v in logits.items()},
-                         "curve": curve, "train_seconds": round(me_s, 1), "truncations": trunc,
-                         "early_exit_check": {"threshold": 0.9, "inference_accuracy": ee_acc,
-                                              "inference_avg_depth": ee.average_depth,
-                                              "simulated_accuracy": sim["accuracy"],
-                                              "simulated_avg_depth": sim["average_depth"]}}
+    out["multi_exit"] = {
+        "per_exit": {k: float((v.argmax(-1) == yte).float().mean()) for k, v in logits.items()},
+        "curve": curve,
+        "train_seconds": round(me_s, 1),
+        "truncations": trunc,
+        "early_exit_check": {
+            "threshold": 0.9,
+            "inference_accuracy": ee_acc,
+            "inference_avg_depth": ee.average_depth,
+            "simulated_accuracy": sim["accuracy"],
+            "simulated_avg_depth": sim["average_depth"],
+        },
+    }
     out["num_layers"] = model.multi_exit.num_layers
     out["exits"] = exits
     out["create_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
@@ -181,8 +193,9 @@ def run_arch(arch, args, xtr, ytr, xte, yte, log):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--archs", nargs="+", default=["vit", "resnet"])
     p.add_argument("--train", type=int, default=12000)
     p.add_argument("--test", type=int, default=5000)

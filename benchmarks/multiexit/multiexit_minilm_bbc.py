@@ -91,25 +91,41 @@ from kd_plugins.multiexit.core import pool  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--exits", type=int, nargs="+", default=[2, 4, 6])
-    p.add_argument("--head", default="separate", choices=["shared", "separate", "ffn"],
-                   help="ffn: each shallow exit owns a copy of its block's feed-forward half (see add_exits)")
-    p.add_argument("--freeze-shared", action="store_true",
-                   help="train the exit heads only: every encoder weight (so the full model) stays as loaded")
+    p.add_argument(
+        "--head",
+        default="separate",
+        choices=["shared", "separate", "ffn"],
+        help="ffn: each shallow exit owns a copy of its block's feed-forward half (see add_exits)",
+    )
+    p.add_argument(
+        "--freeze-shared",
+        action="store_true",
+        help="train the exit heads only: every encoder weight (so the full model) stays as loaded",
+    )
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch", type=int, default=16, help="articles per batch (each gives a title and a body)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (then linear decay)")
-    p.add_argument("--shallow-lr-mult", type=float, default=1.0,
-                   help="lr multiplier for encoder layers 1..--shallow-upto and the exit heads")
+    p.add_argument(
+        "--shallow-lr-mult",
+        type=float,
+        default=1.0,
+        help="lr multiplier for encoder layers 1..--shallow-upto and the exit heads",
+    )
     p.add_argument("--shallow-upto", type=int, default=0, help="deepest encoder layer in the shallow lr group")
     p.add_argument("--head-lr", type=float, default=None, help="lr of the exit heads (default: their group's lr)")
-    p.add_argument("--head-init", default="identity", choices=["identity", "lsq"],
-                   help="lsq: before training, set each exit's elementwise affine head to the per-dimension least-"
-                        "squares fit of the teacher's pooled embedding (needs head 'separate')")
+    p.add_argument(
+        "--head-init",
+        default="identity",
+        choices=["identity", "lsq"],
+        help="lsq: before training, set each exit's elementwise affine head to the per-dimension least-"
+        "squares fit of the teacher's pooled embedding (needs head 'separate')",
+    )
     p.add_argument("--head-init-n", type=int, default=128, help="training articles used by --head-init lsq")
     p.add_argument("--train-max-len", type=int, default=128, help="title/body tokens during training (eval: 256)")
     p.add_argument("--max-len", type=int, default=256)
@@ -118,60 +134,122 @@ def parse_args(argv=None):
     p.add_argument("--teacher-weight", type=float, default=1.0)
     p.add_argument("--self-weight", type=float, default=1.0)
     p.add_argument("--weights", default="depth", help="'depth', 'uniform' or comma-separated floats")
-    p.add_argument("--distill-loss", default="embedding_cosine", choices=["embedding_cosine", "embedding_mse"],
-                   help="teacher / self distillation on the mean-pooled exit embeddings")
+    p.add_argument(
+        "--distill-loss",
+        default="embedding_cosine",
+        choices=["embedding_cosine", "embedding_mse"],
+        help="teacher / self distillation on the mean-pooled exit embeddings",
+    )
     p.add_argument("--distill-normalize", action="store_true", help="embedding_mse on L2-normalised embeddings")
     p.add_argument("--no-dropout", action="store_true", help="train with dropout off (model.eval() forward)")
-    p.add_argument("--after-eval", default="truncate", choices=["truncate", "exits"],
-                   help="after training: standalone truncate(model, k) per exit, or one pass through the exits "
-                        "(same numbers, faster; for tuning)")
-    p.add_argument("--eval", default="validation", choices=["validation", "test"],
-                   help="split for the before/after table (tune on validation; report test once)")
+    p.add_argument(
+        "--after-eval",
+        default="truncate",
+        choices=["truncate", "exits"],
+        help="after training: standalone truncate(model, k) per exit, or one pass through the exits "
+        "(same numbers, faster; for tuning)",
+    )
+    p.add_argument(
+        "--eval",
+        default="validation",
+        choices=["validation", "test"],
+        help="split for the before/after table (tune on validation; report test once)",
+    )
     p.add_argument("--eval-n", type=int, default=None, help="first N articles of the eval split (default all)")
-    p.add_argument("--token-weight", type=float, default=0.0,
-                   help="add a token-level MSE between each exit's hidden states and the frozen teacher's last hidden "
-                        "states (non-padding tokens, exit weights as --weights); costs a teacher forward per step")
+    p.add_argument(
+        "--token-weight",
+        type=float,
+        default=0.0,
+        help="add a token-level MSE between each exit's hidden states and the frozen teacher's last hidden "
+        "states (non-padding tokens, exit weights as --weights); costs a teacher forward per step",
+    )
     p.add_argument("--resume", default="", help="start training from this state dict (from --save)")
-    p.add_argument("--val-every", type=int, default=0,
-                   help="every N steps, MRR of every exit on the validation split (logged; never the test split)")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=0,
+        help="every N steps, MRR of every exit on the validation split (logged; never the test split)",
+    )
     p.add_argument("--save", default="", help="save the trained model's state dict (safetensors) here")
-    p.add_argument("--load", nargs="+", default=[],
-                   help="skip training: load this state dict (from --save) and evaluate; several files: their "
-                        "uniform average (checkpoint averaging)")
-    p.add_argument("--anchor-sentences", type=int, default=0,
-                   help="each step also anchors the full model on this many training-split body sentences: "
-                        "embedding MSE of its pooled embedding to the frozen original's (teacher forward per step)")
+    p.add_argument(
+        "--load",
+        nargs="+",
+        default=[],
+        help="skip training: load this state dict (from --save) and evaluate; several files: their "
+        "uniform average (checkpoint averaging)",
+    )
+    p.add_argument(
+        "--anchor-sentences",
+        type=int,
+        default=0,
+        help="each step also anchors the full model on this many training-split body sentences: "
+        "embedding MSE of its pooled embedding to the frozen original's (teacher forward per step)",
+    )
     p.add_argument("--anchor-weight", type=float, default=3.0, help="weight of the --anchor-sentences term")
-    p.add_argument("--reanchor", action="store_true",
-                   help="second stage (from --resume): freeze the embeddings, layers 1..--freeze-upto and their exit "
-                        "heads, and train only the layers above so the full model's token states and pooled "
-                        "embedding match the frozen original's again (training-split text only)")
+    p.add_argument(
+        "--reanchor",
+        action="store_true",
+        help="second stage (from --resume): freeze the embeddings, layers 1..--freeze-upto and their exit "
+        "heads, and train only the layers above so the full model's token states and pooled "
+        "embedding match the frozen original's again (training-split text only)",
+    )
     p.add_argument("--freeze-upto", type=int, default=4, help="--reanchor: deepest frozen encoder layer")
-    p.add_argument("--reanchor-loss", default="token+cos", choices=["token+cos", "cos"],
-                   help="--reanchor: token-level MSE plus pooled cosine distance, or the pooled cosine distance only")
-    p.add_argument("--reanchor-texts", default="sentences", choices=["articles", "sentences"],
-                   help="--reanchor: training titles and bodies, or those plus every body sentence")
-    p.add_argument("--interp", type=float, nargs="+", default=[],
-                   help="with --load: evaluate theta_original + a * (theta_loaded - theta_original) for each a "
-                        "(weight interpolation towards the original model; no training)")
-    p.add_argument("--ict", type=int, default=0,
-                   help="inverse cloze task: each step also adds this many (body sentence -> rest of that body) "
-                        "pairs from distinct training articles to every exit's InfoNCE task loss, as more retrieval "
-                        "pairs than the 1,360 training titles (needs --task-weight > 0)")
+    p.add_argument(
+        "--reanchor-loss",
+        default="token+cos",
+        choices=["token+cos", "cos"],
+        help="--reanchor: token-level MSE plus pooled cosine distance, or the pooled cosine distance only",
+    )
+    p.add_argument(
+        "--reanchor-texts",
+        default="sentences",
+        choices=["articles", "sentences"],
+        help="--reanchor: training titles and bodies, or those plus every body sentence",
+    )
+    p.add_argument(
+        "--interp",
+        type=float,
+        nargs="+",
+        default=[],
+        help="with --load: evaluate theta_original + a * (theta_loaded - theta_original) for each a "
+        "(weight interpolation towards the original model; no training)",
+    )
+    p.add_argument(
+        "--ict",
+        type=int,
+        default=0,
+        help="inverse cloze task: each step also adds this many (body sentence -> rest of that body) "
+        "pairs from distinct training articles to every exit's InfoNCE task loss, as more retrieval "
+        "pairs than the 1,360 training titles (needs --task-weight > 0)",
+    )
     p.add_argument("--ict-weight", type=float, default=1.0, help="weight of the --ict InfoNCE term")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for the student's training forwards (about 1.3x faster per step on a "
-                        "2-core AVX512-BF16 CPU with --anchor-sentences, run K); the teacher, its cached embeddings, "
-                        "the head init and every evaluation stay fp32")
-    p.add_argument("--legacy-loop", action="store_true",
-                   help="train with the hand-written loop even when transformers.Trainer + MultiExitCallback can "
-                        "express the options (to compare the two)")
-    p.add_argument("--limit-articles", type=int, default=None,
-                   help="use only the first N articles of the train and validation splits (smoke tests)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for the student's training forwards (about 1.3x faster per step on a "
+        "2-core AVX512-BF16 CPU with --anchor-sentences, run K); the teacher, its cached embeddings, "
+        "the head init and every evaluation stay fp32",
+    )
+    p.add_argument(
+        "--legacy-loop",
+        action="store_true",
+        help="train with the hand-written loop even when transformers.Trainer + MultiExitCallback can "
+        "express the options (to compare the two)",
+    )
+    p.add_argument(
+        "--limit-articles",
+        type=int,
+        default=None,
+        help="use only the first N articles of the train and validation splits (smoke tests)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of split_articles (train / validation / test draw); every reported run used 0. Another "
-                        "seed re-measures the recipe on a different held-out draw (train from scratch with it)")
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of split_articles (train / validation / test draw); every reported run used 0. Another "
+        "seed re-measures the recipe on a different held-out draw (train from scratch with it)",
+    )
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "multiexit_minilm.json"))
     return p.parse_args(argv)
@@ -182,8 +260,12 @@ def average_states(paths) -> dict:
     states = [load_file(p) for p in paths]
     if any(set(s) != set(states[0]) for s in states):
         raise SystemExit(f"--load: {paths} do not hold the same tensors")
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
-            if states[0][k].is_floating_point() else states[0][k] for k in states[0]}
+    return {
+        k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
+        if states[0][k].is_floating_point()
+        else states[0][k]
+        for k in states[0]
+    }
 
 
 def load_into(model, state: dict, log) -> None:
@@ -232,7 +314,7 @@ def exits_mrr(model, tok, articles, max_len, batch=32, return_embeddings=False):
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         parts = {}
         for s in range(0, len(texts), batch):
-            idx = order[s:s + batch]
+            idx = order[s : s + batch]
             b = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             for k, e in exit_embeddings(model, normalize=True, **b).items():
                 parts.setdefault(k, [None] * len(texts))
@@ -261,21 +343,34 @@ def interpolate(model, teacher, tok, ev, trained, args, before, log):
     orig = {k: v.clone() for k, v in model.state_dict().items()}
     if set(orig) != set(trained):
         raise SystemExit("--interp: the loaded state dict does not match the model (exits differ?)")
-    ref = {"q": encode(teacher, tok, [a.title for a in ev], max_length=args.max_len),
-           "d": encode(teacher, tok, [a.body for a in ev], max_length=args.max_len)}
+    ref = {
+        "q": encode(teacher, tok, [a.title for a in ev], max_length=args.max_len),
+        "d": encode(teacher, tok, [a.body for a in ev], max_length=args.max_len),
+    }
     rows = []
     for a in args.interp:
-        model.load_state_dict({k: (orig[k] + a * (trained[k] - orig[k])) if orig[k].is_floating_point() else orig[k]
-                               for k in orig})
+        model.load_state_dict(
+            {k: (orig[k] + a * (trained[k] - orig[k])) if orig[k].is_floating_point() else orig[k] for k in orig}
+        )
         res, embs = exits_mrr(model, tok, ev, args.max_len, return_embeddings=True)
         vm = {k: v["mrr"] for k, v in res.items()}
         full = vm[max(vm)]
         drift = drift_of(embs, ref)
         rows.append({"a": a, "mrr": vm, "ratio": {k: v / full for k, v in vm.items()}, "drift": drift})
-        log(f"a={a:g}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})" for k, v in vm.items())
-            + f"; drift titles {drift['titles']:.4f} bodies {drift['bodies']:.4f} mean {drift['mean']:.4f}")
-    result = {"benchmark": "minilm_bbc_interp", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
-              "before": before, "interp": rows, "command": command_line(quote=False)}
+        log(
+            f"a={a:g}: "
+            + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})" for k, v in vm.items())
+            + f"; drift titles {drift['titles']:.4f} bodies {drift['bodies']:.4f} mean {drift['mean']:.4f}"
+        )
+    result = {
+        "benchmark": "minilm_bbc_interp",
+        "eval_split": args.eval,
+        "eval_articles": len(ev),
+        "args": vars(args),
+        "before": before,
+        "interp": rows,
+        "command": command_line(quote=False),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -297,18 +392,20 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
     for name, prm in model.named_parameters():
         layer = int(name.split(".layer.")[1].split(".")[0]) + 1 if ".layer." in name else None
         head = int(name.split("heads.")[1].split(".")[0]) if "multi_exit.heads." in name else None
-        if (name.startswith("embeddings.") or (layer is not None and layer <= K)
-                or (head is not None and head <= K)):
+        if name.startswith("embeddings.") or (layer is not None and layer <= K) or (head is not None and head <= K):
             prm.requires_grad_(False)
             frozen[name] = prm.detach().clone()
     trainable = [x for x in model.parameters() if x.requires_grad]
-    log(f"reanchor: {len(frozen)} frozen tensors (embeddings, layers 1-{K}, exit heads <= {K}); "
-        f"{sum(x.numel() for x in trainable) / 1e6:.2f}M trainable parameters; {len(texts)} training texts")
+    log(
+        f"reanchor: {len(frozen)} frozen tensors (embeddings, layers 1-{K}, exit heads <= {K}); "
+        f"{sum(x.numel() for x in trainable) / 1e6:.2f}M trainable parameters; {len(texts)} training texts"
+    )
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     total = args.steps
     warm = max(1, int(round(args.warmup * total)))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     enc = tok(texts, truncation=True, max_length=args.train_max_len)
     lengths = [len(x) for x in enc["input_ids"]]
     rng = random.Random(args.seed)
@@ -319,8 +416,8 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
             rng.shuffle(perm)
             out = []
             for c in range(0, len(perm), args.batch * 50):
-                chunk = sorted(perm[c:c + args.batch * 50], key=lambda i: lengths[i])
-                out += [chunk[i:i + args.batch] for i in range(0, len(chunk), args.batch)]
+                chunk = sorted(perm[c : c + args.batch * 50], key=lambda i: lengths[i])
+                out += [chunk[i : i + args.batch] for i in range(0, len(chunk), args.batch)]
             rng.shuffle(out)
             yield from out
 
@@ -330,8 +427,13 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
     full = L
     for step in range(total):
         idx = next(it)
-        b = tok.pad({"input_ids": [enc["input_ids"][i] for i in idx],
-                     "attention_mask": [enc["attention_mask"][i] for i in idx]}, return_tensors="pt")
+        b = tok.pad(
+            {
+                "input_ids": [enc["input_ids"][i] for i in idx],
+                "attention_mask": [enc["attention_mask"][i] for i in idx],
+            },
+            return_tensors="pt",
+        )
         with torch.no_grad():
             t = teacher(**b).last_hidden_state
         h = exit_outputs(model, **b)[full]
@@ -347,8 +449,10 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
         history.append({"token_mse": float(tok_mse.detach()), "pooled_cosd": float(cosd.detach())})
         if (step + 1) % 10 == 0 or step == total - 1:
             last = history[-10:]
-            log(f"reanchor step {step + 1}/{total} " + " ".join(
-                f"{k}={sum(x[k] for x in last) / len(last):.4g}" for k in last[-1]))
+            log(
+                f"reanchor step {step + 1}/{total} "
+                + " ".join(f"{k}={sum(x[k] for x in last) / len(last):.4g}" for k in last[-1])
+            )
         if args.val_every and ((step + 1) % args.val_every == 0 or step == total - 1):
             on_val(step + 1)
             model.eval()
@@ -364,8 +468,12 @@ def reanchor(model, teacher, tok, texts, args, log, on_val):
 def loop_only_options(args) -> list[str]:
     """The given options that only the hand-written loop implements (empty: the run trains through
     ``transformers.Trainer`` + ``MultiExitCallback``)."""
-    named = [("--token-weight", args.token_weight > 0), ("--anchor-sentences", args.anchor_sentences > 0),
-             ("--reanchor", args.reanchor), ("--legacy-loop", args.legacy_loop)]
+    named = [
+        ("--token-weight", args.token_weight > 0),
+        ("--anchor-sentences", args.anchor_sentences > 0),
+        ("--reanchor", args.reanchor),
+        ("--legacy-loop", args.legacy_loop),
+    ]
     return [name for name, given in named if given]
 
 
@@ -373,11 +481,19 @@ def callback_config(args) -> MultiExitConfig:
     """The loop's objective as a ``MultiExitConfig`` (see the module docstring)."""
     weights = args.weights if args.weights in ("depth", "uniform") else [float(x) for x in args.weights.split(",")]
     dkw = {"normalize": True} if (args.distill_normalize and args.distill_loss == "embedding_mse") else {}
-    return MultiExitConfig(weights=weights, task_weight=args.task_weight, teacher_weight=args.teacher_weight,
-                           self_distill_weight=args.self_weight, distill_loss=args.distill_loss, distill_kwargs=dkw,
-                           embedding_task="infonce" if args.task_weight > 0 else "none", infonce_scale=args.scale,
-                           distill_positives=True, extra_pairs_weight=args.ict_weight if args.ict else 0.0,
-                           embedding_losses_fp32=True)
+    return MultiExitConfig(
+        weights=weights,
+        task_weight=args.task_weight,
+        teacher_weight=args.teacher_weight,
+        self_distill_weight=args.self_weight,
+        distill_loss=args.distill_loss,
+        distill_kwargs=dkw,
+        embedding_task="infonce" if args.task_weight > 0 else "none",
+        infonce_scale=args.scale,
+        distill_positives=True,
+        extra_pairs_weight=args.ict_weight if args.ict else 0.0,
+        embedding_losses_fp32=True,
+    )
 
 
 class ArticleOrder(torch.utils.data.IterableDataset):
@@ -405,7 +521,7 @@ def make_collator(args, tok, enc_q, enc_d, bodies, padded, teacher_emb):
         teach = teacher_emb(idx)
         batch = dict(padded(enc_q, idx))
         batch.update({"positive_" + k: v for k, v in padded(enc_d, idx).items()})
-        batch["teacher_embedding"], batch["positive_teacher_embedding"] = teach[:len(idx)], teach[len(idx):]
+        batch["teacher_embedding"], batch["positive_teacher_embedding"] = teach[: len(idx)], teach[len(idx) :]
         if args.ict:  # distinct articles, so no in-batch negative is a positive
             pairs = inverse_cloze_pairs(bodies, ict_rng.sample(range(len(bodies)), args.ict), ict_rng)
             for prefix, texts in zip(("extra_", "extra_positive_"), pairs):
@@ -452,17 +568,34 @@ def train_with_trainer(model, opt, sched, total, args, collate, n, log, on_step)
                 log(f"step {state.global_step}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(terms.items())))
 
     targs = TrainingArguments(
-        output_dir=str(ROOT / ".cache" / "multiexit" / "trainer"), max_steps=total,
-        per_device_train_batch_size=args.batch, max_grad_norm=1.0, bf16=args.bf16, logging_steps=10,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=args.seed,
-        remove_unused_columns=False, dataloader_num_workers=0, accelerator_config={"dispatch_batches": False})
+        output_dir=str(ROOT / ".cache" / "multiexit" / "trainer"),
+        max_steps=total,
+        per_device_train_batch_size=args.batch,
+        max_grad_norm=1.0,
+        bf16=args.bf16,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=args.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        accelerator_config={"dispatch_batches": False},
+    )
     dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     rates = [m.p for m in dropout]
     if args.no_dropout:  # Trainer calls model.train() every step; p = 0 is the loop's eval-mode forward for BERT
         for m in dropout:
             m.p = 0.0
-    trainer = Trainer(model=model, args=targs, train_dataset=ArticleOrder(n, args.seed), data_collator=collate,
-                      optimizers=(opt, sched), callbacks=[MultiExitCallback(config=callback_config(args)), Progress()])
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=ArticleOrder(n, args.seed),
+        data_collator=collate,
+        optimizers=(opt, sched),
+        callbacks=[MultiExitCallback(config=callback_config(args)), Progress()],
+    )
     trainer.remove_callback(PrinterCallback)
     try:
         trainer.train()
@@ -495,8 +628,12 @@ def main(argv=None):
     L = model.multi_exit.num_layers
 
     log(f"before training: evaluating exits {args.exits} on {len(ev)} {args.eval} articles")
-    bkey = ROOT / ".cache" / "multiexit" / (f"minilm_before{tag}_{args.eval}_{len(ev)}_{args.max_len}_"
-                                            f"{'-'.join(map(str, args.exits))}.json")
+    bkey = (
+        ROOT
+        / ".cache"
+        / "multiexit"
+        / (f"minilm_before{tag}_{args.eval}_{len(ev)}_{args.max_len}_{'-'.join(map(str, args.exits))}.json")
+    )
     if bkey.is_file():  # untrained exits (identity heads) == plain truncations of the original model
         cached = json.loads(bkey.read_text())
         before, first3 = {int(k): v for k, v in cached["before"].items()}, cached["first3"]
@@ -523,8 +660,13 @@ def main(argv=None):
     enc_d = tok(bodies, truncation=True, max_length=args.train_max_len)
 
     def padded(enc, idx):
-        return tok.pad({"input_ids": [enc["input_ids"][i] for i in idx],
-                        "attention_mask": [enc["attention_mask"][i] for i in idx]}, return_tensors="pt")
+        return tok.pad(
+            {
+                "input_ids": [enc["input_ids"][i] for i in idx],
+                "attention_mask": [enc["attention_mask"][i] for i in idx],
+            },
+            return_tensors="pt",
+        )
 
     @torch.no_grad()
     def teacher_emb(idx):
@@ -550,7 +692,7 @@ def main(argv=None):
         xs, ts = {}, []
         with torch.no_grad():
             for s0 in range(0, len(fit_idx), 16):
-                idx = fit_idx[s0:s0 + 16]
+                idx = fit_idx[s0 : s0 + 16]
                 ts.append(teacher_emb(idx))
                 eq = exit_embeddings(model, **padded(enc_q, idx))
                 ed = exit_embeddings(model, **padded(enc_d, idx))
@@ -566,10 +708,13 @@ def main(argv=None):
                 fit = x * w + (tm - w * xm)
                 head_init[int(k)] = {
                     "cosd_before": float(1 - torch.nn.functional.cosine_similarity(x, tt).mean()),
-                    "cosd_after": float(1 - torch.nn.functional.cosine_similarity(fit, tt).mean())}
+                    "cosd_after": float(1 - torch.nn.functional.cosine_similarity(fit, tt).mean()),
+                }
         model.train(was)
-        log(f"lsq head init on {len(fit_idx)} articles ({time.time() - t_fit:.0f}s): teacher cosine distance "
-            + ", ".join(f"exit {k}: {v['cosd_before']:.3f} -> {v['cosd_after']:.3f}" for k, v in head_init.items()))
+        log(
+            f"lsq head init on {len(fit_idx)} articles ({time.time() - t_fit:.0f}s): teacher cosine distance "
+            + ", ".join(f"exit {k}: {v['cosd_before']:.3f} -> {v['cosd_after']:.3f}" for k, v in head_init.items())
+        )
 
     if args.ict and args.task_weight <= 0:
         raise SystemExit("--ict adds pairs to the InfoNCE task loss: give --task-weight > 0")
@@ -577,8 +722,10 @@ def main(argv=None):
     weights = cfg.weights
     if args.freeze_shared:
         if args.anchor_sentences or args.token_weight or args.reanchor:
-            raise SystemExit("--freeze-shared trains the exit heads only: the full-model anchor, token MSE and "
-                             "--reanchor do not apply")
+            raise SystemExit(
+                "--freeze-shared trains the exit heads only: the full-model anchor, token MSE and "
+                "--reanchor do not apply"
+            )
         for name, prm in model.named_parameters():
             prm.requires_grad_(name.startswith("multi_exit."))
     shallow, rest = [], []
@@ -606,7 +753,8 @@ def main(argv=None):
     warm = max(1, int(round(args.warmup * total)))
     total = max(total, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     rng = random.Random(args.seed)
     order: list[int] = []
     model.train(not args.no_dropout)
@@ -631,16 +779,21 @@ def main(argv=None):
     def validate(step):
         nonlocal ref_val
         if ref_val is None:  # the original model's validation embeddings, for the drift measure
-            ref_val = {"q": encode(teacher, tok, [a.title for a in val_articles], max_length=args.max_len),
-                       "d": encode(teacher, tok, [a.body for a in val_articles], max_length=args.max_len)}
+            ref_val = {
+                "q": encode(teacher, tok, [a.title for a in val_articles], max_length=args.max_len),
+                "d": encode(teacher, tok, [a.body for a in val_articles], max_length=args.max_len),
+            }
         res, embs = exits_mrr(model, tok, val_articles, args.max_len, return_embeddings=True)
         vm = {k: v["mrr"] for k, v in res.items()}
         full = vm[max(vm)]
         drift = drift_of(embs, ref_val)
         val_curve.append({"step": step, "mrr": vm, "ratio": {k: v / full for k, v in vm.items()}, "drift": drift})
-        log(f"validation at step {step}: " + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})" for k, v in vm.items())
+        log(
+            f"validation at step {step}: "
+            + " ".join(f"exit {k}: {v:.4f} ({v / full:.3f})" for k, v in vm.items())
             + f"; full-model cosine distance to the original: titles {drift['titles']:.4f}, bodies "
-              f"{drift['bodies']:.4f}")
+            f"{drift['bodies']:.4f}"
+        )
         if args.save and step > 0:  # every validated checkpoint, so the step can be chosen on validation afterwards
             save_state(model, f"{args.save}.step{step}")
 
@@ -658,18 +811,25 @@ def main(argv=None):
     if args.anchor_sentences and not args.reanchor:
         sents = [x for b in bodies for x in split_sentences(b)]
         sent_enc = tok(sents, truncation=True, max_length=args.train_max_len)
-        log(f"anchoring the full model on {args.anchor_sentences} of {len(sents)} training sentences per step "
-            f"(weight {args.anchor_weight})")
+        log(
+            f"anchoring the full model on {args.anchor_sentences} of {len(sents)} training sentences per step "
+            f"(weight {args.anchor_weight})"
+        )
     ict_rng = random.Random(args.seed + 104729)
     if args.ict:
         log(f"inverse cloze task: {args.ict} (sentence -> rest of body) pairs per step, weight {args.ict_weight}")
     loop_only = loop_only_options(args)
-    training_loop = ("hand-written loop (" + ", ".join(loop_only) + ")") if loop_only else \
-        "transformers.Trainer + MultiExitCallback"
+    training_loop = (
+        ("hand-written loop (" + ", ".join(loop_only) + ")")
+        if loop_only
+        else "transformers.Trainer + MultiExitCallback"
+    )
     if not args.reanchor:
-        log(f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
+        log(
+            f"training {total} steps (batch {args.batch} articles, lr {args.lr}, shallow x{args.shallow_lr_mult} "
             f"for layers 1-{args.shallow_upto} + exit heads, {epochs:.2f} epochs, distill {args.distill_loss}) "
-            f"with the {training_loop}")
+            f"with the {training_loop}"
+        )
     loop_steps = total
     if total and not loop_only:
         collate = make_collator(args, tok, enc_q, enc_d, bodies, padded, teacher_emb)
@@ -692,7 +852,7 @@ def main(argv=None):
             perm = list(range(n))
             rng.shuffle(perm)
             order += perm
-        idx, order = order[: args.batch], order[args.batch:]
+        idx, order = order[: args.batch], order[args.batch :]
         teach = teacher_emb(idx)
         bq, bd = padded(enc_q, idx), padded(enc_d, idx)
         with amp():
@@ -710,8 +870,9 @@ def main(argv=None):
             with amp():
                 oiq, oid = exit_outputs(model, **biq), exit_outputs(model, **bid)
             for k in task:
-                ict = info_nce(pool(oiq[k].float(), biq["attention_mask"]), pool(oid[k].float(), bid["attention_mask"]),
-                               args.scale)
+                ict = info_nce(
+                    pool(oiq[k].float(), biq["attention_mask"]), pool(oid[k].float(), bid["attention_mask"]), args.scale
+                )
                 task[k] = task[k] + args.ict_weight * ict
                 ict_terms[f"exit{k}_ict"] = float(ict.detach())
         both = {k: torch.cat([eq[k], ed[k]]) for k in eq}
@@ -723,8 +884,9 @@ def main(argv=None):
                 tq, td = teacher(**bq).last_hidden_state, teacher(**bd).last_hidden_state
             tok_terms = {}
             for k, w in zip(oq, exit_weights(list(oq), L, weights)):
-                se = sum(((o[k] - t).pow(2).mean(-1) * b["attention_mask"]).sum()
-                         for o, t, b in ((oq, tq, bq), (od, td, bd)))
+                se = sum(
+                    ((o[k] - t).pow(2).mean(-1) * b["attention_mask"]).sum() for o, t, b in ((oq, tq, bq), (od, td, bd))
+                )
                 tok_terms[k] = se / (bq["attention_mask"].sum() + bd["attention_mask"].sum())
                 loss = loss + args.token_weight * w * tok_terms[k]
             res.terms.update({f"exit{k}_token_mse": float(v) for k, v in tok_terms.items()})
@@ -733,7 +895,7 @@ def main(argv=None):
                 perm = list(range(len(sent_enc["input_ids"])))
                 sent_rng.shuffle(perm)
                 sent_order += perm
-            sidx, sent_order = sent_order[: args.anchor_sentences], sent_order[args.anchor_sentences:]
+            sidx, sent_order = sent_order[: args.anchor_sentences], sent_order[args.anchor_sentences :]
             bs = padded(sent_enc, sidx)
             with torch.no_grad():
                 ts = pool(teacher(**bs).last_hidden_state, bs["attention_mask"])
@@ -750,8 +912,10 @@ def main(argv=None):
         opt.step()
         sched.step()
         with torch.no_grad():  # cosine distance of each exit to the teacher (comparable across loss choices)
-            cosd = {f"exit{k}_teacher_cosd": float(1 - torch.nn.functional.cosine_similarity(v, teach).mean())
-                    for k, v in both.items()}
+            cosd = {
+                f"exit{k}_teacher_cosd": float(1 - torch.nn.functional.cosine_similarity(v, teach).mean())
+                for k, v in both.items()
+            }
         history.append({**res.terms, **cosd})
         if (step + 1) % 10 == 0 or step == total - 1:
             last = history[-10:]
@@ -773,8 +937,10 @@ def main(argv=None):
     fast, drift = None, None
     if args.after_eval == "exits":
         fast, embs = exits_mrr(model, tok, ev, args.max_len, return_embeddings=True)
-        ref = {"q": encode(teacher, tok, [a.title for a in ev], max_length=args.max_len),
-               "d": encode(teacher, tok, [a.body for a in ev], max_length=args.max_len)}
+        ref = {
+            "q": encode(teacher, tok, [a.title for a in ev], max_length=args.max_len),
+            "d": encode(teacher, tok, [a.body for a in ev], max_length=args.max_len),
+        }
         drift = drift_of(embs, ref)
         log(f"full-model cosine distance to the original on {args.eval}: {drift}")
     check = {}
@@ -798,16 +964,33 @@ def main(argv=None):
         curve = {"first10": history[0], "last10": history[-1]}
     elif history:
         h10, t10 = history[:10], history[-10:]
-        curve = {"first10": {k: sum(h.get(k, 0.0) for h in h10) / len(h10) for k in h10[-1]},
-                 "last10": {k: sum(h.get(k, 0.0) for h in t10) / len(t10) for k in t10[-1]}}
+        curve = {
+            "first10": {k: sum(h.get(k, 0.0) for h in h10) / len(h10) for k in h10[-1]},
+            "last10": {k: sum(h.get(k, 0.0) for h in t10) / len(t10) for k in t10[-1]},
+        }
     result = {
-        "benchmark": "minilm_bbc", "eval_split": args.eval, "eval_articles": len(ev), "args": vars(args),
-        "before": before, "before_first3": first3, "after": after, "params": params,
-        "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1), "steps": total,
-        "epochs": round(epochs, 3), "train_articles": n, "after_eval": args.after_eval, "loss_curve": curve,
-        "validation_curve": val_curve, "training_loop": training_loop if (total or args.reanchor) else None,
-        "truncate_check_max_abs_diff": check, "head_init": head_init, "drift": drift,
-        "threads": args.threads, "command": command_line(quote=False),
+        "benchmark": "minilm_bbc",
+        "eval_split": args.eval,
+        "eval_articles": len(ev),
+        "args": vars(args),
+        "before": before,
+        "before_first3": first3,
+        "after": after,
+        "params": params,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "steps": total,
+        "epochs": round(epochs, 3),
+        "train_articles": n,
+        "after_eval": args.after_eval,
+        "loss_curve": curve,
+        "validation_curve": val_curve,
+        "training_loop": training_loop if (total or args.reanchor) else None,
+        "truncate_check_max_abs_diff": check,
+        "head_init": head_init,
+        "drift": drift,
+        "threads": args.threads,
+        "command": command_line(quote=False),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

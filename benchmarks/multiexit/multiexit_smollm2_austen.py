@@ -50,19 +50,28 @@ from kd_plugins.multiexit import (  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--exits", type=int, nargs="+", default=[10, 20, 30])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--self-weight", type=float, default=1.0)
-    p.add_argument("--teacher-weight", type=float, default=0.0,
-                   help="KL from a frozen copy of the original model to every exit (protects the full model)")
-    p.add_argument("--freeze-above", type=int, default=None,
-                   help="train layers 1..N only (default: the deepest exit below the last layer); the layers above, "
-                        "the final norm and the tied embeddings stay frozen")
+    p.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=0.0,
+        help="KL from a frozen copy of the original model to every exit (protects the full model)",
+    )
+    p.add_argument(
+        "--freeze-above",
+        type=int,
+        default=None,
+        help="train layers 1..N only (default: the deepest exit below the last layer); the layers above, "
+        "the final norm and the tied embeddings stay frozen",
+    )
     p.add_argument("--eval-novel", default="persuasion", choices=AUSTEN_NOVELS)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq", type=int, default=256)
@@ -80,11 +89,15 @@ def exit_perplexities(model, windows, batch=2):
     model.eval()
     tot, cnt = {}, 0
     for s in range(0, windows.shape[0], batch):
-        x = windows[s:s + batch]
+        x = windows[s : s + batch]
         outs = exit_outputs(model, input_ids=x)
         for k, lg in outs.items():
-            tot[k] = tot.get(k, 0.0) + F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]).float(),
-                                                       x[:, 1:].reshape(-1), reduction="sum").item()
+            tot[k] = (
+                tot.get(k, 0.0)
+                + F.cross_entropy(
+                    lg[:, :-1].reshape(-1, lg.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum"
+                ).item()
+            )
         cnt += x[:, 1:].numel()
     return {k: math.exp(v / cnt) for k, v in tot.items()}
 
@@ -95,15 +108,29 @@ def generation_probe(model, tok, text, n, tokens, threshold):
     res = []
     for i in range(n):
         start = (i + 1) * len(ids) // (n + 2)
-        prompt = torch.tensor([[tok.bos_token_id] + ids[start:start + 24]])
+        prompt = torch.tensor([[tok.bos_token_id] + ids[start : start + 24]])
         ee = early_exit_generate(model, prompt, max_new_tokens=tokens, threshold=threshold)
-        full = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, do_sample=False,
-                              min_new_tokens=tokens)[0, prompt.shape[1]:]
+        full = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=tokens,
+            do_sample=False,
+            min_new_tokens=tokens,
+        )[0, prompt.shape[1] :]
         m = min(len(full), len(ee.output))
-        res.append({"avg_depth": ee.average_depth, "exits": ee.exit_layer.tolist(),
-                    "agree_with_full": float((ee.output[:m] == full[:m]).float().mean())})
-    return {"threshold": threshold, "avg_depth": sum(r["avg_depth"] for r in res) / n,
-            "token_agreement": sum(r["agree_with_full"] for r in res) / n, "per_prompt": res}
+        res.append(
+            {
+                "avg_depth": ee.average_depth,
+                "exits": ee.exit_layer.tolist(),
+                "agree_with_full": float((ee.output[:m] == full[:m]).float().mean()),
+            }
+        )
+    return {
+        "threshold": threshold,
+        "avg_depth": sum(r["avg_depth"] for r in res) / n,
+        "token_agreement": sum(r["agree_with_full"] for r in res) / n,
+        "per_prompt": res,
+    }
 
 
 def main(argv=None):
@@ -126,8 +153,9 @@ def main(argv=None):
     before = exit_perplexities(model, eval_w)
     log(f"before: {before}")
     model.generation_config.pad_token_id = tok.eos_token_id
-    gen_before = generation_probe(model, tok, books[args.eval_novel], args.gen_prompts, args.gen_tokens,
-                                  args.gen_threshold)
+    gen_before = generation_probe(
+        model, tok, books[args.eval_novel], args.gen_prompts, args.gen_tokens, args.gen_threshold
+    )
     log(f"early-exit generation before: depth {gen_before['avg_depth']:.1f} agree {gen_before['token_agreement']:.2f}")
 
     train_text = "\n".join(books[b] for b in AUSTEN_NOVELS if b != args.eval_novel)
@@ -143,7 +171,8 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, args.steps // 10)) * max(0.0, (args.steps - s) / args.steps))
+        opt, lambda s: min(1.0, (s + 1) / max(1, args.steps // 10)) * max(0.0, (args.steps - s) / args.steps)
+    )
     cfg = MultiExitConfig(weights="depth", self_distill_weight=args.self_weight, teacher_weight=args.teacher_weight)
     order = list(range(n_windows))
     random.Random(args.seed).shuffle(order)
@@ -152,7 +181,7 @@ def main(argv=None):
     t_train = time.time()
     hist = []
     for step in range(args.steps):
-        x = train_w[order[step * args.batch:(step + 1) * args.batch]]
+        x = train_w[order[step * args.batch : (step + 1) * args.batch]]
         outs = exit_outputs(model, input_ids=x)
         task = exit_ce_losses(outs, x, causal=True)
         t_logits = None
@@ -178,14 +207,25 @@ def main(argv=None):
     small = truncate(model, k0).eval()
     with torch.no_grad():
         d = (small(input_ids=eval_w[:2]).logits - exit_outputs(model, input_ids=eval_w[:2])[k0]).abs().max().item()
-    gen_after = generation_probe(model, tok, books[args.eval_novel], args.gen_prompts, args.gen_tokens,
-                                 args.gen_threshold)
+    gen_after = generation_probe(
+        model, tok, books[args.eval_novel], args.gen_prompts, args.gen_tokens, args.gen_threshold
+    )
     log(f"early-exit generation after: depth {gen_after['avg_depth']:.1f} agree {gen_after['token_agreement']:.2f}")
-    result = {"benchmark": "smollm2_austen", "args": vars(args), "trained_layers": top,
-              "trainable_params": sum(p.numel() for p in params), "before": before, "after": after,
-              "truncation_max_abs_diff": d, "truncated_params": {k0: sum(p.numel() for p in small.parameters())},
-              "generation_before": gen_before, "generation_after": gen_after, "train_seconds": round(train_s, 1),
-              "total_seconds": round(time.time() - t0, 1), "command": command_line(quote=False)}
+    result = {
+        "benchmark": "smollm2_austen",
+        "args": vars(args),
+        "trained_layers": top,
+        "trainable_params": sum(p.numel() for p in params),
+        "before": before,
+        "after": after,
+        "truncation_max_abs_diff": d,
+        "truncated_params": {k0: sum(p.numel() for p in small.parameters())},
+        "generation_before": gen_before,
+        "generation_after": gen_after,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "command": command_line(quote=False),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -85,7 +85,7 @@ def _load_r_lazy(base: str) -> dict:
     db = open(base + ".rdb", "rb").read()
     out = {}
     for name, (off, ln) in idx["variables"].items():
-        rec = db[int(off): int(off) + int(ln)]  # 4-byte big-endian length, then zlib data
+        rec = db[int(off) : int(off) + int(ln)]  # 4-byte big-endian length, then zlib data
         out[str(name)] = rc.convert(rp.parse_data(zlib.decompress(rec[4:])))
     return out
 
@@ -100,8 +100,13 @@ def austen_books() -> dict[str, str]:
         debs = sorted(glob.glob(str(CACHE / "r-cran-janeaustenr_*.deb")))
         if not debs:
             CACHE.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=CACHE, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["apt-get", "download", "r-cran-janeaustenr"],
+                cwd=CACHE,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             debs = sorted(glob.glob(str(CACHE / "r-cran-janeaustenr_*.deb")))
         subprocess.run(["dpkg-deb", "-x", debs[-1], str(base_dir)], check=True)
     raw = _load_r_lazy(str(base))
@@ -118,7 +123,7 @@ def lm_windows(tok, text: str, seq_len: int, n: int) -> torch.Tensor:
     if total < n:
         raise ValueError(f"text has {total} windows of {chunk} tokens, {n} requested")
     starts = [(i * total // n) * chunk for i in range(n)]
-    return torch.tensor([[tok.bos_token_id] + ids[s:s + chunk] for s in starts], dtype=torch.long)
+    return torch.tensor([[tok.bos_token_id] + ids[s : s + chunk] for s in starts], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -128,10 +133,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
         return _perplexity(model, windows, batch_size=batch_size)
     nll, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i: i + batch_size]
+        ids = windows[i : i + batch_size]
         logits = model(input_ids=ids).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                       reduction="sum"))
+        nll += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+        )
         count += ids[:, 1:].numel()
     return float(torch.exp(torch.tensor(nll / count)))
 
@@ -158,7 +166,7 @@ def bbc_split(n_eval: int = 400, n_calib: int = 64, seed: int = 0):
     idx = list(range(len(docs)))
     random.Random(seed).shuffle(idx)
     ev = [docs[i] for i in idx[:n_eval]]
-    cal = [docs[i] for i in idx[n_eval: n_eval + n_calib]]
+    cal = [docs[i] for i in idx[n_eval : n_eval + n_calib]]
     return ev, cal
 
 
@@ -175,7 +183,7 @@ def embed(model, tok, texts: list[str], batch_size: int = 32, max_length: int = 
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers recipe for all-MiniLM-L6-v2)."""
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         h = model(**enc).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
         e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
@@ -192,6 +200,7 @@ def mrr_at(q: torch.Tensor, d: torch.Tensor) -> tuple[float, float]:
 
 
 def calib_batches_text(tok, texts: list[str], batch_size: int = 16, max_length: int = 256) -> list[dict]:
-    return [dict(tok(texts[i: i + batch_size], padding=True, truncation=True, max_length=max_length,
-                     return_tensors="pt"))
-            for i in range(0, len(texts), batch_size)]
+    return [
+        dict(tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        for i in range(0, len(texts), batch_size)
+    ]

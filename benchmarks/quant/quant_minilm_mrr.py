@@ -46,9 +46,12 @@ def main(argv=None):
     bodies = [b for _, _, b in ev]
     calib = qc.calib_batches_text(tok, [f"{t}. {b}" for _, t, b in cal], batch_size=16, max_length=256)
 
-    configs = [("fp32", None, None), ("per-token W8A8", "per_token", None),
-               (f"SmoothQuant W8A8 (alpha={DEFAULT_ALPHA['smoothquant']:g})", "smoothquant", None),
-               (f"CrossQuant W8A8 (alpha={DEFAULT_ALPHA['crossquant']:g})", "crossquant", None)]
+    configs = [
+        ("fp32", None, None),
+        ("per-token W8A8", "per_token", None),
+        (f"SmoothQuant W8A8 (alpha={DEFAULT_ALPHA['smoothquant']:g})", "smoothquant", None),
+        (f"CrossQuant W8A8 (alpha={DEFAULT_ALPHA['crossquant']:g})", "crossquant", None),
+    ]
     rows = []
     d_fp = None
     for label, method, alpha in configs:
@@ -62,8 +65,10 @@ def main(argv=None):
         kern = quantization_kernel_report(m, calib[:2]).summary() if method else None
         rows.append((label, mrr, r1, cos, kern))
         print(f"  {label}: MRR={mrr:.4f} R@1={r1:.4f}  [{time.time() - t0:.0f}s]", flush=True)
-    print(f"\nBBC title -> body retrieval, {args.n_eval} articles (seed 0), calibration {args.n_calib} other articles, "
-          f"threads={args.threads}\n")
+    print(
+        f"\nBBC title -> body retrieval, {args.n_eval} articles (seed 0), calibration {args.n_calib} other articles, "
+        f"threads={args.threads}\n"
+    )
     print("| model | MRR | R@1 | doc-embedding cosine vs fp32 | kernel | per-token kernel |")
     print("|---|---|---|---|---|---|")
     for label, mrr, r1, cos, kern in rows:

@@ -36,7 +36,7 @@ from kd_plugins.quant import collect_activation_stats, quantization_kernel_repor
 def batches(windows: torch.Tensor, bs: int, labels: bool = False) -> list[dict]:
     out = []
     for i in range(0, windows.shape[0], bs):
-        ids = windows[i:i + bs]
+        ids = windows[i : i + bs]
         out.append({"input_ids": ids, "labels": ids} if labels else {"input_ids": ids})
     return out
 
@@ -62,8 +62,11 @@ def main(argv=None):
     calib = qc.lm_windows(tok, books["emma"], args.seq_len, args.calib)
     val = qc.lm_windows(tok, books["mansfieldpark"], args.seq_len, args.val)
     test = qc.lm_windows(tok, books["prideprejudice"], args.seq_len, args.test)
-    print(f"# SmolLM2-135M, seq_len={args.seq_len}, calib={args.calib} (emma), val={args.val} (mansfieldpark), "
-          f"test={args.test} (prideprejudice), threads={args.threads}", flush=True)
+    print(
+        f"# SmolLM2-135M, seq_len={args.seq_len}, calib={args.calib} (emma), val={args.val} (mansfieldpark), "
+        f"test={args.test} (prideprejudice), threads={args.threads}",
+        flush=True,
+    )
 
     stats = collect_activation_stats(model, batches(calib, 2))
     alphas = [float(a) for a in args.alphas.split(",")]
@@ -83,8 +86,11 @@ def main(argv=None):
             ppl = qc.perplexity(qm, val)
             rep = quantization_kernel_report(qm, batches(val[:2], 2)).summary()
             sweep_rows.append((method, a, ppl, rep["kernel"], rep["per_token_kernel"]))
-            print(f"  val {method:12s} alpha={a:.2f} ppl={ppl:.3f} kernel={100 * rep['kernel']:.2f}% "
-                  f"(per-token {100 * rep['per_token_kernel']:.2f}%)  [{time.time() - t0:.0f}s]", flush=True)
+            print(
+                f"  val {method:12s} alpha={a:.2f} ppl={ppl:.3f} kernel={100 * rep['kernel']:.2f}% "
+                f"(per-token {100 * rep['per_token_kernel']:.2f}%)  [{time.time() - t0:.0f}s]",
+                flush=True,
+            )
             if best is None or ppl < best[1]:
                 best = (a, ppl)
             del qm
@@ -96,8 +102,10 @@ def main(argv=None):
     auto_secs = time.time() - t_auto
     val_auto = qc.perplexity(auto_model, val)
     del auto_model
-    print(f"  val crossquant alpha=auto ppl={val_auto:.3f} (search {auto_secs:.0f}s)  [{time.time() - t0:.0f}s]",
-          flush=True)
+    print(
+        f"  val crossquant alpha=auto ppl={val_auto:.3f} (search {auto_secs:.0f}s)  [{time.time() - t0:.0f}s]",
+        flush=True,
+    )
     val_fp = qc.perplexity(model, val)
 
     configs = [
@@ -105,8 +113,12 @@ def main(argv=None):
         ("per-token W8A8", "per_token", None, "int8"),
         (f"SmoothQuant W8A8 (alpha={chosen['smoothquant']:g})", "smoothquant", chosen["smoothquant"], "int8"),
         (f"CrossQuant W8A8 (alpha={chosen['crossquant']:g})", "crossquant", chosen["crossquant"], "int8"),
-        (f"CrossQuant dynamic, fake-quant (alpha={chosen['crossquant']:g})", "crossquant_dynamic", chosen["crossquant"],
-         "fake"),
+        (
+            f"CrossQuant dynamic, fake-quant (alpha={chosen['crossquant']:g})",
+            "crossquant_dynamic",
+            chosen["crossquant"],
+            "fake",
+        ),
         ("CrossQuant W8A8 (alpha=auto, per layer)", "crossquant", auto_alpha, "int8"),
     ]
     kb = batches(test[: args.kernel_windows], 2)
@@ -134,8 +146,10 @@ def main(argv=None):
         for method, a, ppl, k, pk in sweep_rows:
             print(f"| {method} | {a:.2f} | {ppl:.3f} | {100 * k:.2f}% | {100 * pk:.2f}% |")
         print()
-    print(f"Test: {args.test} windows x {args.seq_len} tokens of Pride and Prejudice "
-          f"(kernel on {args.kernel_windows} windows):\n")
+    print(
+        f"Test: {args.test} windows x {args.seq_len} tokens of Pride and Prejudice "
+        f"(kernel on {args.kernel_windows} windows):\n"
+    )
     print("| model | ppl | vs fp32 | kernel (all layers) | induced kernel | layers with kernel < per-token |")
     print("|---|---|---|---|---|---|")
     for label, ppl, rep in results:
@@ -144,16 +158,20 @@ def main(argv=None):
             continue
         s = rep.summary()
         below = "-" if label.startswith("per-token") else f"{s['layers_below_per_token']}/{s['layers']}"
-        print(f"| {label} | {ppl:.3f} | {100 * (ppl / fp - 1):+.2f}% | {100 * s['kernel']:.2f}% | "
-              f"{100 * s['induced']:.2f}% | {below} |")
+        print(
+            f"| {label} | {ppl:.3f} | {100 * (ppl / fp - 1):+.2f}% | {100 * s['kernel']:.2f}% | "
+            f"{100 * s['induced']:.2f}% | {below} |"
+        )
     print()
     for idx in (3, 5):
         print(f"Kernel proportion by layer type ({results[idx][0]} vs per-token on the same tensors):\n")
         print(results[idx][2].to_table())
         print()
     vals = sorted(auto_alpha.values())
-    print(f"alpha=auto: validation ppl {val_auto:.3f} (fp32 {val_fp:.3f}); per-layer search {auto_secs:.0f}s; "
-          f"chosen alphas min {vals[0]:g} / median {vals[len(vals) // 2]:g} / max {vals[-1]:g}")
+    print(
+        f"alpha=auto: validation ppl {val_auto:.3f} (fp32 {val_fp:.3f}); per-layer search {auto_secs:.0f}s; "
+        f"chosen alphas min {vals[0]:g} / median {vals[len(vals) // 2]:g} / max {vals[-1]:g}"
+    )
     by: dict[str, list[float]] = {}
     for n, a in auto_alpha.items():
         by.setdefault(".".join(n.split(".")[-2:]), []).append(a)

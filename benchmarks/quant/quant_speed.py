@@ -118,7 +118,7 @@ def main(argv=None):
     model, tok = qc.load_smollm2()
     books = qc.austen_books()
     calib = qc.lm_windows(tok, books["emma"], 512, 4)
-    calibration = [{"input_ids": calib[i:i + 2]} for i in (0, 2)]
+    calibration = [{"input_ids": calib[i : i + 2]} for i in (0, 2)]
     qmodel = quantize(copy.deepcopy(model), "crossquant", calibration_data=calibration)
     print("| batch x seq | fp32 s | CrossQuant W8A8 s | speed-up |")
     print("|---|---|---|---|")
@@ -139,23 +139,34 @@ def main(argv=None):
         names = set(cfg["layers"])
         q_layers = sum(
             (lambda t: 1 * t[0] * t[1] if "weight_int8" in k else 4 * t[0])(v["shape"] + [1])
-            for k, v in cfg["tensors"].items() if k.rsplit(".", 1)[0] in names)
-        fp_layers = sum(4 * (l["in_features"] * l["out_features"] + (l["out_features"] if l["bias"] else 0))
-                        for l in cfg["layers"].values())
+            for k, v in cfg["tensors"].items()
+            if k.rsplit(".", 1)[0] in names
+        )
+        fp_layers = sum(
+            4 * (l["in_features"] * l["out_features"] + (l["out_features"] if l["bias"] else 0))
+            for l in cfg["layers"].values()
+        )
         pr_fp = peak_rss("fp32", str(fp_dir), args.threads)
         pr_q = peak_rss("quant", str(out), args.threads)
-    mb = 2 ** 20
+    mb = 2**20
     print("| | fp32 | CrossQuant W8A8 | ratio |")
     print("|---|---|---|---|")
-    print(f"| quantized layers' tensors | {fp_layers / mb:.1f} MB | {q_layers / mb:.1f} MB | "
-          f"{q_layers / fp_layers:.3f} |")
-    print(f"| checkpoint (safetensors, incl. fp32 embedding) | {fp_size / mb:.1f} MB | {q_size / mb:.1f} MB | "
-          f"{q_size / fp_size:.3f} |")
-    print(f"| model in memory (params + buffers) | {model_bytes(model) / mb:.1f} MB | "
-          f"{model_bytes(qmodel) / mb:.1f} MB | "
-          f"{model_bytes(qmodel) / model_bytes(model):.3f} |")
-    print(f"| peak RSS, fresh process: load + 1x512 prefill | {pr_fp['peak_kb'] / 1024:.0f} MB | "
-          f"{pr_q['peak_kb'] / 1024:.0f} MB | {pr_q['peak_kb'] / pr_fp['peak_kb']:.3f} |")
+    print(
+        f"| quantized layers' tensors | {fp_layers / mb:.1f} MB | {q_layers / mb:.1f} MB | {q_layers / fp_layers:.3f} |"
+    )
+    print(
+        f"| checkpoint (safetensors, incl. fp32 embedding) | {fp_size / mb:.1f} MB | {q_size / mb:.1f} MB | "
+        f"{q_size / fp_size:.3f} |"
+    )
+    print(
+        f"| model in memory (params + buffers) | {model_bytes(model) / mb:.1f} MB | "
+        f"{model_bytes(qmodel) / mb:.1f} MB | "
+        f"{model_bytes(qmodel) / model_bytes(model):.3f} |"
+    )
+    print(
+        f"| peak RSS, fresh process: load + 1x512 prefill | {pr_fp['peak_kb'] / 1024:.0f} MB | "
+        f"{pr_q['peak_kb'] / 1024:.0f} MB | {pr_q['peak_kb'] / pr_fp['peak_kb']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

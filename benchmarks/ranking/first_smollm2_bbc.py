@@ -58,8 +58,9 @@ from kd_plugins.ranking.retrieval import encode_texts, mine_candidates, rerank_m
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--k", type=int, default=5, help="candidates per title (= FIRST window; identifiers A..)")
     p.add_argument("--doc-words", type=int, default=32, help="passage = first N words of the body")
     p.add_argument("--train-steps", type=int, default=100)
@@ -115,14 +116,15 @@ def main(argv=None):
     e_tr_d, e_tr_q = encode_texts(bienc, btok, train_docs), encode_texts(bienc, btok, [a.title for a in train])
     e_ev_d, e_ev_q = encode_texts(bienc, btok, ev_docs), encode_texts(bienc, btok, [a.title for a in ev_all])
     tr_c = mine_candidates(e_tr_q, e_tr_d, args.k, relevant=range(len(train)), queries=[a.title for a in train])
-    ev_c_all = mine_candidates(e_ev_q, e_ev_d, args.k, relevant=range(len(ev_all)),
-                               queries=[a.title for a in ev_all])
+    ev_c_all = mine_candidates(e_ev_q, e_ev_d, args.k, relevant=range(len(ev_all)), queries=[a.title for a in ev_all])
     del bienc
     n_ev = min(args.eval_queries, len(ev_all))
     ev_idx = sorted(random.Random(args.seed).sample(range(len(ev_all)), n_ev))
     ev_c = ev_c_all.subset(ev_idx)
-    log(f"train titles {len(train)} (recall@{args.k} {(tr_c.positive >= 0).float().mean():.3f}); "
-        f"{args.eval_split} titles {n_ev} of {len(ev_all)} (recall@{args.k} {(ev_c.positive >= 0).float().mean():.3f})")
+    log(
+        f"train titles {len(train)} (recall@{args.k} {(tr_c.positive >= 0).float().mean():.3f}); "
+        f"{args.eval_split} titles {n_ev} of {len(ev_all)} (recall@{args.k} {(ev_c.positive >= 0).float().mean():.3f})"
+    )
 
     # ---- student
     model, tok = load_smollm2()
@@ -152,21 +154,30 @@ def main(argv=None):
                 scores[qi, c] = float(args.k - r)
             orders.append(ranked_cols)
         teacher = list(range(args.k))  # first-stage columns are already in teacher order
-        agree = {"top1_agree": sum(o[0] == 0 for o in orders) / n_ev,
-                 "kendall_tau": sum(kendall_tau(o, teacher) for o in orders) / n_ev}
+        agree = {
+            "top1_agree": sum(o[0] == 0 for o in orders) / n_ev,
+            "kendall_tau": sum(kendall_tau(o, teacher) for o in orders) / n_ev,
+        }
         return scores, agree
 
     rows = {}
     teacher_scores = -torch.arange(args.k, dtype=torch.float).expand(n_ev, -1).clone()
-    rows["first stage = teacher (MiniLM bi-encoder)"] = (rerank_metrics(teacher_scores, ev_c.positive),
-                                                         {"top1_agree": 1.0, "kendall_tau": 1.0}, 0.0)
+    rows["first stage = teacher (MiniLM bi-encoder)"] = (
+        rerank_metrics(teacher_scores, ev_c.positive),
+        {"top1_agree": 1.0, "kendall_tau": 1.0},
+        0.0,
+    )
     g = torch.Generator().manual_seed(args.seed + 2)
     rand_scores = torch.rand(n_ev, args.k, generator=g)
     rand_orders = [torch.argsort(r, descending=True).tolist() for r in rand_scores]
-    rows["random order"] = (rerank_metrics(rand_scores, ev_c.positive),
-                            {"top1_agree": sum(o[0] == 0 for o in rand_orders) / n_ev,
-                             "kendall_tau": sum(kendall_tau(o, list(range(args.k))) for o in rand_orders) / n_ev},
-                            0.0)
+    rows["random order"] = (
+        rerank_metrics(rand_scores, ev_c.positive),
+        {
+            "top1_agree": sum(o[0] == 0 for o in rand_orders) / n_ev,
+            "kendall_tau": sum(kendall_tau(o, list(range(args.k))) for o in rand_orders) / n_ev,
+        },
+        0.0,
+    )
     t0 = time.time()
     zs, zs_agree = evaluate(model)
     rows["SmolLM2-135M FIRST zero-shot"] = (rerank_metrics(zs, ev_c.positive), zs_agree, time.time() - t0)
@@ -179,8 +190,11 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warm = max(1, int(0.1 * args.train_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.train_steps)
-                                                                         / args.train_steps)))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.train_steps) / args.train_steps))
+        ),
+    )
     q_order = list(range(len(train)))
     rng.shuffle(q_order)
     losses = []
@@ -204,9 +218,11 @@ def main(argv=None):
         losses.append((total.item(), lm.item(), rank.item()))
         if step == 0 or (step + 1) % 10 == 0:
             w = losses[-10:]
-            log(f"step {step + 1}/{args.train_steps} loss {sum(x[0] for x in w) / len(w):.3f} "
+            log(
+                f"step {step + 1}/{args.train_steps} loss {sum(x[0] for x in w) / len(w):.3f} "
                 f"(lm {sum(x[1] for x in w) / len(w):.3f}, rank {sum(x[2] for x in w) / len(w):.3f}) "
-                f"{(time.time() - t0) / (step + 1):.2f}s/step")
+                f"{(time.time() - t0) / (step + 1):.2f}s/step"
+            )
     t_train = time.time() - t0
     model.eval()
     t0 = time.time()
@@ -218,8 +234,9 @@ def main(argv=None):
     hdr = f"| method | MRR@{args.k} | nDCG@10 | top-1 = teacher's | Kendall tau vs teacher |"
     lines = [hdr, "|---|---|---|---|---|"]
     for name, (m, a, _) in rows.items():
-        lines.append(f"| {name} | {m['mrr']:.4f} | {m['ndcg@10']:.4f} | {a['top1_agree']:.3f} | "
-                     f"{a['kendall_tau']:.3f} |")
+        lines.append(
+            f"| {name} | {m['mrr']:.4f} | {m['ndcg@10']:.4f} | {a['top1_agree']:.3f} | {a['kendall_tau']:.3f} |"
+        )
     table = "\n".join(lines)
     print(table, flush=True)
     n10 = min(10, len(losses))

@@ -72,13 +72,22 @@ LOSSES = ("margin_mse", "ranknet", "pld", "cprd", "listnet")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--teacher", choices=("bi_encoder", "cross_encoder"), default="bi_encoder")
-    p.add_argument("--teacher-temperature", type=float, default=0.05,
-                   help="bi_encoder teacher: score = cosine / T (fixed a priori = the student's temperature)")
-    p.add_argument("--eval-split", choices=("test", "validation"), default="test",
-                   help="split the students are evaluated on (choose settings on validation only)")
+    p.add_argument(
+        "--teacher-temperature",
+        type=float,
+        default=0.05,
+        help="bi_encoder teacher: score = cosine / T (fixed a priori = the student's temperature)",
+    )
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "validation"),
+        default="test",
+        help="split the students are evaluated on (choose settings on validation only)",
+    )
     p.add_argument("--doc-words", type=int, default=32)
     p.add_argument("--doc-pool", type=int, default=720, help="train bodies used as the negative pool")
     p.add_argument("--group-size", type=int, default=8, help="training group: 1 positive + hard negatives")
@@ -97,10 +106,16 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--losses", nargs="+", default=list(LOSSES))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None,
-                   help="default: benchmarks/ranking/RESULTS_ranking.md (test) or RESULTS_ranking_validation.md")
-    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "ranking_bbc"),
-                   help="teacher scores are cached here (keyed by the teacher settings)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default: benchmarks/ranking/RESULTS_ranking.md (test) or RESULTS_ranking_validation.md",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=str(ROOT / ".cache" / "ranking_bbc"),
+        help="teacher scores are cached here (keyed by the teacher settings)",
+    )
     return p.parse_args(argv)
 
 
@@ -114,10 +129,17 @@ def train_teacher(args, groups, train_docs, val_c, val_docs, log):
     torch.manual_seed(0)
     cross = CrossEncoder.from_pretrained(minilm_path(), max_length=96, freeze_layers=args.freeze_layers)
     t0 = time.time()
-    tl, t_scores = train_cross_encoder(cross, groups, train_docs, steps=args.teacher_steps,
-                                       batch_queries=args.teacher_batch, lr=args.teacher_lr, seed=0,
-                                       return_scores=True,
-                                       log=lambda st, lo: st % 25 == 0 and log(f"teacher step {st} loss {lo:.3f}"))
+    tl, t_scores = train_cross_encoder(
+        cross,
+        groups,
+        train_docs,
+        steps=args.teacher_steps,
+        batch_queries=args.teacher_batch,
+        lr=args.teacher_lr,
+        seed=0,
+        return_scores=True,
+        log=lambda st, lo: st % 25 == 0 and log(f"teacher step {st} loss {lo:.3f}"),
+    )
     t_teacher = time.time() - t0
     n10 = min(10, len(tl))
     log(f"teacher loss first/last {n10}: {sum(tl[:n10]) / n10:.3f} -> {sum(tl[-n10:]) / n10:.3f} ({t_teacher:.0f}s)")
@@ -162,13 +184,18 @@ def main(argv=None):
     e_test_d = encode_texts(base, tok, test_docs)
     e_test_q = encode_texts(base, tok, [a.title for a in test])
 
-    groups = mine_candidates(e_train_q, e_train_d, args.group_size, relevant=range(len(train)),
-                             queries=[a.title for a in train], query_topics=[a.category for a in train],
-                             doc_topics=[a.category for a in pool], force_positive=True)
-    test_c = mine_candidates(e_test_q, e_test_d, args.top_k, relevant=range(len(test)),
-                             queries=[a.title for a in test])
-    val_c_all = mine_candidates(e_val_q, e_val_d, args.top_k, relevant=range(len(val)),
-                                queries=[a.title for a in val])
+    groups = mine_candidates(
+        e_train_q,
+        e_train_d,
+        args.group_size,
+        relevant=range(len(train)),
+        queries=[a.title for a in train],
+        query_topics=[a.category for a in train],
+        doc_topics=[a.category for a in pool],
+        force_positive=True,
+    )
+    test_c = mine_candidates(e_test_q, e_test_d, args.top_k, relevant=range(len(test)), queries=[a.title for a in test])
+    val_c_all = mine_candidates(e_val_q, e_val_d, args.top_k, relevant=range(len(val)), queries=[a.title for a in val])
     n_tv = min(args.teacher_eval, len(val))
     val_c = val_c_all.subset(range(n_tv))  # teacher sanity titles (candidates are per query: same as before)
 
@@ -182,11 +209,14 @@ def main(argv=None):
     log(f"first stage test {first_stage}  recall@{args.top_k}={recall:.3f}; validation {first_stage_val_all}")
 
     if args.teacher == "bi_encoder":
-        key = (f"biteacher_q{len(train)}_p{len(pool)}_w{args.doc_words}_g{args.group_size}"
-               f"_T{args.teacher_temperature}.pt")
+        key = (
+            f"biteacher_q{len(train)}_p{len(pool)}_w{args.doc_words}_g{args.group_size}_T{args.teacher_temperature}.pt"
+        )
     else:
-        key = (f"teacher_q{len(train)}_p{len(pool)}_w{args.doc_words}_g{args.group_size}_s{args.teacher_steps}"
-               f"_b{args.teacher_batch}_lr{args.teacher_lr}_f{args.freeze_layers}_v{n_tv}.pt")
+        key = (
+            f"teacher_q{len(train)}_p{len(pool)}_w{args.doc_words}_g{args.group_size}_s{args.teacher_steps}"
+            f"_b{args.teacher_batch}_lr{args.teacher_lr}_f{args.freeze_layers}_v{n_tv}.pt"
+        )
     cache_file = Path(args.cache_dir) / key
     if cache_file.is_file():  # teacher scores depend only on the teacher settings above
         cached = torch.load(cache_file)
@@ -205,8 +235,10 @@ def main(argv=None):
         raise RuntimeError("teacher produced non-finite scores")
     t_top1 = (t_scores.argmax(-1) == groups.positive).float().mean().item()
     t_margin = (t_scores[:, :1] - t_scores[:, 1:]).mean().item()
-    log(f"teacher on {n_tv} validation titles: {teacher_val} (first stage there: {first_stage_val}); "
-        f"training groups: positive ranked first {t_top1:.3f}, mean positive-negative margin {t_margin:.2f}")
+    log(
+        f"teacher on {n_tv} validation titles: {teacher_val} (first stage there: {first_stage_val}); "
+        f"training groups: positive ranked first {t_top1:.3f}, mean positive-negative margin {t_margin:.2f}"
+    )
 
     if args.eval_split == "test":
         ev, ev_docs, ev_c = test, test_docs, test_c
@@ -224,10 +256,13 @@ def main(argv=None):
         return rerank_metrics(sc, ev_c.positive)
 
     untrained = rerank_metrics((s_ev_q.unsqueeze(1) * s_ev_d[ev_c.candidates]).sum(-1), ev_c.positive)
-    s_untrained_train = (encode_texts(student0, tok, list(groups.queries)).unsqueeze(1)
-                         * s_train_d[groups.candidates]).sum(-1) / 0.05
-    log(f"untrained student: {untrained}; its mean positive-negative margin on the training groups "
-        f"{(s_untrained_train[:, :1] - s_untrained_train[:, 1:]).mean().item():.2f}")
+    s_untrained_train = (
+        encode_texts(student0, tok, list(groups.queries)).unsqueeze(1) * s_train_d[groups.candidates]
+    ).sum(-1) / 0.05
+    log(
+        f"untrained student: {untrained}; its mean positive-negative margin on the training groups "
+        f"{(s_untrained_train[:, :1] - s_untrained_train[:, 1:]).mean().item():.2f}"
+    )
 
     runs = [("labels only", None)] + [(f"+ {name}", name) for name in args.losses]
     results = {}
@@ -237,30 +272,49 @@ def main(argv=None):
         for seed in args.seeds:
             torch.manual_seed(seed)
             student = inherit_student(base, args.student_layers)
-            train_bi_encoder(student, tok, groups, train_docs, steps=args.student_steps, doc_emb=s_train_d,
-                             teacher_scores=t_scores if name else None, distill=name,
-                             distill_weight=args.distill_weight, batch_queries=args.student_batch,
-                             lr=args.student_lr, seed=seed)
+            train_bi_encoder(
+                student,
+                tok,
+                groups,
+                train_docs,
+                steps=args.student_steps,
+                doc_emb=s_train_d,
+                teacher_scores=t_scores if name else None,
+                distill=name,
+                distill_weight=args.distill_weight,
+                batch_queries=args.student_batch,
+                lr=args.student_lr,
+                seed=seed,
+            )
             per_seed.append(evaluate(student))
         stats = {k: mean_std([r[k] for r in per_seed]) for k in ("mrr", "ndcg@10")}
         results[label] = (stats, per_seed, time.time() - t0)
-        log(f"{label:16s} MRR {stats['mrr'][0]:.4f} +- {stats['mrr'][1]:.4f} nDCG@10 {stats['ndcg@10'][0]:.4f} "
+        log(
+            f"{label:16s} MRR {stats['mrr'][0]:.4f} +- {stats['mrr'][1]:.4f} nDCG@10 {stats['ndcg@10'][0]:.4f} "
             f"+- {stats['ndcg@10'][1]:.4f} per seed {[round(r['mrr'], 4) for r in per_seed]} "
-            f"({time.time() - t0:.0f}s)")
+            f"({time.time() - t0:.0f}s)"
+        )
 
     total = time.time() - t_start
     cmd = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} " + command_line(__file__, argv)
     base_mrr, base_ndcg = results["labels only"][0]["mrr"][0], results["labels only"][0]["ndcg@10"][0]
-    split_desc = ("Test split: 400 held-out articles (seeded split 0)" if args.eval_split == "test" else
-                  "VALIDATION split (300 articles of seeded split 0; used to choose settings, not a test result)")
+    split_desc = (
+        "Test split: 400 held-out articles (seeded split 0)"
+        if args.eval_split == "test"
+        else "VALIDATION split (300 articles of seeded split 0; used to choose settings, not a test result)"
+    )
     n_ev_docs = len(ev_docs)
     ev_recall = (ev_c.positive >= 0).float().mean().item()
     if args.teacher == "bi_encoder":
-        teacher_desc = (f"the full 6-layer all-MiniLM-L6-v2 bi-encoder, score = cosine / {args.teacher_temperature} "
-                        "(the student's own temperature, fixed a priori)")
+        teacher_desc = (
+            f"the full 6-layer all-MiniLM-L6-v2 bi-encoder, score = cosine / {args.teacher_temperature} "
+            "(the student's own temperature, fixed a priori)"
+        )
     else:
-        teacher_desc = (f"cross-encoder from all-MiniLM-L6-v2 ({args.freeze_layers} lower layers frozen, "
-                        f"{args.teacher_steps} steps x {args.teacher_batch} groups), raw logits")
+        teacher_desc = (
+            f"cross-encoder from all-MiniLM-L6-v2 ({args.freeze_layers} lower layers frozen, "
+            f"{args.teacher_steps} steps x {args.teacher_batch} groups), raw logits"
+        )
     title = "# Ranking distillation on BBC News (title -> body re-ranking)"
     if args.eval_split != "test":
         title += " — VALIDATION split"
@@ -289,9 +343,11 @@ def main(argv=None):
     for label, (stats, per_seed, _) in results.items():
         (mm, ms), (nm, ns) = stats["mrr"], stats["ndcg@10"]
         first = label == "labels only"
-        lines.append(f"| {label} | {mm:.4f} ± {ms:.4f} | {nm:.4f} ± {ns:.4f} | "
-                     f"{'' if first else f'{mm - base_mrr:+.4f}'} | {'' if first else f'{nm - base_ndcg:+.4f}'} | "
-                     f"{', '.join(format(r['mrr'], '.4f') for r in per_seed)} |")
+        lines.append(
+            f"| {label} | {mm:.4f} ± {ms:.4f} | {nm:.4f} ± {ns:.4f} | "
+            f"{'' if first else f'{mm - base_mrr:+.4f}'} | {'' if first else f'{nm - base_ndcg:+.4f}'} | "
+            f"{', '.join(format(r['mrr'], '.4f') for r in per_seed)} |"
+        )
     fs = first_stage if args.eval_split == "test" else first_stage_val_all
     fs_label = "first stage: all-MiniLM-L6-v2 bi-encoder order (6 layers)"
     if args.teacher == "bi_encoder":

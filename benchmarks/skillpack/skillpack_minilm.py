@@ -43,8 +43,9 @@ from kd_plugins.data import BBC_CLASSES, minilm_path, retrieval_metrics, split_a
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--topic-steps", type=int, default=20)
@@ -133,8 +134,10 @@ def get_skill(kind, base, tok, train, args):
 
     steps = args.topic_steps if kind == "topic" else args.retrieval_steps
     data = hashlib.sha256("\n".join(a.title + a.body[:64] for a in train).encode()).hexdigest()[:10]
-    path = Path(args.cache_dir) / (f"minilm_{kind}_s{steps}_b{args.batch_size}_t{args.max_len}_lr{args.lr:g}"
-                                   f"_h{args.head_lr:g}_seed{args.seed}_data{data}.safetensors")
+    path = Path(args.cache_dir) / (
+        f"minilm_{kind}_s{steps}_b{args.batch_size}_t{args.max_len}_lr{args.lr:g}"
+        f"_h{args.head_lr:g}_seed{args.seed}_data{data}.safetensors"
+    )
     model = copy.deepcopy(base)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
@@ -152,7 +155,7 @@ def encode(model, tok, texts, max_len, bs=64):
     embs, logits = [], []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for s in range(0, len(texts), bs):
-        idx = order[s:s + bs]
+        idx = order[s : s + bs]
         e, lg = model(_tok(tok, [texts[i] for i in idx], max_len))
         embs.append(e)
         logits.append(lg)
@@ -207,12 +210,17 @@ def main(argv=None):
         print(packs[kind].summary(), f"\n(extract {time.time() - t0:.1f}s)", flush=True)
         m = copy.deepcopy(base)
         packs[kind].apply(m)
-        add(f"SkillPack: {kind}", evaluate(m)[0],
-            f"{packs[kind].nbytes / 1e6:.2f} MB ({100 * packs[kind].nbytes / packs[kind].dense_bytes:.1f}%)")
+        add(
+            f"SkillPack: {kind}",
+            evaluate(m)[0],
+            f"{packs[kind].nbytes / 1e6:.2f} MB ({100 * packs[kind].nbytes / packs[kind].dense_bytes:.1f}%)",
+        )
     both = [packs["topic"], packs["retrieval"]]
-    for label, pack in (("task arithmetic (1, 1)", fuse(both, "task_arithmetic")),
-                        ("task arithmetic (0.5, 0.5)", fuse(both, "task_arithmetic", weights=[0.5, 0.5])),
-                        ("TIES (density 0.2)", fuse(both, "ties", density=0.2))):
+    for label, pack in (
+        ("task arithmetic (1, 1)", fuse(both, "task_arithmetic")),
+        ("task arithmetic (0.5, 0.5)", fuse(both, "task_arithmetic", weights=[0.5, 0.5])),
+        ("TIES (density 0.2)", fuse(both, "ties", density=0.2)),
+    ):
         m = copy.deepcopy(base)
         pack.apply(m)
         add(f"merge: {label}", evaluate(m)[0], f"{pack.nbytes / 1e6:.2f} MB")
@@ -231,8 +239,13 @@ def main(argv=None):
     routed = fuse(both, "router", names=["topic", "retrieval"])
     rng = random.Random(args.seed)
     shots = rng.sample(split.train, 2 * args.router_shots)
-    routed.fit_router({"topic": [a.body for a in shots[:args.router_shots]],
-                       "retrieval": [a.title for a in shots[args.router_shots:]]}, featurize)
+    routed.fit_router(
+        {
+            "topic": [a.body for a in shots[: args.router_shots]],
+            "retrieval": [a.title for a in shots[args.router_shots :]],
+        },
+        featurize,
+    )
     m = copy.deepcopy(base)
 
     def run(model, texts):
@@ -240,8 +253,7 @@ def main(argv=None):
         return list(zip(e, lg))
 
     body_out, body_routes = routed.run(m, bodies, run)
-    title_out, title_routes = routed.run(m, titles, lambda model, xs: [e for e, _ in
-                                                                       zip(*encode(model, tok, xs, 32))])
+    title_out, title_routes = routed.run(m, titles, lambda model, xs: [e for e, _ in zip(*encode(model, tok, xs, 32))])
     with routed.use(m, 1):
         doc_emb, _ = encode(m, tok, bodies, args.max_len)
     body_logits = torch.stack([lg for _, lg in body_out])

@@ -46,8 +46,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
@@ -59,8 +60,11 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="0.01,0.03,0.05,0.10", help="SkillPack budgets, fractions of the dense delta")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--train-only", default="",
-                   help="'ft' or 'lora': train and cache that run, then exit; 'base': cache the base perplexity")
+    p.add_argument(
+        "--train-only",
+        default="",
+        help="'ft' or 'lora': train and cache that run, then exit; 'base': cache the base perplexity",
+    )
     p.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     p.add_argument("--results", default=str(BENCHMARKS / "skillpack" / "RESULTS_skillpack.md"))
     return p.parse_args(argv)
@@ -82,7 +86,7 @@ def train_rows(tok, books, seq_len: int) -> torch.Tensor:
             continue
         ids = tok(books[name], add_special_tokens=False)["input_ids"]
         for s in range(0, len(ids) - chunk + 1, chunk):
-            rows.append([bos] + ids[s:s + chunk])
+            rows.append([bos] + ids[s : s + chunk])
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -94,7 +98,8 @@ def train(model, params, rows: torch.Tensor, args, lr: float) -> dict:
     warm = max(1, round(args.warmup_ratio * args.steps))
     decay_steps = max(1, args.steps - warm)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / decay_steps)))
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / decay_steps))
+    )
     torch.manual_seed(args.seed)
     model.train()
     t0, losses = time.time(), []
@@ -111,8 +116,11 @@ def train(model, params, rows: torch.Tensor, args, lr: float) -> dict:
         if step % 10 == 0 or step == args.steps - 1:
             print(f"  step {step + 1}/{args.steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
-    return {"train_s": time.time() - t0, "first_loss": sum(losses[:10]) / min(10, len(losses)),
-            "last_loss": sum(losses[-10:]) / min(10, len(losses))}
+    return {
+        "train_s": time.time() - t0,
+        "first_loss": sum(losses[:10]) / min(10, len(losses)),
+        "last_loss": sum(losses[-10:]) / min(10, len(losses)),
+    }
 
 
 def get_finetune(args, tok, rows):
@@ -139,8 +147,9 @@ def get_lora(args, tok, rows):
         print(f"training LoRA r={args.lora_rank} -> {out}", flush=True)
         base, _ = load_smollm2(cache_dir=Path(args.cache_dir) / "assets")
         torch.manual_seed(args.seed)
-        cfg = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                         target_modules=LORA_TARGETS, bias="none")
+        cfg = LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none"
+        )
         model = get_peft_model(base, cfg)
         info = train(model, [p for p in model.parameters() if p.requires_grad], rows, args, args.lora_lr)
         tmp = out.with_name(out.name + ".tmp")
@@ -163,8 +172,11 @@ def main(argv=None):
     _, tok = load_smollm2(cache_dir=assets)
     rows = train_rows(tok, books, args.seq_len)
     test = lm_windows(tok, books[TEST_NOVEL], args.seq_len, args.test_windows)
-    print(f"data: {rows.shape[0]} training chunks; {args.steps} steps x {args.batch_size}; test {tuple(test.shape)}; "
-          f"threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"data: {rows.shape[0]} training chunks; {args.steps} steps x {args.batch_size}; test {tuple(test.shape)}; "
+        f"threads {torch.get_num_threads()}",
+        flush=True,
+    )
     if args.train_only == "ft":
         get_finetune(args, tok, rows)
         return
@@ -175,7 +187,6 @@ def main(argv=None):
         get_lora(args, tok, rows)
         return
     evaluate_all(args, tok, rows, test, t_start)
-
 
 
 def base_perplexity(args, base, test) -> float:
@@ -203,8 +214,9 @@ def evaluate_all(args, tok, rows, test, t_start):
 
     def add(name, ppl, size_bytes=None, note=""):
         table.append({"name": name, "ppl": ppl, "bytes": size_bytes, "note": note})
-        print(f"  {name}: ppl {ppl:.3f} {'' if size_bytes is None else f'{size_bytes / 1e6:.2f} MB'} {note}",
-              flush=True)
+        print(
+            f"  {name}: ppl {ppl:.3f} {'' if size_bytes is None else f'{size_bytes / 1e6:.2f} MB'} {note}", flush=True
+        )
 
     add("base (SmolLM2-135M-Instruct)", base_perplexity(args, base, test))
     t0 = time.time()
@@ -227,24 +239,35 @@ def evaluate_all(args, tok, rows, test, t_start):
         summaries[frac] = pack.summary()
         print(summaries[frac], f"\n(compress {extract_s[frac]:.0f}s)", flush=True)
         pack.apply(base)
-        add(f"SkillPack {frac:.0%} budget", perplexity(base, test), pack.nbytes,
-            f"ranks {sum(e.rank for e in pack.entries.values())} total")
+        add(
+            f"SkillPack {frac:.0%} budget",
+            perplexity(base, test),
+            pack.nbytes,
+            f"ranks {sum(e.rank for e in pack.entries.values())} total",
+        )
         pack.remove(base)
     lora, lora_info, lora_dir = get_lora(args, tok, rows)
     lora_params = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
-    add(f"LoRA r={args.lora_rank} (peft, same steps)", perplexity(lora, test), lora_params * 2,
-        f"{lora_params / 1e6:.2f}M params in bf16")
+    add(
+        f"LoRA r={args.lora_rank} (peft, same steps)",
+        perplexity(lora, test),
+        lora_params * 2,
+        f"{lora_params / 1e6:.2f}M params in bf16",
+    )
     total = time.time() - t_start
-    write_results(Path(args.results), table, args, total, ft_info, lora_info, summaries, extract_s,
-                  time.time() - t0, eval_s)
+    write_results(
+        Path(args.results), table, args, total, ft_info, lora_info, summaries, extract_s, time.time() - t0, eval_s
+    )
 
 
 def write_results(path, table, args, total, ft_info, lora_info, summaries, extract_s, compress_total, eval_s):
     cmd, env = command_line(__file__), omp_prefix()
     p_base, p_ft = table[0]["ppl"], table[1]["ppl"]
     dense = table[1]["bytes"]
-    lines = ["| model | held-out ppl | improvement kept | stored bytes | % of dense delta | notes |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | held-out ppl | improvement kept | stored bytes | % of dense delta | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in table:
         kept = (p_base - r["ppl"]) / (p_base - p_ft) if p_base != p_ft else float("nan")
         size = f"{r['bytes'] / 1e6:.2f} MB" if r["bytes"] else ""
@@ -258,8 +281,8 @@ def write_results(path, table, args, total, ft_info, lora_info, summaries, extra
 ```
 
 {torch.get_num_threads()} torch threads on a shared 2-core CPU; total wall time {total / 60:.1f} min for this
-(cached) run; training when not cached: full fine-tune {ft_info['train_s'] / 60:.1f} min, LoRA
-{lora_info['train_s'] / 60:.1f} min. Compression of all budgets {compress_total / 60:.1f} min (SVDs and error tables
+(cached) run; training when not cached: full fine-tune {ft_info["train_s"] / 60:.1f} min, LoRA
+{lora_info["train_s"] / 60:.1f} min. Compression of all budgets {compress_total / 60:.1f} min (SVDs and error tables
 computed once, shared by the budgets); one perplexity evaluation {eval_s:.0f} s.
 
 {chr(10).join(lines)}
@@ -269,10 +292,10 @@ computed once, shared by the budgets); one perplexity evaluation {eval_s:.0f} s.
 - Full fine-tune: all parameters (tied embedding / LM head included), {args.steps} steps x batch {args.batch_size} x
   {args.seq_len} tokens from the other five novels, AdamW lr {args.lr:g}, weight decay 0, {args.warmup_ratio:.0%}
   warmup then cosine, clip 1.0, seed {args.seed}. Train loss (mean of first / last 10 steps):
-  {ft_info['first_loss']:.3f} -> {ft_info['last_loss']:.3f}.
+  {ft_info["first_loss"]:.3f} -> {ft_info["last_loss"]:.3f}.
 - LoRA: peft, r={args.lora_rank}, alpha={2 * args.lora_rank}, on q,k,v,o,gate,up,down of all 30 layers, same batches
-  and schedule, lr {args.lora_lr:g} (no tuning). Train loss {lora_info['first_loss']:.3f} ->
-  {lora_info['last_loss']:.3f}. Size counted at 2 bytes per LoRA parameter.
+  and schedule, lr {args.lora_lr:g} (no tuning). Train loss {lora_info["first_loss"]:.3f} ->
+  {lora_info["last_loss"]:.3f}. Size counted at 2 bytes per LoRA parameter.
 - SkillPacks: `SkillPack.extract(base, finetuned, budget=f)` semantics (module-aware global allocation of rank and
   8/4/2-bit column groups, group size 64, fp16 scales, fp32 S; norms exact; embeddings "lowrank" inside the same
   budget). "Stored bytes" = all tensors of the pack (the safetensors header and JSON manifest add a few hundred KB).

@@ -42,23 +42,47 @@ from .stages import (
     stage2_gates,
 )
 
-
 #: Framework adapters live in the integration layer (a method package never imports upward).
 _MOVED = {"ACMCallback": "kd_plugins.integrations.hf", "ACMTask": "kd_plugins.integrations.timm"}
 
 
 def __getattr__(name):
     if name in _MOVED:
-        raise AttributeError(f"{name} is a framework adapter and lives in {_MOVED[name]}: "
-                             f"`from kd_plugins import {name}` (or `from {_MOVED[name]} import {name}`).")
+        raise AttributeError(
+            f"{name} is a framework adapter and lives in {_MOVED[name]}: "
+            f"`from kd_plugins import {name}` (or `from {_MOVED[name]} import {name}`)."
+        )
     raise AttributeError(f"module 'kd_plugins.acm' has no attribute {name!r}")
 
 
 __all__ = [
-    "ACMConfig", "acmize", "find_candidates", "Candidate", "save_acm", "load_acm", "ACMBlock", "ACMGate",
-    "acm_blocks", "acm_stats", "reset_acm_stats", "set_acm_mode", "token_flops", "collect_acm_inputs",
-    "collect_block_io", "stage1_distill", "stage2_gates", "gate_labels", "block_errors", "sample_fractions",
+    "ACMConfig",
+    "acmize",
+    "find_candidates",
+    "Candidate",
+    "save_acm",
+    "load_acm",
+    "ACMBlock",
+    "ACMGate",
+    "acm_blocks",
+    "acm_stats",
+    "reset_acm_stats",
+    "set_acm_mode",
+    "token_flops",
+    "collect_acm_inputs",
+    "collect_block_io",
+    "stage1_distill",
+    "stage2_gates",
+    "gate_labels",
+    "block_errors",
+    "sample_fractions",
     "budget_loss",
-    "entropy_loss", "diversity_loss", "acm_regularizers", "ACMRegularizers", "distill_term", "set_recording",
-    "calibrate_gate_budget", "acm_param_groups",
+    "entropy_loss",
+    "diversity_loss",
+    "acm_regularizers",
+    "ACMRegularizers",
+    "distill_term",
+    "set_recording",
+    "calibrate_gate_budget",
+    "acm_param_groups",
 ]

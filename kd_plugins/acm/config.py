@@ -16,24 +16,48 @@ class ACMConfig:
     """
 
     # ------------------------------------------------------------------------------------------ conversion
-    targets: str = field(default="mlp", metadata={"help": "'mlp', 'attention', 'all', or comma-separated glob "
-                                                          "patterns over module names (e.g. 'encoder.layer.[0-2].*')"})
+    targets: str = field(
+        default="mlp",
+        metadata={
+            "help": "'mlp', 'attention', 'all', or comma-separated glob "
+            "patterns over module names (e.g. 'encoder.layer.[0-2].*')"
+        },
+    )
     num_learners: int = field(default=4, metadata={"help": "N learners per ACM"})
-    init: str = field(default="slice", metadata={"help": "'slice' (learners = contiguous chunks of the dense "
-                                                         "block's hidden units; exact at k=N; SVD chunks for "
-                                                         "projections) or 'random' (the paper)"})
-    order: str = field(default="importance", metadata={"help": "with init='slice': 'importance' (sort hidden "
-                                                               "units by |activation| x ||W2 column|| first) or "
-                                                               "'original'"})
+    init: str = field(
+        default="slice",
+        metadata={
+            "help": "'slice' (learners = contiguous chunks of the dense "
+            "block's hidden units; exact at k=N; SVD chunks for "
+            "projections) or 'random' (the paper)"
+        },
+    )
+    order: str = field(
+        default="importance",
+        metadata={
+            "help": "with init='slice': 'importance' (sort hidden "
+            "units by |activation| x ||W2 column|| first) or "
+            "'original'"
+        },
+    )
     gate_hidden: int = field(default=16, metadata={"help": "width of the 3-layer linear gate (repo: 16)"})
-    attention_rank: int = field(default=0, metadata={"help": "rank of projection learners; 0 = paper sizing "
-                                                             "round(d_in*d_out / (N*(d_in+d_out)))"})
+    attention_rank: int = field(
+        default=0,
+        metadata={"help": "rank of projection learners; 0 = paper sizing round(d_in*d_out / (N*(d_in+d_out)))"},
+    )
     # --------------------------------------------------------------------------------------- stage 1 / 2
-    detach_mode: str = field(default="none", metadata={"help": "stage 1 gradient routing: 'none' (full gradient "
-                                                               "through the cumulative sums) or 'detach' (repo "
-                                                               "default: learner n fits the residual of 1..n-1)"})
-    label_tau: float = field(default=1 / 1.2, metadata={"help": "stage 2 label rule threshold tau: label = min "
-                                                               "n>=label_min_k with err(n)/err(n-1) >= tau"})
+    detach_mode: str = field(
+        default="none",
+        metadata={
+            "help": "stage 1 gradient routing: 'none' (full gradient "
+            "through the cumulative sums) or 'detach' (repo "
+            "default: learner n fits the residual of 1..n-1)"
+        },
+    )
+    label_tau: float = field(
+        default=1 / 1.2,
+        metadata={"help": "stage 2 label rule threshold tau: label = min n>=label_min_k with err(n)/err(n-1) >= tau"},
+    )
     label_min_k: int = field(default=2, metadata={"help": "smallest label of the rule (paper: 2)"})
     # ------------------------------------------------------------------------------------------- stage 3
     budget: float = field(default=0.5, metadata={"help": "target fraction beta of learner FLOPs"})
@@ -41,18 +65,32 @@ class ACMConfig:
     alpha_entropy: float = field(default=0.05, metadata={"help": "weight of the entropy loss L_e"})
     alpha_diversity: float = field(default=0.05, metadata={"help": "weight of the diversity loss L_d"})
     gumbel_tau: float = field(default=0.8, metadata={"help": "Gumbel-softmax temperature of the gates in training"})
-    gate_noise: bool = field(default=True, metadata={"help": "Gumbel noise on the gates in training (the paper); "
-                                                             "False: the deterministic eval choice (argmax), with "
-                                                             "the straight-through softmax gradient"})
-    straight_through: bool = field(default=True, metadata={"help": "weight the cumulative outputs by the "
-                                                                   "straight-through one-hot so the task loss "
-                                                                   "reaches the gates (the released code does not)"})
+    gate_noise: bool = field(
+        default=True,
+        metadata={
+            "help": "Gumbel noise on the gates in training (the paper); "
+            "False: the deterministic eval choice (argmax), with "
+            "the straight-through softmax gradient"
+        },
+    )
+    straight_through: bool = field(
+        default=True,
+        metadata={
+            "help": "weight the cumulative outputs by the "
+            "straight-through one-hot so the task loss "
+            "reaches the gates (the released code does not)"
+        },
+    )
     distill_weight: float = field(default=1.0, metadata={"help": "weight of distillation from the original model"})
-    distill_loss: str = field(default="auto", metadata={"help": "'auto' (KL for logits, cosine of mean-pooled "
-                                                                "embeddings for bare encoders), 'kl', 'cosine', "
-                                                                "'mse'"})
-    hidden_weight: float = field(default=0.0, metadata={"help": "extra MSE between last hidden states "
-                                                                "(student vs original), bare encoders"})
+    distill_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (KL for logits, cosine of mean-pooled embeddings for bare encoders), 'kl', 'cosine', 'mse'"
+        },
+    )
+    hidden_weight: float = field(
+        default=0.0, metadata={"help": "extra MSE between last hidden states (student vs original), bare encoders"}
+    )
     task_weight: float = field(default=1.0, metadata={"help": "weight of the model's own loss when labels are given"})
 
     def __post_init__(self):

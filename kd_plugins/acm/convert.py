@@ -27,8 +27,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -39,21 +40,23 @@ from .modules import ACMBlock, ACMContext, acm_blocks, run_batch
 
 __all__ = ["acmize", "find_candidates", "Candidate"]
 
-_PROJ_RE = re.compile(r"(^|\.)(attention|attn|self_attn)(\.[A-Za-z_]+)?\.(query|key|value|q|k|v|o|q_proj|k_proj|"
-                      r"v_proj|o_proj|qkv|proj|dense)$")
+_PROJ_RE = re.compile(
+    r"(^|\.)(attention|attn|self_attn)(\.[A-Za-z_]+)?\.(query|key|value|q|k|v|o|q_proj|k_proj|"
+    r"v_proj|o_proj|qkv|proj|dense)$"
+)
 
 
 @dataclass
 class Candidate:
     """A dense block that can become an ACM."""
 
-    name: str          # module replaced by the ACM
-    family: str        # "bert", "llama", "timm", "proj"
-    source_in: str     # module whose input is the block input z (in the original model)
-    source_out: str    # module whose output is the block output o (in the original model)
+    name: str  # module replaced by the ACM
+    family: str  # "bert", "llama", "timm", "proj"
+    source_in: str  # module whose input is the block input z (in the original model)
+    source_out: str  # module whose output is the block output o (in the original model)
     d_in: int
     d_out: int
-    hidden: int        # D_ff (or min(d_in, d_out) for projections)
+    hidden: int  # D_ff (or min(d_in, d_out) for projections)
     extra: dict = field(default_factory=dict)
 
 
@@ -74,24 +77,42 @@ def find_candidates(model: nn.Module) -> dict[str, Candidate]:
             continue
         pre = f"{name}." if name else ""
         inter, outp = getattr(m, "intermediate", None), getattr(m, "output", None)
-        if (isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(outp, "dense", None), nn.Linear)
-                and hasattr(inter, "intermediate_act_fn")):
+        if (
+            isinstance(getattr(inter, "dense", None), nn.Linear)
+            and isinstance(getattr(outp, "dense", None), nn.Linear)
+            and hasattr(inter, "intermediate_act_fn")
+        ):
             d1, d2 = inter.dense, outp.dense
-            out[pre + "intermediate"] = Candidate(pre + "intermediate", "bert", pre + "intermediate",
-                                                  pre + "output.dense", d1.in_features, d2.out_features,
-                                                  d1.out_features)
+            out[pre + "intermediate"] = Candidate(
+                pre + "intermediate",
+                "bert",
+                pre + "intermediate",
+                pre + "output.dense",
+                d1.in_features,
+                d2.out_features,
+                d1.out_features,
+            )
         elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
-            out[name] = Candidate(name, "llama", name, name, m.gate_proj.in_features, m.down_proj.out_features,
-                                  m.gate_proj.out_features)
-        elif (isinstance(getattr(m, "fc1", None), nn.Linear) and isinstance(getattr(m, "fc2", None), nn.Linear)
-              and hasattr(m, "act") and type(m).__name__ == "Mlp"):
-            out[name] = Candidate(name, "timm", name, name, m.fc1.in_features, m.fc2.out_features,
-                                  m.fc1.out_features)
+            out[name] = Candidate(
+                name, "llama", name, name, m.gate_proj.in_features, m.down_proj.out_features, m.gate_proj.out_features
+            )
+        elif (
+            isinstance(getattr(m, "fc1", None), nn.Linear)
+            and isinstance(getattr(m, "fc2", None), nn.Linear)
+            and hasattr(m, "act")
+            and type(m).__name__ == "Mlp"
+        ):
+            out[name] = Candidate(name, "timm", name, name, m.fc1.in_features, m.fc2.out_features, m.fc1.out_features)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and _PROJ_RE.search(name) and name not in out \
-                and not any(name == c.source_out or name.startswith(c.name + ".") for c in list(out.values())):
-            out[name] = Candidate(name, "proj", name, name, m.in_features, m.out_features,
-                                  min(m.in_features, m.out_features))
+        if (
+            isinstance(m, nn.Linear)
+            and _PROJ_RE.search(name)
+            and name not in out
+            and not any(name == c.source_out or name.startswith(c.name + ".") for c in list(out.values()))
+        ):
+            out[name] = Candidate(
+                name, "proj", name, name, m.in_features, m.out_features, min(m.in_features, m.out_features)
+            )
     return out
 
 
@@ -114,9 +135,12 @@ def _select(cands: dict[str, Candidate], targets: str | Iterable[str]) -> list[C
             shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
             raise ValueError(
                 f"ACM target pattern {p!r} matched no module. "
-                + (f"Convertible modules: {shown}. Use 'mlp', 'attention', 'all' or a glob over these names."
-                   if names else "This model has no MLP block or attention projection that acmize recognises "
-                                 "(HF BERT/MPNet-style encoders, Llama-family MLPs, timm Mlp, q/k/v/o Linear).")
+                + (
+                    f"Convertible modules: {shown}. Use 'mlp', 'attention', 'all' or a glob over these names."
+                    if names
+                    else "This model has no MLP block or attention projection that acmize recognises "
+                    "(HF BERT/MPNet-style encoders, Llama-family MLPs, timm Mlp, q/k/v/o Linear)."
+                )
             )
         for c in hit:
             chosen[c.name] = c
@@ -133,11 +157,20 @@ def _dense_weights(model: nn.Module, c: Candidate) -> dict[str, Any]:
         return dict(W1=g.weight, b1=g.bias, W3=u.weight, b3=u.bias, W2=d.weight, b2=d.bias, act=m.act_fn, second=d)
     if c.family == "timm":
         if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
-            raise ValueError(f"{c.name}: timm Mlp with a hidden norm layer ({type(m.norm).__name__}) cannot be split "
-                             "into learners; exclude it from targets")
+            raise ValueError(
+                f"{c.name}: timm Mlp with a hidden norm layer ({type(m.norm).__name__}) cannot be split "
+                "into learners; exclude it from targets"
+            )
         drop = getattr(m, "drop2", None)
-        return dict(W1=m.fc1.weight, b1=m.fc1.bias, W2=m.fc2.weight, b2=m.fc2.bias, act=m.act, second=m.fc2,
-                    dropout=float(getattr(drop, "p", 0.0) or 0.0))
+        return dict(
+            W1=m.fc1.weight,
+            b1=m.fc1.bias,
+            W2=m.fc2.weight,
+            b2=m.fc2.bias,
+            act=m.act,
+            second=m.fc2,
+            dropout=float(getattr(drop, "p", 0.0) or 0.0),
+        )
     return dict(W=m.weight, b=m.bias)
 
 
@@ -174,15 +207,33 @@ def _divisors(n: int, limit: int = 16) -> list[int]:
     return [d for d in range(2, min(n, 64) + 1) if n % d == 0][:limit]
 
 
-def _build_block(model: nn.Module, c: Candidate, N: int, init: str, order: str, gate_hidden: int,
-                 attention_rank: int, act_scale: torch.Tensor | None, spec: dict | None = None) -> ACMBlock:
+def _build_block(
+    model: nn.Module,
+    c: Candidate,
+    N: int,
+    init: str,
+    order: str,
+    gate_hidden: int,
+    attention_rank: int,
+    act_scale: torch.Tensor | None,
+    spec: dict | None = None,
+) -> ACMBlock:
     w = _dense_weights(model, c)
     ref = w.get("W1", w.get("W"))
     if c.family == "proj":
         rank = spec["width"] if spec else (attention_rank or max(1, round(c.d_in * c.d_out / (N * (c.d_in + c.d_out)))))
-        block = ACMBlock(c.d_in, c.d_out, N, rank, nn.Identity(), hidden_bias=False,
-                         output_bias=w["b"] is not None if spec is None else spec["output_bias"], min_choice=1,
-                         gate_hidden=gate_hidden, kind="proj")
+        block = ACMBlock(
+            c.d_in,
+            c.d_out,
+            N,
+            rank,
+            nn.Identity(),
+            hidden_bias=False,
+            output_bias=w["b"] is not None if spec is None else spec["output_bias"],
+            min_choice=1,
+            gate_hidden=gate_hidden,
+            kind="proj",
+        )
         if init == "slice" and spec is None:
             W = w["W"].detach().float()
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -207,17 +258,27 @@ def _build_block(model: nn.Module, c: Candidate, N: int, init: str, order: str, 
                 raise ValueError(
                     f"init='slice' needs the hidden width of {c.name} ({D}) to be divisible by num_learners={N}. "
                     f"num_learners in {_divisors(D)} would slice it exactly; or use init='random' (the paper), "
-                    f"which would give learners of width round({D}/{N}) = {round(D / N)}.")
+                    f"which would give learners of width round({D}/{N}) = {round(D / N)}."
+                )
             width = D // N
         else:
             width = max(1, round(D / N))
         glu = c.family == "llama"
         act = copy.deepcopy(w["act"])
-        block = ACMBlock(c.d_in, c.d_out, N, width, act, glu=glu,
-                         hidden_bias=(w["b1"] is not None) if spec is None else spec["hidden_bias"],
-                         output_bias=((w["b2"] is not None) if init == "slice" else False) if spec is None
-                         else spec["output_bias"],
-                         min_choice=0, gate_hidden=gate_hidden, kind="mlp", dropout=w.get("dropout", 0.0))
+        block = ACMBlock(
+            c.d_in,
+            c.d_out,
+            N,
+            width,
+            act,
+            glu=glu,
+            hidden_bias=(w["b1"] is not None) if spec is None else spec["hidden_bias"],
+            output_bias=((w["b2"] is not None) if init == "slice" else False) if spec is None else spec["output_bias"],
+            min_choice=0,
+            gate_hidden=gate_hidden,
+            kind="mlp",
+            dropout=w.get("dropout", 0.0),
+        )
         if init == "slice" and spec is None:
             W1, W2 = w["W1"].detach(), w["W2"].detach()
             if order == "importance":
@@ -257,8 +318,10 @@ def _install_mask_hook(model: nn.Module, ctx: ACMContext) -> None:
     def post(mod, args, kwargs, output):
         ctx.token_mask = None
 
-    model._acm_hooks = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                        model.register_forward_hook(post, with_kwargs=True, always_call=True)]
+    model._acm_hooks = [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]
 
 
 def _replace(model: nn.Module, c: Candidate, block: ACMBlock) -> None:
@@ -269,10 +332,19 @@ def _replace(model: nn.Module, c: Candidate, block: ACMBlock) -> None:
         _set(model, c.source_out, nn.Identity())
 
 
-def acmize(model: nn.Module, targets: str | Iterable[str] | None = None, num_learners: int | None = None, *,
-           init: str | None = None, order: str | None = None, calibration: Iterable | None = None,
-           gate_hidden: int | None = None, attention_rank: int | None = None, config: ACMConfig | None = None,
-           skip_padding: bool = True) -> nn.Module:
+def acmize(
+    model: nn.Module,
+    targets: str | Iterable[str] | None = None,
+    num_learners: int | None = None,
+    *,
+    init: str | None = None,
+    order: str | None = None,
+    calibration: Iterable | None = None,
+    gate_hidden: int | None = None,
+    attention_rank: int | None = None,
+    config: ACMConfig | None = None,
+    skip_padding: bool = True,
+) -> nn.Module:
     """Replace dense blocks of ``model`` (in place) by :class:`~kd_plugins.acm.ACMBlock` and return it.
 
     Args:
@@ -293,28 +365,50 @@ def acmize(model: nn.Module, targets: str | Iterable[str] | None = None, num_lea
     The gates start untrained (stage 2 trains them); until then use ``set_acm_mode(model, "full")``.
     The frozen original model needed by the stages is *not* kept: ``copy.deepcopy`` it first.
     """
-    overrides = {"num_learners": num_learners, "init": init, "order": order, "gate_hidden": gate_hidden,
-                 "attention_rank": attention_rank}
+    overrides = {
+        "num_learners": num_learners,
+        "init": init,
+        "order": order,
+        "gate_hidden": gate_hidden,
+        "attention_rank": attention_rank,
+    }
     cfg = resolve_config(ACMConfig, config, {k: v for k, v in overrides.items() if v is not None})  # validates
     targets = cfg.targets if targets is None else targets
     N, init, order = int(cfg.num_learners), cfg.init, cfg.order
     gate_hidden, attention_rank = cfg.gate_hidden, cfg.attention_rank
     if acm_blocks(model):
-        raise ValueError("model already has ACM blocks (acmize was called on it); load weights into it with "
-                         "kd_plugins.acm.load_acm or start from the original model")
+        raise ValueError(
+            "model already has ACM blocks (acmize was called on it); load weights into it with "
+            "kd_plugins.acm.load_acm or start from the original model"
+        )
     cands = find_candidates(model)
     chosen = _select(cands, targets)
     if init == "slice":
         for c in chosen:  # fail before touching the model
             if c.family != "proj" and c.hidden % N:
                 _build_block(model, c, N, init, order, gate_hidden, attention_rank, None)
-    scales = _calibrate(model, chosen, calibration) if (calibration is not None and init == "slice"
-                                                        and order == "importance") else {}
-    blocks = {c.name: _build_block(model, c, N, init, order, gate_hidden, attention_rank, scales.get(c.name))
-              for c in chosen}
-    _finish(model, chosen, blocks, dict(targets=targets if isinstance(targets, str) else list(targets),
-                                        num_learners=N, init=init, order=order, gate_hidden=gate_hidden,
-                                        attention_rank=attention_rank, skip_padding=skip_padding))
+    scales = (
+        _calibrate(model, chosen, calibration)
+        if (calibration is not None and init == "slice" and order == "importance")
+        else {}
+    )
+    blocks = {
+        c.name: _build_block(model, c, N, init, order, gate_hidden, attention_rank, scales.get(c.name)) for c in chosen
+    }
+    _finish(
+        model,
+        chosen,
+        blocks,
+        dict(
+            targets=targets if isinstance(targets, str) else list(targets),
+            num_learners=N,
+            init=init,
+            order=order,
+            gate_hidden=gate_hidden,
+            attention_rank=attention_rank,
+            skip_padding=skip_padding,
+        ),
+    )
     return model
 
 
@@ -329,11 +423,22 @@ def _finish(model: nn.Module, chosen: list[Candidate], blocks: dict[str, ACMBloc
     layout = {}
     for c in chosen:
         b = blocks[c.name]
-        layout[c.name] = dict(family=c.family, source_in=c.source_in, source_out=c.source_out, d_in=b.d_in,
-                              d_out=b.d_out, num_learners=b.num_learners, width=b.width, glu=b.glu,
-                              hidden_bias=b.b1 is not None, output_bias=b.b2 is not None, min_choice=b.min_choice,
-                              gate_hidden=b.gate.l1.out_features, dense_hidden=c.hidden,
-                              act=type(b.act).__name__)
+        layout[c.name] = dict(
+            family=c.family,
+            source_in=c.source_in,
+            source_out=c.source_out,
+            d_in=b.d_in,
+            d_out=b.d_out,
+            num_learners=b.num_learners,
+            width=b.width,
+            glu=b.glu,
+            hidden_bias=b.b1 is not None,
+            output_bias=b.b2 is not None,
+            min_choice=b.min_choice,
+            gate_hidden=b.gate.l1.out_features,
+            dense_hidden=c.hidden,
+            act=type(b.act).__name__,
+        )
     model.kd_acm = dict(meta, blocks=layout)
 
 
@@ -349,11 +454,14 @@ def rebuild_layout(model: nn.Module, info: dict) -> nn.Module:
             raise ValueError(
                 f"the ACM checkpoint has a {spec['family']} block at {name!r} but this model has "
                 + ("no convertible module there" if c is None else f"a {c.family} block")
-                + ": load it into the architecture it was saved from")
+                + ": load it into the architecture it was saved from"
+            )
         if (c.d_in, c.d_out) != (spec["d_in"], spec["d_out"]) or c.hidden != spec.get("dense_hidden", c.hidden):
-            raise ValueError(f"ACM checkpoint block {name!r} is {spec['d_in']}->{spec.get('dense_hidden')}->"
-                             f"{spec['d_out']} but the model's is {c.d_in}->{c.hidden}->{c.d_out}: load it into the "
-                             "architecture it was saved from")
+            raise ValueError(
+                f"ACM checkpoint block {name!r} is {spec['d_in']}->{spec.get('dense_hidden')}->"
+                f"{spec['d_out']} but the model's is {c.d_in}->{c.hidden}->{c.d_out}: load it into the "
+                "architecture it was saved from"
+            )
         b = _build_block(model, c, spec["num_learners"], "random", "original", spec["gate_hidden"], 0, None, spec)
         chosen.append(c)
         blocks[name] = b

@@ -29,12 +29,24 @@ CONFIG_NAME = "acm_config.json"
 #: ``format`` of the manifests written before the common checkpoint manifest.
 FORMAT = "kd_plugins.acm"
 
-SPEC = CheckpointSpec(kind="acm", manifest_name=CONFIG_NAME, tensor_file=WEIGHTS_NAME,
-                      description="an ACM checkpoint", writer="kd_plugins.acm.save_acm", legacy_format=FORMAT)
+SPEC = CheckpointSpec(
+    kind="acm",
+    manifest_name=CONFIG_NAME,
+    tensor_file=WEIGHTS_NAME,
+    description="an ACM checkpoint",
+    writer="kd_plugins.acm.save_acm",
+    legacy_format=FORMAT,
+)
 
 
-def save_acm(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
-             build_kwargs: dict | None = None) -> Path:
+def save_acm(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    build_kwargs: dict | None = None,
+) -> Path:
     """Write an ACMized ``model`` (all weights, gates included, plus its ACM layout) to ``out_dir`` atomically.
 
     Nothing is left half-written if the save fails; an existing non-empty ``out_dir`` is replaced only with
@@ -46,9 +58,17 @@ def save_acm(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, ov
         raise ValueError("model has no ACM blocks: call kd_plugins.acm.acmize(model, ...) first")
     tensors, aliases = dedupe_shared_tensors(model.state_dict())
     arch = architecture_record(model, build_kwargs)
-    return write_checkpoint(SPEC, out_dir, tensors, aliases=aliases, architecture=arch,
-                            metadata={"acm": model.kd_acm}, hf_config=model.config if arch["kind"] == "hf" else None,
-                            tokenizer=tokenizer, overwrite=overwrite)
+    return write_checkpoint(
+        SPEC,
+        out_dir,
+        tensors,
+        aliases=aliases,
+        architecture=arch,
+        metadata={"acm": model.kd_acm},
+        hf_config=model.config if arch["kind"] == "hf" else None,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+    )
 
 
 def _check_fit(model: nn.Module, flat: dict[str, torch.Tensor]) -> None:
@@ -65,10 +85,13 @@ def _check_fit(model: nn.Module, flat: dict[str, torch.Tensor]) -> None:
     if unexpected:
         parts.append(f"not in model: {unexpected[:5]}")
     if shape:
-        parts.append("shape mismatch: " + ", ".join(f"{n} {tuple(flat[n].shape)} vs {tuple(own[n].shape)}"
-                                                      for n in shape[:5]))
-    raise ValueError("the ACM checkpoint does not fit this model (" + "; ".join(parts) + "): load it into the "
-                     "architecture and ACM layout it was saved from")
+        parts.append(
+            "shape mismatch: " + ", ".join(f"{n} {tuple(flat[n].shape)} vs {tuple(own[n].shape)}" for n in shape[:5])
+        )
+    raise ValueError(
+        "the ACM checkpoint does not fit this model (" + "; ".join(parts) + "): load it into the "
+        "architecture and ACM layout it was saved from"
+    )
 
 
 def load_acm(path: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
@@ -85,8 +108,10 @@ def load_acm(path: str | os.PathLike, model: nn.Module | None = None, *, verify:
         model = rebuild_model(ckpt.architecture or {}, ckpt.directory)
     if acm_blocks(model):
         if getattr(model, "kd_acm", {}).get("blocks", {}) != layout["blocks"]:
-            raise ValueError("model is already ACMized with another layout than the checkpoint; pass the original "
-                             "dense model to load_acm")
+            raise ValueError(
+                "model is already ACMized with another layout than the checkpoint; pass the original "
+                "dense model to load_acm"
+            )
     else:
         rebuild_layout(model, layout)
     flat = ckpt.state_dict()

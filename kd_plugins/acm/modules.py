@@ -14,14 +14,22 @@ learner 1 (added whenever ``k >= 1``), so ``h(z, N)`` equals the dense block exa
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ACMGate", "ACMBlock", "acm_blocks", "set_acm_mode", "reset_acm_stats", "acm_stats", "token_flops",
-           "ACMContext"]
+__all__ = [
+    "ACMGate",
+    "ACMBlock",
+    "acm_blocks",
+    "set_acm_mode",
+    "reset_acm_stats",
+    "acm_stats",
+    "token_flops",
+    "ACMContext",
+]
 
 
 class ACMContext:
@@ -72,9 +80,22 @@ class ACMBlock(nn.Module):
     inference), ``"full"`` (``k = N`` everywhere) and ``"fixed"`` (``k = fixed_k`` everywhere).
     """
 
-    def __init__(self, d_in: int, d_out: int, num_learners: int, width: int, act: nn.Module | None = None, *,
-                 glu: bool = False, hidden_bias: bool = True, output_bias: bool = False, min_choice: int = 0,
-                 gate_hidden: int = 16, kind: str = "mlp", dropout: float = 0.0):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_learners: int,
+        width: int,
+        act: nn.Module | None = None,
+        *,
+        glu: bool = False,
+        hidden_bias: bool = True,
+        output_bias: bool = False,
+        min_choice: int = 0,
+        gate_hidden: int = 16,
+        kind: str = "mlp",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if num_learners < 1 or width < 1:
             raise ValueError(f"num_learners and width must be >= 1, got {num_learners} and {width}")
@@ -145,8 +166,10 @@ class ACMBlock(nn.Module):
         return torch.arange(self.min_choice, self.num_learners + 1)
 
     def extra_repr(self) -> str:
-        return (f"d_in={self.d_in}, d_out={self.d_out}, num_learners={self.num_learners}, width={self.width}, "
-                f"glu={self.glu}, min_choice={self.min_choice}, kind={self.kind!r}, mode={self.mode!r}")
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, num_learners={self.num_learners}, width={self.width}, "
+            f"glu={self.glu}, min_choice={self.min_choice}, kind={self.kind!r}, mode={self.mode!r}"
+        )
 
     # ------------------------------------------------------------------------------------- computation
     def _hidden(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -218,7 +241,7 @@ class ACMBlock(nn.Module):
         start = 0
         for kk, c in enumerate(counts):
             if c:
-                parts.append(self.output_k(xs[start:start + c], kk))
+                parts.append(self.output_k(xs[start : start + c], kk))
             start += c
         ys = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
         out = torch.empty_like(ys)
@@ -258,7 +281,7 @@ class ACMBlock(nn.Module):
                 y = (hard + soft - soft.detach()).to(x.dtype)
             k = y.detach().argmax(-1) + self.min_choice
             if self.straight_through:
-                allo = self.all_outputs(x)[..., self.min_choice:, :]
+                allo = self.all_outputs(x)[..., self.min_choice :, :]
                 out = torch.einsum("...c,...cd->...d", y, allo)
             else:  # the released code: index learners with the argmax, the task loss never reaches the gate
                 out = self.reference_forward(x, k)
@@ -294,8 +317,15 @@ def acm_blocks(model: nn.Module) -> dict[str, ACMBlock]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ACMBlock)}
 
 
-def set_acm_mode(model: nn.Module, mode: str = "gated", k: int | None = None, *, gumbel_tau: float | None = None,
-                 straight_through: bool | None = None, gate_noise: bool | None = None) -> None:
+def set_acm_mode(
+    model: nn.Module,
+    mode: str = "gated",
+    k: int | None = None,
+    *,
+    gumbel_tau: float | None = None,
+    straight_through: bool | None = None,
+    gate_noise: bool | None = None,
+) -> None:
     """Set every ACM's mode: ``"gated"``, ``"full"`` (all learners) or ``"fixed"`` (``k`` learners).
 
     ``gumbel_tau``, ``gate_noise`` and ``straight_through`` set how gated blocks choose ``k`` in training (``None``
@@ -346,17 +376,28 @@ def acm_stats(model: nn.Module, dense_macs: dict[str, int] | None = None) -> dic
         avg_k = float((hist * torch.arange(b.num_learners + 1)).sum() / t)
         p, g = b.learner_macs(), b.gate_macs()
         dense = (dense_macs or {}).get(name, b.dense_macs())
-        out["blocks"][name] = {"avg_k": avg_k, "learner_fraction": avg_k / b.num_learners,
-                               "compute_fraction": (avg_k * p + g) / dense, "tokens": t,
-                               "k_hist": (hist / t).tolist()}
+        out["blocks"][name] = {
+            "avg_k": avg_k,
+            "learner_fraction": avg_k / b.num_learners,
+            "compute_fraction": (avg_k * p + g) / dense,
+            "tokens": t,
+            "k_hist": (hist / t).tolist(),
+        }
         ex += avg_k * p
         gate += g
         full += dense
     if full:
-        lf = sum(v["avg_k"] * blocks[n].learner_macs() for n, v in out["blocks"].items()) / \
-            sum(blocks[n].dense_macs() for n in out["blocks"])
-        out.update(learner_fraction=lf, compute_fraction=(ex + gate) / full, avg_macs_per_token=ex + gate,
-                   dense_macs_per_token=full, avg_flops_per_token=2 * (ex + gate), dense_flops_per_token=2 * full)
+        lf = sum(v["avg_k"] * blocks[n].learner_macs() for n, v in out["blocks"].items()) / sum(
+            blocks[n].dense_macs() for n in out["blocks"]
+        )
+        out.update(
+            learner_fraction=lf,
+            compute_fraction=(ex + gate) / full,
+            avg_macs_per_token=ex + gate,
+            dense_macs_per_token=full,
+            avg_flops_per_token=2 * (ex + gate),
+            dense_flops_per_token=2 * full,
+        )
     return out
 
 

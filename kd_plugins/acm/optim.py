@@ -37,6 +37,8 @@ def acm_param_groups(model: nn.Module, lr: float, gate_lr: float, weight_decay: 
     gate_params = [p for b in blocks.values() for p in b.gate.parameters() if p.requires_grad]
     gate_ids = {id(p) for p in gate_params}
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
-    groups = [{"params": other, "lr": lr, "weight_decay": weight_decay},
-              {"params": gate_params, "lr": gate_lr, "weight_decay": weight_decay}]
+    groups = [
+        {"params": other, "lr": lr, "weight_decay": weight_decay},
+        {"params": gate_params, "lr": gate_lr, "weight_decay": weight_decay},
+    ]
     return [g for g in groups if g["params"]]

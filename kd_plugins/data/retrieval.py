@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,9 @@ from ..losses.feature import mean_pool
 
 
 @torch.no_grad()
-def encode(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 256,
-           pooling: str = "mean") -> torch.Tensor:
+def encode(
+    model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 256, pooling: str = "mean"
+) -> torch.Tensor:
     """L2-normalised sentence embeddings ``[N, D]`` (float32, CPU) of ``texts``.
 
     ``pooling="mean"``: attention-mask mean of ``last_hidden_state`` (sentence-transformers' default);
@@ -36,9 +37,10 @@ def encode(model, tokenizer, texts: list[str], batch_size: int = 32, max_length:
     out = [None] * len(texts)
     try:
         for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(device)
+            idx = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             emb = mean_pool(hidden, batch["attention_mask"]) if pooling == "mean" else hidden[:, 0]
             emb = F.normalize(emb.float(), dim=-1).cpu()
@@ -56,8 +58,9 @@ def retrieval_metrics(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> dict[st
     scoring exactly as high as the relevant one counts as ranked above it.
     """
     if query_emb.dim() != 2 or doc_emb.dim() != 2 or query_emb.shape[1] != doc_emb.shape[1]:
-        raise ValueError(f"expected [N, D] queries and [M, D] documents, got {tuple(query_emb.shape)} and "
-                         f"{tuple(doc_emb.shape)}")
+        raise ValueError(
+            f"expected [N, D] queries and [M, D] documents, got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}"
+        )
     n = query_emb.shape[0]
     if n > doc_emb.shape[0]:
         raise ValueError(f"{n} queries but only {doc_emb.shape[0]} documents: query i's relevant doc is doc i")
@@ -69,8 +72,9 @@ def retrieval_metrics(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> dict[st
     return {"mrr": (1.0 / rank.double()).mean().item(), "recall@1": (rank == 1).double().mean().item()}
 
 
-def embedding_drift(model, reference, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 256,
-                    pooling: str = "mean") -> dict[str, float]:
+def embedding_drift(
+    model, reference, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 256, pooling: str = "mean"
+) -> dict[str, float]:
     """How far ``model``'s sentence embeddings of ``texts`` moved from ``reference``'s (e.g. the original model).
 
     Returns the mean, median and maximum cosine distance (``1 - cos``) between the two models' L2-normalised
@@ -81,8 +85,10 @@ def embedding_drift(model, reference, tokenizer, texts: list[str], batch_size: i
     a = encode(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, pooling=pooling)
     b = encode(reference, tokenizer, texts, batch_size=batch_size, max_length=max_length, pooling=pooling)
     if a.shape != b.shape:
-        raise ValueError(f"the two models give embeddings of different shapes {tuple(a.shape)} and {tuple(b.shape)}: "
-                         "drift needs the same embedding space")
+        raise ValueError(
+            f"the two models give embeddings of different shapes {tuple(a.shape)} and {tuple(b.shape)}: "
+            "drift needs the same embedding space"
+        )
     dist = 1.0 - (a * b).sum(-1)
     return {"mean": dist.mean().item(), "median": dist.median().item(), "max": dist.max().item()}
 
@@ -94,8 +100,9 @@ def split_sentences(text: str, min_words: int = 4) -> list[str]:
     return [x.strip() for x in parts if len(x.split()) >= min_words]
 
 
-def inverse_cloze_pairs(docs: Sequence[str], picks: Sequence[int], rng: random.Random,
-                        min_words: int = 4) -> tuple[list[str], list[str]]:
+def inverse_cloze_pairs(
+    docs: Sequence[str], picks: Sequence[int], rng: random.Random, min_words: int = 4
+) -> tuple[list[str], list[str]]:
     """Inverse-cloze retrieval pairs (Lee et al., 2019): for each document index in ``picks``, one of its sentences
     (chosen with ``rng``) as the query and the document with that sentence removed as its positive.
 
@@ -107,9 +114,11 @@ def inverse_cloze_pairs(docs: Sequence[str], picks: Sequence[int], rng: random.R
         ValueError: a document index appears twice in ``picks``.
     """
     if len(set(picks)) != len(picks):
-        raise ValueError("inverse_cloze_pairs needs distinct document indices in `picks` (a repeated document makes a "
-                         "positive look like an in-batch negative); sample them without replacement, e.g. "
-                         "rng.sample(range(len(docs)), n)")
+        raise ValueError(
+            "inverse_cloze_pairs needs distinct document indices in `picks` (a repeated document makes a "
+            "positive look like an in-batch negative); sample them without replacement, e.g. "
+            "rng.sample(range(len(docs)), n)"
+        )
     queries, positives = [], []
     for i in picks:
         sents = split_sentences(docs[i], min_words)
@@ -117,5 +126,5 @@ def inverse_cloze_pairs(docs: Sequence[str], picks: Sequence[int], rng: random.R
             continue
         j = rng.randrange(len(sents))
         queries.append(sents[j])
-        positives.append(" ".join(sents[:j] + sents[j + 1:]))
+        positives.append(" ".join(sents[:j] + sents[j + 1 :]))
     return queries, positives

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional, Union
 
 from .._config import parse_mapping
 from ..losses.registry import get_loss_spec
@@ -29,40 +28,65 @@ class DistillationConfig:
     the command line; dict-valued fields accept JSON or ``key:value,...`` strings.
     """
 
-    teacher_model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Teacher checkpoint to load when the teacher is not passed as a module."})
-    loss_terms: Optional[Union[dict, str]] = field(
-        default="kl", metadata={"help": "Loss terms and weights: 'kl', 'kl:1.0,hidden_mse:0.5' or JSON."})
-    loss_kwargs: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "Per-term hyper-parameters as JSON, e.g. '{\"jsd\": {\"beta\": 0.5}}'."})
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher checkpoint to load when the teacher is not passed as a module."}
+    )
+    loss_terms: dict | str | None = field(
+        default="kl", metadata={"help": "Loss terms and weights: 'kl', 'kl:1.0,hidden_mse:0.5' or JSON."}
+    )
+    loss_kwargs: dict | str | None = field(
+        default=None, metadata={"help": 'Per-term hyper-parameters as JSON, e.g. \'{"jsd": {"beta": 0.5}}\'.'}
+    )
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the logit losses."})
     hard_label_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the model's own task loss (needs labels when > 0)."})
-    feature_pairs: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "Student->teacher module names whose outputs are matched, "
-                                        "'encoder.layer.1=encoder.layer.3,...' or JSON."})
-    feature_loss: str = field(default="mse", metadata={"help": "Hidden-state loss for feature_pairs when "
-                                                               "loss_terms names none: 'mse' or 'cosine'."})
+        default=0.0, metadata={"help": "Weight of the model's own task loss (needs labels when > 0)."}
+    )
+    feature_pairs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Student->teacher module names whose outputs are matched, "
+            "'encoder.layer.1=encoder.layer.3,...' or JSON."
+        },
+    )
+    feature_loss: str = field(
+        default="mse",
+        metadata={"help": "Hidden-state loss for feature_pairs when loss_terms names none: 'mse' or 'cosine'."},
+    )
     feature_weight: float = field(default=1.0, metadata={"help": "Weight of that default feature loss."})
     feature_projector: bool = field(
-        default=True, metadata={"help": "Learn a linear projector when student/teacher feature widths differ."})
-    attention_layer_map: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "Student->teacher layer indices for attention losses, e.g. '2=5'."})
+        default=True, metadata={"help": "Learn a linear projector when student/teacher feature widths differ."}
+    )
+    attention_layer_map: dict | str | None = field(
+        default=None, metadata={"help": "Student->teacher layer indices for attention losses, e.g. '2=5'."}
+    )
     pooling: str = field(default="mean", metadata={"help": "Sentence pooling for embedding losses: mean | cls."})
     task: str = field(default="auto", metadata={"help": f"Student task, one of {TASKS}; auto-detected by default."})
     vocab_alignment: str = field(
-        default="error", metadata={"help": "When vocab sizes differ: error | truncate (drop the extra columns) | "
-                                           "pad (append -inf columns to the smaller)."})
-    teacher_device: Optional[str] = field(
-        default=None, metadata={"help": "None: the teacher must already sit on the student's device; 'student': "
-                                        "move it there; or an explicit device such as 'cuda:1'."})
-    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "Cast the teacher: float32|bfloat16|..."})
-    projector_lr: Optional[float] = field(
-        default=None, metadata={"help": "Learning rate of projectors (default: the Trainer's current lr)."})
+        default="error",
+        metadata={
+            "help": "When vocab sizes differ: error | truncate (drop the extra columns) | "
+            "pad (append -inf columns to the smaller)."
+        },
+    )
+    teacher_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "None: the teacher must already sit on the student's device; 'student': "
+            "move it there; or an explicit device such as 'cuda:1'."
+        },
+    )
+    teacher_dtype: str | None = field(default=None, metadata={"help": "Cast the teacher: float32|bfloat16|..."})
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of projectors (default: the Trainer's current lr)."}
+    )
     log_agreement: bool = field(default=True, metadata={"help": "Log teacher-student top-1 agreement."})
-    fused_loss: Optional[bool] = field(
-        default=None, metadata={"help": "Causal LMs: compute the logit loss with the chunked fused linear+KD "
-                                        "kernel (never materialises [tokens x vocab] logits). None = on where safe."})
+    fused_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: compute the logit loss with the chunked fused linear+KD "
+            "kernel (never materialises [tokens x vocab] logits). None = on where safe."
+        },
+    )
     fused_chunk_size: int = field(default=1024, metadata={"help": "Token chunk size of the fused loss."})
 
     def __post_init__(self):
@@ -74,8 +98,7 @@ class DistillationConfig:
             if not isinstance(v, dict):
                 raise ValueError(f"loss_kwargs[{k!r}] must be a dict of hyper-parameters, got {v!r}")
         pairs = {str(k): str(v) for k, v in parse_mapping(self.feature_pairs, "feature_pairs", str).items()}
-        attn = {int(k): int(v) for k, v in parse_mapping(self.attention_layer_map, "attention_layer_map",
-                                                            str).items()}
+        attn = {int(k): int(v) for k, v in parse_mapping(self.attention_layer_map, "attention_layer_map", str).items()}
         self.kinds = {}
         for name, w in terms.items():
             spec = get_loss_spec(name)  # raises with close matches on unknown names
@@ -91,13 +114,17 @@ class DistillationConfig:
             terms[f"hidden_{self.feature_loss}"] = float(self.feature_weight)
             self.kinds[f"hidden_{self.feature_loss}"] = "hidden"
         if any(k == "hidden" for k in self.kinds.values()) and not pairs:
-            raise ValueError("A hidden-state loss is in loss_terms but feature_pairs is empty; name the module pairs "
-                             "to match, e.g. feature_pairs={'model.layers.3': 'model.layers.11'}.")
+            raise ValueError(
+                "A hidden-state loss is in loss_terms but feature_pairs is empty; name the module pairs "
+                "to match, e.g. feature_pairs={'model.layers.3': 'model.layers.11'}."
+            )
         if any(k == "attention" for k in self.kinds.values()) and not attn:
             raise ValueError("An attention loss is in loss_terms but attention_layer_map is empty, e.g. {2: 5}.")
         if any(k == "ranking" for k in self.kinds.values()):
-            raise ValueError("Ranking losses take candidate lists, not model outputs; use them from "
-                             "kd_plugins.losses in your own compute_loss (see the ranking recipes).")
+            raise ValueError(
+                "Ranking losses take candidate lists, not model outputs; use them from "
+                "kd_plugins.losses in your own compute_loss (see the ranking recipes)."
+            )
         if not terms and self.hard_label_weight <= 0:
             raise ValueError("Nothing to optimise: loss_terms is empty and hard_label_weight is 0.")
         if self.temperature <= 0:

@@ -53,16 +53,22 @@ def detect_task(model: nn.Module) -> str:
     cfg = getattr(m, "config", None)
     if getattr(cfg, "is_encoder_decoder", False):
         return "seq2seq"
-    for suffix, task in (("ForCausalLM", "causal_lm"), ("LMHeadModel", "causal_lm"), ("ForMaskedLM", "masked_lm"),
-                         ("ForSequenceClassification", "seq_classification"),
-                         ("ForImageClassification", "seq_classification"),
-                         ("ForTokenClassification", "token_classification")):
+    for suffix, task in (
+        ("ForCausalLM", "causal_lm"),
+        ("LMHeadModel", "causal_lm"),
+        ("ForMaskedLM", "masked_lm"),
+        ("ForSequenceClassification", "seq_classification"),
+        ("ForImageClassification", "seq_classification"),
+        ("ForTokenClassification", "token_classification"),
+    ):
         if name.endswith(suffix):
             return task
     if name.endswith("Model"):
         return "encoder"
-    raise ValueError(f"Cannot infer the task of {name}; set DistillationConfig.task to one of "
-                     "causal_lm, masked_lm, seq_classification, token_classification, seq2seq, encoder.")
+    raise ValueError(
+        f"Cannot infer the task of {name}; set DistillationConfig.task to one of "
+        "causal_lm, masked_lm, seq_classification, token_classification, seq2seq, encoder."
+    )
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -145,8 +151,14 @@ class DistillationEngine:
             classification), where the student's text is re-tokenised for the teacher.
     """
 
-    def __init__(self, teacher: nn.Module, config: DistillationConfig | None = None, *, teacher_tokenizer=None,
-                 student_tokenizer=None):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: DistillationConfig | None = None,
+        *,
+        teacher_tokenizer=None,
+        student_tokenizer=None,
+    ):
         self.config = config or DistillationConfig()
         self.runner = Teacher(teacher, device=self.config.teacher_device, dtype=self.config.teacher_dtype)
         self.teacher_tokenizer = teacher_tokenizer
@@ -177,8 +189,9 @@ class DistillationEngine:
     # ------------------------------------------------------------------ setup
     def needs_setup(self, student: nn.Module) -> bool:
         """Whether :meth:`setup` has not run for ``student`` yet (or its feature hooks were removed)."""
-        return self.student is not unwrap_model(student) or bool(self.config.feature_pairs and
-                                                                 self._student_rec is None)
+        return self.student is not unwrap_model(student) or bool(
+            self.config.feature_pairs and self._student_rec is None
+        )
 
     def set_student_tokenizer(self, tokenizer) -> None:
         """The student's tokenizer (compared with the teacher's at setup), unless one was given already."""
@@ -209,11 +222,15 @@ class DistillationEngine:
     def _check_kinds_fit_task(self, student: nn.Module) -> None:
         kinds = self.config.kinds.values()
         if self.task == "encoder" and any(k == "logits" for k in kinds):
-            raise ValueError(f"{type(student).__name__} is a bare encoder (no logits); use embedding losses "
-                             "(embedding_mse, embedding_cosine, affinity_kl, ...) or hidden-state losses.")
+            raise ValueError(
+                f"{type(student).__name__} is a bare encoder (no logits); use embedding losses "
+                "(embedding_mse, embedding_cosine, affinity_kl, ...) or hidden-state losses."
+            )
         if self.task != "encoder" and any(k == "embedding" for k in kinds) and self.config.task == "auto":
-            raise ValueError(f"Embedding losses pool last_hidden_state, which {type(student).__name__} does not "
-                             "return; set task='encoder' and pass the bare encoder, or use logit losses.")
+            raise ValueError(
+                f"Embedding losses pool last_hidden_state, which {type(student).__name__} does not "
+                "return; set task='encoder' and pass the bare encoder, or use logit losses."
+            )
 
     def _build_losses(self) -> None:
         """One module per term; logit terms sum over rows (the engine normalises them, see ``LossScaling``)."""
@@ -241,8 +258,11 @@ class DistillationEngine:
             return
         differing = len(set(tv.items()) ^ set(sv.items()))
         kinds = self.config.kinds.values()
-        if self.task in _SEQUENCE_LEVEL_TASKS and all(k in ("embedding", "logits") for k in kinds) \
-                and not self.config.feature_pairs:
+        if (
+            self.task in _SEQUENCE_LEVEL_TASKS
+            and all(k in ("embedding", "logits") for k in kinds)
+            and not self.config.feature_pairs
+        ):
             # Sequence-level targets do not need aligned tokens: decode the student's text and re-tokenise it.
             self.retokenize = True
             return
@@ -262,8 +282,10 @@ class DistillationEngine:
         if sv is None or tv is None or sv == tv:
             return
         if key == "num_labels":
-            raise ValueError(f"Student has {sv} labels but the teacher has {tv}; logit distillation needs the same "
-                             "label set (same order). Re-head the student or map the classes first.")
+            raise ValueError(
+                f"Student has {sv} labels but the teacher has {tv}; logit distillation needs the same "
+                "label set (same order). Re-head the student or map the classes first."
+            )
         if self.config.vocab_alignment == "error":
             raise ValueError(
                 f"Student vocab_size {sv} differs from teacher vocab_size {tv}. If they share a tokenizer and only "
@@ -277,8 +299,13 @@ class DistillationEngine:
         """Run the frozen teacher on the student's batch (no grad, eval mode re-asserted, on its device)."""
         if self.retokenize:
             texts = self.student_tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-            enc = self.teacher_tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                                         max_length=getattr(self.teacher_tokenizer, "model_max_length", 512))
+            enc = self.teacher_tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                return_tensors="pt",
+                max_length=getattr(self.teacher_tokenizer, "model_max_length", 512),
+            )
             tin = self.runner.model_inputs(dict(enc))
         else:
             keep = ("labels",) if self.task == "seq2seq" else ()  # the decoder inputs are derived from the labels
@@ -309,8 +336,16 @@ class DistillationEngine:
         return self.bank.state_dict()
 
     # ------------------------------------------------------------ the loss
-    def compute(self, inputs: dict, student_outputs: Any, *, scaling: LossScaling | None = None,
-                teacher_outputs: Any = None, kinds: set[str] | None = None, step: int | None = None) -> KDResult:
+    def compute(
+        self,
+        inputs: dict,
+        student_outputs: Any,
+        *,
+        scaling: LossScaling | None = None,
+        teacher_outputs: Any = None,
+        kinds: set[str] | None = None,
+        step: int | None = None,
+    ) -> KDResult:
         """Distillation terms for one batch, summed with their weights and normalised by ``scaling``.
 
         ``teacher_outputs``: precomputed teacher outputs (otherwise the teacher runs here). ``kinds`` restricts the
@@ -322,8 +357,11 @@ class DistillationEngine:
             self.step = step
         scaling = scaling or LossScaling()
         want = {k for k in self.config.kinds.values() if kinds is None or k in kinds}
-        t_out = teacher_outputs if teacher_outputs is not None else \
-            self.teacher_forward(inputs, need_attentions="attention" in want)
+        t_out = (
+            teacher_outputs
+            if teacher_outputs is not None
+            else self.teacher_forward(inputs, need_attentions="attention" in want)
+        )
         terms = _Terms()
         if "logits" in want:
             self._logit_terms(terms, inputs, student_outputs, t_out, scaling)
@@ -342,8 +380,9 @@ class DistillationEngine:
         return [n for n, k in self.config.kinds.items() if k == kind]
 
     def _logit_terms(self, terms: _Terms, inputs, s_out, t_out, scaling: LossScaling) -> None:
-        s_logits, t_logits, labels, mask = self._aligned_logits(s_out, t_out, inputs.get("labels"),
-                                                                inputs.get("attention_mask"))
+        s_logits, t_logits, labels, mask = self._aligned_logits(
+            s_out, t_out, inputs.get("labels"), inputs.get("attention_mask")
+        )
         count = _count_rows(s_logits, labels, mask)
         for name in self._names("logits"):
             loss_mod = self.losses[name]
@@ -372,22 +411,26 @@ class DistillationEngine:
             value = mod(proj(s_emb) if proj is not None else s_emb, t_emb)
             terms.add(name, scaling.mean(value), value)
         if self.config.log_agreement and s_emb.shape[-1] == t_emb.shape[-1]:
-            terms.metrics["teacher_cosine"] = float(F.cosine_similarity(s_emb.detach().float(), t_emb.float(),
-                                                                        -1).mean())
+            terms.metrics["teacher_cosine"] = float(
+                F.cosine_similarity(s_emb.detach().float(), t_emb.float(), -1).mean()
+            )
 
     def _hidden_terms(self, terms: _Terms, inputs, scaling: LossScaling) -> None:
         attn_mask = inputs.get("attention_mask")
         device = model_device(self.student)
-        feats = [(s_name, self._student_rec.pop(s_name), self._teacher_rec.pop(t_name).to(device))
-                 for s_name, t_name in self.config.feature_pairs.items()]
+        feats = [
+            (s_name, self._student_rec.pop(s_name), self._teacher_rec.pop(t_name).to(device))
+            for s_name, t_name in self.config.feature_pairs.items()
+        ]
         for name in self._names("hidden"):
             fn = get_loss_spec(name).function
             kw = {k: v for k, v in self.config.loss_kwargs.get(name, {}).items() if k not in _FEATURE_CTOR_KEYS}
             vals = []
             for s_name, sh, th in feats:
                 proj = self.bank.get(f"{name}.{s_name}", sh.shape[-1], th.shape[-1], sh.device)
-                mask = attn_mask if (attn_mask is not None and sh.dim() == 3 and sh.shape[:2] == attn_mask.shape) \
-                    else None
+                mask = (
+                    attn_mask if (attn_mask is not None and sh.dim() == 3 and sh.shape[:2] == attn_mask.shape) else None
+                )
                 vals.append(fn(sh, th, mask=mask, projector=proj, **kw))
             value = torch.stack(vals).mean()
             terms.add(name, scaling.mean(value), value)
@@ -395,21 +438,30 @@ class DistillationEngine:
     def _attention_terms(self, terms: _Terms, inputs, s_out, t_out, scaling: LossScaling) -> None:
         s_att, t_att = getattr(s_out, "attentions", None), getattr(t_out, "attentions", None)
         if not s_att or not t_att:
-            raise ValueError("Attention losses need attention maps: load both models with "
-                             "attn_implementation='eager' (SDPA/flash attention return no maps).")
+            raise ValueError(
+                "Attention losses need attention maps: load both models with "
+                "attn_implementation='eager' (SDPA/flash attention return no maps)."
+            )
         attn_mask = inputs.get("attention_mask")
         for name in self._names("attention"):
-            vals = [self.losses[name](s_att[si], t_att[ti].to(s_att[si].device), attention_mask=attn_mask)
-                    for si, ti in self.config.attention_layer_map.items()]
+            vals = [
+                self.losses[name](s_att[si], t_att[ti].to(s_att[si].device), attention_mask=attn_mask)
+                for si, ti in self.config.attention_layer_map.items()
+            ]
             value = torch.stack(vals).mean()
             terms.add(name, scaling.mean(value), value)
 
     def _pool(self, outputs: Any, attention_mask) -> torch.Tensor:
-        hidden = outputs["last_hidden_state"] if isinstance(outputs, dict) and "last_hidden_state" in outputs \
+        hidden = (
+            outputs["last_hidden_state"]
+            if isinstance(outputs, dict) and "last_hidden_state" in outputs
             else getattr(outputs, "last_hidden_state", None)
+        )
         if hidden is None:
-            raise ValueError("Embedding losses need last_hidden_state in the model outputs (a bare encoder such as "
-                             "AutoModel); this model returned " + ", ".join(getattr(outputs, "keys", lambda: [])()))
+            raise ValueError(
+                "Embedding losses need last_hidden_state in the model outputs (a bare encoder such as "
+                "AutoModel); this model returned " + ", ".join(getattr(outputs, "keys", lambda: [])())
+            )
         if self.config.pooling == "cls":
             return hidden[:, 0]
         return mean_pool(hidden, attention_mask.to(hidden.device) if attention_mask is not None else None)
@@ -419,8 +471,10 @@ class DistillationEngine:
         s = s_out["logits"] if isinstance(s_out, dict) else s_out[1]
         t = t_out["logits"].to(s.device)
         if s.shape[:-1] != t.shape[:-1]:
-            raise ValueError(f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} cover different "
-                             "positions; both models must see the same tokens.")
+            raise ValueError(
+                f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} cover different "
+                "positions; both models must see the same tokens."
+            )
         if s.shape[-1] != t.shape[-1]:
             s, t = self._align_vocab(s, t)
         mask = None
@@ -433,8 +487,10 @@ class DistillationEngine:
         elif s.dim() == 3 and attn_mask is not None and self.task != "seq2seq":
             mask = attn_mask
         if self.config.hard_label_weight > 0 and labels is None:
-            raise ValueError("hard_label_weight > 0 but the batch has no labels; add labels (e.g. "
-                             "DataCollatorForLanguageModeling(mlm=False)) or set hard_label_weight=0.")
+            raise ValueError(
+                "hard_label_weight > 0 but the batch has no labels; add labels (e.g. "
+                "DataCollatorForLanguageModeling(mlm=False)) or set hard_label_weight=0."
+            )
         if "dkd" in self.losses and labels is None:
             raise ValueError("DKD needs labels (target classes) in the batch.")
         if self.task == "seq_classification":
@@ -447,9 +503,11 @@ class DistillationEngine:
         mode = self.config.vocab_alignment
         vs, vt = s.shape[-1], t.shape[-1]
         if mode == "error":
-            raise ValueError(f"Student logits have {vs} entries per row, teacher logits {vt}. Set "
-                             "DistillationConfig(vocab_alignment='truncate' or 'pad') when the tokenizers are the "
-                             "same and only the padded vocabulary sizes differ.")
+            raise ValueError(
+                f"Student logits have {vs} entries per row, teacher logits {vt}. Set "
+                "DistillationConfig(vocab_alignment='truncate' or 'pad') when the tokenizers are the "
+                "same and only the padded vocabulary sizes differ."
+            )
         if mode == "truncate":
             v = min(vs, vt)
             return s[..., :v], t[..., :v]
@@ -481,5 +539,12 @@ def _count_rows(logits, labels, mask) -> int:
     return int(_valid_rows(logits, labels, mask).sum())
 
 
-__all__ = ["DistillationEngine", "KDResult", "FeatureRecorder", "detect_task", "unwrap_model", "model_device",
-           "STATE_FILE"]
+__all__ = [
+    "DistillationEngine",
+    "KDResult",
+    "FeatureRecorder",
+    "detect_task",
+    "unwrap_model",
+    "model_device",
+    "STATE_FILE",
+]

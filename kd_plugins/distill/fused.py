@@ -41,6 +41,7 @@ class FusedOutput:
 
 def _decoder_hidden(model: nn.Module, store: dict, key: str):
     """A hook on ``model.get_decoder()`` that keeps its last hidden state in ``store[key]``."""
+
     def hook(module, args, out):
         store[key] = out[0] if isinstance(out, tuple) else out.last_hidden_state
 
@@ -63,8 +64,9 @@ class FusedLogitLoss:
         if engine.task != "causal_lm":
             reasons.append(f"the student task is {engine.task}, not causal_lm")
         if len(logit_terms) != 1 or logit_terms[0] not in FUSABLE_DIVERGENCES:
-            reasons.append(f"the fused kernel computes one of {FUSABLE_DIVERGENCES}; loss_terms has logit terms "
-                           f"{logit_terms}")
+            reasons.append(
+                f"the fused kernel computes one of {FUSABLE_DIVERGENCES}; loss_terms has logit terms {logit_terms}"
+            )
         if any(k == "attention" for k in cfg.kinds.values()):
             reasons.append("attention losses need the full forward outputs")
         if engine.retokenize:
@@ -79,8 +81,9 @@ class FusedLogitLoss:
         if sv != tv:
             reasons.append(f"vocab sizes differ ({sv} vs {tv})")
         if logit_terms and set(cfg.loss_kwargs.get(logit_terms[0], {})) - {"beta", "t2_scale"}:
-            reasons.append(f"loss_kwargs {sorted(cfg.loss_kwargs[logit_terms[0]])} are not supported by the fused "
-                           "kernel")
+            reasons.append(
+                f"loss_kwargs {sorted(cfg.loss_kwargs[logit_terms[0]])} are not supported by the fused kernel"
+            )
         if not reasons:
             from ..kernels import check_fusable_head
 
@@ -102,8 +105,11 @@ class FusedLogitLoss:
             return False
         self.reasons = self.unsupported_reasons(unwrap_model(model), custom_task_loss=custom_task_loss)
         if self.reasons and cfg.fused_loss:
-            raise ValueError("fused_loss=True but the fused linear+KD loss cannot compute this objective exactly: "
-                             + "; ".join(self.reasons) + ". Set fused_loss=None (automatic) or False.")
+            raise ValueError(
+                "fused_loss=True but the fused linear+KD loss cannot compute this objective exactly: "
+                + "; ".join(self.reasons)
+                + ". Set fused_loss=None (automatic) or False."
+            )
         self.enabled = not self.reasons
         return self.enabled
 
@@ -114,8 +120,9 @@ class FusedLogitLoss:
         engine, cfg = self.engine, self.engine.config
         labels = inputs.get("labels")
         if cfg.hard_label_weight > 0 and labels is None:
-            raise ValueError("hard_label_weight > 0 but the batch has no 'labels'; add labels or set "
-                             "hard_label_weight=0.")
+            raise ValueError(
+                "hard_label_weight > 0 but the batch has no 'labels'; add labels or set hard_label_weight=0."
+            )
         student, hidden = unwrap_model(model), {}
         handle = _decoder_hidden(student, hidden, "student")
         try:
@@ -138,12 +145,24 @@ class FusedLogitLoss:
         s_head, t_head = student.get_output_embeddings(), engine.teacher.get_output_embeddings()
         hs = h_s.reshape(-1, h_s.shape[-1]).to(s_head.weight.dtype)
         loss, parts = fused_linear_kd_loss(
-            hs, s_head.weight, h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype), t_head.weight.detach(),
-            student_head_bias=s_head.bias, teacher_head_bias=None if t_head.bias is None else t_head.bias.detach(),
-            labels=rows_labels, mask=mask, divergence=name, beta=float(kw.get("beta", 0.5)),
-            temperature=cfg.temperature, hard_label_weight=cfg.hard_label_weight, kd_weight=cfg.loss_terms[name],
-            t2_scale=kw.get("t2_scale"), chunk_size=cfg.fused_chunk_size,
-            num_items_in_batch=scaling.num_items_in_batch if by_items else None, return_parts=True)
+            hs,
+            s_head.weight,
+            h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype),
+            t_head.weight.detach(),
+            student_head_bias=s_head.bias,
+            teacher_head_bias=None if t_head.bias is None else t_head.bias.detach(),
+            labels=rows_labels,
+            mask=mask,
+            divergence=name,
+            beta=float(kw.get("beta", 0.5)),
+            temperature=cfg.temperature,
+            hard_label_weight=cfg.hard_label_weight,
+            kd_weight=cfg.loss_terms[name],
+            t2_scale=kw.get("t2_scale"),
+            chunk_size=cfg.fused_chunk_size,
+            num_items_in_batch=scaling.num_items_in_batch if by_items else None,
+            return_parts=True,
+        )
         loss = loss * (scaling.items_scale if by_items else 1.0)
         check_finite(name, loss, engine.step, path="fused")
         # The kernel normalised by the accumulated batch's items; the logs show this micro-batch's means.
@@ -153,15 +172,24 @@ class FusedLogitLoss:
         if "kd" in parts:
             result.terms[name] = parts["kd"] * to_mean
         if any(k == "hidden" for k in cfg.kinds.values()):
-            plain = LossScaling(by_items=by_items, num_items_in_batch=scaling.num_items_in_batch,
-                                grad_accum_steps=scaling.grad_accum_steps)
-            extra = engine.compute({k: v for k, v in inputs.items() if k != "labels"}, outputs, scaling=plain,
-                                   teacher_outputs=t_out, kinds={"hidden"})
+            plain = LossScaling(
+                by_items=by_items,
+                num_items_in_batch=scaling.num_items_in_batch,
+                grad_accum_steps=scaling.grad_accum_steps,
+            )
+            extra = engine.compute(
+                {k: v for k, v in inputs.items() if k != "labels"},
+                outputs,
+                scaling=plain,
+                teacher_outputs=t_out,
+                kinds={"hidden"},
+            )
             loss = loss + extra.loss
             result.terms.update(extra.terms)
         task = parts.get("ce")
-        return FusedOutput(loss=loss, outputs=outputs, result=result,
-                           task_loss=task * to_mean if task is not None else None)
+        return FusedOutput(
+            loss=loss, outputs=outputs, result=result, task_loss=task * to_mean if task is not None else None
+        )
 
 
 def _valid(n: int, labels, mask, device) -> torch.Tensor:

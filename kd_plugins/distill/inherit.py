@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 
@@ -48,8 +48,9 @@ def find_layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def select_layer_indices(num_teacher_layers: int, num_layers: int | None,
-                         strategy: str | Sequence[int] = "uniform") -> list[int]:
+def select_layer_indices(
+    num_teacher_layers: int, num_layers: int | None, strategy: str | Sequence[int] = "uniform"
+) -> list[int]:
     """Teacher layer indices a ``num_layers``-deep student keeps.
 
     ``"uniform"``: ``floor(i * L / k)`` for ``i < k`` (6 -> 3 keeps 0, 2, 4, as DistilBERT's every-other-layer init);
@@ -83,8 +84,9 @@ def select_layer_indices(num_teacher_layers: int, num_layers: int | None,
     return idx
 
 
-def inherit_student(teacher: nn.Module, num_layers: int | None = None,
-                    strategy: str | Sequence[int] = "uniform") -> nn.Module:
+def inherit_student(
+    teacher: nn.Module, num_layers: int | None = None, strategy: str | Sequence[int] = "uniform"
+) -> nn.Module:
     """A shallower copy of ``teacher`` of the same architecture, initialised from a subset of its layers.
 
     Embeddings, final norms and heads are copied; the config's ``num_hidden_layers`` (and per-layer lists such as

@@ -43,8 +43,10 @@ class ProjectorBank:
         if s_dim == t_dim:
             return None
         if not self.enabled:
-            raise ValueError(f"Feature widths differ for {key} (student {s_dim}, teacher {t_dim}) and "
-                             "feature_projector=False; enable the projector or pick layers of equal width.")
+            raise ValueError(
+                f"Feature widths differ for {key} (student {s_dim}, teacher {t_dim}) and "
+                "feature_projector=False; enable the projector or pick layers of equal width."
+            )
         safe = key.replace(".", "__")
         if safe not in self.modules:
             self.modules[safe] = FeatureProjector(s_dim, t_dim).to(device)
@@ -102,8 +104,11 @@ class ProjectorBank:
             return None
         from safetensors.torch import save_file
 
-        meta = {"format": "kd_plugins", "n_params": str(len(list(self.modules.parameters()))),
-                "projectors": json.dumps(sorted(self.modules.keys()))}
+        meta = {
+            "format": "kd_plugins",
+            "n_params": str(len(list(self.modules.parameters()))),
+            "projectors": json.dumps(sorted(self.modules.keys())),
+        }
         path = os.path.join(directory, STATE_FILE)
         tmp = path + ".tmp"
         save_file(self.state_dict(), tmp, metadata=meta)
@@ -122,10 +127,12 @@ class ProjectorBank:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("format") != "kd_plugins":
             raise ValueError(f"{path} is not a kd_plugins state file")
-        opt = {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-        self._pending = {"projectors": {k[len("projectors."):]: v for k, v in tensors.items()
-                                        if k.startswith("projectors.")},
-                         "optimizer": opt or None, "n_params": int(meta.get("n_params", 0))}
+        opt = {k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        self._pending = {
+            "projectors": {k[len("projectors.") :]: v for k, v in tensors.items() if k.startswith("projectors.")},
+            "optimizer": opt or None,
+            "n_params": int(meta.get("n_params", 0)),
+        }
         for name in list(self.modules.keys()):
             self._load_module_state(name)
         if len(self.modules):
@@ -134,7 +141,7 @@ class ProjectorBank:
 
     def _load_module_state(self, name: str) -> None:
         prefix = name + "."
-        sd = {k[len(prefix):]: v for k, v in self._pending["projectors"].items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in self._pending["projectors"].items() if k.startswith(prefix)}
         if sd:
             self.modules[name].load_state_dict(sd)
 

@@ -46,8 +46,10 @@ class Teacher:
         if isinstance(module, Teacher):
             module = module.module
         if not isinstance(module, nn.Module):
-            raise TypeError(f"teacher must be an nn.Module, got {type(module).__name__}; load it first (e.g. "
-                            "AutoModelForCausalLM.from_pretrained(config.teacher_model_name_or_path)).")
+            raise TypeError(
+                f"teacher must be an nn.Module, got {type(module).__name__}; load it first (e.g. "
+                "AutoModelForCausalLM.from_pretrained(config.teacher_model_name_or_path))."
+            )
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"teacher dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.module = freeze_teacher(module)
@@ -69,11 +71,15 @@ class Teacher:
             raise ValueError("The teacher is the student itself; pass a separate (frozen) teacher model.")
         tparams = {p.data_ptr() for p in self.module.parameters()}
         if any(p.data_ptr() in tparams for p in student.parameters() if p.requires_grad):
-            raise ValueError("The teacher shares trainable parameters with the student; pass a deep copy "
-                             "(copy.deepcopy(model)) as the teacher.")
+            raise ValueError(
+                "The teacher shares trainable parameters with the student; pass a deep copy "
+                "(copy.deepcopy(model)) as the teacher."
+            )
         if any(m is self.module for m in student.modules()):
-            raise ValueError("The teacher is a sub-module of the student: it would be trained and saved with it. "
-                             "Keep the teacher outside the student model.")
+            raise ValueError(
+                "The teacher is a sub-module of the student: it would be trained and saved with it. "
+                "Keep the teacher outside the student model."
+            )
 
     def place(self, student: nn.Module) -> torch.device:
         """Apply the dtype and device policy against ``student``'s device; never leave the teacher elsewhere

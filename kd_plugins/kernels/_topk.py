@@ -25,9 +25,11 @@ def divergence_row_fn(name: str, beta: float) -> RowFn:
     if name == "reverse_kl":
         return lambda lp, lq: kl_rows(lq, lp)
     if name == "jsd":
+
         def jsd(lp, lq):
             lm = log_mix(lp, lq, beta)
             return beta * kl_rows(lp, lm) + (1.0 - beta) * kl_rows(lq, lm)
+
         return jsd
     if name == "tvd":
         return lambda lp, lq: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)

@@ -73,8 +73,10 @@ __all__ = [
 def _require_triton_runtime(tensor: torch.Tensor) -> None:
     """Raise a clear error when the Triton backend cannot run on ``tensor``'s device."""
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the optional `triton` package (pip install 'kd-plugins[gpu]'); "
-                           "use backend='torch' (chunked PyTorch, same loss) instead.")
+        raise RuntimeError(
+            "backend='triton' needs the optional `triton` package (pip install 'kd-plugins[gpu]'); "
+            "use backend='torch' (chunked PyTorch, same loss) instead."
+        )
     if tensor.is_cuda:
         return
     if tensor.device.type == "cpu" and interpreter_enabled():
@@ -83,7 +85,8 @@ def _require_triton_runtime(tensor: torch.Tensor) -> None:
         f"backend='triton' runs on CUDA tensors, got tensors on {tensor.device}"
         f"{'' if torch.cuda.is_available() else ' and no CUDA device is available'}. Use backend='torch' "
         "(chunked PyTorch, same loss), or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU "
-        "in Triton's (slow) interpreter for debugging.")
+        "in Triton's (slow) interpreter for debugging."
+    )
 
 
 def _resolve_backend(backend: str, student_hidden: torch.Tensor) -> str:
@@ -159,11 +162,26 @@ def fused_linear_kd_loss(
     """
     check_backend(backend)
     spec = prepare_spec(
-        student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, teacher_logits=teacher_logits,
-        teacher_topk=teacher_topk, labels=labels, mask=mask, student_head_bias=student_head_bias,
-        teacher_head_bias=teacher_head_bias, divergence=divergence, beta=beta, temperature=temperature,
-        hard_label_weight=hard_label_weight, kd_weight=kd_weight, ignore_index=ignore_index,
-        chunk_size=chunk_size, num_items_in_batch=num_items_in_batch, topk_tail=topk_tail, t2_scale=t2_scale,
+        student_hidden,
+        student_head_weight,
+        teacher_hidden,
+        teacher_head_weight,
+        teacher_logits=teacher_logits,
+        teacher_topk=teacher_topk,
+        labels=labels,
+        mask=mask,
+        student_head_bias=student_head_bias,
+        teacher_head_bias=teacher_head_bias,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        hard_label_weight=hard_label_weight,
+        kd_weight=kd_weight,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        num_items_in_batch=num_items_in_batch,
+        topk_tail=topk_tail,
+        t2_scale=t2_scale,
     )
     loss, kd, ce = _run_backend(spec, _resolve_backend(backend, student_hidden))
     if not return_parts:
@@ -183,10 +201,20 @@ class FusedLinearKDLoss(nn.Module):
     >>> loss = crit(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels=labels)
     """
 
-    def __init__(self, divergence: str = "kl", *, beta: float = 0.5, temperature: float = 1.0,
-                 hard_label_weight: float = 0.0, kd_weight: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                 chunk_size: int = 1024, topk_tail: str = "bucket", t2_scale: bool | None = None,
-                 backend: str = "torch"):
+    def __init__(
+        self,
+        divergence: str = "kl",
+        *,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        hard_label_weight: float = 0.0,
+        kd_weight: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+        chunk_size: int = 1024,
+        topk_tail: str = "bucket",
+        t2_scale: bool | None = None,
+        backend: str = "torch",
+    ):
         super().__init__()
         # Validate eagerly so that a bad config fails at construction time.
         check_divergence(divergence)
@@ -196,21 +224,53 @@ class FusedLinearKDLoss(nn.Module):
         self.hard_label_weight, self.kd_weight, self.ignore_index = hard_label_weight, kd_weight, ignore_index
         self.chunk_size, self.topk_tail, self.t2_scale, self.backend = chunk_size, topk_tail, t2_scale, backend
 
-    def forward(self, student_hidden, student_head_weight, teacher_hidden=None, teacher_head_weight=None, *,
-                teacher_logits=None, teacher_topk=None, labels=None, mask=None, student_head_bias=None,
-                teacher_head_bias=None, num_items_in_batch=None, return_parts: bool = False):
+    def forward(
+        self,
+        student_hidden,
+        student_head_weight,
+        teacher_hidden=None,
+        teacher_head_weight=None,
+        *,
+        teacher_logits=None,
+        teacher_topk=None,
+        labels=None,
+        mask=None,
+        student_head_bias=None,
+        teacher_head_bias=None,
+        num_items_in_batch=None,
+        return_parts: bool = False,
+    ):
         return fused_linear_kd_loss(
-            student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, teacher_logits=teacher_logits,
-            teacher_topk=teacher_topk, labels=labels, mask=mask, student_head_bias=student_head_bias,
-            teacher_head_bias=teacher_head_bias, divergence=self.divergence, beta=self.beta,
-            temperature=self.temperature, hard_label_weight=self.hard_label_weight, kd_weight=self.kd_weight,
-            ignore_index=self.ignore_index, chunk_size=self.chunk_size, num_items_in_batch=num_items_in_batch,
-            topk_tail=self.topk_tail, t2_scale=self.t2_scale, backend=self.backend, return_parts=return_parts)
+            student_hidden,
+            student_head_weight,
+            teacher_hidden,
+            teacher_head_weight,
+            teacher_logits=teacher_logits,
+            teacher_topk=teacher_topk,
+            labels=labels,
+            mask=mask,
+            student_head_bias=student_head_bias,
+            teacher_head_bias=teacher_head_bias,
+            divergence=self.divergence,
+            beta=self.beta,
+            temperature=self.temperature,
+            hard_label_weight=self.hard_label_weight,
+            kd_weight=self.kd_weight,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+            num_items_in_batch=num_items_in_batch,
+            topk_tail=self.topk_tail,
+            t2_scale=self.t2_scale,
+            backend=self.backend,
+            return_parts=return_parts,
+        )
 
     def extra_repr(self) -> str:
-        return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"hard_label_weight={self.hard_label_weight}, kd_weight={self.kd_weight}, "
-                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
+        return (
+            f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+            f"hard_label_weight={self.hard_label_weight}, kd_weight={self.kd_weight}, "
+            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,8 +313,12 @@ def fused_kd_loss_from_heads(
     t_head = check_fusable_head(teacher_head)
     cfg = config if config is not None else {}
     return fused_linear_kd_loss(
-        student_hidden, s_head.weight, teacher_hidden.detach(), t_head.weight.detach(),
-        student_head_bias=s_head.bias, teacher_head_bias=t_head.bias.detach() if t_head.bias is not None else None,
+        student_hidden,
+        s_head.weight,
+        teacher_hidden.detach(),
+        t_head.weight.detach(),
+        student_head_bias=s_head.bias,
+        teacher_head_bias=t_head.bias.detach() if t_head.bias is not None else None,
         labels=labels,
         divergence=_cfg_get(cfg, "divergence", "loss", default="kl"),
         temperature=float(_cfg_get(cfg, "temperature", default=1.0)),

@@ -51,23 +51,32 @@ def _configs(model) -> list:
 def _check_plain_linear(name: str, head) -> None:
     """The head itself: a materialised, floating-point, hook-free ``nn.Linear`` with the stock ``forward``."""
     if head is None:
-        raise UnfusableHeadError(f"{name} has no output head (get_output_embeddings() returned None); "
-                                 "the fused loss needs the lm_head weight. Use fused_loss=False.")
+        raise UnfusableHeadError(
+            f"{name} has no output head (get_output_embeddings() returned None); "
+            "the fused loss needs the lm_head weight. Use fused_loss=False."
+        )
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise UnfusableHeadError(
             f"{name}'s output head is {type(head).__module__}.{type(head).__name__}, not a plain nn.Linear "
             "(LoRA/PEFT-wrapped, quantised or custom heads compute something other than hidden @ W.T + b). "
-            "Use fused_loss=False, or merge/unwrap the head first.")
+            "Use fused_loss=False, or merge/unwrap the head first."
+        )
     w = head.weight
     if not torch.is_floating_point(w):
-        raise UnfusableHeadError(f"{name}'s lm_head weight has dtype {w.dtype}; the fused loss needs a "
-                                 "floating-point weight. Use fused_loss=False.")
+        raise UnfusableHeadError(
+            f"{name}'s lm_head weight has dtype {w.dtype}; the fused loss needs a "
+            "floating-point weight. Use fused_loss=False."
+        )
     if w.device.type == "meta":
-        raise UnfusableHeadError(f"{name}'s lm_head weight is on the meta device (offloaded); the fused loss needs "
-                                 "the materialised weight. Use fused_loss=False or keep the head on the GPU.")
+        raise UnfusableHeadError(
+            f"{name}'s lm_head weight is on the meta device (offloaded); the fused loss needs "
+            "the materialised weight. Use fused_loss=False or keep the head on the GPU."
+        )
     if head._forward_hooks or head._forward_pre_hooks:
-        raise UnfusableHeadError(f"{name}'s lm_head has forward hooks registered, which may change its output; the "
-                                 "fused loss bypasses the module. Use fused_loss=False or remove the hooks.")
+        raise UnfusableHeadError(
+            f"{name}'s lm_head has forward hooks registered, which may change its output; the "
+            "fused loss bypasses the module. Use fused_loss=False or remove the hooks."
+        )
 
 
 def _check_no_logit_transform(name: str, model) -> None:
@@ -78,10 +87,12 @@ def _check_no_logit_transform(name: str, model) -> None:
             if val not in _NEUTRAL:
                 raise UnfusableHeadError(
                     f"{name} applies {what} ({attr}={val!r}); the fused loss computes hidden @ W.T + b only and "
-                    "would optimise a different objective. Use fused_loss=False.")
+                    "would optimise a different objective. Use fused_loss=False."
+                )
         if getattr(cfg, "model_type", None) in _T5_TYPES and getattr(cfg, "tie_word_embeddings", False):
-            raise UnfusableHeadError(f"{name} rescales the decoder output by d_model**-0.5 before its tied head; "
-                                     "use fused_loss=False.")
+            raise UnfusableHeadError(
+                f"{name} rescales the decoder output by d_model**-0.5 before its tied head; use fused_loss=False."
+            )
 
 
 def check_fusable_head(model: nn.Module, head: nn.Module | None = None) -> nn.Linear:

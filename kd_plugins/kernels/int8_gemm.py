@@ -50,10 +50,24 @@ _TINY = 1e-30
 
 #: Fixed block sizes. GPU: a conventional Ampere/Hopper-class int8 tile; interpreter: small blocks so CPU tests
 #: stay fast.
-GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
-              "ROW_BLOCK": 1024}
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 1, "num_stages": 1,
-                      "ROW_BLOCK": 64}
+GPU_CONFIG = {
+    "BLOCK_M": 128,
+    "BLOCK_N": 128,
+    "BLOCK_K": 64,
+    "GROUP_M": 8,
+    "num_warps": 8,
+    "num_stages": 3,
+    "ROW_BLOCK": 1024,
+}
+INTERPRETER_CONFIG = {
+    "BLOCK_M": 32,
+    "BLOCK_N": 32,
+    "BLOCK_K": 32,
+    "GROUP_M": 4,
+    "num_warps": 1,
+    "num_stages": 1,
+    "ROW_BLOCK": 64,
+}
 
 
 class TritonUnavailableError(RuntimeError):
@@ -63,7 +77,8 @@ class TritonUnavailableError(RuntimeError):
 def _check_runtime(*tensors: torch.Tensor) -> dict:
     if not _HAS_TRITON:
         raise TritonUnavailableError(
-            "The Triton int8 kernels need the `triton` package (pip install 'kd-plugins[gpu]').")
+            "The Triton int8 kernels need the `triton` package (pip install 'kd-plugins[gpu]')."
+        )
     devices = {t.device.type for t in tensors if t is not None}
     if interpreter_enabled():
         if type(tl.cdiv).__name__ != "InterpretedFunction":
@@ -88,8 +103,18 @@ def _check_runtime(*tensors: torch.Tensor) -> dict:
 if _HAS_TRITON:
 
     def _row_quant_kernel(
-        x_ptr, inv_ptr, q_ptr, rs_ptr, K, stride_xm, stride_qm, alpha,
-        HAS_COL: tl.constexpr, MAX_AFTER_COL: tl.constexpr, USE_POW: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr,
+        inv_ptr,
+        q_ptr,
+        rs_ptr,
+        K,
+        stride_xm,
+        stride_qm,
+        alpha,
+        HAS_COL: tl.constexpr,
+        MAX_AFTER_COL: tl.constexpr,
+        USE_POW: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
@@ -121,10 +146,27 @@ if _HAS_TRITON:
         tl.store(rs_ptr + row, r / 127.0)
 
     def _int8_gemm_kernel(
-        a_ptr, b_ptr, c_ptr, rs_ptr, cs_ptr, bias_ptr, M, N, K,
-        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-        EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        c_ptr,
+        rs_ptr,
+        cs_ptr,
+        bias_ptr,
+        M,
+        N,
+        K,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        stride_cm,
+        stride_cn,
+        EPILOGUE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -146,11 +188,13 @@ if _HAS_TRITON:
             mask_k = offs_k < K
             a = tl.load(
                 a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                mask=mask_m[:, None] & mask_k[None, :], other=0,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0,
             )
             b = tl.load(
                 b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                mask=mask_k[:, None] & mask_n[None, :], other=0,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0,
             )
             acc = tl.dot(a, b, acc=acc, out_dtype=tl.int32)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -207,8 +251,18 @@ def quantize_rows(
     inv = inv_col.float().contiguous() if inv_col is not None else rs  # dummy pointer when unused
     block = min(cfg["ROW_BLOCK"], triton.next_power_of_2(max(k, 16)))
     row_kernel[(m,)](
-        x, inv, q, rs, k, x.stride(0), q.stride(0), float(alpha),
-        HAS_COL=inv_col is not None, MAX_AFTER_COL=bool(rowmax_after_col), USE_POW=float(alpha) != 1.0, BLOCK=block,
+        x,
+        inv,
+        q,
+        rs,
+        k,
+        x.stride(0),
+        q.stride(0),
+        float(alpha),
+        HAS_COL=inv_col is not None,
+        MAX_AFTER_COL=bool(rowmax_after_col),
+        USE_POW=float(alpha) != 1.0,
+        BLOCK=block,
     )
     return q, rs
 
@@ -226,8 +280,9 @@ def _check_gemm_args(a, b, row_scale, col_scale, bias) -> None:
         return
     m, n = a.shape[0], b.shape[1]
     if row_scale.numel() != m or col_scale.numel() != n:
-        raise ValueError(f"row_scale must have {m} entries and col_scale {n}, got {row_scale.numel()} and "
-                         f"{col_scale.numel()}")
+        raise ValueError(
+            f"row_scale must have {m} entries and col_scale {n}, got {row_scale.numel()} and {col_scale.numel()}"
+        )
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias must have {n} entries, got {bias.numel()}")
 
@@ -263,18 +318,34 @@ def int8_gemm(
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     gemm_kernel[grid](
-        a, b, c, rs, cs, bs, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        EPILOGUE=epilogue, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        a,
+        b,
+        c,
+        rs,
+        cs,
+        bs,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        c.stride(1),
+        EPILOGUE=epilogue,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return c
 
 
-def int8_gemm_reference(
-    a: torch.Tensor, b: torch.Tensor, row_scale=None, col_scale=None, bias=None
-) -> torch.Tensor:
+def int8_gemm_reference(a: torch.Tensor, b: torch.Tensor, row_scale=None, col_scale=None, bias=None) -> torch.Tensor:
     """Exact integer reference (int64 accumulation); with scales, the epilogue in float64."""
     acc = a.to(torch.int64) @ b.to(torch.int64)
     if row_scale is None:

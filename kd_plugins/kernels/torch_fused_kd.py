@@ -39,19 +39,19 @@ def _kl_chunk(log_q, log_p, beta, need_grad):
     if not need_grad:
         return rows, None
     torch.exp(log_q, out=d)
-    return rows, d.sub_(p)                                   # q - p
+    return rows, d.sub_(p)  # q - p
 
 
 def _reverse_kl_chunk(log_q, log_p, beta, need_grad):
     q = log_q.exp()
-    f = log_q.sub_(log_p)                                    # log q - log p (in place on s)
+    f = log_q.sub_(log_p)  # log q - log p (in place on s)
     qf = torch.mul(q, f, out=log_p)
     zero = q <= 0
     _zero_where(qf, zero)
     rows = qf.sum(-1)
     if not need_grad:
         return rows, None
-    g = f.sub_(rows.unsqueeze(-1)).mul_(q)                   # q (log q - log p - L)
+    g = f.sub_(rows.unsqueeze(-1)).mul_(q)  # q (log q - log p - L)
     return rows, _zero_where(g, zero)
 
 
@@ -59,11 +59,11 @@ def _jsd_chunk(log_q, log_p, beta, need_grad):
     p = log_p.exp()
     q = log_q.exp()
     log_m = torch.mul(p, beta).add_(q, alpha=1.0 - beta).log_()
-    a = log_p.sub_(log_m).mul_(p)                            # p log(p/m)
+    a = log_p.sub_(log_m).mul_(p)  # p log(p/m)
     _zero_where(a, p <= 0)
     rows_p = a.sum(-1)
     del a, p
-    b = log_q.sub_(log_m)                                    # log(q/m) (in place on s)
+    b = log_q.sub_(log_m)  # log(q/m) (in place on s)
     qb = torch.mul(q, b, out=log_m)
     zero = q <= 0
     _zero_where(qb, zero)
@@ -72,7 +72,7 @@ def _jsd_chunk(log_q, log_p, beta, need_grad):
     if not need_grad:
         return rows, None
     c = ((1.0 - beta) * rows_q).unsqueeze(-1)
-    g = b.mul_(1.0 - beta).sub_(c).mul_(q)                   # q ((1-beta) log(q/m) - c)
+    g = b.mul_(1.0 - beta).sub_(c).mul_(q)  # q ((1-beta) log(q/m) - c)
     return rows, _zero_where(g, zero)
 
 
@@ -85,9 +85,9 @@ def _tvd_chunk(log_q, log_p, beta, need_grad):
     if not need_grad:
         return rows, None
     del diff
-    qs = sg.mul_(q)                                          # q sign(q - p)
+    qs = sg.mul_(q)  # q sign(q - p)
     c = qs.sum(-1, keepdim=True).mul_(0.5)
-    return rows, qs.mul_(0.5).sub_(q.mul_(c))                # q (0.5 sign(q - p) - c)
+    return rows, qs.mul_(0.5).sub_(q.mul_(c))  # q (0.5 sign(q - p) - c)
 
 
 _DENSE_CHUNK = {"kl": _kl_chunk, "reverse_kl": _reverse_kl_chunk, "jsd": _jsd_chunk, "tvd": _tvd_chunk}
@@ -188,8 +188,11 @@ def _grad_buffers(ctx, xs, ws, bs, spec: FusedKDSpec, need_grad: bool):
     dev = xs.device
     gx = torch.zeros_like(xs) if ctx.needs_input_grad[0] else None
     gw = torch.zeros(ws.shape, dtype=spec.cdtype, device=dev) if ctx.needs_input_grad[1] else None
-    gb = torch.zeros(ws.shape[0], dtype=spec.cdtype, device=dev) if (
-        bs is not None and ctx.needs_input_grad[2]) else None
+    gb = (
+        torch.zeros(ws.shape[0], dtype=spec.cdtype, device=dev)
+        if (bs is not None and ctx.needs_input_grad[2])
+        else None
+    )
     return gx, gw, gb
 
 
@@ -239,8 +242,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _gkd, _gce):
-        out = [(t * grad_loss).to(dt) if has else None
-               for has, t, dt in zip(ctx.has, ctx.saved_tensors, ctx.dtypes)]
+        out = [(t * grad_loss).to(dt) if has else None for has, t, dt in zip(ctx.has, ctx.saved_tensors, ctx.dtypes)]
         return out[0], out[1], out[2], None, None
 
 

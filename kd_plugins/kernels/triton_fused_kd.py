@@ -47,18 +47,31 @@ _INTERP_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16)
 
 
 @triton.jit
-def _logits_tile(X, W, B, rows, m_mask, offs_v, v_mask, H, stride_x, stride_w,
-                 HAS_B: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _logits_tile(
+    X,
+    W,
+    B,
+    rows,
+    m_mask,
+    offs_v,
+    v_mask,
+    H,
+    stride_x,
+    stride_w,
+    HAS_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """``X[rows] @ W[offs_v].T (+ B[offs_v])`` as a float32 ``[BLOCK_M, BLOCK_V]`` tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        x = tl.load(X + rows[:, None] * stride_x + offs_h[None, :], mask=m_mask[:, None] & h_mask[None, :],
-                    other=0.0)
-        w = tl.load(W + offs_v[:, None] * stride_w + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :],
-                    other=0.0)
+        x = tl.load(X + rows[:, None] * stride_x + offs_h[None, :], mask=m_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(W + offs_v[:, None] * stride_w + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -70,15 +83,50 @@ def _logits_tile(X, W, B, rows, m_mask, offs_v, v_mask, H, stride_x, stride_w,
 
 
 @triton.jit
-def _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt, stride_tl,
-                  TEACHER: tl.constexpr, HAS_BT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _teacher_tile(
+    XT,
+    WT,
+    BT,
+    TL,
+    rows,
+    m_mask,
+    offs_v,
+    v_mask,
+    HT,
+    stride_xt,
+    stride_wt,
+    stride_tl,
+    TEACHER: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     if TEACHER == 1:
-        t = _logits_tile(XT, WT, BT, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt,
-                         HAS_BT, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H)
+        t = _logits_tile(
+            XT,
+            WT,
+            BT,
+            rows,
+            m_mask,
+            offs_v,
+            v_mask,
+            HT,
+            stride_xt,
+            stride_wt,
+            HAS_BT,
+            UPCAST,
+            PREC,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_H,
+        )
     else:
-        t = tl.load(TL + rows[:, None] * stride_tl + offs_v[None, :], mask=m_mask[:, None] & v_mask[None, :],
-                    other=0.0).to(tl.float32)
+        t = tl.load(
+            TL + rows[:, None] * stride_tl + offs_v[None, :], mask=m_mask[:, None] & v_mask[None, :], other=0.0
+        ).to(tl.float32)
     return t
 
 
@@ -93,12 +141,42 @@ def _lse_step(m, l, x):
 
 
 @triton.jit
-def _stats_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y,
-                  LSE_S, LSE_T, LSE_1, ZY, KD,
-                  V, HS, HT, stride_xs, stride_ws, stride_xt, stride_wt, stride_tl, inv_t,
-                  MODE: tl.constexpr, TEACHER: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-                  HAS_CE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _stats_kernel(
+    ROWS,
+    n_rows,
+    XS,
+    WS,
+    BS,
+    XT,
+    WT,
+    BT,
+    TL,
+    Y,
+    LSE_S,
+    LSE_T,
+    LSE_1,
+    ZY,
+    KD,
+    V,
+    HS,
+    HT,
+    stride_xs,
+    stride_ws,
+    stride_xt,
+    stride_wt,
+    stride_tl,
+    inv_t,
+    MODE: tl.constexpr,
+    TEACHER: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_rows
@@ -117,8 +195,24 @@ def _stats_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         offs_v = offs_v.to(tl.int64)
-        z = _logits_tile(XS, WS, BS, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
-                         HAS_BS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H)
+        z = _logits_tile(
+            XS,
+            WS,
+            BS,
+            rows,
+            m_mask,
+            offs_v,
+            v_mask,
+            HS,
+            stride_xs,
+            stride_ws,
+            HAS_BS,
+            UPCAST,
+            PREC,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_H,
+        )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         if HAS_CE:
             m_1, l_1, _a1, _e1 = _lse_step(m_1, l_1, z)
@@ -127,8 +221,27 @@ def _stats_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y,
             s = z * inv_t
             m_s, l_s, a_s, e_s = _lse_step(m_s, l_s, s)
             if MODE != 5:
-                t = _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt, stride_tl,
-                                  TEACHER, HAS_BT, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H)
+                t = _teacher_tile(
+                    XT,
+                    WT,
+                    BT,
+                    TL,
+                    rows,
+                    m_mask,
+                    offs_v,
+                    v_mask,
+                    HT,
+                    stride_xt,
+                    stride_wt,
+                    stride_tl,
+                    TEACHER,
+                    HAS_BT,
+                    UPCAST,
+                    PREC,
+                    BLOCK_M,
+                    BLOCK_V,
+                    BLOCK_H,
+                )
                 t = tl.where(v_mask[None, :], t * inv_t, float("-inf"))
                 m_t, l_t, a_t, e_t = _lse_step(m_t, l_t, t)
                 diff = tl.where(v_mask[None, :], t - s, 0.0)
@@ -152,11 +265,40 @@ def _stats_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y,
 
 
 @triton.jit
-def _loss_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, LSE_S, LSE_T, KD, C,
-                 V, HS, HT, stride_xs, stride_ws, stride_xt, stride_wt, stride_tl, inv_t, beta,
-                 MODE: tl.constexpr, TEACHER: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _loss_kernel(
+    ROWS,
+    n_rows,
+    XS,
+    WS,
+    BS,
+    XT,
+    WT,
+    BT,
+    TL,
+    LSE_S,
+    LSE_T,
+    KD,
+    C,
+    V,
+    HS,
+    HT,
+    stride_xs,
+    stride_ws,
+    stride_xt,
+    stride_wt,
+    stride_tl,
+    inv_t,
+    beta,
+    MODE: tl.constexpr,
+    TEACHER: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """JSD / TVD rows (need normalised probabilities) and the row scalar ``c`` of their gradient."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -170,10 +312,51 @@ def _loss_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, LSE_S, LSE_T, KD, C,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         offs_v = offs_v.to(tl.int64)
-        s = _logits_tile(XS, WS, BS, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
-                         HAS_BS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H) * inv_t
-        t = _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt, stride_tl,
-                          TEACHER, HAS_BT, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H) * inv_t
+        s = (
+            _logits_tile(
+                XS,
+                WS,
+                BS,
+                rows,
+                m_mask,
+                offs_v,
+                v_mask,
+                HS,
+                stride_xs,
+                stride_ws,
+                HAS_BS,
+                UPCAST,
+                PREC,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_H,
+            )
+            * inv_t
+        )
+        t = (
+            _teacher_tile(
+                XT,
+                WT,
+                BT,
+                TL,
+                rows,
+                m_mask,
+                offs_v,
+                v_mask,
+                HT,
+                stride_xt,
+                stride_wt,
+                stride_tl,
+                TEACHER,
+                HAS_BT,
+                UPCAST,
+                PREC,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_H,
+            )
+            * inv_t
+        )
         log_q = s - lse_s[:, None]
         log_p = t - lse_t[:, None]
         q = tl.where(v_mask[None, :], tl.exp(log_q), 0.0)
@@ -197,8 +380,21 @@ def _loss_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, LSE_S, LSE_T, KD, C,
 
 
 @triton.jit
-def _gather_kernel(ROWS, XS, WS, BS, IDX, OUT, K, HS, stride_xs, stride_ws,
-                   HAS_BS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gather_kernel(
+    ROWS,
+    XS,
+    WS,
+    BS,
+    IDX,
+    OUT,
+    K,
+    HS,
+    stride_xs,
+    stride_ws,
+    HAS_BS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Student logits at the teacher's top-k indices: ``OUT[i, k] = XS[rows[i]] . WS[IDX[i, k]] (+ BS)``."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -211,8 +407,9 @@ def _gather_kernel(ROWS, XS, WS, BS, IDX, OUT, K, HS, stride_xs, stride_ws,
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < HS
         x = tl.load(XS + row * stride_xs + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-        w = tl.load(WS + idx[:, None] * stride_ws + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :],
-                    other=0.0).to(tl.float32)
+        w = tl.load(
+            WS + idx[:, None] * stride_ws + offs_h[None, :], mask=k_mask[:, None] & h_mask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.sum(w * x[None, :], 1)
     if HAS_BS:
         acc += tl.load(BS + idx, mask=k_mask, other=0.0).to(tl.float32)
@@ -240,9 +437,25 @@ def _dense_kd_grad_tile(q, log_q, log_p, C, offs_m, m_mask, beta, MODE: tl.const
 
 
 @triton.jit
-def _fold_grad_tile(d, XS, WS, GX, GW, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
-                    NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
+def _fold_grad_tile(
+    d,
+    XS,
+    WS,
+    GX,
+    GW,
+    rows,
+    m_mask,
+    offs_v,
+    v_mask,
+    HS,
+    stride_xs,
+    stride_ws,
+    NEED_GX: tl.constexpr,
+    NEED_GW: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """``GX[rows] += d @ W[offs_v]`` and ``GW[offs_v] += d.T @ X[rows]`` (float32 atomics), ``BLOCK_H`` at a time."""
     if UPCAST:
         dd = d
@@ -252,15 +465,17 @@ def _fold_grad_tile(d, XS, WS, GX, GW, rows, m_mask, offs_v, v_mask, HS, stride_
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < HS
         if NEED_GX:
-            w = tl.load(WS + offs_v[:, None] * stride_ws + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :],
-                        other=0.0)
+            w = tl.load(
+                WS + offs_v[:, None] * stride_ws + offs_h[None, :], mask=v_mask[:, None] & h_mask[None, :], other=0.0
+            )
             if UPCAST:
                 w = w.to(tl.float32)
             gx = tl.dot(dd, w, input_precision=PREC)
             tl.atomic_add(GX + rows[:, None] * HS + offs_h[None, :], gx, mask=m_mask[:, None] & h_mask[None, :])
         if NEED_GW:
-            x = tl.load(XS + rows[:, None] * stride_xs + offs_h[None, :], mask=m_mask[:, None] & h_mask[None, :],
-                        other=0.0)
+            x = tl.load(
+                XS + rows[:, None] * stride_xs + offs_h[None, :], mask=m_mask[:, None] & h_mask[None, :], other=0.0
+            )
             if UPCAST:
                 x = x.to(tl.float32)
             gw = tl.dot(tl.trans(dd), x, input_precision=PREC)
@@ -268,13 +483,52 @@ def _fold_grad_tile(d, XS, WS, GX, GW, rows, m_mask, offs_v, v_mask, HS, stride_
 
 
 @triton.jit
-def _grad_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y, LSE_S, LSE_T, LSE_1, C, TK_IDX, TK_G, K, SCALE,
-                 GX, GW, GB,
-                 V, HS, HT, stride_xs, stride_ws, stride_xt, stride_wt, stride_tl, inv_t, beta,
-                 MODE: tl.constexpr, TEACHER: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-                 HAS_CE: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _grad_kernel(
+    ROWS,
+    n_rows,
+    XS,
+    WS,
+    BS,
+    XT,
+    WT,
+    BT,
+    TL,
+    Y,
+    LSE_S,
+    LSE_T,
+    LSE_1,
+    C,
+    TK_IDX,
+    TK_G,
+    K,
+    SCALE,
+    GX,
+    GW,
+    GB,
+    V,
+    HS,
+    HT,
+    stride_xs,
+    stride_ws,
+    stride_xt,
+    stride_wt,
+    stride_tl,
+    inv_t,
+    beta,
+    MODE: tl.constexpr,
+    TEACHER: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    NEED_GW: tl.constexpr,
+    NEED_GB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,8 +537,24 @@ def _grad_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y, LSE_S, LSE_T, LSE_
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < V
     offs_v = offs_v.to(tl.int64)
-    z = _logits_tile(XS, WS, BS, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
-                     HAS_BS, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H)
+    z = _logits_tile(
+        XS,
+        WS,
+        BS,
+        rows,
+        m_mask,
+        offs_v,
+        v_mask,
+        HS,
+        stride_xs,
+        stride_ws,
+        HAS_BS,
+        UPCAST,
+        PREC,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_H,
+    )
     w_kd = tl.load(SCALE)
     w_ce = tl.load(SCALE + 1)
     d = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
@@ -305,16 +575,55 @@ def _grad_kernel(ROWS, n_rows, XS, WS, BS, XT, WT, BT, TL, Y, LSE_S, LSE_T, LSE_
                 gk = tl.load(TK_G + offs_m * K + k, mask=m_mask, other=0.0)
                 g += tl.where(offs_v[None, :] == ik[:, None], gk[:, None], 0.0)
         else:
-            t = _teacher_tile(XT, WT, BT, TL, rows, m_mask, offs_v, v_mask, HT, stride_xt, stride_wt, stride_tl,
-                              TEACHER, HAS_BT, UPCAST, PREC, BLOCK_M, BLOCK_V, BLOCK_H) * inv_t
+            t = (
+                _teacher_tile(
+                    XT,
+                    WT,
+                    BT,
+                    TL,
+                    rows,
+                    m_mask,
+                    offs_v,
+                    v_mask,
+                    HT,
+                    stride_xt,
+                    stride_wt,
+                    stride_tl,
+                    TEACHER,
+                    HAS_BT,
+                    UPCAST,
+                    PREC,
+                    BLOCK_M,
+                    BLOCK_V,
+                    BLOCK_H,
+                )
+                * inv_t
+            )
             lse_t = tl.load(LSE_T + offs_m, mask=m_mask, other=0.0)
             g = _dense_kd_grad_tile(q, log_q, t - lse_t[:, None], C, offs_m, m_mask, beta, MODE)
         d += (w_kd * inv_t) * g
     d = tl.where(m_mask[:, None] & v_mask[None, :], d, 0.0)
     if NEED_GB:
         tl.atomic_add(GB + offs_v, tl.sum(d, 0), mask=v_mask)
-    _fold_grad_tile(d, XS, WS, GX, GW, rows, m_mask, offs_v, v_mask, HS, stride_xs, stride_ws,
-                    NEED_GX, NEED_GW, UPCAST, PREC, BLOCK_H)
+    _fold_grad_tile(
+        d,
+        XS,
+        WS,
+        GX,
+        GW,
+        rows,
+        m_mask,
+        offs_v,
+        v_mask,
+        HS,
+        stride_xs,
+        stride_ws,
+        NEED_GX,
+        NEED_GW,
+        UPCAST,
+        PREC,
+        BLOCK_H,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,14 +646,23 @@ def _launch_args(spec: FusedKDSpec) -> dict:
     dummy = xs  # placeholder pointer for absent optional tensors (never dereferenced)
     kind = 1 if xt is not None else (2 if tlog is not None else 0)
     return dict(
-        XS=xs, WS=ws, BS=bs if bs is not None else dummy,
-        XT=xt if xt is not None else dummy, WT=wt if wt is not None else dummy, BT=bt if bt is not None else dummy,
+        XS=xs,
+        WS=ws,
+        BS=bs if bs is not None else dummy,
+        XT=xt if xt is not None else dummy,
+        WT=wt if wt is not None else dummy,
+        BT=bt if bt is not None else dummy,
         TL=tlog if tlog is not None else dummy,
-        HS=xs.shape[1], HT=xt.shape[1] if xt is not None else 1,
-        stride_xs=xs.stride(0), stride_ws=ws.stride(0),
-        stride_xt=xt.stride(0) if xt is not None else 0, stride_wt=wt.stride(0) if wt is not None else 0,
+        HS=xs.shape[1],
+        HT=xt.shape[1] if xt is not None else 1,
+        stride_xs=xs.stride(0),
+        stride_ws=ws.stride(0),
+        stride_xt=xt.stride(0) if xt is not None else 0,
+        stride_wt=wt.stride(0) if wt is not None else 0,
         stride_tl=tlog.stride(0) if tlog is not None else 0,
-        TEACHER=kind, HAS_BS=bs is not None, HAS_BT=bt is not None,
+        TEACHER=kind,
+        HAS_BS=bs is not None,
+        HAS_BT=bt is not None,
     )
 
 
@@ -381,8 +699,20 @@ def _topk_stats(spec: FusedKDSpec, rows, st: _RowStats, common: dict, fwd: dict,
     z_k = torch.empty(n, k, dtype=torch.float32, device=rows.device)
     block_k = 16 if interpreter_enabled() else min(64, triton.next_power_of_2(max(k, 16)))
     _gather_kernel[(n, triton.cdiv(k, block_k))](
-        rows, common["XS"], common["WS"], common["BS"], idx, z_k, k, common["HS"], common["stride_xs"],
-        common["stride_ws"], HAS_BS=common["HAS_BS"], BLOCK_K=block_k, BLOCK_H=fwd["BLOCK_H"])
+        rows,
+        common["XS"],
+        common["WS"],
+        common["BS"],
+        idx,
+        z_k,
+        k,
+        common["HS"],
+        common["stride_xs"],
+        common["stride_ws"],
+        HAS_BS=common["HAS_BS"],
+        BLOCK_K=block_k,
+        BLOCK_H=fwd["BLOCK_H"],
+    )
     log_q_k = z_k * (1.0 / spec.temperature) - st.lse_s[:, None]
     kd_rows, tk_g = topk_rows_and_grad(log_q_k, spec.topk.log_probs, spec.topk.row_fn, spec.topk.tail, need_grad)
     st.kd_rows = kd_rows.float()
@@ -404,11 +734,39 @@ def _forward_stats(spec: FusedKDSpec, rows, y, need_grad: bool) -> _RowStats:
     v = spec.student.w.shape[0]
     kernel_flags = dict(UPCAST=_needs_upcast(spec), PREC=_precision(spec.student.x.dtype))
     grid = (triton.cdiv(n, fwd["BLOCK_M"]),)
-    _stats_kernel[grid](rows, n, Y=y, LSE_S=st.lse_s, LSE_T=st.lse_t, LSE_1=st.lse_1, ZY=st.zy, KD=st.kd_rows, V=v,
-                        inv_t=inv_t, MODE=mode, HAS_CE=spec.need_ce, **kernel_flags, **common, **fwd)
+    _stats_kernel[grid](
+        rows,
+        n,
+        Y=y,
+        LSE_S=st.lse_s,
+        LSE_T=st.lse_t,
+        LSE_1=st.lse_1,
+        ZY=st.zy,
+        KD=st.kd_rows,
+        V=v,
+        inv_t=inv_t,
+        MODE=mode,
+        HAS_CE=spec.need_ce,
+        **kernel_flags,
+        **common,
+        **fwd,
+    )
     if mode in (3, 4):
-        _loss_kernel[grid](rows, n, LSE_S=st.lse_s, LSE_T=st.lse_t, KD=st.kd_rows, C=st.c, V=v, inv_t=inv_t,
-                           beta=spec.beta, MODE=mode, **kernel_flags, **common, **fwd)
+        _loss_kernel[grid](
+            rows,
+            n,
+            LSE_S=st.lse_s,
+            LSE_T=st.lse_t,
+            KD=st.kd_rows,
+            C=st.c,
+            V=v,
+            inv_t=inv_t,
+            beta=spec.beta,
+            MODE=mode,
+            **kernel_flags,
+            **common,
+            **fwd,
+        )
     elif mode == 2:
         st.c = st.kd_rows.clone()
     elif mode == 5:
@@ -427,13 +785,33 @@ def _launch_grad(ctx, grad_loss, lse_s, lse_t, lse_1, c, tk_g, gx, gw, gb) -> No
     topk = mode == 5
     grid = (triton.cdiv(n, bwd["BLOCK_M"]), triton.cdiv(v, bwd["BLOCK_V"]))
     _grad_kernel[grid](
-        ctx.rows, n, Y=ctx.y, LSE_S=lse_s, LSE_T=lse_t, LSE_1=lse_1, C=c,
-        TK_IDX=spec.topk.idx.contiguous() if topk else ctx.rows, TK_G=tk_g if topk else c,
-        K=spec.topk.idx.shape[1] if topk else 0, SCALE=scale, GX=gx if gx is not None else c,
-        GW=gw if gw is not None else c, GB=gb if gb is not None else c, V=v, inv_t=1.0 / spec.temperature,
-        beta=spec.beta, MODE=mode, HAS_CE=spec.need_ce, NEED_GX=gx is not None, NEED_GW=gw is not None,
-        NEED_GB=gb is not None, UPCAST=_needs_upcast(spec), PREC=_precision(spec.student.x.dtype),
-        **_launch_args(spec), **bwd)
+        ctx.rows,
+        n,
+        Y=ctx.y,
+        LSE_S=lse_s,
+        LSE_T=lse_t,
+        LSE_1=lse_1,
+        C=c,
+        TK_IDX=spec.topk.idx.contiguous() if topk else ctx.rows,
+        TK_G=tk_g if topk else c,
+        K=spec.topk.idx.shape[1] if topk else 0,
+        SCALE=scale,
+        GX=gx if gx is not None else c,
+        GW=gw if gw is not None else c,
+        GB=gb if gb is not None else c,
+        V=v,
+        inv_t=1.0 / spec.temperature,
+        beta=spec.beta,
+        MODE=mode,
+        HAS_CE=spec.need_ce,
+        NEED_GX=gx is not None,
+        NEED_GW=gw is not None,
+        NEED_GB=gb is not None,
+        UPCAST=_needs_upcast(spec),
+        PREC=_precision(spec.student.x.dtype),
+        **_launch_args(spec),
+        **bwd,
+    )
 
 
 class _TritonFusedLinearKD(torch.autograd.Function):
@@ -449,8 +827,16 @@ class _TritonFusedLinearKD(torch.autograd.Function):
         loss = kd_sum * sc.kd_coef + ce_sum * sc.ce_coef
         kd, ce = kd_sum * sc.kd_norm, ce_sum * sc.ce_norm
         ctx.mark_non_differentiable(kd, ce)
-        ctx.save_for_backward(xs, ws, bs if bs is not None else torch.empty(0), st.lse_s, st.lse_t, st.lse_1, st.c,
-                              st.tk_g if st.tk_g is not None else torch.empty(0))
+        ctx.save_for_backward(
+            xs,
+            ws,
+            bs if bs is not None else torch.empty(0),
+            st.lse_s,
+            st.lse_t,
+            st.lse_1,
+            st.c,
+            st.tk_g if st.tk_g is not None else torch.empty(0),
+        )
         ctx.spec, ctx.has_bias, ctx.y, ctx.rows = spec, bs is not None, y, rows
         return loss, kd, ce
 
@@ -465,8 +851,13 @@ class _TritonFusedLinearKD(torch.autograd.Function):
         gb = torch.zeros(ws.shape[0], **f32) if need_gb else None
         if ctx.rows.numel() and (need_gx or need_gw or need_gb):
             _launch_grad(ctx, grad_loss, lse_s, lse_t, lse_1, c, tk_g, gx, gw, gb)
-        return (gx.to(xs.dtype) if need_gx else None, gw.to(ws.dtype) if need_gw else None,
-                gb.to(bs.dtype) if need_gb else None, None, None)
+        return (
+            gx.to(xs.dtype) if need_gx else None,
+            gw.to(ws.dtype) if need_gw else None,
+            gb.to(bs.dtype) if need_gb else None,
+            None,
+            None,
+        )
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -478,10 +869,13 @@ def triton_fused_linear_kd(spec: FusedKDSpec):
     Returns ``(loss, kd, ce)`` like the chunked PyTorch path.
     """
     if spec.student.x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports float32/bfloat16/float16 inputs, got {spec.student.x.dtype}; use "
-                        "backend='torch'")
+        raise TypeError(
+            f"backend='triton' supports float32/bfloat16/float16 inputs, got {spec.student.x.dtype}; use "
+            "backend='torch'"
+        )
     if spec.teacher is not None and spec.teacher.x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports float32/bfloat16/float16 teacher inputs, got "
-                        f"{spec.teacher.x.dtype}")
+        raise TypeError(
+            f"backend='triton' supports float32/bfloat16/float16 teacher inputs, got {spec.teacher.x.dtype}"
+        )
     s = spec.student
     return _TritonFusedLinearKD.apply(s.x, s.w, s.b, spec, spec.needs_student_grad())

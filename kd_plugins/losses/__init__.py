@@ -31,13 +31,35 @@ from .logit import (
 from .registry import LOSS_KINDS, LossSpec, get_loss, get_loss_function, get_loss_spec, list_losses, register_loss
 
 __all__ = [
-    "IGNORE_INDEX", "LOSS_KINDS", "LossSpec", "FeatureProjector",
-    "get_loss", "get_loss_function", "get_loss_spec", "list_losses", "register_loss",
-    "log_prob_pair", "reduce_rows", "valid_mask",
-    "kl_divergence", "reverse_kl_divergence", "generalized_jsd", "skew_kl_divergence",
-    "skew_reverse_kl_divergence", "total_variation_distance", "soft_cross_entropy", "dkd_loss", "ofa_loss",
+    "IGNORE_INDEX",
+    "LOSS_KINDS",
+    "LossSpec",
+    "FeatureProjector",
+    "get_loss",
+    "get_loss_function",
+    "get_loss_spec",
+    "list_losses",
+    "register_loss",
+    "log_prob_pair",
+    "reduce_rows",
+    "valid_mask",
+    "kl_divergence",
+    "reverse_kl_divergence",
+    "generalized_jsd",
+    "skew_kl_divergence",
+    "skew_reverse_kl_divergence",
+    "total_variation_distance",
+    "soft_cross_entropy",
+    "dkd_loss",
+    "ofa_loss",
     "logit_mse",
-    "hidden_mse", "hidden_cosine", "mean_pool", "embedding_mse", "embedding_cosine", "affinity_kl", "affinity_mse",
+    "hidden_mse",
+    "hidden_cosine",
+    "mean_pool",
+    "embedding_mse",
+    "embedding_cosine",
+    "affinity_kl",
+    "affinity_mse",
     "attention_kl",
 ]
 from .dac_kl import dac_kl_loss  # noqa: E402
@@ -45,13 +67,42 @@ from .hybrid_distill import hybrid_distill_loss  # noqa: E402
 from .lelp import lelp_loss  # noqa: E402
 from .mdcs import mdcs_consistency_loss, mdcs_loss  # noqa: E402
 from .mutual_info import mi_alpha_loss  # noqa: E402
-from .ranking import cprd_loss, dear_loss, first_joint_loss, first_ranknet_loss, lambdarank_loss, listnet_loss, margin_mse_loss, pad_candidates, plackett_luce_loss, ranknet_loss, ranks_from_order, ranks_from_scores  # noqa: E402,E501
+from .ranking import (  # noqa: E402,E501
+    cprd_loss,
+    dear_loss,
+    first_joint_loss,
+    first_ranknet_loss,
+    lambdarank_loss,
+    listnet_loss,
+    margin_mse_loss,
+    pad_candidates,
+    plackett_luce_loss,
+    ranknet_loss,
+    ranks_from_order,
+    ranks_from_scores,
+)
 from .sinkhorn import sinkhorn_loss  # noqa: E402
 from .tinyclip import tinyclip_affinity_loss  # noqa: E402
 
 __all__ += [
-    "pad_candidates", "ranks_from_scores", "ranks_from_order", "first_ranknet_loss", "first_joint_loss",
-    "margin_mse_loss", "ranknet_loss", "lambdarank_loss", "listnet_loss", "plackett_luce_loss", "cprd_loss",
-    "dear_loss", "sinkhorn_loss", "mi_alpha_loss", "dac_kl_loss", "lelp_loss", "mdcs_consistency_loss", "mdcs_loss",
-    "tinyclip_affinity_loss", "hybrid_distill_loss",
+    "pad_candidates",
+    "ranks_from_scores",
+    "ranks_from_order",
+    "first_ranknet_loss",
+    "first_joint_loss",
+    "margin_mse_loss",
+    "ranknet_loss",
+    "lambdarank_loss",
+    "listnet_loss",
+    "plackett_luce_loss",
+    "cprd_loss",
+    "dear_loss",
+    "sinkhorn_loss",
+    "mi_alpha_loss",
+    "dac_kl_loss",
+    "lelp_loss",
+    "mdcs_consistency_loss",
+    "mdcs_loss",
+    "tinyclip_affinity_loss",
+    "hybrid_distill_loss",
 ]

@@ -98,7 +98,8 @@ def check_topk(teacher_topk, vocab_size: int, n_rows_shape: torch.Size) -> tuple
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
         raise ValueError(
             f"teacher_topk indices must lie in [0, {vocab_size}) (the student's vocabulary); got range "
-            f"[{int(idx.min())}, {int(idx.max())}]. Align the vocabularies first (see DistillationConfig.vocab_alignment)."
+            f"[{int(idx.min())}, {int(idx.max())}]. Align the vocabularies first "
+            "(see DistillationConfig.vocab_alignment)."
         )
     if lp.numel() and float(torch.logsumexp(lp.float(), dim=-1).max()) > 1e-3:
         raise ValueError(
@@ -182,8 +183,9 @@ def _pair_rows(student_logits, teacher_logits, labels, mask, ignore_index):
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(getattr(teacher_logits, 'shape', ()))} must have the same shape (same rows and vocabulary)."
         )
-    valid = valid_mask(student_logits.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index,
-                       device=student_logits.device)
+    valid = valid_mask(
+        student_logits.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device
+    )
     dtype = compute_dtype(student_logits)
     s = rows(student_logits, valid).to(dtype)
     t = rows(teacher_logits, valid).to(s.device, dtype)

@@ -42,8 +42,9 @@ class DACBoundsNet(nn.Module):
         self.net = nn.Sequential(nn.Linear(top_k, hidden), nn.GELU(), nn.Linear(hidden, 2))
         nn.init.zeros_(self.net[2].weight)
         with torch.no_grad():
-            self.net[2].bias.copy_(torch.tensor([math.log(init_upper / (1 - init_upper)),
-                                                 math.log(init_lower / (1 - init_lower))]))
+            self.net[2].bias.copy_(
+                torch.tensor([math.log(init_upper / (1 - init_upper)), math.log(init_lower / (1 - init_lower))])
+            )
 
     def forward(self, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(self.top_k, teacher_probs.shape[-1])
@@ -55,9 +56,22 @@ class DACBoundsNet(nn.Module):
         return torch.sigmoid(out[..., 0]), torch.sigmoid(out[..., 1])
 
 
-def dac_kl_loss(student_logits, teacher_logits, *, upper=None, lower=None, bounds_net=None, sharpness: float = 0.02,
-                keep_labels: bool = True, temperature: float = 1.0, labels=None, mask=None,
-                ignore_index: int = IGNORE_INDEX, num_items_in_batch=None, reduction: str = "mean") -> torch.Tensor:
+def dac_kl_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    upper=None,
+    lower=None,
+    bounds_net=None,
+    sharpness: float = 0.02,
+    keep_labels: bool = True,
+    temperature: float = 1.0,
+    labels=None,
+    mask=None,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Distribution-adaptive clipping KL (MGSR's DAC-KL, Liu et al.): forward KL on the teacher's high-density band.
 
     The paper's exact parameterisation is unverified (no public code; see the module docstring). Choices made here:
@@ -119,13 +133,33 @@ def dac_kl_loss(student_logits, teacher_logits, *, upper=None, lower=None, bound
 class DACKLLoss(nn.Module):
     """MGSR DAC-KL: forward KL on a teacher high-density band predicted by a small learned network."""
 
-    def __init__(self, top_k: int = 32, hidden: int = 64, sharpness: float = 0.02, keep_labels: bool = True,
-                 temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
+    def __init__(
+        self,
+        top_k: int = 32,
+        hidden: int = 64,
+        sharpness: float = 0.02,
+        keep_labels: bool = True,
+        temperature: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+    ):
         super().__init__()
         self.bounds_net = DACBoundsNet(top_k=top_k, hidden=hidden)
-        self.kw = dict(sharpness=sharpness, keep_labels=keep_labels, temperature=temperature,
-                       ignore_index=ignore_index, reduction=reduction)
+        self.kw = dict(
+            sharpness=sharpness,
+            keep_labels=keep_labels,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
 
     def forward(self, student_logits, teacher_logits, *, labels=None, mask=None, num_items_in_batch=None, **_):
-        return dac_kl_loss(student_logits, teacher_logits, bounds_net=self.bounds_net, labels=labels, mask=mask,
-                           num_items_in_batch=num_items_in_batch, **self.kw)
+        return dac_kl_loss(
+            student_logits,
+            teacher_logits,
+            bounds_net=self.bounds_net,
+            labels=labels,
+            mask=mask,
+            num_items_in_batch=num_items_in_batch,
+            **self.kw,
+        )

@@ -45,8 +45,18 @@ def _project(student: torch.Tensor, teacher: torch.Tensor, projector) -> torch.T
     return student
 
 
-def hidden_mse(student_hidden, teacher_hidden, *, mask=None, labels=None, projector=None, num_items_in_batch=None,
-               reduction: str = "mean", ignore_index: int = IGNORE_INDEX, normalize: bool = False) -> torch.Tensor:
+def hidden_mse(
+    student_hidden,
+    teacher_hidden,
+    *,
+    mask=None,
+    labels=None,
+    projector=None,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    normalize: bool = False,
+) -> torch.Tensor:
     """Mean squared error between (projected) hidden states, averaged over channels and valid rows.
 
     ``normalize=True`` L2-normalises both sides first (scale-free; equals ``2 * cosine distance / D``).
@@ -60,15 +70,28 @@ def hidden_mse(student_hidden, teacher_hidden, *, mask=None, labels=None, projec
     return reduce_rows((sr - tr).pow(2).mean(-1), valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
 
-def hidden_cosine(student_hidden, teacher_hidden, *, mask=None, labels=None, projector=None,
-                  num_items_in_batch=None, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def hidden_cosine(
+    student_hidden,
+    teacher_hidden,
+    *,
+    mask=None,
+    labels=None,
+    projector=None,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Cosine distance ``1 - cos(s, t)`` per row, averaged over valid rows."""
     s = _project(student_hidden, teacher_hidden, projector)
     valid = valid_mask(s.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index, device=s.device)
     sr = rows(s, valid).to(compute_dtype(s))
     tr = rows(teacher_hidden, valid).to(sr.device, sr.dtype)
-    return reduce_rows(1.0 - F.cosine_similarity(sr, tr, dim=-1, eps=1e-8), valid, reduction=reduction,
-                       num_items_in_batch=num_items_in_batch)
+    return reduce_rows(
+        1.0 - F.cosine_similarity(sr, tr, dim=-1, eps=1e-8),
+        valid,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -79,18 +102,33 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-def embedding_mse(student_emb, teacher_emb, *, projector=None, normalize: bool = False, num_items_in_batch=None,
-                  reduction: str = "mean") -> torch.Tensor:
+def embedding_mse(
+    student_emb,
+    teacher_emb,
+    *,
+    projector=None,
+    normalize: bool = False,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """MSE between pooled sentence embeddings ``[B, D]`` (per-sample rows)."""
-    return hidden_mse(student_emb, teacher_emb, projector=projector, normalize=normalize,
-                      num_items_in_batch=num_items_in_batch, reduction=reduction)
+    return hidden_mse(
+        student_emb,
+        teacher_emb,
+        projector=projector,
+        normalize=normalize,
+        num_items_in_batch=num_items_in_batch,
+        reduction=reduction,
+    )
 
 
-def embedding_cosine(student_emb, teacher_emb, *, projector=None, num_items_in_batch=None,
-                     reduction: str = "mean") -> torch.Tensor:
+def embedding_cosine(
+    student_emb, teacher_emb, *, projector=None, num_items_in_batch=None, reduction: str = "mean"
+) -> torch.Tensor:
     """Cosine distance between pooled sentence embeddings ``[B, D]``."""
-    return hidden_cosine(student_emb, teacher_emb, projector=projector, num_items_in_batch=num_items_in_batch,
-                         reduction=reduction)
+    return hidden_cosine(
+        student_emb, teacher_emb, projector=projector, num_items_in_batch=num_items_in_batch, reduction=reduction
+    )
 
 
 def _similarity(e: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,8 +137,17 @@ def _similarity(e: torch.Tensor, other: torch.Tensor | None = None) -> torch.Ten
     return e @ o.T
 
 
-def affinity_kl(student_emb, teacher_emb, *, temperature: float = 0.05, student_keys=None, teacher_keys=None,
-                num_items_in_batch=None, reduction: str = "mean", t2_scale: bool = False) -> torch.Tensor:
+def affinity_kl(
+    student_emb,
+    teacher_emb,
+    *,
+    temperature: float = 0.05,
+    student_keys=None,
+    teacher_keys=None,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    t2_scale: bool = False,
+) -> torch.Tensor:
     """In-batch affinity distillation: row-wise ``KL(softmax(S_T / tau) || softmax(S_S / tau))``.
 
     ``S = normalize(queries) @ normalize(keys).T``; keys default to the queries themselves (a ``B x B`` similarity
@@ -123,8 +170,9 @@ def affinity_kl(student_emb, teacher_emb, *, temperature: float = 0.05, student_
     return reduce_rows(per_row, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
 
-def affinity_mse(student_emb, teacher_emb, *, student_keys=None, teacher_keys=None, num_items_in_batch=None,
-                 reduction: str = "mean") -> torch.Tensor:
+def affinity_mse(
+    student_emb, teacher_emb, *, student_keys=None, teacher_keys=None, num_items_in_batch=None, reduction: str = "mean"
+) -> torch.Tensor:
     """MSE between in-batch cosine-similarity matrices (relation / similarity-preserving KD)."""
     s = _similarity(student_emb, student_keys)
     t = _similarity(teacher_emb, teacher_keys).to(s.device)
@@ -134,8 +182,15 @@ def affinity_mse(student_emb, teacher_emb, *, student_keys=None, teacher_keys=No
     return reduce_rows((s - t).pow(2).mean(-1), valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
 
-def attention_kl(student_attn, teacher_attn, *, attention_mask=None, head_reduction: str = "error",
-                 num_items_in_batch=None, reduction: str = "mean") -> torch.Tensor:
+def attention_kl(
+    student_attn,
+    teacher_attn,
+    *,
+    attention_mask=None,
+    head_reduction: str = "error",
+    num_items_in_batch=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Attention-map transfer (MiniLM): ``KL(A_T || A_S)`` per (sample, head, query) row.
 
     Attentions are probabilities ``[B, H, T, T]`` (HF ``output_attentions=True``, eager attention). Query rows
@@ -186,8 +241,15 @@ class FeatureProjector(nn.Module):
 class _ProjectedFeatureLoss(nn.Module):
     _fn = None
 
-    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None, projector: bool = True,
-                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean", **kwargs):
+    def __init__(
+        self,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+        projector: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+        **kwargs,
+    ):
         super().__init__()
         self.ignore_index, self.reduction, self.kwargs = ignore_index, reduction, kwargs
         self.projector = None
@@ -200,9 +262,17 @@ class _ProjectedFeatureLoss(nn.Module):
             self.projector = FeatureProjector(student_dim, teacher_dim)
 
     def forward(self, student_hidden, teacher_hidden, *, mask=None, labels=None, num_items_in_batch=None):
-        return type(self)._fn(student_hidden, teacher_hidden, mask=mask, labels=labels, projector=self.projector,
-                              num_items_in_batch=num_items_in_batch, reduction=self.reduction,
-                              ignore_index=self.ignore_index, **self.kwargs)
+        return type(self)._fn(
+            student_hidden,
+            teacher_hidden,
+            mask=mask,
+            labels=labels,
+            projector=self.projector,
+            num_items_in_batch=num_items_in_batch,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            **self.kwargs,
+        )
 
 
 @register_loss("hidden_mse", kind="hidden", function=hidden_mse, aliases=("feature_mse", "fitnet"))
@@ -220,15 +290,23 @@ class HiddenStateCosineLoss(_ProjectedFeatureLoss):
 
 
 class _EmbeddingLoss(nn.Module):
-    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None, projector: bool = True,
-                 reduction: str = "mean", **kwargs):
+    def __init__(
+        self,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+        projector: bool = True,
+        reduction: str = "mean",
+        **kwargs,
+    ):
         super().__init__()
         self.reduction, self.kwargs = reduction, kwargs
         self.projector = None
         if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim and self.needs_width:
             if not projector:
-                raise ValueError(f"Embedding widths differ (student {student_dim}, teacher {teacher_dim}) and "
-                                 "projector=False; enable the projector or use an affinity loss (width-free).")
+                raise ValueError(
+                    f"Embedding widths differ (student {student_dim}, teacher {teacher_dim}) and "
+                    "projector=False; enable the projector or use an affinity loss (width-free)."
+                )
             self.projector = FeatureProjector(student_dim, teacher_dim)
 
     needs_width = True
@@ -239,8 +317,14 @@ class EmbeddingMSELoss(_EmbeddingLoss):
     """MSE between pooled sentence embeddings (optionally L2-normalised first)."""
 
     def forward(self, student_emb, teacher_emb, *, num_items_in_batch=None, **_):
-        return embedding_mse(student_emb, teacher_emb, projector=self.projector, reduction=self.reduction,
-                             num_items_in_batch=num_items_in_batch, **self.kwargs)
+        return embedding_mse(
+            student_emb,
+            teacher_emb,
+            projector=self.projector,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            **self.kwargs,
+        )
 
 
 @register_loss("embedding_cosine", kind="embedding", function=embedding_cosine)
@@ -248,8 +332,14 @@ class EmbeddingCosineLoss(_EmbeddingLoss):
     """Cosine distance between pooled sentence embeddings."""
 
     def forward(self, student_emb, teacher_emb, *, num_items_in_batch=None, **_):
-        return embedding_cosine(student_emb, teacher_emb, projector=self.projector, reduction=self.reduction,
-                                num_items_in_batch=num_items_in_batch, **self.kwargs)
+        return embedding_cosine(
+            student_emb,
+            teacher_emb,
+            projector=self.projector,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            **self.kwargs,
+        )
 
 
 @register_loss("affinity_kl", kind="embedding", function=affinity_kl, aliases=("affinity", "similarity_kl"))
@@ -258,10 +348,16 @@ class AffinityKLLoss(_EmbeddingLoss):
 
     needs_width = False
 
-    def forward(self, student_emb, teacher_emb, *, num_items_in_batch=None, student_keys=None, teacher_keys=None,
-                **_):
-        return affinity_kl(student_emb, teacher_emb, student_keys=student_keys, teacher_keys=teacher_keys,
-                           reduction=self.reduction, num_items_in_batch=num_items_in_batch, **self.kwargs)
+    def forward(self, student_emb, teacher_emb, *, num_items_in_batch=None, student_keys=None, teacher_keys=None, **_):
+        return affinity_kl(
+            student_emb,
+            teacher_emb,
+            student_keys=student_keys,
+            teacher_keys=teacher_keys,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            **self.kwargs,
+        )
 
 
 @register_loss("affinity_mse", kind="embedding", function=affinity_mse, aliases=("similarity_mse",))
@@ -270,10 +366,16 @@ class AffinityMSELoss(_EmbeddingLoss):
 
     needs_width = False
 
-    def forward(self, student_emb, teacher_emb, *, num_items_in_batch=None, student_keys=None, teacher_keys=None,
-                **_):
-        return affinity_mse(student_emb, teacher_emb, student_keys=student_keys, teacher_keys=teacher_keys,
-                            reduction=self.reduction, num_items_in_batch=num_items_in_batch, **self.kwargs)
+    def forward(self, student_emb, teacher_emb, *, num_items_in_batch=None, student_keys=None, teacher_keys=None, **_):
+        return affinity_mse(
+            student_emb,
+            teacher_emb,
+            student_keys=student_keys,
+            teacher_keys=teacher_keys,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            **self.kwargs,
+        )
 
 
 @register_loss("attention_kl", kind="attention", function=attention_kl, aliases=("attention", "attention_transfer"))
@@ -285,6 +387,11 @@ class AttentionKLLoss(nn.Module):
         self.head_reduction, self.reduction = head_reduction, reduction
 
     def forward(self, student_attn, teacher_attn, *, attention_mask=None, num_items_in_batch=None, **_):
-        return attention_kl(student_attn, teacher_attn, attention_mask=attention_mask,
-                            head_reduction=self.head_reduction, reduction=self.reduction,
-                            num_items_in_batch=num_items_in_batch)
+        return attention_kl(
+            student_attn,
+            teacher_attn,
+            attention_mask=attention_mask,
+            head_reduction=self.head_reduction,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+        )

@@ -37,14 +37,16 @@ __all__ = [
 def token_relations(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
     """Token relation maps ``softmax(q k^T / sqrt(d))`` for ``[B, H, T, d]`` queries/keys -> ``[B, H, T, T]``."""
     if q.shape != k.shape or q.dim() != 4:
-        raise ValueError(f"q and k must both be [batch, heads, tokens, head_dim], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must both be [batch, heads, tokens, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
 
 
-def redundant_token_keep_mask(teacher_attn: torch.Tensor, keep_ratio: float, *, attention_mask=None,
-                              keep_first: bool = True) -> torch.Tensor:
+def redundant_token_keep_mask(
+    teacher_attn: torch.Tensor, keep_ratio: float, *, attention_mask=None, keep_first: bool = True
+) -> torch.Tensor:
     """Progressive redundant-token masking: keep the ``keep_ratio`` most-attended tokens per sample ``[B, T]`` bool.
 
     Importance of token ``j`` = attention it receives, averaged over heads and (valid) query rows of the teacher's
@@ -54,8 +56,11 @@ def redundant_token_keep_mask(teacher_attn: torch.Tensor, keep_ratio: float, *, 
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
     b, _, tq, tk = teacher_attn.shape
-    am = torch.ones(b, tk, dtype=torch.bool, device=teacher_attn.device) if attention_mask is None \
+    am = (
+        torch.ones(b, tk, dtype=torch.bool, device=teacher_attn.device)
+        if attention_mask is None
         else attention_mask.bool().to(teacher_attn.device)
+    )
     qw = am.to(teacher_attn.dtype)[:, None, :, None]
     imp = (teacher_attn * qw).sum((1, 2)) / (qw.sum((1, 2)) * teacher_attn.shape[1]).clamp_min(1)
     imp = torch.where(am, imp, torch.full_like(imp, float("-inf")))
@@ -74,10 +79,20 @@ def token_keep_schedule(step: int, total_steps: int, final_keep: float = 0.5) ->
     return 1.0 - (1.0 - final_keep) * min(max(step, 0) / total_steps, 1.0)
 
 
-def hybrid_distill_loss(student_relations: Sequence[torch.Tensor], teacher_relations: Sequence[torch.Tensor],
-                        student_features: torch.Tensor | None = None, teacher_features: torch.Tensor | None = None, *,
-                        alpha: float = 1.0, beta: float = 1.0, projector=None, attention_mask=None, token_keep=None,
-                        head_reduction: str = "mean", return_parts: bool = False):
+def hybrid_distill_loss(
+    student_relations: Sequence[torch.Tensor],
+    teacher_relations: Sequence[torch.Tensor],
+    student_features: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    projector=None,
+    attention_mask=None,
+    token_keep=None,
+    head_reduction: str = "mean",
+    return_parts: bool = False,
+):
     """Hybrid Distill (Shi et al. ICLR 2024): ``alpha * L_rel + beta * L_feat`` (alpha = beta = 1, secondary source).
 
     * ``L_rel``: token-relation imitation of the MIM teacher (e.g. MAE): ``KL(R_T || R_S)`` per query row
@@ -93,8 +108,10 @@ def hybrid_distill_loss(student_relations: Sequence[torch.Tensor], teacher_relat
     keep = attention_mask.bool() if attention_mask is not None else None
     if token_keep is not None:
         keep = token_keep.bool() if keep is None else keep & token_keep.bool().to(keep.device)
-    rel = sum(attention_kl(s, t, attention_mask=keep, head_reduction=head_reduction)
-              for s, t in zip(student_relations, teacher_relations)) / len(student_relations)
+    rel = sum(
+        attention_kl(s, t, attention_mask=keep, head_reduction=head_reduction)
+        for s, t in zip(student_relations, teacher_relations)
+    ) / len(student_relations)
     feat = rel.new_zeros(())
     if beta and student_features is not None:
         if teacher_features is None:
@@ -112,16 +129,42 @@ def hybrid_distill_loss(student_relations: Sequence[torch.Tensor], teacher_relat
 class HybridDistillLoss(nn.Module):
     """Hybrid Distill: token-relation imitation (MIM teacher) + feature regression (discriminative teacher)."""
 
-    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None, alpha: float = 1.0,
-                 beta: float = 1.0, head_reduction: str = "mean"):
+    def __init__(
+        self,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        head_reduction: str = "mean",
+    ):
         super().__init__()
         self.alpha, self.beta, self.head_reduction = alpha, beta, head_reduction
-        self.projector = FeatureProjector(student_dim, teacher_dim) if student_dim and teacher_dim and \
-            student_dim != teacher_dim else None
+        self.projector = (
+            FeatureProjector(student_dim, teacher_dim)
+            if student_dim and teacher_dim and student_dim != teacher_dim
+            else None
+        )
 
-    def forward(self, student_relations, teacher_relations, student_features=None, teacher_features=None, *,
-                attention_mask=None, token_keep=None, **_):
-        return hybrid_distill_loss(student_relations, teacher_relations, student_features, teacher_features,
-                                   alpha=self.alpha, beta=self.beta, projector=self.projector,
-                                   attention_mask=attention_mask, token_keep=token_keep,
-                                   head_reduction=self.head_reduction)
+    def forward(
+        self,
+        student_relations,
+        teacher_relations,
+        student_features=None,
+        teacher_features=None,
+        *,
+        attention_mask=None,
+        token_keep=None,
+        **_,
+    ):
+        return hybrid_distill_loss(
+            student_relations,
+            teacher_relations,
+            student_features,
+            teacher_features,
+            alpha=self.alpha,
+            beta=self.beta,
+            projector=self.projector,
+            attention_mask=attention_mask,
+            token_keep=token_keep,
+            head_reduction=self.head_reduction,
+        )

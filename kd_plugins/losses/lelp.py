@@ -54,13 +54,13 @@ class LELPProjection:
     def coordinates(self, emb: torch.Tensor) -> torch.Tensor:
         """``[N, D] -> [N, C, S]`` standardised projection coordinates of every class's subspace."""
         e = emb.to(self.means.dtype)
-        z = torch.einsum("nd,csd->ncs", e, self.directions) - torch.einsum("cd,csd->cs", self.means,
-                                                                         self.directions)
+        z = torch.einsum("nd,csd->ncs", e, self.directions) - torch.einsum("cd,csd->cs", self.means, self.directions)
         return z / self.scales
 
 
-def fit_lelp_projection(teacher_emb: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
-                        num_subclasses: int, *, seed: int = 0) -> LELPProjection:
+def fit_lelp_projection(
+    teacher_emb: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor, num_subclasses: int, *, seed: int = 0
+) -> LELPProjection:
     """Build LELP's pseudo-subclass projections (Loo et al. 2024) from teacher final-layer embeddings.
 
     For each class: centre its embeddings, project them onto the null space of the teacher's output weights
@@ -74,12 +74,13 @@ def fit_lelp_projection(teacher_emb: torch.Tensor, labels: torch.Tensor, head_we
     e = teacher_emb.detach().double()
     w = head_weight.detach().double().to(e.device)
     if e.dim() != 2 or w.dim() != 2 or w.shape[1] != e.shape[1]:
-        raise ValueError(f"teacher_emb must be [N, D] and head_weight [C, D]; got {tuple(e.shape)}, "
-                         f"{tuple(w.shape)}")
+        raise ValueError(f"teacher_emb must be [N, D] and head_weight [C, D]; got {tuple(e.shape)}, {tuple(w.shape)}")
     c_count, d = w.shape
     if num_subclasses > d - c_count:
-        raise ValueError(f"num_subclasses={num_subclasses} exceeds the null-space dimension {d - c_count} of the "
-                         "teacher head; use fewer subclasses.")
+        raise ValueError(
+            f"num_subclasses={num_subclasses} exceeds the null-space dimension {d - c_count} of the "
+            "teacher head; use fewer subclasses."
+        )
     null = torch.eye(d, dtype=e.dtype) - torch.linalg.pinv(w) @ w  # projector onto the null space of W
     g = torch.Generator().manual_seed(seed)
     y = torch.as_tensor(labels).reshape(-1)
@@ -104,8 +105,14 @@ def fit_lelp_projection(teacher_emb: torch.Tensor, labels: torch.Tensor, head_we
     return LELPProjection(torch.stack(means), torch.stack(dirs), torch.stack(scales))
 
 
-def lelp_teacher_log_probs(teacher_emb, teacher_logits, projection: LELPProjection, *, temperature: float = 1.0,
-                           subclass_temperature: float = 1.0) -> torch.Tensor:
+def lelp_teacher_log_probs(
+    teacher_emb,
+    teacher_logits,
+    projection: LELPProjection,
+    *,
+    temperature: float = 1.0,
+    subclass_temperature: float = 1.0,
+) -> torch.Tensor:
     """Teacher pseudo-subclass log-probabilities ``[N, C*S]`` (class-major: index ``c * S + s``).
 
     Choice (the paper's combination of class probability and subclass softmax, and its temperature, are
@@ -129,9 +136,19 @@ def subclass_to_class_logits(subclass_logits: torch.Tensor, num_subclasses: int)
     return torch.logsumexp(subclass_logits.reshape(n, cs // num_subclasses, num_subclasses), -1)
 
 
-def lelp_loss(student_subclass_logits, teacher_emb, teacher_logits, projection: LELPProjection, *,
-              temperature: float = 1.0, subclass_temperature: float = 1.0, labels=None, alpha: float = 0.0,
-              num_items_in_batch=None, reduction: str = "mean") -> torch.Tensor:
+def lelp_loss(
+    student_subclass_logits,
+    teacher_emb,
+    teacher_logits,
+    projection: LELPProjection,
+    *,
+    temperature: float = 1.0,
+    subclass_temperature: float = 1.0,
+    labels=None,
+    alpha: float = 0.0,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """LELP distillation: ``(1 - alpha) T^2 KL(p_T(c, s) || q_S(c, s)) + alpha CE(class(q_S), labels)``.
 
     The student has a ``C*S``-way head (``student_subclass_logits [N, C*S]``, class-major); its class prediction is
@@ -140,11 +157,18 @@ def lelp_loss(student_subclass_logits, teacher_emb, teacher_logits, projection: 
     """
     n, cs = student_subclass_logits.shape
     if cs != projection.num_classes * projection.num_subclasses:
-        raise ValueError(f"student head has {cs} outputs; LELP needs num_classes * num_subclasses = "
-                         f"{projection.num_classes} * {projection.num_subclasses}")
+        raise ValueError(
+            f"student head has {cs} outputs; LELP needs num_classes * num_subclasses = "
+            f"{projection.num_classes} * {projection.num_subclasses}"
+        )
     dtype = compute_dtype(student_subclass_logits)
-    log_p = lelp_teacher_log_probs(teacher_emb, teacher_logits.to(dtype), projection, temperature=temperature,
-                                   subclass_temperature=subclass_temperature).to(student_subclass_logits.device)
+    log_p = lelp_teacher_log_probs(
+        teacher_emb,
+        teacher_logits.to(dtype),
+        projection,
+        temperature=temperature,
+        subclass_temperature=subclass_temperature,
+    ).to(student_subclass_logits.device)
     log_q = torch.log_softmax(student_subclass_logits.to(dtype) / temperature, -1)
     per_row = kl_rows(log_p, log_q) * temperature**2 * (1.0 - alpha)
     valid = torch.ones(n, dtype=torch.bool, device=per_row.device)
@@ -160,8 +184,13 @@ def lelp_loss(student_subclass_logits, teacher_emb, teacher_logits, projection: 
 class LELPLoss(nn.Module):
     """LELP: KD onto teacher pseudo-subclasses from null-space projections of teacher embeddings."""
 
-    def __init__(self, projection: LELPProjection, temperature: float = 1.0, subclass_temperature: float = 1.0,
-                 alpha: float = 0.0):
+    def __init__(
+        self,
+        projection: LELPProjection,
+        temperature: float = 1.0,
+        subclass_temperature: float = 1.0,
+        alpha: float = 0.0,
+    ):
         super().__init__()
         self.register_buffer("means", projection.means)
         self.register_buffer("directions", projection.directions)
@@ -170,5 +199,13 @@ class LELPLoss(nn.Module):
 
     def forward(self, student_subclass_logits, teacher_logits, *, teacher_emb, labels=None, **_):
         proj = LELPProjection(self.means, self.directions, self.scales)
-        return lelp_loss(student_subclass_logits, teacher_emb, teacher_logits, proj, temperature=self.temperature,
-                         subclass_temperature=self.subclass_temperature, labels=labels, alpha=self.alpha)
+        return lelp_loss(
+            student_subclass_logits,
+            teacher_emb,
+            teacher_logits,
+            proj,
+            temperature=self.temperature,
+            subclass_temperature=self.subclass_temperature,
+            labels=labels,
+            alpha=self.alpha,
+        )

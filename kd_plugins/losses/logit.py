@@ -21,12 +21,22 @@ magnitudes stay comparable across temperatures; TVD is not (it is a bounded dist
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
-from ._common import IGNORE_INDEX, compute_dtype, kl_rows, log1mexp, log_mix, log_prob_pair, reduce_rows, rows, valid_mask
+from ._common import (
+    IGNORE_INDEX,
+    compute_dtype,
+    kl_rows,
+    log1mexp,
+    log_mix,
+    log_prob_pair,
+    reduce_rows,
+    rows,
+    valid_mask,
+)
 from .registry import register_loss
 
 __all__ = [
@@ -77,25 +87,65 @@ def _logit_loss(
 
 
 def kl_divergence(
-    student_logits, teacher_logits=None, *, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = True,
+    student_logits,
+    teacher_logits=None,
+    *,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = True,
 ) -> torch.Tensor:
     """Forward KL ``T^2 * KL(p_T || q_S)`` at temperature ``T`` (Hinton KD; mode-covering)."""
-    return _logit_loss(kl_rows, student_logits, teacher_logits, labels=labels, mask=mask, temperature=temperature,
-                       num_items_in_batch=num_items_in_batch, teacher_topk=teacher_topk, topk_tail=topk_tail,
-                       reduction=reduction, ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        kl_rows,
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def reverse_kl_divergence(
-    student_logits, teacher_logits=None, *, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = True,
+    student_logits,
+    teacher_logits=None,
+    *,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = True,
 ) -> torch.Tensor:
     """Reverse KL ``T^2 * KL(q_S || p_T)`` (MiniLLM's token-level objective; mode-seeking)."""
-    return _logit_loss(lambda lp, lq: kl_rows(lq, lp), student_logits, teacher_logits, labels=labels, mask=mask,
-                       temperature=temperature, num_items_in_batch=num_items_in_batch, teacher_topk=teacher_topk,
-                       topk_tail=topk_tail, reduction=reduction, ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        lambda lp, lq: kl_rows(lq, lp),
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def _jsd_rows(beta: float):
@@ -115,17 +165,38 @@ def _jsd_rows(beta: float):
 
 
 def generalized_jsd(
-    student_logits, teacher_logits=None, *, beta: float = 0.5, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = True,
+    student_logits,
+    teacher_logits=None,
+    *,
+    beta: float = 0.5,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = True,
 ) -> torch.Tensor:
     """Generalised JSD (GKD): ``beta*KL(p||m) + (1-beta)*KL(q||m)``, ``m = beta*p + (1-beta)*q``.
 
     ``beta=0`` and ``beta=1`` are special-cased to forward and reverse KL (TRL's convention).
     """
-    return _logit_loss(_jsd_rows(beta), student_logits, teacher_logits, labels=labels, mask=mask,
-                       temperature=temperature, num_items_in_batch=num_items_in_batch, teacher_topk=teacher_topk,
-                       topk_tail=topk_tail, reduction=reduction, ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        _jsd_rows(beta),
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def _check_lambda(lam: float) -> None:
@@ -134,56 +205,134 @@ def _check_lambda(lam: float) -> None:
 
 
 def skew_kl_divergence(
-    student_logits, teacher_logits=None, *, skew: float = 0.1, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = True,
+    student_logits,
+    teacher_logits=None,
+    *,
+    skew: float = 0.1,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = True,
 ) -> torch.Tensor:
     """Skew KL (DistiLLM): ``KL(p || skew*p + (1-skew)*q)``. A true KL (0 at identity), unlike DistiLLM's repo,
     which adds the teacher entropy. ``skew=0`` is forward KL, ``skew=1`` is 0."""
     _check_lambda(skew)
-    return _logit_loss(lambda lp, lq: kl_rows(lp, log_mix(lp, lq, skew)), student_logits, teacher_logits,
-                       labels=labels, mask=mask, temperature=temperature, num_items_in_batch=num_items_in_batch,
-                       teacher_topk=teacher_topk, topk_tail=topk_tail, reduction=reduction,
-                       ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        lambda lp, lq: kl_rows(lp, log_mix(lp, lq, skew)),
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def skew_reverse_kl_divergence(
-    student_logits, teacher_logits=None, *, skew: float = 0.1, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = True,
+    student_logits,
+    teacher_logits=None,
+    *,
+    skew: float = 0.1,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = True,
 ) -> torch.Tensor:
     """Skew reverse KL (DistiLLM): ``KL(q || skew*q + (1-skew)*p)``; ``skew=0`` is reverse KL."""
     _check_lambda(skew)
-    return _logit_loss(lambda lp, lq: kl_rows(lq, log_mix(lq, lp, skew)), student_logits, teacher_logits,
-                       labels=labels, mask=mask, temperature=temperature, num_items_in_batch=num_items_in_batch,
-                       teacher_topk=teacher_topk, topk_tail=topk_tail, reduction=reduction,
-                       ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        lambda lp, lq: kl_rows(lq, log_mix(lq, lp, skew)),
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def total_variation_distance(
-    student_logits, teacher_logits=None, *, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = False,
+    student_logits,
+    teacher_logits=None,
+    *,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = False,
 ) -> torch.Tensor:
     """Total variation ``0.5 * sum |p - q|`` (DistillSpec: ``1 - TVD`` is the speculative acceptance rate).
     Not T^2-scaled by default."""
-    return _logit_loss(lambda lp, lq: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1), student_logits, teacher_logits,
-                       labels=labels, mask=mask, temperature=temperature, num_items_in_batch=num_items_in_batch,
-                       teacher_topk=teacher_topk, topk_tail=topk_tail, reduction=reduction,
-                       ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        lambda lp, lq: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1),
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def soft_cross_entropy(
-    student_logits, teacher_logits=None, *, labels=None, mask=None, temperature: float = 1.0,
-    num_items_in_batch=None, teacher_topk=None, topk_tail: str = "bucket", reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, t2_scale: bool = True,
+    student_logits,
+    teacher_logits=None,
+    *,
+    labels=None,
+    mask=None,
+    temperature: float = 1.0,
+    num_items_in_batch=None,
+    teacher_topk=None,
+    topk_tail: str = "bucket",
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    t2_scale: bool = True,
 ) -> torch.Tensor:
     """Soft-target cross-entropy ``-T^2 * sum p log q`` = forward KL + teacher entropy (LLaVA-MoD "mimic").
     Not 0 at identity, but its gradient is."""
-    return _logit_loss(lambda lp, lq: -(lp.exp() * lq).sum(-1), student_logits, teacher_logits, labels=labels,
-                       mask=mask, temperature=temperature, num_items_in_batch=num_items_in_batch,
-                       teacher_topk=teacher_topk, topk_tail=topk_tail, reduction=reduction,
-                       ignore_index=ignore_index, t2_scale=t2_scale)
+    return _logit_loss(
+        lambda lp, lq: -(lp.exp() * lq).sum(-1),
+        student_logits,
+        teacher_logits,
+        labels=labels,
+        mask=mask,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        topk_tail=topk_tail,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
 
 
 def _class_rows(name: str, student_logits, teacher_logits, labels, mask, ignore_index: int, temperature: float):
@@ -200,8 +349,17 @@ def _class_rows(name: str, student_logits, teacher_logits, labels, mask, ignore_
 
 
 def dkd_loss(
-    student_logits, teacher_logits, *, labels, alpha: float = 1.0, beta: float = 8.0, mask=None,
-    temperature: float = 4.0, num_items_in_batch=None, reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
+    student_logits,
+    teacher_logits,
+    *,
+    labels,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    mask=None,
+    temperature: float = 4.0,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
     return_parts: bool = False,
 ):
     """Decoupled KD (Zhao et al. 2022): ``alpha * TCKD + beta * NCKD``, both ``T^2``-scaled.
@@ -226,13 +384,26 @@ def dkd_loss(
     tckd, nckd = tckd * t2, nckd * t2
     loss = reduce_rows(alpha * tckd + beta * nckd, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
     if return_parts:
-        return (loss, reduce_rows(tckd, valid, reduction=reduction, num_items_in_batch=num_items_in_batch),
-                reduce_rows(nckd, valid, reduction=reduction, num_items_in_batch=num_items_in_batch))
+        return (
+            loss,
+            reduce_rows(tckd, valid, reduction=reduction, num_items_in_batch=num_items_in_batch),
+            reduce_rows(nckd, valid, reduction=reduction, num_items_in_batch=num_items_in_batch),
+        )
     return loss
 
 
-def ofa_loss(student_logits, teacher_logits, *, labels, eps: float = 1.0, temperature: float = 1.0, mask=None,
-             num_items_in_batch=None, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def ofa_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    labels,
+    eps: float = 1.0,
+    temperature: float = 1.0,
+    mask=None,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """OFA-KD's adaptive target-enhancement loss (Hao et al., NeurIPS 2023), repository form.
 
     With teacher probabilities ``p = softmax(t / T)``, student ``q = softmax(z / T)``, target class ``y`` and
@@ -253,7 +424,8 @@ def ofa_loss(student_logits, teacher_logits, *, labels, eps: float = 1.0, temper
         raise ValueError(
             f"ofa_loss: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{None if teacher_logits is None else tuple(teacher_logits.shape)} must have the same shape "
-            "(same number of classes).")
+            "(same number of classes)."
+        )
     s, t, y, valid = _class_rows("ofa_loss", student_logits, teacher_logits, labels, mask, ignore_index, temperature)
     p_t = torch.softmax(t, -1).detach()
     w = p_t.pow(eps)
@@ -264,8 +436,16 @@ def ofa_loss(student_logits, teacher_logits, *, labels, eps: float = 1.0, temper
 
 
 def logit_mse(
-    student_logits, teacher_logits, *, labels=None, mask=None, num_items_in_batch=None, reduction: str = "mean",
-    ignore_index: int = IGNORE_INDEX, center: bool = False, temperature: float = 1.0,
+    student_logits,
+    teacher_logits,
+    *,
+    labels=None,
+    mask=None,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    center: bool = False,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean squared error between raw logits, averaged over the vocabulary (the T -> infinity limit of KD).
 
@@ -275,8 +455,9 @@ def logit_mse(
     del temperature
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"logit_mse: shapes differ {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
-    valid = valid_mask(student_logits.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index,
-                       device=student_logits.device)
+    valid = valid_mask(
+        student_logits.shape[:-1], labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device
+    )
     s = rows(student_logits, valid).to(compute_dtype(student_logits))
     t = rows(teacher_logits, valid).to(s.device, s.dtype)
     if center:
@@ -290,25 +471,43 @@ class _LogitLossModule(nn.Module):
     _fn: Callable = None  # type: ignore[assignment]
     _hparams: tuple[str, ...] = ()
 
-    def __init__(self, temperature: float = 1.0, topk_tail: str = "bucket", ignore_index: int = IGNORE_INDEX,
-                 reduction: str = "mean", **hparams):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        topk_tail: str = "bucket",
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+        **hparams,
+    ):
         super().__init__()
         unknown = set(hparams) - set(self._hparams)
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown hyper-parameters {sorted(unknown)}; "
-                            f"accepted: temperature, topk_tail, ignore_index, reduction, {', '.join(self._hparams)}")
+            raise TypeError(
+                f"{type(self).__name__} got unknown hyper-parameters {sorted(unknown)}; "
+                f"accepted: temperature, topk_tail, ignore_index, reduction, {', '.join(self._hparams)}"
+            )
         self.temperature = temperature
         self.topk_tail = topk_tail
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.hparams = hparams
 
-    def forward(self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None,
-                teacher_topk=None):
-        return type(self)._fn(student_logits, teacher_logits, labels=labels, mask=mask, temperature=self.temperature,
-                              num_items_in_batch=num_items_in_batch, teacher_topk=teacher_topk,
-                              topk_tail=self.topk_tail, reduction=self.reduction, ignore_index=self.ignore_index,
-                              **self.hparams)
+    def forward(
+        self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None, teacher_topk=None
+    ):
+        return type(self)._fn(
+            student_logits,
+            teacher_logits,
+            labels=labels,
+            mask=mask,
+            temperature=self.temperature,
+            num_items_in_batch=num_items_in_batch,
+            teacher_topk=teacher_topk,
+            topk_tail=self.topk_tail,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            **self.hparams,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join([f"temperature={self.temperature}"] + [f"{k}={v}" for k, v in self.hparams.items()])
@@ -374,40 +573,68 @@ class SoftCrossEntropyLoss(_LogitLossModule):
 class DKDLoss(nn.Module):
     """Decoupled KD: alpha * TCKD + beta * NCKD (needs target labels)."""
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+    ):
         super().__init__()
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.ignore_index, self.reduction = ignore_index, reduction
 
-    def forward(self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None,
-                teacher_topk=None):
+    def forward(
+        self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None, teacher_topk=None
+    ):
         if teacher_topk is not None or teacher_logits is None:
-            raise ValueError("DKD needs dense teacher logits (the non-target distribution is renormalised over all "
-                             "classes); a sparse top-k teacher signal is not supported.")
-        return dkd_loss(student_logits, teacher_logits, labels=labels, alpha=self.alpha, beta=self.beta, mask=mask,
-                        temperature=self.temperature, num_items_in_batch=num_items_in_batch,
-                        reduction=self.reduction, ignore_index=self.ignore_index)
+            raise ValueError(
+                "DKD needs dense teacher logits (the non-target distribution is renormalised over all "
+                "classes); a sparse top-k teacher signal is not supported."
+            )
+        return dkd_loss(
+            student_logits,
+            teacher_logits,
+            labels=labels,
+            alpha=self.alpha,
+            beta=self.beta,
+            mask=mask,
+            temperature=self.temperature,
+            num_items_in_batch=num_items_in_batch,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+        )
 
 
 @register_loss("ofa", kind="logits", function=ofa_loss, aliases=("ofa_kd", "target_enhancement"))
 class OFALoss(nn.Module):
     """OFA-KD adaptive target-enhancement loss (needs labels)."""
 
-    def __init__(self, eps: float = 1.0, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                 reduction: str = "mean"):
+    def __init__(
+        self, eps: float = 1.0, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"
+    ):
         super().__init__()
         if eps <= 0:
             raise ValueError(f"OFA eps must be > 0, got {eps}")
         self.eps, self.temperature, self.ignore_index, self.reduction = eps, temperature, ignore_index, reduction
 
-    def forward(self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None,
-                teacher_topk=None):
+    def forward(
+        self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None, teacher_topk=None
+    ):
         if teacher_topk is not None:
             raise ValueError("OFA needs dense teacher logits; a sparse top-k teacher signal is not supported.")
-        return ofa_loss(student_logits, teacher_logits, labels=labels, eps=self.eps, mask=mask,
-                        temperature=self.temperature, num_items_in_batch=num_items_in_batch,
-                        reduction=self.reduction, ignore_index=self.ignore_index)
+        return ofa_loss(
+            student_logits,
+            teacher_logits,
+            labels=labels,
+            eps=self.eps,
+            mask=mask,
+            temperature=self.temperature,
+            num_items_in_batch=num_items_in_batch,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+        )
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, temperature={self.temperature}"
@@ -417,16 +644,25 @@ class OFALoss(nn.Module):
 class LogitMSELoss(nn.Module):
     """Mean squared error between student and teacher logits."""
 
-    def __init__(self, center: bool = False, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                 temperature: float = 1.0):
+    def __init__(
+        self, center: bool = False, ignore_index: int = IGNORE_INDEX, reduction: str = "mean", temperature: float = 1.0
+    ):
         super().__init__()
         self.center, self.ignore_index, self.reduction = center, ignore_index, reduction
         self.temperature = temperature
 
-    def forward(self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None,
-                teacher_topk=None):
+    def forward(
+        self, student_logits, teacher_logits=None, *, labels=None, mask=None, num_items_in_batch=None, teacher_topk=None
+    ):
         if teacher_topk is not None or teacher_logits is None:
             raise ValueError("logit_mse needs dense teacher logits; a sparse top-k teacher signal is not supported.")
-        return logit_mse(student_logits, teacher_logits, labels=labels, mask=mask,
-                         num_items_in_batch=num_items_in_batch, reduction=self.reduction,
-                         ignore_index=self.ignore_index, center=self.center)
+        return logit_mse(
+            student_logits,
+            teacher_logits,
+            labels=labels,
+            mask=mask,
+            num_items_in_batch=num_items_in_batch,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            center=self.center,
+        )

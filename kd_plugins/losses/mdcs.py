@@ -51,8 +51,9 @@ def _experts(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def mdcs_consistency_loss(weak_logits, strong_logits, labels=None, *, temperature: float = 1.0,
-                          confident_only: bool = True) -> torch.Tensor:
+def mdcs_consistency_loss(
+    weak_logits, strong_logits, labels=None, *, temperature: float = 1.0, confident_only: bool = True
+) -> torch.Tensor:
     """MDCS consistency self-distillation with confident-instance sampling (Zhao et al. ICCV 2023).
 
     Per expert: ``T^2 KL(sg[softmax(weak/T)] || softmax(strong/T))`` averaged over the selected instances
@@ -78,8 +79,17 @@ def mdcs_consistency_loss(weak_logits, strong_logits, labels=None, *, temperatur
     return per_expert.sum()
 
 
-def mdcs_loss(weak_logits, strong_logits, labels, *, class_counts, lambdas: Sequence[float] = (-0.5, 1.0, 2.5),
-              cs_weight: float = 0.6, temperature: float = 1.0, return_parts: bool = False):
+def mdcs_loss(
+    weak_logits,
+    strong_logits,
+    labels,
+    *,
+    class_counts,
+    lambdas: Sequence[float] = (-0.5, 1.0, 2.5),
+    cs_weight: float = 0.6,
+    temperature: float = 1.0,
+    return_parts: bool = False,
+):
     """Full MDCS objective: diversity-adjusted CE of every expert on both views + ``cs_weight`` * consistency.
 
     Expert ``e``'s logits are adjusted by ``lambdas[e] * log(n_c)`` (repo: -0.5 head, 1 medium, 2.5 tail expert)
@@ -109,12 +119,24 @@ def mdcs_cs_weight(epoch: float, max_weight: float = 0.6, warmup_epochs: float =
 class MDCSLoss(nn.Module):
     """MDCS: diverse logit-adjusted experts + consistency self-distillation on confident instances."""
 
-    def __init__(self, class_counts, lambdas: Sequence[float] = (-0.5, 1.0, 2.5), cs_weight: float = 0.6,
-                 temperature: float = 1.0):
+    def __init__(
+        self,
+        class_counts,
+        lambdas: Sequence[float] = (-0.5, 1.0, 2.5),
+        cs_weight: float = 0.6,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         self.register_buffer("class_counts", torch.as_tensor(class_counts, dtype=torch.float32))
         self.lambdas, self.cs_weight, self.temperature = tuple(lambdas), cs_weight, temperature
 
     def forward(self, weak_logits, strong_logits, *, labels, cs_weight: float | None = None, **_):
-        return mdcs_loss(weak_logits, strong_logits, labels, class_counts=self.class_counts, lambdas=self.lambdas,
-                         cs_weight=self.cs_weight if cs_weight is None else cs_weight, temperature=self.temperature)
+        return mdcs_loss(
+            weak_logits,
+            strong_logits,
+            labels,
+            class_counts=self.class_counts,
+            lambdas=self.lambdas,
+            cs_weight=self.cs_weight if cs_weight is None else cs_weight,
+            temperature=self.temperature,
+        )

@@ -30,8 +30,18 @@ __all__ = [
 ]
 
 
-def mi_alpha_loss(student_hidden, teacher_hidden, *, alpha: float = 0.5, temperature: float = 0.1, projector=None,
-                  log_baseline=0.0, mask=None, labels=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def mi_alpha_loss(
+    student_hidden,
+    teacher_hidden,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 0.1,
+    projector=None,
+    log_baseline=0.0,
+    mask=None,
+    labels=None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Negative interpolated MI lower bound ``-I_alpha`` (Poole et al. 2019) between student and teacher features.
 
     Used by Distiller (He et al. 2021) for intermediate-representation KD; the critic form and the baseline are not
@@ -78,15 +88,32 @@ def mi_alpha_loss(student_hidden, teacher_hidden, *, alpha: float = 0.5, tempera
 class MIAlphaLoss(nn.Module):
     """Distiller's MI-alpha: negative interpolated MI bound with a learned critic projection and baseline."""
 
-    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None, alpha: float = 0.5,
-                 temperature: float = 0.1, ignore_index: int = IGNORE_INDEX):
+    def __init__(
+        self,
+        student_dim: int | None = None,
+        teacher_dim: int | None = None,
+        alpha: float = 0.5,
+        temperature: float = 0.1,
+        ignore_index: int = IGNORE_INDEX,
+    ):
         super().__init__()
         self.alpha, self.temperature, self.ignore_index = alpha, temperature, ignore_index
-        self.projector = FeatureProjector(student_dim, teacher_dim) if student_dim and teacher_dim and \
-            student_dim != teacher_dim else None
+        self.projector = (
+            FeatureProjector(student_dim, teacher_dim)
+            if student_dim and teacher_dim and student_dim != teacher_dim
+            else None
+        )
         self.log_baseline = nn.Parameter(torch.zeros(()))
 
     def forward(self, student_hidden, teacher_hidden, *, mask=None, labels=None, **_):
-        return mi_alpha_loss(student_hidden, teacher_hidden, alpha=self.alpha, temperature=self.temperature,
-                             projector=self.projector, log_baseline=self.log_baseline, mask=mask, labels=labels,
-                             ignore_index=self.ignore_index)
+        return mi_alpha_loss(
+            student_hidden,
+            teacher_hidden,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            projector=self.projector,
+            log_baseline=self.log_baseline,
+            mask=mask,
+            labels=labels,
+            ignore_index=self.ignore_index,
+        )

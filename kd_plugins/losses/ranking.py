@@ -22,7 +22,7 @@ Golden values and repo-vs-paper notes: ``../shared/research/losses.md`` §1 (FIR
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,8 +53,10 @@ _NEG = -1e4  # added (relative to the row minimum) to padded scores so they vani
 # input handling
 # --------------------------------------------------------------------------------------------------------------------
 
-def pad_candidates(lists: Sequence, pad_value: float = 0.0, dtype: torch.dtype | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def pad_candidates(
+    lists: Sequence, pad_value: float = 0.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad per-query candidate score lists of unequal length to ``([Q, n_max], mask [Q, n_max])``."""
     items = [torch.as_tensor(v, dtype=dtype).reshape(-1) for v in lists]
     if not items:
@@ -159,8 +161,9 @@ def ranks_from_scores(scores: torch.Tensor, mask: torch.Tensor | None = None) ->
     return torch.where(m, ranks, torch.zeros_like(ranks))
 
 
-def ranks_from_order(order: Sequence[Sequence[int]] | torch.Tensor, num_candidates: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def ranks_from_order(
+    order: Sequence[Sequence[int]] | torch.Tensor, num_candidates: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Target permutations (best candidate index first) -> ``(ranks [Q, n] 1-based, mask)``.
 
     Candidates absent from a (partial) order get rank 0 and mask False.
@@ -182,8 +185,10 @@ def ranks_from_order(order: Sequence[Sequence[int]] | torch.Tensor, num_candidat
 # FIRST
 # --------------------------------------------------------------------------------------------------------------------
 
-def first_ranknet_loss(scores, target_ranks, *, mask=None, weighted: bool = True, reduction: str = "mean",
-                       num_items_in_batch=None) -> torch.Tensor:
+
+def first_ranknet_loss(
+    scores, target_ranks, *, mask=None, weighted: bool = True, reduction: str = "mean", num_items_in_batch=None
+) -> torch.Tensor:
     """FIRST's weighted RankNet (Reddy et al. 2024): ``mean_{r_i < r_j} log(1 + exp(-(z_i - z_j))) / (r_i + r_j)``.
 
     ``scores`` are the identifier logits ``z`` of the first generated token (see
@@ -210,8 +215,18 @@ def first_ranknet_loss(scores, target_ranks, *, mask=None, weighted: bool = True
     return _reduce(per_query, keep, reduction, num_items_in_batch)
 
 
-def first_joint_loss(lm_logits, lm_labels, rank_scores, target_ranks, *, rank_weight: float = 10.0, mask=None,
-                     weighted: bool = True, ignore_index: int = IGNORE_INDEX, return_parts: bool = False):
+def first_joint_loss(
+    lm_logits,
+    lm_labels,
+    rank_scores,
+    target_ranks,
+    *,
+    rank_weight: float = 10.0,
+    mask=None,
+    weighted: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    return_parts: bool = False,
+):
     """FIRST's joint objective ``L_LM + rank_weight * L_Rank``.
 
     ``lm_logits [B, T, V]`` and ``lm_labels [B, T]`` must already be aligned (logits at position ``t`` predict
@@ -221,11 +236,16 @@ def first_joint_loss(lm_logits, lm_labels, rank_scores, target_ranks, *, rank_we
     ``(total, lm, rank)``.
     """
     if lm_logits.shape[:-1] != lm_labels.shape:
-        raise ValueError(f"lm_logits {tuple(lm_logits.shape)} and lm_labels {tuple(lm_labels.shape)} are not aligned; "
-                         "shift them first (logits[:, :-1] with labels[:, 1:]).")
+        raise ValueError(
+            f"lm_logits {tuple(lm_logits.shape)} and lm_labels {tuple(lm_labels.shape)} are not aligned; "
+            "shift them first (logits[:, :-1] with labels[:, 1:])."
+        )
     dtype = compute_dtype(lm_logits)
-    lm = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]).to(dtype), lm_labels.reshape(-1).to(
-        lm_logits.device), ignore_index=ignore_index)
+    lm = F.cross_entropy(
+        lm_logits.reshape(-1, lm_logits.shape[-1]).to(dtype),
+        lm_labels.reshape(-1).to(lm_logits.device),
+        ignore_index=ignore_index,
+    )
     rank = first_ranknet_loss(rank_scores, target_ranks, mask=mask, weighted=weighted)
     total = lm + rank_weight * rank.to(lm.device, lm.dtype)
     return (total, lm, rank) if return_parts else total
@@ -234,6 +254,7 @@ def first_joint_loss(lm_logits, lm_labels, rank_scores, target_ranks, *, rank_we
 # --------------------------------------------------------------------------------------------------------------------
 # Margin-MSE, RankNet, LambdaRank, ListNet
 # --------------------------------------------------------------------------------------------------------------------
+
 
 def _positive_index(positive_index, q: int, device) -> torch.Tensor:
     pos = torch.as_tensor(positive_index, device=device, dtype=torch.long)
@@ -244,8 +265,9 @@ def _positive_index(positive_index, q: int, device) -> torch.Tensor:
     return pos
 
 
-def margin_mse_loss(student_scores, teacher_scores, *, positive_index=0, mask=None, reduction: str = "mean",
-                    num_items_in_batch=None) -> torch.Tensor:
+def margin_mse_loss(
+    student_scores, teacher_scores, *, positive_index=0, mask=None, reduction: str = "mean", num_items_in_batch=None
+) -> torch.Tensor:
     """Margin-MSE (Hofstätter et al. 2020): ``[(s_pos - s_neg) - (t_pos - t_neg)]^2``.
 
     Scores are ``[queries, 1 + negatives]`` with the positive at ``positive_index`` (default 0, so a triplet is a
@@ -266,8 +288,17 @@ def margin_mse_loss(student_scores, teacher_scores, *, positive_index=0, mask=No
     return _reduce(per_query, n_neg > 0, reduction, num_items_in_batch)
 
 
-def ranknet_loss(student_scores, teacher_scores, *, mask=None, target: str = "soft", sigma: float = 1.0,
-                 teacher_temperature: float = 1.0, reduction: str = "mean", num_items_in_batch=None) -> torch.Tensor:
+def ranknet_loss(
+    student_scores,
+    teacher_scores,
+    *,
+    mask=None,
+    target: str = "soft",
+    sigma: float = 1.0,
+    teacher_temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """RankNet distillation over all candidate pairs of a query.
 
     ``target="soft"`` (default; DeAR's ``ranknet_teacher``): BCE-with-logits of ``sigma * (s_i - s_j)`` against
@@ -295,8 +326,16 @@ def ranknet_loss(student_scores, teacher_scores, *, mask=None, target: str = "so
     return _reduce(per_query, n_pairs > 0, reduction, num_items_in_batch)
 
 
-def lambdarank_loss(student_scores, teacher_scores, *, mask=None, relevance=None, sigma: float = 1.0,
-                    reduction: str = "mean", num_items_in_batch=None) -> torch.Tensor:
+def lambdarank_loss(
+    student_scores,
+    teacher_scores,
+    *,
+    mask=None,
+    relevance=None,
+    sigma: float = 1.0,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """LambdaRank: RankNet pairs weighted by ``|delta nDCG|`` of swapping the two candidates in the student ranking.
 
     Pairs are ``(i, j)`` with ``gain_i > gain_j``; loss ``sum |dNDCG_ij| * log(1 + exp(-sigma (s_i - s_j)))`` per
@@ -327,8 +366,15 @@ def lambdarank_loss(student_scores, teacher_scores, *, mask=None, relevance=None
     return _reduce(per_query, pairs.sum((-1, -2)) > 0, reduction, num_items_in_batch)
 
 
-def listnet_loss(student_scores, teacher_scores, *, temperature: float = 1.0, mask=None, reduction: str = "mean",
-                 num_items_in_batch=None) -> torch.Tensor:
+def listnet_loss(
+    student_scores,
+    teacher_scores,
+    *,
+    temperature: float = 1.0,
+    mask=None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """ListNet (Cao et al. 2007, top-one probabilities): ``-sum softmax(t/T) * log_softmax(s/T)`` over real candidates.
 
     This is the original cross-entropy form (the FIRST repo's ``listNet``): not 0 at identity (it equals the teacher
@@ -347,13 +393,22 @@ def listnet_loss(student_scores, teacher_scores, *, temperature: float = 1.0, ma
 # Plackett-Luce (PLD), CPRD
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def _suffix_logsumexp(x: torch.Tensor) -> torch.Tensor:
     return torch.logcumsumexp(x.flip(-1), dim=-1).flip(-1)
 
 
-def plackett_luce_loss(student_logits, teacher_logits, *, labels=None, teacher_temperature: float = 1.0, mask=None,
-                       ignore_index: int = IGNORE_INDEX, reduction: str = "mean", num_items_in_batch=None
-                       ) -> torch.Tensor:
+def plackett_luce_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    labels=None,
+    teacher_temperature: float = 1.0,
+    mask=None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """Plackett-Luce distillation (PLD, Bassam et al. 2025): teacher-weighted ListMLE on the teacher-optimal order.
 
     ``pi*`` = the true class ``labels`` first (when given), then every other class/candidate by descending teacher
@@ -390,9 +445,17 @@ def plackett_luce_loss(student_logits, teacher_logits, *, labels=None, teacher_t
     return _reduce(per_row, keep, reduction, num_items_in_batch)
 
 
-def cprd_loss(student_scores, teacher_scores, *, mask=None, num_valid: int | None = None,
-              teacher_threshold: float | None = None, temperature: float = 1.0, reduction: str = "mean",
-              num_items_in_batch=None) -> torch.Tensor:
+def cprd_loss(
+    student_scores,
+    teacher_scores,
+    *,
+    mask=None,
+    num_valid: int | None = None,
+    teacher_threshold: float | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """Contrastive partial ranking distillation (CPRD, Chen et al. CVPR 2024) over a query's hard negatives.
 
     The ``K`` hard negatives (mined by the student / dual encoder) are ordered by the teacher (cross-encoder) score
@@ -432,9 +495,21 @@ def cprd_loss(student_scores, teacher_scores, *, mask=None, num_valid: int | Non
 # DeAR
 # --------------------------------------------------------------------------------------------------------------------
 
-def dear_loss(student_scores, teacher_scores, *, positive_index=0, alpha: float = 0.3, temperature: float = 2.0,
-              ce_weight: float = 0.5, ranknet_weight: float = 0.5, mask=None, reduction: str = "mean",
-              num_items_in_batch=None, return_parts: bool = False):
+
+def dear_loss(
+    student_scores,
+    teacher_scores,
+    *,
+    positive_index=0,
+    alpha: float = 0.3,
+    temperature: float = 2.0,
+    ce_weight: float = 0.5,
+    ranknet_weight: float = 0.5,
+    mask=None,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    return_parts: bool = False,
+):
     """DeAR's hybrid pointwise-reranker loss (Abdallah et al. 2025, ``loss_type=ranknet_binary_softmax_ce``).
 
     ``(1 - alpha) * [ce_weight * CE(s, positive) + ranknet_weight * RankNet_binary(s)]
@@ -465,14 +540,19 @@ def dear_loss(student_scores, teacher_scores, *, positive_index=0, alpha: float 
     keep = m.sum(-1) > 1
     total = _reduce(per_query, keep, reduction, num_items_in_batch)
     if return_parts:
-        return (total, _reduce(ce, keep, "mean", None), _reduce(rn, keep, "mean", None),
-                _reduce(kl, keep, "mean", None))
+        return (
+            total,
+            _reduce(ce, keep, "mean", None),
+            _reduce(rn, keep, "mean", None),
+            _reduce(kl, keep, "mean", None),
+        )
     return total
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # nn.Module forms
 # --------------------------------------------------------------------------------------------------------------------
+
 
 class _RankingLoss(nn.Module):
     """Hyper-parameters (the function's keyword-only arguments) in ``__init__``, tensors in ``forward``."""
@@ -487,8 +567,10 @@ class _RankingLoss(nn.Module):
         allowed -= set(self._tensor_kwargs)
         unknown = set(hparams) - allowed
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown hyper-parameters {sorted(unknown)}; "
-                            f"accepted: {', '.join(sorted(allowed))}")
+            raise TypeError(
+                f"{type(self).__name__} got unknown hyper-parameters {sorted(unknown)}; "
+                f"accepted: {', '.join(sorted(allowed))}"
+            )
         self.hparams = hparams
 
     def forward(self, student_scores, teacher_scores, **kwargs):

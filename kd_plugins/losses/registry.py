@@ -7,8 +7,8 @@ form, so ``get_loss("kl", temperature=2.0)`` and ``kl_divergence(..., temperatur
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
 

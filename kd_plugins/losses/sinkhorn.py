@@ -34,8 +34,17 @@ __all__ = [
 ]
 
 
-def sinkhorn_loss(student_logits, teacher_logits, *, temperature: float = 2.0, epsilon: float = 0.1,
-                  n_iters: int = 20, labels=None, mask=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def sinkhorn_loss(
+    student_logits,
+    teacher_logits,
+    *,
+    temperature: float = 2.0,
+    epsilon: float = 0.1,
+    n_iters: int = 20,
+    labels=None,
+    mask=None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Batch-wise Sinkhorn distance (SinKD, Cui et al. 2024), as in the reference repo's ``Sinkhorn`` module.
 
     The ``N`` valid rows (samples, or tokens of an LM batch: each row is softmax-normalised over its own vocabulary,
@@ -66,8 +75,9 @@ def sinkhorn_loss(student_logits, teacher_logits, *, temperature: float = 2.0, e
 class SinkhornLoss(nn.Module):
     """SinKD batch-wise Sinkhorn (entropic OT) distance between student and teacher class distributions."""
 
-    def __init__(self, temperature: float = 2.0, epsilon: float = 0.1, n_iters: int = 20,
-                 ignore_index: int = IGNORE_INDEX):
+    def __init__(
+        self, temperature: float = 2.0, epsilon: float = 0.1, n_iters: int = 20, ignore_index: int = IGNORE_INDEX
+    ):
         super().__init__()
         self.kw = dict(temperature=temperature, epsilon=epsilon, n_iters=n_iters, ignore_index=ignore_index)
 

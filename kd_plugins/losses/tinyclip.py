@@ -19,8 +19,16 @@ __all__ = [
 ]
 
 
-def tinyclip_affinity_loss(student_image, student_text, teacher_image, teacher_text, *, logit_scale: float = 50.0,
-                           include_teacher_entropy: bool = False, num_items_in_batch=None) -> torch.Tensor:
+def tinyclip_affinity_loss(
+    student_image,
+    student_text,
+    teacher_image,
+    teacher_text,
+    *,
+    logit_scale: float = 50.0,
+    include_teacher_entropy: bool = False,
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """TinyCLIP affinity mimicking (Wu et al. ICCV 2023): image->text and text->image affinities, averaged.
 
     A thin wrapper over :func:`~kd_plugins.losses.affinity_kl` with ``temperature = 1/logit_scale`` (both towers'
@@ -32,10 +40,22 @@ def tinyclip_affinity_loss(student_image, student_text, teacher_image, teacher_t
     if logit_scale <= 0:
         raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
     tau = 1.0 / logit_scale
-    i2t = affinity_kl(student_image, teacher_image, student_keys=student_text, teacher_keys=teacher_text,
-                      temperature=tau, num_items_in_batch=num_items_in_batch)
-    t2i = affinity_kl(student_text, teacher_text, student_keys=student_image, teacher_keys=teacher_image,
-                      temperature=tau, num_items_in_batch=num_items_in_batch)
+    i2t = affinity_kl(
+        student_image,
+        teacher_image,
+        student_keys=student_text,
+        teacher_keys=teacher_text,
+        temperature=tau,
+        num_items_in_batch=num_items_in_batch,
+    )
+    t2i = affinity_kl(
+        student_text,
+        teacher_text,
+        student_keys=student_image,
+        teacher_keys=teacher_image,
+        temperature=tau,
+        num_items_in_batch=num_items_in_batch,
+    )
     loss = 0.5 * (i2t + t2i)
     if include_teacher_entropy:
         dtype = loss.dtype
@@ -59,6 +79,11 @@ class TinyCLIPAffinityLoss(nn.Module):
         self.logit_scale, self.include_teacher_entropy = logit_scale, include_teacher_entropy
 
     def forward(self, student_image, student_text, teacher_image, teacher_text, **_):
-        return tinyclip_affinity_loss(student_image, student_text, teacher_image, teacher_text,
-                                      logit_scale=self.logit_scale,
-                                      include_teacher_entropy=self.include_teacher_entropy)
+        return tinyclip_affinity_loss(
+            student_image,
+            student_text,
+            teacher_image,
+            teacher_text,
+            logit_scale=self.logit_scale,
+            include_teacher_entropy=self.include_teacher_entropy,
+        )

@@ -19,6 +19,7 @@ HF ``Trainer``: :class:`kd_plugins.integrations.hf.MultiExitCallback`; timm:
 :class:`kd_plugins.integrations.timm.MultiExitTask` (a ``timm.task.TrainingTask``).
 """
 
+from .config import MultiExitConfig
 from .core import (
     ExitAffine,
     ExitFFN,
@@ -44,17 +45,39 @@ from .early_exit import (
     plot_accuracy_vs_depth,
     simulate_early_exit,
 )
-from .config import MultiExitConfig
 from .loss import MultiExitLoss, exit_ce_losses, exit_weights, info_nce, multi_exit_loss
 from .truncate import timm_truncation_kwargs, truncate
 
 __all__ = [
-    "add_exits", "get_exits", "has_exits", "remove_exits", "exit_outputs", "exit_embeddings", "apply_head", "pool",
-    "model_family", "num_exit_layers", "MultiExitHeads", "ExitAffine", "ExitFFN", "convert_exit_heads",
-    "MultiExitConfig", "MultiExitLoss", "exit_weights", "multi_exit_loss", "exit_ce_losses", "info_nce",
-    "truncate", "timm_truncation_kwargs",
-    "EarlyExitResult", "confidence", "early_exit_classify", "early_exit_embed", "early_exit_generate",
-    "simulate_early_exit", "plot_accuracy_vs_depth",
+    "add_exits",
+    "get_exits",
+    "has_exits",
+    "remove_exits",
+    "exit_outputs",
+    "exit_embeddings",
+    "apply_head",
+    "pool",
+    "model_family",
+    "num_exit_layers",
+    "MultiExitHeads",
+    "ExitAffine",
+    "ExitFFN",
+    "convert_exit_heads",
+    "MultiExitConfig",
+    "MultiExitLoss",
+    "exit_weights",
+    "multi_exit_loss",
+    "exit_ce_losses",
+    "info_nce",
+    "truncate",
+    "timm_truncation_kwargs",
+    "EarlyExitResult",
+    "confidence",
+    "early_exit_classify",
+    "early_exit_embed",
+    "early_exit_generate",
+    "simulate_early_exit",
+    "plot_accuracy_vs_depth",
 ]
 
 
@@ -64,6 +87,8 @@ _MOVED = {"MultiExitCallback": "kd_plugins.integrations.hf", "MultiExitTask": "k
 
 def __getattr__(name):
     if name in _MOVED:
-        raise AttributeError(f"{name} is a framework adapter and lives in {_MOVED[name]}: "
-                             f"`from kd_plugins import {name}` (or `from {_MOVED[name]} import {name}`).")
+        raise AttributeError(
+            f"{name} is a framework adapter and lives in {_MOVED[name]}: "
+            f"`from kd_plugins import {name}` (or `from {_MOVED[name]} import {name}`)."
+        )
     raise AttributeError(f"module 'kd_plugins.multiexit' has no attribute {name!r}")

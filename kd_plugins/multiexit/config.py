@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from .._config import parse_mapping
 from ..losses import get_loss_spec
@@ -11,7 +10,7 @@ from ..losses import get_loss_spec
 __all__ = ["MultiExitConfig"]
 
 
-def _parse_weights(value) -> Union[str, list[float]]:
+def _parse_weights(value) -> str | list[float]:
     """``"depth"`` / ``"uniform"``, a list of floats, or the same list as ``"0.2,0.5,1"``."""
     if isinstance(value, str):
         text = value.strip()
@@ -20,8 +19,9 @@ def _parse_weights(value) -> Union[str, list[float]]:
         try:
             return [float(x) for x in text.strip("[]").split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"weights must be 'depth', 'uniform' or a list of floats (e.g. '0.2,0.5,1.0'), got "
-                             f"{value!r}") from None
+            raise ValueError(
+                f"weights must be 'depth', 'uniform' or a list of floats (e.g. '0.2,0.5,1.0'), got {value!r}"
+            ) from None
     return [float(x) for x in value]
 
 
@@ -59,33 +59,51 @@ class MultiExitConfig:
     """
 
     # Optional[Union[list, str]]: HfArgumentParser reads a Union with str as a str argument.
-    weights: Optional[Union[list, str]] = field(
-        default="depth", metadata={"help": "Per-exit weights: 'depth' (layer/L), 'uniform' or '0.2,0.5,1.0'."})
+    weights: list | str | None = field(
+        default="depth", metadata={"help": "Per-exit weights: 'depth' (layer/L), 'uniform' or '0.2,0.5,1.0'."}
+    )
     task_weight: float = field(default=1.0, metadata={"help": "Weight of each exit's task loss."})
     self_distill_weight: float = field(
-        default=1.0, metadata={"help": "Weight of distillation from the deepest exit into the shallower ones."})
+        default=1.0, metadata={"help": "Weight of distillation from the deepest exit into the shallower ones."}
+    )
     teacher_weight: float = field(
-        default=1.0, metadata={"help": "Weight of distillation from an external teacher into every exit."})
-    distill_loss: Optional[str] = field(
-        default=None, metadata={"help": "Registered distillation loss (default: kl for logits, embedding_cosine "
-                                        "for embeddings)."})
-    distill_kwargs: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "Extra keyword arguments of that loss, as JSON."})
+        default=1.0, metadata={"help": "Weight of distillation from an external teacher into every exit."}
+    )
+    distill_loss: str | None = field(
+        default=None,
+        metadata={"help": "Registered distillation loss (default: kl for logits, embedding_cosine for embeddings)."},
+    )
+    distill_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Extra keyword arguments of that loss, as JSON."}
+    )
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of logit distillation."})
     embedding_task: str = field(
-        default="none", metadata={"help": "Encoders: 'none' (distillation only) or 'infonce' (pairs in the batch)."})
+        default="none", metadata={"help": "Encoders: 'none' (distillation only) or 'infonce' (pairs in the batch)."}
+    )
     infonce_scale: float = field(default=20.0, metadata={"help": "Logit scale of InfoNCE."})
     distill_positives: bool = field(
-        default=False, metadata={"help": "Encoders: also distil the positive texts (query and positive embeddings "
-                                         "concatenated, queries first); needs positive_* batch keys."})
+        default=False,
+        metadata={
+            "help": "Encoders: also distil the positive texts (query and positive embeddings "
+            "concatenated, queries first); needs positive_* batch keys."
+        },
+    )
     extra_pairs_weight: float = field(
-        default=0.0, metadata={"help": "Encoders: weight of additional (query, positive) pairs, e.g. inverse-cloze "
-                                       "pairs (batch keys extra_input_ids / extra_attention_mask / "
-                                       "extra_positive_input_ids / extra_positive_attention_mask), scored by their "
-                                       "own in-batch InfoNCE and added to every exit's task loss; 0: off."})
+        default=0.0,
+        metadata={
+            "help": "Encoders: weight of additional (query, positive) pairs, e.g. inverse-cloze "
+            "pairs (batch keys extra_input_ids / extra_attention_mask / "
+            "extra_positive_input_ids / extra_positive_attention_mask), scored by their "
+            "own in-batch InfoNCE and added to every exit's task loss; 0: off."
+        },
+    )
     embedding_losses_fp32: bool = field(
-        default=False, metadata={"help": "Encoders: pool and compute the loss terms in float32 with autocast off "
-                                         "(the forward passes keep the Trainer's precision)."})
+        default=False,
+        metadata={
+            "help": "Encoders: pool and compute the loss terms in float32 with autocast off "
+            "(the forward passes keep the Trainer's precision)."
+        },
+    )
 
     def __post_init__(self):
         self.weights = _parse_weights(self.weights)
@@ -98,9 +116,11 @@ class MultiExitConfig:
         if self.embedding_task not in ("none", "infonce"):
             raise ValueError(f"embedding_task must be 'none' or 'infonce', got {self.embedding_task!r}")
         if self.extra_pairs_weight > 0 and (self.embedding_task != "infonce" or self.task_weight <= 0):
-            raise ValueError("extra_pairs_weight adds InfoNCE over the extra pairs to every exit's task loss: it needs "
-                             f"embedding_task='infonce' and task_weight > 0 (got embedding_task="
-                             f"{self.embedding_task!r}, task_weight={self.task_weight})")
+            raise ValueError(
+                "extra_pairs_weight adds InfoNCE over the extra pairs to every exit's task loss: it needs "
+                f"embedding_task='infonce' and task_weight > 0 (got embedding_task="
+                f"{self.embedding_task!r}, task_weight={self.task_weight})"
+            )
 
     def distill_fn(self, kind: str):
         """``(name, function)`` of the distillation loss for exits of ``kind`` (``logits`` or ``embedding``)."""
@@ -108,6 +128,8 @@ class MultiExitConfig:
         spec = get_loss_spec(name)
         if spec.kind != kind or spec.function is None:
             examples = "kl, jsd, reverse_kl" if kind == "logits" else "embedding_cosine, embedding_mse, affinity_kl"
-            raise ValueError(f"distill_loss={name!r} is a {spec.kind!r} loss; these exits produce {kind!r} outputs "
-                             f"(pick e.g. {examples})")
+            raise ValueError(
+                f"distill_loss={name!r} is a {spec.kind!r} loss; these exits produce {kind!r} outputs "
+                f"(pick e.g. {examples})"
+            )
         return name, spec.function

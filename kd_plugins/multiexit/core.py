@@ -41,20 +41,35 @@ import contextlib
 import copy
 import numbers
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..distill.inherit import find_layer_container
 
-__all__ = ["add_exits", "get_exits", "has_exits", "remove_exits", "exit_outputs", "exit_embeddings", "MultiExitHeads",
-           "ExitAffine", "ExitFFN", "convert_exit_heads", "fold_affine", "model_family", "num_exit_layers"]
+__all__ = [
+    "add_exits",
+    "get_exits",
+    "has_exits",
+    "remove_exits",
+    "exit_outputs",
+    "exit_embeddings",
+    "MultiExitHeads",
+    "ExitAffine",
+    "ExitFFN",
+    "convert_exit_heads",
+    "fold_affine",
+    "model_family",
+    "num_exit_layers",
+]
 
 ATTR = "multi_exit"
 FAMILIES = ("encoder", "seq_classifier", "causal_lm", "timm_vit", "timm_resnet")
-_HF_SUPPORTED = ("bare HF encoders (BertModel, MPNetModel, ...), HF *ForSequenceClassification encoders, "
-                 "HF Llama-family *ForCausalLM decoders")
+_HF_SUPPORTED = (
+    "bare HF encoders (BertModel, MPNetModel, ...), HF *ForSequenceClassification encoders, "
+    "HF Llama-family *ForCausalLM decoders"
+)
 _TIMM_SUPPORTED = "timm VisionTransformer (blocks) and timm ResNet (layer1..layer4)"
 
 
@@ -99,11 +114,15 @@ def fold_affine(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, wha
 
 
 def _check_ffn_layer(layer: nn.Module, k: int) -> None:
-    if not (isinstance(getattr(layer, "intermediate", None), nn.Module)
-            and isinstance(getattr(layer, "output", None), nn.Module)):
-        raise ValueError(f"head='ffn' needs BERT-style blocks with `intermediate` and `output` sub-modules (BERT, "
-                         f"RoBERTa, MPNet, ELECTRA); layer {k} is a {type(layer).__name__} without them. Use "
-                         "head='separate' (an elementwise affine) instead")
+    if not (
+        isinstance(getattr(layer, "intermediate", None), nn.Module)
+        and isinstance(getattr(layer, "output", None), nn.Module)
+    ):
+        raise ValueError(
+            f"head='ffn' needs BERT-style blocks with `intermediate` and `output` sub-modules (BERT, "
+            f"RoBERTa, MPNet, ELECTRA); layer {k} is a {type(layer).__name__} without them. Use "
+            "head='separate' (an elementwise affine) instead"
+        )
 
 
 class MultiExitHeads(nn.Module):
@@ -119,8 +138,9 @@ class MultiExitHeads(nn.Module):
         layer_path: dotted path of the HF layer list (HF models).
     """
 
-    def __init__(self, family: str, layers: list[int], num_layers: int, head: str, layer_path: str = "",
-                 pooling: str = "mean"):
+    def __init__(
+        self, family: str, layers: list[int], num_layers: int, head: str, layer_path: str = "", pooling: str = "mean"
+    ):
         super().__init__()
         self.family, self.layers, self.num_layers, self.head = family, list(layers), int(num_layers), head
         self.layer_path, self.pooling = layer_path, pooling
@@ -164,15 +184,21 @@ def model_family(model: nn.Module) -> str:
     is_hf = hasattr(model, "config") and hasattr(model, "base_model_prefix")
     if not is_hf:
         if hasattr(model, "forward_intermediates"):
-            raise ValueError(f"add_exits: {name} is a timm-style model with forward_intermediates(), but exits are "
-                             f"implemented for {_TIMM_SUPPORTED}; tried those classes.")
-        raise ValueError(f"add_exits: cannot locate the layers of {name}: it is neither a Hugging Face model "
-                         f"({_HF_SUPPORTED}) nor one of {_TIMM_SUPPORTED}.")
+            raise ValueError(
+                f"add_exits: {name} is a timm-style model with forward_intermediates(), but exits are "
+                f"implemented for {_TIMM_SUPPORTED}; tried those classes."
+            )
+        raise ValueError(
+            f"add_exits: cannot locate the layers of {name}: it is neither a Hugging Face model "
+            f"({_HF_SUPPORTED}) nor one of {_TIMM_SUPPORTED}."
+        )
     find_layer_container(model)  # raises, naming every path tried, when the blocks cannot be found
     if name.endswith("ForCausalLM"):
         if _final_norm(model) is None or model.get_output_embeddings() is None:
-            raise ValueError(f"add_exits: {name} has no final norm at <base>.norm or no LM head; supported causal LMs "
-                             "are Llama-family decoders (Llama, Mistral, Qwen2, SmolLM, ...).")
+            raise ValueError(
+                f"add_exits: {name} has no final norm at <base>.norm or no LM head; supported causal LMs "
+                "are Llama-family decoders (Llama, Mistral, Qwen2, SmolLM, ...)."
+            )
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
         if not isinstance(getattr(model, "classifier", None), nn.Module):
@@ -212,23 +238,35 @@ def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> list[int
         raise ValueError(f"layers must be a list of exit layers (1..{num_layers}), got {layers!r}")
     out = []
     for v in layers:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) and not (
-                torch.is_tensor(v) and v.dim() == 0 and not v.is_floating_point()):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, numbers.Integral)
+            and not (torch.is_tensor(v) and v.dim() == 0 and not v.is_floating_point())
+        ):
             raise ValueError(f"exit layers must be integers, got {v!r} in {list(layers)}")
         out.append(int(v))
     if not out:
         raise ValueError("add_exits needs at least one exit layer")
     bad = [v for v in out if not 1 <= v <= num_layers]
     if bad:
-        raise ValueError(f"exit layers {bad} are out of range: the model has {num_layers} {what}, so exits must lie in "
-                         f"1..{num_layers} (layer k = after the k-th {what[:-1]}), got {out}")
+        raise ValueError(
+            f"exit layers {bad} are out of range: the model has {num_layers} {what}, so exits must lie in "
+            f"1..{num_layers} (layer k = after the k-th {what[:-1]}), got {out}"
+        )
     if any(b <= a for a, b in zip(out, out[1:])):
         raise ValueError(f"exit layers must be strictly increasing, got {out}")
     return out
 
 
-def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, exit_embedding: bool = False,
-              pooling: str = "mean", create_kwargs: dict | None = None) -> nn.Module:
+def add_exits(
+    model: nn.Module,
+    layers: Sequence[int],
+    head: str = "shared",
+    *,
+    exit_embedding: bool = False,
+    pooling: str = "mean",
+    create_kwargs: dict | None = None,
+) -> nn.Module:
     """Attach exits after the given layers of ``model`` (in place) and return the model.
 
     Args:
@@ -252,8 +290,9 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
             shared head that cannot serve an exit, or exits already attached.
     """
     if hasattr(model, ATTR):
-        raise ValueError(f"{type(model).__name__} already has exits at {getattr(model, ATTR).layers}; "
-                         "call remove_exits(model) first")
+        raise ValueError(
+            f"{type(model).__name__} already has exits at {getattr(model, ATTR).layers}; call remove_exits(model) first"
+        )
     if head not in ("shared", "separate", "ffn"):
         raise ValueError(f"head must be 'shared', 'separate' or 'ffn', got {head!r}")
     if pooling not in ("mean", "cls"):
@@ -263,8 +302,10 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
     what = "stages" if family == "timm_resnet" else "blocks" if family == "timm_vit" else "layers"
     layers = _check_layers(layers, L, what)
     if head == "ffn" and family != "encoder":
-        raise ValueError(f"head='ffn' is for bare HF encoders (BertModel, MPNetModel, ...); {type(model).__name__} is "
-                         f"a {family} model: use head='separate'")
+        raise ValueError(
+            f"head='ffn' is for bare HF encoders (BertModel, MPNetModel, ...); {type(model).__name__} is "
+            f"a {family} model: use head='separate'"
+        )
     path = find_layer_container(model)[0] if family in ("encoder", "seq_classifier", "causal_lm") else ""
     heads = MultiExitHeads(family, layers, L, head, layer_path=path, pooling=pooling)
     heads.create_kwargs = dict(create_kwargs) if create_kwargs else None
@@ -272,8 +313,10 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
         if family != "causal_lm":
             raise ValueError(f"exit_embedding=True is for causal LMs; {type(model).__name__} is a {family} model")
         if not hasattr(model.config, "mlp_bias"):
-            raise ValueError(f"exit_embedding=True needs a config with `mlp_bias` (Llama) so that truncate() can fold "
-                             f"the exit vector into the MLP bias; {type(model.config).__name__} has none")
+            raise ValueError(
+                f"exit_embedding=True needs a config with `mlp_bias` (Llama) so that truncate() can fold "
+                f"the exit vector into the MLP bias; {type(model.config).__name__} has none"
+            )
     shallow = [k for k in layers if k != L]
     device = next(model.parameters()).device
     for k in shallow:
@@ -296,18 +339,26 @@ def add_exits(model: nn.Module, layers: Sequence[int], head: str = "shared", *, 
                 heads.exit_embedding[key] = nn.Parameter(torch.zeros(model.config.hidden_size))
         elif family == "timm_vit" and head == "separate":
             if getattr(model, "attn_pool", None) is not None:
-                raise ValueError("head='separate' is not supported for ViTs with attention pooling (global_pool="
-                                 "'map'); use head='shared'")
-            heads.heads[key] = nn.ModuleDict({"norm": copy.deepcopy(model.norm),
-                                              "fc_norm": copy.deepcopy(model.fc_norm),
-                                              "head": copy.deepcopy(model.head)})
+                raise ValueError(
+                    "head='separate' is not supported for ViTs with attention pooling (global_pool="
+                    "'map'); use head='shared'"
+                )
+            heads.heads[key] = nn.ModuleDict(
+                {
+                    "norm": copy.deepcopy(model.norm),
+                    "fc_norm": copy.deepcopy(model.fc_norm),
+                    "head": copy.deepcopy(model.head),
+                }
+            )
         elif family == "timm_resnet":
             width, final = _resnet_stage_width(model, k), int(model.num_features)
             if head == "shared":
                 if width != final:
-                    raise ValueError(f"head='shared' needs every exit to have the classifier's input width, but the "
-                                     f"exit at stage {k} has {width} channels and the head expects {final}; use "
-                                     "head='separate' (a pooled linear classifier per exit)")
+                    raise ValueError(
+                        f"head='shared' needs every exit to have the classifier's input width, but the "
+                        f"exit at stage {k} has {width} channels and the head expects {final}; use "
+                        "head='separate' (a pooled linear classifier per exit)"
+                    )
             else:
                 if not isinstance(model.fc, nn.Linear):
                     raise ValueError("head='separate' needs a ResNet with a Linear classifier (num_classes > 0)")
@@ -327,8 +378,9 @@ def convert_exit_heads(model: nn.Module, head: str = "ffn") -> nn.Module:
     """
     ex = get_exits(model)
     if head != "ffn":
-        raise ValueError(f"convert_exit_heads converts to head='ffn' only (the other direction is not exact), got "
-                         f"{head!r}")
+        raise ValueError(
+            f"convert_exit_heads converts to head='ffn' only (the other direction is not exact), got {head!r}"
+        )
     if ex.family != "encoder":
         raise ValueError(f"head='ffn' is for bare HF encoders; this model's exits are {ex.family} exits")
     blocks = model.get_submodule(ex.layer_path)
@@ -357,8 +409,9 @@ def get_exits(model: nn.Module) -> MultiExitHeads:
     m = unwrap_model(model)
     heads = getattr(m, ATTR, None)
     if not isinstance(heads, MultiExitHeads):
-        raise ValueError(f"{type(m).__name__} has no exits; call kd_plugins.multiexit.add_exits(model, layers=[...]) "
-                         "first")
+        raise ValueError(
+            f"{type(m).__name__} has no exits; call kd_plugins.multiexit.add_exits(model, layers=[...]) first"
+        )
     return heads
 
 
@@ -374,8 +427,9 @@ def _hf_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(get_exits(model).layer_path)
 
 
-def apply_head(model: nn.Module, layer: int, hidden: torch.Tensor,
-               ffn_input: torch.Tensor | None = None) -> torch.Tensor:
+def apply_head(
+    model: nn.Module, layer: int, hidden: torch.Tensor, ffn_input: torch.Tensor | None = None
+) -> torch.Tensor:
     """The exit output at ``layer`` from the hidden state leaving that layer.
 
     HF encoders: token states ``[B, T, D]`` (pool them with :func:`pool`); sequence classifiers: logits
@@ -389,13 +443,18 @@ def apply_head(model: nn.Module, layer: int, hidden: torch.Tensor,
     if fam == "encoder":
         if key in ex.heads and isinstance(ex.heads[key], ExitFFN):
             if ffn_input is None:
-                raise ValueError(f"exit {layer} has a feed-forward head (head='ffn'): pass ffn_input, the attention "
-                                 f"output of layer {layer} (capture_hidden / exit_outputs record it)")
+                raise ValueError(
+                    f"exit {layer} has a feed-forward head (head='ffn'): pass ffn_input, the attention "
+                    f"output of layer {layer} (capture_hidden / exit_outputs record it)"
+                )
             return ex.heads[key](ffn_input)
         return ex.heads[key](hidden) if key in ex.heads else hidden
     if fam == "seq_classifier":
-        mods = ex.heads[key] if key in ex.heads else {"classifier": model.classifier,
-                                                       "pooler": getattr(model.base_model, "pooler", None)}
+        mods = (
+            ex.heads[key]
+            if key in ex.heads
+            else {"classifier": model.classifier, "pooler": getattr(model.base_model, "pooler", None)}
+        )
         pooler = mods["pooler"] if "pooler" in mods else None
         x = pooler(hidden) if isinstance(pooler, nn.Module) else hidden
         drop = getattr(model, "dropout", None)
@@ -418,8 +477,9 @@ def apply_head(model: nn.Module, layer: int, hidden: torch.Tensor,
         if key in ex.heads:
             return ex.heads[key](torch.flatten(nn.functional.adaptive_avg_pool2d(hidden, 1), 1))
         if not final and hidden.shape[1] != model.num_features:
-            raise ValueError(f"exit {layer} has {hidden.shape[1]} channels; the shared head expects "
-                             f"{model.num_features}")
+            raise ValueError(
+                f"exit {layer} has {hidden.shape[1]} channels; the shared head expects {model.num_features}"
+            )
         return model.forward_head(hidden)
     raise AssertionError(fam)
 
@@ -449,8 +509,10 @@ def ffn_head_layers(model: nn.Module) -> set[int]:
 
 def hook_ffn_input(block: nn.Module, store: dict, k: int):
     """Forward pre-hook on ``block.intermediate`` recording its input (the attention output) as ``store[k]``."""
+
     def pre(mod, args):
         store[k] = args[0]
+
     return block.intermediate.register_forward_pre_hook(pre)
 
 
@@ -466,8 +528,10 @@ def capture_hidden(model: nn.Module, layers: Sequence[int]):
     ffn = ffn_head_layers(model)
     handles = []
     for k in layers:
+
         def hook(mod, args, out, k=k):
             store[k] = out[0] if isinstance(out, (tuple, list)) else out
+
         handles.append(mods[k - 1].register_forward_hook(hook))
         if k in ffn:
             handles.append(hook_ffn_input(mods[k - 1], store.ffn_inputs, k))
@@ -479,8 +543,11 @@ def capture_hidden(model: nn.Module, layers: Sequence[int]):
 
 
 def _model_inputs(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_loss")
-            and not k.startswith("positive_")}
+    return {
+        k: v
+        for k, v in inputs.items()
+        if k not in ("labels", "num_items_in_batch", "return_loss") and not k.startswith("positive_")
+    }
 
 
 def exit_outputs(model: nn.Module, *args, return_model_output: bool = False, **inputs):
@@ -509,7 +576,7 @@ def exit_outputs(model: nn.Module, *args, return_model_output: bool = False, **i
     return (result, out) if return_model_output else result
 
 
-def _assemble(model, ex: MultiExitHeads, store: dict, out) -> "OrderedDict[int, torch.Tensor]":
+def _assemble(model, ex: MultiExitHeads, store: dict, out) -> OrderedDict[int, torch.Tensor]:
     result: OrderedDict[int, torch.Tensor] = OrderedDict()
     for k in ex.layers:
         if k == ex.num_layers:
@@ -521,14 +588,21 @@ def _assemble(model, ex: MultiExitHeads, store: dict, out) -> "OrderedDict[int, 
     return result
 
 
-def _timm_exit_outputs(model: nn.Module, x: torch.Tensor) -> "OrderedDict[int, torch.Tensor]":
+def _timm_exit_outputs(model: nn.Module, x: torch.Tensor) -> OrderedDict[int, torch.Tensor]:
     ex = get_exits(model)
     L = ex.num_layers
     result: OrderedDict[int, torch.Tensor] = OrderedDict()
     if ex.family == "timm_vit":
         idx = [k - 1 for k in ex.layers]
-        r = model.forward_intermediates(x, indices=idx, return_prefix_tokens=True, norm=False, output_fmt="NLC",
-                                        output_dict=True, stop_early=ex.deepest != L)
+        r = model.forward_intermediates(
+            x,
+            indices=idx,
+            return_prefix_tokens=True,
+            norm=False,
+            output_fmt="NLC",
+            output_dict=True,
+            stop_early=ex.deepest != L,
+        )
         inter = r["image_intermediates"]
         prefix = r.get("image_intermediates_prefix")
         for n, k in enumerate(ex.layers):
@@ -545,7 +619,7 @@ def _timm_exit_outputs(model: nn.Module, x: torch.Tensor) -> "OrderedDict[int, t
     return result
 
 
-def exit_embeddings(model: nn.Module, normalize: bool = False, **inputs) -> "OrderedDict[int, torch.Tensor]":
+def exit_embeddings(model: nn.Module, normalize: bool = False, **inputs) -> OrderedDict[int, torch.Tensor]:
     """Pooled sentence embeddings ``[B, D]`` of every exit of an HF encoder (pooling as set in :func:`add_exits`)."""
     ex = get_exits(model)
     if ex.family != "encoder":

@@ -11,8 +11,8 @@ draws the resulting accuracy-vs-average-depth curves to a PNG.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,8 +20,15 @@ import torch.nn.functional as F
 
 from .core import _hf_layers, _model_inputs, apply_head, ffn_head_layers, get_exits, hook_ffn_input, pool
 
-__all__ = ["EarlyExitResult", "confidence", "early_exit_classify", "early_exit_embed", "early_exit_generate",
-           "simulate_early_exit", "plot_accuracy_vs_depth"]
+__all__ = [
+    "EarlyExitResult",
+    "confidence",
+    "early_exit_classify",
+    "early_exit_embed",
+    "early_exit_generate",
+    "simulate_early_exit",
+    "plot_accuracy_vs_depth",
+]
 
 CRITERIA = ("max_prob", "margin", "neg_entropy")
 
@@ -202,8 +209,9 @@ def _run(model, inputs, decide, finish):
         model.train(was)
 
 
-def early_exit_classify(model: nn.Module, inputs, threshold: float = 0.9,
-                        criterion: str = "max_prob") -> EarlyExitResult:
+def early_exit_classify(
+    model: nn.Module, inputs, threshold: float = 0.9, criterion: str = "max_prob"
+) -> EarlyExitResult:
     """Classify with early exit: each sample stops at the first exit whose confidence reaches ``threshold``.
 
     ``inputs``: the HF tokenizer output (dict with ``input_ids``/``attention_mask``) or a timm image batch.
@@ -211,13 +219,18 @@ def early_exit_classify(model: nn.Module, inputs, threshold: float = 0.9,
     """
     ex = get_exits(model)
     if ex.kind != "logits" or ex.family == "causal_lm":
-        raise ValueError(f"early_exit_classify needs a classifier; this is a {ex.family} model "
-                         "(use early_exit_embed / early_exit_generate)")
+        raise ValueError(
+            f"early_exit_classify needs a classifier; this is a {ex.family} model "
+            "(use early_exit_embed / early_exit_generate)"
+        )
     _check_threshold(threshold, criterion)
 
     def decide(k, logits, am, state, last):
-        done = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if last else \
-            confidence(logits, criterion) >= threshold
+        done = (
+            torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            if last
+            else confidence(logits, criterion) >= threshold
+        )
         return logits, done
 
     return _run(model, inputs, decide, lambda x: x)
@@ -248,9 +261,14 @@ def early_exit_embed(model: nn.Module, inputs, threshold: float = 0.99, normaliz
 
 
 @torch.no_grad()
-def early_exit_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 20,
-                        threshold: float = 0.9, criterion: str = "max_prob",
-                        eos_token_id: int | None = None) -> EarlyExitResult:
+def early_exit_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    threshold: float = 0.9,
+    criterion: str = "max_prob",
+    eos_token_id: int | None = None,
+) -> EarlyExitResult:
     """Greedy generation where every new token comes from the first confident exit.
 
     One sequence at a time (``input_ids`` ``[1, T]`` or ``[T]``). Each step re-runs the prefix without a KV
@@ -295,8 +313,12 @@ def early_exit_generate(model: nn.Module, input_ids: torch.Tensor, max_new_token
 
 
 # ------------------------------------------------------------------------------------------ curves and plotting
-def simulate_early_exit(exit_logits: Mapping[int, torch.Tensor], labels: torch.Tensor,
-                        thresholds: Sequence[float], criterion: str = "max_prob") -> list[dict]:
+def simulate_early_exit(
+    exit_logits: Mapping[int, torch.Tensor],
+    labels: torch.Tensor,
+    thresholds: Sequence[float],
+    criterion: str = "max_prob",
+) -> list[dict]:
     """Accuracy and average depth of confidence-based early exit for each threshold, from all exits' logits.
 
     ``exit_logits``: ``layer -> [N, C]`` (e.g. from :func:`~kd_plugins.multiexit.exit_outputs` over a test set).
@@ -318,14 +340,25 @@ def simulate_early_exit(exit_logits: Mapping[int, torch.Tensor], labels: torch.T
             final_pred[take], depth[take] = pred[k][take], float(k)
             share[k] = float(take.float().mean())
             undecided &= ~take
-        out.append({"threshold": float(t), "accuracy": float((final_pred == labels).float().mean()),
-                    "average_depth": float(depth.mean()), "exit_share": share})
+        out.append(
+            {
+                "threshold": float(t),
+                "accuracy": float((final_pred == labels).float().mean()),
+                "average_depth": float(depth.mean()),
+                "exit_share": share,
+            }
+        )
     return out
 
 
-def plot_accuracy_vs_depth(curves: Mapping[str, Sequence[dict]], path, *, num_layers: int | None = None,
-                           per_exit: Mapping[str, Mapping[int, float]] | None = None,
-                           title: str = "Early exit: accuracy vs average depth") -> str:
+def plot_accuracy_vs_depth(
+    curves: Mapping[str, Sequence[dict]],
+    path,
+    *,
+    num_layers: int | None = None,
+    per_exit: Mapping[str, Mapping[int, float]] | None = None,
+    title: str = "Early exit: accuracy vs average depth",
+) -> str:
     """Draw accuracy-vs-average-depth curves (from :func:`simulate_early_exit`) to a PNG at ``path``.
 
     ``curves``: ``name -> points``; ``per_exit``: optional ``name -> {layer: accuracy}`` drawn as markers (each
@@ -343,12 +376,23 @@ def plot_accuracy_vs_depth(curves: Mapping[str, Sequence[dict]], path, *, num_la
     for n, (name, pts) in enumerate(curves.items()):
         color = f"C{n}"
         pts = sorted(pts, key=lambda p: p["average_depth"])
-        ax.plot([p["average_depth"] * scale for p in pts], [p["accuracy"] for p in pts], "-", color=color,
-                label=f"{name}: early exit")
+        ax.plot(
+            [p["average_depth"] * scale for p in pts],
+            [p["accuracy"] for p in pts],
+            "-",
+            color=color,
+            label=f"{name}: early exit",
+        )
         if per_exit and name in per_exit:
             ks = sorted(per_exit[name])
-            ax.plot([k * scale for k in ks], [per_exit[name][k] for k in ks], "o", color=color, markersize=6,
-                    label=f"{name}: single exit")
+            ax.plot(
+                [k * scale for k in ks],
+                [per_exit[name][k] for k in ks],
+                "o",
+                color=color,
+                markersize=6,
+                label=f"{name}: single exit",
+            )
     ax.set_xlabel("average depth (fraction of blocks)" if num_layers else "average depth (blocks)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)

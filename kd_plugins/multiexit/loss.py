@@ -14,14 +14,13 @@ deepest exit's output is detached when it serves as teacher, so self-distillatio
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..distill.terms import weighted_sum
-from ..losses import get_loss_spec
 from ..losses._common import IGNORE_INDEX
 from .config import MultiExitConfig
 
@@ -52,10 +51,17 @@ class MultiExitLoss:
     terms: dict[str, float]
 
 
-def multi_exit_loss(exits: Mapping[int, torch.Tensor], num_layers: int, config: MultiExitConfig | None = None, *,
-                    kind: str = "logits", task_losses: Mapping[int, torch.Tensor] | None = None,
-                    teacher: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                    kd_scale: float = 1.0) -> MultiExitLoss:
+def multi_exit_loss(
+    exits: Mapping[int, torch.Tensor],
+    num_layers: int,
+    config: MultiExitConfig | None = None,
+    *,
+    kind: str = "logits",
+    task_losses: Mapping[int, torch.Tensor] | None = None,
+    teacher: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    kd_scale: float = 1.0,
+) -> MultiExitLoss:
     """Combine per-exit task losses and distillation terms into the multi-exit objective.
 
     Args:
@@ -100,9 +106,15 @@ def multi_exit_loss(exits: Mapping[int, torch.Tensor], num_layers: int, config: 
     return MultiExitLoss(total, terms)
 
 
-def exit_ce_losses(exits: Mapping[int, torch.Tensor], labels: torch.Tensor, *, causal: bool = False,
-                   num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
-                   skip: Sequence[int] = ()) -> dict[int, torch.Tensor]:
+def exit_ce_losses(
+    exits: Mapping[int, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    causal: bool = False,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    skip: Sequence[int] = (),
+) -> dict[int, torch.Tensor]:
     """Cross-entropy of every exit's logits against ``labels``.
 
     ``causal=True`` shifts (``logits[:, :-1]`` vs ``labels[:, 1:]``) as HF causal LMs do. With

@@ -32,8 +32,10 @@ __all__ = ["truncate", "timm_truncation_kwargs"]
 def _check_exit(model: nn.Module, exit_layer) -> tuple:
     ex = get_exits(model)
     if isinstance(exit_layer, bool) or not isinstance(exit_layer, numbers.Integral) or int(exit_layer) not in ex.layers:
-        raise ValueError(f"there is no exit at layer {exit_layer!r}; this model's exits are at {ex.layers} "
-                         "(truncate only at an exit, whose head was trained)")
+        raise ValueError(
+            f"there is no exit at layer {exit_layer!r}; this model's exits are at {ex.layers} "
+            "(truncate only at an exit, whose head was trained)"
+        )
     return ex
 
 
@@ -77,17 +79,18 @@ def _truncate_hf(model: nn.Module, k: int) -> nn.Module:
         elif ex.family == "seq_classifier" and key in heads.heads:
             small.classifier = copy.deepcopy(heads.heads[key]["classifier"])
             if "pooler" in heads.heads[key]:
-                setattr(small.base_model, "pooler", copy.deepcopy(heads.heads[key]["pooler"]))
+                small.base_model.pooler = copy.deepcopy(heads.heads[key]["pooler"])
         elif ex.family == "causal_lm":
             if key in heads.heads:
-                setattr(getattr(small, small.base_model_prefix), "norm", copy.deepcopy(heads.heads[key]))
+                getattr(small, small.base_model_prefix).norm = copy.deepcopy(heads.heads[key])
             if key in heads.exit_embedding:
                 e = heads.exit_embedding[key].detach()
                 for layer in layers:
                     for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                         if lin.bias is None:
-                            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                                device=lin.weight.device))
+                            lin.bias = nn.Parameter(
+                                torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                            )
                 layers[-1].mlp.down_proj.bias.add_(e.to(layers[-1].mlp.down_proj.bias.dtype))
                 cfg.mlp_bias = True
     return small
@@ -117,8 +120,9 @@ def _truncate_timm(model: nn.Module, k: int, create_kwargs: dict) -> nn.Module:
     ex = get_exits(model)
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch:
-        raise ValueError("cannot truncate: the timm model has no pretrained_cfg['architecture']; build it with "
-                         "timm.create_model")
+        raise ValueError(
+            "cannot truncate: the timm model has no pretrained_cfg['architecture']; build it with timm.create_model"
+        )
     kw = timm_truncation_kwargs(model, k, **create_kwargs)
     small = timm.create_model(arch, pretrained=False, **kw)
     src = {n: t for n, t in model.state_dict().items() if not n.startswith(ATTR + ".")}
@@ -137,9 +141,11 @@ def _truncate_timm(model: nn.Module, k: int, create_kwargs: dict) -> nn.Module:
     try:
         small.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"timm.create_model({arch!r}, **{kw}) does not match the source model; pass the keyword "
-                         f"arguments the model was created with (truncate(model, {k}, **create_kwargs) or "
-                         f"add_exits(..., create_kwargs=...)). {e}") from None
+        raise ValueError(
+            f"timm.create_model({arch!r}, **{kw}) does not match the source model; pass the keyword "
+            f"arguments the model was created with (truncate(model, {k}, **create_kwargs) or "
+            f"add_exits(..., create_kwargs=...)). {e}"
+        ) from None
     small.to(next(model.parameters()).device)
     small.train(model.training)
     small.kd_plugins_create_kwargs = kw

@@ -145,9 +145,14 @@ def _plan(model: nn.Module, config: QuantConfig, calibration_data, stats) -> _Pl
         if stats is None:
             if calibration_data is None:
                 raise ValueError(f"method {config.method!r} needs calibration_data (static per-channel factors)")
-            stats = collect_activation_stats(model, calibration_data, skip=config.skip,
-                                             default_skip=config.default_skip,
-                                             min_rows=config.min_calibration_rows, progress=config.progress)
+            stats = collect_activation_stats(
+                model,
+                calibration_data,
+                skip=config.skip,
+                default_skip=config.default_skip,
+                min_rows=config.min_calibration_rows,
+                progress=config.progress,
+            )
         check_stats_cover(stats, targets)
     alpha, layer_alpha = _layer_alphas(model, config, calibration_data, stats, targets)
     return _Plan(targets, skipped, stats, alpha, layer_alpha)
@@ -161,17 +166,27 @@ def _layer_alphas(model, config: QuantConfig, calibration_data, stats, targets) 
     elif alpha == "auto":
         if calibration_data is None:
             raise ValueError("alpha='auto' needs calibration_data (the per-layer search runs on it)")
-        search = calibrate_layer_alphas(model, calibration_data, method=config.method, stats=stats,
-                                        grid=config.alpha_grid, skip=config.skip, default_skip=config.default_skip,
-                                        min_rows=config.min_calibration_rows, progress=config.progress)
+        search = calibrate_layer_alphas(
+            model,
+            calibration_data,
+            method=config.method,
+            stats=stats,
+            grid=config.alpha_grid,
+            skip=config.skip,
+            default_skip=config.default_skip,
+            min_rows=config.min_calibration_rows,
+            progress=config.progress,
+        )
         layer_alpha = {n: r.chosen for n, r in search.items()}
     else:
         return alpha, None
     absent = [n for n in targets if n not in layer_alpha]
     extra = [n for n in layer_alpha if n not in targets]
     if absent or extra:
-        raise ValueError(f"per-layer alpha mapping must name exactly the layers to quantize: missing {absent[:3]}, "
-                         f"not quantized {extra[:3]}")
+        raise ValueError(
+            f"per-layer alpha mapping must name exactly the layers to quantize: missing {absent[:3]}, "
+            f"not quantized {extra[:3]}"
+        )
     return alpha, layer_alpha
 
 
@@ -182,7 +197,12 @@ def _convert(plan: _Plan, config: QuantConfig) -> dict[str, QuantizedLinear]:
     layers = with_progress(list(plan.targets.items()), config.progress, f"quantizing ({config.method})", unit="layer")
     for name, m in layers:
         alpha = plan.layer_alpha[name] if plan.layer_alpha is not None else plan.alpha
-        new[name] = QuantizedLinear.from_float(m, method=config.method, alpha=alpha,
-                                               col_max=plan.stats[name].col_max if static else None,
-                                               mode=config.mode, backend=config.backend)
+        new[name] = QuantizedLinear.from_float(
+            m,
+            method=config.method,
+            alpha=alpha,
+            col_max=plan.stats[name].col_max if static else None,
+            mode=config.mode,
+            backend=config.backend,
+        )
     return new

@@ -46,14 +46,16 @@ def as_batches(data, what: str) -> list:
     try:
         batches = list(data)
     except TypeError:
-        raise TypeError(f"{what} must be an iterable of batches (dicts, tensors or tuples), got "
-                        f"{type(data).__name__}") from None
+        raise TypeError(
+            f"{what} must be an iterable of batches (dicts, tensors or tuples), got {type(data).__name__}"
+        ) from None
     if not batches:
         raise ValueError(f"{what} is empty: pass at least one batch")
     for b in batches:
         if not isinstance(b, (torch.Tensor, Mapping, tuple, list)):
-            raise TypeError(f"{what}: each batch must be a dict of model inputs, a tensor or a tuple, got "
-                            f"{type(b).__name__}")
+            raise TypeError(
+                f"{what}: each batch must be a dict of model inputs, a tensor or a tuple, got {type(b).__name__}"
+            )
     return batches
 
 
@@ -158,8 +160,9 @@ class _RowCapture:
             self.mask = None
 
 
-def run_on_rows(model: nn.Module, modules: Mapping[str, nn.Module], on_rows: RowCallback, batches,
-                progress: bool, desc: str) -> None:
+def run_on_rows(
+    model: nn.Module, modules: Mapping[str, nn.Module], on_rows: RowCallback, batches, progress: bool, desc: str
+) -> None:
     """Run ``batches`` through ``model`` (eval, no grad) and call ``on_rows(name, module, rows)`` with the ``[rows, K]``
     input matrix of every module in ``modules`` (padding rows removed; empty inputs skipped)."""
     capture = _RowCapture(on_rows)
@@ -336,8 +339,9 @@ def calibrate_layer_alphas(
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     batches = as_batches(calibration_data, "calibration_data")
     if stats is None:
-        stats = collect_activation_stats(model, batches, skip=skip, default_skip=default_skip, min_rows=min_rows,
-                                         progress=progress)
+        stats = collect_activation_stats(
+            model, batches, skip=skip, default_skip=default_skip, min_rows=min_rows, progress=progress
+        )
     targets, _ = find_quantizable(model, skip, default_skip=default_skip)
     check_stats_cover(stats, targets)
     per_batch = max(1, -(-max_rows // len(batches)))

@@ -52,20 +52,35 @@ def build_parser(prog: str = "kd-plugins quantize") -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face or timm model directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the quantized checkpoint")
     p.add_argument("--method", default="crossquant", choices=METHODS)
-    p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="calibration inputs (.txt/.jsonl/.json texts or .pt/.npy tensor); required except for "
-                        "per_token and crossquant_dynamic")
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        default=None,
+        help="calibration inputs (.txt/.jsonl/.json texts or .pt/.npy tensor); required except for "
+        "per_token and crossquant_dynamic",
+    )
     defaults = ", ".join(f"{k}={v}" for k, v in DEFAULT_ALPHA.items() if v is not None)
-    p.add_argument("--alpha", type=_alpha_arg, default=None,
-                   help=f"method alpha, or 'auto' to choose it per layer on the calibration data ({defaults})")
+    p.add_argument(
+        "--alpha",
+        type=_alpha_arg,
+        default=None,
+        help=f"method alpha, or 'auto' to choose it per layer on the calibration data ({defaults})",
+    )
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="extra module names / globs to keep in float")
-    p.add_argument("--no-default-skip", action="store_true",
-                   help="also quantize lm_head / classifier heads (embeddings and norms are never linear)")
+    p.add_argument(
+        "--no-default-skip",
+        action="store_true",
+        help="also quantize lm_head / classifier heads (embeddings and norms are never linear)",
+    )
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples to use (default 128)")
     p.add_argument("--max-length", type=int, default=256, help="token limit per calibration text (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--report-batches", type=int, default=4,
-                   help="calibration batches used for the quantization-kernel report (0 disables it)")
+    p.add_argument(
+        "--report-batches",
+        type=int,
+        default=4,
+        help="calibration batches used for the quantization-kernel report (0 disables it)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -127,7 +142,7 @@ def _read_calibration(path: Path, tok, args) -> list:
         if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] == 0:
             raise CLIError(f"{path} must hold a non-empty tensor with samples on dim 0")
         t = t[: args.num_samples]
-        return [t[i: i + args.batch_size] for i in range(0, t.shape[0], args.batch_size)]
+        return [t[i : i + args.batch_size] for i in range(0, t.shape[0], args.batch_size)]
     text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
         texts = []
@@ -152,9 +167,18 @@ def _read_calibration(path: Path, tok, args) -> list:
         raise CLIError("text calibration needs a tokenizer in MODEL_DIR; pass a .pt/.npy tensor of inputs instead")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return [dict(tok(texts[i: i + args.batch_size], padding=True, truncation=True, max_length=args.max_length,
-                     return_tensors="pt"))
-            for i in range(0, len(texts), args.batch_size)]
+    return [
+        dict(
+            tok(
+                texts[i : i + args.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(texts), args.batch_size)
+    ]
 
 
 def _dir_bytes(d: Path, pattern: str = "*") -> int:
@@ -162,14 +186,19 @@ def _dir_bytes(d: Path, pattern: str = "*") -> int:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 2 ** 20:.1f} MB"
+    return f"{n / 2**20:.1f} MB"
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     """The :class:`QuantConfig` the command line asks for."""
-    return QuantConfig(method=args.method, alpha=args.alpha, skip=args.skip or None,
-                       default_skip=not args.no_default_skip, progress=not args.quiet)
+    return QuantConfig(
+        method=args.method,
+        alpha=args.alpha,
+        skip=args.skip or None,
+        default_skip=not args.no_default_skip,
+        progress=not args.quiet,
+    )
 
 
 def quantize_main(argv: list[str] | None = None) -> int:
@@ -222,26 +251,35 @@ def _print_summary(model, report: KernelReport | None, model_dir: Path, out_dir:
     for name in layers:
         parts = name.split(".")
         idx = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
-        groups.setdefault(".".join(parts[idx + 1:]) or name, []).append(name)
+        groups.setdefault(".".join(parts[idx + 1 :]) or name, []).append(name)
     kern = {l.name: l for l in report.layers} if report is not None else {}
     info = model.kd_quantization
-    print(f"\nQuantized {model_dir} -> {out_dir}  (method={info['method']}" + _alpha_text(info)
-          + f", {len(layers)} layers, {seconds:.1f}s)\n")
+    print(
+        f"\nQuantized {model_dir} -> {out_dir}  (method={info['method']}"
+        + _alpha_text(info)
+        + f", {len(layers)} layers, {seconds:.1f}s)\n"
+    )
     print("| layers | n | fp32 | int8 | kernel | per-token kernel |")
     print("|---|---|---|---|---|---|")
     for key, names in groups.items():
         el = sum(kern[n].elements for n in names if n in kern)
         k = f"{100 * sum(kern[n].zeros for n in names if n in kern) / el:.2f}%" if el else "-"
         pk = f"{100 * sum(kern[n].per_token_zeros for n in names if n in kern) / el:.2f}%" if el else "-"
-        print(f"| {key} | {len(names)} | {_mb(sum(sizes[n][0] for n in names))} | "
-              f"{_mb(sum(sizes[n][1] for n in names))} | {k} | {pk} |")
+        print(
+            f"| {key} | {len(names)} | {_mb(sum(sizes[n][0] for n in names))} | "
+            f"{_mb(sum(sizes[n][1] for n in names))} | {k} | {pk} |"
+        )
     tk = f"{100 * report.kernel:.2f}%" if report is not None else "-"
     tpk = f"{100 * report.per_token_kernel:.2f}%" if report is not None else "-"
-    print(f"| **all** | {len(layers)} | {_mb(sum(s[0] for s in sizes.values()))} | "
-          f"{_mb(sum(s[1] for s in sizes.values()))} | {tk} | {tpk} |")
+    print(
+        f"| **all** | {len(layers)} | {_mb(sum(s[0] for s in sizes.values()))} | "
+        f"{_mb(sum(s[1] for s in sizes.values()))} | {tk} | {tpk} |"
+    )
     fp_files = _dir_bytes(model_dir, "*.safetensors") or _dir_bytes(model_dir, "*.bin")
-    print(f"\ncheckpoint: {_mb(_dir_bytes(out_dir, '*.safetensors'))} (float model files: {_mb(fp_files)}); "
-          f"skipped in float: {len(info['skipped'])} linear layer(s)")
+    print(
+        f"\ncheckpoint: {_mb(_dir_bytes(out_dir, '*.safetensors'))} (float model files: {_mb(fp_files)}); "
+        f"skipped in float: {len(info['skipped'])} linear layer(s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

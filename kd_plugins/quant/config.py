@@ -35,16 +35,18 @@ def _parse_alpha(method: str, value):
         text = value.strip()
         if text.lower() == "auto":
             if method not in STATIC_METHODS:
-                raise ValueError(f"alpha='auto' is calibrated per layer and applies to {STATIC_METHODS}, not "
-                                 f"{method!r}")
+                raise ValueError(
+                    f"alpha='auto' is calibrated per layer and applies to {STATIC_METHODS}, not {method!r}"
+                )
             return "auto"
         if text.startswith("{") or "=" in text:
             return _parse_alpha(method, parse_mapping(text, "alpha", str))
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"alpha must be a number in [0, 1], 'auto' or a {{layer: alpha}} mapping, got "
-                             f"{value!r}") from None
+            raise ValueError(
+                f"alpha must be a number in [0, 1], 'auto' or a {{layer: alpha}} mapping, got {value!r}"
+            ) from None
     if value is None:
         return None
     if isinstance(value, Mapping):
@@ -89,23 +91,42 @@ class QuantConfig:
 
     method: str = field(default="crossquant", metadata={"help": f"Quantization method, one of {METHODS}."})
     alpha: float | str | dict | None = field(
-        default=None, metadata={"help": "Method alpha in [0, 1]; 'auto' to choose it per layer on the calibration "
-                                        "data (crossquant, smoothquant); or 'layer=alpha,...' / JSON for every "
-                                        "quantized layer. Default: DEFAULT_ALPHA of the method."})
+        default=None,
+        metadata={
+            "help": "Method alpha in [0, 1]; 'auto' to choose it per layer on the calibration "
+            "data (crossquant, smoothquant); or 'layer=alpha,...' / JSON for every "
+            "quantized layer. Default: DEFAULT_ALPHA of the method."
+        },
+    )
     skip: list | str | None = field(
-        default=None, metadata={"help": "Extra module names / globs to keep in float, comma-separated "
-                                        "(e.g. 'lm_head,layers.0.mlp')."})
+        default=None,
+        metadata={
+            "help": "Extra module names / globs to keep in float, comma-separated (e.g. 'lm_head,layers.0.mlp')."
+        },
+    )
     default_skip: bool = field(
-        default=True, metadata={"help": "Also keep lm_head / output embeddings, classifier heads and modules under "
-                                        "'*embed*' / '*norm*' names in float."})
-    mode: str = field(default="int8", metadata={"help": "'int8' (real int8 GEMMs) or 'fake' (dequantize + float "
-                                                        "matmul, for debugging)."})
-    backend: str = field(default="auto", metadata={"help": f"Int8 GEMM backend, one of {BACKENDS} ('auto': Triton "
-                                                           "on CUDA when available, else torch._int_mm)."})
+        default=True,
+        metadata={
+            "help": "Also keep lm_head / output embeddings, classifier heads and modules under "
+            "'*embed*' / '*norm*' names in float."
+        },
+    )
+    mode: str = field(
+        default="int8",
+        metadata={"help": "'int8' (real int8 GEMMs) or 'fake' (dequantize + float matmul, for debugging)."},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": f"Int8 GEMM backend, one of {BACKENDS} ('auto': Triton on CUDA when available, else torch._int_mm)."
+        },
+    )
     min_calibration_rows: int = field(
-        default=16, metadata={"help": "Fewest calibration rows (tokens / pixels) every layer must see."})
+        default=16, metadata={"help": "Fewest calibration rows (tokens / pixels) every layer must see."}
+    )
     alpha_grid: tuple | str | None = field(
-        default=DEFAULT_ALPHA_GRID, metadata={"help": "Alphas tried per layer by alpha='auto', comma-separated."})
+        default=DEFAULT_ALPHA_GRID, metadata={"help": "Alphas tried per layer by alpha='auto', comma-separated."}
+    )
     progress: bool = field(default=False, metadata={"help": "Show tqdm bars for calibration and conversion."})
 
     def __post_init__(self):

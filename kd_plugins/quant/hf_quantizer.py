@@ -118,8 +118,8 @@ def _map_name(model: nn.Module, name: str, exists) -> str | None:
         return name
     prefix = getattr(model, "base_model_prefix", "") or ""
     if prefix:
-        if name.startswith(prefix + ".") and exists(name[len(prefix) + 1:]):
-            return name[len(prefix) + 1:]
+        if name.startswith(prefix + ".") and exists(name[len(prefix) + 1 :]):
+            return name[len(prefix) + 1 :]
         if exists(f"{prefix}.{name}"):
             return f"{prefix}.{name}"
     return None
@@ -160,7 +160,8 @@ class KDQuantHfQuantizer(HfQuantizer):
                 "kd_plugins W8A8: loading with dtype=%s but the checkpoint's float tensors are %s; the quantized "
                 "layers keep their int8/float32 buffers, the other float tensors are cast, so outputs will not be "
                 "bit-identical to the saved model (use the default dtype='auto' or load_quantized for that)",
-                dtype, saved,
+                dtype,
+                saved,
             )
         return dtype
 
@@ -183,16 +184,21 @@ class KDQuantHfQuantizer(HfQuantizer):
             mname = _map_name(model, sname, lambda n: _has_module(model, n))
             if mname is None:
                 if self._same_class(model):
-                    raise QuantizedCheckpointError(f"{type(model).__name__} has no module {sname!r} listed in the "
-                                                   "quantization_config")
+                    raise QuantizedCheckpointError(
+                        f"{type(model).__name__} has no module {sname!r} listed in the quantization_config"
+                    )
                 continue  # e.g. a head that this class does not have
             sub = model.get_submodule(mname)
             if entry["kind"] == "linear":
                 ok = isinstance(sub, nn.Linear) and (sub.in_features, sub.out_features) == (
-                    entry["in_features"], entry["out_features"])
+                    entry["in_features"],
+                    entry["out_features"],
+                )
             else:
                 ok = is_pointwise_conv(sub) and (sub.in_channels, sub.out_channels) == (
-                    entry["in_features"], entry["out_features"])
+                    entry["in_features"],
+                    entry["out_features"],
+                )
             if not ok:
                 raise QuantizedCheckpointError(
                     f"module {mname} is {sub!r}, which does not match the saved {entry['kind']} "
@@ -204,8 +210,13 @@ class KDQuantHfQuantizer(HfQuantizer):
             device = next(iter(model.get_submodule(mname).parameters())).device  # meta during from_pretrained
             with torch.device(device):
                 q = QuantizedLinear(
-                    entry["in_features"], entry["out_features"], bias=entry["bias"], method=entry["method"],
-                    alpha=entry.get("alpha"), kind=entry["kind"], stride=tuple(entry.get("stride", (1, 1))),
+                    entry["in_features"],
+                    entry["out_features"],
+                    bias=entry["bias"],
+                    method=entry["method"],
+                    alpha=entry.get("alpha"),
+                    kind=entry["kind"],
+                    stride=tuple(entry.get("stride", (1, 1))),
                     mode=entry.get("mode", "int8"),
                 )
             parent_name, _, leaf = mname.rpartition(".")
@@ -239,7 +250,8 @@ class KDQuantHfQuantizer(HfQuantizer):
         if not self._cast:
             buffers = {n for n, _ in model.named_buffers()}
             _restore_buffer_dtypes(
-                model, self.quantization_config.buffer_dtypes or self._saved_metadata.get("buffer_dtypes"),
+                model,
+                self.quantization_config.buffer_dtypes or self._saved_metadata.get("buffer_dtypes"),
                 rename=lambda n: _map_name(model, n, lambda k: k in buffers),
             )
         if self._saved is not None:
@@ -248,7 +260,8 @@ class KDQuantHfQuantizer(HfQuantizer):
             logger.warning(
                 "kd_plugins W8A8: no %s next to the weights%s, so the loaded tensors were NOT checked against the "
                 "saved SHA-256 checksums; kd_plugins.quant.load_quantized(<checkpoint dir>) is the verified path",
-                CONFIG_NAME, f" ({self._checkpoint_dir})" if self._checkpoint_dir else "",
+                CONFIG_NAME,
+                f" ({self._checkpoint_dir})" if self._checkpoint_dir else "",
             )
         qc = self.quantization_config
         model.kd_quantization = {
@@ -346,8 +359,11 @@ def register() -> bool:
         elif getattr(current, "__module__", "") == __name__:
             mapping[HF_QUANT_METHOD] = cls  # this module was reloaded: replace our own stale class
         else:
-            logger.warning("kd_plugins: quant_method %r is already registered by %s; not overriding it",
-                           HF_QUANT_METHOD, getattr(current, "__module__", current))
+            logger.warning(
+                "kd_plugins: quant_method %r is already registered by %s; not overriding it",
+                HF_QUANT_METHOD,
+                getattr(current, "__module__", current),
+            )
             ok = False
     return ok
 

@@ -27,8 +27,10 @@ def is_pointwise_conv(m: nn.Module) -> bool:
     if not isinstance(m, nn.Conv2d):
         return False
     pad = m.padding
-    zero_pad = pad in ("valid", 0) or (isinstance(pad, tuple) and all(p == 0 for p in pad)) or (
-        pad == "same" and tuple(m.stride) == (1, 1)
+    zero_pad = (
+        pad in ("valid", 0)
+        or (isinstance(pad, tuple) and all(p == 0 for p in pad))
+        or (pad == "same" and tuple(m.stride) == (1, 1))
     )
     return tuple(m.kernel_size) == (1, 1) and m.groups == 1 and zero_pad and m.padding_mode == "zeros"
 
@@ -127,8 +129,17 @@ class QuantizedLinear(nn.Module):
                 f"{type(module).__name__}"
             )
         n, k = w.shape
-        q = cls(k, n, bias=module.bias is not None, method=method, alpha=alpha, kind=kind, stride=stride,
-                mode=mode, backend=backend)
+        q = cls(
+            k,
+            n,
+            bias=module.bias is not None,
+            method=method,
+            alpha=alpha,
+            kind=kind,
+            stride=stride,
+            mode=mode,
+            backend=backend,
+        )
         if method in STATIC_METHODS:
             if col_max is None:
                 raise ValueError(f"method {method!r} needs calibration statistics (col_max)")
@@ -171,8 +182,10 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         a = "" if self.alpha is None else f", alpha={self.alpha:g}"
         s = f", stride={self.stride}" if self.kind == "conv1x1" and self.stride != (1, 1) else ""
-        return (f"{self.in_features}, {self.out_features}, kind={self.kind}, method={self.method}{a}, "
-                f"mode={self.mode}, bias={self.bias is not None}{s}")
+        return (
+            f"{self.in_features}, {self.out_features}, kind={self.kind}, method={self.method}{a}, "
+            f"mode={self.mode}, bias={self.bias is not None}{s}"
+        )
 
     # ------------------------------------------------------------------ math
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -204,7 +217,7 @@ class QuantizedLinear(nn.Module):
         if self.mode == "int8" and x2d.shape[0] > self.ROW_BLOCK and not x2d.is_cuda:
             out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x2d.device)
             for i in range(0, x2d.shape[0], self.ROW_BLOCK):
-                out[i:i + self.ROW_BLOCK] = self._matmul_block(x2d[i:i + self.ROW_BLOCK])
+                out[i : i + self.ROW_BLOCK] = self._matmul_block(x2d[i : i + self.ROW_BLOCK])
             return out
         return self._matmul_block(x2d)
 

@@ -119,7 +119,7 @@ class KernelReport:
         for l in self.layers:
             parts = l.name.split(".")
             idx = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
-            key = ".".join(parts[idx + 1:]) or l.name
+            key = ".".join(parts[idx + 1 :]) or l.name
             groups.setdefault(key, []).append(l)
         out = []
         for key, ls in groups.items():
@@ -135,8 +135,9 @@ class KernelReport:
         else:
             for key, n, k, pt in self.by_suffix():
                 lines.append(f"| {key} | {n} | {100 * k:.2f}% | {100 * pt:.2f}% |")
-        lines.append(f"| **all** | {len(self.layers)} | {100 * self.kernel:.2f}% | "
-                     f"{100 * self.per_token_kernel:.2f}% |")
+        lines.append(
+            f"| **all** | {len(self.layers)} | {100 * self.kernel:.2f}% | {100 * self.per_token_kernel:.2f}% |"
+        )
         return "\n".join(lines)
 
 
@@ -160,8 +161,13 @@ def quantization_kernel_report(
     if method is not None:
         if quantized_layers(model):
             raise ValueError("model is already quantized; call without method= to report its own method")
-        model = quantize(copy.deepcopy(model), method=method, alpha=alpha, skip=skip,
-                         calibration_data=calibration_data if calibration_data is not None else data)
+        model = quantize(
+            copy.deepcopy(model),
+            method=method,
+            alpha=alpha,
+            skip=skip,
+            calibration_data=calibration_data if calibration_data is not None else data,
+        )
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("model has no QuantizedLinear layers: quantize it first or pass method=")
@@ -222,12 +228,16 @@ class AlphaSweep:
 
     def to_table(self) -> str:
         ref = "" if self.reference_loss is None else f" (float: {self.reference_loss:.4g})"
-        lines = [f"| alpha | {self.loss_name}{ref} | kernel | induced | per-token kernel | layers below per-token |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            f"| alpha | {self.loss_name}{ref} | kernel | induced | per-token kernel | layers below per-token |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r['alpha']:.2f} | {r['loss']:.4g} | {100 * r['kernel']:.2f}% | "
-                         f"{100 * r['induced']:.2f}% | {100 * r['per_token_kernel']:.2f}% | "
-                         f"{int(r['layers_below_per_token'])}/{int(r['layers'])} |")
+            lines.append(
+                f"| {r['alpha']:.2f} | {r['loss']:.4g} | {100 * r['kernel']:.2f}% | "
+                f"{100 * r['induced']:.2f}% | {100 * r['per_token_kernel']:.2f}% | "
+                f"{int(r['layers_below_per_token'])}/{int(r['layers'])} |"
+            )
         return "\n".join(lines)
 
 
@@ -265,12 +275,16 @@ def sweep_alpha(
     loss_name, reference, loss_fn = _sweep_loss(model, evalb, loss_fn)
     rows = []
     for a in with_progress(alphas, progress, f"alpha sweep ({method})", unit="alpha"):
-        qm = quantize(copy.deepcopy(model), method=method, alpha=a, skip=skip, default_skip=default_skip,
-                      stats=stats)
+        qm = quantize(copy.deepcopy(model), method=method, alpha=a, skip=skip, default_skip=default_skip, stats=stats)
         loss = float(loss_fn(qm, evalb))
         rep = quantization_kernel_report(qm, evalb).summary()
-        rows.append({"alpha": a, "loss": loss if math.isfinite(loss) else float("inf"), **{
-            k: rep[k] for k in ("kernel", "induced", "per_token_kernel", "layers_below_per_token", "layers")}})
+        rows.append(
+            {
+                "alpha": a,
+                "loss": loss if math.isfinite(loss) else float("inf"),
+                **{k: rep[k] for k in ("kernel", "induced", "per_token_kernel", "layers_below_per_token", "layers")},
+            }
+        )
         del qm
     return AlphaSweep(method, loss_name, reference, rows)
 
@@ -281,6 +295,7 @@ def _sweep_loss(model: nn.Module, evalb: list, loss_fn) -> tuple[str, float | No
     if loss_fn is not None:
         return "loss", float(loss_fn(model, evalb)), loss_fn
     if _has_labels(evalb):
+
         def model_loss(m, bs):
             with eval_no_grad(m):
                 return sum(float(call_model(m, b, device).loss) for b in bs) / len(bs)

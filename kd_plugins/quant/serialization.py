@@ -42,8 +42,15 @@ from ._core import STATIC_METHODS
 from .layers import QuantizedLinear, is_pointwise_conv
 from .targets import quantized_layers, replace_submodule
 
-__all__ = ["save_quantized", "load_quantized", "QuantizedCheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT",
-           "HF_QUANT_METHOD"]
+__all__ = [
+    "save_quantized",
+    "load_quantized",
+    "QuantizedCheckpointError",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "FORMAT",
+    "HF_QUANT_METHOD",
+]
 
 CONFIG_NAME = "quant_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,9 +67,16 @@ class QuantizedCheckpointError(CheckpointError):
     """A directory is not a valid kd_plugins quantized checkpoint (missing config, shape or checksum mismatch, ...)."""
 
 
-SPEC = CheckpointSpec(kind="quant", manifest_name=CONFIG_NAME, tensor_file=WEIGHTS_NAME,
-                      description="a kd_plugins quantized checkpoint", writer="kd_plugins.quant.save_quantized",
-                      legacy_format=FORMAT, error=QuantizedCheckpointError, missing_error=QuantizedCheckpointError)
+SPEC = CheckpointSpec(
+    kind="quant",
+    manifest_name=CONFIG_NAME,
+    tensor_file=WEIGHTS_NAME,
+    description="a kd_plugins quantized checkpoint",
+    writer="kd_plugins.quant.save_quantized",
+    legacy_format=FORMAT,
+    error=QuantizedCheckpointError,
+    missing_error=QuantizedCheckpointError,
+)
 
 
 def _layer_entry(m: QuantizedLinear) -> dict[str, Any]:
@@ -95,8 +109,11 @@ def _quant_metadata(model: nn.Module, qlayers: dict[str, QuantizedLinear]) -> di
         # Non-persistent float buffers (RoPE inv_freq, ...) are recomputed by the loaders, not stored; their dtype is
         # recorded because it depends on how the model was made (`.to(bf16)` rounds them, `from_pretrained(dtype=)`
         # keeps them float32) and it changes the outputs.
-        "buffer_dtypes": {n: str(t.dtype).replace("torch.", "") for n, t in _nonpersistent_buffers(model).items()
-                          if t.is_floating_point()},
+        "buffer_dtypes": {
+            n: str(t.dtype).replace("torch.", "")
+            for n, t in _nonpersistent_buffers(model).items()
+            if t.is_floating_point()
+        },
     }
 
 
@@ -128,8 +145,17 @@ def save_quantized(
     metadata = _quant_metadata(model, qlayers)
     arch = architecture_record(model, build_kwargs)
     hf_config = _hf_config_with_quantization(model, metadata) if arch["kind"] == "hf" else None
-    return write_checkpoint(SPEC, out_dir, tensors, aliases=aliases, architecture=arch, metadata=metadata,
-                            hf_config=hf_config, tokenizer=tokenizer, overwrite=overwrite)
+    return write_checkpoint(
+        SPEC,
+        out_dir,
+        tensors,
+        aliases=aliases,
+        architecture=arch,
+        metadata=metadata,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+    )
 
 
 def _nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -208,8 +234,10 @@ def _check_layer_tensors(ckpt: Checkpoint) -> None:
     """The tensors of every quantized layer exist with the shapes its layer description implies."""
     tensors = ckpt.tensors
     for lname, l in ckpt.metadata["layers"].items():
-        want = {f"{lname}.weight_int8": [l["out_features"], l["in_features"]],
-                f"{lname}.weight_scale": [l["out_features"]]}
+        want = {
+            f"{lname}.weight_int8": [l["out_features"], l["in_features"]],
+            f"{lname}.weight_scale": [l["out_features"]],
+        }
         if l["method"] in STATIC_METHODS:
             want[f"{lname}.act_inv_col"] = [l["in_features"]]
         if l["bias"]:
@@ -248,14 +276,16 @@ def _check_layer_modules(model: nn.Module, layers: dict[str, dict]) -> None:
         try:
             sub = model.get_submodule(lname)
         except AttributeError:
-            raise QuantizedCheckpointError(f"the architecture has no module {lname!r} listed in {CONFIG_NAME}") \
-                from None
+            raise QuantizedCheckpointError(
+                f"the architecture has no module {lname!r} listed in {CONFIG_NAME}"
+            ) from None
         if l["kind"] == "linear":
-            ok = isinstance(sub, nn.Linear) and (sub.in_features, sub.out_features) == (l["in_features"],
-                                                                                       l["out_features"])
+            ok = isinstance(sub, nn.Linear) and (sub.in_features, sub.out_features) == (
+                l["in_features"],
+                l["out_features"],
+            )
         else:
-            ok = is_pointwise_conv(sub) and (sub.in_channels, sub.out_channels) == (l["in_features"],
-                                                                                   l["out_features"])
+            ok = is_pointwise_conv(sub) and (sub.in_channels, sub.out_channels) == (l["in_features"], l["out_features"])
         if not ok:
             raise QuantizedCheckpointError(
                 f"module {lname} is {sub!r}, which does not match the saved {l['kind']} "
@@ -266,14 +296,16 @@ def _check_layer_modules(model: nn.Module, layers: dict[str, dict]) -> None:
 def _check_fit(model: nn.Module, new: dict[str, QuantizedLinear], full: dict[str, torch.Tensor]) -> None:
     """The complete key set and every shape of ``model`` with ``new`` swapped in match ``full``, checked before the
     model is touched so that a mismatch leaves it unchanged."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if not any(k.startswith(l + ".") for l in new)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(k.startswith(l + ".") for l in new)}
     for lname, q in new.items():
         expected.update({f"{lname}.{k}": tuple(v.shape) for k, v in q.state_dict().items()})
     missing = sorted(set(expected) - set(full))
     unexpected = sorted(set(full) - set(expected))
-    wrong = [f"{k}: file {tuple(full[k].shape)}, model {expected[k]}" for k in sorted(set(expected) & set(full))
-             if tuple(full[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: file {tuple(full[k].shape)}, model {expected[k]}"
+        for k in sorted(set(expected) & set(full))
+        if tuple(full[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
         raise QuantizedCheckpointError(
             f"checkpoint does not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -307,8 +339,15 @@ def load_quantized(
     _check_layer_modules(model, layers)
     new = {
         lname: QuantizedLinear(
-            l["in_features"], l["out_features"], bias=l["bias"], method=l["method"], alpha=l["alpha"], kind=l["kind"],
-            stride=tuple(l.get("stride", (1, 1))), mode=mode or l.get("mode", "int8"), backend=backend,
+            l["in_features"],
+            l["out_features"],
+            bias=l["bias"],
+            method=l["method"],
+            alpha=l["alpha"],
+            kind=l["kind"],
+            stride=tuple(l.get("stride", (1, 1))),
+            mode=mode or l.get("mode", "int8"),
+            backend=backend,
         )
         for lname, l in layers.items()
     }

@@ -10,8 +10,13 @@ import torch.nn as nn
 
 from .layers import QuantizedLinear, is_quantizable
 
-__all__ = ["DEFAULT_SKIP_COMPONENTS", "DEFAULT_SKIP_SUBSTRINGS", "find_quantizable", "quantized_layers",
-           "replace_submodule"]
+__all__ = [
+    "DEFAULT_SKIP_COMPONENTS",
+    "DEFAULT_SKIP_SUBSTRINGS",
+    "find_quantizable",
+    "quantized_layers",
+    "replace_submodule",
+]
 
 #: A module is skipped by default when a dotted component of its name equals one of these ...
 DEFAULT_SKIP_COMPONENTS = ("lm_head", "embed_out", "classifier", "pre_classifier", "score", "qa_outputs", "cls", "head")

@@ -32,13 +32,28 @@ from .retrieval import (
     train_bi_encoder,
     train_cross_encoder,
 )
-
 from .trans_encoder import BiEncoder, TransEncoderHistory, trans_encoder
 
 __all__ = [
-    "DEFAULT_IDENTIFIERS", "FirstExample", "build_listwise_prompt", "collate_first", "first_model_loss",
-    "first_rerank", "first_scores", "first_training_example", "identifier_token_ids", "sliding_window_rerank",
-    "BiEncoder", "TransEncoderHistory", "trans_encoder",
-    "CrossEncoder", "RerankGroups", "distill_loss_fn", "encode_texts", "mine_candidates", "rerank_metrics",
-    "train_bi_encoder", "train_cross_encoder",
+    "DEFAULT_IDENTIFIERS",
+    "FirstExample",
+    "build_listwise_prompt",
+    "collate_first",
+    "first_model_loss",
+    "first_rerank",
+    "first_scores",
+    "first_training_example",
+    "identifier_token_ids",
+    "sliding_window_rerank",
+    "BiEncoder",
+    "TransEncoderHistory",
+    "trans_encoder",
+    "CrossEncoder",
+    "RerankGroups",
+    "distill_loss_fn",
+    "encode_texts",
+    "mine_candidates",
+    "rerank_metrics",
+    "train_bi_encoder",
+    "train_cross_encoder",
 ]

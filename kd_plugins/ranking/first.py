@@ -16,8 +16,8 @@ Conventions chosen here (research note §1):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -41,35 +41,51 @@ DEFAULT_IDENTIFIERS = tuple("ABCDEFGHIJKLMNOPQRST")
 ANSWER_PREFIX = "["
 
 
-def build_listwise_prompt(query: str, passages: Sequence[str], *, identifiers: Sequence[str] | None = None,
-                          max_passage_words: int | None = None, answer_prefix: str = ANSWER_PREFIX) -> str:
+def build_listwise_prompt(
+    query: str,
+    passages: Sequence[str],
+    *,
+    identifiers: Sequence[str] | None = None,
+    max_passage_words: int | None = None,
+    answer_prefix: str = ANSWER_PREFIX,
+) -> str:
     """The RankZephyr/FIRST-style listwise prompt, ending with ``answer_prefix`` (where the ranking starts)."""
     ids = list(identifiers or DEFAULT_IDENTIFIERS)
     n = len(passages)
     if n == 0:
         raise ValueError("build_listwise_prompt() needs at least one passage")
     if n > len(ids):
-        raise ValueError(f"{n} passages but only {len(ids)} identifiers; rerank long lists with "
-                         "sliding_window_rerank() or pass more identifiers")
+        raise ValueError(
+            f"{n} passages but only {len(ids)} identifiers; rerank long lists with "
+            "sliding_window_rerank() or pass more identifiers"
+        )
     if len(set(ids[:n])) != n:
         raise ValueError("identifiers must be distinct")
-    lines = [f"I will provide you with {n} passages, each indicated by an alphabetical identifier []. Rank the "
-             f"passages based on their relevance to the search query: {query}.", ""]
+    lines = [
+        f"I will provide you with {n} passages, each indicated by an alphabetical identifier []. Rank the "
+        f"passages based on their relevance to the search query: {query}.",
+        "",
+    ]
     for ident, p in zip(ids, passages):
         words = p.split()
         if max_passage_words is not None:
             words = words[:max_passage_words]
         lines.append(f"[{ident}] {' '.join(words)}")
-    lines += ["", f"Search Query: {query}.",
-              f"Rank the {n} passages above based on their relevance to the search query. All the passages should "
-              "be included and listed using identifiers, in descending order of relevance. The output format "
-              f"should be [] > [], e.g., [{ids[0]}] > [{ids[min(1, n - 1)]}]. Only respond with the ranking "
-              "results, do not say any word or explain.", ""]
+    lines += [
+        "",
+        f"Search Query: {query}.",
+        f"Rank the {n} passages above based on their relevance to the search query. All the passages should "
+        "be included and listed using identifiers, in descending order of relevance. The output format "
+        f"should be [] > [], e.g., [{ids[0]}] > [{ids[min(1, n - 1)]}]. Only respond with the ranking "
+        "results, do not say any word or explain.",
+        "",
+    ]
     return "\n".join(lines) + answer_prefix
 
 
-def identifier_token_ids(tokenizer, identifiers: Sequence[str] | None = None, *,
-                         prefix: str = ANSWER_PREFIX) -> list[int]:
+def identifier_token_ids(
+    tokenizer, identifiers: Sequence[str] | None = None, *, prefix: str = ANSWER_PREFIX
+) -> list[int]:
     """Token id of every identifier as it follows ``prefix`` in the prompt; raises if one is not a single token.
 
     The check is done in context: ``encode(prefix + ident)`` must equal ``encode(prefix)`` plus exactly one token
@@ -101,8 +117,14 @@ def _last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).amax(-1)
 
 
-def first_scores(model, input_ids: torch.Tensor, identifier_ids: Sequence[int], *, attention_mask=None,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
+def first_scores(
+    model,
+    input_ids: torch.Tensor,
+    identifier_ids: Sequence[int],
+    *,
+    attention_mask=None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Identifier logits ``[B, m]`` of the next token at ``positions`` (default: each row's last real token).
 
     One forward pass; gradients flow when called in a training step.
@@ -118,9 +140,15 @@ def first_scores(model, input_ids: torch.Tensor, identifier_ids: Sequence[int], 
 
 
 @torch.no_grad()
-def first_rerank(model, tokenizer, query: str, passages: Sequence[str], *,
-                 identifiers: Sequence[str] | None = None, max_passage_words: int | None = None
-                 ) -> tuple[list[int], torch.Tensor]:
+def first_rerank(
+    model,
+    tokenizer,
+    query: str,
+    passages: Sequence[str],
+    *,
+    identifiers: Sequence[str] | None = None,
+    max_passage_words: int | None = None,
+) -> tuple[list[int], torch.Tensor]:
     """Rank ``passages`` for ``query`` from one forward pass. Returns ``(order, scores)``: ``order`` lists passage
     indices best first (ties: lower index first), ``scores`` the identifier logits."""
     ids = list(identifiers or DEFAULT_IDENTIFIERS)[: len(passages)]
@@ -131,16 +159,18 @@ def first_rerank(model, tokenizer, query: str, passages: Sequence[str], *,
     was = model.training
     model.eval()
     try:
-        scores = first_scores(model, enc["input_ids"].to(device), tok_ids,
-                              attention_mask=enc["attention_mask"].to(device))[0].cpu()
+        scores = first_scores(
+            model, enc["input_ids"].to(device), tok_ids, attention_mask=enc["attention_mask"].to(device)
+        )[0].cpu()
     finally:
         model.train(was)
     order = torch.sort(scores.double(), descending=True, stable=True).indices.tolist()
     return order, scores
 
 
-def sliding_window_rerank(rank_window: Callable[[Sequence[int]], list[int]], num_candidates: int, *,
-                          window: int = 20, stride: int = 10) -> list[int]:
+def sliding_window_rerank(
+    rank_window: Callable[[Sequence[int]], list[int]], num_candidates: int, *, window: int = 20, stride: int = 10
+) -> list[int]:
     """Back-to-front sliding-window listwise reranking of candidates ``0..num_candidates-1`` (initial order).
 
     ``rank_window(indices)`` returns the given candidate indices reordered best first (e.g. a closure over
@@ -172,9 +202,15 @@ class FirstExample:
     target_ranks: list[int]
 
 
-def first_training_example(tokenizer, query: str, passages: Sequence[str], target_order: Sequence[int], *,
-                           identifiers: Sequence[str] | None = None, max_passage_words: int | None = None
-                           ) -> FirstExample:
+def first_training_example(
+    tokenizer,
+    query: str,
+    passages: Sequence[str],
+    target_order: Sequence[int],
+    *,
+    identifiers: Sequence[str] | None = None,
+    max_passage_words: int | None = None,
+) -> FirstExample:
     """Prompt + target permutation for the joint LM + ranking loss.
 
     Target text ``"C] > [A] > [B]"`` + EOS (the ``"["`` is the prompt's last token); prompt tokens get label
@@ -186,18 +222,25 @@ def first_training_example(tokenizer, query: str, passages: Sequence[str], targe
     if sorted(order) != list(range(len(passages))):
         raise ValueError(f"target_order {order} must be a permutation of the {len(passages)} passage indices")
     tok_ids = identifier_token_ids(tokenizer, ids)
-    prompt_ids = tokenizer(build_listwise_prompt(query, passages, identifiers=ids,
-                                                 max_passage_words=max_passage_words))["input_ids"]
+    prompt_ids = tokenizer(
+        build_listwise_prompt(query, passages, identifiers=ids, max_passage_words=max_passage_words)
+    )["input_ids"]
     target = "] > [".join(ids[i] for i in order) + "]"
     target_ids = tokenizer.encode(target, add_special_tokens=False)
     if tokenizer.eos_token_id is not None:
         target_ids = target_ids + [tokenizer.eos_token_id]
     if target_ids[0] != tok_ids[order[0]]:
-        raise ValueError("the target's first token is not the top identifier's token; this tokenizer merges the "
-                         "identifier with the following ']' - use identifier_token_ids() to pick identifiers")
+        raise ValueError(
+            "the target's first token is not the top identifier's token; this tokenizer merges the "
+            "identifier with the following ']' - use identifier_token_ids() to pick identifiers"
+        )
     ranks, _ = ranks_from_order([order], len(passages))
-    return FirstExample(list(prompt_ids) + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids,
-                        len(prompt_ids) - 1, ranks[0].tolist())
+    return FirstExample(
+        list(prompt_ids) + target_ids,
+        [IGNORE_INDEX] * len(prompt_ids) + target_ids,
+        len(prompt_ids) - 1,
+        ranks[0].tolist(),
+    )
 
 
 def collate_first(examples: Sequence[FirstExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -213,13 +256,25 @@ def collate_first(examples: Sequence[FirstExample], pad_token_id: int) -> dict[s
         am[i, :n] = 1
         lab[i, :n] = torch.tensor(e.labels)
     ranks, cmask = pad_candidates([e.target_ranks for e in examples], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": am, "labels": lab,
-            "score_positions": torch.tensor([e.score_position for e in examples]), "target_ranks": ranks,
-            "candidate_mask": cmask}
+    return {
+        "input_ids": ids,
+        "attention_mask": am,
+        "labels": lab,
+        "score_positions": torch.tensor([e.score_position for e in examples]),
+        "target_ranks": ranks,
+        "candidate_mask": cmask,
+    }
 
 
-def first_model_loss(model, batch: dict[str, torch.Tensor], identifier_ids: Sequence[int], *,
-                     rank_weight: float = 10.0, weighted: bool = True, return_parts: bool = False):
+def first_model_loss(
+    model,
+    batch: dict[str, torch.Tensor],
+    identifier_ids: Sequence[int],
+    *,
+    rank_weight: float = 10.0,
+    weighted: bool = True,
+    return_parts: bool = False,
+):
     """FIRST's joint loss from one forward pass of ``model`` on a :func:`collate_first` batch."""
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in batch.items()}
@@ -228,5 +283,13 @@ def first_model_loss(model, batch: dict[str, torch.Tensor], identifier_ids: Sequ
     ident = torch.as_tensor(list(identifier_ids)[:m], device=device)
     rows = torch.arange(logits.shape[0], device=device)
     z = logits[rows, b["score_positions"]][:, ident]
-    return first_joint_loss(logits[:, :-1], b["labels"][:, 1:], z, b["target_ranks"], mask=b["candidate_mask"],
-                            rank_weight=rank_weight, weighted=weighted, return_parts=return_parts)
+    return first_joint_loss(
+        logits[:, :-1],
+        b["labels"][:, 1:],
+        z,
+        b["target_ranks"],
+        mask=b["candidate_mask"],
+        rank_weight=rank_weight,
+        weighted=weighted,
+        return_parts=return_parts,
+    )

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,14 +52,22 @@ class RerankGroups:
     def __len__(self) -> int:
         return len(self.queries)
 
-    def subset(self, idx: Sequence[int]) -> "RerankGroups":
+    def subset(self, idx: Sequence[int]) -> RerankGroups:
         idx = list(idx)
         return RerankGroups([self.queries[i] for i in idx], self.candidates[idx], self.positive[idx])
 
 
-def mine_candidates(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, *, relevant: Sequence[int],
-                    queries: Sequence[str], query_topics: Sequence | None = None, doc_topics: Sequence | None = None,
-                    force_positive: bool = False) -> RerankGroups:
+def mine_candidates(
+    query_emb: torch.Tensor,
+    doc_emb: torch.Tensor,
+    k: int,
+    *,
+    relevant: Sequence[int],
+    queries: Sequence[str],
+    query_topics: Sequence | None = None,
+    doc_topics: Sequence | None = None,
+    force_positive: bool = False,
+) -> RerankGroups:
     """Top-``k`` documents per query by dot product (pass L2-normalised embeddings for cosine).
 
     ``relevant[i]`` is query ``i``'s relevant document id. With topics, only documents of the query's topic are
@@ -95,9 +103,11 @@ def mine_candidates(query_emb: torch.Tensor, doc_emb: torch.Tensor, k: int, *, r
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 64, batch_size: int = 64,
-                 grad: bool = False) -> torch.Tensor:
+def encode_texts(
+    model, tokenizer, texts: Sequence[str], *, max_length: int = 64, batch_size: int = 64, grad: bool = False
+) -> torch.Tensor:
     """Mean-pooled, L2-normalised embeddings (``grad=True`` keeps the graph; use for small training batches)."""
+
     def run(chunk):
         b = tokenizer(list(chunk), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         b = {k: v.to(next(model.parameters()).device) for k, v in b.items() if k in ("input_ids", "attention_mask")}
@@ -110,7 +120,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 64
     was = model.training
     model.eval()
     try:
-        out = [run(texts[i:i + batch_size]).cpu() for i in range(0, len(texts), batch_size)]
+        out = [run(texts[i : i + batch_size]).cpu() for i in range(0, len(texts), batch_size)]
     finally:
         model.train(was)
     return torch.cat(out)
@@ -144,8 +154,14 @@ class CrossEncoder(nn.Module):
         return bool(self.freeze_layers) and base is not None and hasattr(self.model, "classifier")
 
     def _tokenize(self, queries, docs):
-        b = self.tokenizer(list(queries), list(docs), padding=True, truncation="only_second",
-                           max_length=self.max_length, return_tensors="pt")
+        b = self.tokenizer(
+            list(queries),
+            list(docs),
+            padding=True,
+            truncation="only_second",
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {k: v.to(next(self.model.parameters()).device) for k, v in b.items()}
 
     @staticmethod
@@ -169,14 +185,14 @@ class CrossEncoder(nn.Module):
         bert = self.model.bert
         ext = self._additive(mask, hidden.dtype)
         h = hidden
-        for layer in bert.encoder.layer[self.freeze_layers:]:
+        for layer in bert.encoder.layer[self.freeze_layers :]:
             h = layer(h, ext)
             h = h[0] if isinstance(h, tuple) else h
         pooled = bert.pooler(h) if bert.pooler is not None else h[:, 0]
         return self.model.classifier(self.model.dropout(pooled)).squeeze(-1).float()
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "CrossEncoder":
+    def from_pretrained(cls, path, **kwargs) -> CrossEncoder:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
@@ -196,8 +212,9 @@ class CrossEncoder(nn.Module):
                 q.append(query)
                 d.append(docs[j])
         try:
-            out = torch.cat([self(q[i:i + batch_size], d[i:i + batch_size]).cpu()
-                             for i in range(0, len(q), batch_size)])
+            out = torch.cat(
+                [self(q[i : i + batch_size], d[i : i + batch_size]).cpu() for i in range(0, len(q), batch_size)]
+            )
         finally:
             self.train(was)
         return out.reshape(groups.candidates.shape)
@@ -218,12 +235,22 @@ def _batches(n: int, batch: int, steps: int, seed: int):
 def _schedule(opt, steps: int, warmup: float = 0.1):
     w = max(1, int(steps * warmup))
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / w) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / w) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
 
 
-def train_cross_encoder(cross: CrossEncoder, groups: RerankGroups, docs: Sequence[str], *, steps: int,
-                        batch_queries: int = 2, lr: float = 3e-5, seed: int = 0, log: Callable | None = None,
-                        return_scores: bool = False):
+def train_cross_encoder(
+    cross: CrossEncoder,
+    groups: RerankGroups,
+    docs: Sequence[str],
+    *,
+    steps: int,
+    batch_queries: int = 2,
+    lr: float = 3e-5,
+    seed: int = 0,
+    log: Callable | None = None,
+    return_scores: bool = False,
+):
     """Listwise fine-tuning: softmax CE of the positive (column ``groups.positive``) over each candidate group.
 
     With frozen lower layers (``CrossEncoder(freeze_layers=n)``, BERT-style models) their outputs are computed once
@@ -298,11 +325,25 @@ def distill_loss_fn(name: str, **kwargs) -> Callable[[torch.Tensor, torch.Tensor
     return run
 
 
-def train_bi_encoder(student, tokenizer, groups: RerankGroups, docs: Sequence[str], *, steps: int,
-                     doc_emb: torch.Tensor | None = None, teacher_scores: torch.Tensor | None = None,
-                     distill: str | None = None, distill_weight: float = 1.0, distill_kwargs: dict | None = None,
-                     label_weight: float = 1.0, temperature: float = 0.05, batch_queries: int = 8, lr: float = 5e-5,
-                     max_length: int = 64, seed: int = 0) -> list[float]:
+def train_bi_encoder(
+    student,
+    tokenizer,
+    groups: RerankGroups,
+    docs: Sequence[str],
+    *,
+    steps: int,
+    doc_emb: torch.Tensor | None = None,
+    teacher_scores: torch.Tensor | None = None,
+    distill: str | None = None,
+    distill_weight: float = 1.0,
+    distill_kwargs: dict | None = None,
+    label_weight: float = 1.0,
+    temperature: float = 0.05,
+    batch_queries: int = 8,
+    lr: float = 5e-5,
+    max_length: int = 64,
+    seed: int = 0,
+) -> list[float]:
     """Train a bi-encoder on candidate groups: ``label_weight * CE + distill_weight * distill(teacher)``.
 
     Student scores are ``cos(q, d) / temperature``. With ``doc_emb`` (precomputed, L2-normalised ``[N_docs, D]``)
@@ -312,8 +353,9 @@ def train_bi_encoder(student, tokenizer, groups: RerankGroups, docs: Sequence[st
     if distill is not None and teacher_scores is None:
         raise ValueError(f"distill={distill!r} needs teacher_scores for the groups")
     if teacher_scores is not None and teacher_scores.shape != groups.candidates.shape:
-        raise ValueError(f"teacher_scores {tuple(teacher_scores.shape)} must match the groups "
-                         f"{tuple(groups.candidates.shape)}")
+        raise ValueError(
+            f"teacher_scores {tuple(teacher_scores.shape)} must match the groups {tuple(groups.candidates.shape)}"
+        )
     loss_fn = distill_loss_fn(distill, **(distill_kwargs or {})) if distill else None
     torch.manual_seed(seed)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -328,8 +370,9 @@ def train_bi_encoder(student, tokenizer, groups: RerankGroups, docs: Sequence[st
         if doc_emb is not None:
             d = doc_emb[cand.reshape(-1)].to(q.device)
         else:
-            d = encode_texts(student, tokenizer, [docs[j] for j in cand.reshape(-1).tolist()],
-                             max_length=max_length, grad=True)
+            d = encode_texts(
+                student, tokenizer, [docs[j] for j in cand.reshape(-1).tolist()], max_length=max_length, grad=True
+            )
         s = (q.unsqueeze(1) * d.reshape(len(idx), k, -1)).sum(-1) / temperature
         pos = groups.positive[idx].to(s.device)
         loss = label_weight * F.cross_entropy(s, pos) if label_weight else s.new_zeros(())
@@ -349,8 +392,7 @@ def rerank_metrics(scores: torch.Tensor, positive: torch.Tensor, k_ndcg: int = 1
     """MRR (over the candidate list; 0 when the relevant document was not retrieved) and nDCG@``k_ndcg`` with one
     relevant document per query, after sorting each row of ``scores [Q, k]`` descending (ties pessimistic)."""
     if scores.dim() != 2 or positive.shape != scores.shape[:1]:
-        raise ValueError(f"scores must be [Q, k] and positive [Q]; got {tuple(scores.shape)}, "
-                         f"{tuple(positive.shape)}")
+        raise ValueError(f"scores must be [Q, k] and positive [Q]; got {tuple(scores.shape)}, {tuple(positive.shape)}")
     found = positive >= 0
     pos = positive.clamp_min(0)
     ps = scores.gather(-1, pos[:, None])

@@ -18,16 +18,23 @@ maps them with ``(1 + cos) / 2``; ``"clamp"`` clips to ``[0, 1]``. The cross->bi
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .retrieval import CrossEncoder, encode_texts
 
-__all__ = ["BiEncoder", "bi_encoder_scores", "cross_encoder_scores", "train_cross_on_labels", "train_bi_on_labels",
-           "TransEncoderHistory", "trans_encoder"]
+__all__ = [
+    "BiEncoder",
+    "bi_encoder_scores",
+    "cross_encoder_scores",
+    "train_cross_on_labels",
+    "train_bi_on_labels",
+    "TransEncoderHistory",
+    "trans_encoder",
+]
 
 
 @dataclass
@@ -51,15 +58,21 @@ def bi_encoder_scores(bi: BiEncoder, pairs: Sequence[Pair], batch_size: int = 64
 
 
 @torch.no_grad()
-def cross_encoder_scores(cross: CrossEncoder, pairs: Sequence[Pair], batch_size: int = 64,
-                         symmetric: bool = True) -> torch.Tensor:
+def cross_encoder_scores(
+    cross: CrossEncoder, pairs: Sequence[Pair], batch_size: int = 64, symmetric: bool = True
+) -> torch.Tensor:
     """``sigmoid`` of the cross-encoder logit ``[P]`` (averaged over both pair orders with ``symmetric``)."""
     was = cross.training
     cross.eval()
     try:
+
         def run(a, b):
-            return torch.cat([torch.sigmoid(cross(a[i:i + batch_size], b[i:i + batch_size])).cpu()
-                              for i in range(0, len(a), batch_size)])
+            return torch.cat(
+                [
+                    torch.sigmoid(cross(a[i : i + batch_size], b[i : i + batch_size])).cpu()
+                    for i in range(0, len(a), batch_size)
+                ]
+            )
 
         a, b = [p[0] for p in pairs], [p[1] for p in pairs]
         out = run(a, b)
@@ -76,20 +89,30 @@ def _minibatches(n: int, batch: int, epochs: int, seed: int):
         order = list(range(n))
         rng.shuffle(order)
         for i in range(0, n, batch):
-            yield order[i:i + batch]
+            yield order[i : i + batch]
 
 
-def train_cross_on_labels(cross: CrossEncoder, pairs: Sequence[Pair], labels: torch.Tensor, *, epochs: int = 1,
-                          batch_size: int = 32, lr: float = 2e-5, both_orders: bool = True, seed: int = 0
-                          ) -> list[float]:
+def train_cross_on_labels(
+    cross: CrossEncoder,
+    pairs: Sequence[Pair],
+    labels: torch.Tensor,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    both_orders: bool = True,
+    seed: int = 0,
+) -> list[float]:
     """BCE-with-logits of the cross-encoder logit against soft labels in ``[0, 1]`` (sentence-transformers'
     ``CrossEncoder.fit`` with ``num_labels=1``)."""
     labels = torch.as_tensor(labels, dtype=torch.float32)
     if labels.shape != (len(pairs),):
         raise ValueError(f"need one label per pair: {len(pairs)} pairs, labels {tuple(labels.shape)}")
     if not bool(torch.isfinite(labels).all()) or float(labels.min()) < 0 or float(labels.max()) > 1:
-        raise ValueError("cross-encoder pseudo-labels must be finite and lie in [0, 1]; map cosine scores with "
-                         "(1 + cos) / 2 or clamp them")
+        raise ValueError(
+            "cross-encoder pseudo-labels must be finite and lie in [0, 1]; map cosine scores with "
+            "(1 + cos) / 2 or clamp them"
+        )
     data = list(pairs) + ([(b, a) for a, b in pairs] if both_orders else [])
     y = torch.cat([labels, labels]) if both_orders else labels
     params = [p for p in cross.parameters() if p.requires_grad]
@@ -107,8 +130,16 @@ def train_cross_on_labels(cross: CrossEncoder, pairs: Sequence[Pair], labels: to
     return losses
 
 
-def train_bi_on_labels(bi: BiEncoder, pairs: Sequence[Pair], labels: torch.Tensor, *, epochs: int = 1,
-                       batch_size: int = 32, lr: float = 5e-5, seed: int = 0) -> list[float]:
+def train_bi_on_labels(
+    bi: BiEncoder,
+    pairs: Sequence[Pair],
+    labels: torch.Tensor,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    seed: int = 0,
+) -> list[float]:
     """``MSE(cos(u, v), label)`` (CosineSimilarityLoss) on the pairs."""
     labels = torch.as_tensor(labels, dtype=torch.float32)
     if labels.shape != (len(pairs),) or not bool(torch.isfinite(labels).all()):
@@ -145,11 +176,22 @@ class TransEncoderHistory:
         return max(range(len(self.scores)), key=lambda i: self.scores[i].get("score", float("-inf")))
 
 
-def trans_encoder(bi_encoders: BiEncoder | Sequence[BiEncoder], cross_encoders: CrossEncoder | Sequence[CrossEncoder],
-                  pairs: Sequence[Pair], *, cycles: int = 3, target_map: str = "affine", cross_epochs: int = 1,
-                  bi_epochs: int = 1, cross_batch_size: int = 32, bi_batch_size: int = 32, cross_lr: float = 2e-5,
-                  bi_lr: float = 5e-5, seed: int = 0, evaluate: Callable[[int], dict] | None = None
-                  ) -> TransEncoderHistory:
+def trans_encoder(
+    bi_encoders: BiEncoder | Sequence[BiEncoder],
+    cross_encoders: CrossEncoder | Sequence[CrossEncoder],
+    pairs: Sequence[Pair],
+    *,
+    cycles: int = 3,
+    target_map: str = "affine",
+    cross_epochs: int = 1,
+    bi_epochs: int = 1,
+    cross_batch_size: int = 32,
+    bi_batch_size: int = 32,
+    cross_lr: float = 2e-5,
+    bi_lr: float = 5e-5,
+    seed: int = 0,
+    evaluate: Callable[[int], dict] | None = None,
+) -> TransEncoderHistory:
     """Run ``cycles`` of bi -> cross -> bi (mutual when several models are given). Models are trained in place.
 
     Repo defaults: 3 cycles, cross 1 epoch / batch 32, bi 10 epochs / batch 128 / lr 5e-5 (pass ``bi_epochs``).
@@ -170,13 +212,21 @@ def trans_encoder(bi_encoders: BiEncoder | Sequence[BiEncoder], cross_encoders: 
         y_cross = (1.0 + cos) / 2.0 if target_map == "affine" else cos.clamp(0.0, 1.0)
         hist.bi_labels.append(y_cross)
         for i, c in enumerate(crosses):
-            train_cross_on_labels(c, pairs, y_cross, epochs=cross_epochs, batch_size=cross_batch_size, lr=cross_lr,
-                                  seed=seed + 1000 * cycle + i)
+            train_cross_on_labels(
+                c,
+                pairs,
+                y_cross,
+                epochs=cross_epochs,
+                batch_size=cross_batch_size,
+                lr=cross_lr,
+                seed=seed + 1000 * cycle + i,
+            )
         y_bi = torch.stack([cross_encoder_scores(c, pairs) for c in crosses]).mean(0)
         hist.cross_labels.append(y_bi)
         for i, b in enumerate(bis):
-            train_bi_on_labels(b, pairs, y_bi, epochs=bi_epochs, batch_size=bi_batch_size, lr=bi_lr,
-                               seed=seed + 1000 * cycle + 100 + i)
+            train_bi_on_labels(
+                b, pairs, y_bi, epochs=bi_epochs, batch_size=bi_batch_size, lr=bi_lr, seed=seed + 1000 * cycle + 100 + i
+            )
         if evaluate is not None:
             hist.scores.append(dict(evaluate(cycle)))
     return hist

@@ -14,8 +14,13 @@ from .apply import applied_packs
 from .budget import parse_budget
 from .config import SkillPackConfig
 from .entry import Entry
-from .errors import (ArchitectureMismatchError, BudgetTooSmallError, FingerprintMismatchError, IntegrityError,
-                     SkillPackError)
+from .errors import (
+    ArchitectureMismatchError,
+    BudgetTooSmallError,
+    FingerprintMismatchError,
+    IntegrityError,
+    SkillPackError,
+)
 from .fingerprint import model_fingerprint
 from .fuse import RoutedSkillPacks, SkillRouter, fuse, ties_merge_tensors
 from .lowrank import energy_rank
@@ -23,8 +28,25 @@ from .pack import SkillPack, compress_deltas, load_skillpack, save_skillpack
 from .peft_io import export_lora, import_lora
 
 __all__ = [
-    "SkillPack", "SkillPackConfig", "Entry", "save_skillpack", "load_skillpack", "compress_deltas", "fuse",
-    "RoutedSkillPacks", "SkillRouter", "ties_merge_tensors", "export_lora", "import_lora", "model_fingerprint",
-    "energy_rank", "parse_budget", "applied_packs", "SkillPackError", "ArchitectureMismatchError",
-    "FingerprintMismatchError", "IntegrityError", "BudgetTooSmallError",
+    "SkillPack",
+    "SkillPackConfig",
+    "Entry",
+    "save_skillpack",
+    "load_skillpack",
+    "compress_deltas",
+    "fuse",
+    "RoutedSkillPacks",
+    "SkillRouter",
+    "ties_merge_tensors",
+    "export_lora",
+    "import_lora",
+    "model_fingerprint",
+    "energy_rank",
+    "parse_budget",
+    "applied_packs",
+    "SkillPackError",
+    "ArchitectureMismatchError",
+    "FingerprintMismatchError",
+    "IntegrityError",
+    "BudgetTooSmallError",
 ]

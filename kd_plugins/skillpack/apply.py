@@ -30,16 +30,22 @@ def _check_target(pack: AppliablePack, model: nn.Module, strict: bool) -> tuple[
     """The model's tensors and fingerprint, after checking that the pack fits it (nothing is changed on failure)."""
     tensors = model_tensors(model)
     missing = [n for n in pack.entries if n not in tensors]
-    bad = [(n, pack.entries[n].shape, tuple(tensors[n].shape)) for n in pack.entries
-           if n in tensors and tuple(tensors[n].shape) != tuple(pack.entries[n].shape)]
+    bad = [
+        (n, pack.entries[n].shape, tuple(tensors[n].shape))
+        for n in pack.entries
+        if n in tensors and tuple(tensors[n].shape) != tuple(pack.entries[n].shape)
+    ]
     if missing or bad:
         raise ArchitectureMismatchError(
             f"this SkillPack does not fit {type(model).__name__}: {len(missing)} tensors missing (e.g. "
-            f"{missing[:3]}), {len(bad)} with other shapes (e.g. {bad[:3]}). The model was not changed.")
+            f"{missing[:3]}), {len(bad)} with other shapes (e.g. {bad[:3]}). The model was not changed."
+        )
     fp = model_fingerprint(model)
     if fp != pack.base_fingerprint:
-        msg = (f"model fingerprint {fp[:23]}... differs from the pack's base {pack.base_fingerprint[:23]}...: "
-               f"this is not the base model the pack was extracted from (other weights, dtype or architecture)")
+        msg = (
+            f"model fingerprint {fp[:23]}... differs from the pack's base {pack.base_fingerprint[:23]}...: "
+            f"this is not the base model the pack was extracted from (other weights, dtype or architecture)"
+        )
         if strict:
             raise FingerprintMismatchError(msg + ". The model was not changed; pass strict=False to apply anyway.")
         # stacklevel: _check_target, apply_pack, its no_grad wrapper, SkillPack.apply, then the caller
@@ -47,16 +53,18 @@ def _check_target(pack: AppliablePack, model: nn.Module, strict: bool) -> tuple[
     return tensors, fp
 
 
-def _add_deltas(pack: AppliablePack, tensors: dict[str, torch.Tensor], scale: float,
-                only: Iterable[str] | None = None) -> None:
+def _add_deltas(
+    pack: AppliablePack, tensors: dict[str, torch.Tensor], scale: float, only: Iterable[str] | None = None
+) -> None:
     for name, e in pack.entries.items():
         if only is None or name in only:
             t = tensors[name]
             t.copy_((t.float() + scale * e.delta().to(t.device)).to(t.dtype))
 
 
-def _undo_partial_apply(pack: AppliablePack, state: dict, tensors: dict[str, torch.Tensor],
-                        new_snapshots: list[str]) -> None:
+def _undo_partial_apply(
+    pack: AppliablePack, state: dict, tensors: dict[str, torch.Tensor], new_snapshots: list[str]
+) -> None:
     """After a failure half-way through applying ``pack``: put its tensors back as the other packs left them."""
     for name in pack.entries:
         if name in state["snapshot"]:

@@ -10,7 +10,7 @@ import re
 from .errors import SkillPackError
 
 DENSE_BYTES_PER_ELEMENT = 2  # the reference "dense delta" is bf16
-_UNIT_BYTES = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30}
+_UNIT_BYTES = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def _parse_budget_text(text: str, dense_bytes: int) -> int:
@@ -35,8 +35,9 @@ def parse_budget(budget, dense_bytes: int) -> int:
         value = budget
     elif isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise SkillPackError(f"a float budget is a fraction of the dense delta in (0, 1]; got {budget}. Pass an "
-                                 "int for bytes.")
+            raise SkillPackError(
+                f"a float budget is a fraction of the dense delta in (0, 1]; got {budget}. Pass an int for bytes."
+            )
         value = int(budget * dense_bytes)
     elif isinstance(budget, str):
         value = _parse_budget_text(budget, dense_bytes)

@@ -65,14 +65,24 @@ def _add_extract_parser(sub) -> None:
 
 def _extract_config(args):
     """The :class:`SkillPackConfig` of an ``extract`` command line (raises SkillPackError on bad values)."""
-    return SkillPackConfig(budget=args.budget, energy=args.energy, policy=args.policy, embeddings=args.embeddings,
-                           bits=args.bits, bit_split=args.bit_split, group_size=args.group_size,
-                           exact_max_dim=args.exact_max_dim, sparse_density=args.sparse_density, name=args.name)
+    return SkillPackConfig(
+        budget=args.budget,
+        energy=args.energy,
+        policy=args.policy,
+        embeddings=args.embeddings,
+        bits=args.bits,
+        bit_split=args.bit_split,
+        group_size=args.group_size,
+        exact_max_dim=args.exact_max_dim,
+        sparse_density=args.sparse_density,
+        name=args.name,
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kd-plugins skillpack", description="GraftLLM SkillPacks (see "
-                                "kd_plugins.skillpack).")
+    p = argparse.ArgumentParser(
+        prog="kd-plugins skillpack", description="GraftLLM SkillPacks (see kd_plugins.skillpack)."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_extract_parser(sub)
 
@@ -110,8 +120,14 @@ def _apply(args) -> None:
     model = _load_model(args.base, args.auto_class)
     pack.apply(model, scale=args.scale, strict=not args.no_strict)
     model.save_pretrained(args.out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
-              "vocab.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+        "merges.txt",
+        "vocab.json",
+    ):
         src = Path(args.base) / f
         if src.is_file():
             shutil.copy(src, Path(args.out) / f)
@@ -127,8 +143,10 @@ def _info(args) -> None:
 def _export_lora(args) -> None:
     pack = SkillPack.load(args.pack)
     res = pack.to_lora(args.out, overwrite=args.overwrite)
-    print(f"exported {len(res['modules'])} LoRA modules (max rank {res['max_rank']}) to {args.out}; "
-          f"{len(res['skipped'])} non-low-rank tensors skipped")
+    print(
+        f"exported {len(res['modules'])} LoRA modules (max rank {res['max_rank']}) to {args.out}; "
+        f"{len(res['skipped'])} non-low-rank tensors skipped"
+    )
 
 
 _COMMANDS = {"extract": _extract, "apply": _apply, "info": _info, "export-lora": _export_lora}

@@ -30,8 +30,15 @@ def _sparse_entry(item: dict, density: float) -> Entry:
     d = item["delta"].reshape(-1)
     k = max(1, int(round(density * d.numel())))
     idx = torch.topk(d.abs(), k).indices.sort().values
-    return Entry(item["name"], "sparse", item["shape"], item["dtype"], item["module_type"], item["module_class"],
-                 {"idx": idx.to(torch.int32), "val": d[idx].half()})
+    return Entry(
+        item["name"],
+        "sparse",
+        item["shape"],
+        item["dtype"],
+        item["module_type"],
+        item["module_class"],
+        {"idx": idx.to(torch.int32), "val": d[idx].half()},
+    )
 
 
 def _split_items(items: list[dict], config: SkillPackConfig) -> tuple[list[Entry], list[dict], list[str]]:
@@ -70,28 +77,46 @@ def _svds(lowrank: list[dict], progress: bool, cache: dict | None) -> list[SVD]:
     return svds
 
 
-def _budget_too_small(budget_bytes: int, fixed_bytes: int, dense_bytes: int, lowrank: list[dict],
-                      config: SkillPackConfig) -> BudgetTooSmallError:
+def _budget_too_small(
+    budget_bytes: int, fixed_bytes: int, dense_bytes: int, lowrank: list[dict], config: SkillPackConfig
+) -> BudgetTooSmallError:
     width = min(config.bits)
-    cheapest = min((Q.column_bytes(it["shape"][0], width, config.group_size)
-                    + Q.column_bytes(math.prod(it["shape"]) // it["shape"][0], width, config.group_size) + 4
-                    for it in lowrank), default=0)
+    cheapest = min(
+        (
+            Q.column_bytes(it["shape"][0], width, config.group_size)
+            + Q.column_bytes(math.prod(it["shape"]) // it["shape"][0], width, config.group_size)
+            + 4
+            for it in lowrank
+        ),
+        default=0,
+    )
     return BudgetTooSmallError(
         f"budget of {budget_bytes:,} bytes is too small: the exact small deltas (norms, biases, small "
         f"tensors{', embeddings' if config.embeddings in ('exact', 'sparse') else ''}) take {fixed_bytes:,} bytes "
         f"and the cheapest rank-1 {width}-bit component of any module takes {cheapest:,} more "
-        f"(dense bf16 delta: {dense_bytes:,} bytes). Raise the budget (e.g. budget='5%').")
+        f"(dense bf16 delta: {dense_bytes:,} bytes). Raise the budget (e.g. budget='5%')."
+    )
 
 
-def _budget_mode_bits(lowrank: list[dict], svds: list[SVD], budget_bytes: int, fixed_bytes: int, dense_bytes: int,
-                      config: SkillPackConfig, cache: dict | None) -> list[torch.Tensor]:
+def _budget_mode_bits(
+    lowrank: list[dict],
+    svds: list[SVD],
+    budget_bytes: int,
+    fixed_bytes: int,
+    dense_bytes: int,
+    config: SkillPackConfig,
+    cache: dict | None,
+) -> list[torch.Tensor]:
     """Per-module component widths within what the budget leaves after the fixed entries."""
     avail = budget_bytes - fixed_bytes
     if not lowrank:
         chosen, ok = [], avail >= 0
     else:
-        chosen = (allocate_bits(lowrank, svds, config.bits, config.group_size, avail, config.policy, config.progress,
-                                cache) if avail > 0 else None)
+        chosen = (
+            allocate_bits(lowrank, svds, config.bits, config.group_size, avail, config.policy, config.progress, cache)
+            if avail > 0
+            else None
+        )
         ok = chosen is not None and any(bool((c > 0).any()) for c in chosen)
     if not ok:
         raise _budget_too_small(budget_bytes, fixed_bytes, dense_bytes, lowrank, config)
@@ -107,14 +132,16 @@ def _rel_error(entry: Entry, delta: torch.Tensor) -> float:
     return float((entry.delta() - delta).norm() / delta.norm())
 
 
-def _lowrank_entries(lowrank: list[dict], svds: list[SVD], chosen: list[torch.Tensor], config: SkillPackConfig
-                     ) -> tuple[list[Entry], list[str]]:
+def _lowrank_entries(
+    lowrank: list[dict], svds: list[SVD], chosen: list[torch.Tensor], config: SkillPackConfig
+) -> tuple[list[Entry], list[str]]:
     """Quantized low-rank entries (with their relative error) and the modules that got no component."""
     from tqdm.auto import tqdm
 
     entries, dropped = [], []
-    for it, (u, s, v), b in tqdm(list(zip(lowrank, svds, chosen)), desc="skillpack: quantize",
-                                 disable=not config.progress, leave=False):
+    for it, (u, s, v), b in tqdm(
+        list(zip(lowrank, svds, chosen)), desc="skillpack: quantize", disable=not config.progress, leave=False
+    ):
         e = lowrank_entry(it, u, s, v, b, config.group_size)
         if e is None:
             dropped.append(it["name"])
@@ -124,8 +151,7 @@ def _lowrank_entries(lowrank: list[dict], svds: list[SVD], chosen: list[torch.Te
     return entries, dropped
 
 
-def compress_entries(items: list[dict], config: SkillPackConfig, cache: dict | None = None
-                     ) -> tuple[list[Entry], dict]:
+def compress_entries(items: list[dict], config: SkillPackConfig, cache: dict | None = None) -> tuple[list[Entry], dict]:
     """Entries (sorted by name) and the pack's ``info`` record for ``items`` compressed as ``config`` says.
 
     ``cache``: a dict kept by the caller to reuse SVDs and quantization-error tables when the same deltas are
@@ -149,14 +175,23 @@ def compress_entries(items: list[dict], config: SkillPackConfig, cache: dict | N
     lowrank_entries, dropped = _lowrank_entries(lowrank, svds, chosen, config)
     entries = sorted(entries + lowrank_entries, key=lambda e: e.name)
     skipped += dropped
-    info = {"dense_bytes": dense_bytes, "budget_bytes": budget_bytes, "energy": config.energy,
-            "policy": config.policy, "embeddings": config.embeddings, "bits": list(config.bits),
-            "group_size": config.group_size, "exact_max_dim": config.exact_max_dim,
-            "sparse_density": config.sparse_density if config.embeddings == "sparse" else None,
-            "dropped": sorted(skipped), "dropped_errors": {n: 1.0 for n in dropped},
-            "extract_s": round(time.time() - t_start, 2),
-            "dropped_dense_bytes": sum(math.prod(i["shape"]) * DENSE_BYTES_PER_ELEMENT for i in items
-                                       if i["name"] in set(skipped))}
+    info = {
+        "dense_bytes": dense_bytes,
+        "budget_bytes": budget_bytes,
+        "energy": config.energy,
+        "policy": config.policy,
+        "embeddings": config.embeddings,
+        "bits": list(config.bits),
+        "group_size": config.group_size,
+        "exact_max_dim": config.exact_max_dim,
+        "sparse_density": config.sparse_density if config.embeddings == "sparse" else None,
+        "dropped": sorted(skipped),
+        "dropped_errors": {n: 1.0 for n in dropped},
+        "extract_s": round(time.time() - t_start, 2),
+        "dropped_dense_bytes": sum(
+            math.prod(i["shape"]) * DENSE_BYTES_PER_ELEMENT for i in items if i["name"] in set(skipped)
+        ),
+    }
     nbytes = sum(e.nbytes for e in entries)
     if budget_bytes is not None and nbytes > budget_bytes:  # the allocator guarantees this; keep it checked
         raise SkillPackError(f"internal error: pack of {nbytes} bytes exceeds the budget {budget_bytes}")

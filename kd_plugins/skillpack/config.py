@@ -15,7 +15,7 @@ EmbeddingPolicy = Literal["lowrank", "exact", "sparse", "skip"]
 POLICIES = get_args(Policy)
 EMBEDDING_POLICIES = get_args(EmbeddingPolicy)
 DEFAULT_BITS = (8, 4, 2)
-_VALIDATION_DENSE_BYTES = 2 ** 62  # any size will do: only the budget's syntax is checked before the delta is known
+_VALIDATION_DENSE_BYTES = 2**62  # any size will do: only the budget's syntax is checked before the delta is known
 
 
 def parse_bits(value) -> tuple[int, ...]:
@@ -81,31 +81,60 @@ class SkillPackConfig:
 
     # Help texts are argparse format strings: "%%" shows as "%".
     budget: float | str | None = field(
-        default=None, metadata={"help": "Total stored bytes: int bytes, a fraction of the dense bf16 delta in (0, 1] "
-                                        "('0.05'), or text such as '5%%', '20MB', '512KiB'. Exclusive with energy."})
+        default=None,
+        metadata={
+            "help": "Total stored bytes: int bytes, a fraction of the dense bf16 delta in (0, 1] "
+            "('0.05'), or text such as '5%%', '20MB', '512KiB'. Exclusive with energy."
+        },
+    )
     energy: float | None = field(
-        default=None, metadata={"help": "Per-module energy threshold beta in (0, 1]: rank = smallest k keeping beta "
-                                        "of sum sigma^2. Exclusive with budget."})
+        default=None,
+        metadata={
+            "help": "Per-module energy threshold beta in (0, 1]: rank = smallest k keeping beta "
+            "of sum sigma^2. Exclusive with budget."
+        },
+    )
     policy: Policy = field(
-        default="module-aware", metadata={"help": "Budget mode. module-aware: one global rate-distortion "
-                                                  "allocation of ranks and bit widths over all modules; uniform: "
-                                                  "each matrix gets the budget share of its size."})
+        default="module-aware",
+        metadata={
+            "help": "Budget mode. module-aware: one global rate-distortion "
+            "allocation of ranks and bit widths over all modules; uniform: "
+            "each matrix gets the budget share of its size."
+        },
+    )
     embeddings: EmbeddingPolicy = field(
-        default="lowrank", metadata={"help": "Embedding deltas: lowrank (like any matrix), exact (fp32), sparse "
-                                             "(the largest sparse_density fraction of entries), skip (not stored)."})
+        default="lowrank",
+        metadata={
+            "help": "Embedding deltas: lowrank (like any matrix), exact (fp32), sparse "
+            "(the largest sparse_density fraction of entries), skip (not stored)."
+        },
+    )
     bits: tuple | str | None = field(
-        default="8,4,2", metadata={"help": f"Allowed factor column widths in budget mode, from {Q.SUPPORTED_BITS} "
-                                           "(16/32 = fp16/fp32 floats), e.g. '8,4,2'; one width forces it."})
+        default="8,4,2",
+        metadata={
+            "help": f"Allowed factor column widths in budget mode, from {Q.SUPPORTED_BITS} "
+            "(16/32 = fp16/fp32 floats), e.g. '8,4,2'; one width forces it."
+        },
+    )
     bit_split: tuple | str | None = field(
-        default=None, metadata={"help": "Energy mode: 'bits:fraction,...' of the kept columns, leading first "
-                                        "(default GraftLLM's '8:0.02,4:0.18,2:0.8' over bits, >= 1 leading column)."})
+        default=None,
+        metadata={
+            "help": "Energy mode: 'bits:fraction,...' of the kept columns, leading first "
+            "(default GraftLLM's '8:0.02,4:0.18,2:0.8' over bits, >= 1 leading column)."
+        },
+    )
     group_size: int = field(
-        default=64, metadata={"help": "Quantization group length along a column (one fp16 scale per group); a "
-                                      "positive multiple of 4."})
+        default=64,
+        metadata={
+            "help": "Quantization group length along a column (one fp16 scale per group); a positive multiple of 4."
+        },
+    )
     exact_max_dim: int = field(
-        default=16, metadata={"help": "Matrices whose smaller side is at most this are stored exactly (fp32)."})
+        default=16, metadata={"help": "Matrices whose smaller side is at most this are stored exactly (fp32)."}
+    )
     sparse_density: float = field(
-        default=0.01, metadata={"help": "embeddings='sparse': fraction of entries kept, in (0, 1]."})
+        default=0.01, metadata={"help": "embeddings='sparse': fraction of entries kept, in (0, 1]."}
+    )
     name: str | None = field(default=None, metadata={"help": "Name stored in the pack."})
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
@@ -115,8 +144,9 @@ class SkillPackConfig:
                 raise SkillPackError("budget is an empty string; pass e.g. '5%', 0.05 or '20MB'")
             parse_budget(self.budget, _VALIDATION_DENSE_BYTES)  # raises a clear error on a malformed budget
         if self.budget is not None and self.energy is not None:
-            raise SkillPackError(f"pass only one of budget={self.budget!r} and energy={self.energy!r} (set the other "
-                                 "to None)")
+            raise SkillPackError(
+                f"pass only one of budget={self.budget!r} and energy={self.energy!r} (set the other to None)"
+            )
         if self.energy is not None and not 0 < self.energy <= 1:
             raise SkillPackError(f"energy threshold must be in (0, 1], got {self.energy}")
         if self.policy not in POLICIES:
@@ -135,5 +165,6 @@ class SkillPackConfig:
     def check_mode(self) -> None:
         """Raise unless exactly one of ``budget`` and ``energy`` is set (what extraction needs)."""
         if (self.budget is None) == (self.energy is None):
-            raise SkillPackError("pass exactly one of budget=... (bytes, fraction or '5%') or energy=... "
-                                 "(0 < beta <= 1)")
+            raise SkillPackError(
+                "pass exactly one of budget=... (bytes, fraction or '5%') or energy=... (0 < beta <= 1)"
+            )

@@ -46,11 +46,14 @@ def _check_same_architecture(base: nn.Module, finetuned: nn.Module, tb: dict, tf
         raise ArchitectureMismatchError(
             f"base ({type(base).__name__}) and fine-tuned ({type(finetuned).__name__}) models have different "
             f"parameters: {len(missing)} only in base (e.g. {missing[:3]}), {len(extra)} only in fine-tuned "
-            f"(e.g. {extra[:3]}). A SkillPack needs the same architecture on both sides.")
+            f"(e.g. {extra[:3]}). A SkillPack needs the same architecture on both sides."
+        )
     bad = [(n, tuple(tb[n].shape), tuple(tf[n].shape)) for n in sorted(tb) if tb[n].shape != tf[n].shape]
     if bad:
-        raise ArchitectureMismatchError(f"{len(bad)} parameter shapes differ between base and fine-tuned, e.g. "
-                                        + "; ".join(f"{n}: {a} vs {b}" for n, a, b in bad[:3]))
+        raise ArchitectureMismatchError(
+            f"{len(bad)} parameter shapes differ between base and fine-tuned, e.g. "
+            + "; ".join(f"{n}: {a} vs {b}" for n, a, b in bad[:3])
+        )
 
 
 def _output_embedding(model: nn.Module) -> torch.Tensor | None:
@@ -84,9 +87,16 @@ def collect_deltas(base: nn.Module, finetuned: nn.Module) -> list[DeltaItem]:
             continue
         module = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
         is_out_emb = out_emb is not None and tb[name] is out_emb
-        items.append({"name": name, "delta": d, "shape": tuple(d.shape), "dtype": str(a.dtype).replace("torch.", ""),
-                      "module_type": module_type(name, module, d, is_out_emb),
-                      "module_class": type(module).__name__ if module is not None else ""})
+        items.append(
+            {
+                "name": name,
+                "delta": d,
+                "shape": tuple(d.shape),
+                "dtype": str(a.dtype).replace("torch.", ""),
+                "module_type": module_type(name, module, d, is_out_emb),
+                "module_class": type(module).__name__ if module is not None else "",
+            }
+        )
     if not items:
         raise SkillPackError("the fine-tuned model is identical to the base: no delta to pack")
     return items

@@ -45,7 +45,7 @@ class Entry:
 
     def _factor_group(self, role: str, group: int, bits: int, rows: int) -> torch.Tensor:
         prefix = f"{role}{group}."
-        stored = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        stored = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         return Q.dequantize_tensor(stored, bits, rows, self.group_size)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,10 +72,18 @@ class Entry:
 
     def meta(self) -> dict:
         """The manifest record of this entry (everything but the tensor values)."""
-        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "dtype": self.dtype,
-                "module_type": self.module_type, "module_class": self.module_class,
-                "groups": [list(g) for g in self.groups], "group_size": self.group_size, "rel_error": self.rel_error,
-                "tensors": sorted(self.tensors)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "module_type": self.module_type,
+            "module_class": self.module_class,
+            "groups": [list(g) for g in self.groups],
+            "group_size": self.group_size,
+            "rel_error": self.rel_error,
+            "tensors": sorted(self.tensors),
+        }
 
     def bits_str(self) -> str:
         if self.kind == "lowrank":
@@ -85,8 +93,9 @@ class Entry:
         return "fp32"
 
 
-def lowrank_entry(item: dict, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bits: torch.Tensor,
-                  group_size: int) -> Entry | None:
+def lowrank_entry(
+    item: dict, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, group_size: int
+) -> Entry | None:
     """A lowrank entry from SVD factors and a per-component bit width (0 = dropped); ``None`` if all are dropped.
 
     Components of equal width form one group; groups are stored widest (leading singular values) first."""
@@ -103,11 +112,27 @@ def lowrank_entry(item: dict, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
     if not groups:
         return None
     tensors["S"] = s[torch.cat(order)].float().contiguous()
-    return Entry(item["name"], "lowrank", tuple(item["shape"]), item["dtype"], item["module_type"],
-                 item["module_class"], tensors, groups, group_size)
+    return Entry(
+        item["name"],
+        "lowrank",
+        tuple(item["shape"]),
+        item["dtype"],
+        item["module_type"],
+        item["module_class"],
+        tensors,
+        groups,
+        group_size,
+    )
 
 
 def exact_entry(item: dict, delta: torch.Tensor) -> Entry:
     """An ``exact`` entry storing ``delta`` in fp32 (``item`` gives name, shape, dtype and module fields)."""
-    return Entry(item["name"], "exact", tuple(item["shape"]), item["dtype"], item["module_type"],
-                 item["module_class"], {"D": delta.float().contiguous()})
+    return Entry(
+        item["name"],
+        "exact",
+        tuple(item["shape"]),
+        item["dtype"],
+        item["module_type"],
+        item["module_class"],
+        {"D": delta.float().contiguous()},
+    )

@@ -34,8 +34,10 @@ def _check_same_base(packs: Sequence[SkillPack]) -> None:
         raise SkillPackError("fuse() takes a list of SkillPack objects")
     fps = {p.base_fingerprint for p in packs}
     if len(fps) > 1:
-        raise SkillPackError(f"the packs were extracted from {len(fps)} different base models (fingerprints differ); "
-                             "only packs of the same base can be fused")
+        raise SkillPackError(
+            f"the packs were extracted from {len(fps)} different base models (fingerprints differ); "
+            "only packs of the same base can be fused"
+        )
     shapes = {}
     for p in packs:
         for n, e in p.entries.items():
@@ -43,8 +45,9 @@ def _check_same_base(packs: Sequence[SkillPack]) -> None:
                 raise SkillPackError(f"tensor {n} has shape {e.shape} in one pack and {shapes[n]} in another")
 
 
-def ties_merge_tensors(deltas: Sequence[torch.Tensor], density: float = 0.2, scale: float = 1.0,
-                       weights: Sequence[float] | None = None) -> torch.Tensor:
+def ties_merge_tensors(
+    deltas: Sequence[torch.Tensor], density: float = 0.2, scale: float = 1.0, weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """TIES merge of same-shaped task vectors: trim (top ``density`` by |.| per vector, ties at the threshold kept),
     elect sign (sign of the sum of the trimmed, weighted vectors), disjoint mean over the agreeing non-zero values."""
     if not 0 < density <= 1:
@@ -69,8 +72,15 @@ def _dense_items(packs, names):
     items = []
     for n in names:
         e = next(p.entries[n] for p in packs if n in p.entries)
-        items.append({"name": n, "shape": e.shape, "dtype": e.dtype, "module_type": e.module_type,
-                      "module_class": e.module_class})
+        items.append(
+            {
+                "name": n,
+                "shape": e.shape,
+                "dtype": e.dtype,
+                "module_type": e.module_type,
+                "module_class": e.module_class,
+            }
+        )
     return items
 
 
@@ -88,12 +98,14 @@ def _concat_lowrank(name: str, parts: list[tuple[Entry, float]], scale: float) -
             groups.append(tuple(grp))
         s.append(e.tensors["S"].float() * (w * scale))
     tensors["S"] = torch.cat(s)
-    return Entry(name, "lowrank", ref.shape, ref.dtype, ref.module_type, ref.module_class, tensors, groups,
-                 ref.group_size)
+    return Entry(
+        name, "lowrank", ref.shape, ref.dtype, ref.module_type, ref.module_class, tensors, groups, ref.group_size
+    )
 
 
-def _task_arithmetic_entries(packs: list[SkillPack], weights: list[float], scale: float,
-                             names: list[str]) -> list[Entry]:
+def _task_arithmetic_entries(
+    packs: list[SkillPack], weights: list[float], scale: float, names: list[str]
+) -> list[Entry]:
     """Per tensor: lossless concatenation when every pack stores it low-rank (same group size), else a dense sum."""
     entries = []
     for n in names:
@@ -103,13 +115,15 @@ def _task_arithmetic_entries(packs: list[SkillPack], weights: list[float], scale
             entries.append(_concat_lowrank(n, parts, scale))
         else:
             d = sum(w * scale * e.delta() for e, w in parts)
-            entries.append(Entry(n, "exact", ref.shape, ref.dtype, ref.module_type, ref.module_class,
-                                 {"D": d.contiguous()}))
+            entries.append(
+                Entry(n, "exact", ref.shape, ref.dtype, ref.module_type, ref.module_class, {"D": d.contiguous()})
+            )
     return entries
 
 
-def _merged_items(packs: list[SkillPack], method: str, weights: list[float], scale: float, density: float,
-                  names: list[str]) -> list[dict]:
+def _merged_items(
+    packs: list[SkillPack], method: str, weights: list[float], scale: float, density: float, names: list[str]
+) -> list[dict]:
     """Dense merged deltas (TIES or weighted sum) of every tensor that does not cancel out."""
     items = _dense_items(packs, names)
     for it in items:
@@ -122,9 +136,20 @@ def _merged_items(packs: list[SkillPack], method: str, weights: list[float], sca
     return [it for it in items if torch.any(it["delta"] != 0)]
 
 
-def fuse(packs: Sequence[SkillPack], method: str = "task_arithmetic", *, weights: Sequence[float] | None = None,
-         scale: float = 1.0, density: float = 0.2, budget=None, energy: float | None = None, router=None,
-         names: Sequence[str] | None = None, name: str | None = None, **compress_kwargs):
+def fuse(
+    packs: Sequence[SkillPack],
+    method: str = "task_arithmetic",
+    *,
+    weights: Sequence[float] | None = None,
+    scale: float = 1.0,
+    density: float = 0.2,
+    budget=None,
+    energy: float | None = None,
+    router=None,
+    names: Sequence[str] | None = None,
+    name: str | None = None,
+    **compress_kwargs,
+):
     """Fuse SkillPacks of one base model.
 
     ``task_arithmetic`` / ``ties`` return a new :class:`SkillPack` (apply it like any pack). ``weights`` scale each
@@ -142,10 +167,15 @@ def fuse(packs: Sequence[SkillPack], method: str = "task_arithmetic", *, weights
     if len(weights) != len(packs):
         raise SkillPackError(f"{len(weights)} weights for {len(packs)} packs")
     all_names = sorted({n for p in packs for n in p.entries})
-    info = {"fused": method, "sources": [p.name or p.id for p in packs], "weights": weights, "scale": scale,
-            "density": density if method == "ties" else None,
-            "dense_bytes": sum(next(p.entries[n] for p in packs if n in p.entries).numel for n in all_names)
-            * DENSE_BYTES_PER_ELEMENT}
+    info = {
+        "fused": method,
+        "sources": [p.name or p.id for p in packs],
+        "weights": weights,
+        "scale": scale,
+        "density": density if method == "ties" else None,
+        "dense_bytes": sum(next(p.entries[n] for p in packs if n in p.entries).numel for n in all_names)
+        * DENSE_BYTES_PER_ELEMENT,
+    }
     fp = packs[0].base_fingerprint
     if method == "task_arithmetic" and budget is None and energy is None:
         entries = _task_arithmetic_entries(packs, weights, scale, all_names)
@@ -155,8 +185,18 @@ def fuse(packs: Sequence[SkillPack], method: str = "task_arithmetic", *, weights
         pack = compress_deltas(items, fp, budget=budget, energy=energy, name=name or method, **compress_kwargs)
         pack.info.update({k: v for k, v in info.items() if k != "dense_bytes"})
         return pack
-    entries = [Entry(it["name"], "exact", it["shape"], it["dtype"], it["module_type"], it["module_class"],
-                     {"D": it["delta"].contiguous()}) for it in items]
+    entries = [
+        Entry(
+            it["name"],
+            "exact",
+            it["shape"],
+            it["dtype"],
+            it["module_type"],
+            it["module_class"],
+            {"D": it["delta"].contiguous()},
+        )
+        for it in items
+    ]
     return SkillPack(entries, fp, name=name or method, info=info)
 
 
@@ -185,8 +225,9 @@ class SkillRouter:
         x = torch.as_tensor(features, dtype=torch.float32)
         y = torch.as_tensor(labels, dtype=torch.long)
         if x.dim() != 2 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-            raise SkillPackError(f"router.fit needs features [N, D] and labels [N]; got {tuple(x.shape)}, "
-                                 f"{tuple(y.shape)}")
+            raise SkillPackError(
+                f"router.fit needs features [N, D] and labels [N]; got {tuple(x.shape)}, {tuple(y.shape)}"
+            )
         n_cls = int(y.max()) + 1
         if len(set(y.tolist())) < 2:
             raise SkillPackError("router.fit needs examples of at least two skills")
@@ -230,8 +271,13 @@ class SkillRouter:
 class RoutedSkillPacks:
     """Separate SkillPacks plus a router. Only the chosen pack is on the model while an input runs (top-1)."""
 
-    def __init__(self, packs: Sequence[SkillPack], router: SkillRouter | None = None,
-                 names: Sequence[str] | None = None, featurizer: Callable | None = None):
+    def __init__(
+        self,
+        packs: Sequence[SkillPack],
+        router: SkillRouter | None = None,
+        names: Sequence[str] | None = None,
+        featurizer: Callable | None = None,
+    ):
         _check_same_base(list(packs))
         self.packs = list(packs)
         self.names = list(names) if names is not None else [p.name or f"pack{i}" for i, p in enumerate(self.packs)]

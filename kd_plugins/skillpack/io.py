@@ -23,27 +23,43 @@ TENSORS_FILE = "skillpack.safetensors"
 MANIFEST_FILE = "manifest.json"
 #: ``format`` of the manifests written before the common checkpoint manifest (version 1).
 LEGACY_FORMAT = "kd_plugins.skillpack"
-SPEC = CheckpointSpec(kind="skillpack", manifest_name=MANIFEST_FILE, tensor_file=TENSORS_FILE,
-                      description="a SkillPack directory", writer="kd_plugins.skillpack.save_skillpack",
-                      legacy_format=LEGACY_FORMAT, error=IntegrityError, missing_error=IntegrityError)
+SPEC = CheckpointSpec(
+    kind="skillpack",
+    manifest_name=MANIFEST_FILE,
+    tensor_file=TENSORS_FILE,
+    description="a SkillPack directory",
+    writer="kd_plugins.skillpack.save_skillpack",
+    legacy_format=LEGACY_FORMAT,
+    error=IntegrityError,
+    missing_error=IntegrityError,
+)
 _REQUIRED_METADATA = ("base_fingerprint", "entries")
 
 
-def pack_metadata(entries: Iterable[Entry], *, pack_id: str, name: str | None, base_fingerprint: str,
-                  info: dict) -> dict:
+def pack_metadata(
+    entries: Iterable[Entry], *, pack_id: str, name: str | None, base_fingerprint: str, info: dict
+) -> dict:
     """The pack record stored as the manifest's ``metadata`` (without the ``report`` :func:`write_pack_dir` adds)."""
     entries = list(entries)
-    return {"id": pack_id, "name": name, "base_fingerprint": base_fingerprint,
-            "nbytes": sum(e.nbytes for e in entries), "info": info, "entries": [e.meta() for e in entries]}
+    return {
+        "id": pack_id,
+        "name": name,
+        "base_fingerprint": base_fingerprint,
+        "nbytes": sum(e.nbytes for e in entries),
+        "info": info,
+        "entries": [e.meta() for e in entries],
+    }
 
 
-def write_pack_dir(directory, entries: Iterable[Entry], metadata: dict, report: list[dict],
-                   overwrite: bool = False) -> Path:
+def write_pack_dir(
+    directory, entries: Iterable[Entry], metadata: dict, report: list[dict], overwrite: bool = False
+) -> Path:
     """Write the entries' tensors and the pack ``metadata`` (plus ``report``) to ``directory`` atomically; an
     existing non-empty ``directory`` is replaced only with ``overwrite`` (else ``FileExistsError``)."""
     flat = {f"{e.name}::{role}": t for e in entries for role, t in e.tensors.items()}
-    write_checkpoint(SPEC, directory, flat, architecture=None, metadata=dict(metadata, report=report),
-                     overwrite=overwrite)
+    write_checkpoint(
+        SPEC, directory, flat, architecture=None, metadata=dict(metadata, report=report), overwrite=overwrite
+    )
     return Path(directory)
 
 
@@ -53,15 +69,27 @@ def _check_entries(metadata: dict, tensors: dict[str, torch.Tensor], path: Path)
         raise IntegrityError(f"{path / MANIFEST_FILE} has no {missing}: the pack is corrupt")
     expected = {f"{m['name']}::{r}" for m in metadata["entries"] for r in m["tensors"]}
     if set(tensors) != expected:
-        raise IntegrityError(f"{path / TENSORS_FILE} holds {len(tensors)} tensors that do not match the manifest's "
-                             f"entries ({len(expected)}): missing {sorted(expected - set(tensors))[:3]}, extra "
-                             f"{sorted(set(tensors) - expected)[:3]}")
+        raise IntegrityError(
+            f"{path / TENSORS_FILE} holds {len(tensors)} tensors that do not match the manifest's "
+            f"entries ({len(expected)}): missing {sorted(expected - set(tensors))[:3]}, extra "
+            f"{sorted(set(tensors) - expected)[:3]}"
+        )
 
 
 def _entry_from_meta(m: dict, flat: dict[str, torch.Tensor]) -> Entry:
     tensors = {r: flat[f"{m['name']}::{r}"] for r in m["tensors"]}
-    return Entry(m["name"], m["kind"], tuple(m["shape"]), m["dtype"], m["module_type"], m.get("module_class", ""),
-                 tensors, [tuple(g) for g in m["groups"]], m["group_size"], m.get("rel_error"))
+    return Entry(
+        m["name"],
+        m["kind"],
+        tuple(m["shape"]),
+        m["dtype"],
+        m["module_type"],
+        m.get("module_class", ""),
+        tensors,
+        [tuple(g) for g in m["groups"]],
+        m["group_size"],
+        m.get("rel_error"),
+    )
 
 
 def read_pack_dir(directory, verify: bool = True) -> tuple[list[Entry], dict]:

@@ -34,8 +34,9 @@ _ATTENTION_NAME = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|
 
 
 # --------------------------------------------------------------------------------------------------------- export
-def write_lora_adapter(entries: Iterable[Entry], out_dir, base_model_name_or_path: str | None = None,
-                       overwrite: bool = False) -> dict:
+def write_lora_adapter(
+    entries: Iterable[Entry], out_dir, base_model_name_or_path: str | None = None, overwrite: bool = False
+) -> dict:
     """Write a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for the low-rank
     entries on Linear layers. Returns ``{"modules": [...], "skipped": [...], "max_rank": r}``."""
     from peft import LoraConfig
@@ -58,9 +59,16 @@ def write_lora_adapter(entries: Iterable[Entry], out_dir, base_model_name_or_pat
         raise SkillPackError("the pack has no low-rank entries on nn.Linear weights: nothing to export as LoRA")
     r_max = max(ranks.values())
     pattern = {re.escape(m): r for m, r in ranks.items()}
-    cfg = LoraConfig(r=r_max, lora_alpha=r_max, target_modules=sorted(ranks), rank_pattern=pattern,
-                     alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
-                     base_model_name_or_path=base_model_name_or_path)
+    cfg = LoraConfig(
+        r=r_max,
+        lora_alpha=r_max,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model_name_or_path,
+    )
     with atomic_dir(out) as tmp:
         cfg.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -124,20 +132,25 @@ def read_adapter_pairs(adapter_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
         raise SkillPackError(f"{adapter_dir} has no adapter_model.safetensors")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in weights.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                         r"(?:\.[^.]+)?(?:\.weight)?", k)
+        m = re.fullmatch(
+            r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+            r"(?:\.[^.]+)?(?:\.weight)?",
+            k,
+        )
         if not m:
             raise SkillPackError(f"unsupported adapter tensor {k!r} (only LoRA A/B matrices can be imported)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     return pairs
 
 
-def _lora_module(module: str, ab: dict[str, torch.Tensor], cfg: dict, tensors: dict, modules: dict,
-                 base: nn.Module) -> LoraModule:
+def _lora_module(
+    module: str, ab: dict[str, torch.Tensor], cfg: dict, tensors: dict, modules: dict, base: nn.Module
+) -> LoraModule:
     pname = f"{module}.weight"
     if pname not in tensors:
-        raise ArchitectureMismatchError(f"the adapter targets {module}, which the base model "
-                                        f"{type(base).__name__} does not have")
+        raise ArchitectureMismatchError(
+            f"the adapter targets {module}, which the base model {type(base).__name__} does not have"
+        )
     r = _pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
     alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -147,13 +160,18 @@ def _lora_module(module: str, ab: dict[str, torch.Tensor], cfg: dict, tensors: d
         a, b = ab["lora_embedding_B"].float().T, ab["lora_embedding_A"].float().T
     shape = tuple(tensors[pname].shape)
     if (b.shape[0], a.shape[1]) != shape:
-        raise ArchitectureMismatchError(f"adapter for {module} gives a {b.shape[0]}x{a.shape[1]} delta, the base "
-                                        f"weight is {shape}")
+        raise ArchitectureMismatchError(
+            f"adapter for {module} gives a {b.shape[0]}x{a.shape[1]} delta, the base weight is {shape}"
+        )
     mod = modules.get(module)
-    kind = ("embedding" if isinstance(mod, nn.Embedding) else "attention" if _ATTENTION_NAME.search(module)
-            else "mlp")
-    meta = {"name": pname, "shape": shape, "dtype": str(tensors[pname].dtype).replace("torch.", ""),
-            "module_type": kind, "module_class": type(mod).__name__ if mod is not None else ""}
+    kind = "embedding" if isinstance(mod, nn.Embedding) else "attention" if _ATTENTION_NAME.search(module) else "mlp"
+    meta = {
+        "name": pname,
+        "shape": shape,
+        "dtype": str(tensors[pname].dtype).replace("torch.", ""),
+        "module_type": kind,
+        "module_class": type(mod).__name__ if mod is not None else "",
+    }
     return LoraModule(meta, a, b, scaling)
 
 
@@ -180,8 +198,17 @@ def factored_entry(lm: LoraModule, bits: int, group_size: int) -> Entry | None:
         for k, q in Q.quantize_tensor(fac, bits, group_size).items():
             t[f"{role}0.{k}"] = q
     meta = lm.meta
-    e = Entry(meta["name"], "lowrank", meta["shape"], meta["dtype"], meta["module_type"], meta["module_class"], t,
-              [(bits, int(s.numel()))], group_size)
+    e = Entry(
+        meta["name"],
+        "lowrank",
+        meta["shape"],
+        meta["dtype"],
+        meta["module_type"],
+        meta["module_class"],
+        t,
+        [(bits, int(s.numel()))],
+        group_size,
+    )
     full = lm.delta()
     e.rel_error = float((e.delta() - full).norm() / full.norm().clamp_min(1e-30))
     return e

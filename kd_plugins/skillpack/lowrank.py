@@ -84,7 +84,7 @@ def energy_bits(s: torch.Tensor, energy: float, split: Sequence[tuple[int, float
     start = 0
     for j, (width, frac) in enumerate(split):
         cnt = k - start if j == len(split) - 1 else min(k - start, max(1 if j == 0 else 0, round(frac * k)))
-        bits[start:start + cnt] = width
+        bits[start : start + cnt] = width
         start += cnt
     return bits
 
@@ -99,8 +99,11 @@ def _error_table(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: list
         uq, vq = Q.roundtrip(u[:, :k], b, group_size), Q.roundtrip(v[:, :k], b, group_size)
         # ||u v^T - uq vq^T||^2 for unit u, v (SVD columns are unit-norm), exact for the leading k columns;
         # later columns (rarely bought, all unit vectors alike) get the mean of the last computed ones.
-        e = (1 + (uq.pow(2).sum(0) * vq.pow(2).sum(0)) - 2 * (u[:, :k] * uq).sum(0)
-             * (v[:, :k] * vq).sum(0)).double().clamp_min(0)
+        e = (
+            (1 + (uq.pow(2).sum(0) * vq.pow(2).sum(0)) - 2 * (u[:, :k] * uq).sum(0) * (v[:, :k] * vq).sum(0))
+            .double()
+            .clamp_min(0)
+        )
         if k < s.numel():
             e = torch.cat([e, e[-32:].mean().expand(s.numel() - k)])
         err.append(e)
@@ -108,14 +111,16 @@ def _error_table(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, widths: list
     return s.double().pow(2), torch.stack(err, 1), torch.tensor(cost, dtype=torch.float64)
 
 
-def error_tables(lowrank: list[dict], svds: list[SVD], widths: list[int], group_size: int, progress: bool,
-                 cache: dict | None = None) -> list[ErrorTable]:
+def error_tables(
+    lowrank: list[dict], svds: list[SVD], widths: list[int], group_size: int, progress: bool, cache: dict | None = None
+) -> list[ErrorTable]:
     """One :data:`ErrorTable` per low-rank module (reused from ``cache`` when the same module was seen before)."""
     from tqdm.auto import tqdm
 
     tables = []
-    for it, (u, s, v) in tqdm(list(zip(lowrank, svds)), desc="skillpack: error tables", disable=not progress,
-                              leave=False):
+    for it, (u, s, v) in tqdm(
+        list(zip(lowrank, svds)), desc="skillpack: error tables", disable=not progress, leave=False
+    ):
         key = ("table", it["name"], tuple(widths), group_size)
         if cache is not None and key in cache:
             tables.append(cache[key])
@@ -140,13 +145,13 @@ def _choose(tables: list[ErrorTable], lam: float, mods) -> tuple[float, list[tor
 def _solve(tables: list[ErrorTable], mods, cap: float) -> list[torch.Tensor] | None:
     """Bisect log10(lambda) for the cheapest price whose choices fit ``cap`` bytes; None if nothing fits."""
     lo, hi = -60.0, 60.0
-    tot, picks = _choose(tables, 10 ** hi, mods)
+    tot, picks = _choose(tables, 10**hi, mods)
     if tot > cap:
         return None
     best = picks
     for _ in range(80):
         mid = (lo + hi) / 2
-        tot, picks = _choose(tables, 10 ** mid, mods)
+        tot, picks = _choose(tables, 10**mid, mods)
         if tot <= cap:
             hi, best = mid, picks
         else:
@@ -154,8 +159,16 @@ def _solve(tables: list[ErrorTable], mods, cap: float) -> list[torch.Tensor] | N
     return best
 
 
-def allocate_bits(lowrank: list[dict], svds: list[SVD], widths: Sequence[int], group_size: int, avail: int,
-                  policy: str, progress: bool, cache: dict | None = None) -> list[torch.Tensor] | None:
+def allocate_bits(
+    lowrank: list[dict],
+    svds: list[SVD],
+    widths: Sequence[int],
+    group_size: int,
+    avail: int,
+    policy: str,
+    progress: bool,
+    cache: dict | None = None,
+) -> list[torch.Tensor] | None:
     """Per-component bit width (0 = dropped) for every module within ``avail`` bytes; None if nothing fits."""
     if avail <= 0 or not lowrank:
         return None

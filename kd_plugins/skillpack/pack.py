@@ -28,8 +28,15 @@ class SkillPack:
     """A compressed fine-tuning delta for one base model. Build with :meth:`extract`, :meth:`load` or
     :meth:`from_lora`; use with :meth:`apply` / :meth:`remove`, :meth:`save`, :func:`kd_plugins.skillpack.fuse`."""
 
-    def __init__(self, entries: Iterable[Entry], base_fingerprint: str, *, name: str | None = None,
-                 info: dict | None = None, pack_id: str | None = None):
+    def __init__(
+        self,
+        entries: Iterable[Entry],
+        base_fingerprint: str,
+        *,
+        name: str | None = None,
+        info: dict | None = None,
+        pack_id: str | None = None,
+    ):
         self.entries: dict[str, Entry] = {e.name: e for e in entries}
         self.base_fingerprint = base_fingerprint
         self.name = name
@@ -38,8 +45,9 @@ class SkillPack:
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
-    def extract(cls, base: nn.Module, finetuned: nn.Module, config: SkillPackConfig | None = None,
-                **overrides) -> SkillPack:
+    def extract(
+        cls, base: nn.Module, finetuned: nn.Module, config: SkillPackConfig | None = None, **overrides
+    ) -> SkillPack:
         """Extract ``finetuned - base`` and compress it module by module.
 
         ``config`` (a :class:`SkillPackConfig`, default ``SkillPackConfig()``) says how; keyword ``overrides``
@@ -69,8 +77,18 @@ class SkillPack:
         return compress_deltas(items, model_fingerprint(base), config)
 
     @classmethod
-    def from_lora(cls, adapter_dir, base: nn.Module, *, bits: int = 32, budget=None, energy: float | None = None,
-                  name: str | None = None, group_size: int = 64, **compress_overrides) -> SkillPack:
+    def from_lora(
+        cls,
+        adapter_dir,
+        base: nn.Module,
+        *,
+        bits: int = 32,
+        budget=None,
+        energy: float | None = None,
+        name: str | None = None,
+        group_size: int = 64,
+        **compress_overrides,
+    ) -> SkillPack:
         """A SkillPack holding the peft LoRA adapter in ``adapter_dir`` as deltas of ``base`` (which must be the
         adapter's base model: names and shapes are checked; the pack's fingerprint is ``base``'s).
 
@@ -85,8 +103,9 @@ class SkillPack:
         if budget is not None or energy is not None:
             items = [dict(lm.meta, delta=lm.delta()) for lm in modules]
             if items:
-                pack = compress_deltas(items, fp, budget=budget, energy=energy, name=name, group_size=group_size,
-                                       **compress_overrides)
+                pack = compress_deltas(
+                    items, fp, budget=budget, energy=energy, name=name, group_size=group_size, **compress_overrides
+                )
                 pack.info.update(info)
                 return pack
         entries = [e for e in (factored_entry(lm, bits, group_size) for lm in modules) if e is not None]
@@ -121,8 +140,11 @@ class SkillPack:
         """A pack with only some entries (same base); e.g. ``subset(kinds=["lowrank"])``."""
         kinds = set(kinds) if kinds is not None else None
         names = set(names) if names is not None else None
-        keep = [e for e in self.entries.values()
-                if (kinds is None or e.kind in kinds) and (names is None or e.name in names)]
+        keep = [
+            e
+            for e in self.entries.values()
+            if (kinds is None or e.kind in kinds) and (names is None or e.name in names)
+        ]
         return SkillPack(keep, self.base_fingerprint, name=self.name, info=dict(self.info, subset=True))
 
     def report(self) -> list[dict]:
@@ -134,8 +156,10 @@ class SkillPack:
         return R.summary_text(self.name or self.id[:8], list(self.entries.values()), self.info, per_module)
 
     def __repr__(self) -> str:
-        return (f"SkillPack(name={self.name!r}, tensors={len(self.entries)}, bytes={self.nbytes:,}, "
-                f"base={self.base_fingerprint[:19]}...)")
+        return (
+            f"SkillPack(name={self.name!r}, tensors={len(self.entries)}, bytes={self.nbytes:,}, "
+            f"base={self.base_fingerprint[:19]}...)"
+        )
 
     # --------------------------------------------------------------------------------------- apply / remove
     def apply(self, model: nn.Module, scale: float = 1.0, *, strict: bool = True) -> nn.Module:
@@ -155,8 +179,13 @@ class SkillPack:
     # --------------------------------------------------------------------------------------------- save / load
     def manifest(self) -> dict:
         """The pack record saved as the checkpoint manifest's ``metadata`` (see :mod:`kd_plugins.skillpack.io`)."""
-        return pack_metadata(self.entries.values(), pack_id=self.id, name=self.name,
-                             base_fingerprint=self.base_fingerprint, info=self.info)
+        return pack_metadata(
+            self.entries.values(),
+            pack_id=self.id,
+            name=self.name,
+            base_fingerprint=self.base_fingerprint,
+            info=self.info,
+        )
 
     def save(self, out_dir, overwrite: bool = False) -> Path:
         """Same as :func:`save_skillpack` ``(self, out_dir, overwrite)``."""
@@ -168,8 +197,14 @@ class SkillPack:
         return load_skillpack(pack_dir, verify=verify)
 
 
-def compress_deltas(items: list[dict], base_fingerprint: str, config: SkillPackConfig | None = None, *,
-                    cache: dict | None = None, **overrides) -> SkillPack:
+def compress_deltas(
+    items: list[dict],
+    base_fingerprint: str,
+    config: SkillPackConfig | None = None,
+    *,
+    cache: dict | None = None,
+    **overrides,
+) -> SkillPack:
     """Compress a list of deltas (``{"name", "delta", "shape", "dtype", "module_type", "module_class"}``, see
     :func:`kd_plugins.skillpack.delta.collect_deltas`) into a :class:`SkillPack` of base ``base_fingerprint``;
     ``config`` and keyword ``overrides`` as in :meth:`SkillPack.extract`. ``cache``: a dict kept by the caller to
@@ -190,5 +225,6 @@ def load_skillpack(directory, verify: bool = True) -> SkillPack:
     """Read a pack written by :func:`save_skillpack`; with ``verify`` every tensor's sha256 is checked
     (:class:`IntegrityError` on any mismatch, a truncated file or a missing tensor)."""
     entries, meta = read_pack_dir(directory, verify=verify)
-    return SkillPack(entries, meta["base_fingerprint"], name=meta.get("name"), info=meta.get("info"),
-                     pack_id=meta.get("id"))
+    return SkillPack(
+        entries, meta["base_fingerprint"], name=meta.get("name"), info=meta.get("info"), pack_id=meta.get("id")
+    )

@@ -24,20 +24,36 @@ from .pack import SkillPack
 __all__ = ["export_lora", "import_lora", "PREFIX"]
 
 
-def export_lora(pack: SkillPack, out_dir, base_model_name_or_path: str | None = None,
-                overwrite: bool = False) -> dict:
+def export_lora(pack: SkillPack, out_dir, base_model_name_or_path: str | None = None, overwrite: bool = False) -> dict:
     """Write a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for the pack's low-rank
     entries on Linear layers. Returns ``{"modules": [...], "skipped": [...], "max_rank": r}``."""
     return pack.to_lora(out_dir, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
 
 
-def import_lora(adapter_dir, base: nn.Module, *, bits: int = 32, budget=None, energy: float | None = None,
-                name: str | None = None, group_size: int = 64, **compress_overrides) -> SkillPack:
+def import_lora(
+    adapter_dir,
+    base: nn.Module,
+    *,
+    bits: int = 32,
+    budget=None,
+    energy: float | None = None,
+    name: str | None = None,
+    group_size: int = 64,
+    **compress_overrides,
+) -> SkillPack:
     """A SkillPack holding the LoRA adapter in ``adapter_dir`` as deltas of ``base`` (which must be the adapter's
     base model: names and shapes are checked; the pack's fingerprint is ``base``'s).
 
     By default the factors are stored in fp32 (``bits=32``, lossless; ``bits=8/4/2/16`` quantizes every column at
     that width); ``budget=`` / ``energy=`` instead re-compress the dense deltas with :meth:`SkillPack.extract` rules.
     """
-    return SkillPack.from_lora(adapter_dir, base, bits=bits, budget=budget, energy=energy, name=name,
-                               group_size=group_size, **compress_overrides)
+    return SkillPack.from_lora(
+        adapter_dir,
+        base,
+        bits=bits,
+        budget=budget,
+        energy=energy,
+        name=name,
+        group_size=group_size,
+        **compress_overrides,
+    )

@@ -53,7 +53,7 @@ def _fake_quant(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tens
     xp = torch.zeros(rows, k, dtype=torch.float32)
     xp[:n] = x.float()
     g = xp.reshape(rows // group_size, group_size, k)  # [G, gs, k]
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     half = levels / 2.0
     amax = g.abs().amax(dim=1, keepdim=True)  # [G, 1, k]
     best_err = torch.full_like(amax, float("inf"))
@@ -86,7 +86,7 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     per = 8 // bits
-    mask = 2 ** bits - 1
+    mask = 2**bits - 1
     p = packed.to(torch.int32)
     parts = [(p >> (bits * j)) & mask for j in range(per)]
     return torch.stack(parts, dim=1).reshape(packed.shape[0] * per, packed.shape[1]).to(torch.uint8)
@@ -113,7 +113,7 @@ def dequantize_tensor(stored: dict[str, torch.Tensor], bits: int, n: int, group_
         return stored["q"].float()
     codes = _unpack(stored["q"], bits).float()
     rows, k = codes.shape
-    half = (2 ** bits - 1) / 2.0
+    half = (2**bits - 1) / 2.0
     scales = stored["s"].float().repeat_interleave(group_size, dim=0)
     return ((codes - half) * scales)[:n]
 
@@ -126,5 +126,5 @@ def roundtrip(x: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
     if bits == 16:
         return x.half().float()
     codes, scales = _fake_quant(x, bits, group_size)
-    half = (2 ** bits - 1) / 2.0
+    half = (2**bits - 1) / 2.0
     return ((codes.float() - half) * scales.float().repeat_interleave(group_size, dim=0))[: x.shape[0]]

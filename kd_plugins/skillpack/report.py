@@ -14,12 +14,33 @@ def report_rows(entries: Iterable[Entry], dropped: Iterable[str] = ()) -> list[d
     ``dropped`` tensors (not stored) last, with relative error 1."""
     rows = []
     for e in entries:
-        rows.append({"name": e.name, "module_type": e.module_type, "kind": e.kind, "shape": list(e.shape),
-                     "rank": e.rank, "bits": e.bits_str(), "bytes": e.nbytes,
-                     "dense_bytes": e.numel * DENSE_BYTES_PER_ELEMENT, "rel_error": e.rel_error})
+        rows.append(
+            {
+                "name": e.name,
+                "module_type": e.module_type,
+                "kind": e.kind,
+                "shape": list(e.shape),
+                "rank": e.rank,
+                "bits": e.bits_str(),
+                "bytes": e.nbytes,
+                "dense_bytes": e.numel * DENSE_BYTES_PER_ELEMENT,
+                "rel_error": e.rel_error,
+            }
+        )
     for n in dropped:
-        rows.append({"name": n, "module_type": "", "kind": "dropped", "shape": [], "rank": 0, "bits": "",
-                     "bytes": 0, "dense_bytes": None, "rel_error": 1.0})
+        rows.append(
+            {
+                "name": n,
+                "module_type": "",
+                "kind": "dropped",
+                "shape": [],
+                "rank": 0,
+                "bits": "",
+                "bytes": 0,
+                "dense_bytes": None,
+                "rel_error": 1.0,
+            }
+        )
     return rows
 
 
@@ -43,8 +64,10 @@ def _aggregate_lines(entries: Iterable[Entry]) -> list[str]:
 def _module_lines(rows: list[dict]) -> list[str]:
     lines = [f"{'name':<48} {'kind':<8} {'rank':>5} {'bits':<22} {'bytes':>11} {'rel err':>8}"]
     for r in rows:
-        lines.append(f"{r['name']:<48} {r['kind']:<8} {r['rank']:>5} {r['bits']:<22} {r['bytes']:>11,} "
-                     f"{r['rel_error'] if r['rel_error'] is not None else float('nan'):>8.4f}")
+        lines.append(
+            f"{r['name']:<48} {r['kind']:<8} {r['rank']:>5} {r['bits']:<22} {r['bytes']:>11,} "
+            f"{r['rel_error'] if r['rel_error'] is not None else float('nan'):>8.4f}"
+        )
     return lines
 
 
@@ -56,8 +79,9 @@ def summary_text(label: str, entries: list[Entry], info: dict, per_module: bool 
     if dense:
         lines[0] += f" = {100 * nbytes / dense:.2f}% of the dense bf16 delta ({dense:,} B)"
     if info.get("budget_bytes"):
-        lines.append(f"budget {info['budget_bytes']:,} bytes, policy {info.get('policy')}, "
-                     f"embeddings {info.get('embeddings')}")
+        lines.append(
+            f"budget {info['budget_bytes']:,} bytes, policy {info.get('policy')}, embeddings {info.get('embeddings')}"
+        )
     lines += _aggregate_lines(entries)
     if info.get("dropped"):
         lines.append(f"dropped (not stored): {len(info['dropped'])} tensors")

@@ -18,22 +18,39 @@ from .diswot import diswot_score, gaussian_init_, rank_students
 from .inherit import inherit_vit_student
 from .models import create_timm_model, load_checkpoint_strict, load_efficientnet_lite, load_state_dict_file
 from .ofa import (
-                  ConvExitBranch,
-                  OFABranchTerms,
-                  OFALoss,
-                  TokenExitBranch,
-                  build_exit_branch,
-                  default_ofa_stages,
-                  ofa_loss,
+    ConvExitBranch,
+    OFABranchTerms,
+    OFALoss,
+    TokenExitBranch,
+    build_exit_branch,
+    default_ofa_stages,
+    ofa_loss,
 )
 from .terms import FeaturePairTerms, LogitTerms, TermProvider
 from .transkd import CrossSelectiveFusion, CSFTerms, PatchEmbedTerms, find_patch_embeddings, hcl_loss
 
 __all__ = [
-    "TermProvider", "LogitTerms", "FeaturePairTerms", "OFABranchTerms", "CSFTerms", "PatchEmbedTerms",
-    "ofa_loss", "OFALoss", "ConvExitBranch", "TokenExitBranch", "build_exit_branch", "default_ofa_stages",
-    "CrossSelectiveFusion", "hcl_loss", "find_patch_embeddings",
-    "rank_students", "diswot_score", "gaussian_init_",
+    "TermProvider",
+    "LogitTerms",
+    "FeaturePairTerms",
+    "OFABranchTerms",
+    "CSFTerms",
+    "PatchEmbedTerms",
+    "ofa_loss",
+    "OFALoss",
+    "ConvExitBranch",
+    "TokenExitBranch",
+    "build_exit_branch",
+    "default_ofa_stages",
+    "CrossSelectiveFusion",
+    "hcl_loss",
+    "find_patch_embeddings",
+    "rank_students",
+    "diswot_score",
+    "gaussian_init_",
     "inherit_vit_student",
-    "create_timm_model", "load_checkpoint_strict", "load_efficientnet_lite", "load_state_dict_file",
+    "create_timm_model",
+    "load_checkpoint_strict",
+    "load_efficientnet_lite",
+    "load_state_dict_file",
 ]

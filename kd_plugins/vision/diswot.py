@@ -15,7 +15,7 @@ Identical models score 0 (the maximum); the score is invariant to a positive res
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_init_", "feature_map_and_classifier", "diswot_score", "rank_students"]
 
-Candidate = Union[str, nn.Module, tuple]
+Candidate = str | nn.Module | tuple
 
 
 def gaussian_init_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -51,11 +51,12 @@ def feature_map_and_classifier(model: nn.Module, images: torch.Tensor) -> tuple[
     feats = model.forward_features(images)
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(model).__name__}: DisWOT needs a linear classifier (get_classifier() is "
-                         f"{type(head).__name__})")
+        raise ValueError(
+            f"{type(model).__name__}: DisWOT needs a linear classifier (get_classifier() is {type(head).__name__})"
+        )
     c = head.in_features
     if feats.dim() == 3:  # tokens [B, N, C]: drop class/register tokens
-        feats = feats[:, int(getattr(model, "num_prefix_tokens", 0)):]
+        feats = feats[:, int(getattr(model, "num_prefix_tokens", 0)) :]
         a = feats.transpose(1, 2)
     elif feats.dim() == 4:
         a = feats.permute(0, 3, 1, 2) if feats.shape[-1] == c and feats.shape[1] != c else feats
@@ -65,8 +66,10 @@ def feature_map_and_classifier(model: nn.Module, images: torch.Tensor) -> tuple[
     else:
         raise ValueError(f"unsupported forward_features shape {tuple(feats.shape)}")
     if a.shape[1] != c:
-        raise ValueError(f"{type(model).__name__}: feature width {a.shape[1]} != classifier input {c}; the head has "
-                         "a pre-logits layer DisWOT cannot see through")
+        raise ValueError(
+            f"{type(model).__name__}: feature width {a.shape[1]} != classifier input {c}; the head has "
+            "a pre-logits layer DisWOT cannot see through"
+        )
     return a.float(), head.weight.float()
 
 
@@ -93,8 +96,14 @@ def _grams(model: nn.Module, images: torch.Tensor, train_mode: bool):
     return _semantic_gram(a, w), _relation_gram(a), w.shape[0]
 
 
-def diswot_score(teacher: nn.Module, student: nn.Module, images: torch.Tensor, *, student_train_mode: bool = True,
-                 _teacher_grams=None) -> float:
+def diswot_score(
+    teacher: nn.Module,
+    student: nn.Module,
+    images: torch.Tensor,
+    *,
+    student_train_mode: bool = True,
+    _teacher_grams=None,
+) -> float:
     """``-(M_s + M_r)`` for ``student`` as it is (no re-initialisation). The teacher runs in eval mode; the
     student in train mode by default (BatchNorm batch statistics, as at random initialisation)."""
     gs_t, gr_t, k_t = _teacher_grams or _grams(teacher, images, train_mode=False)
@@ -104,9 +113,15 @@ def diswot_score(teacher: nn.Module, student: nn.Module, images: torch.Tensor, *
     return -float((gs_t - gs_s).norm() + (gr_t - gr_s).norm())
 
 
-def rank_students(teacher: nn.Module, candidates: Union[Mapping[str, Candidate], Iterable[Candidate]],
-                  images: torch.Tensor, *, seed: int = 0, init: str = "gaussian",
-                  student_train_mode: bool = True) -> list[tuple[str, float]]:
+def rank_students(
+    teacher: nn.Module,
+    candidates: Mapping[str, Candidate] | Iterable[Candidate],
+    images: torch.Tensor,
+    *,
+    seed: int = 0,
+    init: str = "gaussian",
+    student_train_mode: bool = True,
+) -> list[tuple[str, float]]:
     """Rank candidate students for ``teacher`` by the DisWOT score, best first.
 
     Args:
@@ -153,6 +168,10 @@ def rank_students(teacher: nn.Module, candidates: Union[Mapping[str, Candidate],
         model = model.to(images.device)
         if init == "gaussian":
             gaussian_init_(model, seed)
-        scores.append((str(label), diswot_score(teacher, model, images, student_train_mode=student_train_mode,
-                                                _teacher_grams=t_grams)))
+        scores.append(
+            (
+                str(label),
+                diswot_score(teacher, model, images, student_train_mode=student_train_mode, _teacher_grams=t_grams),
+            )
+        )
     return sorted(scores, key=lambda kv: kv[1], reverse=True)

@@ -12,18 +12,34 @@ import contextlib
 import difflib
 import math
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FeatureSpec = Union[int, str]
+FeatureSpec = int | str
 
-__all__ = ["FeatureSpec", "ModelFeatures", "FeatureShapes", "num_feature_levels", "describe_feature_levels",
-           "resolve_specs", "capture_modules", "forward_with_features", "probe_shapes", "default_input_size", "as_hw",
-           "to_nchw", "tokens_to_grid", "align_spatial", "parse_spec", "model_label", "channel_project",
-           "module_out_channels"]
+__all__ = [
+    "FeatureSpec",
+    "ModelFeatures",
+    "FeatureShapes",
+    "num_feature_levels",
+    "describe_feature_levels",
+    "resolve_specs",
+    "capture_modules",
+    "forward_with_features",
+    "probe_shapes",
+    "default_input_size",
+    "as_hw",
+    "to_nchw",
+    "tokens_to_grid",
+    "align_spatial",
+    "parse_spec",
+    "model_label",
+    "channel_project",
+    "module_out_channels",
+]
 
 
 class ModelFeatures(NamedTuple):
@@ -60,8 +76,10 @@ def num_feature_levels(model: nn.Module) -> int:
 
 def describe_feature_levels(model: nn.Module) -> str:
     info = getattr(model, "feature_info", None) or []
-    return ", ".join(f"{i}: {f.get('module')} ({f.get('num_chs')} ch, /{f.get('reduction')})"
-                     for i, f in enumerate(info)) or "none"
+    return (
+        ", ".join(f"{i}: {f.get('module')} ({f.get('num_chs')} ch, /{f.get('reduction')})" for i, f in enumerate(info))
+        or "none"
+    )
 
 
 def parse_spec(value) -> FeatureSpec:
@@ -87,11 +105,13 @@ def resolve_specs(model: nn.Module, specs: Iterable[FeatureSpec], role: str) -> 
             if n == 0:
                 raise ValueError(
                     f"{role} {model_label(model)} has no forward_intermediates(); name modules instead of indices "
-                    f"(e.g. feature_pairs={{'layer3': 'layer3'}}).")
+                    f"(e.g. feature_pairs={{'layer3': 'layer3'}})."
+                )
             if not -n <= spec < n:
                 raise ValueError(
                     f"{role} feature index {spec} is out of range: {model_label(model)} has {n} feature levels "
-                    f"(indices 0..{n - 1} or -{n}..-1): {describe_feature_levels(model)}.")
+                    f"(indices 0..{n - 1} or -{n}..-1): {describe_feature_levels(model)}."
+                )
             out.append(spec % n)
         else:
             try:
@@ -118,6 +138,7 @@ def capture_modules(model: nn.Module, names: Sequence[str]):
             elif isinstance(out, dict):
                 out = next(o for o in out.values() if torch.is_tensor(o))
             rec[name] = out
+
         return hook
 
     try:
@@ -129,8 +150,9 @@ def capture_modules(model: nn.Module, names: Sequence[str]):
             h.remove()
 
 
-def forward_with_features(model: nn.Module, x: torch.Tensor, specs: Sequence[FeatureSpec],
-                          extra_modules: Sequence[str] = ()) -> ModelFeatures:
+def forward_with_features(
+    model: nn.Module, x: torch.Tensor, specs: Sequence[FeatureSpec], extra_modules: Sequence[str] = ()
+) -> ModelFeatures:
     """One forward pass returning ``ModelFeatures(logits, {spec: feature}, {module_name: output})``.
 
     Integer specs come from ``forward_intermediates(x, indices, intermediates_only=False)`` followed by
@@ -171,8 +193,9 @@ def default_input_size(model: nn.Module) -> tuple:
 
 
 @torch.no_grad()
-def probe_shapes(model: nn.Module, specs: Sequence[FeatureSpec], captures: Sequence[str],
-                 size: Sequence[int]) -> FeatureShapes:
+def probe_shapes(
+    model: nn.Module, specs: Sequence[FeatureSpec], captures: Sequence[str], size: Sequence[int]
+) -> FeatureShapes:
     """One eval-mode forward on zeros of ``size = (H, W)`` to learn the NCHW shapes ``[C, H, W]`` of ``specs`` and
     of the ``captures`` module outputs (the training mode is restored)."""
     was = model.training
@@ -187,8 +210,9 @@ def probe_shapes(model: nn.Module, specs: Sequence[FeatureSpec], captures: Seque
     for s, f in feats.items():
         ch = module_out_channels(model.get_submodule(s)) if isinstance(s, str) else None
         shapes[s] = tuple(to_nchw(f, ch).shape[1:])
-    captured_shapes = {n: tuple(to_nchw(f, module_out_channels(model.get_submodule(n))).shape[1:])
-                       for n, f in captured.items()}
+    captured_shapes = {
+        n: tuple(to_nchw(f, module_out_channels(model.get_submodule(n))).shape[1:]) for n, f in captured.items()
+    }
     return FeatureShapes(shapes, captured_shapes)
 
 
@@ -227,7 +251,7 @@ def tokens_to_grid(x: torch.Tensor) -> torch.Tensor:
         s -= 1
     if s == 0:
         raise ValueError(f"cannot arrange {n} tokens on a square grid")
-    x = x[:, n - s * s:]
+    x = x[:, n - s * s :]
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], s, s)
 
 

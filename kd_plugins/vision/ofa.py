@@ -20,8 +20,19 @@ from ..losses.logit import OFALoss, ofa_loss
 from .features import FeatureSpec, model_label, num_feature_levels, resolve_specs, to_nchw, tokens_to_grid
 from .terms import TermProvider, Terms
 
-__all__ = ["ofa_loss", "OFALoss", "SepConv", "ConvExitBranch", "TokenExitBranch", "build_exit_branch",
-           "default_ofa_stages", "is_token_model", "resolve_ofa_stages", "OFABranchTerms", "tokens_to_grid"]
+__all__ = [
+    "ofa_loss",
+    "OFALoss",
+    "SepConv",
+    "ConvExitBranch",
+    "TokenExitBranch",
+    "build_exit_branch",
+    "default_ofa_stages",
+    "is_token_model",
+    "resolve_ofa_stages",
+    "OFABranchTerms",
+    "tokens_to_grid",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,8 +102,9 @@ class TokenExitBranch(nn.Module):
     """ViT/MLP exit branch: ``num_merge`` patch-merging steps (the first maps to ``width``), ``num_blocks``
     transformer blocks, token mean, LayerNorm and a linear classifier."""
 
-    def __init__(self, in_dim: int, width: int, num_classes: int, num_merge: int, num_blocks: int,
-                 num_heads: int | None = None):
+    def __init__(
+        self, in_dim: int, width: int, num_classes: int, num_merge: int, num_blocks: int, num_heads: int | None = None
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -135,8 +147,16 @@ def default_ofa_stages(num_features: int, plain: bool) -> list[int]:
     return idx
 
 
-def build_exit_branch(kind: str, feature_shape: Sequence[int], final_shape: Sequence[int], *, num_classes: int,
-                      teacher_width: int, stage_pos: int, num_stages: int) -> nn.Module:
+def build_exit_branch(
+    kind: str,
+    feature_shape: Sequence[int],
+    final_shape: Sequence[int],
+    *,
+    num_classes: int,
+    teacher_width: int,
+    stage_pos: int,
+    num_stages: int,
+) -> nn.Module:
     """One OFA exit branch for a student feature of ``feature_shape = [C, H, W]``.
 
     ``final_shape`` is the student's last-stage feature shape; ``stage_pos`` (0-based) of ``num_stages`` tells how
@@ -172,8 +192,9 @@ def resolve_ofa_stages(student: nn.Module, stages: str | Sequence[FeatureSpec] =
         raise ValueError(f"ofa_stages must be 'auto', a list of feature indices/module names or None; got {stages!r}")
     n = num_feature_levels(student)
     if n == 0:
-        raise ValueError(f"student {model_label(student)} has no forward_intermediates(); pass ofa_stages as module "
-                         "names")
+        raise ValueError(
+            f"student {model_label(student)} has no forward_intermediates(); pass ofa_stages as module names"
+        )
     reductions = [f.get("reduction") for f in (getattr(student, "feature_info", None) or [])]
     return default_ofa_stages(n, len(set(reductions)) == 1)
 
@@ -194,8 +215,14 @@ class OFABranchTerms(TermProvider):
     build_rank = 1
     output_key = "branch_logits"
 
-    def __init__(self, loss: nn.Module, student: nn.Module, teacher: nn.Module,
-                 stages: str | Sequence[FeatureSpec] = "auto", weight: float = 1.0):
+    def __init__(
+        self,
+        loss: nn.Module,
+        student: nn.Module,
+        teacher: nn.Module,
+        stages: str | Sequence[FeatureSpec] = "auto",
+        weight: float = 1.0,
+    ):
         self.loss, self.weight = loss, float(weight)
         self.student_specs = resolve_ofa_stages(student, stages)
         self.kind = "token" if is_token_model(student) else "conv"
@@ -207,15 +234,25 @@ class OFABranchTerms(TermProvider):
     def build(self, student, teacher):
         # the final stage's shape when some provider reads that stage (always with "auto"), else the deepest branch's
         final = student.features.get(self.final_spec) or student.features[self.student_specs[-1]]
-        return {"branches": nn.ModuleList(
-            build_exit_branch(self.kind, student.features[s], final, num_classes=self.num_classes,
-                              teacher_width=self.teacher_width or final[0], stage_pos=i,
-                              num_stages=len(self.student_specs))
-            for i, s in enumerate(self.student_specs))}
+        return {
+            "branches": nn.ModuleList(
+                build_exit_branch(
+                    self.kind,
+                    student.features[s],
+                    final,
+                    num_classes=self.num_classes,
+                    teacher_width=self.teacher_width or final[0],
+                    stage_pos=i,
+                    num_stages=len(self.student_specs),
+                )
+                for i, s in enumerate(self.student_specs)
+            )
+        }
 
     def student_outputs(self, modules, student):
-        return {self.output_key: [b(to_nchw(student.features[s]))
-                                  for s, b in zip(self.student_specs, modules.branches)]}
+        return {
+            self.output_key: [b(to_nchw(student.features[s])) for s, b in zip(self.student_specs, modules.branches)]
+        }
 
     def terms(self, student, teacher, labels) -> Terms:
         total = sum(self.loss(b, teacher.logits, labels=labels) for b in student[self.output_key])

@@ -104,7 +104,8 @@ class LogitTerms(TermProvider):
                 f"Class-count mismatch: teacher {model_label(teacher)} has {t_k} classes, student "
                 f"{model_label(student)} has {s_k}. Logit losses ({', '.join(self.weights)}) compare class "
                 f"distributions; create the teacher with num_classes={s_k} (and a checkpoint trained on this "
-                "label space) or use only feature losses.")
+                "label space) or use only feature losses."
+            )
 
     def terms(self, student, teacher, labels) -> Terms:
         values = {n: self.losses[n](student["logits"], teacher.logits, labels=labels) for n in self.weights}
@@ -127,25 +128,33 @@ class FeaturePairTerms(TermProvider):
         self.teacher_specs = resolve_specs(teacher, [p[1] for p in pairs], "teacher")
         self.weights = {n: w for n, w in config.loss_terms.items() if config.kinds[n] == "hidden"}
         self.functions = {
-            name: (get_loss_spec(name).function,
-                   {k: v for k, v in config.loss_kwargs.get(name, {}).items() if k not in _HIDDEN_CTOR_KEYS})
-            for name in self.weights}
+            name: (
+                get_loss_spec(name).function,
+                {k: v for k, v in config.loss_kwargs.get(name, {}).items() if k not in _HIDDEN_CTOR_KEYS},
+            )
+            for name in self.weights
+        }
         self.projector = config.feature_projector
         self.student_channels: list[int] = []
 
     def build(self, student, teacher):
         self.student_channels = [student.features[s][0] for s in self.student_specs]
         t_channels = [teacher.features[t][0] for t in self.teacher_specs]
-        return {"projectors": nn.ModuleList(self._projector(s, t, cs, ct) for s, t, cs, ct in
-                                            zip(self.student_specs, self.teacher_specs, self.student_channels,
-                                                t_channels))}
+        return {
+            "projectors": nn.ModuleList(
+                self._projector(s, t, cs, ct)
+                for s, t, cs, ct in zip(self.student_specs, self.teacher_specs, self.student_channels, t_channels)
+            )
+        }
 
     def _projector(self, s_spec, t_spec, cs: int, ct: int) -> nn.Module:
         if cs == ct:
             return nn.Identity()
         if not self.projector:
-            raise ValueError(f"feature widths differ for pair {s_spec}->{t_spec} (student {cs}, teacher {ct}) and "
-                             "feature_projector=False")
+            raise ValueError(
+                f"feature widths differ for pair {s_spec}->{t_spec} (student {cs}, teacher {ct}) and "
+                "feature_projector=False"
+            )
         return FeatureProjector(cs, ct)
 
     def student_maps(self, student: ModelFeatures) -> list[torch.Tensor]:

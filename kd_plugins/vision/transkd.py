@@ -27,8 +27,15 @@ from ..losses import FeatureProjector
 from .features import align_spatial, channel_project, module_out_channels, to_nchw
 from .terms import FeaturePairTerms, TermProvider, Terms
 
-__all__ = ["hcl_loss", "CrossSelectiveFusion", "find_patch_embeddings", "module_out_channels", "PEA_WEIGHTS",
-           "CSFTerms", "PatchEmbedTerms"]
+__all__ = [
+    "hcl_loss",
+    "CrossSelectiveFusion",
+    "find_patch_embeddings",
+    "module_out_channels",
+    "PEA_WEIGHTS",
+    "CSFTerms",
+    "PatchEmbedTerms",
+]
 
 #: TransKD's patch-embedding alignment weights, first stage first.
 PEA_WEIGHTS = (0.1, 0.1, 0.5, 1.0)
@@ -76,12 +83,12 @@ class CrossSelectiveFusion(nn.Module):
         if len(in_channels) != len(out_channels) or not in_channels:
             raise ValueError("CrossSelectiveFusion needs one teacher width per student stage")
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
-            for c in in_channels)
+            nn.Sequential(nn.Conv2d(c, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels)) for c in in_channels
+        )
         self.fuse = nn.ModuleList(_SelectiveFuse(mid_channels) for _ in in_channels[:-1])
         self.out = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(mid_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-            for c in out_channels)
+            nn.Sequential(nn.Conv2d(mid_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)) for c in out_channels
+        )
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         n = len(feats)
@@ -102,14 +109,17 @@ def find_patch_embeddings(model: nn.Module) -> list[str]:
     names = []
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "patch_embed" or (leaf == "downsample" and not isinstance(mod, nn.Identity)
-                                     and module_out_channels(mod) is not None):
+        if leaf == "patch_embed" or (
+            leaf == "downsample" and not isinstance(mod, nn.Identity) and module_out_channels(mod) is not None
+        ):
             names.append(name)
     if not names:
-        raise ValueError(f"{type(model).__name__} has no patch_embed/downsample modules; patch-embedding alignment "
-                         "needs a transformer (ViT, DeiT, Swin, ...).")
+        raise ValueError(
+            f"{type(model).__name__} has no patch_embed/downsample modules; patch-embedding alignment "
+            "needs a transformer (ViT, DeiT, Swin, ...)."
+        )
     # stage order: patch_embed first, then downsample modules in definition order (named_modules is pre-order)
-    names.sort(key=lambda n: (0 if n.endswith("patch_embed") else 1))
+    names.sort(key=lambda n: 0 if n.endswith("patch_embed") else 1)
     return names
 
 
@@ -143,8 +153,9 @@ class PatchEmbedTerms(TermProvider):
     build_rank = 2
     output_key = "patch_embeds"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, weight: float,
-                 stage_weights: Sequence[float] = PEA_WEIGHTS):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, weight: float, stage_weights: Sequence[float] = PEA_WEIGHTS
+    ):
         s_all, t_all = find_patch_embeddings(student), find_patch_embeddings(teacher)
         k = min(len(s_all), len(t_all))
         self.student_captures, self.teacher_captures = s_all[:k], t_all[:k]
@@ -156,17 +167,26 @@ class PatchEmbedTerms(TermProvider):
     def build(self, student, teacher):
         self.student_channels = [student.captured[n][0] for n in self.student_captures]
         self.teacher_channels = [teacher.captured[n][0] for n in self.teacher_captures]
-        return {"pe_projectors": nn.ModuleList(nn.Identity() if a == b else FeatureProjector(a, b)
-                                               for a, b in zip(self.student_channels, self.teacher_channels))}
+        return {
+            "pe_projectors": nn.ModuleList(
+                nn.Identity() if a == b else FeatureProjector(a, b)
+                for a, b in zip(self.student_channels, self.teacher_channels)
+            )
+        }
 
     def student_outputs(self, modules, student):
-        return {self.output_key: [channel_project(p, to_nchw(student.captured[n], c)) for n, c, p in
-                                  zip(self.student_captures, self.student_channels, modules.pe_projectors)]}
+        return {
+            self.output_key: [
+                channel_project(p, to_nchw(student.captured[n], c))
+                for n, c, p in zip(self.student_captures, self.student_channels, modules.pe_projectors)
+            ]
+        }
 
     def terms(self, student, teacher, labels) -> Terms:
         vals = []
-        for s, n, c, w in zip(student[self.output_key], self.teacher_captures, self.teacher_channels,
-                              self.stage_weights):
+        for s, n, c, w in zip(
+            student[self.output_key], self.teacher_captures, self.teacher_channels, self.stage_weights
+        ):
             t = to_nchw(teacher.captured[n], c).to(s.dtype)
             vals.append(w * F.mse_loss(align_spatial(s, t.shape[-2:]), t))
         return {"patch_embed": sum(vals)}, {"patch_embed": self.weight}

@@ -7,5 +7,13 @@ from .acm import ACMCallback
 from .distill import DistillationCallback, DistillationTrainer, load_teacher
 from .multiexit import MultiExitCallback
 
-__all__ = ["DistillationCallback", "DistillationTrainer", "ACMCallback", "MultiExitCallback", "load_teacher",
-           "TrainerPluginCallback", "patch_trainer", "trainer_loss_scaling"]
+__all__ = [
+    "DistillationCallback",
+    "DistillationTrainer",
+    "ACMCallback",
+    "MultiExitCallback",
+    "load_teacher",
+    "TrainerPluginCallback",
+    "patch_trainer",
+    "trainer_loss_scaling",
+]

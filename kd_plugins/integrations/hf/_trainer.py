@@ -19,8 +19,14 @@ from transformers import Trainer, TrainerCallback
 
 from ...distill.scaling import LossScaling
 
-__all__ = ["TrainerPluginCallback", "patch_trainer", "trainer_loss_scaling", "find_resume_dir", "model_inputs",
-           "is_trl_sft_trainer"]
+__all__ = [
+    "TrainerPluginCallback",
+    "patch_trainer",
+    "trainer_loss_scaling",
+    "find_resume_dir",
+    "model_inputs",
+    "is_trl_sft_trainer",
+]
 
 #: Batch keys that are not model inputs (targets, Trainer plumbing).
 _NON_MODEL_KEYS = ("labels", "num_items_in_batch", "return_loss")
@@ -55,6 +61,7 @@ def _find_trainer() -> Trainer | None:
 
 def find_resume_dir() -> str | None:
     """The ``resume_from_checkpoint`` directory of the ``Trainer.train`` call in progress, if any."""
+
     def pred(f):
         v = f.f_locals.get("resume_from_checkpoint")
         return v if isinstance(v, str) and os.path.isdir(v) else None
@@ -68,15 +75,17 @@ def trainer_loss_scaling(trainer: Trainer, num_items_in_batch, *, has_task_loss:
     by the model or by ``compute_loss_func``)."""
     scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
     if scaled is None:
-        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) \
-            or getattr(trainer, "compute_loss_func", None) is not None
+        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or getattr(
+            trainer, "compute_loss_func", None
+        ) is not None
     scaled = bool(scaled) and has_task_loss
     items_scale = 1.0
     if scaled and getattr(trainer.args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
         items_scale = float(trainer.accelerator.num_processes)
     ga = max(int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1), 1)
-    return LossScaling(by_items=scaled, num_items_in_batch=num_items_in_batch, items_scale=items_scale,
-                       grad_accum_steps=ga)
+    return LossScaling(
+        by_items=scaled, num_items_in_batch=num_items_in_batch, items_scale=items_scale, grad_accum_steps=ga
+    )
 
 
 def patch_trainer(trainer: Trainer, loss_fn=None, logs_fn=None, original_loss=None) -> None:
@@ -89,8 +98,9 @@ def patch_trainer(trainer: Trainer, loss_fn=None, logs_fn=None, original_loss=No
         original = original_loss or trainer.compute_loss
 
         def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
-            return loss_fn(original, model, inputs, return_outputs=return_outputs,
-                           num_items_in_batch=num_items_in_batch, **kw)
+            return loss_fn(
+                original, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw
+            )
 
         trainer.compute_loss = compute_loss
     if logs_fn is not None:
@@ -118,8 +128,9 @@ class TrainerPluginCallback(TrainerCallback):
         if self.trainer is trainer:
             return
         if self.trainer is not None:
-            raise RuntimeError(f"This {type(self).__name__} is already attached to another Trainer; create one per "
-                               "Trainer.")
+            raise RuntimeError(
+                f"This {type(self).__name__} is already attached to another Trainer; create one per Trainer."
+            )
         self._attach(trainer)
 
     def _attach(self, trainer: Trainer) -> None:  # pragma: no cover - every subclass overrides it
@@ -130,8 +141,10 @@ class TrainerPluginCallback(TrainerCallback):
         if self.trainer is None:
             trainer = _find_trainer()
             if trainer is None:
-                raise RuntimeError(f"{type(self).__name__} must be used inside a transformers.Trainer "
-                                   "(callbacks=[...] or trainer.add_callback(...)).")
+                raise RuntimeError(
+                    f"{type(self).__name__} must be used inside a transformers.Trainer "
+                    "(callbacks=[...] or trainer.add_callback(...))."
+                )
             self.attach(trainer)
         return self.trainer
 

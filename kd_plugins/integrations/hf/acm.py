@@ -49,14 +49,17 @@ class ACMCallback(TrainerPluginCallback):
 
     def __init__(self, teacher: torch.nn.Module | None = None, config: ACMConfig | None = None, **overrides):
         if isinstance(teacher, ACMConfig):
-            raise TypeError("ACMCallback(teacher=None, config=None, **overrides): the teacher comes first, as in "
-                            "every kd_plugins callback; pass the config as config=ACMConfig(...).")
+            raise TypeError(
+                "ACMCallback(teacher=None, config=None, **overrides): the teacher comes first, as in "
+                "every kd_plugins callback; pass the config as config=ACMConfig(...)."
+            )
         self.config = resolve_config(ACMConfig, config, overrides)
         self.teacher = None
         if teacher is not None:
             if acm_blocks(teacher):
-                raise ValueError("the teacher is ACMized: pass the original dense model (copy.deepcopy it before "
-                                 "acmize)")
+                raise ValueError(
+                    "the teacher is ACMized: pass the original dense model (copy.deepcopy it before acmize)"
+                )
             self.teacher = Teacher(teacher)
         self.trainer: Trainer | None = None
         self._reset_loss_logs()
@@ -65,8 +68,13 @@ class ACMCallback(TrainerPluginCallback):
         base = unwrap_model(trainer.model)
         if not acm_blocks(base):
             raise ValueError("ACMCallback needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")
-        set_acm_mode(base, "gated", gumbel_tau=self.config.gumbel_tau, gate_noise=self.config.gate_noise,
-                     straight_through=self.config.straight_through)
+        set_acm_mode(
+            base,
+            "gated",
+            gumbel_tau=self.config.gumbel_tau,
+            gate_noise=self.config.gate_noise,
+            straight_through=self.config.straight_through,
+        )
         self.trainer = trainer
         patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)
 
@@ -82,22 +90,27 @@ class ACMCallback(TrainerPluginCallback):
         try:
             task = None
             if inputs.get("labels") is not None and cfg.task_weight:
-                task, outputs = original(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch,
-                                         **kw)
+                task, outputs = original(
+                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kw
+                )
             else:
                 outputs = model(**model_inputs(inputs, drop=("labels",)))
             reg = acm_regularizers(base, cfg.budget)
         finally:
             set_recording(base, False)
         values = {"acm_budget": reg.budget, "acm_entropy": reg.entropy, "acm_diversity": reg.diversity}
-        weights = {"acm_budget": cfg.alpha_budget, "acm_entropy": cfg.alpha_entropy,
-                   "acm_diversity": cfg.alpha_diversity}
+        weights = {
+            "acm_budget": cfg.alpha_budget,
+            "acm_entropy": cfg.alpha_entropy,
+            "acm_diversity": cfg.alpha_diversity,
+        }
         if task is not None:
             values["acm_task"], weights["acm_task"] = task, cfg.task_weight
         if self.teacher is not None and cfg.distill_weight:
             t_out = self.teacher.forward_batch(model_inputs(inputs, drop=("labels",)))
-            values["acm_distill"] = distill_term(outputs, t_out, inputs.get("attention_mask"), cfg.distill_loss,
-                                                 cfg.hidden_weight)
+            values["acm_distill"] = distill_term(
+                outputs, t_out, inputs.get("attention_mask"), cfg.distill_loss, cfg.hidden_weight
+            )
             weights["acm_distill"] = cfg.distill_weight
         loss = weighted_sum(values, weights, hint="Lower the learning rate or check the inputs.")
         logs = {k: v.item() for k, v in values.items()}

@@ -26,8 +26,14 @@ from ...distill.config import DistillationConfig
 from ...distill.engine import DistillationEngine, KDResult, detect_task
 from ...distill.fused import FusedLogitLoss
 from ...distill.scaling import LossScaling
-from ._trainer import (TrainerPluginCallback, find_resume_dir, is_trl_sft_trainer, model_inputs, patch_trainer,
-                       trainer_loss_scaling)
+from ._trainer import (
+    TrainerPluginCallback,
+    find_resume_dir,
+    is_trl_sft_trainer,
+    model_inputs,
+    patch_trainer,
+    trainer_loss_scaling,
+)
 
 __all__ = ["DistillationCallback", "DistillationTrainer", "load_teacher"]
 
@@ -57,13 +63,16 @@ def _sft_task_loss(trainer):
     shifted cross-entropy, the same NLL objective) whose logits carry gradients."""
     loss_type = getattr(trainer.args, "loss_type", "nll")
     if loss_type not in (None, "nll"):
-        raise ValueError(f"DistillationCallback supports SFTTrainer with loss_type='nll' only (got {loss_type!r}); "
-                         "the distillation terms need the student's logits with gradients.")
+        raise ValueError(
+            f"DistillationCallback supports SFTTrainer with loss_type='nll' only (got {loss_type!r}); "
+            "the distillation terms need the student's logits with gradients."
+        )
 
     def task_loss(model, inputs, return_outputs=False, num_items_in_batch=None, **kw):
         inputs = {**inputs, "use_cache": False}
-        return Trainer.compute_loss(trainer, model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        return Trainer.compute_loss(
+            trainer, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     return task_loss
 
@@ -82,8 +91,9 @@ class DistillationCallback(TrainerPluginCallback):
     during evaluation.
     """
 
-    def __init__(self, teacher: torch.nn.Module, config: DistillationConfig | None = None, *,
-                 teacher_tokenizer=None, **overrides):
+    def __init__(
+        self, teacher: torch.nn.Module, config: DistillationConfig | None = None, *, teacher_tokenizer=None, **overrides
+    ):
         self.config = resolve_config(DistillationConfig, config, overrides)
         self.engine = DistillationEngine(teacher, self.config, teacher_tokenizer=teacher_tokenizer)
         self.fused = FusedLogitLoss(self.engine)
@@ -105,8 +115,12 @@ class DistillationCallback(TrainerPluginCallback):
         # DistillationTrainer calls self.compute_loss from its own compute_loss; only its log is wrapped.
         wrap_loss = not isinstance(trainer, DistillationTrainer)
         sft = wrap_loss and is_trl_sft_trainer(trainer)
-        patch_trainer(trainer, loss_fn=self.compute_loss if wrap_loss else None, logs_fn=self._add_logs,
-                      original_loss=_sft_task_loss(trainer) if sft else None)
+        patch_trainer(
+            trainer,
+            loss_fn=self.compute_loss if wrap_loss else None,
+            logs_fn=self._add_logs,
+            original_loss=_sft_task_loss(trainer) if sft else None,
+        )
         self.engine.set_student_tokenizer(getattr(trainer, "processing_class", None))
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -116,8 +130,11 @@ class DistillationCallback(TrainerPluginCallback):
             ckpt = find_resume_dir() or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             found = self.engine.load(ckpt)
             if not found and self.config.feature_pairs and self.config.feature_projector:
-                warnings.warn(f"Resuming from {ckpt} without {self.engine.__class__.__name__} state "
-                              "(kd_plugins_state.safetensors): projectors, if any, restart from scratch.")
+                warnings.warn(
+                    f"Resuming from {ckpt} without {self.engine.__class__.__name__} state "
+                    "(kd_plugins_state.safetensors): projectors, if any, restart from scratch.",
+                    stacklevel=2,
+                )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -148,11 +165,14 @@ class DistillationCallback(TrainerPluginCallback):
         engine.step = trainer.state.global_step
         has_labels = inputs.get("labels") is not None
         if cfg.hard_label_weight > 0 and not has_labels:
-            raise ValueError("hard_label_weight > 0 but the batch has no 'labels'; add labels to the dataset/collator "
-                             "(e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or set "
-                             "hard_label_weight=0 to train on the distillation loss alone.")
-        custom = getattr(trainer, "label_smoother", None) is not None or bool(getattr(trainer, "compute_loss_func",
-                                                                                    None))
+            raise ValueError(
+                "hard_label_weight > 0 but the batch has no 'labels'; add labels to the dataset/collator "
+                "(e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) or set "
+                "hard_label_weight=0 to train on the distillation loss alone."
+            )
+        custom = getattr(trainer, "label_smoother", None) is not None or bool(
+            getattr(trainer, "compute_loss_func", None)
+        )
         if model.training and torch.is_grad_enabled() and self.fused.decide(model, custom_task_loss=custom):
             return self._fused_loss(trainer, model, inputs, return_outputs, num_items_in_batch)
         task_loss, outputs = self._student_forward(original, model, inputs, num_items_in_batch, **kw)
@@ -161,8 +181,10 @@ class DistillationCallback(TrainerPluginCallback):
         loss = result.loss
         if task_loss is not None:
             if not torch.isfinite(task_loss.detach()).all():
-                raise FloatingPointError(f"Non-finite task loss at step {engine.step}: term 'task_loss' = "
-                                         f"{float(task_loss.detach())}. Check the labels and the learning rate.")
+                raise FloatingPointError(
+                    f"Non-finite task loss at step {engine.step}: term 'task_loss' = "
+                    f"{float(task_loss.detach())}. Check the labels and the learning rate."
+                )
             if cfg.hard_label_weight > 0:
                 loss = loss + cfg.hard_label_weight * task_loss
         self._log_step(model.training, result, task_loss, scaling)
@@ -174,8 +196,9 @@ class DistillationCallback(TrainerPluginCallback):
         extra = {"output_attentions": True} if need_attn else {}
         if self.engine.task == "encoder" or inputs.get("labels") is None:
             return None, model(**model_inputs(inputs), **extra)
-        task_loss, outputs = original(model, {**inputs, **extra}, return_outputs=True,
-                                      num_items_in_batch=num_items_in_batch, **kw)
+        task_loss, outputs = original(
+            model, {**inputs, **extra}, return_outputs=True, num_items_in_batch=num_items_in_batch, **kw
+        )
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         if model.training and torch.is_grad_enabled() and torch.is_tensor(logits) and not logits.requires_grad:
             raise RuntimeError(
@@ -209,14 +232,24 @@ class DistillationTrainer(Trainer):
     ``distillation_config.teacher_model_name_or_path``), ``distillation_config`` and ``teacher_tokenizer``.
     """
 
-    def __init__(self, model=None, args=None, *pos, teacher_model: torch.nn.Module | str | None = None,
-                 distillation_config: DistillationConfig | None = None, teacher_tokenizer=None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        *pos,
+        teacher_model: torch.nn.Module | str | None = None,
+        distillation_config: DistillationConfig | None = None,
+        teacher_tokenizer=None,
+        **kwargs,
+    ):
         config = distillation_config or DistillationConfig()
         if teacher_model is None or isinstance(teacher_model, str):
             name = teacher_model or config.teacher_model_name_or_path
             if not name:
-                raise ValueError("DistillationTrainer needs teacher_model= (a module or a path) or "
-                                 "distillation_config.teacher_model_name_or_path.")
+                raise ValueError(
+                    "DistillationTrainer needs teacher_model= (a module or a path) or "
+                    "distillation_config.teacher_model_name_or_path."
+                )
             task = config.task if config.task != "auto" else detect_task(model)
             teacher_model = load_teacher(name, task, config.teacher_dtype)
         self.distillation_callback = DistillationCallback(teacher_model, config, teacher_tokenizer=teacher_tokenizer)
@@ -229,6 +262,11 @@ class DistillationTrainer(Trainer):
         return self.distillation_callback.teacher
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-        return self.distillation_callback.compute_loss(super().compute_loss, model, inputs,
-                                                       return_outputs=return_outputs,
-                                                       num_items_in_batch=num_items_in_batch, **kwargs)
+        return self.distillation_callback.compute_loss(
+            super().compute_loss,
+            model,
+            inputs,
+            return_outputs=return_outputs,
+            num_items_in_batch=num_items_in_batch,
+            **kwargs,
+        )

@@ -66,7 +66,7 @@ def split_groups(inputs: dict) -> dict[str, dict]:
     groups: dict[str, dict] = {g: {} for g in ("",) + GROUP_PREFIXES}
     for key, value in inputs.items():
         prefix = next((g for g in GROUP_PREFIXES if key.startswith(g)), "")
-        groups[prefix][key[len(prefix):]] = value
+        groups[prefix][key[len(prefix) :]] = value
     return groups
 
 
@@ -99,8 +99,10 @@ class MultiExitCallback(TrainerPluginCallback):
 
     def __init__(self, teacher: torch.nn.Module | None = None, config: MultiExitConfig | None = None, **overrides):
         if isinstance(teacher, MultiExitConfig):
-            raise TypeError("MultiExitCallback(teacher=None, config=None, **overrides): the teacher comes first, as "
-                            "in every kd_plugins callback; pass the config as config=MultiExitConfig(...).")
+            raise TypeError(
+                "MultiExitCallback(teacher=None, config=None, **overrides): the teacher comes first, as "
+                "in every kd_plugins callback; pass the config as config=MultiExitConfig(...)."
+            )
         self.config = resolve_config(MultiExitConfig, config, overrides)
         self.teacher = Teacher(teacher) if teacher is not None else None
         self.trainer: Trainer | None = None
@@ -111,8 +113,10 @@ class MultiExitCallback(TrainerPluginCallback):
         ex = get_exits(trainer.model)  # clear error now if add_exits was not called
         cfg = self.config
         if ex.kind != "embedding" and (cfg.distill_positives or cfg.extra_pairs_weight > 0):
-            raise ValueError("distill_positives and extra_pairs_weight apply to encoder exits (pooled embeddings); "
-                             f"this model's exits give {ex.kind}")
+            raise ValueError(
+                "distill_positives and extra_pairs_weight apply to encoder exits (pooled embeddings); "
+                f"this model's exits give {ex.kind}"
+            )
         self.trainer = trainer
         patch_trainer(trainer, loss_fn=self.compute_loss, logs_fn=self._add_logs)
 
@@ -145,8 +149,9 @@ class MultiExitCallback(TrainerPluginCallback):
             with capture_hidden(base, shallow) as store:
                 if inputs.get("labels") is not None and ex.kind == "logits":
                     call = {k: v for k, v in groups[""].items() if k != TEACHER_EMBEDDING_KEY}
-                    final_task, outputs = original(model, call, return_outputs=True,
-                                                   num_items_in_batch=num_items_in_batch, **kw)
+                    final_task, outputs = original(
+                        model, call, return_outputs=True, num_items_in_batch=num_items_in_batch, **kw
+                    )
                 else:
                     outputs = model(**_forward_inputs(groups[""]))
             with _head_precision(trainer):
@@ -158,8 +163,7 @@ class MultiExitCallback(TrainerPluginCallback):
         if model.training and torch.is_grad_enabled():
             _check_exit_gradients(base, ex, exits, trainer)
         if ex.kind == "logits":
-            scaling = trainer_loss_scaling(trainer, num_items_in_batch,
-                                           has_task_loss=inputs.get("labels") is not None)
+            scaling = trainer_loss_scaling(trainer, num_items_in_batch, has_task_loss=inputs.get("labels") is not None)
             result = self._logit_loss(ex, exits, inputs, final_task, scaling)
         else:
             result = self._embedding_loss(ex, {"": exits, **outs}, groups)
@@ -171,9 +175,13 @@ class MultiExitCallback(TrainerPluginCallback):
         causal = ex.family == "causal_lm"
         task_losses: dict[int, torch.Tensor] = {}
         if labels is not None:
-            task_losses = exit_ce_losses(exits, labels, causal=causal,
-                                         num_items_in_batch=scaling.num_items_in_batch if scaling.by_items else None,
-                                         skip=[L] if final_task is not None else ())
+            task_losses = exit_ce_losses(
+                exits,
+                labels,
+                causal=causal,
+                num_items_in_batch=scaling.num_items_in_batch if scaling.by_items else None,
+                skip=[L] if final_task is not None else (),
+            )
             task_losses = {k: v * scaling.items_scale for k, v in task_losses.items()}
             if final_task is not None and L in exits:
                 task_losses[L] = final_task
@@ -183,8 +191,16 @@ class MultiExitCallback(TrainerPluginCallback):
         if self.teacher is not None:
             extra = {"use_cache": False} if causal else {}
             teacher_out = self.teacher.forward_batch(_model_inputs(inputs), **extra)["logits"]
-        return multi_exit_loss(exits, L, self.config, kind="logits", task_losses=task_losses, teacher=teacher_out,
-                               mask=mask, kd_scale=scaling.mean_scale)
+        return multi_exit_loss(
+            exits,
+            L,
+            self.config,
+            kind="logits",
+            task_losses=task_losses,
+            teacher=teacher_out,
+            mask=mask,
+            kd_scale=scaling.mean_scale,
+        )
 
     def _pair_exits(self, model, base, ex, groups: dict, shallow, prefixes: tuple[str, ...]) -> dict:
         """Every exit's output (``prefix -> exits``) for those of the batch's other text groups among ``prefixes``
@@ -193,8 +209,11 @@ class MultiExitCallback(TrainerPluginCallback):
         infonce = cfg.embedding_task == "infonce" and cfg.task_weight > 0
         used = {"positive_": infonce or cfg.distill_positives, "extra_": infonce and cfg.extra_pairs_weight > 0}
         used["extra_positive_"] = used["extra_"]
-        why = {"positive_": "embedding_task='infonce'" if infonce else "distill_positives=True",
-               "extra_": "extra_pairs_weight > 0", "extra_positive_": "extra_pairs_weight > 0"}
+        why = {
+            "positive_": "embedding_task='infonce'" if infonce else "distill_positives=True",
+            "extra_": "extra_pairs_weight > 0",
+            "extra_positive_": "extra_pairs_weight > 0",
+        }
         return {g: self._group_exits(model, base, ex, groups, g, shallow, why[g]) for g in prefixes if used[g]}
 
     def _embedding_loss(self, ex, outs: dict, groups: dict) -> MultiExitLoss:
@@ -207,8 +226,12 @@ class MultiExitCallback(TrainerPluginCallback):
         teacher = self._teacher_states(groups, distilled)
         fp32 = cfg.embedding_losses_fp32
         with _loss_precision(fp32, exits[ex.num_layers].device):
-            emb = {g: {k: pool(h.float() if fp32 else h, groups[g].get("attention_mask"), ex.pooling)
-                       for k, h in o.items()} for g, o in outs.items()}
+            emb = {
+                g: {
+                    k: pool(h.float() if fp32 else h, groups[g].get("attention_mask"), ex.pooling) for k, h in o.items()
+                }
+                for g, o in outs.items()
+            }
             task_losses, extra_terms = {}, {}
             if infonce:
                 task_losses = {k: info_nce(emb[""][k], emb["positive_"][k], cfg.infonce_scale) for k in emb[""]}
@@ -217,15 +240,17 @@ class MultiExitCallback(TrainerPluginCallback):
                     extra = info_nce(emb["extra_"][k], emb["extra_positive_"][k], cfg.infonce_scale)
                     task_losses[k] = task_losses[k] + cfg.extra_pairs_weight * extra
                     extra_terms[f"exit{k}_extra_infonce"] = float(extra.detach())
-            student = {k: torch.cat([emb[g][k] for g in distilled]) if len(distilled) > 1 else v
-                       for k, v in emb[""].items()}
+            student = {
+                k: torch.cat([emb[g][k] for g in distilled]) if len(distilled) > 1 else v for k, v in emb[""].items()
+            }
             teacher_out = None
             if teacher is not None:
                 parts = [t if am is None else pool(t.float() if fp32 else t, am, ex.pooling) for t, am in teacher]
                 teacher_out = torch.cat(parts) if len(parts) > 1 else parts[0]
                 teacher_out = teacher_out.float() if fp32 else teacher_out
-            result = multi_exit_loss(student, ex.num_layers, cfg, kind="embedding", task_losses=task_losses,
-                                     teacher=teacher_out)
+            result = multi_exit_loss(
+                student, ex.num_layers, cfg, kind="embedding", task_losses=task_losses, teacher=teacher_out
+            )
         result.terms.update(extra_terms)
         return result
 
@@ -233,8 +258,10 @@ class MultiExitCallback(TrainerPluginCallback):
         """Every exit's output for one text group of the batch (one forward pass with the exit hooks)."""
         group = _forward_inputs(groups[prefix])
         if "input_ids" not in group and "inputs_embeds" not in group:
-            raise ValueError(f"{why} needs {prefix}input_ids / {prefix}attention_mask in the batch (and "
-                             "TrainingArguments(remove_unused_columns=False))")
+            raise ValueError(
+                f"{why} needs {prefix}input_ids / {prefix}attention_mask in the batch (and "
+                "TrainingArguments(remove_unused_columns=False))"
+            )
         with capture_hidden(base, shallow) as store:
             out = model(**group)
         with _head_precision(self.trainer):
@@ -247,17 +274,26 @@ class MultiExitCallback(TrainerPluginCallback):
         given = [TEACHER_EMBEDDING_KEY in groups[g] for g in names]
         if any(given):
             if self.teacher is not None:
-                raise ValueError(f"the batch carries {TEACHER_EMBEDDING_KEY!r} and the callback has a teacher model: "
-                                 "give one source of teacher embeddings")
+                raise ValueError(
+                    f"the batch carries {TEACHER_EMBEDDING_KEY!r} and the callback has a teacher model: "
+                    "give one source of teacher embeddings"
+                )
             missing = [g + TEACHER_EMBEDDING_KEY for g, ok in zip(names, given) if not ok]
             if missing:
-                raise ValueError(f"the batch carries precomputed teacher embeddings for some distilled groups but "
-                                 f"not {missing} (distill_positives=True distils the positives too)")
+                raise ValueError(
+                    f"the batch carries precomputed teacher embeddings for some distilled groups but "
+                    f"not {missing} (distill_positives=True distils the positives too)"
+                )
             return [(groups[g][TEACHER_EMBEDDING_KEY], None) for g in names]
         if self.teacher is None:
             return None
-        return [(self.teacher.forward_batch(_forward_inputs(groups[g]))["last_hidden_state"],
-                 groups[g].get("attention_mask")) for g in names]
+        return [
+            (
+                self.teacher.forward_batch(_forward_inputs(groups[g]))["last_hidden_state"],
+                groups[g].get("attention_mask"),
+            )
+            for g in names
+        ]
 
 
 def _check_exit_gradients(base, ex, exits, trainer) -> None:
@@ -269,5 +305,7 @@ def _check_exit_gradients(base, ex, exits, trainer) -> None:
         head = ex.heads[str(k)] if str(k) in ex.heads else None
         trains = trunk_trains or (head is not None and any(p.requires_grad for p in head.parameters()))
         if trains and not v.requires_grad:
-            raise RuntimeError(f"exit {k} output has no gradient: {type(trainer).__name__}.compute_loss did not "
-                               "return the outputs of its training forward pass")
+            raise RuntimeError(
+                f"exit {k} output has no gradient: {type(trainer).__name__}.compute_loss did not "
+                "return the outputs of its training forward pass"
+            )

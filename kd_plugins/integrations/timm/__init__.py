@@ -12,5 +12,13 @@ from .model_task import ModelForward, ModelTask
 from .multiexit import MultiExitTask, timm_multi_exit_loss
 from .task import KDTask, KDTrainableModule
 
-__all__ = ["KDTask", "KDTrainableModule", "ACMTask", "MultiExitTask", "ModelTask", "ModelForward", "timm_acm_loss",
-           "timm_multi_exit_loss"]
+__all__ = [
+    "KDTask",
+    "KDTrainableModule",
+    "ACMTask",
+    "MultiExitTask",
+    "ModelTask",
+    "ModelForward",
+    "timm_acm_loss",
+    "timm_multi_exit_loss",
+]

@@ -25,9 +25,15 @@ from .model_task import ModelTask, as_teacher
 __all__ = ["ACMTask", "timm_acm_loss"]
 
 
-def timm_acm_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, criterion: Callable,
-                  config: ACMConfig | None = None, teacher: nn.Module | Teacher | None = None,
-                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+def timm_acm_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    criterion: Callable,
+    config: ACMConfig | None = None,
+    teacher: nn.Module | Teacher | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """``task_weight * criterion + distill_weight * KL(teacher) + alpha_b L_b + alpha_e L_e + alpha_d L_d``.
 
     ``teacher`` (a module or a :class:`~kd_plugins.distill.teacher.Teacher`) runs frozen, in eval mode, without
@@ -42,9 +48,14 @@ def timm_acm_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, 
         set_recording(model, False)
     task = criterion(logits, target)
     loss = cfg.task_weight * task + reg.total(cfg.alpha_budget, cfg.alpha_entropy, cfg.alpha_diversity)
-    out = {"output": logits, "acm_task": task.detach(), "acm_budget": reg.budget.detach(),
-           "acm_entropy": reg.entropy.detach(), "acm_diversity": reg.diversity.detach(),
-           "acm_fraction": reg.fraction}
+    out = {
+        "output": logits,
+        "acm_task": task.detach(),
+        "acm_budget": reg.budget.detach(),
+        "acm_entropy": reg.entropy.detach(),
+        "acm_diversity": reg.diversity.detach(),
+        "acm_fraction": reg.fraction,
+    }
     teacher = as_teacher(teacher)
     if teacher is not None and cfg.distill_weight:
         t_logits = teacher.run(lambda m: m(images))
@@ -74,17 +85,39 @@ class ACMTask(ModelTask):
 
     ddp_defaults = {"find_unused_parameters": True}
 
-    def __init__(self, model: nn.Module, criterion: Callable | None = None, criterion_kwargs: dict | None = None,
-                 config: ACMConfig | None = None, teacher: nn.Module | None = None,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None, verbose: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable | None = None,
+        criterion_kwargs: dict | None = None,
+        config: ACMConfig | None = None,
+        teacher: nn.Module | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = False,
+    ):
         if not acm_blocks(model):
             raise ValueError("ACMTask needs an ACMized model: call kd_plugins.acm.acmize(model, ...) first")
-        super().__init__(model, _logits, criterion=criterion, criterion_kwargs=criterion_kwargs, teacher=teacher,
-                         device=device, dtype=dtype, verbose=verbose)
+        super().__init__(
+            model,
+            _logits,
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            teacher=teacher,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )
         self.config = config or ACMConfig()
-        set_acm_mode(model, "gated", gumbel_tau=self.config.gumbel_tau, gate_noise=self.config.gate_noise,
-                     straight_through=self.config.straight_through)
+        set_acm_mode(
+            model,
+            "gated",
+            gumbel_tau=self.config.gumbel_tau,
+            gate_noise=self.config.gate_noise,
+            straight_through=self.config.straight_through,
+        )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-        return timm_acm_loss(self.model, input, target, self.criterion, self.config, self._teacher,
-                             forward=self.run_model)
+        return timm_acm_loss(
+            self.model, input, target, self.criterion, self.config, self._teacher, forward=self.run_model
+        )

@@ -61,9 +61,17 @@ class ModelTask(TrainingTask):
     #: keyword arguments for ``DistributedDataParallel`` that the subclass needs (overridable per call)
     ddp_defaults: dict[str, Any] = {}
 
-    def __init__(self, model: nn.Module, forward_fn: Callable[..., Any], criterion: Callable | None = None,
-                 criterion_kwargs: dict | None = None, teacher: nn.Module | None = None,
-                 device=None, dtype=None, verbose: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        forward_fn: Callable[..., Any],
+        criterion: Callable | None = None,
+        criterion_kwargs: dict | None = None,
+        teacher: nn.Module | None = None,
+        device=None,
+        dtype=None,
+        verbose: bool = False,
+    ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.trainable_module = model
         self._forward_fn = forward_fn

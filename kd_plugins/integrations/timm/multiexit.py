@@ -32,9 +32,15 @@ from .model_task import ModelTask, as_teacher
 __all__ = ["MultiExitTask", "timm_multi_exit_loss"]
 
 
-def timm_multi_exit_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, criterion: Callable,
-                         config: MultiExitConfig | None = None, teacher: nn.Module | Teacher | None = None,
-                         forward: Callable[[torch.Tensor], dict[int, torch.Tensor]] | None = None) -> dict[str, Any]:
+def timm_multi_exit_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor,
+    criterion: Callable,
+    config: MultiExitConfig | None = None,
+    teacher: nn.Module | Teacher | None = None,
+    forward: Callable[[torch.Tensor], dict[int, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
     """The multi-exit loss of a timm model with exits, as a dict like a timm task's result.
 
     Returns ``loss``, ``output`` (deepest exit logits), ``exit_outputs`` (``layer -> logits``) and the detached
@@ -69,14 +75,31 @@ class MultiExitTask(ModelTask):
     gradients are all-reduced.
     """
 
-    def __init__(self, model: nn.Module, criterion: Callable | None = None, criterion_kwargs: dict | None = None,
-                 config: MultiExitConfig | None = None, teacher: nn.Module | None = None,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None, verbose: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable | None = None,
+        criterion_kwargs: dict | None = None,
+        config: MultiExitConfig | None = None,
+        teacher: nn.Module | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = False,
+    ):
         get_exits(model)
-        super().__init__(model, exit_outputs, criterion=criterion, criterion_kwargs=criterion_kwargs, teacher=teacher,
-                         device=device, dtype=dtype, verbose=verbose)
+        super().__init__(
+            model,
+            exit_outputs,
+            criterion=criterion,
+            criterion_kwargs=criterion_kwargs,
+            teacher=teacher,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )
         self.config = config or MultiExitConfig()
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-        return timm_multi_exit_loss(self.model, input, target, self.criterion, self.config, self._teacher,
-                                    forward=self.run_model)
+        return timm_multi_exit_loss(
+            self.model, input, target, self.criterion, self.config, self._teacher, forward=self.run_model
+        )

@@ -43,8 +43,9 @@ _logger = logging.getLogger(__name__)
 __all__ = ["KDTask", "KDTrainableModule"]
 
 #: Where to look when a distillation term is NaN/inf (the default hint is about language models).
-_NON_FINITE_HINT = ("Check for fp16 overflow (use --amp-dtype bfloat16), a too-low temperature, or a diverging "
-                    "learning rate.")
+_NON_FINITE_HINT = (
+    "Check for fp16 overflow (use --amp-dtype bfloat16), a too-low temperature, or a diverging learning rate."
+)
 
 
 def _resolve_criterion(criterion, device, criterion_kwargs):
@@ -67,8 +68,9 @@ class KDTrainableModule(nn.Module):
     come from one forward pass (``forward_intermediates`` and/or hooks).
     """
 
-    def __init__(self, student: nn.Module, providers: Sequence[TermProvider] = (),
-                 modules: dict[str, nn.Module] | None = None):
+    def __init__(
+        self, student: nn.Module, providers: Sequence[TermProvider] = (), modules: dict[str, nn.Module] | None = None
+    ):
         super().__init__()
         self.student = student
         for name, module in (modules or {}).items():
@@ -153,82 +155,98 @@ class KDTask(TrainingTask):
     """
 
     def __init__(
-            self,
-            *,
-            student_model: nn.Module,
-            teacher_model: str | nn.Module | DistillationTeacher,
-            config: DistillationConfig | None = None,
-            loss_terms: dict | str | None = None,
-            loss_kwargs: dict | str | None = None,
-            temperature: float | None = None,
-            feature_pairs: dict | str | None = None,
-            feature_loss: str | None = None,
-            feature_weight: float | None = None,
-            feature_projector: bool | None = None,
-            feature_align: str = "linear",
-            csf_mid_channels: int = 64,
-            ofa_stages: str | Sequence | None = "auto",
-            ofa_branch_weight: float = 1.0,
-            patch_embed_weight: float = 0.0,
-            patch_embed_weights: Sequence[float] = PEA_WEIGHTS,
-            distill_loss_weight: float | None = None,
-            task_loss_weight: float | None = None,
-            criterion: nn.Module | None = None,
-            criterion_kwargs: dict[str, Any] | None = None,
-            teacher_checkpoint: str | None = None,
-            teacher_kwargs: dict[str, Any] | None = None,
-            teacher_input_size: int | Sequence[int] | None = None,
-            input_size: int | Sequence[int] | None = None,
-            student_mean: Sequence[float] | None = None,
-            student_std: Sequence[float] | None = None,
-            teacher_mean: Sequence[float] | None = None,
-            teacher_std: Sequence[float] | None = None,
-            device: torch.device | None = None,
-            dtype: torch.dtype | None = None,
-            verbose: bool = True,
+        self,
+        *,
+        student_model: nn.Module,
+        teacher_model: str | nn.Module | DistillationTeacher,
+        config: DistillationConfig | None = None,
+        loss_terms: dict | str | None = None,
+        loss_kwargs: dict | str | None = None,
+        temperature: float | None = None,
+        feature_pairs: dict | str | None = None,
+        feature_loss: str | None = None,
+        feature_weight: float | None = None,
+        feature_projector: bool | None = None,
+        feature_align: str = "linear",
+        csf_mid_channels: int = 64,
+        ofa_stages: str | Sequence | None = "auto",
+        ofa_branch_weight: float = 1.0,
+        patch_embed_weight: float = 0.0,
+        patch_embed_weights: Sequence[float] = PEA_WEIGHTS,
+        distill_loss_weight: float | None = None,
+        task_loss_weight: float | None = None,
+        criterion: nn.Module | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        teacher_input_size: int | Sequence[int] | None = None,
+        input_size: int | Sequence[int] | None = None,
+        student_mean: Sequence[float] | None = None,
+        student_std: Sequence[float] | None = None,
+        teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = True,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(student_model, nn.Module):
             raise TypeError(f"student_model must be an nn.Module, got {type(student_model).__name__}")
         student = unwrap_model(student_model)
         # the keyword arguments that are DistillationConfig fields: when given, they replace config's
-        given = dict(loss_terms=loss_terms, loss_kwargs=loss_kwargs, temperature=temperature,
-                     feature_pairs=feature_pairs, feature_loss=feature_loss, feature_weight=feature_weight,
-                     feature_projector=feature_projector)
+        given = dict(
+            loss_terms=loss_terms,
+            loss_kwargs=loss_kwargs,
+            temperature=temperature,
+            feature_pairs=feature_pairs,
+            feature_loss=feature_loss,
+            feature_weight=feature_weight,
+            feature_projector=feature_projector,
+        )
         self._set_objective(config, {k: v for k, v in given.items() if v is not None}, feature_align)
         self._set_loss_weights(config is not None, distill_loss_weight, task_loss_weight)
         self.criterion = _resolve_criterion(criterion, self.device, criterion_kwargs)
-        t_model = self._set_teacher(teacher_model, student, teacher_checkpoint, teacher_kwargs, teacher_mean,
-                                    teacher_std)
+        t_model = self._set_teacher(
+            teacher_model, student, teacher_checkpoint, teacher_kwargs, teacher_mean, teacher_std
+        )
         self._set_input_transform(student, student_mean, student_std, teacher_input_size)
-        self.providers = self._build_providers(student, t_model, csf_mid_channels=csf_mid_channels,
-                                               ofa_stages=ofa_stages, ofa_branch_weight=ofa_branch_weight,
-                                               patch_embed_weight=patch_embed_weight,
-                                               patch_embed_weights=patch_embed_weights)
+        self.providers = self._build_providers(
+            student,
+            t_model,
+            csf_mid_channels=csf_mid_channels,
+            ofa_stages=ofa_stages,
+            ofa_branch_weight=ofa_branch_weight,
+            patch_embed_weight=patch_embed_weight,
+            patch_embed_weights=patch_embed_weights,
+        )
         self.trainable_module = self._build_trainable(student_model, t_model, input_size)
         if verbose:
-            _logger.info(f"KDTask: teacher={model_label(t_model)} student={model_label(student)} "
-                         f"logit_terms={self.logit_terms} hidden_terms={self.hidden_terms} "
-                         f"providers={self.providers} task_w={self.task_loss_weight} "
-                         f"distill_w={self.distill_loss_weight}")
+            _logger.info(
+                f"KDTask: teacher={model_label(t_model)} student={model_label(student)} "
+                f"logit_terms={self.logit_terms} hidden_terms={self.hidden_terms} "
+                f"providers={self.providers} task_w={self.task_loss_weight} "
+                f"distill_w={self.distill_loss_weight}"
+            )
 
     # ------------------------------------------------------------------------------------------------ construction
-    def _set_objective(self, config: DistillationConfig | None, overrides: dict[str, Any],
-                       feature_align: str) -> None:
+    def _set_objective(self, config: DistillationConfig | None, overrides: dict[str, Any], feature_align: str) -> None:
         """``config`` (or the default) with the keyword overrides; only logit and hidden-state losses apply."""
         self.config = config = resolve_config(DistillationConfig, config, overrides)
         bad = {n: k for n, k in config.kinds.items() if k not in ("logits", "hidden")}
         if bad:
-            raise ValueError(f"KDTask supports logit and hidden-state losses; {bad} need text models "
-                             "(use the Hugging Face integration).")
+            raise ValueError(
+                f"KDTask supports logit and hidden-state losses; {bad} need text models "
+                "(use the Hugging Face integration)."
+            )
         if feature_align not in ("linear", "csf"):
             raise ValueError(f"feature_align must be 'linear' or 'csf', got {feature_align!r}")
         self.feature_align = feature_align
         self.logit_terms = {n: w for n, w in config.loss_terms.items() if config.kinds[n] == "logits"}
         self.hidden_terms = {n: w for n, w in config.loss_terms.items() if config.kinds[n] == "hidden"}
 
-    def _set_loss_weights(self, config_given: bool, distill_loss_weight: float | None,
-                          task_loss_weight: float | None) -> None:
+    def _set_loss_weights(
+        self, config_given: bool, distill_loss_weight: float | None, task_loss_weight: float | None
+    ) -> None:
         """timm's three weighting modes (see the class docstring)."""
         if distill_loss_weight is not None:
             self.distill_loss_weight = float(distill_loss_weight)
@@ -240,8 +258,7 @@ class KDTask(TrainingTask):
             self.task_loss_weight = float(self.config.hard_label_weight) if config_given else 1.0
             self.distill_loss_weight = 1.0
 
-    def _set_teacher(self, teacher_model, student, checkpoint, teacher_kwargs, teacher_mean,
-                     teacher_std) -> nn.Module:
+    def _set_teacher(self, teacher_model, student, checkpoint, teacher_kwargs, teacher_mean, teacher_std) -> nn.Module:
         """``self.teacher`` (the ``DistillationTeacher``, a sub-module of the task as in timm's own distillation
         tasks) and ``self._teacher`` (the :class:`Teacher` every teacher forward goes through). Returns the plain
         teacher model."""
@@ -263,8 +280,17 @@ class KDTask(TrainingTask):
             self.register_buffer(name, buf, persistent=False)
         self.teacher_input_size = as_hw(teacher_input_size)
 
-    def _build_providers(self, student, teacher, *, csf_mid_channels, ofa_stages, ofa_branch_weight,
-                         patch_embed_weight, patch_embed_weights) -> list:
+    def _build_providers(
+        self,
+        student,
+        teacher,
+        *,
+        csf_mid_channels,
+        ofa_stages,
+        ofa_branch_weight,
+        patch_embed_weight,
+        patch_embed_weights,
+    ) -> list:
         """The objective's term providers, in the order their terms are summed (logits, OFA branches, feature
         pairs, patch embeddings)."""
         config = self.config
@@ -273,12 +299,16 @@ class KDTask(TrainingTask):
         providers: list = [logits]
         pairs: TermProvider | None = None  # validated before the OFA stages, summed after the OFA branches
         if config.feature_pairs:
-            pairs = (CSFTerms(config, student, teacher, csf_mid_channels) if self.feature_align == "csf"
-                     else FeaturePairTerms(config, student, teacher))
+            pairs = (
+                CSFTerms(config, student, teacher, csf_mid_channels)
+                if self.feature_align == "csf"
+                else FeaturePairTerms(config, student, teacher)
+            )
         ofa_name = next((n for n in self.logit_terms if get_loss_spec(n).name == "ofa"), None)
         if ofa_name is not None and ofa_stages:
-            providers.append(OFABranchTerms(self.logit_losses[ofa_name], student, teacher, ofa_stages,
-                                            ofa_branch_weight))
+            providers.append(
+                OFABranchTerms(self.logit_losses[ofa_name], student, teacher, ofa_stages, ofa_branch_weight)
+            )
         if pairs is not None:
             providers.append(pairs)
         if patch_embed_weight > 0:
@@ -300,15 +330,18 @@ class KDTask(TrainingTask):
 
     def _probe_shapes(self, student, teacher, input_size):
         """NCHW shapes of every feature the providers read, from one eval-mode forward of each model on zeros."""
+
         def union(attr):
             return list(dict.fromkeys(x for p in self.providers for x in getattr(p, attr)))
 
         s_size = as_hw(input_size) or default_input_size(student)
-        t_size = self.teacher_input_size or (as_hw(input_size) if input_size is not None
-                                             else default_input_size(teacher))
+        t_size = self.teacher_input_size or (
+            as_hw(input_size) if input_size is not None else default_input_size(teacher)
+        )
         s_shapes = probe_shapes(student, union("student_specs"), union("student_captures"), s_size)
-        t_shapes = self._teacher.run(lambda m: probe_shapes(unwrap_model(m.model), union("teacher_specs"),
-                                                            union("teacher_captures"), t_size))
+        t_shapes = self._teacher.run(
+            lambda m: probe_shapes(unwrap_model(m.model), union("teacher_specs"), union("teacher_captures"), t_size)
+        )
         return s_shapes, t_shapes
 
     @staticmethod
@@ -327,14 +360,18 @@ class KDTask(TrainingTask):
             kw = {k: v for k, v in kw.items() if v is not None}
             model = create_timm_model(teacher_model, **kw)
             if not checkpoint:
-                raise ValueError(f"Teacher {teacher_model!r} given by name needs teacher_checkpoint= (a trained "
-                                 "checkpoint for this architecture); kd_plugins never downloads pretrained weights. "
-                                 "Or pass the teacher module itself.")
+                raise ValueError(
+                    f"Teacher {teacher_model!r} given by name needs teacher_checkpoint= (a trained "
+                    "checkpoint for this architecture); kd_plugins never downloads pretrained weights. "
+                    "Or pass the teacher module itself."
+                )
         elif isinstance(teacher_model, nn.Module):
             model = teacher_model
         else:
-            raise TypeError(f"teacher_model must be a timm model name, an nn.Module or a DistillationTeacher, got "
-                            f"{type(teacher_model).__name__}")
+            raise TypeError(
+                f"teacher_model must be a timm model name, an nn.Module or a DistillationTeacher, got "
+                f"{type(teacher_model).__name__}"
+            )
         if checkpoint:
             load_checkpoint_strict(unwrap_model(model), checkpoint)
         return DistillationTeacher(model, device=self.device, dtype=self.dtype)
@@ -362,8 +399,9 @@ class KDTask(TrainingTask):
         self.eval_model = torch.compile(trainable.student, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
         if not self._teacher_reads_features:
-            self.teacher.compile(backend=backend, mode=mode, compile_model=True, compile_features=False,
-                                 **compile_kwargs)
+            self.teacher.compile(
+                backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs
+            )
         return self.eval_model
 
     def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
@@ -393,19 +431,25 @@ class KDTask(TrainingTask):
         state = {k: v for k, v in trainable.state_dict().items() if not k.startswith("student.")}
         return {"kd_modules": state} if state else {}
 
-    def load_task_state(self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None,
-                        ema: bool = False) -> None:
+    def load_task_state(
+        self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None, ema: bool = False
+    ) -> None:
         if not state:
             return
         trainable = self._trainable(module, ema)
         if trainable is None:
-            raise RuntimeError("Cannot load task state before setup_ema()." if ema else
-                               "Cannot load task state without a trainable module.")
+            raise RuntimeError(
+                "Cannot load task state before setup_ema()."
+                if ema
+                else "Cannot load task state without a trainable module."
+            )
         own = {k: v for k, v in trainable.state_dict().items() if not k.startswith("student.")}
         saved = state.get("kd_modules", {})
         if strict and set(own) != set(saved):
-            raise RuntimeError(f"KDTask state mismatch: missing {sorted(set(own) - set(saved))[:5]}, unexpected "
-                               f"{sorted(set(saved) - set(own))[:5]}")
+            raise RuntimeError(
+                f"KDTask state mismatch: missing {sorted(set(own) - set(saved))[:5]}, unexpected "
+                f"{sorted(set(saved) - set(own))[:5]}"
+            )
         trainable.load_state_dict(saved, strict=False)
 
     def get_clip_parameters(self, exclude_head: bool = False):

@@ -34,11 +34,22 @@ _logger = logging.getLogger("kd_plugins.timm.train")
 
 def build_parser() -> argparse.ArgumentParser:
     """timm's usual training flags (a subset, same names and defaults) plus the ``--kd-*`` and ``--exit-*`` flags."""
-    p = argparse.ArgumentParser(description="kd_plugins distillation training for timm models",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="kd_plugins distillation training for timm models",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("data_dir", nargs="?", default=None, metavar="DIR", help="path to dataset (root folder)")
-    for add_group in (_add_dataset_args, _add_model_args, _add_optimizer_args, _add_schedule_args,
-                      _add_augmentation_args, _add_ema_args, _add_misc_args, _add_kd_args, _add_multi_exit_args):
+    for add_group in (
+        _add_dataset_args,
+        _add_model_args,
+        _add_optimizer_args,
+        _add_schedule_args,
+        _add_augmentation_args,
+        _add_ema_args,
+        _add_misc_args,
+        _add_kd_args,
+        _add_multi_exit_args,
+    ):
         add_group(p)
     return p
 
@@ -56,8 +67,12 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Model")
     g.add_argument("--model", default="resnet50", help="student model name")
-    g.add_argument("--pretrained", action="store_true", default=False,
-                   help="refused: kd_plugins never downloads weights (use --initial-checkpoint)")
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        default=False,
+        help="refused: kd_plugins never downloads weights (use --initial-checkpoint)",
+    )
     g.add_argument("--initial-checkpoint", default="", help="initialise the student from this checkpoint")
     g.add_argument("--resume", default="", help="resume student, task state and optimizer from a checkpoint")
     g.add_argument("--no-resume-opt", action="store_true", default=False)
@@ -160,26 +175,52 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
 def _add_kd_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Knowledge distillation (kd_plugins)")
     g.add_argument("--kd-model-name", default=None, help="teacher timm model name; enables distillation")
-    g.add_argument("--kd-teacher-checkpoint", default=None,
-                   help="teacher weights (.pth/.pth.tar/.safetensors) for --kd-model-name; must match the architecture")
-    g.add_argument("--kd-teacher-num-classes", type=int, default=None,
-                   help="teacher classes (default: the student's; must match for logit losses)")
-    g.add_argument("--kd-teacher-input-size", type=int, nargs="+", default=None,
-                   help="resize teacher inputs to this size (H [W]) when it was trained at another resolution")
-    g.add_argument("--kd-loss", "--kd-loss-type", dest="kd_loss", default="kl",
-                   help="loss terms: 'kl', 'dkd', 'ofa', 'kl:1.0,hidden_mse:0.5' or JSON "
-                        "(any kd_plugins logits/hidden loss)")
-    g.add_argument("--kd-loss-kwargs", default=None,
-                   help='per-term hyper-parameters as JSON, e.g. \'{"dkd": {"beta": 8}, "ofa": {"eps": 1.5}}\'')
+    g.add_argument(
+        "--kd-teacher-checkpoint",
+        default=None,
+        help="teacher weights (.pth/.pth.tar/.safetensors) for --kd-model-name; must match the architecture",
+    )
+    g.add_argument(
+        "--kd-teacher-num-classes",
+        type=int,
+        default=None,
+        help="teacher classes (default: the student's; must match for logit losses)",
+    )
+    g.add_argument(
+        "--kd-teacher-input-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="resize teacher inputs to this size (H [W]) when it was trained at another resolution",
+    )
+    g.add_argument(
+        "--kd-loss",
+        "--kd-loss-type",
+        dest="kd_loss",
+        default="kl",
+        help="loss terms: 'kl', 'dkd', 'ofa', 'kl:1.0,hidden_mse:0.5' or JSON (any kd_plugins logits/hidden loss)",
+    )
+    g.add_argument(
+        "--kd-loss-kwargs",
+        default=None,
+        help='per-term hyper-parameters as JSON, e.g. \'{"dkd": {"beta": 8}, "ofa": {"eps": 1.5}}\'',
+    )
     g.add_argument("--kd-temperature", type=float, default=4.0, help="temperature of the logit losses (not OFA)")
     g.add_argument("--distill-loss-weight", type=float, default=None)
     g.add_argument("--task-loss-weight", type=float, default=None)
-    g.add_argument("--kd-feature-pairs", default=None,
-                   help="student=teacher forward_intermediates indices or module names, e.g. '2=3,-1=-1'")
+    g.add_argument(
+        "--kd-feature-pairs",
+        default=None,
+        help="student=teacher forward_intermediates indices or module names, e.g. '2=3,-1=-1'",
+    )
     g.add_argument("--kd-feature-loss", default="mse", choices=["mse", "cosine"])
     g.add_argument("--kd-feature-weight", type=float, default=1.0)
-    g.add_argument("--kd-feature-align", default="linear", choices=["linear", "csf"],
-                   help="linear: 1x1 projector per pair; csf: TransKD cross selective fusion + HCL loss")
+    g.add_argument(
+        "--kd-feature-align",
+        default="linear",
+        choices=["linear", "csf"],
+        help="linear: 1x1 projector per pair; csf: TransKD cross selective fusion + HCL loss",
+    )
     g.add_argument("--kd-ofa-stages", default="auto", help="OFA exit stages: 'auto', 'none' or '1,2,3'")
     g.add_argument("--kd-ofa-branch-weight", type=float, default=1.0)
     g.add_argument("--kd-patch-embed-weight", type=float, default=0.0, help="TransKD patch-embedding alignment")
@@ -187,17 +228,28 @@ def _add_kd_args(p: argparse.ArgumentParser) -> None:
 
 def _add_multi_exit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Multi-exit self-distillation (kd_plugins.multiexit)")
-    g.add_argument("--exit-layers", default=None,
-                   help="exits after these blocks (ViT) / stages (ResNet), 1-based, e.g. '2,4,6'; trains with "
-                        "MultiExitTask (with --kd-model-name the teacher is distilled into every exit)")
+    g.add_argument(
+        "--exit-layers",
+        default=None,
+        help="exits after these blocks (ViT) / stages (ResNet), 1-based, e.g. '2,4,6'; trains with "
+        "MultiExitTask (with --kd-model-name the teacher is distilled into every exit)",
+    )
     g.add_argument("--exit-head", default="separate", choices=["shared", "separate"])
     g.add_argument("--exit-weights", default="depth", help="'depth' (layer/L), 'uniform' or one float per exit")
-    g.add_argument("--exit-self-distill-weight", type=float, default=1.0,
-                   help="KD weight from the deepest exit to the shallower ones")
+    g.add_argument(
+        "--exit-self-distill-weight",
+        type=float,
+        default=1.0,
+        help="KD weight from the deepest exit to the shallower ones",
+    )
     g.add_argument("--exit-temperature", type=float, default=1.0, help="temperature of the exits' logit KD")
-    g.add_argument("--exit-export", action="store_true", default=False,
-                   help="after training, save each exit's standalone truncated model as exits/exit{k}.safetensors "
-                        "(+ exits/exit{k}.json: the timm.create_model arguments) in the output folder")
+    g.add_argument(
+        "--exit-export",
+        action="store_true",
+        default=False,
+        help="after training, save each exit's standalone truncated model as exits/exit{k}.safetensors "
+        "(+ exits/exit{k}.json: the timm.create_model arguments) in the output folder",
+    )
 
 
 def _stages(text):
@@ -239,8 +291,9 @@ def main(argv=None) -> dict:
     optimizer, resume_epoch = _prepare_task(args, task, device, primary)
     loader_train, loader_eval = _build_loaders(args, data_config, device)
     saver, output_dir = _make_saver(args, task, optimizer, data_config) if primary else (None, None)
-    best_metric, best_epoch, eval_metrics = _run_epochs(args, task, optimizer, loader_train, loader_eval, device,
-                                                        mixup_fn, saver, output_dir, resume_epoch or 0)
+    best_metric, best_epoch, eval_metrics = _run_epochs(
+        args, task, optimizer, loader_train, loader_eval, device, mixup_fn, saver, output_dir, resume_epoch or 0
+    )
     if primary and best_metric is not None:
         _logger.info(f"*** Best metric: {best_metric} (epoch {best_epoch})")
     exports = {}
@@ -248,8 +301,13 @@ def main(argv=None) -> dict:
         exports = _export_exits(task.model, args.model, output_dir)
     if args.distributed:
         torch.distributed.barrier()
-    return {"best_metric": best_metric, "best_epoch": best_epoch, "output_dir": output_dir, "eval": eval_metrics,
-            "exit_exports": exports}
+    return {
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "output_dir": output_dir,
+        "eval": eval_metrics,
+        "exit_exports": exports,
+    }
 
 
 def _build_student(args, device, primary):
@@ -259,8 +317,15 @@ def _build_student(args, device, primary):
     from ...vision.models import create_timm_model, load_checkpoint_strict
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    kw = dict(num_classes=args.num_classes, in_chans=in_chans, drop_rate=args.drop, drop_path_rate=args.drop_path,
-              global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
+    kw = dict(
+        num_classes=args.num_classes,
+        in_chans=in_chans,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+    )
     if args.img_size is not None:
         kw["img_size"] = args.img_size
     kw.update(args.model_kwargs)
@@ -288,16 +353,30 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
     elif args.kd_model_name:
         teacher_kwargs = {"num_classes": args.kd_teacher_num_classes} if args.kd_teacher_num_classes else None
         task = KDTask(
-            student_model=model, teacher_model=args.kd_model_name, teacher_checkpoint=args.kd_teacher_checkpoint,
-            teacher_kwargs=teacher_kwargs, loss_terms=args.kd_loss, loss_kwargs=args.kd_loss_kwargs,
-            temperature=args.kd_temperature, feature_pairs=args.kd_feature_pairs,
-            feature_loss=args.kd_feature_loss, feature_weight=args.kd_feature_weight,
-            feature_align=args.kd_feature_align, ofa_stages=_stages(args.kd_ofa_stages),
-            ofa_branch_weight=args.kd_ofa_branch_weight, patch_embed_weight=args.kd_patch_embed_weight,
-            distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-            criterion_kwargs=None, teacher_input_size=args.kd_teacher_input_size,
-            input_size=data_config["input_size"], student_mean=data_config["mean"], student_std=data_config["std"],
-            device=device, verbose=primary)
+            student_model=model,
+            teacher_model=args.kd_model_name,
+            teacher_checkpoint=args.kd_teacher_checkpoint,
+            teacher_kwargs=teacher_kwargs,
+            loss_terms=args.kd_loss,
+            loss_kwargs=args.kd_loss_kwargs,
+            temperature=args.kd_temperature,
+            feature_pairs=args.kd_feature_pairs,
+            feature_loss=args.kd_feature_loss,
+            feature_weight=args.kd_feature_weight,
+            feature_align=args.kd_feature_align,
+            ofa_stages=_stages(args.kd_ofa_stages),
+            ofa_branch_weight=args.kd_ofa_branch_weight,
+            patch_embed_weight=args.kd_patch_embed_weight,
+            distill_loss_weight=args.distill_loss_weight,
+            task_loss_weight=args.task_loss_weight,
+            criterion_kwargs=None,
+            teacher_input_size=args.kd_teacher_input_size,
+            input_size=data_config["input_size"],
+            student_mean=data_config["mean"],
+            student_std=data_config["std"],
+            device=device,
+            verbose=primary,
+        )
     else:
         from timm.task import ClassificationTask
 
@@ -315,9 +394,15 @@ def _set_criterion(args, task):
         from timm.loss import SoftTargetCrossEntropy
 
         task.criterion = SoftTargetCrossEntropy()
-        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                     switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                     num_classes=args.num_classes)
+        return Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=args.num_classes,
+        )
     if args.smoothing:
         from timm.loss import LabelSmoothingCrossEntropy
 
@@ -337,8 +422,9 @@ def _prepare_task(args, task, device, primary):
     if args.resume:
         from timm.task import resume_task_checkpoint
 
-        resume_epoch = resume_task_checkpoint(task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                              log_info=primary)
+        resume_epoch = resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer, log_info=primary
+        )
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay)
     if args.torchcompile:
@@ -353,27 +439,67 @@ def _build_loaders(args, data_config, device):
     from timm.data import create_dataset, create_loader
 
     root = args.data_dir
-    dataset_train = create_dataset(args.dataset, root=root, split=args.train_split, is_training=True,
-                                   class_map=args.class_map, download=args.dataset_download,
-                                   batch_size=args.batch_size, seed=args.seed)
-    dataset_eval = create_dataset(args.dataset, root=root, split=args.val_split, is_training=False,
-                                  class_map=args.class_map, download=args.dataset_download,
-                                  batch_size=args.batch_size)
+    dataset_train = create_dataset(
+        args.dataset,
+        root=root,
+        split=args.train_split,
+        is_training=True,
+        class_map=args.class_map,
+        download=args.dataset_download,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    dataset_eval = create_dataset(
+        args.dataset,
+        root=root,
+        split=args.val_split,
+        is_training=False,
+        class_map=args.class_map,
+        download=args.dataset_download,
+        batch_size=args.batch_size,
+    )
     prefetch = not args.no_prefetcher and device.type == "cuda"
     loader_train = create_loader(
-        dataset_train, input_size=data_config["input_size"], batch_size=args.batch_size, is_training=True,
-        use_prefetcher=prefetch, no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation if not args.no_aug and args.train_interpolation
+        dataset_train,
+        input_size=data_config["input_size"],
+        batch_size=args.batch_size,
+        is_training=True,
+        use_prefetcher=prefetch,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation=args.train_interpolation
+        if not args.no_aug and args.train_interpolation
         else data_config["interpolation"],
-        mean=data_config["mean"], std=data_config["std"], num_workers=args.workers, distributed=args.distributed,
-        pin_memory=args.pin_mem, device=device)
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        pin_memory=args.pin_mem,
+        device=device,
+    )
     loader_eval = create_loader(
-        dataset_eval, input_size=data_config["input_size"], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, use_prefetcher=prefetch, interpolation=data_config["interpolation"],
-        mean=data_config["mean"], std=data_config["std"], num_workers=args.workers, distributed=args.distributed,
-        crop_pct=data_config["crop_pct"], pin_memory=args.pin_mem, device=device)
+        dataset_eval,
+        input_size=data_config["input_size"],
+        batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False,
+        use_prefetcher=prefetch,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        num_workers=args.workers,
+        distributed=args.distributed,
+        crop_pct=data_config["crop_pct"],
+        pin_memory=args.pin_mem,
+        device=device,
+    )
     return loader_train, loader_eval
 
 
@@ -381,48 +507,81 @@ def _make_saver(args, task, optimizer, data_config):
     """The output folder (with ``args.json``) and timm's ``CheckpointSaver`` over the task (primary rank only)."""
     import timm.utils as tutils
 
-    exp = args.experiment or "-".join([datetime.now().strftime("%Y%m%d-%H%M%S"), tutils.safe_model_name(args.model)
-                                       if hasattr(tutils, "safe_model_name") else args.model,
-                                       str(data_config["input_size"][-1])])
+    exp = args.experiment or "-".join(
+        [
+            datetime.now().strftime("%Y%m%d-%H%M%S"),
+            tutils.safe_model_name(args.model) if hasattr(tutils, "safe_model_name") else args.model,
+            str(data_config["input_size"][-1]),
+        ]
+    )
     output_dir = tutils.get_outdir(args.output or "./output/train", exp)
-    saver = tutils.CheckpointSaver(model=task.get_eval_model(), optimizer=optimizer, args=args, task=task,
-                                   checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                   decreasing=args.eval_metric == "loss", max_history=args.checkpoint_hist)
+    saver = tutils.CheckpointSaver(
+        model=task.get_eval_model(),
+        optimizer=optimizer,
+        args=args,
+        task=task,
+        checkpoint_dir=output_dir,
+        recovery_dir=output_dir,
+        decreasing=args.eval_metric == "loss",
+        max_history=args.checkpoint_hist,
+    )
     with open(os.path.join(output_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-                  f, indent=1)
+        json.dump(
+            {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+            f,
+            indent=1,
+        )
     return saver, output_dir
 
 
-def _run_epochs(args, task, optimizer, loader_train, loader_eval, device, mixup_fn, saver, output_dir,
-                start_epoch):
+def _run_epochs(args, task, optimizer, loader_train, loader_eval, device, mixup_fn, saver, output_dir, start_epoch):
     """The LR schedule and the epoch loop (train, sync BN, validate, log, checkpoint); returns the best metric,
     its epoch and the last evaluation."""
     import timm.utils as tutils
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                   updates_per_epoch=updates_per_epoch)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch
+    )
     if lr_scheduler is not None and start_epoch > 0:
         lr_scheduler.step(start_epoch)
-    amp_autocast = partial(torch.autocast, device_type=device.type,
-                           dtype=getattr(torch, args.amp_dtype)) if args.amp else nullcontext
+    amp_autocast = (
+        partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
+        if args.amp
+        else nullcontext
+    )
     best_metric, best_epoch, eval_metrics, num_updates = None, None, {}, start_epoch * updates_per_epoch
     for epoch in range(start_epoch, num_epochs):
         if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
             loader_train.sampler.set_epoch(epoch)
         train_metrics, num_updates = train_one_epoch(
-            epoch, task, loader_train, optimizer, args, device, lr_scheduler, amp_autocast, mixup_fn, num_updates,
-            updates_per_epoch)
+            epoch,
+            task,
+            loader_train,
+            optimizer,
+            args,
+            device,
+            lr_scheduler,
+            amp_autocast,
+            mixup_fn,
+            num_updates,
+            updates_per_epoch,
+        )
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             tutils.distribute_bn(task.get_eval_model(), args.world_size, args.dist_bn == "reduce")
         eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
         if task.has_ema():
             eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast)
         if output_dir is not None:
-            tutils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, "summary.csv"),
-                                  lr=optimizer.param_groups[0]["lr"], write_header=best_metric is None)
+            tutils.update_summary(
+                epoch,
+                train_metrics,
+                eval_metrics,
+                filename=os.path.join(output_dir, "summary.csv"),
+                lr=optimizer.param_groups[0]["lr"],
+                write_header=best_metric is None,
+            )
         if saver is not None:
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
         if lr_scheduler is not None:
@@ -445,16 +604,24 @@ def _multi_exit_task(args, model, create_kwargs, device, primary):
     teacher = None
     if args.kd_model_name:
         if not args.kd_teacher_checkpoint:
-            raise ValueError(f"--kd-model-name {args.kd_model_name} needs --kd-teacher-checkpoint (a trained "
-                             "checkpoint for that architecture); kd_plugins never downloads weights")
-        teacher = create_timm_model(args.kd_model_name, num_classes=args.kd_teacher_num_classes or args.num_classes,
-                                    in_chans=create_kwargs.get("in_chans", 3))
+            raise ValueError(
+                f"--kd-model-name {args.kd_model_name} needs --kd-teacher-checkpoint (a trained "
+                "checkpoint for that architecture); kd_plugins never downloads weights"
+            )
+        teacher = create_timm_model(
+            args.kd_model_name,
+            num_classes=args.kd_teacher_num_classes or args.num_classes,
+            in_chans=create_kwargs.get("in_chans", 3),
+        )
         load_checkpoint_strict(teacher, args.kd_teacher_checkpoint, role="teacher")
         teacher.to(device)
-    cfg = MultiExitConfig(weights=weights, self_distill_weight=args.exit_self_distill_weight,
-                          teacher_weight=1.0 if args.distill_loss_weight is None else args.distill_loss_weight,
-                          task_weight=1.0 if args.task_loss_weight is None else args.task_loss_weight,
-                          temperature=args.exit_temperature)
+    cfg = MultiExitConfig(
+        weights=weights,
+        self_distill_weight=args.exit_self_distill_weight,
+        teacher_weight=1.0 if args.distill_loss_weight is None else args.distill_loss_weight,
+        task_weight=1.0 if args.task_loss_weight is None else args.task_loss_weight,
+        temperature=args.exit_temperature,
+    )
     return MultiExitTask(model, config=cfg, teacher=teacher, device=device, verbose=primary)
 
 
@@ -464,7 +631,7 @@ def _export_exits(model, name, output_dir) -> dict:
     ``timm.create_model(name, **create_kwargs).load_state_dict(load_file(...))`` rebuilds it."""
     from safetensors.torch import save_file
 
-    from ..._atomic import atomic_dir
+    from ..._checkpoint import atomic_dir
     from ...multiexit import get_exits, truncate
 
     final = os.path.join(output_dir, "exits")
@@ -472,16 +639,19 @@ def _export_exits(model, name, output_dir) -> dict:
     with atomic_dir(final) as tmp:
         for k in get_exits(model).layers:
             small = truncate(model, k)
-            save_file({n: t.detach().cpu().contiguous() for n, t in small.state_dict().items()},
-                      str(tmp / f"exit{k}.safetensors"))
+            save_file(
+                {n: t.detach().cpu().contiguous() for n, t in small.state_dict().items()},
+                str(tmp / f"exit{k}.safetensors"),
+            )
             with open(tmp / f"exit{k}.json", "w") as f:
                 json.dump({"model": name, "create_kwargs": small.kd_plugins_create_kwargs}, f, indent=1)
             out[k] = os.path.join(final, f"exit{k}.safetensors")
     return out
 
 
-def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler, amp_autocast, mixup_fn, num_updates,
-                    updates_per_epoch):
+def train_one_epoch(
+    epoch, task, loader, optimizer, args, device, lr_scheduler, amp_autocast, mixup_fn, num_updates, updates_per_epoch
+):
     import timm.utils as tutils
 
     task.train()
@@ -505,8 +675,11 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler, 
             loss.backward()
         if need_update:
             if args.clip_grad is not None:
-                tutils.dispatch_clip_grad(task.get_clip_parameters(exclude_head="agc" in args.clip_mode),
-                                          value=args.clip_grad, mode=args.clip_mode)
+                tutils.dispatch_clip_grad(
+                    task.get_clip_parameters(exclude_head="agc" in args.clip_mode),
+                    value=args.clip_grad,
+                    mode=args.clip_mode,
+                )
             optimizer.step()
             optimizer.zero_grad()
             num_updates += 1
@@ -517,9 +690,11 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler, 
         if "kd_loss" in result:
             kd_losses.update(float(result["kd_loss"].detach()), input.size(0))
         if tutils.is_primary(args) and (batch_idx % args.log_interval == 0 or batch_idx == last_idx):
-            _logger.info(f"Train: {epoch} [{batch_idx:>4d}/{len(loader)}] loss {losses.val:.4f} ({losses.avg:.4f}) "
-                         f"kd {kd_losses.avg:.4f} lr {optimizer.param_groups[0]['lr']:.3e} "
-                         f"{time.time() - t0:.1f}s")
+            _logger.info(
+                f"Train: {epoch} [{batch_idx:>4d}/{len(loader)}] loss {losses.val:.4f} ({losses.avg:.4f}) "
+                f"kd {kd_losses.avg:.4f} lr {optimizer.param_groups[0]['lr']:.3e} "
+                f"{time.time() - t0:.1f}s"
+            )
     return {"loss": losses.avg, "kd_loss": kd_losses.avg}, num_updates
 
 
@@ -536,8 +711,11 @@ def validate(model, loader, args, device, amp_autocast):
         loss_sum += float(ce(out, target))
         top = out.topk(min(5, out.shape[-1]), -1).indices
         correct = top.eq(target[:, None])
-        total += torch.tensor([target.numel(), correct[:, 0].sum().item(), correct.any(-1).sum().item()],
-                              dtype=torch.float64, device=device)
+        total += torch.tensor(
+            [target.numel(), correct[:, 0].sum().item(), correct.any(-1).sum().item()],
+            dtype=torch.float64,
+            device=device,
+        )
     stats = torch.cat([total, torch.tensor([loss_sum], dtype=torch.float64, device=device)])
     if args.distributed:
         torch.distributed.all_reduce(stats)
