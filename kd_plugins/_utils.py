@@ -21,9 +21,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter (CPU for a parameter-free module)."""
-    for p in model.parameters():
-        return p.device
+    """Device of the first parameter, else of the first buffer (int8 layers keep their weights as buffers); CPU for
+    a module with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
     return torch.device("cpu")
 
 

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny import TokenDataset, tiny_llama, training_args  # noqa: E402
+from torchrun_util import leave_distributed  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from kd_plugins import DistillationCallback, DistillationConfig  # noqa: E402
@@ -83,12 +84,7 @@ def main(out_file, per_device_batch, kind="distill"):
         if kind == "distill":
             tensors.update({f"proj.{k}": v.detach().contiguous() for k, v in cb.engine.projectors.state_dict().items()})
         save_file(tensors, out_file)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        # Leave together: a rank exiting while its peer still talks to gloo can abort the peer (seen once in CI).
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_distributed()  # see its docstring: interpreter teardown races gloo's worker threads
 
 
 if __name__ == "__main__":

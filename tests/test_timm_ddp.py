@@ -139,6 +139,6 @@ if __name__ == "__main__":
     result = run_step(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "kd")
     if int(os.environ.get("RANK", "0")) == 0:
         save_file({k: v.contiguous() for k, v in result.items()}, sys.argv[1])
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from torchrun_util import leave_distributed
+
+    leave_distributed()  # see its docstring: interpreter teardown races gloo's worker threads

@@ -1,8 +1,14 @@
-"""Model-agnostic distillation machinery: config, teacher handling, feature capture, weight inheritance."""
+"""The distillation core and model-agnostic machinery: config, teacher, loss terms, normalisation, projectors, the
+fused path, weight inheritance (see docs/conventions.md, "The distillation core")."""
 
 from .config import DistillationConfig
 from .engine import DistillationEngine, FeatureRecorder, KDResult, detect_task
+from .fused import FusedLogitLoss
 from .inherit import find_layer_container, inherit_student, select_layer_indices
+from .projectors import ProjectorBank
+from .scaling import LossScaling
+from .teacher import Teacher, freeze_teacher
+from .terms import check_finite, weighted_sum
 
 __all__ = [
     "DistillationConfig",
@@ -10,6 +16,13 @@ __all__ = [
     "FeatureRecorder",
     "KDResult",
     "detect_task",
+    "Teacher",
+    "freeze_teacher",
+    "LossScaling",
+    "weighted_sum",
+    "check_finite",
+    "FusedLogitLoss",
+    "ProjectorBank",
     "inherit_student",
     "find_layer_container",
     "select_layer_indices",

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._utils import model_device
 from ._core import (
     STATIC_METHODS,
     check_alpha,
@@ -57,12 +58,6 @@ def as_batches(data, what: str) -> list:
                 f"{what}: each batch must be a dict of model inputs, a tensor or a tuple, got {type(b).__name__}"
             )
     return batches
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _to(obj, device):
