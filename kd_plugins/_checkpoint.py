@@ -18,6 +18,10 @@ and, for Hugging Face models, ``config.json`` (+ tokenizer files). The manifest 
 Schema version 1 is the per-kind layout written before this module existed (``format: "kd_plugins.quant"`` /
 ``"kd_plugins.acm"`` / ``"kd_plugins.skillpack"`` with the method fields at the top level); :func:`read_manifest`
 converts it, so old checkpoints keep loading.
+
+Hugging Face checkpoints of kinds that transformers cannot rebuild by itself (quantized, ACM) carry a load guard in
+``config.json`` (:data:`HF_LOAD_GUARD_KEY`, see :func:`write_checkpoint`): plain ``from_pretrained`` then raises an
+error that names the kd_plugins loader instead of initialising the replaced layers at random.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch.nn as nn
 __all__ = [
     "SCHEMA_FORMAT",
     "SCHEMA_VERSION",
+    "HF_LOAD_GUARD_KEY",
     "CheckpointError",
     "MissingCheckpointFileError",
     "CheckpointSpec",
@@ -75,6 +80,13 @@ _COMMON_KEYS = (
 )
 
 
+#: ``config.json`` key holding the load guard. transformers (>= 4.53) reads it as the name of the weights file and
+#: refuses any value that is not a ``.safetensors`` name with a ``ValueError`` that quotes the value, so a sentence
+#: naming the kd_plugins loader turns "warning + layers initialised at random" into an error that says what to do.
+#: Loaders that know the kind drop it (:func:`rebuild_model`, the W8A8 quantizer) before transformers reads it.
+HF_LOAD_GUARD_KEY = "transformers_weights"
+
+
 class CheckpointError(ValueError):
     """A directory is not a valid checkpoint of the expected kind (corrupt, edited, newer, other kind...)."""
 
@@ -88,7 +100,9 @@ class CheckpointSpec:
     """What one kind of checkpoint looks like on disk, and which errors its reader raises.
 
     ``description`` completes "not ..." in error messages (``"an ACM checkpoint"``); ``writer`` names the function
-    that writes it (for hints); ``legacy_format`` is the ``format`` of its version-1 manifests.
+    that writes it (for hints); ``legacy_format`` is the ``format`` of its version-1 manifests; ``hf_load_guard``,
+    when set, is the message plain ``from_pretrained`` raises on this kind's ``config.json`` (it must not end in
+    ``.safetensors``; see :data:`HF_LOAD_GUARD_KEY`).
     """
 
     kind: str
@@ -97,6 +111,7 @@ class CheckpointSpec:
     description: str = "a kd_plugins checkpoint"
     writer: str = "kd_plugins"
     legacy_format: str | None = None
+    hf_load_guard: str | None = None
     error: type[Exception] = CheckpointError
     missing_error: type[Exception] = MissingCheckpointFileError
 
@@ -232,8 +247,9 @@ def rebuild_model(
         if config_dir is None:
             raise error("rebuilding a Hugging Face model needs the directory holding its config.json")
         config = transformers.AutoConfig.from_pretrained(str(config_dir))
-        if "quantization_config" in vars(config):
-            del config.quantization_config
+        for key in ("quantization_config", HF_LOAD_GUARD_KEY):  # the skeleton is the plain float model
+            if key in vars(config):
+                delattr(config, key)
         return cls(config)
     if kind == "timm":
         import timm
@@ -279,7 +295,8 @@ def write_checkpoint(
     Everything goes to a temporary sibling directory that replaces ``out_dir`` only when complete; an existing
     non-empty ``out_dir`` is refused unless ``overwrite``. ``hf_config`` / ``tokenizer`` (Hugging Face objects with
     ``save_pretrained``) are written next to the weights. Pass ``tensors`` without shared storage
-    (:func:`dedupe_shared_tensors`) and the dropped names as ``aliases``. Returns the absolute ``out_dir``.
+    (:func:`dedupe_shared_tensors`) and the dropped names as ``aliases``. ``config.json`` gets ``spec.hf_load_guard``
+    (:data:`HF_LOAD_GUARD_KEY`). Returns the absolute ``out_dir``.
     """
     from safetensors.torch import save_file
 
@@ -305,10 +322,21 @@ def write_checkpoint(
         manifest["tensor_file_bytes"] = (tmp / spec.tensor_file).stat().st_size
         if hf_config is not None:
             hf_config.save_pretrained(tmp)
+            if spec.hf_load_guard:
+                _add_load_guard(tmp / "config.json", spec.hf_load_guard)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / spec.manifest_name).write_text(json.dumps(manifest, indent=1))
     return out
+
+
+def _add_load_guard(config_file: Path, guard: str) -> None:
+    # Written into the JSON, not set on the config: PreTrainedConfig.save_pretrained drops this key on purpose.
+    if guard.endswith((".safetensors", ".safetensors.index.json", ".bin")):
+        raise ValueError(f"a load guard must not name a weights file: {guard!r}")
+    config = json.loads(config_file.read_text())
+    config[HF_LOAD_GUARD_KEY] = guard
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------- reading

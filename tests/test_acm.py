@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -281,6 +284,39 @@ def test_save_load_round_trip_bit_identical(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_acm(model, path)
     save_acm(model, path, overwrite=True)
+
+
+def test_plain_from_pretrained_refuses_an_acm_checkpoint(tmp_path):
+    """Without kd_plugins (and with it), from_pretrained raises an error naming load_acm instead of initialising
+    the ACM layers at random; a checkpoint written before the guard still loads with load_acm."""
+    model = tiny_bert().eval()
+    acmize(model, "mlp", 4)
+    path = save_acm(model, tmp_path / "acm")
+    script = (
+        "import sys\nfrom transformers import AutoModel\n"
+        "try:\n    AutoModel.from_pretrained(sys.argv[1])\nexcept ValueError as e:\n    print('refused:', e)\n"
+        "assert 'kd_plugins' not in sys.modules"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "refused:" in r.stdout, (r.stdout, r.stderr[-3000:])
+    assert "import kd_plugins" in r.stdout and "load_acm" in r.stdout
+    import transformers
+
+    with pytest.raises(ValueError, match="load_acm"):
+        transformers.AutoModel.from_pretrained(path)
+    loaded = load_acm(path)
+    assert "transformers_weights" not in vars(loaded.config)  # the guard is not carried into the loaded model
+    config = json.loads((path / "config.json").read_text())
+    del config["transformers_weights"]  # as written before the guard
+    (path / "config.json").write_text(json.dumps(config))
+    old = load_acm(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), old.state_dict().values()))
 
 
 def test_save_load_timm(tmp_path):

@@ -1,7 +1,7 @@
 """The package's layers, enforced over the import graph (every import, lazy ones inside functions included).
 
 bottom   losses, kernels, private helpers (kd_plugins/_*.py)
-middle   framework-agnostic method packages: distill, quant, acm, multiexit, skillpack, vision, ranking, data
+middle   framework-agnostic method packages: distill, quant, acm, multiexit, skillpack, vision, ranking
 top      integrations.hf, integrations.timm: the only adapters to a training framework
 cli      kd_plugins/cli.py
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "kd_plugins"
-MIDDLE = ("distill", "quant", "acm", "multiexit", "skillpack", "vision", "ranking", "data")
+MIDDLE = ("distill", "quant", "acm", "multiexit", "skillpack", "vision", "ranking")
 FRAMEWORK_BASES = ("TrainerCallback", "Trainer", "TrainingTask")
 
 
@@ -129,6 +129,22 @@ def test_no_file_level_import_cycles():
         if start not in done:
             visit(start, [start])
     assert not cycles, "file-level import cycles:\n" + "\n".join(sorted(cycles))
+
+
+def test_the_package_imports_nothing_from_the_repository():
+    """Benchmark data loaders (``benchmarks.data``) and test helpers are not installed with kd_plugins."""
+    bad = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            where = f"{path.relative_to(ROOT.parent)}:{node.lineno}"
+            bad += [f"{where} imports {n}" for n in names if n.split(".")[0] in ("benchmarks", "tests", "examples")]
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("package", MIDDLE)

@@ -17,7 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = sorted(p for p in BENCH.glob("*/*.py") if p.name != "quant_common.py")
+# Folders that are packages (benchmarks/data: the shared data loaders) hold library code, not scripts.
+PACKAGES = sorted(p.parent for p in BENCH.glob("*/__init__.py"))
+SCRIPTS = sorted(p for p in BENCH.glob("*/*.py") if p.name != "quant_common.py" and p.parent not in PACKAGES)
 # Files whose `benchmarks/...` mentions must point at files or folders that exist.
 DOCS = [
     ROOT / "README.md",
@@ -48,7 +50,9 @@ def _harness():
 def test_scripts_live_in_capability_folders():
     assert [p.name for p in BENCH.glob("*.py")] == ["_harness.py"]
     assert not (BENCH / "results").exists() and not (BENCH / "figures").exists()
-    for folder in (p for p in BENCH.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    assert [p.name for p in PACKAGES] == ["data"]
+    folders = [p for p in BENCH.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and p not in PACKAGES]
+    for folder in folders:
         assert list(folder.glob("RESULTS_*.md")), f"{folder.name}/ has no RESULTS_*.md"
     assert len(SCRIPTS) >= 17
 
@@ -88,10 +92,11 @@ def test_benchmark_paths_in_sources_exist():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(BENCH).as_posix())
 def test_script_imports_from_kd_plugins_resolve(script):
-    """The benchmarks are not run in CI: catch a moved or renamed kd_plugins name here (lazy imports included)."""
+    """The benchmarks are not run in CI: catch a moved or renamed kd_plugins / benchmarks.data name here (lazy imports
+    included)."""
     missing = []
     for node in ast.walk(ast.parse(script.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kd_plugins"):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("kd_plugins", "benchmarks.")):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 if not hasattr(module, alias.name):

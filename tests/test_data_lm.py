@@ -1,4 +1,4 @@
-"""kd_plugins.data.lm: Jane Austen parsing, evaluation windows, perplexity, SmolLM2 conversion and clear errors."""
+"""benchmarks.data.lm: Jane Austen parsing, evaluation windows, perplexity, SmolLM2 conversion and clear errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny import tiny_llama
 
-from kd_plugins.data import lm
+from benchmarks.data import lm
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (

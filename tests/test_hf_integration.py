@@ -165,6 +165,32 @@ def test_bare_encoder_embedding_distillation_without_labels(tmp_out):
     assert not any("projector" in k or "teacher" in k for k in student.state_dict())
 
 
+def test_default_loss_terms_follow_the_student(tmp_out, caplog):
+    """DistillationConfig() works for every student: kl with logits, embedding_cosine for a bare encoder (logged)."""
+    import logging
+
+    cfg = DistillationConfig()
+    assert cfg.auto_loss_terms and cfg.loss_terms == {"kl": 1.0} and cfg.to_dict()["loss_terms"] is None
+    assert cfg.for_task("causal_lm") is cfg and cfg.for_task("encoder").loss_terms == {"embedding_cosine": 1.0}
+    assert not DistillationConfig(loss_terms="kl").auto_loss_terms
+    logger = "kd_plugins.distill.engine"
+    for student, ds, term in (
+        (tiny_bert("BertModel", seed=2), TokenDataset(labels=None), "embedding_cosine"),
+        (tiny_llama(seed=2), TokenDataset(), "kl"),
+    ):
+        teacher = tiny_bert("BertModel", seed=1) if term != "kl" else tiny_llama(seed=1)
+        cb = DistillationCallback(teacher, cfg)
+        args = training_args(tmp_out, max_steps=1, remove_unused_columns=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=logger):
+            trainer = Trainer(model=student, args=args, train_dataset=ds, callbacks=[cb])
+            trainer.train()
+        assert f"kd_{term}" in trainer.state.log_history[0] and cb.config.loss_terms == {term: 1.0}
+        lines = [r.getMessage() for r in caplog.records if r.name == logger]
+        assert len(lines) == 1 and "loss_terms not set" in lines[0] and f"with {term}:1" in lines[0], lines
+    assert cfg.auto_loss_terms and cfg.loss_terms == {"kl": 1.0}  # the given config was not modified
+
+
 def test_bf16_autocast_and_evaluation(tmp_out):
     teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
     cb = DistillationCallback(teacher, DistillationConfig(loss_terms="reverse_kl", hard_label_weight=0.5))

@@ -1,4 +1,4 @@
-"""Golden float64 values (../shared/research/losses.md §21) and property tests for every registered loss."""
+"""Golden float64 values (docs/losses.md, Golden values) and property tests for every registered loss."""
 
 import math
 

@@ -493,6 +493,19 @@ def test_plot_accuracy_vs_depth(tmp_path):
         get_exits(nn.Linear(2, 2))
 
 
+def test_plot_accuracy_vs_depth_leaves_the_global_backend_alone(tmp_path):
+    """Switching matplotlib's backend would break inline plots in a notebook."""
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("template")  # a backend other than the Agg the helper draws with
+    try:
+        curve = [{"average_depth": 1.0, "accuracy": 0.5}, {"average_depth": 2.0, "accuracy": 0.7}]
+        plot_accuracy_vs_depth({"toy": curve}, tmp_path / "curve.png")
+        assert matplotlib.get_backend() == "template"
+    finally:
+        matplotlib.use(before)
+
+
 # ------------------------------------------------------------- the MiniLM benchmark's final phase through the callback
 def _texts(b, t, seed, pad_rows=(1,)):
     batch = _ids(b=b, t=t, seed=seed, pad=False)

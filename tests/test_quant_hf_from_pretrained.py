@@ -294,18 +294,76 @@ def test_save_pretrained_and_resave(tmp_path):
 
 
 def test_load_quantized_old_checkpoint_without_new_keys(tmp_path):
-    """Checkpoints written before config.json carried quantization_config / buffer_dtypes still load as before."""
+    """Checkpoints written before config.json carried quantization_config / buffer_dtypes / the load guard, and
+    before the manifest recorded quant_format_version, still load as before."""
     m = tiny_llama()
     data = llama_batches()
     qm = quantize(copy.deepcopy(m), "per_token")
     out = save_quantized(qm, tmp_path / "old")
     cfg = json.loads((out / "quant_config.json").read_text())
-    del cfg["metadata"]["buffer_dtypes"]
+    del cfg["metadata"]["buffer_dtypes"], cfg["metadata"]["quant_format_version"]
     (out / "quant_config.json").write_text(json.dumps(cfg))
     hf = json.loads((out / "config.json").read_text())
+    del hf["transformers_weights"]
+    (out / "config.json").write_text(json.dumps(hf))
+    assert _logits_equal(AutoModelForCausalLM.from_pretrained(out), qm, data)  # no guard to drop: loads as before
     del hf["quantization_config"]
     (out / "config.json").write_text(json.dumps(hf))
     assert _logits_equal(load_quantized(out), qm, data)
+
+
+def test_checkpoint_of_a_newer_kd_plugins_is_refused(tmp_path):
+    """A newer quantized-layer format or an unknown method: refused by both loaders with a message to upgrade."""
+    qm = quantize(tiny_llama(), "per_token")
+    for name, edit in (
+        ("format", lambda meta: meta.update(quant_format_version=2)),
+        ("method", lambda meta: meta["layers"]["model.layers.0.mlp.up_proj"].update(method="crossquant_v2")),
+    ):
+        out = save_quantized(qm, tmp_path / name)
+        manifest = json.loads((out / "quant_config.json").read_text())
+        edit(manifest["metadata"])
+        (out / "quant_config.json").write_text(json.dumps(manifest))
+        with pytest.raises(QuantizedCheckpointError, match="upgrade kd_plugins"):
+            load_quantized(out)
+        with pytest.raises(QuantizedCheckpointError, match="upgrade kd_plugins"):
+            AutoModelForCausalLM.from_pretrained(out)
+    hf = json.loads((out / "config.json").read_text())  # config.json's own description, without quant_config.json
+    hf["quantization_config"]["format_version"] = 2
+    (out / "config.json").write_text(json.dumps(hf))
+    (out / "quant_config.json").unlink()
+    with pytest.raises(QuantizedCheckpointError, match="format 2.*upgrade kd_plugins"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+_PLAIN_TRANSFORMERS = textwrap.dedent("""
+    import sys
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    for cls in (AutoModelForCausalLM, LlamaForCausalLM):
+        try:
+            cls.from_pretrained(sys.argv[1])
+        except ValueError as e:
+            print(cls.__name__, "refused:", e)
+        else:
+            print(cls.__name__, "LOADED")
+    assert "kd_plugins" not in sys.modules
+""")
+
+
+def test_plain_transformers_refuses_a_quantized_checkpoint(tmp_path):
+    """Without ``import kd_plugins``, from_pretrained raises (instead of initialising the quantized layers at random)
+    and the error says what to do."""
+    out = save_quantized(quantize(tiny_llama(), "per_token"), tmp_path / "ck")
+    r = subprocess.run(
+        [sys.executable, "-c", _PLAIN_TRANSFORMERS, str(out)],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("refused:" in line for line in lines), r.stdout
+    assert all("import kd_plugins" in line and "load_quantized" in line for line in lines), r.stdout
 
 
 _SUBPROCESS = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""Golden float64 values (../shared/research/losses.md §1, §3, §4, §6, §7, §21) and properties of the ranking
+"""Golden float64 values (docs/losses.md, Golden values and Ranking losses) and properties of the ranking
 losses."""
 
 import math

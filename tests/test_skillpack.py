@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from kd_plugins.skillpack import (
     SkillPackError,
     SkillRouter,
     applied_packs,
+    compress_deltas,
     energy_rank,
     fuse,
     model_fingerprint,
@@ -26,6 +28,7 @@ from kd_plugins.skillpack import (
 )
 from kd_plugins.skillpack import quant as Q
 from kd_plugins.skillpack.cli import skillpack_main
+from kd_plugins.skillpack.delta import collect_deltas
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -303,6 +306,27 @@ def test_budget_too_small(llama_pair):
     with pytest.raises(BudgetTooSmallError):  # covers the exact deltas but no rank-1 component
         SkillPack.extract(base, ft, budget=1300, progress=False)
     assert _same(base, s)
+
+
+@pytest.mark.parametrize("policy", ["module-aware", "uniform"])
+def test_budget_too_small_names_the_smallest_budget_that_works(llama_pair, policy):
+    base, ft = llama_pair
+    items, cache = collect_deltas(base, ft), {}
+    with pytest.raises(BudgetTooSmallError, match=r"smallest budget that works is [\d,]+ bytes") as err:
+        SkillPack.extract(base, ft, budget=1300, policy=policy, progress=False)
+    need, pct = re.search(r"Pass budget=(\d+) or budget='([\d.]+%)'", str(err.value)).groups()
+    assert err.value.smallest_budget == int(need)
+    for budget in (int(need), pct):  # both suggestions work ...
+        pack = compress_deltas(items, "fp", budget=budget, policy=policy, progress=False, cache=cache)
+        assert 0 < pack.nbytes <= parse_budget(budget, pack.dense_bytes)
+    with pytest.raises(BudgetTooSmallError):  # ... and it is the smallest
+        compress_deltas(items, "fp", budget=int(need) - 1, policy=policy, progress=False, cache=cache)
+
+
+def test_default_budget_is_five_percent(llama_pair):
+    base, ft = llama_pair
+    pack = SkillPack.extract(base, ft, progress=False)  # 5% holds this model's exact deltas: used as is
+    assert pack.info["budget_bytes"] == parse_budget("5%", pack.dense_bytes) >= pack.nbytes
 
 
 def test_corrupt_and_truncated_pack(llama_pair, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tiny import tiny_llama
 from torch import nn
 
 from kd_plugins.skillpack import (
+    BudgetTooSmallError,
     IntegrityError,
     SkillPack,
     SkillPackConfig,
@@ -24,6 +26,7 @@ from kd_plugins.skillpack import (
     save_skillpack,
 )
 from kd_plugins.skillpack.cli import skillpack_main
+from kd_plugins.skillpack.config import DEFAULT_BUDGET
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SKILLPACK_DIR = Path(__file__).parents[1] / "kd_plugins" / "skillpack"
@@ -115,7 +118,7 @@ def test_config_validation_errors(kwargs, match):
         SkillPackConfig(**kwargs)
 
 
-def test_extract_precedence_and_keyword_calls(pair):
+def test_extract_precedence_and_keyword_calls(pair, caplog):
     base, ft = pair
     by_keywords = SkillPack.extract(base, ft, budget="30%", bits=(8, 4), progress=False, name="k")
     cfg = SkillPackConfig(budget="5%", bits="8,4", progress=False, name="cfg")
@@ -127,8 +130,16 @@ def test_extract_precedence_and_keyword_calls(pair):
         SkillPack.extract(base, ft, budget="10%", bit=8)
     with pytest.raises(TypeError, match="SkillPackConfig"):
         SkillPack.extract(base, ft, {"budget": "10%"})
-    with pytest.raises(SkillPackError, match="exactly one of budget"):  # no default budget (unchanged behaviour)
-        SkillPack.extract(base, ft, progress=False)
+    assert DEFAULT_BUDGET == "5%"
+    with pytest.raises(BudgetTooSmallError, match="smallest budget that works") as err:  # too small for this tiny pair
+        SkillPack.extract(base, ft, budget="5%", progress=False)
+    with caplog.at_level(logging.WARNING, logger="kd_plugins.skillpack"):
+        default = SkillPack.extract(base, ft, progress=False)  # neither budget nor energy: 5%, raised to what works
+    assert "default budget 5%" in caplog.text and default.info["budget_bytes"] == err.value.smallest_budget
+    assert _same_pack(default, SkillPack.extract(base, ft, budget=err.value.smallest_budget, progress=False))
+    assert SkillPack.extract(base, ft, energy=0.9, progress=False).info["budget_bytes"] is None
+    with pytest.raises(SkillPackError, match="only one of budget"):
+        SkillPack.extract(base, ft, budget="5%", energy=0.9)
 
 
 def test_cli_builds_config(pair, tmp_path, capsys):

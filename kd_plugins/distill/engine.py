@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from .scaling import LossScaling
 from .teacher import Teacher
 from .terms import weighted_sum
 
+logger = logging.getLogger(__name__)
 _SEQUENCE_LEVEL_TASKS = ("seq_classification", "encoder")
 #: Constructor-only hyper-parameters of the feature loss modules (their functional forms do not take them).
 _FEATURE_CTOR_KEYS = ("student_dim", "teacher_dim", "projector")
@@ -68,6 +70,19 @@ def detect_task(model: nn.Module) -> str:
     raise ValueError(
         f"Cannot infer the task of {name}; set DistillationConfig.task to one of "
         "causal_lm, masked_lm, seq_classification, token_classification, seq2seq, encoder."
+    )
+
+
+def _log_auto_terms(student: nn.Module, task: str, config: DistillationConfig) -> None:
+    if task == "encoder":
+        what = f"is a bare encoder, so its pooled ({config.pooling}) sentence embeddings are distilled"
+    else:
+        what = f"has logits (task {task}), so they are distilled at temperature {config.temperature}"
+    logger.info(
+        "kd_plugins: DistillationConfig.loss_terms not set: %s %s with %s; set loss_terms to choose the terms",
+        type(student).__name__,
+        what,
+        ", ".join(f"{n}:{w:g}" for n, w in config.loss_terms.items()),
     )
 
 
@@ -160,6 +175,7 @@ class DistillationEngine:
         student_tokenizer=None,
     ):
         self.config = config or DistillationConfig()
+        self._given_config = self.config  # unset loss_terms are resolved from it at every setup
         self.runner = Teacher(teacher, device=self.config.teacher_device, dtype=self.config.teacher_dtype)
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
@@ -199,12 +215,18 @@ class DistillationEngine:
             self.student_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
 
     def setup(self, student: nn.Module) -> None:
-        """Validate the pair and install hooks. Call once the student sits on its training device."""
-        cfg = self.config
+        """Validate the pair and install hooks. Call once the student sits on its training device.
+
+        Unset ``loss_terms`` are chosen here from the student's task (``kl`` with logits, ``embedding_cosine`` for a
+        bare encoder; one INFO log line says which) and :attr:`config` becomes the resolved config."""
         student = unwrap_model(student)
         self.runner.check_separate(student)
         self.student = student
-        self.task = cfg.task if cfg.task != "auto" else detect_task(student)
+        given = self._given_config
+        self.task = given.task if given.task != "auto" else detect_task(student)
+        self.config = cfg = given.for_task(self.task)
+        if given.auto_loss_terms:
+            _log_auto_terms(student, self.task, cfg)
         self._check_kinds_fit_task(student)
         self.runner.place(student)
         self._check_tokenizers()

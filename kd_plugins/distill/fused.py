@@ -4,7 +4,9 @@ For a causal-LM student the logit loss can run through the chunked fused kernel
 (:func:`kd_plugins.kernels.fused_linear_kd_loss`): both models run their decoder with ``logits_to_keep=1``, the last
 hidden states are captured with a hook, and the kernel computes the task cross-entropy and the divergence chunk by
 chunk without ever materialising ``[tokens x vocab]`` logits. ``DistillationConfig.fused_loss=None`` turns it on only
-where it computes exactly the objective of the plain path; ``True`` raises instead of falling back.
+where it computes exactly the objective of the plain path; ``True`` raises instead of falling back. The logged
+teacher-student top-1 ``agreement`` is computed chunk by chunk too (one extra no-grad pass over both heads;
+``log_agreement=False`` skips it).
 """
 
 from __future__ import annotations
@@ -166,9 +168,13 @@ class FusedLogitLoss:
         loss = loss * (scaling.items_scale if by_items else 1.0)
         check_finite(name, loss, engine.step, path="fused")
         # The kernel normalised by the accumulated batch's items; the logs show this micro-batch's means.
-        count = max(int(_valid(hs.shape[0], rows_labels, mask, hs.device).sum()), 1)
+        valid = _valid(hs.shape[0], rows_labels, mask, hs.device)
+        count = max(int(valid.sum()), 1)
         to_mean = float(scaling.num_items_in_batch) / count if by_items else 1.0
         result = KDResult(loss=loss)
+        if cfg.log_agreement and bool(valid.any()):
+            h_t_rows = h_t.reshape(-1, h_t.shape[-1])
+            result.metrics["agreement"] = top1_agreement(hs, s_head, h_t_rows, t_head, valid, cfg.fused_chunk_size)
         if "kd" in parts:
             result.terms[name] = parts["kd"] * to_mean
         if any(k == "hidden" for k in cfg.kinds.values()):
@@ -190,6 +196,33 @@ class FusedLogitLoss:
         return FusedOutput(
             loss=loss, outputs=outputs, result=result, task_loss=task * to_mean if task is not None else None
         )
+
+
+@torch.no_grad()
+def top1_agreement(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear,
+    teacher_hidden: torch.Tensor,
+    teacher_head: nn.Linear,
+    valid: torch.Tensor,
+    chunk_size: int,
+) -> float:
+    """Share of the ``valid`` rows where the student's and the teacher's top-1 tokens agree.
+
+    The logits ``hidden @ head.weight.T (+ bias)`` are formed ``chunk_size`` rows at a time, so at most
+    ``[chunk_size x vocab]`` logits per model exist at once: the plain path's ``agreement`` without the
+    ``[tokens x vocab]`` tensors the fused kernel avoids. ``*_hidden`` are ``[rows, hidden]``, ``valid`` is ``[rows]``.
+    """
+    index = valid.nonzero().squeeze(-1)
+    t_weight, t_bias = teacher_head.weight, teacher_head.bias
+    agree = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    for start in range(0, index.numel(), chunk_size):
+        rows = index[start : start + chunk_size]
+        s_top = nn.functional.linear(student_hidden[rows], student_head.weight, student_head.bias).argmax(-1)
+        h_t = teacher_hidden[rows.to(teacher_hidden.device)].to(t_weight.device, t_weight.dtype)
+        t_top = nn.functional.linear(h_t, t_weight, t_bias).argmax(-1)
+        agree += (s_top == t_top.to(s_top.device)).sum()
+    return float(agree) / max(index.numel(), 1)
 
 
 def _valid(n: int, labels, mask, device) -> torch.Tensor:

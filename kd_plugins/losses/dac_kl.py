@@ -9,7 +9,7 @@ minimised, and ``f_sub`` is trained end to end through this loss.
 
 Unverified (paper Eqs. 5-8): ``f_sub``'s exact inputs, the clipping rule, whether the target token is always kept,
 and the KL direction. The choices made are listed in :func:`dac_kl_loss` and pinned in ``tests/test_seed_losses.py``.
-(Originally written from the research note ``../shared/research/losses.md`` §9 and §24, outside this repository.)
+Definitions, defaults and open questions: ``docs/losses.md`` (DAC-KL).
 """
 
 from __future__ import annotations

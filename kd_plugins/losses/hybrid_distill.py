@@ -10,7 +10,7 @@ during training (cheaper, and avoids local optima).
 No official code is public (``OceansStill/Hybrid_distill`` is an unrelated project). Unverified: the layer set, the
 relation and feature distances (here KL between attention maps and smooth-L1 on the final tokens, the likely forms)
 and the masking criterion and schedule (here the attention a token receives, and a linear schedule).
-(Originally written from the research note ``../shared/research/losses.md`` §14 and §24, outside this repository.)
+Definitions, defaults and open questions: ``docs/losses.md`` (Hybrid Distill).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ probability is the sum over the class's subclasses. The paper mostly uses pure d
 
 No official code is public. Unverified: how the subclass softmax combines with the teacher's class probability, and
 its temperature (the choice made is in :func:`lelp_teacher_log_probs`). ``tests/test_seed_losses.py`` checks that
-subclass probabilities sum to the class marginal and that ``S = 1`` is vanilla KD. (Originally written from the
-research note ``../shared/research/losses.md`` §11 and §24, outside this repository.)
+subclass probabilities sum to the class marginal and that ``S = 1`` is vanilla KD. (Definitions, defaults and
+open questions: ``docs/losses.md``, LELP.)
 """
 
 from __future__ import annotations

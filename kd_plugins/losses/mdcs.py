@@ -11,8 +11,7 @@ As the reference code (``fistyee/MDCS``, ``model/loss.py:MDCSLoss``) does, with 
 * consistency weight ``0.6 * min(epoch / 20, 1)``, a linear warm-up over 20 epochs (:func:`mdcs_cs_weight`).
 
 The repo's configs store ``tau=2`` but the code overwrites it: the distillation temperature actually used is 1, the
-default here. (Originally written from the research note ``../shared/research/losses.md`` §12, outside this
-repository.)
+default here. (Definitions and defaults: ``docs/losses.md``, MDCS.)
 """
 
 from __future__ import annotations

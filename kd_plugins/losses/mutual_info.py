@@ -9,7 +9,7 @@ NWJ/TUBA, unbiased and high variance).
 
 Unverified: the critic form, the alpha grid, the baseline ``q`` and whether the paper uses exactly Poole et al.'s
 ``I_alpha``. The choices made are listed in :func:`mi_alpha_loss` and pinned in ``tests/test_seed_losses.py``.
-(Originally written from the research note ``../shared/research/losses.md`` §8 and §24, outside this repository.)
+Definitions, defaults and open questions: ``docs/losses.md`` (MI-α).
 """
 
 from __future__ import annotations

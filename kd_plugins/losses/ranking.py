@@ -15,8 +15,8 @@ Calling convention shared by every loss here::
 * Teacher scores must be finite on real candidates (a NaN/inf raises a ``ValueError`` naming the query).
 * Inputs in float64 are computed in float64 (golden-value tests), everything else in float32.
 
-Golden values and repo-vs-paper notes: ``../shared/research/losses.md`` §1 (FIRST), §3 (PLD), §4 (CPRD), §6
-(Margin-MSE), §7 (DeAR).
+Definitions, golden values and repo-vs-paper notes: ``docs/losses.md`` (Ranking losses: FIRST, PLD, CPRD,
+Margin-MSE, DeAR).
 """
 
 from __future__ import annotations
@@ -464,11 +464,12 @@ def cprd_loss(
     averaged over queries. Add it to the contrastive (ITC / in-batch) loss with a weight ``lambda`` and apply it in
     both retrieval directions yourself (call it once per direction).
 
-    The paper's ``K``, ``lambda``, ``tau`` and its "valid" criterion are unverified (research note §24.2). Choice
-    made here: ``J* = min(num_valid, K)`` (default ``num_valid=None``: every negative is an anchor, i.e. ListMLE on the
-    teacher order), further cut at the first negative whose teacher score is ``<= teacher_threshold`` when a
-    threshold is given (e.g. a cross-encoder logit of 0 = "teacher says no match"). Negatives beyond ``J*`` still
-    appear in the denominators. ``tau`` defaults to 1; pass the student's contrastive temperature.
+    The paper's ``K``, ``lambda``, ``tau`` and its "valid" criterion are unverified (``docs/losses.md``, CPRD).
+    Choice made here: ``J* = min(num_valid, K)`` (default ``num_valid=None``: every negative is an anchor, i.e.
+    ListMLE on the teacher order), further cut at the first negative whose teacher score is
+    ``<= teacher_threshold`` when a threshold is given (e.g. a cross-encoder logit of 0 = "teacher says no match").
+    Negatives beyond ``J*`` still appear in the denominators. ``tau`` defaults to 1; pass the student's contrastive
+    temperature.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

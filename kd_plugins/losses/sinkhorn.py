@@ -16,8 +16,7 @@ loss name contains ``"saliency"``, so the shipped ``kd+sinkhorn`` runs seem to o
 
 Conventions as in :mod:`kd_plugins.losses.logit`: tensors first, keyword-only hyper-parameters, ``labels``/``mask``
 select valid rows, float64 in -> float64 compute, ``ValueError`` naming the problem and the fix. Golden values are
-pinned in ``tests/test_seed_losses.py``. (Originally written from the research note ``../shared/research/losses.md``
-§5 and §24, outside this repository.)
+pinned in ``tests/test_seed_losses.py``; definitions, defaults and open questions: ``docs/losses.md`` (SinKD).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class MultiExitConfig:
             concatenated into one ``[2B, D]`` batch (queries first) for the self- and teacher-distillation terms;
             the batch must carry ``positive_input_ids`` / ``positive_attention_mask``.
         extra_pairs_weight: encoders: weight of additional (query, positive) pairs in the batch, e.g. inverse-cloze
-            pairs (:func:`kd_plugins.data.inverse_cloze_pairs`), given as ``extra_input_ids`` /
+            pairs (``inverse_cloze_pairs`` in the repository's ``benchmarks/data``), given as ``extra_input_ids`` /
             ``extra_attention_mask`` / ``extra_positive_input_ids`` / ``extra_positive_attention_mask``. They are
             scored by their own in-batch InfoNCE and added to every exit's task loss
             (``task_k = InfoNCE(query, positive) + extra_pairs_weight * InfoNCE(extra, extra_positive)``). 0: off.

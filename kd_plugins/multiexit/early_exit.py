@@ -363,16 +363,18 @@ def plot_accuracy_vs_depth(
 
     ``curves``: ``name -> points``; ``per_exit``: optional ``name -> {layer: accuracy}`` drawn as markers (each
     exit used alone); ``num_layers``: draws depth as a fraction of the model when given. Needs matplotlib.
+    Draws on its own ``Figure`` with the Agg canvas: matplotlib's global backend and pyplot state (inline plots in a
+    notebook) are left alone.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plot_accuracy_vs_depth needs matplotlib: pip install matplotlib") from None
     scale = 1.0 / num_layers if num_layers else 1.0
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig = Figure(figsize=(6, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for n, (name, pts) in enumerate(curves.items()):
         color = f"C{n}"
         pts = sorted(pts, key=lambda p: p["average_depth"])
@@ -400,5 +402,4 @@ def plot_accuracy_vs_depth(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return str(path)

@@ -13,6 +13,12 @@ Registration happens on ``import kd_plugins`` (lazily: see :mod:`kd_plugins._hf_
 :func:`register`. With a transformers lacking that API, ``from_pretrained`` is simply unsupported and
 :func:`~kd_plugins.quant.load_quantized` -- the reference, always-verified path -- keeps working.
 
+Without kd_plugins, ``from_pretrained`` on such a checkpoint raises (``config.json`` carries a load guard, see
+:data:`kd_plugins._checkpoint.HF_LOAD_GUARD_KEY`, that this quantizer drops) instead of initialising the quantized
+layers at random (a re-save through ``model.save_pretrained`` has no guard: transformers drops that key when it
+writes ``config.json``; use ``save_quantized``). A checkpoint written by a newer kd_plugins (newer ``format_version``,
+unknown method) is refused with a message to upgrade.
+
 What ``from_pretrained`` guarantees: with the default ``dtype="auto"`` and the checkpoint directory as written by
 ``save_quantized`` (``quant_config.json`` present) and the same model class, every tensor of the loaded model is checked
 against the saved checksums (dtype, shape, SHA-256; the key set must match exactly), so the outputs are bit-identical
@@ -42,7 +48,7 @@ import torch.nn as nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._checkpoint import tensor_sha256
+from .._checkpoint import HF_LOAD_GUARD_KEY, tensor_sha256
 from .layers import QuantizedLinear, is_pointwise_conv
 from .serialization import (
     CONFIG_NAME,
@@ -51,6 +57,7 @@ from .serialization import (
     HF_QUANT_METHOD,
     QuantizedCheckpointError,
     _restore_buffer_dtypes,
+    check_supported,
     read_quant_manifest,
 )
 
@@ -91,16 +98,13 @@ class KDQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"KDQuantConfig is for quant_method {HF_QUANT_METHOD!r}, got {quant_method!r}")
         if format != FORMAT:
             raise ValueError(f"quantization_config format is {format!r}, expected {FORMAT!r}")
-        if int(format_version) > FORMAT_VERSION:
-            raise ValueError(
-                f"quantization_config format_version {format_version} is newer than this kd_plugins ({FORMAT_VERSION})"
-            )
         if not isinstance(layers, dict) or not layers:
             raise ValueError("quantization_config has no 'layers' table: not a kd_plugins W8A8 checkpoint")
         for name, entry in layers.items():
             missing = [k for k in _LAYER_KEYS if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise ValueError(f"quantization_config layer {name!r} lacks {missing}")
+        check_supported(format_version, layers, "the quantization_config of config.json")
         self.quant_method = HF_QUANT_METHOD
         self.format = FORMAT
         self.format_version = int(format_version)
@@ -164,6 +168,20 @@ class KDQuantHfQuantizer(HfQuantizer):
                 saved,
             )
         return dtype
+
+    # ------------------------------------------------------------------ the load guard
+    def update_attn_implementation(self, config):
+        """Drop the load guard of ``config.json`` (:data:`~kd_plugins.quant.serialization.HF_LOAD_GUARD`).
+
+        transformers reads that key as the weights file name and refuses it, which is what makes plain
+        ``from_pretrained`` (kd_plugins not imported) fail loudly; this is the one quantizer hook that sees the config
+        before the weights file is resolved, so it is dropped here.
+        """
+        config = super().update_attn_implementation(config)
+        guard = getattr(config, HF_LOAD_GUARD_KEY, None)
+        if isinstance(guard, str) and guard.startswith("kd_plugins"):
+            delattr(config, HF_LOAD_GUARD_KEY)
+        return config
 
     # ------------------------------------------------------------------ module swap
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):

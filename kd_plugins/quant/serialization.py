@@ -10,7 +10,9 @@ Layout of a checkpoint directory::
     config.json           (Hugging Face models) the model config, so the architecture can be rebuilt offline, with a
                           ``quantization_config`` (``quant_method: "kd_plugins_w8a8"``) so that
                           ``AutoModel*.from_pretrained(dir)`` also loads it after ``import kd_plugins`` (see
-                          :mod:`kd_plugins.quant.hf_quantizer`; ``load_quantized`` ignores that entry)
+                          :mod:`kd_plugins.quant.hf_quantizer`; ``load_quantized`` ignores that entry), and a load
+                          guard (:data:`HF_LOAD_GUARD`) so that ``from_pretrained`` without kd_plugins raises instead
+                          of initialising the quantized layers at random
     ...                   tokenizer files when a tokenizer is passed
 
 Tensors that share storage (tied embeddings / ``lm_head``) are stored once and listed under ``aliases``. Checkpoints
@@ -38,7 +40,7 @@ from .._checkpoint import (
     rebuild_model,
     write_checkpoint,
 )
-from ._core import STATIC_METHODS
+from ._core import METHODS, STATIC_METHODS
 from .layers import QuantizedLinear, is_pointwise_conv
 from .targets import quantized_layers, replace_submodule
 
@@ -50,6 +52,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "FORMAT",
     "HF_QUANT_METHOD",
+    "HF_LOAD_GUARD",
 ]
 
 CONFIG_NAME = "quant_config.json"
@@ -61,6 +64,13 @@ FORMAT_VERSION = 1
 #: ``quant_method`` of the ``quantization_config`` written into a Hugging Face checkpoint's ``config.json``; the
 #: quantizer registered for it (:mod:`kd_plugins.quant.hf_quantizer`) lets ``AutoModel*.from_pretrained`` load it.
 HF_QUANT_METHOD = "kd_plugins_w8a8"
+#: What plain ``from_pretrained`` (kd_plugins not imported) raises on a quantized checkpoint's ``config.json``
+#: (:data:`kd_plugins._checkpoint.HF_LOAD_GUARD_KEY`); the registered quantizer drops it.
+HF_LOAD_GUARD = (
+    "kd_plugins W8A8-quantized checkpoint, which transformers alone would load with its quantized layers initialised "
+    "at random. Run `import kd_plugins` before from_pretrained (AutoModel*.from_pretrained then loads it "
+    "bit-identically), or load it with kd_plugins.quant.load_quantized(path)"
+)
 
 
 class QuantizedCheckpointError(CheckpointError):
@@ -74,6 +84,7 @@ SPEC = CheckpointSpec(
     description="a kd_plugins quantized checkpoint",
     writer="kd_plugins.quant.save_quantized",
     legacy_format=FORMAT,
+    hf_load_guard=HF_LOAD_GUARD,
     error=QuantizedCheckpointError,
     missing_error=QuantizedCheckpointError,
 )
@@ -97,6 +108,7 @@ def _quant_metadata(model: nn.Module, qlayers: dict[str, QuantizedLinear]) -> di
     float_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters()})
     info = getattr(model, "kd_quantization", {}) or {}
     return {
+        "quant_format_version": FORMAT_VERSION,
         "method": info.get("method", sorted({m.method for m in qlayers.values()})[0]),
         "alpha": info.get("alpha"),
         "layer_alpha": info.get("layer_alpha"),
@@ -228,6 +240,31 @@ def _check_quant_manifest(path: Path, manifest: dict[str, Any]) -> None:
     for key, table in (("layers", manifest["metadata"].get("layers")), ("architecture", manifest["architecture"])):
         if not isinstance(table, dict):
             raise QuantizedCheckpointError(f"{path / CONFIG_NAME}: missing or malformed {key!r}")
+    meta = manifest["metadata"]
+    check_supported(
+        meta.get("quant_format_version", 1), meta["layers"], f"{path / CONFIG_NAME}", manifest.get("kd_plugins_version")
+    )
+
+
+def check_supported(format_version: Any, layers: dict[str, Any], where: str, writer: str | None = None) -> None:
+    """Refuse a checkpoint this kd_plugins cannot run: a newer quantized-layer format, or a quantization method or
+    layer kind it does not know (written by a newer kd_plugins). The error says to upgrade."""
+    by = f" (written by kd_plugins {writer})" if writer else ""
+    upgrade = "upgrade kd_plugins (pip install -U kd-plugins) to load it"
+    if not isinstance(format_version, int) or isinstance(format_version, bool):
+        raise QuantizedCheckpointError(f"{where}: malformed quantized-layer format version {format_version!r}")
+    if format_version > FORMAT_VERSION:
+        raise QuantizedCheckpointError(
+            f"{where}{by} uses quantized-layer format {format_version}; this kd_plugins reads up to "
+            f"{FORMAT_VERSION}: {upgrade}"
+        )
+    for name, layer in layers.items():
+        method, kind = (layer.get("method"), layer.get("kind")) if isinstance(layer, dict) else (None, None)
+        if method not in METHODS or kind not in ("linear", "conv1x1"):
+            raise QuantizedCheckpointError(
+                f"{where}{by}: layer {name} is quantized with method {method!r} (kind {kind!r}), which this "
+                f"kd_plugins does not know (methods {list(METHODS)}): {upgrade}"
+            )
 
 
 def _check_layer_tensors(ckpt: Checkpoint) -> None:

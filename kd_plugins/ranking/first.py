@@ -5,7 +5,7 @@ starts. The logits of the *first* generated token, read at the identifier tokens
 forward pass ranks the whole window, no generation. Training combines the LM loss on the target permutation string
 with FIRST's weighted RankNet on those first-token logits (:func:`kd_plugins.losses.first_joint_loss`).
 
-Conventions chosen here (research note §1):
+Conventions chosen here (``docs/losses.md``, FIRST):
 
 * The prompt ends with the answer prefix ``"["``; the target string is ``"C] > [A] > [B]"`` + EOS. So the score
   position is the last prompt token and the identifier must be a single token *after* ``"["`` in the given

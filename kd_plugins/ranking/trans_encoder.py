@@ -1,6 +1,6 @@
 """Trans-Encoder (Liu et al., ICLR 2022): unsupervised sentence-pair scoring by distilling back and forth.
 
-One cycle (research note §15, after ``amzn/trans-encoder``):
+One cycle (``docs/losses.md``, Trans-Encoder; after ``amzn/trans-encoder``):
 
 1. **bi -> cross**: the bi-encoder(s) score every unlabeled pair with cosine similarity; the cross-encoder(s) are
    trained on these pseudo-labels with BCE-with-logits (pairs added in both orders).

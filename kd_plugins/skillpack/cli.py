@@ -1,6 +1,6 @@
 """``kd-plugins skillpack``: extract / apply / info / export-lora.
 
-    kd-plugins skillpack extract BASE_DIR FINETUNED_DIR OUT_DIR --budget 5%      (or --energy 0.9)
+    kd-plugins skillpack extract BASE_DIR FINETUNED_DIR OUT_DIR [--budget 5% | --energy 0.9]
     kd-plugins skillpack apply PACK_DIR BASE_DIR OUT_DIR [--scale 1.0]
     kd-plugins skillpack info PACK_DIR [--modules]
     kd-plugins skillpack export-lora PACK_DIR OUT_DIR
@@ -47,7 +47,7 @@ def _add_extract_parser(sub) -> None:
     ex.add_argument("base")
     ex.add_argument("finetuned")
     ex.add_argument("out")
-    g = ex.add_mutually_exclusive_group(required=True)
+    g = ex.add_mutually_exclusive_group()  # neither: the documented default budget (SkillPackConfig)
     g.add_argument("--budget", help=_help("budget"))
     g.add_argument("--energy", type=float, help=_help("energy"))
     ex.add_argument("--policy", default="module-aware", choices=list(POLICIES), help=_help("policy"))

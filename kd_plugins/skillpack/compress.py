@@ -9,17 +9,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import torch
 
-from . import quant as Q
 from .budget import DENSE_BYTES_PER_ELEMENT, parse_budget
-from .config import SkillPackConfig
+from .config import DEFAULT_BUDGET, SkillPackConfig
 from .entry import Entry, exact_entry, lowrank_entry
 from .errors import BudgetTooSmallError, SkillPackError
-from .lowrank import SVD, allocate_bits, default_bit_split, energy_bits, thin_svd
+from .lowrank import SVD, allocate_bits, default_bit_split, energy_bits, smallest_allocation, thin_svd
+
+logger = logging.getLogger(__name__)
 
 
 def _is_small(shape: tuple[int, ...], exact_max_dim: int) -> bool:
@@ -78,24 +80,63 @@ def _svds(lowrank: list[dict], progress: bool, cache: dict | None) -> list[SVD]:
 
 
 def _budget_too_small(
-    budget_bytes: int, fixed_bytes: int, dense_bytes: int, lowrank: list[dict], config: SkillPackConfig
+    budget_bytes: int,
+    fixed_bytes: int,
+    dense_bytes: int,
+    lowrank: list[dict],
+    svds: list[SVD],
+    config: SkillPackConfig,
+    cache: dict | None,
 ) -> BudgetTooSmallError:
-    width = min(config.bits)
-    cheapest = min(
-        (
-            Q.column_bytes(it["shape"][0], width, config.group_size)
-            + Q.column_bytes(math.prod(it["shape"]) // it["shape"][0], width, config.group_size)
-            + 4
-            for it in lowrank
-        ),
-        default=0,
+    """The error for a budget that holds no component, with the smallest budget that holds one."""
+    first = (
+        smallest_allocation(lowrank, svds, config.bits, config.group_size, config.policy, config.progress, cache)
+        if lowrank
+        else 0
     )
+    held = f"the exact small deltas (norms, biases, small tensors{_exact_extra(config)}) take {fixed_bytes:,} bytes"
+    if first is None:
+        return BudgetTooSmallError(
+            f"budget {config.extraction_budget!r} ({budget_bytes:,} bytes) is too small: {held} and no low-rank "
+            f"component reduces the error (dense bf16 delta: {dense_bytes:,} bytes)"
+        )
+    need = fixed_bytes + first
+    share = 100 * need / dense_bytes
+    uniform = " (policy 'uniform': a module's share of the budget must hold it)" if config.policy == "uniform" else ""
     return BudgetTooSmallError(
-        f"budget of {budget_bytes:,} bytes is too small: the exact small deltas (norms, biases, small "
-        f"tensors{', embeddings' if config.embeddings in ('exact', 'sparse') else ''}) take {fixed_bytes:,} bytes "
-        f"and the cheapest rank-1 {width}-bit component of any module takes {cheapest:,} more "
-        f"(dense bf16 delta: {dense_bytes:,} bytes). Raise the budget (e.g. budget='5%')."
+        f"budget {config.extraction_budget!r} ({budget_bytes:,} bytes) is too small: {held}, and one low-rank "
+        f"component needs {first:,} more{uniform}, so the smallest budget that works is {need:,} bytes ({share:.2f}% "
+        f"of the dense bf16 delta of {dense_bytes:,} bytes). Pass {_budget_hint(need, dense_bytes)}.",
+        smallest_budget=need,
     )
+
+
+def _exact_extra(config: SkillPackConfig) -> str:
+    return ", embeddings" if config.embeddings in ("exact", "sparse") else ""
+
+
+def _budget_hint(need: int, dense_bytes: int) -> str:
+    """``budget=<need>`` and, when it is at most the dense delta, the percentage (0.1 steps, rounded up) that
+    covers it."""
+    hint = f"budget={need}"
+    pct = math.ceil(1000 * need / dense_bytes) / 10
+    while pct <= 100 and parse_budget(f"{pct:g}%", dense_bytes) < need:
+        pct = round(pct + 0.1, 1)
+    return f"{hint} or budget='{pct:g}%'" if pct <= 100 else f"{hint} (more than the dense bf16 delta)"
+
+
+def _raise_default_budget(default_bytes: int, smallest: int, dense_bytes: int) -> int:
+    """The default budget, too small for this (tiny) model, becomes the smallest budget that works."""
+    logger.warning(
+        "kd_plugins.skillpack: the default budget %s (%s bytes) cannot hold this model's exact small deltas plus one "
+        "low-rank component; using the smallest budget that can, %s bytes (%.2f%% of the dense bf16 delta). Pass "
+        "budget=... to choose.",
+        DEFAULT_BUDGET,
+        f"{default_bytes:,}",
+        f"{smallest:,}",
+        100 * smallest / dense_bytes,
+    )
+    return smallest
 
 
 def _budget_mode_bits(
@@ -119,7 +160,7 @@ def _budget_mode_bits(
         )
         ok = chosen is not None and any(bool((c > 0).any()) for c in chosen)
     if not ok:
-        raise _budget_too_small(budget_bytes, fixed_bytes, dense_bytes, lowrank, config)
+        raise _budget_too_small(budget_bytes, fixed_bytes, dense_bytes, lowrank, svds, config, cache)
     return chosen
 
 
@@ -159,14 +200,21 @@ def compress_entries(items: list[dict], config: SkillPackConfig, cache: dict | N
     plus one component."""
     config.check_mode()
     t_start = time.time()
+    cache = {} if cache is None else cache  # the error tables are reused when a too-small budget is reported
     dense_bytes = sum(math.prod(it["shape"]) * DENSE_BYTES_PER_ELEMENT for it in items)
     entries, lowrank, skipped = _split_items(items, config)
     fixed_bytes = sum(e.nbytes for e in entries)
     svds = _svds(lowrank, config.progress, cache)
     budget_bytes = None
-    if config.budget is not None:
-        budget_bytes = parse_budget(config.budget, dense_bytes)
-        chosen = _budget_mode_bits(lowrank, svds, budget_bytes, fixed_bytes, dense_bytes, config, cache)
+    if config.extraction_budget is not None:
+        budget_bytes = parse_budget(config.extraction_budget, dense_bytes)
+        try:
+            chosen = _budget_mode_bits(lowrank, svds, budget_bytes, fixed_bytes, dense_bytes, config, cache)
+        except BudgetTooSmallError as e:
+            if config.budget is not None or e.smallest_budget is None:
+                raise  # a budget the caller chose is never raised behind their back
+            budget_bytes = _raise_default_budget(budget_bytes, e.smallest_budget, dense_bytes)
+            chosen = _budget_mode_bits(lowrank, svds, budget_bytes, fixed_bytes, dense_bytes, config, cache)
     else:
         chosen = _energy_mode_bits(svds, config)
     deltas = {it["name"]: it["delta"] for it in items}

@@ -15,6 +15,13 @@ EmbeddingPolicy = Literal["lowrank", "exact", "sparse", "skip"]
 POLICIES = get_args(Policy)
 EMBEDDING_POLICIES = get_args(EmbeddingPolicy)
 DEFAULT_BITS = (8, 4, 2)
+#: The budget of an extraction that sets neither ``budget`` nor ``energy``: 5% of the dense bf16 delta. Measured on
+#: a full SmolLM2-135M fine-tune (benchmarks/skillpack/RESULTS_skillpack.md), 5% keeps 98.5% of the fine-tune's
+#: held-out perplexity gain (1%: 94.5%, 10%: 99.2%), so it is the size/quality knee: a pack ~20x smaller than the
+#: dense delta that behaves like the fine-tune. On tiny models the exact small deltas (norms, biases, stored in fp32)
+#: alone can exceed 5%; the default then becomes the smallest budget that holds them plus one low-rank component
+#: (with a warning). An explicit ``budget`` is never raised: a too-small one fails with the smallest that works.
+DEFAULT_BUDGET = "5%"
 _VALIDATION_DENSE_BYTES = 2**62  # any size will do: only the budget's syntax is checked before the delta is known
 
 
@@ -73,10 +80,11 @@ def parse_bit_split(value) -> tuple[tuple[int, float], ...] | None:
 class SkillPackConfig:
     """How :meth:`SkillPack.extract` compresses ``finetuned - base`` (see :mod:`kd_plugins.skillpack`).
 
-    Exactly one of ``budget`` (total bytes) and ``energy`` (per-module threshold) must be set when extracting;
-    the default config sets neither. Every field is a plain type so ``HfArgumentParser(SkillPackConfig)`` parses it
-    from the command line; ``bits`` and ``bit_split`` also accept their Python forms (an int or a tuple of widths;
-    a dict or a sequence of ``(bits, fraction)`` pairs) and are stored parsed, as tuples.
+    At most one of ``budget`` (total bytes) and ``energy`` (per-module threshold) may be set; with neither, extraction
+    uses :data:`DEFAULT_BUDGET` (``"5%"`` of the dense bf16 delta; see there for why, and for tiny models). Every
+    field is a plain type so ``HfArgumentParser(SkillPackConfig)`` parses it from the command line; ``bits`` and
+    ``bit_split`` also accept their Python forms (an int or a tuple of widths; a dict or a sequence of
+    ``(bits, fraction)`` pairs) and are stored parsed, as tuples.
     """
 
     # Help texts are argparse format strings: "%%" shows as "%".
@@ -84,7 +92,8 @@ class SkillPackConfig:
         default=None,
         metadata={
             "help": "Total stored bytes: int bytes, a fraction of the dense bf16 delta in (0, 1] "
-            "('0.05'), or text such as '5%%', '20MB', '512KiB'. Exclusive with energy."
+            "('0.05'), or text such as '5%%', '20MB', '512KiB'. Exclusive with energy; with neither set, "
+            f"{DEFAULT_BUDGET.replace('%', '%%')}."
         },
     )
     energy: float | None = field(
@@ -162,9 +171,17 @@ class SkillPackConfig:
         if not 0 < self.sparse_density <= 1:
             raise SkillPackError(f"sparse_density must be in (0, 1], got {self.sparse_density}")
 
+    @property
+    def extraction_budget(self) -> float | str | None:
+        """The budget an extraction uses: ``budget``, :data:`DEFAULT_BUDGET` when neither ``budget`` nor ``energy`` is
+        set, ``None`` in energy mode."""
+        if self.budget is None and self.energy is None:
+            return DEFAULT_BUDGET
+        return self.budget
+
     def check_mode(self) -> None:
-        """Raise unless exactly one of ``budget`` and ``energy`` is set (what extraction needs)."""
-        if (self.budget is None) == (self.energy is None):
+        """Raise if both ``budget`` and ``energy`` are set (fields changed after construction)."""
+        if self.budget is not None and self.energy is not None:
             raise SkillPackError(
-                "pass exactly one of budget=... (bytes, fraction or '5%') or energy=... (0 < beta <= 1)"
+                f"pass only one of budget={self.budget!r} and energy={self.energy!r} (set the other to None)"
             )

@@ -20,4 +20,9 @@ class IntegrityError(SkillPackError):
 
 
 class BudgetTooSmallError(SkillPackError):
-    """The storage budget cannot hold the exact small deltas plus even one rank-1 component."""
+    """The storage budget cannot hold the exact small deltas plus even one rank-1 component. ``smallest_budget`` is
+    the fewest bytes that can (``None`` when unknown or when no budget can)."""
+
+    def __init__(self, message: str, smallest_budget: int | None = None):
+        super().__init__(message)
+        self.smallest_budget = smallest_budget

@@ -184,3 +184,28 @@ def allocate_bits(
         picks = _solve(tables, [j], avail * size / sum(sizes))
         out.append(options[picks[0]] if picks is not None else torch.zeros(tables[j][0].numel(), dtype=torch.long))
     return out
+
+
+def smallest_allocation(
+    lowrank: list[dict],
+    svds: list[SVD],
+    widths: Sequence[int],
+    group_size: int,
+    policy: str,
+    progress: bool,
+    cache: dict | None = None,
+) -> int | None:
+    """The fewest bytes for which :func:`allocate_bits` keeps at least one component (``None``: no component is
+    worth any bytes). The first component bought as the price lambda falls is the one with the largest error drop
+    per byte; ``uniform`` gives each module its share, so the module needing the smallest total decides."""
+    widths = sorted(set(widths), reverse=True)
+    tables = error_tables(lowrank, svds, widths, group_size, progress, cache)
+    first_price = [float((s2[:, None] * (1 - err[:, 1:]) / cost[None, 1:]).max()) for s2, err, cost in tables]
+    if not first_price or max(first_price) <= 0:
+        return None
+    if policy == "module-aware":  # just below the highest price: what the bisection settles on for a tight budget
+        return round(_choose(tables, max(first_price) * (1 - 1e-9), range(len(tables)))[0])
+    sizes = [math.prod(it["shape"]) for it in lowrank]
+    costs = [(round(_choose(tables, price * (1 - 1e-9), [j])[0]), sizes[j]) for j, price in enumerate(first_price)]
+    # integer ceil: the module's share avail * size / sum(sizes) must reach its first component's (integer) cost
+    return min(-(-cost * sum(sizes) // size) for (cost, size), price in zip(costs, first_price) if price > 0)

