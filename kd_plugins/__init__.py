@@ -41,6 +41,10 @@ _LAZY = {
     "save_skillpack": "kd_plugins.skillpack",
     "load_skillpack": "kd_plugins.skillpack",
     "fused_linear_kd_loss": "kd_plugins.kernels",
+    "TeacherCache": "kd_plugins.distill",
+    "build_teacher_cache": "kd_plugins.distill",
+    "save_teacher_cache": "kd_plugins.distill",
+    "load_teacher_cache": "kd_plugins.distill",
 }
 
 

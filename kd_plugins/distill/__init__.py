@@ -1,6 +1,7 @@
 """The distillation core and model-agnostic machinery: config, teacher, loss terms, normalisation, projectors, the
 fused path, weight inheritance (see docs/conventions.md, "The distillation core")."""
 
+from .cache import TeacherCache, build_teacher_cache, load_teacher_cache, save_teacher_cache
 from .config import DistillationConfig
 from .engine import DistillationEngine, FeatureRecorder, KDResult, detect_task
 from .fused import FusedLogitLoss
@@ -26,4 +27,8 @@ __all__ = [
     "inherit_student",
     "find_layer_container",
     "select_layer_indices",
+    "TeacherCache",
+    "build_teacher_cache",
+    "save_teacher_cache",
+    "load_teacher_cache",
 ]

@@ -13,7 +13,8 @@ Extension points (see ``docs/conventions.md``):
   with the matching inputs;
 * a new **teacher source** (a cache of teacher outputs, a teacher with another tokenizer): compute the teacher
   outputs yourself and pass them as ``compute(..., teacher_outputs=...)``, or subclass and override
-  :meth:`DistillationEngine.teacher_forward`;
+  :meth:`DistillationEngine.teacher_forward`; a :class:`~kd_plugins.distill.cache.TeacherCache` is accepted in place
+  of the teacher module (its outputs are looked up per batch, see ``distill/cache.py``);
 * a new **data source** (generated completions, another batch): the adapter builds the batch it hands to
   :meth:`DistillationEngine.compute`; nothing in the engine assumes where it came from.
 """
@@ -30,10 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._config import resolve_config
 from .._utils import model_device, unwrap_model
 from ..losses import get_loss, get_loss_spec
 from ..losses._common import IGNORE_INDEX
 from ..losses.feature import mean_pool
+from .cache import TeacherCache
 from .config import DistillationConfig
 from .projectors import STATE_FILE, ProjectorBank
 from .scaling import LossScaling
@@ -159,7 +162,8 @@ class DistillationEngine:
     """Teacher + loss terms + normalisation + projectors for one student.
 
     Args:
-        teacher: the teacher model (frozen here: ``requires_grad_(False)``, ``eval()`` before every forward).
+        teacher: the teacher model (frozen here: ``requires_grad_(False)``, ``eval()`` before every forward), or a
+            :class:`~kd_plugins.distill.cache.TeacherCache` of its outputs (looked up per batch; no teacher runs).
         config: a :class:`DistillationConfig`.
         teacher_tokenizer / student_tokenizer: optional; when both are given they are compared. Different
             tokenizers are only accepted for sequence-level objectives (pooled embeddings, sequence
@@ -168,15 +172,20 @@ class DistillationEngine:
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | TeacherCache,
         config: DistillationConfig | None = None,
         *,
         teacher_tokenizer=None,
         student_tokenizer=None,
     ):
         self.config = config or DistillationConfig()
+        self.cache = teacher if isinstance(teacher, TeacherCache) else None
+        self.runner = None
+        if self.cache is not None:
+            self.config = _without_fused(self.config)
+        else:
+            self.runner = Teacher(teacher, device=self.config.teacher_device, dtype=self.config.teacher_dtype)
         self._given_config = self.config  # unset loss_terms are resolved from it at every setup
-        self.runner = Teacher(teacher, device=self.config.teacher_device, dtype=self.config.teacher_dtype)
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
         self.retokenize = False
@@ -189,12 +198,14 @@ class DistillationEngine:
         self.step = 0
 
     @property
-    def teacher(self) -> nn.Module:
-        """The frozen teacher module."""
-        return self.runner.module
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher module (``None`` when the engine reads a :class:`TeacherCache`)."""
+        return self.runner.module if self.runner is not None else None
 
     @property
     def teacher_device(self) -> torch.device:
+        if self.runner is None:
+            return model_device(self.student) if self.student is not None else torch.device("cpu")
         return self.runner.device
 
     @property
@@ -220,7 +231,8 @@ class DistillationEngine:
         Unset ``loss_terms`` are chosen here from the student's task (``kl`` with logits, ``embedding_cosine`` for a
         bare encoder; one INFO log line says which) and :attr:`config` becomes the resolved config."""
         student = unwrap_model(student)
-        self.runner.check_separate(student)
+        if self.runner is not None:
+            self.runner.check_separate(student)
         self.student = student
         given = self._given_config
         self.task = given.task if given.task != "auto" else detect_task(student)
@@ -228,6 +240,9 @@ class DistillationEngine:
         if given.auto_loss_terms:
             _log_auto_terms(student, self.task, cfg)
         self._check_kinds_fit_task(student)
+        if self.cache is not None:
+            self._build_losses()
+            return self.cache.check_fits(self.task, cfg, _student_vocab(student, self.task))
         self.runner.place(student)
         self._check_tokenizers()
         self._check_vocab(student)
@@ -318,7 +333,10 @@ class DistillationEngine:
 
     # --------------------------------------------------------------- teacher
     def teacher_forward(self, inputs: dict, *, need_attentions: bool = False, extra: dict | None = None) -> Any:
-        """Run the frozen teacher on the student's batch (no grad, eval mode re-asserted, on its device)."""
+        """Run the frozen teacher on the student's batch (no grad, eval mode re-asserted, on its device); with a
+        :class:`TeacherCache`, look the batch up: ``{"pooled_embedding": ...}`` or ``{"teacher_topk": ...}``."""
+        if self.cache is not None:
+            return self.cache.lookup(inputs, device=model_device(self.student))
         if self.retokenize:
             texts = self.student_tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
             enc = self.teacher_tokenizer(
@@ -406,9 +424,13 @@ class DistillationEngine:
             s_out, t_out, inputs.get("labels"), inputs.get("attention_mask")
         )
         count = _count_rows(s_logits, labels, mask)
+        topk = t_logits if isinstance(t_logits, tuple) else None  # (indices, log_probs) from a sparse teacher
         for name in self._names("logits"):
             loss_mod = self.losses[name]
-            value = loss_mod(s_logits, t_logits, labels=labels, mask=mask)
+            if topk is not None:
+                value = loss_mod(s_logits, None, labels=labels, mask=mask, teacher_topk=topk)
+            else:
+                value = loss_mod(s_logits, t_logits, labels=labels, mask=mask)
             if getattr(loss_mod, "reduction", None) == "sum":
                 mean = value / max(count, 1)
                 terms.add(name, scaling.token_sum(value, count) if labels is not None else scaling.mean(mean), mean)
@@ -416,15 +438,19 @@ class DistillationEngine:
                 terms.add(name, scaling.mean(value), value)
         if self.config.log_agreement and s_logits.numel():
             valid = _valid_rows(s_logits, labels, mask)
-            agree = (s_logits.argmax(-1) == t_logits.argmax(-1).to(s_logits.device))[valid]
+            t_top = topk[0][..., 0] if topk is not None else t_logits.argmax(-1)  # top-k comes sorted
+            agree = (s_logits.argmax(-1) == t_top.to(s_logits.device))[valid]
             if agree.numel():
                 terms.metrics["agreement"] = float(agree.float().mean())
 
     def _embedding_terms(self, terms: _Terms, inputs, s_out, t_out, scaling: LossScaling) -> None:
         attn_mask = inputs.get("attention_mask")
         s_emb = self._pool(s_out, attn_mask)
-        t_mask = t_out.get("_kd_attention_mask") if isinstance(t_out, dict) and self.retokenize else attn_mask
-        t_emb = self._pool(t_out, t_mask).to(s_emb.device)
+        if isinstance(t_out, dict) and "pooled_embedding" in t_out:  # a teacher cache (or any precomputed source)
+            t_emb = t_out["pooled_embedding"].to(s_emb.device)
+        else:
+            t_mask = t_out.get("_kd_attention_mask") if isinstance(t_out, dict) and self.retokenize else attn_mask
+            t_emb = self._pool(t_out, t_mask).to(s_emb.device)
         for name in self._names("embedding"):
             mod = self.losses[name]
             proj = None
@@ -489,23 +515,32 @@ class DistillationEngine:
         return mean_pool(hidden, attention_mask.to(hidden.device) if attention_mask is not None else None)
 
     def _aligned_logits(self, s_out, t_out, labels, attn_mask):
-        """Student and teacher logits at the same rows, with the labels and mask that select valid rows."""
+        """Student and teacher logits at the same rows, with the labels and mask that select valid rows. A sparse
+        teacher (``t_out["teacher_topk"]``) comes back as the pair ``(indices, log_probs)`` in place of logits."""
         s = s_out["logits"] if isinstance(s_out, dict) else s_out[1]
-        t = t_out["logits"].to(s.device)
-        if s.shape[:-1] != t.shape[:-1]:
+        if isinstance(t_out, dict) and "teacher_topk" in t_out:
+            t = tuple(x.to(s.device) for x in t_out["teacher_topk"])
+            t_rows = t[0].shape[:-1]
+        else:
+            t = t_out["logits"].to(s.device)
+            t_rows = t.shape[:-1]
+        if s.shape[:-1] != t_rows:
             raise ValueError(
-                f"Student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} cover different "
+                f"Student logits {tuple(s.shape)} and teacher outputs with rows {tuple(t_rows)} cover different "
                 "positions; both models must see the same tokens."
             )
-        if s.shape[-1] != t.shape[-1]:
+        if not isinstance(t, tuple) and s.shape[-1] != t.shape[-1]:
             s, t = self._align_vocab(s, t)
         mask = None
         if self.task == "causal_lm":
-            s, t = s[:, :-1], t[:, :-1]
+            s = s[:, :-1]
+            t = tuple(x[:, :-1] for x in t) if isinstance(t, tuple) else t[:, :-1]
             if labels is not None:
                 labels = labels[:, 1:]
             if attn_mask is not None:
                 mask = attn_mask[:, 1:]
+                if isinstance(t, tuple):  # a cache holds no teacher row at a (left-)padded position: skip those
+                    mask = mask * attn_mask[:, :-1]
         elif s.dim() == 3 and attn_mask is not None and self.task != "seq2seq":
             mask = attn_mask
         if self.config.hard_label_weight > 0 and labels is None:
@@ -535,6 +570,20 @@ class DistillationEngine:
             return s[..., :v], t[..., :v]
         v = max(vs, vt)
         return (F.pad(s, (0, v - vs), value=float("-inf")), F.pad(t, (0, v - vt), value=float("-inf")))
+
+
+def _without_fused(config: DistillationConfig) -> DistillationConfig:
+    """A teacher cache feeds the plain path: the fused kernel needs the teacher's last hidden states."""
+    if config.fused_loss:
+        raise ValueError(
+            "fused_loss=True needs a live teacher (its last hidden states); a TeacherCache feeds the plain path"
+        )
+    return config if config.fused_loss is False else resolve_config(DistillationConfig, config, {"fused_loss": False})
+
+
+def _student_vocab(student: nn.Module, task: str) -> int | None:
+    key = "num_labels" if task in ("seq_classification", "token_classification") else "vocab_size"
+    return getattr(getattr(student, "config", None), key, None)
 
 
 def _check_no_attention_dropout(student: nn.Module) -> None:

@@ -81,7 +81,8 @@ class DistillationCallback(TrainerPluginCallback):
     """Adds knowledge distillation to an unmodified ``transformers.Trainer`` (or TRL ``SFTTrainer``).
 
     Args:
-        teacher: the teacher model (frozen by the callback).
+        teacher: the teacher model (frozen by the callback), or a :class:`~kd_plugins.TeacherCache` of its outputs
+            over the training set (built once by :func:`~kd_plugins.build_teacher_cache`; no teacher runs).
         config: a :class:`~kd_plugins.DistillationConfig` (default: terms chosen by the student: forward KL at T=1
             when it has logits, ``embedding_cosine`` for a bare encoder).
         teacher_tokenizer: optional; compared with the Trainer's ``processing_class`` to catch tokenizer mismatches.

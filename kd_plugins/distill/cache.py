@@ -1,0 +1,452 @@
+"""``TeacherCache``: the teacher's outputs computed once over a fixed training set, reused every epoch.
+
+A teacher *source* for the distillation core (see ``docs/conventions.md``, "Extension points"): pass a cache where a
+teacher module is accepted (``DistillationEngine(cache, config)``, ``DistillationCallback(cache, config)``) and the
+engine looks the batch up instead of running the teacher. Two payloads:
+
+* ``kind="embedding"``: one pooled sentence embedding per example (bare-encoder students, ``task="encoder"``; the
+  embedding terms use it in place of pooling the teacher's ``last_hidden_state``);
+* ``kind="topk"``: per token, the teacher's ``top_k`` most likely tokens and their log-probabilities at
+  ``temperature`` (normalised over the full vocabulary), fed to the logit losses as ``teacher_topk`` (see
+  docs/losses.md, "Sparse teachers": with ``top_k`` = vocabulary size the loss equals the dense one).
+
+Batches are matched to entries without any extra dataset column: each example is keyed by a hash of its unpadded
+``input_ids`` (the ``attention_mask`` says which positions are padding, left or right), so an unmodified, shuffled,
+collated dataset works. ``save_teacher_cache`` / ``load_teacher_cache`` use the kd_plugins checkpoint format
+(atomic, sha256 per tensor) with fingerprints of the teacher and of the dataset in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_checkpoint
+from ..losses import get_loss_spec
+from ..losses.feature import mean_pool
+from .config import DistillationConfig
+from .teacher import Teacher
+
+__all__ = ["TeacherCache", "build_teacher_cache", "save_teacher_cache", "load_teacher_cache", "example_keys"]
+
+KINDS = ("embedding", "topk")
+_KEY_BYTES = 16
+_TEACHER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SPEC = CheckpointSpec(
+    kind="teacher_cache",
+    manifest_name="teacher_cache.json",
+    tensor_file="teacher_cache.safetensors",
+    description="a teacher cache",
+    writer="save_teacher_cache",
+)
+
+
+# ------------------------------------------------------------------------------------------------------ keys
+def example_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[bytes]:
+    """One key per row of a ``[B, T]`` batch: a hash of the row's unpadded token ids (left or right padding)."""
+    ids = input_ids.detach().to("cpu", torch.int64)
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    return [hashlib.blake2b(row[m].numpy().tobytes(), digest_size=_KEY_BYTES).digest() for row, m in zip(ids, mask)]
+
+
+def _dataset_fingerprint(keys: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        h.update(key)
+    return h.hexdigest()
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """A hash of the teacher's config (when it has one), class, and first, middle and last weights."""
+    cfg = getattr(teacher, "config", None)
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("_name_or_path", "transformers_version")}
+    state = list(teacher.state_dict().items())
+    picks = [state[i] for i in sorted({0, len(state) // 2, len(state) - 1})] if state else []
+    h = hashlib.sha256(type(teacher).__name__.encode())
+    h.update(json.dumps(cfg_dict, sort_keys=True, default=str).encode())
+    for name, t in picks:
+        h.update(name.encode() + tensor_sha256(t).encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+class TeacherCache:
+    """Teacher outputs keyed by example; built by :func:`build_teacher_cache`.
+
+    Tensors: ``keys`` ``[N, 16]`` uint8; ``embeddings`` ``[N, D]`` (``kind="embedding"``) or ``indices`` /
+    ``log_probs`` ``[R, k]`` with ``offsets`` ``[N + 1]`` (``kind="topk"``; example ``j`` owns rows
+    ``offsets[j]:offsets[j + 1]``, one per unpadded token, or one row for sequence-level logits).
+    ``metadata``: ``kind``, ``top_k``, ``temperature``, ``vocab_size``, ``pooling``, ``per_token``,
+    ``teacher_fingerprint``, ``dataset_fingerprint``, ``num_examples``, ``teacher_class``.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]):
+        self.tensors = dict(tensors)
+        self.metadata = dict(metadata)
+        if self.kind not in KINDS:
+            raise ValueError(f"TeacherCache kind must be one of {KINDS}, got {self.kind!r}")
+        need = ("keys", "embeddings") if self.kind == "embedding" else ("keys", "indices", "log_probs", "offsets")
+        missing = [n for n in need if n not in self.tensors]
+        if missing:
+            raise ValueError(f"a {self.kind!r} TeacherCache needs the tensors {list(need)}; missing {missing}")
+        self._index = {row.tobytes(): i for i, row in enumerate(self.tensors["keys"].numpy())}
+
+    @property
+    def kind(self) -> str:
+        """``"embedding"`` or ``"topk"``."""
+        return self.metadata["kind"]
+
+    @property
+    def top_k(self) -> int | None:
+        return self.metadata.get("top_k")
+
+    @property
+    def temperature(self) -> float:
+        return self.metadata.get("temperature")
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Entries per teacher logit row (vocabulary or label count) of a ``topk`` cache."""
+        return self.metadata.get("vocab_size")
+
+    @property
+    def pooling(self) -> str | None:
+        return self.metadata.get("pooling")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        extra = f"pooling={self.pooling}" if self.kind == "embedding" else f"top_k={self.top_k}, T={self.temperature}"
+        return f"TeacherCache(kind={self.kind}, examples={len(self)}, {extra})"
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
+        """Same as :func:`save_teacher_cache`."""
+        return save_teacher_cache(self, directory, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, **expect: Any) -> TeacherCache:
+        """Same as :func:`load_teacher_cache`."""
+        return load_teacher_cache(directory, **expect)
+
+    # -------------------------------------------------------------------------------------------- checks
+    def check_teacher(self, teacher: nn.Module) -> None:
+        """Refuse a teacher other than the one the cache was built with (config, class and sampled weights)."""
+        got = teacher_fingerprint(teacher.module if isinstance(teacher, Teacher) else teacher)
+        if got != self.metadata.get("teacher_fingerprint"):
+            raise ValueError(
+                f"This teacher cache was built with another teacher ({self.metadata.get('teacher_class')}, "
+                f"fingerprint {str(self.metadata.get('teacher_fingerprint'))[:12]}; this {type(teacher).__name__} "
+                f"has {got[:12]}). Rebuild it with build_teacher_cache(teacher, dataset)."
+            )
+
+    def check_dataset(self, dataset_or_batches: Any) -> None:
+        """Refuse a dataset whose examples are not exactly those the cache was built over."""
+        keys = [k for batch in _teacher_batches(dataset_or_batches, 64) for k in example_keys(*_ids_mask(batch))]
+        got = _dataset_fingerprint(set(keys))
+        if got != self.metadata.get("dataset_fingerprint"):
+            missing = sum(k not in self._index for k in set(keys))
+            raise ValueError(
+                f"This teacher cache was built over another dataset ({self.metadata.get('num_examples')} examples; "
+                f"this one has {len(set(keys))}, {missing} of them not in the cache). Rebuild it with "
+                "build_teacher_cache over the same dataset and tokenizer."
+            )
+
+    def check_fits(self, task: str, config: DistillationConfig, student_vocab: int | None) -> None:
+        """Refuse a config whose terms need teacher outputs this cache does not hold (called by the engine)."""
+        kinds = config.kinds
+        wanted = {"embedding": "embedding", "topk": "logits"}[self.kind]
+        other = sorted(n for n, k in kinds.items() if k != wanted)
+        if other or config.feature_pairs:
+            raise ValueError(
+                f"A {self.kind!r} teacher cache holds {wanted} outputs only; the terms {other or ['feature_pairs']} "
+                "need teacher outputs that are not cached (hidden states, attention maps, other kinds). Use the live "
+                "teacher for them, or keep only the "
+                + ("embedding terms." if self.kind == "embedding" else "logit terms.")
+            )
+        if task == "seq2seq":
+            raise ValueError("Teacher caches key examples by input_ids; seq2seq students are not supported")
+        if self.kind == "embedding":
+            if config.pooling != self.pooling:
+                raise ValueError(
+                    f"The teacher cache holds {self.pooling!r}-pooled embeddings but DistillationConfig.pooling is "
+                    f"{config.pooling!r}; rebuild it with pooling={config.pooling!r}."
+                )
+            return
+        self._check_logit_terms(config, student_vocab)
+
+    def _check_logit_terms(self, config: DistillationConfig, student_vocab: int | None) -> None:
+        for name in config.kinds:
+            if get_loss_spec(name).name in ("dkd", "ofa", "logit_mse"):
+                raise ValueError(f"The {name!r} loss needs dense teacher logits; a top-k teacher cache has none")
+            temp = config.loss_kwargs.get(name, {}).get("temperature", config.temperature)
+            if not math.isclose(temp, self.temperature):
+                raise ValueError(
+                    f"The teacher cache holds log-probs at temperature {self.temperature} but the {name!r} term uses "
+                    f"{temp}; rebuild it with build_teacher_cache(..., temperature={temp})."
+                )
+        tv = self.vocab_size
+        if student_vocab is None or student_vocab == tv:
+            return
+        if tv < student_vocab and config.vocab_alignment == "pad":
+            return  # like padding the teacher's logits with -inf: no mass on the student's extra tokens
+        raise ValueError(
+            f"The teacher cache covers a vocabulary of {tv} tokens but the student has {student_vocab}. A cache "
+            "from a smaller, padded-differently vocabulary works with DistillationConfig(vocab_alignment='pad'); "
+            "otherwise rebuild it with a teacher of the student's vocabulary."
+        )
+
+    # -------------------------------------------------------------------------------------------- lookup
+    def rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
+        """The cache entry of each example of a ``[B, T]`` batch; raises when some are missing."""
+        keys = example_keys(input_ids, attention_mask)
+        found = [self._index.get(k) for k in keys]
+        missing = sum(i is None for i in found)
+        if missing:
+            raise KeyError(
+                f"{missing} of the {len(keys)} examples in this batch are not in the teacher cache "
+                f"({len(self)} examples). Rebuild it with build_teacher_cache over the same dataset with the same "
+                "tokenizer, truncation and max_length the Trainer uses (include the eval set too, e.g. "
+                "ConcatDataset([train, eval]), when the Trainer evaluates; random-masking collators change "
+                "input_ids every epoch and cannot be cached)."
+            )
+        return found
+
+    def lookup(self, batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+        """The cached teacher outputs of a collated batch, in the form the engine's terms take:
+        ``{"pooled_embedding": [B, D]}`` or ``{"teacher_topk": (indices [B, T, k] or [B, k], log_probs)}``."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        rows = self.rows_of(ids, mask)
+        device = device if device is not None else ids.device
+        if self.kind == "embedding":
+            return {"pooled_embedding": self.tensors["embeddings"][rows].to(device)}
+        return {"teacher_topk": self._topk_for(rows, ids, mask, device)}
+
+    def _topk_for(self, rows: list[int], ids: torch.Tensor, mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+        off, idx, lp = self.tensors["offsets"], self.tensors["indices"], self.tensors["log_probs"]
+        spans = [torch.arange(int(off[j]), int(off[j + 1])) for j in rows]
+        sel = torch.cat(spans)
+        if not self.metadata["per_token"]:
+            return idx[sel].long().to(device), lp[sel].to(device)
+        k = idx.shape[-1]
+        valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
+        if int(valid.sum()) != sel.numel():
+            raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+        # Padded positions get a valid uniform distribution over k tokens: never used (masked), never NaN.
+        out_idx = torch.arange(k).expand(*ids.shape, k).clone()
+        out_lp = torch.full((*ids.shape, k), -math.log(k), dtype=lp.dtype)
+        out_idx[valid] = idx[sel].long()
+        out_lp[valid] = lp[sel]
+        return out_idx.to(device), out_lp.to(device)
+
+
+# ------------------------------------------------------------------------------------------------------ build
+def _ids_mask(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return batch["input_ids"], batch.get("attention_mask")
+
+
+def _is_dataset(data: Any) -> bool:
+    """A dataset of single examples (1-D ``input_ids``), as opposed to a DataLoader or a list of batches."""
+    if isinstance(data, Mapping) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        return False
+    return len(data) == 0 or torch.as_tensor(data[0]["input_ids"]).dim() <= 1
+
+
+def _collate(examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pad the teacher inputs of unpadded examples (the examples keep their own attention_mask)."""
+    seqs = [torch.as_tensor(e["input_ids"]).reshape(-1) for e in examples]
+    width = max(s.numel() for s in seqs)
+    batch = {"input_ids": torch.zeros(len(seqs), width, dtype=torch.long)}
+    batch["attention_mask"] = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, (e, s) in enumerate(zip(examples, seqs)):
+        batch["input_ids"][i, : s.numel()] = s
+        am = e.get("attention_mask")
+        batch["attention_mask"][i, : s.numel()] = torch.as_tensor(am).reshape(-1) if am is not None else 1
+    if all("token_type_ids" in e for e in examples):
+        batch["token_type_ids"] = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, e in enumerate(examples):
+            tt = torch.as_tensor(e["token_type_ids"]).reshape(-1)
+            batch["token_type_ids"][i, : tt.numel()] = tt
+    return batch
+
+
+def _teacher_batches(data: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of teacher inputs from a dataset of examples (collated here) or an iterable of collated batches."""
+    if _is_dataset(data):
+        for start in range(0, len(data), batch_size):
+            yield _collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        return
+    for batch in data:
+        if torch.as_tensor(batch["input_ids"]).dim() != 2:
+            raise ValueError("build_teacher_cache: batches must hold [B, T] input_ids (or pass a dataset)")
+        yield {k: torch.as_tensor(v) for k, v in batch.items() if k in _TEACHER_INPUTS}
+
+
+def _progress(it, total: int | None, enabled: bool):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, total=total, desc="teacher cache", unit="batch")
+
+
+class _Builder:
+    """Accumulates one payload batch by batch (first occurrence of a key wins: duplicates have equal outputs)."""
+
+    def __init__(self, kind: str, top_k: int | None, temperature: float, pooling: str):
+        self.kind, self.top_k, self.temperature, self.pooling = kind, top_k, temperature, pooling
+        self.seen: dict[bytes, int] = {}
+        self.parts: dict[str, list[torch.Tensor]] = {"embeddings": [], "indices": [], "log_probs": [], "lengths": []}
+        self.vocab_size: int | None = None
+        self.per_token: bool | None = None
+
+    def add(self, batch: dict[str, torch.Tensor], out: Any) -> None:
+        ids, mask = _ids_mask(batch)
+        mask = torch.ones_like(ids) if mask is None else mask
+        new = []
+        for i, key in enumerate(example_keys(ids, mask)):
+            if key not in self.seen:
+                self.seen[key] = len(self.seen)
+                new.append(i)
+        if not new:
+            return
+        if self.kind == "embedding":
+            self._add_embeddings(out, mask, new)
+        else:
+            self._add_topk(out, mask, new)
+
+    def _add_embeddings(self, out: Any, mask: torch.Tensor, new: list[int]) -> None:
+        hidden = out["last_hidden_state"] if isinstance(out, Mapping) else getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            raise ValueError("kind='embedding' needs a bare encoder teacher returning last_hidden_state (AutoModel)")
+        pooled = hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, mask.to(hidden.device))
+        self.parts["embeddings"].append(pooled[new].float().cpu())
+
+    def _add_topk(self, out: Any, mask: torch.Tensor, new: list[int]) -> None:
+        logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", None)
+        if logits is None:
+            raise ValueError("kind='topk' needs a teacher that returns logits")
+        self.vocab_size = int(logits.shape[-1])
+        self.per_token = logits.dim() == 3
+        k = min(self.top_k or self.vocab_size, self.vocab_size)
+        for i in new:
+            rows = logits[i][mask[i].to(logits.device).bool()] if self.per_token else logits[i : i + 1]
+            lp, idx = torch.log_softmax(rows.float() / self.temperature, dim=-1).topk(k, dim=-1)
+            self.parts["indices"].append(idx.to(torch.int32).cpu())
+            self.parts["log_probs"].append(lp.cpu())
+            self.parts["lengths"].append(torch.tensor([rows.shape[0]]))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        keys = torch.tensor([list(k) for k in self.seen], dtype=torch.uint8).reshape(-1, _KEY_BYTES)
+        if self.kind == "embedding":
+            return {"keys": keys, "embeddings": torch.cat(self.parts["embeddings"])}
+        lengths = torch.cat(self.parts["lengths"])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        return {
+            "keys": keys,
+            "indices": torch.cat(self.parts["indices"]),
+            "log_probs": torch.cat(self.parts["log_probs"]),
+            "offsets": offsets,
+        }
+
+
+def build_teacher_cache(
+    teacher: nn.Module,
+    dataset_or_batches: Any,
+    *,
+    kind: str = "embedding",
+    top_k: int | None = 32,
+    temperature: float = 1.0,
+    pooling: str = "mean",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> TeacherCache:
+    """Run ``teacher`` once over a training set and keep what the distillation terms need.
+
+    Args:
+        teacher: the frozen teacher (frozen here if it is not), on the device it should run on.
+        dataset_or_batches: a dataset of unpadded examples (dicts with ``input_ids`` and optionally
+            ``attention_mask`` / ``token_type_ids``; collated here with right padding) or an iterable of collated
+            batches (e.g. the Trainer's DataLoader). Examples are keyed by their unpadded ``input_ids``.
+        kind: ``"embedding"`` (pooled sentence embeddings of a bare encoder) or ``"topk"`` (per-token top-k
+            log-probs and indices of a model with logits; sequence-level logits give one row per example).
+        top_k: tokens kept per row for ``kind="topk"`` (``None``: the whole vocabulary, equal to the dense loss).
+        temperature: the loss temperature the log-probs are taken at (must equal ``DistillationConfig.temperature``).
+        pooling: ``"mean"`` (attention-mask mean) or ``"cls"``; must equal ``DistillationConfig.pooling``.
+        batch_size: examples per teacher forward when a dataset is given.
+        progress: show a tqdm progress bar (when tqdm is installed).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"build_teacher_cache: kind must be one of {KINDS}, got {kind!r}")
+    if kind == "topk" and top_k is not None and top_k < 1:
+        raise ValueError(f"build_teacher_cache: top_k must be >= 1 or None, got {top_k}")
+    if temperature <= 0 or pooling not in ("mean", "cls"):
+        raise ValueError(
+            f"build_teacher_cache: need temperature > 0 and pooling 'mean'/'cls' ({temperature}, {pooling})"
+        )
+    runner = Teacher(teacher)
+    builder = _Builder(kind, top_k, temperature, pooling)
+    total = math.ceil(len(dataset_or_batches) / batch_size) if _is_dataset(dataset_or_batches) else None
+    for batch in _progress(_teacher_batches(dataset_or_batches, batch_size), total, progress):
+        builder.add(batch, runner.forward_batch(batch))
+    if not builder.seen:
+        raise ValueError("build_teacher_cache: the dataset is empty")
+    metadata = {
+        "kind": kind,
+        "top_k": min(top_k or builder.vocab_size, builder.vocab_size) if kind == "topk" else None,
+        "temperature": temperature,
+        "vocab_size": builder.vocab_size,
+        "pooling": pooling if kind == "embedding" else None,
+        "per_token": builder.per_token,
+        "teacher_fingerprint": teacher_fingerprint(runner.module),
+        "teacher_class": type(runner.module).__name__,
+        "dataset_fingerprint": _dataset_fingerprint(builder.seen),
+        "num_examples": len(builder.seen),
+    }
+    return TeacherCache(builder.tensors(), metadata)
+
+
+# ------------------------------------------------------------------------------------------------------ io
+def save_teacher_cache(cache: TeacherCache, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Write ``cache`` to ``directory`` (kd_plugins checkpoint format: atomic, sha256 per tensor). Returns the path."""
+    out = write_checkpoint(
+        SPEC, directory, cache.tensors, architecture=None, metadata=cache.metadata, overwrite=overwrite
+    )
+    return str(out)
+
+
+def load_teacher_cache(
+    directory: str | os.PathLike,
+    *,
+    teacher: nn.Module | None = None,
+    dataset: Any = None,
+    kind: str | None = None,
+    vocab_size: int | None = None,
+) -> TeacherCache:
+    """Read and verify a cache written by :func:`save_teacher_cache`; every expectation given is checked.
+
+    ``teacher``: refuse a cache built with another teacher; ``dataset``: refuse one built over other examples;
+    ``kind`` / ``vocab_size``: refuse another payload or vocabulary."""
+    ckpt = read_checkpoint(SPEC, directory)
+    cache = TeacherCache(ckpt.tensors, ckpt.metadata)
+    if kind is not None and cache.kind != kind:
+        raise ValueError(f"{directory} holds a {cache.kind!r} teacher cache, not {kind!r}")
+    if vocab_size is not None and cache.vocab_size != vocab_size:
+        raise ValueError(
+            f"{directory}: the teacher cache was built over a vocabulary of {cache.vocab_size} tokens, not {vocab_size}"
+        )
+    if teacher is not None:
+        cache.check_teacher(teacher)
+    if dataset is not None:
+        cache.check_dataset(dataset)
+    return cache
