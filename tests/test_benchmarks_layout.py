@@ -20,6 +20,9 @@ BENCH = ROOT / "benchmarks"
 # Folders that are packages (benchmarks/data: the shared data loaders) hold library code, not scripts.
 PACKAGES = sorted(p.parent for p in BENCH.glob("*/__init__.py"))
 SCRIPTS = sorted(p for p in BENCH.glob("*/*.py") if p.name != "quant_common.py" and p.parent not in PACKAGES)
+SCRIPTS.append(BENCH / "gpu_check.py")  # the one top-level script: the prepared GPU check of every kernel
+# Output folders of scripts (no RESULTS_*.md of their own).
+OUTPUT_FOLDERS = {"results_gpu"}
 # Files whose `benchmarks/...` mentions must point at files or folders that exist.
 DOCS = [
     ROOT / "README.md",
@@ -48,10 +51,14 @@ def _harness():
 
 
 def test_scripts_live_in_capability_folders():
-    assert [p.name for p in BENCH.glob("*.py")] == ["_harness.py"]
+    assert sorted(p.name for p in BENCH.glob("*.py")) == ["_harness.py", "gpu_check.py"]
     assert not (BENCH / "results").exists() and not (BENCH / "figures").exists()
     assert [p.name for p in PACKAGES] == ["data"]
-    folders = [p for p in BENCH.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and p not in PACKAGES]
+    folders = [
+        p
+        for p in BENCH.iterdir()
+        if p.is_dir() and not p.name.startswith((".", "_")) and p not in PACKAGES and p.name not in OUTPUT_FOLDERS
+    ]
     for folder in folders:
         assert list(folder.glob("RESULTS_*.md")), f"{folder.name}/ has no RESULTS_*.md"
     assert len(SCRIPTS) >= 17

@@ -18,7 +18,7 @@ triton (interpreter)   bfloat16     2e-2         4e-2    (fp32 logit tiles vs th
 
 The Triton kernels run here under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before triton is
 imported, and other test modules may import triton); on a CUDA machine they also run natively
-(``test_triton_cuda_parity``) and ``benchmarks/distill/gpu_check_fused_kd.py`` times them.
+(``test_triton_cuda_parity``) and ``benchmarks/gpu_check.py`` times them.
 """
 
 from __future__ import annotations
