@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distill.teacher import Teacher
 from ..losses.feature import embedding_cosine, embedding_mse, hidden_mse, mean_pool
 from ..losses.logit import kl_divergence
 from .modules import ACMBlock, acm_blocks
@@ -119,7 +120,10 @@ def collect_block_io(
         return handles
 
     first = next(iter(zs))
-    _record_tokens(teacher, batches, register, lambda: sum(z.shape[0] for z in zs[first]), max_tokens, dtype)
+    # The frozen original runs through the core's Teacher (frozen, eval, no_grad), like every teacher forward.
+    Teacher(teacher).run(
+        lambda m: _record_tokens(m, batches, register, lambda: sum(z.shape[0] for z in zs[first]), max_tokens, dtype)
+    )
     return {n: (torch.cat(zs[n])[:max_tokens], torch.cat(os_[n])[:max_tokens]) for n in blocks}
 
 
