@@ -156,3 +156,21 @@ def test_overrides_apply_to_what_the_user_wrote():
     changed = resolve_config(DistillationConfig, base, {"feature_loss": "cosine", "feature_weight": 0.5})
     assert changed.loss_terms == {"kl": 1.0, "hidden_cosine": 0.5}
     assert base.loss_terms == {"kl": 1.0, "hidden_mse": 1.0}
+
+
+def test_loss_scaling_follows_the_trainer_rule():
+    """Token sums divide by the accumulated batch's items (times the world size) when the task loss does, else by
+    this micro-batch's count; mean-type terms divide by the accumulation steps only in the items case."""
+    import torch
+
+    from kd_plugins.distill import LossScaling
+
+    s = torch.tensor(12.0)
+    assert float(LossScaling().token_sum(s, 4)) == 3.0
+    assert float(LossScaling().mean(s)) == 12.0
+    by_items = LossScaling(by_items=True, num_items_in_batch=8, items_scale=2.0, grad_accum_steps=4)
+    assert float(by_items.token_sum(s, 4)) == 3.0  # 12 / 8 * 2
+    assert float(by_items.mean(s)) == 3.0  # 12 / 4
+    assert by_items.unscale_task_loss(1.0) == 2.0  # 1 * 4 / 2
+    no_count = LossScaling(by_items=True, num_items_in_batch=None, grad_accum_steps=4)
+    assert float(no_count.token_sum(s, 4)) == 0.75  # per-batch mean, then / 4 like every mean-type term

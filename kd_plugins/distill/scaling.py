@@ -52,12 +52,6 @@ class LossScaling:
         """A mean-type term normalised like the task loss."""
         return value * self.mean_scale
 
-    def to_batch_mean(self, value: float, count: int) -> float:
-        """Undo the item normalisation of a logged value (for logs: per-token mean of this micro-batch)."""
-        if self.uses_items:
-            return value * float(self.num_items_in_batch) / max(count, 1) / self.items_scale
-        return value / self.mean_scale if self.mean_scale else value
-
     def unscale_task_loss(self, value: float) -> float:
         """The Trainer's task loss of this micro-batch as a per-batch mean (for logs)."""
         return value * self.grad_accum_steps / self.items_scale if self.by_items else value
