@@ -86,6 +86,10 @@ class TeacherCache:
     ``offsets[j]:offsets[j + 1]``, one per unpadded token, or one row for sequence-level logits).
     ``metadata``: ``kind``, ``top_k``, ``temperature``, ``vocab_size``, ``pooling``, ``per_token``,
     ``teacher_fingerprint``, ``dataset_fingerprint``, ``num_examples``, ``teacher_class``.
+
+    Limit: a per-token cache has no row for padding, so on a left-padded causal-LM batch it skips the last pad
+    position (whose next token is the first real one), which the live teacher's dense path still counts; the two
+    losses then differ slightly. Right padding gives the same rows.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]):
