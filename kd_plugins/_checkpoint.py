@@ -330,6 +330,56 @@ def write_checkpoint(
     return out
 
 
+def write_model_checkpoint(
+    spec: CheckpointSpec,
+    directory: str | os.PathLike,
+    model: nn.Module,
+    metadata: Mapping[str, Any],
+    *,
+    tokenizer=None,
+    build_kwargs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """:func:`write_checkpoint` of a whole model whose architecture a method changed (ACM, MoE): every weight (tied
+    ones stored once), its ``architecture_record``, the method's ``metadata``, and for HF models ``config.json``
+    with the load guard plus the ``tokenizer`` files when given."""
+    tensors, aliases = dedupe_shared_tensors(model.state_dict())
+    arch = architecture_record(model, build_kwargs)
+    return write_checkpoint(
+        spec,
+        directory,
+        tensors,
+        aliases=aliases,
+        architecture=arch,
+        metadata=dict(metadata),
+        hf_config=model.config if arch["kind"] == "hf" else None,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+    )
+
+
+def check_state_fits(model: nn.Module, flat: Mapping[str, torch.Tensor], what: str) -> None:
+    """``flat`` has exactly the keys and shapes of ``model``'s state dict; the error names what differs and says to
+    load the ``what`` checkpoint (e.g. "ACM", "MoE") into the architecture it was saved from."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(flat))
+    unexpected = sorted(set(flat) - set(own))
+    shape = sorted(n for n in set(own) & set(flat) if tuple(own[n].shape) != tuple(flat[n].shape))
+    if not (missing or unexpected or shape):
+        return
+    parts = [f"missing in checkpoint: {missing[:5]}"] if missing else []
+    if unexpected:
+        parts.append(f"not in model: {unexpected[:5]}")
+    if shape:
+        parts.append(
+            "shape mismatch: " + ", ".join(f"{n} {tuple(flat[n].shape)} vs {tuple(own[n].shape)}" for n in shape[:5])
+        )
+    raise ValueError(
+        f"the {what} checkpoint does not fit this model (" + "; ".join(parts) + "): load it into the architecture "
+        f"and {what} layout it was saved from"
+    )
+
+
 def _add_load_guard(config_file: Path, guard: str) -> None:
     # Written into the JSON, not set on the config: PreTrainedConfig.save_pretrained drops this key on purpose.
     if guard.endswith((".safetensors", ".safetensors.index.json", ".bin")):

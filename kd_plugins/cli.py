@@ -15,6 +15,11 @@ SUBCOMMANDS = {
     "skillpack": ("kd_plugins.skillpack.cli", "skillpack_main", "Extract / apply / inspect GraftLLM SkillPacks."),
     "inherit": ("kd_plugins.cli", "inherit_main", "Build a shallower student from a teacher's layers."),
     "losses": ("kd_plugins.cli", "losses_main", "List the registered distillation losses."),
+    "transfer-tokenizer": (
+        "kd_plugins.cli",
+        "transfer_tokenizer_main",
+        "Move a causal LM to a new tokenizer (embedding init + ALM training against the original).",
+    ),
 }
 
 
@@ -62,6 +67,49 @@ def inherit_main(argv: list[str]) -> int:
         pass  # teacher directory without a tokenizer
     layers = student.config.kd_plugins_inherited_layers
     print(f"saved {len(layers)}-layer student (teacher layers {layers}) to {args.out_dir}")
+    return 0
+
+
+def transfer_tokenizer_main(argv: list[str]) -> int:
+    """Move the causal LM in MODEL_DIR to the tokenizer in TOKENIZER_DIR: initialise its embeddings from the old ones,
+    train it --steps steps on --data with ALM (+ cross-entropy) against the original model, save model and new
+    tokenizer to OUT_DIR. Options: the fields of TokenizerTransferConfig (docs/cross_tokenizer.md)."""
+    import re
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+    from kd_plugins.crosstok.transfer import TokenizerTransferConfig, transfer_tokenizer
+
+    p = HfArgumentParser(TokenizerTransferConfig, prog="kd-plugins transfer-tokenizer")
+    p.description = transfer_tokenizer_main.__doc__
+    p.add_argument("model_dir", help="Hugging Face causal LM directory (with its tokenizer): the original model")
+    p.add_argument("tokenizer_dir", help="directory of the new (fast) tokenizer")
+    p.add_argument("out_dir", help="where the transferred model and the new tokenizer are saved")
+    p.add_argument("--data", help="UTF-8 text file to train on (paragraphs separated by blank lines)")
+    cfg, args = p.parse_args_into_dataclasses(args=argv)
+    if cfg.steps > 0 and not args.data:
+        p.error("--data FILE is needed to train (or pass --steps 0 to initialise only)")
+    old_tok, new_tok = AutoTokenizer.from_pretrained(args.model_dir), AutoTokenizer.from_pretrained(args.tokenizer_dir)
+    if new_tok.pad_token is None and new_tok.eos_token is not None:
+        new_tok.pad_token = new_tok.eos_token  # the batches need one; saved with the tokenizer
+        print(f"new tokenizer has no pad token: using its EOS {new_tok.eos_token!r}")
+    original = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    student = transfer_tokenizer(original, old_tok, new_tok, cfg)
+    print(f"initialised {len(new_tok)} embedding rows: {student.config.kd_plugins_tokenizer_transfer}")
+    if cfg.steps > 0:
+        from kd_plugins.integrations.hf.tokenizer_transfer import train_transferred
+
+        with open(args.data, encoding="utf-8") as f:
+            texts = [t for t in re.split(r"\n\s*\n", f.read()) if t.strip()]
+        with tempfile.TemporaryDirectory(prefix="kd_plugins_transfer_") as tmp:
+            trainer = train_transferred(student, new_tok, original, old_tok, texts, cfg, output_dir=tmp)
+        last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
+        shown = {k: v for k, v in last.items() if k in ("loss", "task_loss", "kd_alm", "kd_uld")}
+        print(f"trained {trainer.state.global_step} steps; last logged {shown}")
+    student.save_pretrained(args.out_dir)
+    new_tok.save_pretrained(args.out_dir)
+    print(f"saved the transferred model and tokenizer to {args.out_dir}")
     return 0
 
 

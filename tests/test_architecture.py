@@ -17,7 +17,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "kd_plugins"
-MIDDLE = ("distill", "quant", "acm", "multiexit", "skillpack", "vision", "ranking")
+MIDDLE = (
+    "distill",
+    "quant",
+    "acm",
+    "multiexit",
+    "skillpack",
+    "vision",
+    "ranking",
+    "crosstok",
+    "speculative",
+    "moe",
+    "sparseft",
+)
 FRAMEWORK_BASES = ("TrainerCallback", "Trainer", "TrainingTask")
 
 

@@ -19,6 +19,11 @@ CONFIGS = [
     ("kd_plugins.multiexit", "MultiExitConfig"),
     ("kd_plugins.quant", "QuantConfig"),
     ("kd_plugins.skillpack", "SkillPackConfig"),
+    ("kd_plugins.moe", "MoEConfig"),
+    ("kd_plugins.moe", "PreferenceDistillationConfig"),
+    ("kd_plugins.speculative", "SpeculativeConfig"),
+    ("kd_plugins.sparseft", "SparseFTConfig"),
+    ("kd_plugins.crosstok", "TokenizerTransferConfig"),
 ]
 #: One valid non-default value per config, for the precedence test.
 OVERRIDE = {
@@ -27,8 +32,20 @@ OVERRIDE = {
     "MultiExitConfig": ("temperature", 2.0),
     "QuantConfig": ("min_calibration_rows", 32),
     "SkillPackConfig": ("group_size", 128),
+    "MoEConfig": ("num_experts", 8),
+    "PreferenceDistillationConfig": ("beta", 0.2),
+    "SpeculativeConfig": ("num_draft_tokens", 6),
+    "SparseFTConfig": ("density", 0.1),
+    "TokenizerTransferConfig": ("steps", 7),
 }
-CALLBACKS = ["DistillationCallback", "ACMCallback", "MultiExitCallback"]
+CALLBACKS = [
+    "DistillationCallback",
+    "ACMCallback",
+    "MultiExitCallback",
+    "MoEBalanceCallback",
+    "PreferenceDistillationCallback",
+    "DraftEvalCallback",
+]
 
 
 def _config(module: str, name: str):

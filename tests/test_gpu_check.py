@@ -34,6 +34,8 @@ def test_gpu_check_smoke_runs_and_passes(tmp_path):
         "int8_gemm_parity",
         "fused_kd_timing",
         "int8_gemm_timing",
+        "acm_grouped_parity",
+        "acm_grouped_timing",
         "smollm2_distill",
     }
     parity = sections["fused_kd_parity"]

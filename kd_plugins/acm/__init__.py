@@ -13,7 +13,7 @@
     opt = torch.optim.AdamW(acm_param_groups(model, lr=1e-4, gate_lr=1e-3))  # gates: their own learning rate
     Trainer(model=model, ..., optimizers=(opt, sched),
             callbacks=[ACMCallback(teacher, ACMConfig(budget=0.5))]).train()  # stage 3
-    model.eval()                                                     # grouped sparse inference per token
+    model.eval()                                                     # sparse inference (set_acm_execution)
     save_acm(model, "out/acm"); model = load_acm("out/acm")
 
 HF ``Trainer``: :class:`kd_plugins.integrations.hf.ACMCallback`; timm: :class:`kd_plugins.integrations.timm.ACMTask`.
@@ -22,7 +22,16 @@ HF ``Trainer``: :class:`kd_plugins.integrations.hf.ACMCallback`; timm: :class:`k
 from .config import ACMConfig
 from .convert import Candidate, acmize, find_candidates
 from .io import load_acm, save_acm
-from .modules import ACMBlock, ACMGate, acm_blocks, acm_stats, reset_acm_stats, set_acm_mode, token_flops
+from .modules import (
+    ACMBlock,
+    ACMGate,
+    acm_blocks,
+    acm_stats,
+    reset_acm_stats,
+    set_acm_execution,
+    set_acm_mode,
+    token_flops,
+)
 from .optim import acm_param_groups
 from .stages import (
     ACMRegularizers,
@@ -68,6 +77,7 @@ __all__ = [
     "acm_stats",
     "reset_acm_stats",
     "set_acm_mode",
+    "set_acm_execution",
     "token_flops",
     "collect_acm_inputs",
     "collect_block_io",

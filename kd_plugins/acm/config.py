@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 __all__ = ["ACMConfig"]
 
+#: The values of ``ACMConfig.execution`` (the paths are in ``kd_plugins.acm.execution``).
+EXECUTIONS = ("auto", "grouped", "prefix", "dense_masked", "triton")
+
 
 @dataclass
 class ACMConfig:
@@ -44,6 +47,14 @@ class ACMConfig:
     attention_rank: int = field(
         default=0,
         metadata={"help": "rank of projection learners; 0 = paper sizing round(d_in*d_out / (N*(d_in+d_out)))"},
+    )
+    execution: str = field(
+        default="auto",
+        metadata={
+            "help": "how learners run for per-token k: 'auto' (prefix at inference on CPU/CUDA, the masked loop in "
+            "training), 'prefix' (one GEMM pair per learner over the prefix of tokens sorted by k), 'grouped' (one "
+            "GEMM pair per k group), 'dense_masked' (every learner, masked) or 'triton' (CUDA kernels, inference)"
+        },
     )
     # --------------------------------------------------------------------------------------- stage 1 / 2
     detach_mode: str = field(
@@ -106,5 +117,9 @@ class ACMConfig:
             raise ValueError(f"budget (target beta) must be in [0, 1], got {self.budget}")
         if self.distill_loss not in ("auto", "kl", "cosine", "mse"):
             raise ValueError(f"distill_loss must be 'auto', 'kl', 'cosine' or 'mse', got {self.distill_loss!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(
+                f"execution must be one of {EXECUTIONS}, got {self.execution!r} ('auto' picks the measured fastest)"
+            )
         if self.gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")

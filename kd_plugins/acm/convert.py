@@ -344,6 +344,7 @@ def acmize(
     attention_rank: int | None = None,
     config: ACMConfig | None = None,
     skip_padding: bool = True,
+    execution: str | None = None,
 ) -> nn.Module:
     """Replace dense blocks of ``model`` (in place) by :class:`~kd_plugins.acm.ACMBlock` and return it.
 
@@ -361,6 +362,8 @@ def acmize(
         config: an :class:`~kd_plugins.acm.ACMConfig`; explicit arguments override its fields (the precedence
             rule of every kd_plugins verb, ``kd_plugins._config.resolve_config``).
         skip_padding: at inference, padding tokens (``attention_mask == 0``) run no learner.
+        execution: how learners run for per-token ``k`` (``ACMConfig.execution``; default ``"auto"``); change it
+            later with :func:`~kd_plugins.acm.set_acm_execution`. Not saved: it is a property of the machine.
 
     The gates start untrained (stage 2 trains them); until then use ``set_acm_mode(model, "full")``.
     The frozen original model needed by the stages is *not* kept: ``copy.deepcopy`` it first.
@@ -371,6 +374,7 @@ def acmize(
         "order": order,
         "gate_hidden": gate_hidden,
         "attention_rank": attention_rank,
+        "execution": execution,
     }
     cfg = resolve_config(ACMConfig, config, {k: v for k, v in overrides.items() if v is not None})  # validates
     targets = cfg.targets if targets is None else targets
@@ -395,6 +399,8 @@ def acmize(
     blocks = {
         c.name: _build_block(model, c, N, init, order, gate_hidden, attention_rank, scales.get(c.name)) for c in chosen
     }
+    for b in blocks.values():
+        b.execution = cfg.execution
     _finish(
         model,
         chosen,

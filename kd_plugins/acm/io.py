@@ -11,16 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from .._checkpoint import (
     CheckpointSpec,
-    architecture_record,
-    dedupe_shared_tensors,
+    check_state_fits,
     read_checkpoint,
     rebuild_model,
-    write_checkpoint,
+    write_model_checkpoint,
 )
 from .convert import rebuild_layout
 from .modules import acm_blocks
@@ -66,41 +64,8 @@ def save_acm(
     """
     if not acm_blocks(model) or not hasattr(model, "kd_acm"):
         raise ValueError("model has no ACM blocks: call kd_plugins.acm.acmize(model, ...) first")
-    tensors, aliases = dedupe_shared_tensors(model.state_dict())
-    arch = architecture_record(model, build_kwargs)
-    return write_checkpoint(
-        SPEC,
-        out_dir,
-        tensors,
-        aliases=aliases,
-        architecture=arch,
-        metadata={"acm": model.kd_acm},
-        hf_config=model.config if arch["kind"] == "hf" else None,
-        tokenizer=tokenizer,
-        overwrite=overwrite,
-    )
-
-
-def _check_fit(model: nn.Module, flat: dict[str, torch.Tensor]) -> None:
-    """``flat`` has exactly the keys and shapes of ``model``'s state dict; the error names what differs."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(flat))
-    unexpected = sorted(set(flat) - set(own))
-    shape = sorted(n for n in set(own) & set(flat) if tuple(own[n].shape) != tuple(flat[n].shape))
-    if not (missing or unexpected or shape):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing in checkpoint: {missing[:5]}")
-    if unexpected:
-        parts.append(f"not in model: {unexpected[:5]}")
-    if shape:
-        parts.append(
-            "shape mismatch: " + ", ".join(f"{n} {tuple(flat[n].shape)} vs {tuple(own[n].shape)}" for n in shape[:5])
-        )
-    raise ValueError(
-        "the ACM checkpoint does not fit this model (" + "; ".join(parts) + "): load it into the "
-        "architecture and ACM layout it was saved from"
+    return write_model_checkpoint(
+        SPEC, out_dir, model, {"acm": model.kd_acm}, tokenizer=tokenizer, build_kwargs=build_kwargs, overwrite=overwrite
     )
 
 
@@ -125,7 +90,7 @@ def load_acm(path: str | os.PathLike, model: nn.Module | None = None, *, verify:
     else:
         rebuild_layout(model, layout)
     flat = ckpt.state_dict()
-    _check_fit(model, flat)
+    check_state_fits(model, flat, "ACM")
     model.load_state_dict(flat, strict=True)
     model.eval()
     return model

@@ -4,8 +4,11 @@ An ACM replaces a dense block ``y = W2 act(W1 z + b1) (+ b2)`` (or a SwiGLU MLP,
 learners ``s_n(z) = W2_n act(W1_n z + b1_n)`` whose outputs add up, ``h(z, k) = s_1(z) + ... + s_k(z)``, and a tiny
 gate ``g(z)`` that picks ``k`` per token. The learners are stored as contiguous slices of one concatenated weight
 (``w1[n*w:(n+1)*w]``, ``w2[n*w:(n+1)*w]``), so the first ``k`` learners *are* the dense block
-``act(z @ w1[:k*w].T + b1[:k*w]) @ w2[:k*w]`` of width ``k*w``: inference groups tokens by their ``k`` and runs one
-dense GEMM pair per group (:meth:`ACMBlock.grouped_forward`), which is what makes an ACM faster on real hardware.
+``act(z @ w1[:k*w].T + b1[:k*w]) @ w2[:k*w]`` of width ``k*w``: inference runs each token through its first ``k``
+learners with large dense GEMMs, which is what makes an ACM faster on real hardware. How the work is laid out is the
+block's ``execution`` (:mod:`kd_plugins.acm.execution`: ``"prefix"`` — one GEMM pair per learner over the prefix of
+the tokens sorted by ``k``, descending; ``"grouped"`` — one GEMM pair per ``k`` group; ``"dense_masked"``;
+``"triton"``; ``"auto"`` picks by device, :func:`set_acm_execution` sets it).
 
 Output bias: the paper drops it. Blocks converted with ``init="slice"`` keep the dense block's output bias as part of
 learner 1 (added whenever ``k >= 1``), so ``h(z, N)`` equals the dense block exactly; ``h(z, 0) = 0`` always.
@@ -14,17 +17,21 @@ learner 1 (added whenever ``k >= 1``), so ``h(z, N)`` equals the dense block exa
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .execution import check_execution, prefix_forward, resolve_execution, triton_forward
+
 __all__ = [
     "ACMGate",
     "ACMBlock",
     "acm_blocks",
     "set_acm_mode",
+    "set_acm_execution",
     "reset_acm_stats",
     "acm_stats",
     "token_flops",
@@ -76,8 +83,10 @@ class ACMBlock(nn.Module):
         kind: ``"mlp"`` or ``"proj"`` (informational).
 
     Modes (:func:`set_acm_mode`): ``"gated"`` (default; training: hard Gumbel-softmax, or the noiseless argmax with
-    ``gate_noise=False``, with straight-through weighting of all cumulative outputs; eval: argmax + grouped
-    inference), ``"full"`` (``k = N`` everywhere) and ``"fixed"`` (``k = fixed_k`` everywhere).
+    ``gate_noise=False``, with straight-through weighting of all cumulative outputs; eval: argmax + sparse
+    inference by ``execution``), ``"full"`` (``k = N`` everywhere) and ``"fixed"`` (``k = fixed_k`` everywhere).
+    ``execution`` (:func:`set_acm_execution`): ``"auto"`` (default), ``"prefix"``, ``"grouped"``,
+    ``"dense_masked"`` or ``"triton"`` (:mod:`kd_plugins.acm.execution`).
     """
 
     def __init__(
@@ -119,6 +128,7 @@ class ACMBlock(nn.Module):
         self.gate_noise = True
         self.straight_through = True
         self.skip_padding = True
+        self.execution = "auto"  # how learners run for per-token k (kd_plugins.acm.execution)
         self._ctx: list[ACMContext] = [ACMContext()]  # list: not a sub-module
         self.track_stats = False
         self.reset_stats()
@@ -248,6 +258,26 @@ class ACMBlock(nn.Module):
         out.index_copy_(0, order, ys)
         return out.view(*lead, self.d_out)
 
+    def prefix_forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Sparse inference, ``"prefix"`` layout: tokens sorted by ``k`` (descending) once; learner ``j`` runs one
+        GEMM pair over the prefix of tokens with ``k > j`` (:func:`kd_plugins.acm.execution.prefix_forward`)."""
+        return prefix_forward(self, x, k)
+
+    def sparse_forward(self, x: torch.Tensor, k: torch.Tensor, execution: str | None = None) -> torch.Tensor:
+        """``h(x, k)`` per token by the path ``execution`` (default: the block's ``execution``; ``"auto"`` is
+        resolved for this device and mode)."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        name = resolve_execution(execution or self.execution, x.device, self.training, needs_grad)
+        if self.track_stats:
+            self.stats["executions"][name] = self.stats["executions"].get(name, 0) + 1
+        if name == "prefix":
+            return prefix_forward(self, x, k)
+        if name == "grouped":
+            return self.grouped_forward(x, k)
+        if name == "triton":
+            return triton_forward(self, x, k)
+        return self.reference_forward(x, k)
+
     # ------------------------------------------------------------------------------------------ forward
     def _token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         m = self.ctx.token_mask
@@ -256,6 +286,19 @@ class ACMBlock(nn.Module):
         return m.to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.track_stats:
+            return self._forward(x)
+        # Wall-clock for acm_stats (the CUDA syncs make it the block's own time; tracking is a measurement mode).
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        out = self._forward(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.stats["wall_s"] += time.perf_counter() - t0
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self._token_mask(x)
         if self.mode == "full":
             k = torch.full(x.shape[:-1], self.num_learners, dtype=torch.long, device=x.device)
@@ -284,14 +327,14 @@ class ACMBlock(nn.Module):
                 allo = self.all_outputs(x)[..., self.min_choice :, :]
                 out = torch.einsum("...c,...cd->...d", y, allo)
             else:  # the released code: index learners with the argmax, the task loss never reaches the gate
-                out = self.reference_forward(x, k)
+                out = self.sparse_forward(x, k)  # "auto": the masked loop (reference_forward), as before
             self._after(k, y, mask)
             return self.dropout(out)
         k = logits.argmax(-1) + self.min_choice
         if mask is not None and self.skip_padding and self.min_choice == 0:
             k = k.masked_fill(~mask.bool(), 0)
         self._after(k, None, mask)
-        return self.grouped_forward(x, k)
+        return self.sparse_forward(x, k)
 
     def _after(self, k: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         self.last_k = k.detach()
@@ -308,7 +351,12 @@ class ACMBlock(nn.Module):
             self.stats["hist"] += torch.bincount(kk, minlength=self.num_learners + 1)[: self.num_learners + 1]
 
     def reset_stats(self) -> None:
-        self.stats = {"tokens": 0, "hist": torch.zeros(self.num_learners + 1, dtype=torch.long)}
+        self.stats = {
+            "tokens": 0,
+            "hist": torch.zeros(self.num_learners + 1, dtype=torch.long),
+            "wall_s": 0.0,
+            "executions": {},
+        }
 
 
 # ------------------------------------------------------------------------------------------- model-level helpers
@@ -351,6 +399,19 @@ def set_acm_mode(
             b.gate_noise = bool(gate_noise)
 
 
+def set_acm_execution(model: nn.Module, execution: str = "auto") -> None:
+    """Set how every ACM of ``model`` runs its learners for per-token ``k`` (inference, and training with
+    ``straight_through=False``): ``"auto"`` (default: ``"prefix"`` at inference on CPU and CUDA, the masked loop
+    in training), ``"prefix"``, ``"grouped"``, ``"dense_masked"`` or ``"triton"`` (CUDA kernels, inference only).
+    Outputs agree to floating-point rounding whichever is chosen (:mod:`kd_plugins.acm.execution`)."""
+    check_execution(execution)
+    blocks = acm_blocks(model)
+    if not blocks:
+        raise ValueError("model has no ACM blocks: call kd_plugins.acm.acmize(model, ...) first")
+    for b in blocks.values():
+        b.execution = execution
+
+
 def reset_acm_stats(model: nn.Module, track: bool = True) -> None:
     """Zero the per-block choice histograms and turn tracking on (``track=True``) or off."""
     for b in acm_blocks(model).values():
@@ -359,14 +420,21 @@ def reset_acm_stats(model: nn.Module, track: bool = True) -> None:
 
 
 def acm_stats(model: nn.Module, dense_macs: dict[str, int] | None = None) -> dict:
-    """Compute accounting from the histograms gathered since :func:`reset_acm_stats` (padding excluded).
+    """Compute accounting and wall-clock from the forwards since :func:`reset_acm_stats` (padding excluded).
 
     Returns ``{"blocks": {name: {...}}, "learner_fraction", "compute_fraction", "avg_macs_per_token",
-    "dense_macs_per_token"}``: ``learner_fraction`` = executed learner MACs / all-learner MACs (the paper's budget
+    "dense_macs_per_token", ...}``: ``learner_fraction`` = executed learner MACs / all-learner MACs (the paper's budget
     quantity); ``compute_fraction`` also counts the gates: ``(sum k*p + gate) / dense``. FLOPs = 2 x MACs.
+
+    Wall-clock next to the FLOPs: ``wall_s`` (seconds spent in the ACM blocks' forwards, gate included; CUDA is
+    synchronised around each block while tracking), ``us_per_token`` (per real, i.e. non-padding, token, summed over
+    blocks like ``avg_flops_per_token``), ``gflops_per_s`` (executed FLOPs / wall-clock), ``threads``
+    (``torch.get_num_threads()`` now) and ``executions`` (how often each path ran). Padding tokens run the gate but
+    no learner, so a padded batch has the same FLOPs per real token and a slightly larger ``us_per_token``.
     """
     blocks = acm_blocks(model)
     out: dict = {"blocks": {}}
+    executions: dict[str, int] = {}
     ex = full = gate = 0.0
     for name, b in blocks.items():
         t = b.stats["tokens"]
@@ -382,7 +450,11 @@ def acm_stats(model: nn.Module, dense_macs: dict[str, int] | None = None) -> dic
             "compute_fraction": (avg_k * p + g) / dense,
             "tokens": t,
             "k_hist": (hist / t).tolist(),
+            "wall_s": b.stats["wall_s"],
+            "us_per_token": 1e6 * b.stats["wall_s"] / t,
         }
+        for name_, n in b.stats["executions"].items():
+            executions[name_] = executions.get(name_, 0) + n
         ex += avg_k * p
         gate += g
         full += dense
@@ -397,6 +469,15 @@ def acm_stats(model: nn.Module, dense_macs: dict[str, int] | None = None) -> dic
             dense_macs_per_token=full,
             avg_flops_per_token=2 * (ex + gate),
             dense_flops_per_token=2 * full,
+        )
+        wall = sum(v["wall_s"] for v in out["blocks"].values())
+        us = sum(v["us_per_token"] for v in out["blocks"].values())
+        out.update(
+            wall_s=wall,
+            us_per_token=us,
+            gflops_per_s=(2 * (ex + gate) / (us * 1e3)) if us > 0 else float("nan"),
+            threads=torch.get_num_threads(),
+            executions=executions,
         )
     return out
 

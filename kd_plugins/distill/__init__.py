@@ -6,6 +6,8 @@ from .config import DistillationConfig
 from .engine import DistillationEngine, FeatureRecorder, KDResult, detect_task
 from .fused import FusedLogitLoss
 from .inherit import find_layer_container, inherit_student, select_layer_indices
+from .onpolicy import OnPolicySampler, on_policy_batch
+from .pairs import PairCollator, split_pairs
 from .projectors import ProjectorBank
 from .scaling import LossScaling
 from .teacher import Teacher, freeze_teacher
@@ -28,6 +30,10 @@ __all__ = [
     "find_layer_container",
     "select_layer_indices",
     "TeacherCache",
+    "PairCollator",
+    "OnPolicySampler",
+    "on_policy_batch",
+    "split_pairs",
     "build_teacher_cache",
     "save_teacher_cache",
     "load_teacher_cache",

@@ -32,6 +32,7 @@ from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_
 from ..losses import get_loss_spec
 from ..losses.feature import mean_pool
 from .config import DistillationConfig
+from .pairs import split_pairs
 from .teacher import Teacher
 
 __all__ = ["TeacherCache", "build_teacher_cache", "save_teacher_cache", "load_teacher_cache", "example_keys"]
@@ -168,7 +169,8 @@ class TeacherCache:
         """Refuse a config whose terms need teacher outputs this cache does not hold (called by the engine)."""
         kinds = config.kinds
         wanted = {"embedding": "embedding", "topk": "logits"}[self.kind]
-        other = sorted(n for n, k in kinds.items() if k != wanted)
+        served = ("embedding", "pair") if self.kind == "embedding" else ("logits",)  # pair terms use embeddings too
+        other = sorted(n for n, k in kinds.items() if k not in served)
         if other or config.feature_pairs:
             raise ValueError(
                 f"A {self.kind!r} teacher cache holds {wanted} outputs only; the terms {other or ['feature_pairs']} "
@@ -282,16 +284,31 @@ def _collate(examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _examples(data: Any) -> list[Mapping[str, Any]]:
+    """The dataset's examples, pair examples split into anchor and positive, sorted by length (batches pad
+    little; the cache is keyed by content, so order does not matter)."""
+    out = []
+    for i in range(len(data)):
+        anchor, positive = split_pairs(data[i])
+        out += [anchor] if positive is None else [anchor, positive]
+    return sorted(out, key=lambda e: torch.as_tensor(e["input_ids"]).numel())
+
+
 def _teacher_batches(data: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of teacher inputs from a dataset of examples (collated here) or an iterable of collated batches."""
+    """Batches of teacher inputs from a dataset of examples (collated here) or an iterable of collated batches;
+    the positives of pair examples / pair batches (``positive_*`` keys) are teacher inputs too."""
     if _is_dataset(data):
-        for start in range(0, len(data), batch_size):
-            yield _collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        examples = _examples(data)
+        for start in range(0, len(examples), batch_size):
+            yield _collate(examples[start : start + batch_size])
         return
     for batch in data:
-        if torch.as_tensor(batch["input_ids"]).dim() != 2:
-            raise ValueError("build_teacher_cache: batches must hold [B, T] input_ids (or pass a dataset)")
-        yield {k: torch.as_tensor(v) for k, v in batch.items() if k in _TEACHER_INPUTS}
+        for group in split_pairs(batch):
+            if group is None:
+                continue
+            if torch.as_tensor(group["input_ids"]).dim() != 2:
+                raise ValueError("build_teacher_cache: batches must hold [B, T] input_ids (or pass a dataset)")
+            yield {k: torch.as_tensor(v) for k, v in group.items() if k in _TEACHER_INPUTS}
 
 
 def _progress(it, total: int | None, enabled: bool):
@@ -400,7 +417,7 @@ def build_teacher_cache(
         )
     runner = Teacher(teacher)
     builder = _Builder(kind, top_k, temperature, pooling)
-    total = math.ceil(len(dataset_or_batches) / batch_size) if _is_dataset(dataset_or_batches) else None
+    total = None  # pair examples count twice: the bar counts batches as they come
     for batch in _progress(_teacher_batches(dataset_or_batches, batch_size), total, progress):
         builder.add(batch, runner.forward_batch(batch))
     if not builder.seen:

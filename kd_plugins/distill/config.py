@@ -104,6 +104,39 @@ class DistillationConfig:
         },
     )
     fused_chunk_size: int = field(default=1024, metadata={"help": "Token chunk size of the fused loss."})
+    cross_tokenizer_options: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the cross-tokenizer teacher (terms 'alm' / 'uld'), e.g. "
+            "'on_round_trip_error=skip_row,max_teacher_length=2048' or JSON; keys: max_teacher_length, "
+            "uld_positions (one_to_one | chunk_start), on_round_trip_error (raise | skip_row), check_coverage."
+        },
+    )
+    # On-policy data (GKD / DistillSpec, sequence-level KD): kd_plugins/distill/onpolicy.py
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Causal LMs: probability per training micro-batch of replacing its completions by ones generated "
+            "from its prompts (0: the dataset's completions; 1: always generated, fully on-policy)."
+        },
+    )
+    on_policy_source: str = field(
+        default="student",
+        metadata={"help": "Who generates with lmbda > 0: 'student' (on-policy GKD / DistillSpec) or 'teacher'."},
+    )
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of the generated completions (0: greedy)."}
+    )
+    generation_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus top-p of the generated completions (1: the full distribution)."}
+    )
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest generated completion (it ends at its first EOS, which is kept)."}
+    )
+    on_policy_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the on-policy draws and of generation (None: the Trainer's seed)."},
+    )
 
     def __post_init__(self):
         # What the user wrote, for kd_plugins._config.resolve_config (overrides re-derive the implicit terms).
@@ -159,6 +192,38 @@ class DistillationConfig:
         if self.fused_chunk_size <= 0:
             raise ValueError(f"fused_chunk_size must be > 0, got {self.fused_chunk_size}")
         self.loss_terms, self.loss_kwargs, self.feature_pairs, self.attention_layer_map = terms, kwargs, pairs, attn
+        # Checked against the terms and the CrossTokenizerTeacher's options by the engine (distill/cross_tokenizer.py).
+        self.cross_tokenizer_options = parse_mapping(self.cross_tokenizer_options, "cross_tokenizer_options", str)
+        self._check_on_policy()
+
+    def _check_on_policy(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(
+                f"lmbda must lie in [0, 1] (the probability that a micro-batch's completions are generated), "
+                f"got {self.lmbda}"
+            )
+        if self.on_policy_source not in ("student", "teacher"):
+            raise ValueError(f"on_policy_source must be 'student' or 'teacher', got {self.on_policy_source!r}")
+        if self.generation_temperature < 0:
+            raise ValueError(f"generation_temperature must be >= 0 (0: greedy), got {self.generation_temperature}")
+        if not 0.0 < self.generation_top_p <= 1.0:
+            raise ValueError(f"generation_top_p must lie in (0, 1] (1: no nucleus cut), got {self.generation_top_p}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.on_policy_seed is not None and (not isinstance(self.on_policy_seed, int) or self.on_policy_seed < 0):
+            raise ValueError(f"on_policy_seed must be None or an integer >= 0, got {self.on_policy_seed!r}")
+        if self.lmbda > 0 and self.task not in ("auto", "causal_lm"):
+            raise ValueError(
+                f"lmbda={self.lmbda} generates completions, which needs a causal-LM student; task is {self.task!r}. "
+                "Set lmbda=0 or task='causal_lm'."
+            )
+        crosstok = sorted(n for n, k in self.kinds.items() if k == "cross_tokenizer")
+        if self.lmbda > 0 and crosstok:
+            raise ValueError(
+                f"lmbda={self.lmbda} (on-policy generation) with the cross-tokenizer terms {crosstok} is not supported:"
+                " generated token ids need not re-tokenize into the same text for the teacher. Use lmbda=0 with "
+                "cross-tokenizer terms, or a same-tokenizer teacher with on-policy data."
+            )
 
     def for_task(self, task: str) -> DistillationConfig:
         """This config with unset ``loss_terms`` resolved for a student of ``task`` (a value of :data:`TASKS` other

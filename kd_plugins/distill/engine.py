@@ -38,6 +38,8 @@ from ..losses._common import IGNORE_INDEX
 from ..losses.feature import mean_pool
 from .cache import TeacherCache
 from .config import DistillationConfig
+from .cross_tokenizer import CROSS_TOKENIZER, CrossTokenizerTerms
+from .pairs import split_pairs
 from .projectors import STATE_FILE, ProjectorBank
 from .scaling import LossScaling
 from .teacher import Teacher
@@ -167,7 +169,8 @@ class DistillationEngine:
         config: a :class:`DistillationConfig`.
         teacher_tokenizer / student_tokenizer: optional; when both are given they are compared. Different
             tokenizers are only accepted for sequence-level objectives (pooled embeddings, sequence
-            classification), where the student's text is re-tokenised for the teacher.
+            classification), where the student's text is re-tokenised for the teacher, and for the cross-tokenizer
+            terms ``alm`` / ``uld`` of causal LMs (which need both; see ``distill/cross_tokenizer.py``).
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class DistillationEngine:
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
         self.retokenize = False
+        self.crosstok: CrossTokenizerTerms | None = None  # teacher source of the alm / uld terms (setup)
         self.losses: dict[str, nn.Module] = {}
         self.bank = ProjectorBank(enabled=self.config.feature_projector, lr=self.config.projector_lr)
         self._student_rec: FeatureRecorder | None = None
@@ -240,6 +244,7 @@ class DistillationEngine:
         if given.auto_loss_terms:
             _log_auto_terms(student, self.task, cfg)
         self._check_kinds_fit_task(student)
+        self.crosstok = CrossTokenizerTerms.for_engine(self)  # None without cross-tokenizer terms; checks the pair
         if self.cache is not None:
             self._build_losses()
             return self.cache.check_fits(self.task, cfg, _student_vocab(student, self.task))
@@ -258,6 +263,11 @@ class DistillationEngine:
 
     def _check_kinds_fit_task(self, student: nn.Module) -> None:
         kinds = self.config.kinds.values()
+        if self.task != "encoder" and any(k == "pair" for k in kinds):
+            raise ValueError(
+                f"Pair terms ({self._names('pair')}) compare pooled sentence embeddings of a bare encoder; "
+                f"{type(student).__name__} is a {self.task!r} model. Use task='encoder' with an AutoModel student."
+            )
         if self.task == "encoder" and any(k == "logits" for k in kinds):
             raise ValueError(
                 f"{type(student).__name__} is a bare encoder (no logits); use embedding losses "
@@ -287,6 +297,8 @@ class DistillationEngine:
         self._student_rec = self._teacher_rec = None
 
     def _check_tokenizers(self) -> None:
+        if self.crosstok is not None:  # alm / uld terms: CrossTokenizerTerms.for_engine checked the pair
+            return
         tt, st = self.teacher_tokenizer, self.student_tokenizer
         if tt is None or st is None or not hasattr(tt, "get_vocab") or not hasattr(st, "get_vocab"):
             return
@@ -307,7 +319,8 @@ class DistillationEngine:
             f"Teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens, {differing} entries differ). "
             "Token-level distillation (logits per token, hidden states, attention maps) needs the same tokenizer: "
             "use a teacher/student pair that shares one, or distil sequence-level targets only (pooled embeddings "
-            "or sequence-classification logits, for which the text is re-tokenised for the teacher)."
+            "or sequence-classification logits, for which the text is re-tokenised for the teacher). Causal LMs "
+            "with different tokenizers: use the cross-tokenizer terms 'alm' / 'uld' (loss_terms='alm')."
         )
 
     def _check_vocab(self, student: nn.Module) -> None:
@@ -328,7 +341,7 @@ class DistillationEngine:
                 f"Student vocab_size {sv} differs from teacher vocab_size {tv}. If they share a tokenizer and only "
                 "the embedding matrices are padded differently, set DistillationConfig(vocab_alignment='truncate') "
                 "(compare the shared first min(V) entries) or 'pad'; if the tokenizers differ, logit distillation "
-                "is not defined token by token."
+                "is not defined token by token: use loss_terms='alm' / 'uld' with teacher_tokenizer=... ."
             )
 
     # --------------------------------------------------------------- teacher
@@ -337,6 +350,8 @@ class DistillationEngine:
         :class:`TeacherCache`, look the batch up: ``{"pooled_embedding": ...}`` or ``{"teacher_topk": ...}``."""
         if self.cache is not None:
             return self.cache.lookup(inputs, device=model_device(self.student))
+        if self.crosstok is not None:  # re-tokenized for the teacher, chunks aligned (kd_plugins.crosstok)
+            return self.crosstok.teacher_outputs(inputs)
         if self.retokenize:
             texts = self.student_tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
             enc = self.teacher_tokenizer(
@@ -383,13 +398,16 @@ class DistillationEngine:
         *,
         scaling: LossScaling | None = None,
         teacher_outputs: Any = None,
+        positive_outputs: Any = None,
         kinds: set[str] | None = None,
         step: int | None = None,
     ) -> KDResult:
         """Distillation terms for one batch, summed with their weights and normalised by ``scaling``.
 
         ``teacher_outputs``: precomputed teacher outputs (otherwise the teacher runs here). ``kinds`` restricts the
-        computed terms to those loss kinds (e.g. ``{"hidden"}`` beside a fused logit loss).
+        computed terms to those loss kinds (e.g. ``{"hidden"}`` beside a fused logit loss). A pair batch (``positive_*``
+        inputs, see :mod:`kd_plugins.distill.pairs`) needs ``positive_outputs``, the student's outputs on the
+        positives: the embedding terms then cover anchors and positives, the ``pair`` terms the pairs.
         """
         if self.task is None:
             raise RuntimeError("DistillationEngine.setup(student) must be called before compute()")
@@ -397,24 +415,58 @@ class DistillationEngine:
             self.step = step
         scaling = scaling or LossScaling()
         want = {k for k in self.config.kinds.values() if kinds is None or k in kinds}
+        anchors, positives = split_pairs(inputs)
+        self._check_pair_batch(positives, positive_outputs, want)
         t_out = (
             teacher_outputs
             if teacher_outputs is not None
-            else self.teacher_forward(inputs, need_attentions="attention" in want)
+            else self.teacher_forward(anchors, need_attentions="attention" in want)
         )
         terms = _Terms()
         if "logits" in want:
-            self._logit_terms(terms, inputs, student_outputs, t_out, scaling)
-        if "embedding" in want:
-            self._embedding_terms(terms, inputs, student_outputs, t_out, scaling)
+            self._logit_terms(terms, anchors, student_outputs, t_out, scaling)
+        if want & {"embedding", "pair"}:
+            emb = self._pooled_pair(anchors, student_outputs, t_out)
+            if positives is not None:
+                emb = (emb, self._pooled_pair(positives, positive_outputs, self.teacher_forward(positives)))
+            self._embedding_terms(terms, emb, scaling)
         if "hidden" in want:
-            self._hidden_terms(terms, inputs, scaling)
+            self._hidden_terms(terms, anchors, scaling)
         if "attention" in want:
-            self._attention_terms(terms, inputs, student_outputs, t_out, scaling)
+            self._attention_terms(terms, anchors, student_outputs, t_out, scaling)
+        if CROSS_TOKENIZER in want:
+            self._cross_tokenizer_terms(terms, anchors, student_outputs, t_out, scaling)
         loss = weighted_sum(terms.for_loss, self.config.loss_terms, step=self.step)
         if loss is None:
             loss = torch.zeros((), device=model_device(self.student))
         return KDResult(loss=loss, terms=terms.for_log, metrics=terms.metrics)
+
+    def _check_pair_batch(self, positives, positive_outputs, want: set[str]) -> None:
+        if positives is None:
+            if "pair" in want:
+                raise ValueError(
+                    f"The pair terms {self._names('pair')} need pair batches (anchor and 'positive_*' inputs per row); "
+                    "collate (anchor, positive) examples with kd_plugins.PairCollator."
+                )
+            return
+        if positive_outputs is None:
+            raise ValueError(
+                "This batch has 'positive_*' inputs: pass the student's outputs on them as "
+                "compute(..., positive_outputs=...) (DistillationCallback does)."
+            )
+        other = sorted(n for n, k in self.config.kinds.items() if k not in ("embedding", "pair"))
+        if other or self.task != "encoder":
+            raise ValueError(
+                f"Pair batches are for bare encoders with embedding / pair terms; the terms {other} (task "
+                f"{self.task!r}) cannot use the 'positive_*' group. Drop those terms or use ordinary batches."
+            )
+
+    def _cross_tokenizer_terms(self, terms: _Terms, inputs, s_out, t_out, scaling: LossScaling) -> None:
+        """ALM / ULD against a teacher with another tokenizer (``distill/cross_tokenizer.py``): chunk sums per label
+        token, normalised like the task loss."""
+        if self.crosstok is None:
+            raise RuntimeError("cross-tokenizer terms need setup() with the teacher's and the student's tokenizers")
+        self.crosstok.add_terms(terms, inputs, s_out, t_out, scaling)
 
     def _names(self, kind: str) -> list[str]:
         return [n for n, k in self.config.kinds.items() if k == kind]
@@ -443,20 +495,33 @@ class DistillationEngine:
             if agree.numel():
                 terms.metrics["agreement"] = float(agree.float().mean())
 
-    def _embedding_terms(self, terms: _Terms, inputs, s_out, t_out, scaling: LossScaling) -> None:
+    def _pooled_pair(self, inputs: dict, s_out: Any, t_out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled ``(student, teacher)`` embeddings ``[B, D_s]``, ``[B, D_t]`` of one batch (or pair group)."""
         attn_mask = inputs.get("attention_mask")
         s_emb = self._pool(s_out, attn_mask)
         if isinstance(t_out, dict) and "pooled_embedding" in t_out:  # a teacher cache (or any precomputed source)
-            t_emb = t_out["pooled_embedding"].to(s_emb.device)
+            return s_emb, t_out["pooled_embedding"].to(s_emb.device)
+        t_mask = t_out.get("_kd_attention_mask") if isinstance(t_out, dict) and self.retokenize else attn_mask
+        return s_emb, self._pool(t_out, t_mask).to(s_emb.device)
+
+    def _embedding_terms(self, terms: _Terms, emb, scaling: LossScaling) -> None:
+        """``emb``: ``(student, teacher)`` pooled embeddings, or ``((s_anchor, t_anchor), (s_positive, t_positive))``
+        for a pair batch: embedding terms over all its texts, pair terms over its pairs."""
+        pairs = emb if isinstance(emb[0], tuple) else None
+        if pairs is not None:
+            s_emb, t_emb = (torch.cat([pairs[0][i], pairs[1][i]]) for i in (0, 1))
         else:
-            t_mask = t_out.get("_kd_attention_mask") if isinstance(t_out, dict) and self.retokenize else attn_mask
-            t_emb = self._pool(t_out, t_mask).to(s_emb.device)
+            s_emb, t_emb = emb
         for name in self._names("embedding"):
             mod = self.losses[name]
             proj = None
             if getattr(mod, "needs_width", True):
                 proj = self.bank.get(f"embedding.{name}", s_emb.shape[-1], t_emb.shape[-1], s_emb.device)
             value = mod(proj(s_emb) if proj is not None else s_emb, t_emb)
+            terms.add(name, scaling.mean(value), value)
+        for name in self._names("pair"):
+            (sa, ta), (sp, tp) = pairs
+            value = self.losses[name](sa, sp, teacher_anchor=ta, teacher_positive=tp)
             terms.add(name, scaling.mean(value), value)
         if self.config.log_agreement and s_emb.shape[-1] == t_emb.shape[-1]:
             terms.metrics["teacher_cosine"] = float(

@@ -73,6 +73,8 @@ class FusedLogitLoss:
             reasons.append("attention losses need the full forward outputs")
         if engine.retokenize:
             reasons.append("teacher and student tokenizers differ")
+        if any(k == "cross_tokenizer" for k in cfg.kinds.values()):
+            reasons.append("cross-tokenizer terms (alm, uld) need the student's full logits and a re-tokenized teacher")
         if custom_task_loss:
             reasons.append("the Trainer uses label smoothing or a custom compute_loss_func")
         for role, m in (("student", student), ("teacher", engine.teacher)):

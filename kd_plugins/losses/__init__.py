@@ -67,6 +67,7 @@ from .hybrid_distill import hybrid_distill_loss  # noqa: E402
 from .lelp import lelp_loss  # noqa: E402
 from .mdcs import mdcs_consistency_loss, mdcs_loss  # noqa: E402
 from .mutual_info import mi_alpha_loss  # noqa: E402
+from .pair import infonce  # noqa: E402
 from .ranking import (  # noqa: E402,E501
     cprd_loss,
     dear_loss,
@@ -105,4 +106,11 @@ __all__ += [
     "mdcs_loss",
     "tinyclip_affinity_loss",
     "hybrid_distill_loss",
+    "infonce",
 ]
+from .cross_tokenizer import alm_loss, chunk_logprobs, target_token_logprobs, uld_loss  # noqa: E402
+
+__all__ += ["target_token_logprobs", "chunk_logprobs", "alm_loss", "uld_loss"]
+from .preference import PreferenceDistillationLoss, dpo_loss, preference_distillation_loss  # noqa: E402
+
+__all__ += ["dpo_loss", "preference_distillation_loss", "PreferenceDistillationLoss"]

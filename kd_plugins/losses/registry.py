@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 #: What a loss consumes. The distillation engine uses this to decide which tensors to hand it.
-LOSS_KINDS = ("logits", "hidden", "embedding", "attention", "ranking")
+LOSS_KINDS = ("logits", "hidden", "embedding", "attention", "ranking", "cross_tokenizer", "pair")
 
 
 @dataclass(frozen=True)

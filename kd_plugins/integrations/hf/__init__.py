@@ -5,13 +5,21 @@ plus the drop-in :class:`DistillationTrainer`."""
 from ._trainer import TrainerPluginCallback, patch_trainer, trainer_loss_scaling
 from .acm import ACMCallback
 from .distill import DistillationCallback, DistillationTrainer, load_teacher
+from .moe import MoEBalanceCallback, PreferenceDistillationCallback
 from .multiexit import MultiExitCallback
+from .sparseft import SparseFTCallback, lottery_ticket_sparse_finetune
+from .speculative import DraftEvalCallback
 
 __all__ = [
     "DistillationCallback",
     "DistillationTrainer",
     "ACMCallback",
     "MultiExitCallback",
+    "MoEBalanceCallback",
+    "PreferenceDistillationCallback",
+    "SparseFTCallback",
+    "lottery_ticket_sparse_finetune",
+    "DraftEvalCallback",
     "load_teacher",
     "TrainerPluginCallback",
     "patch_trainer",

