@@ -20,6 +20,11 @@ SUBCOMMANDS = {
         "transfer_tokenizer_main",
         "Move a causal LM to a new tokenizer (embedding init + ALM training against the original).",
     ),
+    "cache-teacher": (
+        "kd_plugins.distill.offline_cache",
+        "cache_teacher_main",
+        "Run a teacher once over a dataset; write a sharded top-k logit cache (TeacherCache(dir)).",
+    ),
 }
 
 

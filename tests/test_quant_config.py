@@ -13,7 +13,14 @@ import torch.nn as nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kd_plugins.quant import DEFAULT_ALPHA, DEFAULT_ALPHA_GRID, QuantConfig, collect_activation_stats, quantize  # noqa: E402
+from kd_plugins.quant import (  # noqa: E402
+    DEFAULT_ALPHA,
+    DEFAULT_ALPHA_GRID,
+    DEFAULT_METHOD,
+    QuantConfig,
+    collect_activation_stats,
+    quantize,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_quant_core import mlp_and_data  # noqa: E402
@@ -47,7 +54,7 @@ def test_quant_config_parses_with_hf_argument_parser():
         min_calibration_rows=4,
     )
     (cfg,) = parser.parse_args_into_dataclasses(["--alpha", "auto"])
-    assert cfg.alpha == "auto" and cfg.method == "crossquant" and cfg.alpha_grid == DEFAULT_ALPHA_GRID
+    assert cfg.alpha == "auto" and cfg.method == DEFAULT_METHOD and cfg.alpha_grid == DEFAULT_ALPHA_GRID
     (cfg,) = parser.parse_args_into_dataclasses(["--alpha", "fc1=0.3,fc2=0.5"])
     assert cfg.alpha == {"fc1": 0.3, "fc2": 0.5}
     assert QuantConfig(alpha='{"fc1": 0.25}').alpha == {"fc1": 0.25}

@@ -83,6 +83,20 @@ def test_minilm_crossquant_quality_and_roundtrip(minilm, texts, tmp_path):
     assert torch.equal(_embed(loaded, tok, eval_texts[:8]), e_q[:8])
 
 
+def test_minilm_default_method_quality_and_roundtrip(minilm, texts, tmp_path):
+    """The default (crossquant_dynamic_int8, no calibration data) on a real encoder: close embeddings, exact reload.
+    Measured (CPU, torch 2.14): cosine mean 0.9988, min 0.9983."""
+    model, tok, _ = minilm
+    _, eval_texts = texts
+    q = quantize(copy.deepcopy(model))
+    assert {l.method for l in quantized_layers(q).values()} == {"crossquant_dynamic_int8"}
+    e_fp, e_q = _embed(model, tok, eval_texts), _embed(q, tok, eval_texts)
+    cos = (e_fp * e_q).sum(-1)
+    assert cos.mean() > 0.998 and cos.min() > 0.997, (float(cos.mean()), float(cos.min()))
+    save_quantized(q, tmp_path / "q", tokenizer=tok)
+    assert torch.equal(_embed(load_quantized(tmp_path / "q"), tok, eval_texts[:16]), e_q[:16])
+
+
 def test_cli_quantize_minilm(minilm, texts, tmp_path, capsys):
     _, tok, path = minilm
     calib_file = tmp_path / "calib.txt"

@@ -68,6 +68,25 @@ SCRIPT = textwrap.dedent(
     y_triton = ql.set_backend("triton")(x)
     out["layer_max_abs_diff"] = float((y_torch - y_triton).abs().max())
     out["layer_scale"] = float(y_torch.abs().max())
+
+    # dynamic CrossQuant: the per-call weight requantization is the row quantizer on the int8 weight
+    from kd_plugins.quant import dynamic
+    dl = QuantizedLinear.from_float(lin, method="crossquant_dynamic_int8", alpha=0.3, fallback_rows=0)
+    plan = dynamic.plan_call(x, 0.3, dl.outlier_threshold, block=1024)
+    out["dyn_outliers"] = plan.outliers.tolist()
+    wq_ref, ws_ref = dynamic.requantize_weight(dl.weight_int8, dl.weight_scale, plan.g)
+    wq, wr = quantize_rows(dl.weight_int8, plan.g, alpha=1.0, rowmax_after_col=True)
+    out["requant_equal"] = bool(torch.equal(wq, wq_ref)) and bool(torch.equal(dl.weight_scale * wr, ws_ref))
+    xm = x.index_fill(1, plan.outliers, 0.0)
+    r_ref = dynamic.row_factors(dynamic.row_absmax(x, plan.outliers, 1024), 0.3)
+    q_ref, _ = dynamic.quantize_rows_dynamic(x, r_ref, plan.inv)
+    q_tr, _ = quantize_rows(xm, plan.inv, alpha=0.3, rowmax_after_col=False)
+    out["dyn_code_diff"] = int((q_tr.int() - q_ref.int()).abs().max())
+    out["dyn_gemm_exact"] = bool(torch.equal(int8_gemm(q_tr, wq.t()).long(), q_tr.long() @ wq.long().T))
+    y_torch = dl.set_backend("torch")(x)
+    y_triton = dl.set_backend("triton")(x)
+    out["dyn_layer_max_abs_diff"] = float((y_torch - y_triton).abs().max())
+    out["dyn_layer_scale"] = float(y_torch.abs().max())
     print("RESULT" + json.dumps(out))
     """
 )
@@ -131,6 +150,14 @@ def test_row_quantizer_matches_torch(interp_results):
 
 def test_quantized_linear_triton_backend_matches_torch_backend(interp_results):
     assert interp_results["layer_max_abs_diff"] <= 1e-5 * max(1.0, interp_results["layer_scale"])
+
+
+def test_dynamic_crossquant_triton_path(interp_results):
+    r = interp_results
+    assert r["dyn_outliers"] == [4]  # the x50 column of the test input runs in float
+    assert r["requant_equal"] and r["dyn_gemm_exact"]
+    assert r["dyn_code_diff"] <= 1
+    assert r["dyn_layer_max_abs_diff"] <= 1e-5 * max(1.0, r["dyn_layer_scale"])
 
 
 def test_triton_without_gpu_or_interpreter_is_a_clear_error():

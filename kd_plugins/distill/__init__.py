@@ -11,6 +11,8 @@ from .pairs import PairCollator, split_pairs
 from .projectors import ProjectorBank
 from .scaling import LossScaling
 from .teacher import Teacher, freeze_teacher
+from .teacher_scores import score_features, score_teachers
+from .teacher_set import TeacherSet
 from .terms import check_finite, weighted_sum
 
 __all__ = [
@@ -37,4 +39,7 @@ __all__ = [
     "build_teacher_cache",
     "save_teacher_cache",
     "load_teacher_cache",
+    "TeacherSet",
+    "score_teachers",
+    "score_features",
 ]

@@ -14,6 +14,11 @@ Batches are matched to entries without any extra dataset column: each example is
 ``input_ids`` (the ``attention_mask`` says which positions are padding, left or right), so an unmodified, shuffled,
 collated dataset works. ``save_teacher_cache`` / ``load_teacher_cache`` use the kd_plugins checkpoint format
 (atomic, sha256 per tensor) with fingerprints of the teacher and of the dataset in the metadata.
+
+A ``topk`` cache too large for memory is written to disk in shards by ``kd-plugins cache-teacher`` /
+:func:`kd_plugins.cache_teacher` (bit-packed indices, bf16 or head + fitted-tail values; see
+``distill/cache_store.py``); ``TeacherCache(directory)`` (or ``load_teacher_cache(directory)``) streams it: only the
+index stays in memory, a batch reads its rows from the shards it needs.
 """
 
 from __future__ import annotations
@@ -31,11 +36,19 @@ import torch.nn as nn
 from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_checkpoint
 from ..losses import get_loss_spec
 from ..losses.feature import mean_pool
+from .cache_store import ShardedTopKStore, is_sharded_cache
 from .config import DistillationConfig
 from .pairs import split_pairs
 from .teacher import Teacher
 
-__all__ = ["TeacherCache", "build_teacher_cache", "save_teacher_cache", "load_teacher_cache", "example_keys"]
+__all__ = [
+    "TeacherCache",
+    "build_teacher_cache",
+    "save_teacher_cache",
+    "load_teacher_cache",
+    "example_keys",
+    "tokenizer_fingerprint",
+]
 
 KINDS = ("embedding", "topk")
 _KEY_BYTES = 16
@@ -78,6 +91,21 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return h.hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of a tokenizer's full definition (a fast tokenizer's JSON, else its vocabulary) and special tokens."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    h = hashlib.sha256(type(tok).__name__.encode())
+    if backend is not None:  # truncation / padding are call settings that tokenizing changes, not the tokenizer
+        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(definition, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tok.get_vocab().items()), default=str).encode())
+    specials = getattr(tok, "special_tokens_map", {})
+    h.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------------ cache
 class TeacherCache:
     """Teacher outputs keyed by example; built by :func:`build_teacher_cache`.
@@ -88,17 +116,37 @@ class TeacherCache:
     ``metadata``: ``kind``, ``top_k``, ``temperature``, ``vocab_size``, ``pooling``, ``per_token``,
     ``teacher_fingerprint``, ``dataset_fingerprint``, ``num_examples``, ``teacher_class``.
 
+    ``TeacherCache(directory)`` opens a sharded on-disk cache written by :func:`kd_plugins.cache_teacher`
+    (``kd-plugins cache-teacher``) and streams it: :attr:`tensors` then holds only ``keys`` and ``offsets``,
+    :attr:`store` (a :class:`~kd_plugins.distill.cache_store.ShardedTopKStore`) reads the rows of each batch lazily,
+    keeping at most ``max_open_shards`` shards open and checking each shard's sha256 when it is first opened
+    (``verify``). Its metadata also holds ``tokenizer_fingerprint`` and ``num_tokens``.
+
     Limit: a per-token cache has no row for padding, so on a left-padded causal-LM batch it skips the last pad
     position (whose next token is the first real one), which the live teacher's dense path still counts; the two
     losses then differ slightly. Right padding gives the same rows.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor] | str | os.PathLike,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        max_open_shards: int = 4,
+        verify: bool = True,
+    ):
+        self.store: ShardedTopKStore | None = None
+        if isinstance(tensors, (str, os.PathLike)):
+            self.store = ShardedTopKStore(tensors, max_open_shards=max_open_shards, verify=verify)
+            tensors, metadata = self.store.index, self.store.metadata
+        elif metadata is None:
+            raise TypeError("TeacherCache takes (tensors, metadata) or the directory of a sharded cache")
         self.tensors = dict(tensors)
         self.metadata = dict(metadata)
         if self.kind not in KINDS:
             raise ValueError(f"TeacherCache kind must be one of {KINDS}, got {self.kind!r}")
         need = ("keys", "embeddings") if self.kind == "embedding" else ("keys", "indices", "log_probs", "offsets")
+        need = ("keys", "offsets") if self.store is not None else need
         missing = [n for n in need if n not in self.tensors]
         if missing:
             raise ValueError(f"a {self.kind!r} TeacherCache needs the tensors {list(need)}; missing {missing}")
@@ -131,7 +179,14 @@ class TeacherCache:
 
     def __repr__(self) -> str:
         extra = f"pooling={self.pooling}" if self.kind == "embedding" else f"top_k={self.top_k}, T={self.temperature}"
-        return f"TeacherCache(kind={self.kind}, examples={len(self)}, {extra})"
+        where = f", streaming from {self.store.directory}" if self.store is not None else ""
+        return f"TeacherCache(kind={self.kind}, examples={len(self)}, {extra}{where})"
+
+    @property
+    def _rebuild_hint(self) -> str:
+        if self.store is not None:
+            return "Rebuild it with `kd-plugins cache-teacher` (or kd_plugins.cache_teacher)"
+        return "Rebuild it with build_teacher_cache"
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
         """Same as :func:`save_teacher_cache`."""
@@ -150,7 +205,31 @@ class TeacherCache:
             raise ValueError(
                 f"This teacher cache was built with another teacher ({self.metadata.get('teacher_class')}, "
                 f"fingerprint {str(self.metadata.get('teacher_fingerprint'))[:12]}; this {type(teacher).__name__} "
-                f"has {got[:12]}). Rebuild it with build_teacher_cache(teacher, dataset)."
+                f"has {got[:12]}). {self._rebuild_hint} and this teacher."
+            )
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer other than the one the cache's examples were tokenized with (sharded caches)."""
+        want = self.metadata.get("tokenizer_fingerprint")
+        if want is None:
+            raise ValueError(
+                "This teacher cache records no tokenizer (it was built from already tokenized examples); "
+                "it cannot be checked against a tokenizer. Check the dataset instead (dataset=...)."
+            )
+        got = tokenizer_fingerprint(tokenizer)
+        if got != want:
+            raise ValueError(
+                f"This teacher cache was built with another tokenizer (fingerprint {want[:12]}; this "
+                f"{type(tokenizer).__name__} has {got[:12]}): its token ids mean other tokens. "
+                f"{self._rebuild_hint} and this tokenizer."
+            )
+
+    def check_temperature(self, temperature: float) -> None:
+        """Refuse a loss temperature other than the capture temperature."""
+        if not math.isclose(float(temperature), float(self.temperature)):
+            raise ValueError(
+                f"The teacher cache holds log-probs at temperature {self.temperature}, not {temperature}. "
+                f"{self._rebuild_hint} at temperature={temperature} (--temperature {temperature})."
             )
 
     def check_dataset(self, dataset_or_batches: Any) -> None:
@@ -161,8 +240,8 @@ class TeacherCache:
             missing = sum(k not in self._index for k in set(keys))
             raise ValueError(
                 f"This teacher cache was built over another dataset ({self.metadata.get('num_examples')} examples; "
-                f"this one has {len(set(keys))}, {missing} of them not in the cache). Rebuild it with "
-                "build_teacher_cache over the same dataset and tokenizer."
+                f"this one has {len(set(keys))}, {missing} of them not in the cache). {self._rebuild_hint} over "
+                "the same dataset, tokenizer and max_length."
             )
 
     def check_fits(self, task: str, config: DistillationConfig, student_vocab: int | None) -> None:
@@ -197,7 +276,12 @@ class TeacherCache:
             if not math.isclose(temp, self.temperature):
                 raise ValueError(
                     f"The teacher cache holds log-probs at temperature {self.temperature} but the {name!r} term uses "
-                    f"{temp}; rebuild it with build_teacher_cache(..., temperature={temp})."
+                    f"{temp}; "
+                    + (
+                        f"rebuild it with build_teacher_cache(..., temperature={temp})."
+                        if self.store is None
+                        else f"rebuild it with `kd-plugins cache-teacher ... --temperature {temp}`."
+                    )
                 )
         tv = self.vocab_size
         if student_vocab is None or student_vocab == tv:
@@ -219,7 +303,7 @@ class TeacherCache:
         if missing:
             raise KeyError(
                 f"{missing} of the {len(keys)} examples in this batch are not in the teacher cache "
-                f"({len(self)} examples). Rebuild it with build_teacher_cache over the same dataset with the same "
+                f"({len(self)} examples). {self._rebuild_hint} over the same dataset with the same "
                 "tokenizer, truncation and max_length the Trainer uses (include the eval set too, e.g. "
                 "ConcatDataset([train, eval]), when the Trainer evaluates; random-masking collators change "
                 "input_ids every epoch and cannot be cached)."
@@ -236,21 +320,27 @@ class TeacherCache:
             return {"pooled_embedding": self.tensors["embeddings"][rows].to(device)}
         return {"teacher_topk": self._topk_for(rows, ids, mask, device)}
 
-    def _topk_for(self, rows: list[int], ids: torch.Tensor, mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_topk(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concatenated ``(indices, log_probs)`` rows of the given cache entries (from memory or the shards)."""
+        if self.store is not None:
+            return self.store.read(rows)
         off, idx, lp = self.tensors["offsets"], self.tensors["indices"], self.tensors["log_probs"]
-        spans = [torch.arange(int(off[j]), int(off[j + 1])) for j in rows]
-        sel = torch.cat(spans)
+        sel = torch.cat([torch.arange(int(off[j]), int(off[j + 1])) for j in rows])
+        return idx[sel].long(), lp[sel]
+
+    def _topk_for(self, rows: list[int], ids: torch.Tensor, mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, lp = self._rows_topk(rows)
         if not self.metadata["per_token"]:
-            return idx[sel].long().to(device), lp[sel].to(device)
+            return idx.to(device), lp.to(device)
         k = idx.shape[-1]
         valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
-        if int(valid.sum()) != sel.numel():
+        if int(valid.sum()) != idx.shape[0]:
             raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
         # Padded positions get a valid uniform distribution over k tokens: never used (masked), never NaN.
         out_idx = torch.arange(k).expand(*ids.shape, k).clone()
         out_lp = torch.full((*ids.shape, k), -math.log(k), dtype=lp.dtype)
-        out_idx[valid] = idx[sel].long()
-        out_lp[valid] = lp[sel]
+        out_idx[valid] = idx
+        out_lp[valid] = lp
         return out_idx.to(device), out_lp.to(device)
 
 
@@ -439,7 +529,11 @@ def build_teacher_cache(
 
 # ------------------------------------------------------------------------------------------------------ io
 def save_teacher_cache(cache: TeacherCache, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
-    """Write ``cache`` to ``directory`` (kd_plugins checkpoint format: atomic, sha256 per tensor). Returns the path."""
+    """Write ``cache`` to ``directory`` (kd_plugins checkpoint format: atomic, sha256 per tensor). Returns the path.
+
+    A streaming (sharded) cache is copied as it is, atomically."""
+    if cache.store is not None:
+        return cache.store.copy_to(directory, overwrite=overwrite)
     out = write_checkpoint(
         SPEC, directory, cache.tensors, architecture=None, metadata=cache.metadata, overwrite=overwrite
     )
@@ -453,13 +547,21 @@ def load_teacher_cache(
     dataset: Any = None,
     kind: str | None = None,
     vocab_size: int | None = None,
+    tokenizer: Any = None,
+    temperature: float | None = None,
+    max_open_shards: int = 4,
 ) -> TeacherCache:
-    """Read and verify a cache written by :func:`save_teacher_cache`; every expectation given is checked.
+    """Read and verify a cache written by :func:`save_teacher_cache`, or open (streaming) a sharded one written by
+    :func:`kd_plugins.cache_teacher`; every expectation given is checked.
 
     ``teacher``: refuse a cache built with another teacher; ``dataset``: refuse one built over other examples;
-    ``kind`` / ``vocab_size``: refuse another payload or vocabulary."""
-    ckpt = read_checkpoint(SPEC, directory)
-    cache = TeacherCache(ckpt.tensors, ckpt.metadata)
+    ``kind`` / ``vocab_size``: refuse another payload or vocabulary; ``tokenizer`` (sharded caches): refuse one
+    tokenized with another tokenizer; ``temperature``: refuse another capture temperature."""
+    if is_sharded_cache(directory):
+        cache = TeacherCache(directory, max_open_shards=max_open_shards)
+    else:
+        ckpt = read_checkpoint(SPEC, directory)
+        cache = TeacherCache(ckpt.tensors, ckpt.metadata)
     if kind is not None and cache.kind != kind:
         raise ValueError(f"{directory} holds a {cache.kind!r} teacher cache, not {kind!r}")
     if vocab_size is not None and cache.vocab_size != vocab_size:
@@ -468,6 +570,10 @@ def load_teacher_cache(
         )
     if teacher is not None:
         cache.check_teacher(teacher)
+    if tokenizer is not None:
+        cache.check_tokenizer(tokenizer)
+    if temperature is not None:
+        cache.check_temperature(temperature)
     if dataset is not None:
         cache.check_dataset(dataset)
     return cache

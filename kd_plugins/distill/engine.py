@@ -43,6 +43,7 @@ from .pairs import split_pairs
 from .projectors import STATE_FILE, ProjectorBank
 from .scaling import LossScaling
 from .teacher import Teacher
+from .teacher_set import TeacherSet, TeacherSetEmbeddings, TeacherSetOutputs
 from .terms import weighted_sum
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ class DistillationEngine:
 
     Args:
         teacher: the teacher model (frozen here: ``requires_grad_(False)``, ``eval()`` before every forward), or a
-            :class:`~kd_plugins.distill.cache.TeacherCache` of its outputs (looked up per batch; no teacher runs).
+            :class:`~kd_plugins.distill.cache.TeacherCache` of its outputs (looked up per batch; no teacher runs),
+            or a :class:`~kd_plugins.distill.teacher_set.TeacherSet` of several teachers (per-row weights, mixture
+            or sum of divergences; :attr:`teacher` is then its first teacher).
         config: a :class:`DistillationConfig`.
         teacher_tokenizer / student_tokenizer: optional; when both are given they are compared. Different
             tokenizers are only accepted for sequence-level objectives (pooled embeddings, sequence
@@ -175,7 +178,7 @@ class DistillationEngine:
 
     def __init__(
         self,
-        teacher: nn.Module | TeacherCache,
+        teacher: nn.Module | TeacherCache | TeacherSet,
         config: DistillationConfig | None = None,
         *,
         teacher_tokenizer=None,
@@ -183,9 +186,13 @@ class DistillationEngine:
     ):
         self.config = config or DistillationConfig()
         self.cache = teacher if isinstance(teacher, TeacherCache) else None
+        self.teacher_set = teacher if isinstance(teacher, TeacherSet) else None  # several teachers: teacher_set.py
         self.runner = None
         if self.cache is not None:
             self.config = _without_fused(self.config)
+        elif self.teacher_set is not None:  # the set's first teacher takes the single-teacher checks and hooks
+            self.config = self.teacher_set.fit_config(self.config)
+            self.runner = self.teacher_set.bind(self.config)
         else:
             self.runner = Teacher(teacher, device=self.config.teacher_device, dtype=self.config.teacher_dtype)
         self._given_config = self.config  # unset loss_terms are resolved from it at every setup
@@ -251,6 +258,8 @@ class DistillationEngine:
         self.runner.place(student)
         self._check_tokenizers()
         self._check_vocab(student)
+        if self.teacher_set is not None:
+            self.teacher_set.setup(self, student)
         self._build_losses()
         if any(k == "attention" for k in cfg.kinds.values()):
             _check_no_attention_dropout(student)
@@ -350,6 +359,8 @@ class DistillationEngine:
         :class:`TeacherCache`, look the batch up: ``{"pooled_embedding": ...}`` or ``{"teacher_topk": ...}``."""
         if self.cache is not None:
             return self.cache.lookup(inputs, device=model_device(self.student))
+        if self.teacher_set is not None and not self.teacher_set.runs_as_single:
+            return self.teacher_set.forward(self, inputs, need_attentions=need_attentions, extra=extra)
         if self.crosstok is not None:  # re-tokenized for the teacher, chunks aligned (kd_plugins.crosstok)
             return self.crosstok.teacher_outputs(inputs)
         if self.retokenize:
@@ -472,6 +483,8 @@ class DistillationEngine:
         return [n for n, k in self.config.kinds.items() if k == kind]
 
     def _logit_terms(self, terms: _Terms, inputs, s_out, t_out, scaling: LossScaling) -> None:
+        if isinstance(t_out, TeacherSetOutputs):  # several teachers: their mixture or sum of divergences
+            return self.teacher_set.logit_terms(self, terms, inputs, s_out, t_out, scaling)
         s_logits, t_logits, labels, mask = self._aligned_logits(
             s_out, t_out, inputs.get("labels"), inputs.get("attention_mask")
         )
@@ -497,6 +510,8 @@ class DistillationEngine:
 
     def _pooled_pair(self, inputs: dict, s_out: Any, t_out: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled ``(student, teacher)`` embeddings ``[B, D_s]``, ``[B, D_t]`` of one batch (or pair group)."""
+        if isinstance(t_out, TeacherSetOutputs):  # several teachers: each one's embeddings on its rows
+            return self.teacher_set.pooled_pairs(self, inputs, s_out, t_out)
         attn_mask = inputs.get("attention_mask")
         s_emb = self._pool(s_out, attn_mask)
         if isinstance(t_out, dict) and "pooled_embedding" in t_out:  # a teacher cache (or any precomputed source)
@@ -507,6 +522,8 @@ class DistillationEngine:
     def _embedding_terms(self, terms: _Terms, emb, scaling: LossScaling) -> None:
         """``emb``: ``(student, teacher)`` pooled embeddings, or ``((s_anchor, t_anchor), (s_positive, t_positive))``
         for a pair batch: embedding terms over all its texts, pair terms over its pairs."""
+        if isinstance(emb, TeacherSetEmbeddings) or isinstance(emb[0], TeacherSetEmbeddings):  # several teachers
+            return self.teacher_set.embedding_terms(self, terms, emb, scaling)
         pairs = emb if isinstance(emb[0], tuple) else None
         if pairs is not None:
             s_emb, t_emb = (torch.cat([pairs[0][i], pairs[1][i]]) for i in (0, 1))

@@ -8,8 +8,9 @@ is never a sub-module of anything trainable, so it never reaches an optimizer, D
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -98,6 +99,19 @@ class Teacher:
         self._placed = s_dev if self.device_policy == "student" else torch.device(self.device_policy)
         self.module.to(self._placed)
         return self._placed
+
+    @contextlib.contextmanager
+    def moved_to(self, device: torch.device | str) -> Iterator[Teacher]:
+        """Run on ``device`` inside the block, then move back to where it was placed (a teacher parked on CPU that
+        visits the student's device only for its rows, see :class:`~kd_plugins.distill.teacher_set.TeacherSet`)."""
+        home = self.device
+        self._placed = torch.device(device)
+        self.module.to(self._placed)
+        try:
+            yield self
+        finally:
+            self.module.to(home)
+            self._placed = home
 
     # ------------------------------------------------------------------ running
     def run(self, fn: Callable[[nn.Module], Any]) -> Any:

@@ -1,9 +1,10 @@
 """Triton kernels for W8A8 linear layers: a row quantizer and an int8 x int8 -> int32 GEMM with a row x column epilogue.
 
 * :func:`quantize_rows` turns a float ``[M, K]`` activation into int8 codes and a per-row dequantization factor,
-  optionally multiplying by a frozen per-input-channel vector first (SmoothQuant / CrossQuant fold) and optionally
+  optionally multiplying by a per-input-channel vector first (SmoothQuant / CrossQuant fold) and optionally
   raising the row maximum to a power ``alpha`` (CrossQuant's ``t_i^alpha``). Same math as
-  :func:`kd_plugins.quant._core.quantize_activations`.
+  :func:`kd_plugins.quant._core.quantize_activations`. Given an int8 weight and the per-call column factor it also
+  requantizes the folded weight of dynamic CrossQuant (:mod:`kd_plugins.quant.dynamic`).
 * :func:`int8_gemm` computes ``A @ B`` for int8 ``A [M, K]`` and int8 ``B [K, N]`` with an int32 accumulator and,
   when scales are given, the epilogue ``acc * row_scale[:, None] * col_scale[None, :] (+ bias)``.
 
@@ -233,11 +234,15 @@ def quantize_rows(
     ``v = x * inv_col`` (if given); the row factor is ``r_i = m_i ** alpha`` where ``m_i`` is the row abs-max of ``v``
     (``rowmax_after_col=True``: per-token / SmoothQuant) or of ``x`` (``False``: CrossQuant). Codes are
     ``clamp(round(127 * v / r_i), -127, 127)`` and the returned row scale is ``r_i / 127``.
+
+    ``x`` may also be an int8 weight: ``quantize_rows(w_int8, g)`` requantizes ``w_int8 diag(g)`` per output channel
+    (the per-call weight fold of dynamic CrossQuant, :mod:`kd_plugins.quant.dynamic`); multiply the stored per-channel
+    weight scale by the returned row scale.
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"quantize_rows expects a float tensor, got {x.dtype}")
+    if not (x.is_floating_point() or x.dtype == torch.int8):
+        raise TypeError(f"quantize_rows expects a float (or int8) tensor, got {x.dtype}")
     if inv_col is not None and inv_col.shape != (x.shape[1],):
         raise ValueError(f"inv_col must have shape ({x.shape[1]},), got {tuple(inv_col.shape)}")
     cfg = _check_runtime(x, inv_col)

@@ -11,6 +11,9 @@ IGNORE_INDEX = -100
 #: Per-row reductions understood by every loss.
 REDUCTIONS = ("mean", "sum", "none")
 
+#: Sparse-teacher tail forms of :func:`log_prob_pair` ("symmetric" is DistillKit's name for "bucket").
+TOPK_TAILS = ("bucket", "renormalize", "zero", "symmetric")
+
 
 def valid_mask(
     prefix_shape: torch.Size,
@@ -126,6 +129,20 @@ def log_prob_pair(
     holding the remaining mass (teacher: ``1 - sum p_k``; student: ``1 - sum q_k``). The divergence of these
     coarsened distributions is a lower bound of the full one (data-processing inequality) and equals it when the
     top-k covers the whole vocabulary. ``topk_tail="renormalize"`` instead renormalises both over the K tokens.
+
+    DistillKit's two sparse forms (``MissingProbabilityHandling``):
+
+    * ``topk_tail="symmetric"`` (``SYMMETRIC_UNIFORM``: the missing mass of both sides spread uniformly over the
+      ``V - K`` missing tokens) is ``"bucket"``: for a divergence ``sum_i q_i f(p_i / q_i)`` (KL, reverse KL, JSD,
+      skew KL, TVD) spreading both tails uniformly over ``m`` tokens gives ``m (q_t / m) f(p_t / q_t)``, the bucket's
+      own term. It is accepted as a name for ``"bucket"``. (Soft cross-entropy would differ by the constant
+      ``p_t log(V - K)``, which has no gradient.)
+    * ``topk_tail="zero"`` (``ZERO``): the teacher is renormalised over its K tokens and has no mass elsewhere; the
+      student keeps its full-vocabulary log-probs on the K tokens plus one bucket with its remaining mass
+      ``1 - sum q_k``. The divergence is then exactly ``D(p_renormalised || q)`` over the whole vocabulary (e.g. KL
+      ``= sum_k p~_k (log p~_k - log q_k)``; JSD and TVD count the student's tail mass), and the student is pushed
+      to put all its mass on the teacher's K tokens. Reverse KL (and skew reverse KL at ``lambda = 0``) are infinite
+      under it whenever the student has any tail mass: use ``"bucket"`` with them.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -145,13 +162,17 @@ def log_prob_pair(
     idx = idx.to(log_q.device)
     lp = lp.to(log_q.device, dtype)
     log_q_k = log_q.gather(-1, idx)
-    if topk_tail == "bucket":
+    if topk_tail in ("bucket", "symmetric"):
         p_tail = log1mexp(torch.logsumexp(lp, dim=-1, keepdim=True).clamp(max=-1e-7))
         q_tail = log1mexp(torch.logsumexp(log_q_k, dim=-1, keepdim=True).clamp(max=-1e-7))
         return torch.cat([lp, p_tail], -1), torch.cat([log_q_k, q_tail], -1)
     if topk_tail == "renormalize":
         return lp - torch.logsumexp(lp, -1, keepdim=True), log_q_k - torch.logsumexp(log_q_k, -1, keepdim=True)
-    raise ValueError(f"topk_tail must be 'bucket' or 'renormalize', got {topk_tail!r}")
+    if topk_tail == "zero":
+        q_tail = log1mexp(torch.logsumexp(log_q_k, dim=-1, keepdim=True).clamp(max=-1e-7))
+        p_tail = torch.full_like(q_tail, float("-inf"))  # no teacher mass outside the K tokens
+        return torch.cat([lp - torch.logsumexp(lp, -1, keepdim=True), p_tail], -1), torch.cat([log_q_k, q_tail], -1)
+    raise ValueError(f"topk_tail must be one of {TOPK_TAILS}, got {topk_tail!r}")
 
 
 def kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """W8A8 post-training quantization with real int8 matmuls: CrossQuant, per-token and SmoothQuant in one call.
 
 >>> from kd_plugins.quant import quantize, save_quantized, load_quantized, quantization_kernel_report
+>>> model = quantize(model)                     # DEFAULT_METHOD: dynamic CrossQuant on int8 GEMMs, no calibration
 >>> model = quantize(model, method="crossquant", calibration_data=batches)   # alpha defaults to DEFAULT_ALPHA
 >>> model = quantize(model, QuantConfig(method="smoothquant", alpha=0.6), calibration_data=batches)
 >>> report = quantization_kernel_report(model, batches); print(report.to_table())
@@ -13,14 +14,16 @@
 
 CrossQuant (Liu et al., arXiv 2410.07505) quantizes activation element ``(i, j)`` with step
 ``t_i^alpha * c_j^(1-alpha) / 127`` (``t``: row abs-max, ``c``: column abs-max), which shrinks the *quantization
-kernel* (elements rounded to 0). Here ``c`` is calibrated and folded into the weights so the layer runs as one int8
-GEMM; ``method="crossquant_dynamic"`` is the per-tensor form for fake-quant accuracy studies.
+kernel* (elements rounded to 0). ``method="crossquant_dynamic_int8"`` (the default) measures ``c`` on every call and
+folds ``c^(1-alpha)`` into a per-call requantized int8 weight (:mod:`kd_plugins.quant.dynamic`); ``"crossquant"``
+calibrates ``c`` once and folds it into the stored weights; ``"crossquant_dynamic"`` is the fake-quant reference of the
+paper's form for accuracy studies.
 """
 
 from ._core import METHODS
 from .api import quantize
 from .calibration import LayerAlphaSearch, LayerStats, calibrate_layer_alphas, collect_activation_stats
-from .config import DEFAULT_ALPHA, DEFAULT_ALPHA_GRID, QuantConfig
+from .config import DEFAULT_ALPHA, DEFAULT_ALPHA_GRID, DEFAULT_METHOD, QuantConfig
 from .layers import QuantizedLinear
 from .report import AlphaSweep, KernelReport, LayerKernel, quantization_kernel_report, sweep_alpha
 from .serialization import QuantizedCheckpointError, load_quantized, save_quantized
@@ -28,6 +31,7 @@ from .targets import find_quantizable, quantized_layers
 
 __all__ = [
     "METHODS",
+    "DEFAULT_METHOD",
     "DEFAULT_ALPHA",
     "QuantConfig",
     "quantize",

@@ -10,7 +10,10 @@ Activation quantizers (``x`` is one ``[M, K]`` float32 tensor; ``t_i = max_j |x_
 * ``crossquant``:  ``q_ij = clamp(round(127 * x_ij / (t_i^alpha * c_j^(1-alpha))))`` with *static* column maxima
   ``c_j`` from calibration; ``inv_col_j = c_j^-(1-alpha)`` is stored and ``c_j^(1-alpha)`` is folded into the weight
   columns, so the GEMM only needs the row factor ``t_i^alpha / 127`` and the weight scale ``s_k``.
-* ``crossquant_dynamic``: same formula with ``c_j`` recomputed from the tensor itself (fake-quant only).
+* ``crossquant_dynamic``: same formula with ``c_j`` recomputed from the tensor itself (fake-quant reference, the
+  weights are the plain per-channel int8 weights).
+* ``crossquant_dynamic_int8``: the same codes; ``c_j^(1-alpha)`` is folded into the weights on every call and the
+  layer runs an int8 GEMM (:mod:`kd_plugins.quant.dynamic`).
 
 Every quantizer returns int8 codes and the per-row dequantization factor ``row_scale_i`` such that
 ``x_ij ~= q_ij * row_scale_i / inv_col_j``.
@@ -26,11 +29,15 @@ TINY = 1e-30
 #: Column maxima below ``COL_FLOOR * max(c)`` are raised to that value (channels silent during calibration).
 COL_FLOOR = 1e-5
 
-METHODS = ("crossquant", "crossquant_dynamic", "per_token", "smoothquant")
+METHODS = ("crossquant_dynamic_int8", "crossquant", "crossquant_dynamic", "per_token", "smoothquant")
 #: Methods that need calibration statistics (static per-input-channel vector folded into the weights).
 STATIC_METHODS = ("crossquant", "smoothquant")
+#: Methods that measure column statistics on every call and fold them into the weights per call.
+DYNAMIC_INT8_METHODS = ("crossquant_dynamic_int8",)
+#: Methods whose alpha can be chosen per layer on calibration data (``alpha="auto"``).
+AUTO_ALPHA_METHODS = (*STATIC_METHODS, *DYNAMIC_INT8_METHODS)
 #: Methods that run as one int8 GEMM with a row x column epilogue.
-INT8_METHODS = ("crossquant", "per_token", "smoothquant")
+INT8_METHODS = ("crossquant", "per_token", "smoothquant", *DYNAMIC_INT8_METHODS)
 
 
 def check_method(method: str) -> str:
@@ -98,7 +105,8 @@ def quantize_activations(
     """Quantize a ``[M, K]`` float32 activation. Returns ``(codes int8 [M,K], row_scale float32 [M], inv_col)``.
 
     ``inv_col`` is the per-input-channel multiplier applied before rounding (``None`` for per-token); for
-    ``crossquant_dynamic`` it is computed here from the column maxima of ``x`` and returned.
+    ``crossquant_dynamic`` / ``crossquant_dynamic_int8`` it is computed here from the column maxima of ``x`` (all its
+    rows) and returned.
     """
     # The scaled copy is rounded and clamped in place (fewer full-size temporaries). Same float operations in the
     # same order as the Triton row quantizer, so the codes are identical.
@@ -108,9 +116,9 @@ def quantize_activations(
     elif method == "smoothquant":
         v = x * inv_col
         r = _row_absmax(v)
-    elif method in ("crossquant", "crossquant_dynamic"):
-        if method == "crossquant_dynamic":
-            inv_col = crossquant_inv_col(x.abs().amax(0), alpha)
+    elif method in ("crossquant", "crossquant_dynamic", "crossquant_dynamic_int8"):
+        if method != "crossquant":
+            inv_col = crossquant_inv_col(absmax(x, 0), alpha)
         v = x * inv_col
         r = pow_alpha(_row_absmax(x).clamp_min(TINY), alpha)
     else:
@@ -122,10 +130,16 @@ def quantize_activations(
     return q, r / QMAX, inv_col
 
 
+def absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.abs().amax(dim)`` without the ``|x|`` temporary: ``max(amax, -amin)``, the same values (measured 1.4-3x
+    faster on CPU at 2 threads; ``linalg.vector_norm(x, inf)`` was ~15x slower)."""
+    return torch.maximum(x.amax(dim), x.amin(dim).neg_())
+
+
 def _row_absmax(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] == 0:
         return x.new_zeros(x.shape[:-1])
-    return x.abs().amax(-1)  # measured ~15x faster on CPU than linalg.vector_norm(x, inf, dim=-1)
+    return absmax(x, -1)
 
 
 def per_token_codes(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -9,9 +10,10 @@ from typing import Any
 import torch.nn as nn
 
 from .._config import resolve_config
-from ._core import STATIC_METHODS
+from ._core import DYNAMIC_INT8_METHODS, STATIC_METHODS
 from .calibration import (
     LayerStats,
+    as_batches,
     calibrate_layer_alphas,
     check_stats_cover,
     collect_activation_stats,
@@ -22,6 +24,8 @@ from .layers import QuantizedLinear
 from .targets import find_quantizable, replace_submodule
 
 __all__ = ["quantize"]
+
+logger = logging.getLogger("kd_plugins.quant")
 
 #: Positional parameters after ``method`` in the original signature ``quantize(model, method, alpha, data, skip)``.
 _LEGACY_POSITIONAL = ("alpha", "calibration_data", "skip")
@@ -44,14 +48,23 @@ def quantize(
 
     Methods (weights are always int8 per output channel):
 
-    * ``"crossquant"`` (default): element step ``t_i^alpha * c_j^(1-alpha) / 127`` with ``t_i`` the dynamic per-token
+    * ``"crossquant_dynamic_int8"`` (default, :data:`~kd_plugins.quant.config.DEFAULT_METHOD`): CrossQuant with the
+      column maxima ``c_j`` measured on every call (all rows of the call's flattened ``[tokens, in]`` input) and
+      ``c_j^(1-alpha)`` folded into a per-call requantized copy of the int8 weight, then one int8 GEMM; the few
+      outlier columns (per call, above ``outlier_threshold`` times the median column maximum) are multiplied in
+      float with the int8 weights instead (:mod:`kd_plugins.quant.dynamic`). No clamping and no calibration data
+      (``calibration_data`` is accepted and used only by ``alpha="auto"``). A token's output depends on the other
+      rows of the same call. Calls with fewer than ``fallback_rows`` rows (decode) run ``fallback``
+      (``"per_token"``, default, or ``"weight_only"``). Lowest perplexity of the deployable methods on text of
+      another domain than the calibration data in our measurements.
+    * ``"crossquant"``: element step ``t_i^alpha * c_j^(1-alpha) / 127`` with ``t_i`` the dynamic per-token
       abs-max and ``c_j`` the *static* per-input-channel abs-max from ``calibration_data``. ``c_j^(1-alpha)`` is folded
       into the weight columns, so inference is one int8 GEMM with a row x column rescale. Codes are clamped because a
       test-time value may exceed its calibrated column maximum. ``alpha=1`` is per-token; smaller ``alpha`` shrinks
       the quantization kernel. Default ``alpha``: :data:`DEFAULT_ALPHA` (chosen from our sweeps).
-    * ``"crossquant_dynamic"``: the paper-faithful form, recomputing ``c_j`` from every input tensor. Outputs then
-      depend on the other rows in the batch and no int8 GEMM is possible: **fake-quant only, for accuracy studies**.
-      Weights are the plain per-channel int8 weights. Needs no calibration data.
+    * ``"crossquant_dynamic"``: the paper-faithful form, recomputing ``c_j`` from every input tensor, with the plain
+      per-channel int8 weights (no fold): **fake-quant only, the reference for accuracy studies** (same activation
+      codes as ``"crossquant_dynamic_int8"``). Needs no calibration data.
     * ``"per_token"``: W8A8 baseline, dynamic per-token activations. Needs no calibration data.
     * ``"smoothquant"``: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (calibrated), activations divided by ``s`` (as a
       per-channel multiply in the quantizer) and weights multiplied by it, then per-token. Default ``alpha=0.5``.
@@ -62,7 +75,8 @@ def quantize(
     ``calibration_data`` and ``skip`` (``quantize(model, "crossquant", 0.5, batches)``).
 
     Args:
-        alpha: a float in ``[0, 1]`` for every layer; ``"auto"`` (static methods) to choose it per layer on the
+        alpha: a float in ``[0, 1]`` for every layer; ``"auto"`` (``crossquant_dynamic_int8``, ``crossquant``,
+            ``smoothquant``) to choose it per layer on the
             calibration data with :func:`calibrate_layer_alphas` over ``alpha_grid`` (lowest matmul error among the
             alphas whose kernel is below per-token's); or a ``{layer name: alpha}`` mapping covering every target.
             ``None``: :data:`DEFAULT_ALPHA`. The chosen values are in ``model.kd_quantization["layer_alpha"]``.
@@ -70,6 +84,8 @@ def quantize(
             (``attention_mask == 0``) are ignored. Required for ``crossquant`` and ``smoothquant``.
         skip: module names / globs (or one comma-separated string) to keep in float, besides the default skips.
         mode: ``"int8"`` (real int8 GEMMs) or ``"fake"`` (dequantize-and-float-matmul, debugging).
+        fallback, fallback_rows, outlier_threshold, compile_quantizer: ``crossquant_dynamic_int8`` only (see
+            :class:`QuantConfig`).
         backend: ``"auto"`` (Triton on CUDA if available, else ``torch._int_mm``), ``"torch"`` or ``"triton"``.
         stats: precomputed :func:`collect_activation_stats` result (reused by :func:`sweep_alpha`).
         progress: tqdm bars for calibration and conversion.
@@ -141,6 +157,12 @@ def _plan(model: nn.Module, config: QuantConfig, calibration_data, stats) -> _Pl
             f"{type(model).__name__} has no quantizable layers: quantize() replaces nn.Linear and 1x1 nn.Conv2d, "
             f"and after skips none is left (skipped: {sorted(skipped)[:5]})"
         )
+    if config.method in DYNAMIC_INT8_METHODS and calibration_data is not None and config.resolved_alpha != "auto":
+        as_batches(calibration_data, "calibration_data")  # a mistake (empty, wrong type) still raises
+        logger.info(
+            "kd_plugins.quant: method %r measures its column statistics on every call; calibration_data is not used",
+            config.method,
+        )
     if config.method in STATIC_METHODS:
         if stats is None:
             if calibration_data is None:
@@ -172,6 +194,7 @@ def _layer_alphas(model, config: QuantConfig, calibration_data, stats, targets) 
             method=config.method,
             stats=stats,
             grid=config.alpha_grid,
+            outlier_threshold=config.outlier_threshold,
             skip=config.skip,
             default_skip=config.default_skip,
             min_rows=config.min_calibration_rows,
@@ -193,6 +216,14 @@ def _layer_alphas(model, config: QuantConfig, calibration_data, stats, targets) 
 def _convert(plan: _Plan, config: QuantConfig) -> dict[str, QuantizedLinear]:
     """The int8 replacement of every target layer (the model itself is not touched here)."""
     static = config.method in STATIC_METHODS
+    options = {}
+    if config.method in DYNAMIC_INT8_METHODS:
+        options = {
+            "fallback": config.fallback,
+            "fallback_rows": config.fallback_rows,
+            "outlier_threshold": config.outlier_threshold,
+            "compile_quantizer": config.compile_quantizer,
+        }
     new: dict[str, QuantizedLinear] = {}
     layers = with_progress(list(plan.targets.items()), config.progress, f"quantizing ({config.method})", unit="layer")
     for name, m in layers:
@@ -204,5 +235,6 @@ def _convert(plan: _Plan, config: QuantConfig) -> dict[str, QuantizedLinear]:
             col_max=plan.stats[name].col_max if static else None,
             mode=config.mode,
             backend=config.backend,
+            **options,
         )
     return new

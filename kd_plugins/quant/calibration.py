@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 from .._utils import model_device
+from . import dynamic
 from ._core import (
-    STATIC_METHODS,
+    AUTO_ALPHA_METHODS,
+    DYNAMIC_INT8_METHODS,
     check_alpha,
     check_method,
     crossquant_inv_col,
@@ -265,12 +267,26 @@ class _AlphaScores:
         self.pt_zeros = 0
         self.elements = 0
 
-    def add(self, method: str, grid: list[float], rows: torch.Tensor, w: torch.Tensor, col_max: torch.Tensor) -> None:
-        """Quantize the layer exactly as :func:`quantize` would, for every alpha, and score it on ``rows``."""
+    def add(
+        self,
+        method: str,
+        grid: list[float],
+        rows: torch.Tensor,
+        w: torch.Tensor,
+        col_max: torch.Tensor,
+        outlier_threshold: float = 0.0,
+    ) -> None:
+        """Quantize the layer exactly as :func:`quantize` would, for every alpha, and score it on ``rows``.
+
+        ``col_max``: the calibrated column maxima (static methods) or those of the call ``rows`` come from (dynamic).
+        """
         ref = rows @ w.T
         self.ref += float(ref.pow(2).sum())
         self.elements += rows.numel()
         self.pt_zeros += int((per_token_codes(rows) == 0).sum())
+        if method in DYNAMIC_INT8_METHODS:
+            self._add_dynamic(grid, rows, w, col_max, ref, outlier_threshold)
+            return
         for i, alpha in enumerate(grid):
             if method == "crossquant":
                 inv = crossquant_inv_col(col_max, alpha)
@@ -281,6 +297,22 @@ class _AlphaScores:
             codes, rs, _ = quantize_activations(rows, method, alpha, inv)
             xq = codes.float() * rs[:, None] / inv[None, :]
             self.err[i] += float((xq @ wq.T - ref).pow(2).sum())
+            self.zeros[i] += int((codes == 0).sum())
+
+    def _add_dynamic(self, grid, rows, w, col_max, ref, outlier_threshold: float) -> None:
+        """``crossquant_dynamic_int8``: per-call column factor (and outlier columns), weight requantized from its
+        stored int8 form, as the layer does."""
+        w_int8, w_scale = quantize_weight_per_channel(w)
+        outliers = dynamic.select_outliers(col_max, outlier_threshold)
+        for i, alpha in enumerate(grid):
+            inv, g = dynamic.column_factors(col_max, alpha)
+            inv[outliers], g[outliers] = 0.0, 0.0
+            wq, ws = dynamic.requantize_weight(w_int8, w_scale, g)
+            t = dynamic.row_absmax(rows, outliers, rows.shape[0])
+            codes, rs = dynamic.quantize_rows_dynamic(rows, dynamic.row_factors(t, alpha), inv)
+            y = (codes.float() * rs[:, None]) @ (wq.float() * ws[:, None]).T
+            dynamic.outlier_product(y, rows, outliers, w_int8, w_scale)
+            self.err[i] += float((y - ref).pow(2).sum())
             self.zeros[i] += int((codes == 0).sum())
 
     def choose(self, name: str, grid: list[float], require_kernel_below_per_token: bool) -> LayerAlphaSearch:
@@ -303,6 +335,7 @@ def calibrate_layer_alphas(
     grid: Iterable[float] = DEFAULT_ALPHA_GRID,
     max_rows: int = 2048,
     require_kernel_below_per_token: bool = True,
+    outlier_threshold: float = 0.0,
     skip: Iterable[str] | None = None,
     default_skip: bool = True,
     min_rows: int = 16,
@@ -318,6 +351,10 @@ def calibrate_layer_alphas(
     per-token's on the same rows; with ``require_kernel_below_per_token=False`` (or when no alpha qualifies, which is
     recorded in the result) it is simply the lowest error.
 
+    ``crossquant_dynamic_int8``: no statistics pass; each call's column maxima (over its non-padding rows) define the
+    column factor and the outlier columns (``outlier_threshold``) of that call, and the weight is requantized from its
+    stored int8 form, as the layer does.
+
     Why per layer: with a *static* column maximum ``c_j``, rows whose own maximum ``t_i`` is below ``c_j`` get a
     larger step than per-token (``t_i^a c_j^(1-a) > t_i``); in layers fed by a few outlier tokens (``down_proj``,
     ``o_proj`` of LLMs) one global alpha can therefore enlarge the kernel, while other layers want a small alpha.
@@ -325,28 +362,31 @@ def calibrate_layer_alphas(
     Costs one extra pass over ``calibration_data`` plus ``len(grid)`` quantized matmuls per layer on ``max_rows`` rows.
     """
     check_method(method)
-    if method not in STATIC_METHODS:
-        raise ValueError(f"per-layer alpha calibration applies to {STATIC_METHODS}, got {method!r}")
+    if method not in AUTO_ALPHA_METHODS:
+        raise ValueError(f"per-layer alpha calibration applies to {AUTO_ALPHA_METHODS}, got {method!r}")
     grid = sorted({check_alpha(method, a) for a in grid})
     if not grid:
         raise ValueError("grid is empty")
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     batches = as_batches(calibration_data, "calibration_data")
-    if stats is None:
+    per_call = method in DYNAMIC_INT8_METHODS  # column maxima of each call, no static statistics
+    if stats is None and not per_call:
         stats = collect_activation_stats(
             model, batches, skip=skip, default_skip=default_skip, min_rows=min_rows, progress=progress
         )
     targets, _ = find_quantizable(model, skip, default_skip=default_skip)
-    check_stats_cover(stats, targets)
+    if not per_call:
+        check_stats_cover(stats, targets)
     per_batch = max(1, -(-max_rows // len(batches)))
     scores = {n: _AlphaScores(grid) for n in targets}
 
     def on_rows(name, mod, rows):
+        col_max = rows.abs().amax(0).cpu() if per_call else stats[name].col_max
         if rows.shape[0] > per_batch:
             idx = torch.linspace(0, rows.shape[0] - 1, per_batch, device=rows.device).round().long()
             rows = rows[idx]
-        scores[name].add(method, grid, rows.float().cpu(), _layer_weight(mod).cpu(), stats[name].col_max)
+        scores[name].add(method, grid, rows.float().cpu(), _layer_weight(mod).cpu(), col_max, outlier_threshold)
 
     run_on_rows(model, targets, on_rows, batches, progress, "per-layer alpha")
     return {name: scores[name].choose(name, grid, require_kernel_below_per_token) for name in targets}

@@ -1,4 +1,4 @@
-"""``kd-plugins quantize MODEL_DIR OUT_DIR --method crossquant --calibration FILE [--alpha A]``.
+"""``kd-plugins quantize MODEL_DIR OUT_DIR [--method METHOD] [--calibration FILE] [--alpha A]``.
 
 MODEL_DIR is a Hugging Face model directory (``config.json`` + weights + tokenizer, e.g. a student saved by the
 distillation callback) or a timm directory (``config.json`` with ``architecture`` + ``model.safetensors`` /
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ._core import METHODS
+from ._core import METHODS, STATIC_METHODS
 from .api import quantize
-from .config import DEFAULT_ALPHA, QuantConfig
+from .config import DEFAULT_ALPHA, DEFAULT_METHOD, QuantConfig
+from .dynamic import DEFAULT_FALLBACK, DEFAULT_FALLBACK_ROWS, DEFAULT_OUTLIER_THRESHOLD, FALLBACKS
 from .report import KernelReport, quantization_kernel_report
 from .serialization import QuantizedCheckpointError, save_quantized
 from .targets import quantized_layers
@@ -51,13 +52,13 @@ def build_parser(prog: str = "kd-plugins quantize") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="W8A8 post-training quantization of a HF or timm checkpoint.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face or timm model directory")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the quantized checkpoint")
-    p.add_argument("--method", default="crossquant", choices=METHODS)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help=f"default {DEFAULT_METHOD}")
     p.add_argument(
         "--calibration",
         metavar="FILE",
         default=None,
-        help="calibration inputs (.txt/.jsonl/.json texts or .pt/.npy tensor); required except for "
-        "per_token and crossquant_dynamic",
+        help="calibration inputs (.txt/.jsonl/.json texts or .pt/.npy tensor); required by "
+        f"{', '.join(STATIC_METHODS)} (also used for the quantization-kernel report)",
     )
     defaults = ", ".join(f"{k}={v}" for k, v in DEFAULT_ALPHA.items() if v is not None)
     p.add_argument(
@@ -65,6 +66,24 @@ def build_parser(prog: str = "kd-plugins quantize") -> argparse.ArgumentParser:
         type=_alpha_arg,
         default=None,
         help=f"method alpha, or 'auto' to choose it per layer on the calibration data ({defaults})",
+    )
+    p.add_argument(
+        "--fallback",
+        default=DEFAULT_FALLBACK,
+        choices=FALLBACKS,
+        help=f"{DEFAULT_METHOD}: what calls with fewer than --fallback-rows rows (decode) run",
+    )
+    p.add_argument(
+        "--fallback-rows",
+        type=int,
+        default=DEFAULT_FALLBACK_ROWS,
+        help=f"{DEFAULT_METHOD}: calls with fewer rows use --fallback (0: never; default {DEFAULT_FALLBACK_ROWS})",
+    )
+    p.add_argument(
+        "--outlier-threshold",
+        type=float,
+        default=DEFAULT_OUTLIER_THRESHOLD,
+        help=f"{DEFAULT_METHOD}: columns above this multiple of the median column abs-max run in float (0: none)",
     )
     p.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="extra module names / globs to keep in float")
     p.add_argument(
@@ -197,6 +216,9 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         alpha=args.alpha,
         skip=args.skip or None,
         default_skip=not args.no_default_skip,
+        fallback=args.fallback,
+        fallback_rows=args.fallback_rows,
+        outlier_threshold=args.outlier_threshold,
         progress=not args.quiet,
     )
 
@@ -212,7 +234,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
         config = quant_config_from_args(args)
         model, tok, build_kwargs = _load_model(model_dir)
         calib = _read_calibration(Path(args.calibration), tok, args) if args.calibration else None
-        if calib is None and config.method in ("crossquant", "smoothquant"):
+        if calib is None and config.method in STATIC_METHODS:
             raise CLIError(f"--method {config.method} needs --calibration FILE")
         quantize(model, config, calibration_data=calib)
         report = None

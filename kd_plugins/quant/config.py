@@ -6,16 +6,24 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from .._config import parse_mapping
-from ._core import METHODS, STATIC_METHODS, check_alpha, check_method
+from ._core import AUTO_ALPHA_METHODS, METHODS, check_alpha, check_method
+from .dynamic import DEFAULT_FALLBACK, DEFAULT_FALLBACK_ROWS, DEFAULT_OUTLIER_THRESHOLD, FALLBACKS
 from .layers import BACKENDS
 
-__all__ = ["QuantConfig", "DEFAULT_ALPHA", "DEFAULT_ALPHA_GRID", "MODES"]
+__all__ = ["QuantConfig", "DEFAULT_METHOD", "DEFAULT_ALPHA", "DEFAULT_ALPHA_GRID", "MODES"]
+
+#: The method of ``quantize(model)`` without ``method=``: the deployable method (real int8 GEMMs) with the lowest
+#: perplexity on text of another domain than the calibration data in our measurements (SmolLM2-135M, Austen <-> BBC
+#: News; benchmarks/quant/RESULTS_quant.md). It measures its column statistics on every call, so it needs no
+#: calibration data.
+DEFAULT_METHOD = "crossquant_dynamic_int8"
 
 #: Default ``alpha`` per method. CrossQuant's 0.35 is our own choice (the paper's value could not be verified): it gave
 #: the lowest validation perplexity of SmolLM2-135M in a sweep over 0.05..0.8 (Mansfield Park windows, calibration on
 #: Emma; see benchmarks/quant/RESULTS_quant.md); on all-MiniLM-L6-v2 embedding agreement was flat between 0.35 and 0.8.
 #: SmoothQuant's 0.5 is the migration strength of its reference implementation (0.65 was best on SmolLM2).
 DEFAULT_ALPHA: dict[str, float | None] = {
+    "crossquant_dynamic_int8": 0.35,
     "crossquant": 0.35,
     "crossquant_dynamic": 0.35,
     "smoothquant": 0.5,
@@ -34,9 +42,9 @@ def _parse_alpha(method: str, value):
     if isinstance(value, str):
         text = value.strip()
         if text.lower() == "auto":
-            if method not in STATIC_METHODS:
+            if method not in AUTO_ALPHA_METHODS:
                 raise ValueError(
-                    f"alpha='auto' is calibrated per layer and applies to {STATIC_METHODS}, not {method!r}"
+                    f"alpha='auto' is calibrated per layer and applies to {AUTO_ALPHA_METHODS}, not {method!r}"
                 )
             return "auto"
         if text.startswith("{") or "=" in text:
@@ -89,12 +97,18 @@ class QuantConfig:
     (resolved when quantizing, so changing ``method`` keeps the right default).
     """
 
-    method: str = field(default="crossquant", metadata={"help": f"Quantization method, one of {METHODS}."})
+    method: str = field(
+        default=DEFAULT_METHOD,
+        metadata={
+            "help": f"Quantization method, one of {METHODS}. Default {DEFAULT_METHOD!r}: column statistics measured "
+            "on every call and folded into the weights per call (no calibration data needed)."
+        },
+    )
     alpha: float | str | dict | None = field(
         default=None,
         metadata={
             "help": "Method alpha in [0, 1]; 'auto' to choose it per layer on the calibration "
-            "data (crossquant, smoothquant); or 'layer=alpha,...' / JSON for every "
+            f"data ({', '.join(AUTO_ALPHA_METHODS)}); or 'layer=alpha,...' / JSON for every "
             "quantized layer. Default: DEFAULT_ALPHA of the method."
         },
     )
@@ -127,6 +141,32 @@ class QuantConfig:
     alpha_grid: tuple | str | None = field(
         default=DEFAULT_ALPHA_GRID, metadata={"help": "Alphas tried per layer by alpha='auto', comma-separated."}
     )
+    fallback: str = field(
+        default=DEFAULT_FALLBACK,
+        metadata={
+            "help": f"crossquant_dynamic_int8: what calls with fewer than fallback_rows rows (decode) run, one of "
+            f"{FALLBACKS} ('weight_only': float activations x int8 weights; 'per_token': W8A8 per-token)."
+        },
+    )
+    fallback_rows: int = field(
+        default=DEFAULT_FALLBACK_ROWS,
+        metadata={
+            "help": "crossquant_dynamic_int8: calls with fewer rows (batch x tokens) than this use the fallback "
+            "(0: never); the per-call weight requantization does not pay off below it."
+        },
+    )
+    outlier_threshold: float = field(
+        default=DEFAULT_OUTLIER_THRESHOLD,
+        metadata={
+            "help": "crossquant_dynamic_int8: input columns whose per-call abs-max exceeds this multiple of the median "
+            "column abs-max (at most 1/64 of the columns) are multiplied in float with the int8 weights instead of "
+            "being folded into them (0: none)."
+        },
+    )
+    compile_quantizer: bool = field(
+        default=False,
+        metadata={"help": "crossquant_dynamic_int8: torch.compile the per-call quantization steps (fewer passes)."},
+    )
     progress: bool = field(default=False, metadata={"help": "Show tqdm bars for calibration and conversion."})
 
     def __post_init__(self):
@@ -138,6 +178,14 @@ class QuantConfig:
             raise ValueError(f"mode must be 'int8' or 'fake', got {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if isinstance(self.fallback_rows, bool) or not isinstance(self.fallback_rows, int) or self.fallback_rows < 0:
+            raise ValueError(f"fallback_rows must be an int >= 0 (0: never fall back), got {self.fallback_rows!r}")
+        if isinstance(self.outlier_threshold, bool) or not isinstance(self.outlier_threshold, (int, float)):
+            raise ValueError(f"outlier_threshold must be a number >= 0, got {self.outlier_threshold!r}")
+        if self.outlier_threshold < 0:
+            raise ValueError(f"outlier_threshold must be >= 0 (0: no outlier columns), got {self.outlier_threshold!r}")
         if not isinstance(self.min_calibration_rows, int) or self.min_calibration_rows < 1:
             raise ValueError(f"min_calibration_rows must be an int >= 1, got {self.min_calibration_rows!r}")
 

@@ -58,6 +58,7 @@ from .serialization import (
     QuantizedCheckpointError,
     _restore_buffer_dtypes,
     check_supported,
+    layer_kwargs,
     read_quant_manifest,
 )
 
@@ -72,9 +73,11 @@ class KDQuantConfig(QuantizationConfigMixin):
     """``quantization_config`` of a kd_plugins W8A8 checkpoint (written by :func:`~kd_plugins.quant.save_quantized`).
 
     Args:
-        method: the quantization method (``crossquant``, ``per_token``, ``smoothquant``, ``crossquant_dynamic``).
+        method: the quantization method (``crossquant_dynamic_int8``, ``crossquant``, ``per_token``, ``smoothquant``,
+            ``crossquant_dynamic``).
         alpha: the global alpha (``None`` for per_token, ``"per_layer"`` / ``"auto"`` when ``layer_alpha`` is used).
-        layers: ``{module name: {kind, in_features, out_features, bias, method, alpha, stride, mode}}``; every listed
+        layers: ``{module name: {kind, in_features, out_features, bias, method, alpha, stride, mode}}`` (plus
+            ``fallback``, ``fallback_rows``, ``compile_quantizer`` for ``crossquant_dynamic_int8``); every listed
             module is a :class:`~kd_plugins.quant.QuantizedLinear` with its own method / alpha.
         layer_alpha: the per-layer alphas, when they were chosen per layer.
         float_dtype: dtype of the non-quantized parameters (``None``: mixed).
@@ -236,6 +239,7 @@ class KDQuantHfQuantizer(HfQuantizer):
                     kind=entry["kind"],
                     stride=tuple(entry.get("stride", (1, 1))),
                     mode=entry.get("mode", "int8"),
+                    **layer_kwargs(entry),
                 )
             parent_name, _, leaf = mname.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, q)

@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dynamic
 from ._core import (
+    DYNAMIC_INT8_METHODS,
     INT8_METHODS,
     STATIC_METHODS,
     check_alpha,
@@ -56,6 +58,13 @@ class QuantizedLinear(nn.Module):
         ``"fake"``: dequantize both operands and run a float32 ``F.linear`` (same codes, float accumulation) for
         debugging and for ``crossquant_dynamic``, which has no int8 form.
 
+    ``crossquant_dynamic_int8`` (:mod:`kd_plugins.quant.dynamic`) stores the plain per-channel int8 weight and, on
+    every call with at least ``fallback_rows`` rows, measures the column maxima of the call's input, folds
+    ``c_j^(1-alpha)`` into a requantized copy of the weight and runs the int8 GEMM (the few outlier columns above
+    ``outlier_threshold`` times the median column maximum are multiplied in float with the stored int8 weight);
+    calls with fewer rows (decode) run ``fallback`` (``"weight_only"``: float activations x int8 weight;
+    ``"per_token"``: W8A8 per-token).
+
     Buffers (all saved): ``weight_int8 [N, K] int8``, ``weight_scale [N] float32``, ``act_inv_col [K] float32``
     (static methods only), ``bias [N] float32`` (if the source layer had one).
     For a 1x1 convolution (``kind="conv1x1"``) inputs ``[B, C, H, W]`` are strided, flattened to pixels, multiplied
@@ -74,6 +83,10 @@ class QuantizedLinear(nn.Module):
         stride: tuple[int, int] = (1, 1),
         mode: str = "int8",
         backend: str = "auto",
+        fallback: str = dynamic.DEFAULT_FALLBACK,
+        fallback_rows: int = dynamic.DEFAULT_FALLBACK_ROWS,
+        outlier_threshold: float = dynamic.DEFAULT_OUTLIER_THRESHOLD,
+        compile_quantizer: bool = False,
     ):
         super().__init__()
         check_method(method)
@@ -98,6 +111,17 @@ class QuantizedLinear(nn.Module):
         self.mode = "fake" if method not in INT8_METHODS else "int8"
         self.set_mode(mode if method in INT8_METHODS else "fake")
         self.set_backend(backend)
+        self.set_fallback(fallback, fallback_rows)
+        self.compile_quantizer = bool(compile_quantizer)
+        if (
+            isinstance(outlier_threshold, bool)
+            or not isinstance(outlier_threshold, (int, float))
+            or outlier_threshold < 0
+        ):
+            raise ValueError(
+                f"outlier_threshold must be a number >= 0 (0: no outlier columns), got {outlier_threshold!r}"
+            )
+        self.outlier_threshold = float(outlier_threshold)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -110,6 +134,7 @@ class QuantizedLinear(nn.Module):
         col_max: torch.Tensor | None = None,
         mode: str = "int8",
         backend: str = "auto",
+        **options,
     ) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` or pointwise ``nn.Conv2d``.
 
@@ -139,6 +164,7 @@ class QuantizedLinear(nn.Module):
             stride=stride,
             mode=mode,
             backend=backend,
+            **options,
         )
         if method in STATIC_METHODS:
             if col_max is None:
@@ -167,8 +193,9 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "int8" and self.method not in INT8_METHODS:
             raise ValueError(
-                f"method {self.method!r} recomputes column maxima per tensor and has no int8 GEMM form; "
-                "it runs in fake-quant mode only"
+                f"method {self.method!r} is the fake-quant reference of dynamic CrossQuant (static weights, float "
+                "matmul) and runs in fake-quant mode only; for real int8 GEMMs re-quantize the float model with "
+                "method='crossquant_dynamic_int8'"
             )
         self.mode = mode
         return self
@@ -179,9 +206,22 @@ class QuantizedLinear(nn.Module):
         self.backend = backend
         return self
 
+    def set_fallback(self, fallback: str, fallback_rows: int) -> QuantizedLinear:
+        """What a ``crossquant_dynamic_int8`` call with fewer than ``fallback_rows`` rows runs (0: never fall back)."""
+        if fallback not in dynamic.FALLBACKS:
+            raise ValueError(f"fallback must be one of {dynamic.FALLBACKS}, got {fallback!r}")
+        if isinstance(fallback_rows, bool) or not isinstance(fallback_rows, int) or fallback_rows < 0:
+            raise ValueError(f"fallback_rows must be an int >= 0 (0: never fall back), got {fallback_rows!r}")
+        self.fallback = fallback
+        self.fallback_rows = fallback_rows
+        return self
+
     def extra_repr(self) -> str:
         a = "" if self.alpha is None else f", alpha={self.alpha:g}"
         s = f", stride={self.stride}" if self.kind == "conv1x1" and self.stride != (1, 1) else ""
+        if self.method in DYNAMIC_INT8_METHODS:
+            s += f", outlier_threshold={self.outlier_threshold:g}"
+            s += f", fallback={self.fallback} below {self.fallback_rows} rows"
         return (
             f"{self.in_features}, {self.out_features}, kind={self.kind}, method={self.method}{a}, "
             f"mode={self.mode}, bias={self.bias is not None}{s}"
@@ -189,7 +229,13 @@ class QuantizedLinear(nn.Module):
 
     # ------------------------------------------------------------------ math
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Codes, row scales and the per-channel multiplier used for a ``[M, K]`` input (float32)."""
+        """Codes, row scales and the per-channel multiplier used for a ``[M, K]`` input (float32).
+
+        ``crossquant_dynamic_int8``: the codes of the dynamic path for these rows taken as one call (also below
+        ``fallback_rows``, where the forward runs the fallback instead).
+        """
+        if self.method in DYNAMIC_INT8_METHODS:
+            return self._dynamic_codes(x2d)
         return quantize_activations(x2d.float(), self.method, self.alpha, self.act_inv_col)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -214,6 +260,8 @@ class QuantizedLinear(nn.Module):
     ROW_BLOCK = 1024
 
     def _matmul_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.method in DYNAMIC_INT8_METHODS:
+            return self._dynamic_matmul(x2d)
         if self.mode == "int8" and x2d.shape[0] > self.ROW_BLOCK and not x2d.is_cuda:
             out = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x2d.device)
             for i in range(0, x2d.shape[0], self.ROW_BLOCK):
@@ -230,18 +278,101 @@ class QuantizedLinear(nn.Module):
                 # dequantize the activation back to the original space: x ~= q * r_i / 127 / inv_col_j
                 xq = xq / inv[None, :]
             return F.linear(xq, wq, self.bias)
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if x2d.is_cuda and _triton_ok(x2d.device) else "torch"
-        if backend == "triton":
+        if self._backend_for(x2d) == "triton":
             from ..kernels.int8_gemm import int8_gemm
 
             return int8_gemm(q, self.weight_int8.t(), rs, self.weight_scale, self.bias)
-        acc = int8_mm(q, self.weight_int8.t())
-        y = acc.float().mul_(rs[:, None]).mul_(self.weight_scale[None, :])  # measured faster than a mixed-dtype mul
+        return self._int8_product(q, rs, self.weight_int8, self.weight_scale)
+
+    def _backend_for(self, x2d: torch.Tensor) -> str:
+        if self.backend == "auto":
+            return "triton" if x2d.is_cuda and _triton_ok(x2d.device) else "torch"
+        return self.backend
+
+    def _int8_product(self, q: torch.Tensor, rs: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor):
+        """``(rs ⊗ w_scale) * (q @ w_int8^T) + bias`` with an exact int32 accumulation (``torch._int_mm``)."""
+        acc = int8_mm(q, w_int8.t())
+        y = acc.float().mul_(rs[:, None]).mul_(w_scale[None, :])  # measured faster than a mixed-dtype mul
         if self.bias is not None:
             y.add_(self.bias)
         return y
+
+    # ------------------------------------------------------------------ crossquant_dynamic_int8
+    def _dynamic_plan(self, x: torch.Tensor, block: int) -> dynamic.CallPlan:
+        return dynamic.plan_call(x, self.alpha, self.outlier_threshold, block, self.compile_quantizer)
+
+    def _dynamic_codes(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes, row scales and ``inv`` of ``x2d`` taken as one call of the dynamic path."""
+        x = x2d.float()
+        plan = self._dynamic_plan(x, x.shape[0])
+        t = dynamic.row_absmax(x, plan.outliers, x.shape[0], self.compile_quantizer)
+        q, rs = dynamic.step("quantize", self.compile_quantizer)(x, dynamic.row_factors(t, self.alpha), plan.inv)
+        return q, rs, plan.inv
+
+    def _dynamic_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """One call of ``crossquant_dynamic_int8`` (see :mod:`kd_plugins.quant.dynamic`)."""
+        if x2d.shape[0] < self.fallback_rows or x2d.shape[0] == 0:
+            return self._fallback_matmul(x2d)
+        x = x2d.float()
+        if self.mode == "fake":
+            plan = self._dynamic_plan(x, x.shape[0])
+            out = self._dynamic_fake(x, plan)
+        elif self._backend_for(x) == "triton":
+            plan = self._dynamic_plan(x, x.shape[0])
+            out = self._dynamic_triton(x, plan)
+        else:
+            cc = dynamic.shared_call_codes(
+                x, self.alpha, self.outlier_threshold, self.ROW_BLOCK, self.compile_quantizer
+            )
+            plan = cc.plan
+            out = self._dynamic_torch(x, cc)
+        return dynamic.outlier_product(out, x, plan.outliers, self.weight_int8, self.weight_scale)
+
+    def _requantized_weight(self, plan: dynamic.CallPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        return dynamic.step("requantize", self.compile_quantizer)(self.weight_int8, self.weight_scale, plan.g)
+
+    def _dynamic_fake(self, x: torch.Tensor, plan: dynamic.CallPlan) -> torch.Tensor:
+        """The int8 path's codes and weights, dequantized, in a float matmul (``mode="fake"``)."""
+        wq, ws = self._requantized_weight(plan)
+        r = dynamic.row_factors(dynamic.row_absmax(x, plan.outliers, x.shape[0], self.compile_quantizer), self.alpha)
+        q, rs = dynamic.step("quantize", self.compile_quantizer)(x, r, plan.inv)
+        return F.linear(q.float() * rs[:, None], wq.float() * ws[:, None], self.bias)
+
+    def _dynamic_torch(self, x: torch.Tensor, cc: dynamic.CallCodes) -> torch.Tensor:
+        """``torch._int_mm`` on row blocks with this layer's requantized weight and the call's (shared) codes."""
+        wq, ws = self._requantized_weight(cc.plan)
+        if x.shape[0] <= self.ROW_BLOCK:
+            return self._int8_product(cc.codes, cc.row_scale, wq, ws)
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[0], self.ROW_BLOCK):  # cache-sized int32 / float32 temporaries (measured faster)
+            rows = slice(i, i + self.ROW_BLOCK)
+            out[rows] = self._int8_product(cc.codes[rows], cc.row_scale[rows], wq, ws)
+        return out
+
+    def _dynamic_triton(self, x: torch.Tensor, plan: dynamic.CallPlan) -> torch.Tensor:
+        from ..kernels.int8_gemm import int8_gemm, quantize_rows
+
+        if plan.outliers.numel():  # the row quantizer takes t_i over every column it sees
+            x = x.index_fill(1, plan.outliers, 0.0)
+        wq, wr = quantize_rows(self.weight_int8, plan.g, alpha=1.0, rowmax_after_col=True)
+        q, rs = quantize_rows(x, plan.inv, alpha=self.alpha, rowmax_after_col=False)
+        return int8_gemm(q, wq.t(), rs, self.weight_scale * wr, self.bias)
+
+    def _fallback_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Few rows (decode): weight-only (float activations) or per-token W8A8 on the stored weight."""
+        x = x2d.float()
+        if self.fallback == "weight_only":
+            if self.mode == "fake":
+                return F.linear(x, self.weight_int8.float() * self.weight_scale[:, None], self.bias)
+            return dynamic.weight_only_linear(x, self.weight_int8, self.weight_scale, self.bias)
+        q, rs, _ = quantize_activations(x, "per_token", None, None)
+        if self.mode == "fake":
+            return F.linear(q.float() * rs[:, None], self.weight_int8.float() * self.weight_scale[:, None], self.bias)
+        if self._backend_for(x) == "triton":
+            from ..kernels.int8_gemm import int8_gemm
+
+            return int8_gemm(q, self.weight_int8.t(), rs, self.weight_scale, self.bias)
+        return self._int8_product(q, rs, self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -262,7 +262,7 @@ def sweep_alpha(
     summed over batches). ``model`` itself is not modified.
     """
     check_method(method)
-    if method not in ("crossquant", "crossquant_dynamic", "smoothquant"):
+    if method not in ("crossquant", "crossquant_dynamic", "crossquant_dynamic_int8", "smoothquant"):
         raise ValueError(f"sweep_alpha applies to methods with an alpha, got {method!r}")
     alphas = [check_alpha(method, a) for a in alphas]
     if not alphas:

@@ -40,7 +40,8 @@ from .._checkpoint import (
     rebuild_model,
     write_checkpoint,
 )
-from ._core import METHODS, STATIC_METHODS
+from ._core import DYNAMIC_INT8_METHODS, INT8_METHODS, METHODS, STATIC_METHODS
+from .dynamic import DEFAULT_FALLBACK, DEFAULT_FALLBACK_ROWS, FALLBACKS
 from .layers import QuantizedLinear, is_pointwise_conv
 from .targets import quantized_layers, replace_submodule
 
@@ -91,7 +92,7 @@ SPEC = CheckpointSpec(
 
 
 def _layer_entry(m: QuantizedLinear) -> dict[str, Any]:
-    return {
+    entry = {
         "kind": m.kind,
         "in_features": m.in_features,
         "out_features": m.out_features,
@@ -101,6 +102,25 @@ def _layer_entry(m: QuantizedLinear) -> dict[str, Any]:
         "stride": list(m.stride),
         "mode": m.mode,
     }
+    if m.method in DYNAMIC_INT8_METHODS:
+        entry.update(layer_options(m))
+    return entry
+
+
+def layer_options(m: QuantizedLinear) -> dict[str, Any]:
+    """The options of a ``crossquant_dynamic_int8`` layer that change its outputs (saved in its layer entry)."""
+    return {
+        "fallback": m.fallback,
+        "fallback_rows": m.fallback_rows,
+        "outlier_threshold": m.outlier_threshold,
+        "compile_quantizer": m.compile_quantizer,
+    }
+
+
+def layer_kwargs(entry: dict[str, Any]) -> dict[str, Any]:
+    """``QuantizedLinear`` keyword arguments of the dynamic-method options of a saved layer entry."""
+    keys = ("fallback", "fallback_rows", "outlier_threshold", "compile_quantizer")
+    return {k: entry[k] for k in keys if k in entry}
 
 
 def _quant_metadata(model: nn.Module, qlayers: dict[str, QuantizedLinear]) -> dict[str, Any]:
@@ -115,7 +135,7 @@ def _quant_metadata(model: nn.Module, qlayers: dict[str, QuantizedLinear]) -> di
         "skip": info.get("skip", []),
         "default_skip": info.get("default_skip", True),
         "weights": {"bits": 8, "symmetric": True, "strategy": "channel"},
-        "activations": {"bits": 8, "symmetric": True, "dynamic": True, "strategy": "token"},
+        "activations": {"bits": 8, "symmetric": True, "dynamic": True, "strategy": _activation_strategy(qlayers)},
         "float_dtype": float_dtypes[0] if len(float_dtypes) == 1 else "torch.float32",
         "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
         # Non-persistent float buffers (RoPE inv_freq, ...) are recomputed by the loaders, not stored; their dtype is
@@ -127,6 +147,12 @@ def _quant_metadata(model: nn.Module, qlayers: dict[str, QuantizedLinear]) -> di
             if t.is_floating_point()
         },
     }
+
+
+def _activation_strategy(qlayers: dict[str, QuantizedLinear]) -> str:
+    """``"token"``; ``"token_and_channel_per_call"`` when a layer measures column maxima on every call (its weights
+    are then requantized per call as well)."""
+    return "token_and_channel_per_call" if any(m.method in DYNAMIC_INT8_METHODS for m in qlayers.values()) else "token"
 
 
 def save_quantized(
@@ -265,6 +291,22 @@ def check_supported(format_version: Any, layers: dict[str, Any], where: str, wri
                 f"{where}{by}: layer {name} is quantized with method {method!r} (kind {kind!r}), which this "
                 f"kd_plugins does not know (methods {list(METHODS)}): {upgrade}"
             )
+        if method in DYNAMIC_INT8_METHODS:
+            _check_dynamic_options(name, layer, f"{where}{by}", upgrade)
+
+
+def _check_dynamic_options(name: str, layer: dict[str, Any], where: str, upgrade: str) -> None:
+    fallback, rows = layer.get("fallback", DEFAULT_FALLBACK), layer.get("fallback_rows", DEFAULT_FALLBACK_ROWS)
+    if fallback not in FALLBACKS:
+        raise QuantizedCheckpointError(
+            f"{where}: layer {name} uses the decode fallback {fallback!r}, which this kd_plugins does not know "
+            f"(fallbacks {list(FALLBACKS)}): {upgrade}"
+        )
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise QuantizedCheckpointError(f"{where}: layer {name} has a malformed fallback_rows {rows!r}")
+    tau = layer.get("outlier_threshold", 0.0)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+        raise QuantizedCheckpointError(f"{where}: layer {name} has a malformed outlier_threshold {tau!r}")
 
 
 def _check_layer_tensors(ckpt: Checkpoint) -> None:
@@ -305,6 +347,21 @@ def _float_skeleton(ckpt: Checkpoint) -> nn.Module:
             (model.get_submodule(parent_name) if parent_name else model)._buffers[leaf] = t
         _restore_buffer_dtypes(model, buffer_dtypes)
     return model
+
+
+def _check_mode(layers: dict[str, dict], mode: str | None) -> None:
+    """``mode="int8"`` for a fake-quant-only layer is refused (silently running fake quantization would not be what
+    was asked for); the error says how to get int8 GEMMs."""
+    if mode != "int8":
+        return
+    fake_only = sorted({l["method"] for l in layers.values() if l["method"] not in INT8_METHODS})
+    if fake_only:
+        raise QuantizedCheckpointError(
+            f"mode='int8' was requested, but the checkpoint's {fake_only} layers are the fake-quant reference of "
+            "dynamic CrossQuant (static weights, float matmul) and have no int8 GEMM form. Load it without mode= "
+            "(fake quantization, as saved), or re-quantize the float model with "
+            "quantize(model, method='crossquant_dynamic_int8') for real int8 GEMMs"
+        )
 
 
 def _check_layer_modules(model: nn.Module, layers: dict[str, dict]) -> None:
@@ -373,6 +430,7 @@ def load_quantized(
         model = _float_skeleton(ckpt)
     if quantized_layers(model):
         raise ValueError("model= must be the float architecture, not an already quantized model")
+    _check_mode(layers, mode)
     _check_layer_modules(model, layers)
     new = {
         lname: QuantizedLinear(
@@ -385,6 +443,7 @@ def load_quantized(
             stride=tuple(l.get("stride", (1, 1))),
             mode=mode or l.get("mode", "int8"),
             backend=backend,
+            **layer_kwargs(l),
         )
         for lname, l in layers.items()
     }

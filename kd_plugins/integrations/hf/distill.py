@@ -28,6 +28,7 @@ from ...distill.fused import FusedLogitLoss
 from ...distill.onpolicy import OnPolicySampler
 from ...distill.pairs import split_pairs
 from ...distill.scaling import LossScaling
+from ...distill.teacher_set import split_routing_columns
 from ._onpolicy import trainer_on_policy_inputs
 from ._trainer import (
     TrainerPluginCallback,
@@ -85,7 +86,8 @@ class DistillationCallback(TrainerPluginCallback):
 
     Args:
         teacher: the teacher model (frozen by the callback), or a :class:`~kd_plugins.TeacherCache` of its outputs
-            over the training set (built once by :func:`~kd_plugins.build_teacher_cache`; no teacher runs).
+            over the training set (built once by :func:`~kd_plugins.build_teacher_cache`; no teacher runs), or a
+            :class:`~kd_plugins.TeacherSet` of several teachers (its routing column is kept from the student).
         config: a :class:`~kd_plugins.DistillationConfig` (default: terms chosen by the student: forward KL at T=1
             when it has logits, ``embedding_cosine`` for a bare encoder).
         teacher_tokenizer: optional; compared with the Trainer's ``processing_class`` to catch tokenizer mismatches.
@@ -177,6 +179,7 @@ class DistillationCallback(TrainerPluginCallback):
         if engine.needs_setup(trainer.model):
             engine.setup(trainer.model)
         engine.step = trainer.state.global_step
+        inputs, routing = split_routing_columns(engine.teacher_set, inputs)  # a TeacherSet's column: not the student's
         self._on_policy_logs = {}
         if model.training and cfg.lmbda > 0:  # on-policy / sequence-level KD batch (kd_plugins.distill.onpolicy)
             inputs, num_items_in_batch, self._on_policy_logs = trainer_on_policy_inputs(
@@ -199,7 +202,7 @@ class DistillationCallback(TrainerPluginCallback):
         # A pair batch: the positives get their own forward (padded on their own, see kd_plugins.PairCollator).
         positive_outputs = model(**model_inputs(positives)) if positives is not None else None
         scaling = trainer_loss_scaling(trainer, num_items_in_batch, has_task_loss=task_loss is not None)
-        result = engine.compute(inputs, outputs, scaling=scaling, positive_outputs=positive_outputs)
+        result = engine.compute({**inputs, **routing}, outputs, scaling=scaling, positive_outputs=positive_outputs)
         loss = result.loss
         if task_loss is not None:
             if not torch.isfinite(task_loss.detach()).all():

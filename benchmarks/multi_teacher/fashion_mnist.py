@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Multi-teacher distillation on Fashion-MNIST: TeacherSet, DistillNearest and DistillWeighted (not CI).
+
+Teachers of different relevance (tiny CNNs, trained here once per run, seed 0, on a pool disjoint from the
+students' images):
+
+* ``t_0to4``: trained on the images of classes 0-4 only (10-way head);
+* ``t_5to9``: classes 5-9 only;
+* ``t_all``: all classes, on a smaller pool;
+* ``t_random``: an unrelated task: a fixed random label per image (its features carry little about the classes).
+
+Student: an MLP (784-256-10) with ``--labels`` labelled images (balanced) plus ``--unlabelled`` unlabelled ones. Its
+loss is the cross-entropy on the labelled batch plus the distillation term (``kl`` at T = 2, the teachers' soft
+labels) on an unlabelled batch, through :class:`kd_plugins.DistillationEngine` (plain torch modules, task
+``seq_classification``). Arms: supervised only; each single teacher; uniform (the mixture of all four); Nearest
+(``TeacherSet.nearest``: the teacher with the best leave-one-out kNN accuracy of its penultimate features on the
+labelled images); Weighted (``TeacherSet.weighted``, ``softmax(score / tau)``, mixture aggregation). Test accuracy on
+the 10k test set after the last epoch, mean +- std over seeds (nothing tuned on the test set; tau fixed a priori).
+
+Data: Debian ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg-deb -x`` into ``.cache/fashion_mnist``; no root).
+
+    OMP_NUM_THREADS=1 python benchmarks/multi_teacher/fashion_mnist.py           # 3 seeds
+    OMP_NUM_THREADS=1 python benchmarks/multi_teacher/fashion_mnist.py --smoke   # < 2 min: small sets, 1 seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _harness
+from _harness import ROOT, command_line, log, set_threads_and_seed  # noqa: E402
+
+# isort: split
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kd_plugins import DistillationConfig, DistillationEngine, TeacherSet  # noqa: E402
+from kd_plugins.distill import score_teachers  # noqa: E402
+
+CACHE = ROOT / ".cache" / "fashion_mnist"
+DEB = "dataset-fashion-mnist"
+MEAN, STD = 0.2860, 0.3530
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------- data
+def data_dir() -> Path:
+    """The extracted Debian package (downloaded and unpacked on first use, without root)."""
+    target = CACHE / "usr" / "share" / "datasets" / "fashion-mnist"
+    if target.is_dir():
+        return target
+    for system in (Path("/usr/share/datasets/fashion-mnist"),):
+        if system.is_dir():
+            return system
+    CACHE.mkdir(parents=True, exist_ok=True)
+    debs = sorted(Path("/var/cache/apt/archives").glob(f"{DEB}_*.deb")) or sorted(CACHE.glob(f"{DEB}_*.deb"))
+    if not debs:
+        subprocess.run(["apt-get", "download", DEB], cwd=CACHE, check=True)
+        debs = sorted(CACHE.glob(f"{DEB}_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(CACHE)], check=True)
+    return target
+
+
+def read_idx(path: Path) -> np.ndarray:
+    b = gzip.open(path, "rb").read()
+    nd = b[3]
+    dims = [int.from_bytes(b[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd)]
+    return np.frombuffer(b, np.uint8, offset=4 + 4 * nd).reshape(dims)
+
+
+def load(args) -> dict:
+    d = data_dir()
+    prep = lambda x: ((torch.from_numpy(x.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1)  # noqa: E731
+    x, y = (
+        prep(read_idx(d / "train-images-idx3-ubyte.gz")),
+        torch.from_numpy(read_idx(d / "train-labels-idx1-ubyte.gz").astype(np.int64)),
+    )
+    xt, yt = (
+        prep(read_idx(d / "t10k-images-idx3-ubyte.gz")),
+        torch.from_numpy(read_idx(d / "t10k-labels-idx1-ubyte.gz").astype(np.int64)),
+    )
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    pool, rest = perm[: args.teacher_pool], perm[args.teacher_pool :]
+    per_class = args.labels // 10
+    labelled = torch.cat([rest[y[rest] == c][:per_class] for c in range(10)])
+    unlabelled = rest[~torch.isin(rest, labelled)][: args.unlabelled]
+    test = torch.arange(len(xt))[: args.test]
+    return {
+        "pool": (x[pool], y[pool]),
+        "labelled": (x[labelled], y[labelled]),
+        "unlabelled": x[unlabelled],
+        "test": (xt[test], yt[test]),
+    }
+
+
+# ---------------------------------------------------------------------- models
+class CNN(nn.Module):
+    """A tiny teacher: two conv blocks, a 64-wide penultimate layer, a 10-way head; returns ``{"logits": ...}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(64, 10)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.body(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict:
+        return {"logits": self.head(self.body(pixel_values))}
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, pixel_values: torch.Tensor) -> dict:
+        return {"logits": self.net(pixel_values)}
+
+
+def train_teacher(x, y, epochs: int, seed: int = 0) -> CNN:
+    torch.manual_seed(seed)
+    model = CNN()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            loss = F.cross_entropy(model(x[idx])["logits"], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def teachers(data: dict, args) -> dict[str, CNN]:
+    x, y = data["pool"]
+    low, high = y < 5, y >= 5
+    n_all = len(x) // 4
+    random_labels = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(1))
+    specs = {
+        "t_0to4": (x[low], y[low]),
+        "t_5to9": (x[high], y[high]),
+        "t_all": (x[:n_all], y[:n_all]),
+        "t_random": (x, random_labels),
+    }
+    out = {}
+    for name, (tx, ty) in specs.items():
+        t0 = time.time()
+        out[name] = train_teacher(tx, ty, args.teacher_epochs)
+        acc = accuracy(out[name], data["test"])
+        log(f"teacher {name}: {len(tx)} images, test acc {acc:.4f} ({time.time() - t0:.0f}s)")
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data, bs: int = 1000) -> float:
+    x, y = data
+    model.eval()
+    hits = sum(int((model(x[i : i + bs])["logits"].argmax(-1) == y[i : i + bs]).sum()) for i in range(0, len(x), bs))
+    return hits / len(x)
+
+
+# ---------------------------------------------------------------------- students
+def train_student(data: dict, teacher, seed: int, args) -> float:
+    """CE on the labelled images + the distillation term on unlabelled batches; test accuracy."""
+    set_threads_and_seed(args.threads, seed)
+    student = MLP()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    engine = None
+    if teacher is not None:
+        cfg = DistillationConfig(task="seq_classification", loss_terms="kl", temperature=args.temperature)
+        engine = DistillationEngine(teacher, cfg)
+        engine.setup(student)
+    (xl, yl), xu = data["labelled"], data["unlabelled"]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(xu), generator=g).split(args.batch_size):
+            lab = torch.randint(0, len(xl), (min(args.batch_size, len(xl)),), generator=g)
+            loss = F.cross_entropy(student(xl[lab])["logits"], yl[lab])
+            if engine is not None:
+                batch = {"pixel_values": xu[idx]}
+                loss = loss + args.kd_weight * engine.compute(batch, student(**batch)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return accuracy(student, data["test"])
+
+
+def arms(t: dict[str, CNN], scores: list[float], tau: float) -> dict:
+    names = list(t)
+    out = {"supervised": None}
+    out.update({f"single:{n}": TeacherSet({n: t[n]}) for n in names})
+    out["uniform"] = TeacherSet(t)
+    out["nearest"] = TeacherSet.nearest(t, scores)
+    out["weighted"] = TeacherSet.weighted(t, scores, tau)
+    return out
+
+
+def summary(results: dict) -> list[str]:
+    lines = ["| arm | test accuracy (mean ± std) | per seed |", "|---|---|---|"]
+    for arm, accs in results.items():
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {arm} | {statistics.mean(accs):.4f} ± {std:.4f} | {', '.join(f'{a:.4f}' for a in accs)} |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="small sets, 1 seed, 1 epoch (< 2 min on 1 thread)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-pool", type=int, default=24000)
+    p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--labels", type=int, default=100, help="labelled student images (balanced over 10 classes)")
+    p.add_argument("--unlabelled", type=int, default=10000)
+    p.add_argument("--test", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=0.05, help="DistillWeighted temperature on kNN accuracies")
+    p.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.teacher_pool, args.teacher_epochs = [0], 4000, 1
+        args.unlabelled, args.test, args.epochs = 2000, 2000, 1
+        args.out = str(RESULTS / "fashion_mnist_smoke.json")
+    set_threads_and_seed(args.threads, 0)
+    t_start = time.time()
+    data = load(args)
+    t = teachers(data, args)
+    xl, yl = data["labelled"]
+    scores = score_teachers(t, [(xl, yl)], "knn", features=lambda m, x: m.features(x))
+    weights = TeacherSet.weighted(t, scores, args.tau).weights.tolist()
+    log("kNN scores " + ", ".join(f"{n} {s:.3f} (w {w:.3f})" for n, s, w in zip(t, scores, weights)))
+    results = {}
+    for arm, teacher in arms(t, scores, args.tau).items():
+        results[arm] = [train_student(data, teacher, seed, args) for seed in args.seeds]
+        log(f"{arm}: {results[arm]}")
+    lines = summary(results)
+    print("\n".join(lines))
+    record = {
+        "command": command_line(__file__, argv),
+        "args": vars(args),
+        "teachers": {
+            n: {"test_accuracy": accuracy(m, data["test"]), "knn_score": s, "weight": w}
+            for (n, m), s, w in zip(t.items(), scores, weights)
+        },  # fmt: skip
+        "nearest": TeacherSet.nearest(t, scores).names[0],
+        "results": results,
+        "table": lines,
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    log(f"wrote {args.out} ({record['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
