@@ -24,6 +24,7 @@ CONFIGS = [
     ("kd_plugins.speculative", "SpeculativeConfig"),
     ("kd_plugins.sparseft", "SparseFTConfig"),
     ("kd_plugins.crosstok", "TokenizerTransferConfig"),
+    ("kd_plugins.distill.mst", "MSTConfig"),
 ]
 #: One valid non-default value per config, for the precedence test.
 OVERRIDE = {
@@ -37,6 +38,7 @@ OVERRIDE = {
     "SpeculativeConfig": ("num_draft_tokens", 6),
     "SparseFTConfig": ("density", 0.1),
     "TokenizerTransferConfig": ("steps", 7),
+    "MSTConfig": ("balance_weight", 0.5),
 }
 CALLBACKS = [
     "DistillationCallback",

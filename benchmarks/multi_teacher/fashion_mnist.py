@@ -14,8 +14,11 @@ loss is the cross-entropy on the labelled batch plus the distillation term (``kl
 labels) on an unlabelled batch, through :class:`kd_plugins.DistillationEngine` (plain torch modules, task
 ``seq_classification``). Arms: supervised only; each single teacher; uniform (the mixture of all four); Nearest
 (``TeacherSet.nearest``: the teacher with the best leave-one-out kNN accuracy of its penultimate features on the
-labelled images); Weighted (``TeacherSet.weighted``, ``softmax(score / tau)``, mixture aggregation). Test accuracy on
-the 10k test set after the last epoch, mean +- std over seeds (nothing tuned on the test set; tau fixed a priori).
+labelled images); Weighted (``TeacherSet.weighted``, ``softmax(score / tau)``, mixture aggregation); MST-routed
+(``MSTTeacherSet``: MST-Distill's top-1 router on the student's logits over the four plain teachers, balance term
+weight 1, straight-through router gradient; no masks; its router is trained by ``engine.projector_step``, and each
+teacher's share of the last epoch's rows is recorded). Test accuracy on the 10k test set after the last epoch,
+mean +- std over seeds (nothing tuned on the test set; tau fixed a priori).
 
 Data: Debian ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg-deb -x`` into ``.cache/fashion_mnist``; no root).
 
@@ -45,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kd_plugins import DistillationConfig, DistillationEngine, TeacherSet  # noqa: E402
 from kd_plugins.distill import score_teachers  # noqa: E402
+from kd_plugins.distill.mst import MSTTeacherSet  # noqa: E402
 
 CACHE = ROOT / ".cache" / "fashion_mnist"
 DEB = "dataset-fashion-mnist"
@@ -174,8 +178,9 @@ def accuracy(model: nn.Module, data, bs: int = 1000) -> float:
 
 
 # ---------------------------------------------------------------------- students
-def train_student(data: dict, teacher, seed: int, args) -> float:
-    """CE on the labelled images + the distillation term on unlabelled batches; test accuracy."""
+def train_student(data: dict, teacher, seed: int, args, routing: list | None = None) -> float:
+    """CE on the labelled images + the distillation term on unlabelled batches; test accuracy. ``routing`` (MST):
+    receives the top-1 teacher index of every row of the last epoch."""
     set_threads_and_seed(args.threads, seed)
     student = MLP()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
@@ -186,7 +191,7 @@ def train_student(data: dict, teacher, seed: int, args) -> float:
         engine.setup(student)
     (xl, yl), xu = data["labelled"], data["unlabelled"]
     g = torch.Generator().manual_seed(seed)
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         for idx in torch.randperm(len(xu), generator=g).split(args.batch_size):
             lab = torch.randint(0, len(xl), (min(args.batch_size, len(xl)),), generator=g)
             loss = F.cross_entropy(student(xl[lab])["logits"], yl[lab])
@@ -196,6 +201,10 @@ def train_student(data: dict, teacher, seed: int, args) -> float:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if engine is not None:
+                engine.projector_step(lr=1e-3)  # MST's router (no-op for the other arms: nothing to train)
+            if routing is not None and epoch == args.epochs - 1:
+                routing.append(teacher.last_routing.index[:, 0])
     return accuracy(student, data["test"])
 
 
@@ -206,6 +215,7 @@ def arms(t: dict[str, CNN], scores: list[float], tau: float) -> dict:
     out["uniform"] = TeacherSet(t)
     out["nearest"] = TeacherSet.nearest(t, scores)
     out["weighted"] = TeacherSet.weighted(t, scores, tau)
+    out["mst_routed"] = lambda: MSTTeacherSet(t)  # a fresh router per seed
     return out
 
 
@@ -246,9 +256,18 @@ def main(argv=None):
     scores = score_teachers(t, [(xl, yl)], "knn", features=lambda m, x: m.features(x))
     weights = TeacherSet.weighted(t, scores, args.tau).weights.tolist()
     log("kNN scores " + ", ".join(f"{n} {s:.3f} (w {w:.3f})" for n, s, w in zip(t, scores, weights)))
-    results = {}
+    results, mst_routing = {}, {}
     for arm, teacher in arms(t, scores, args.tau).items():
-        results[arm] = [train_student(data, teacher, seed, args) for seed in args.seeds]
+        results[arm] = []
+        for seed in args.seeds:
+            if callable(teacher):  # MST: a fresh set (router) per seed, and its routing shares
+                routed: list = []
+                results[arm].append(train_student(data, teacher(), seed, args, routing=routed))
+                counts = torch.bincount(torch.cat(routed), minlength=len(t)).float()
+                mst_routing[seed] = {n: round(float(c), 4) for n, c in zip(t, counts / counts.sum())}
+                log(f"{arm} seed {seed}: rows routed per teacher {mst_routing[seed]}")
+            else:
+                results[arm].append(train_student(data, teacher, seed, args))
         log(f"{arm}: {results[arm]}")
     lines = summary(results)
     print("\n".join(lines))
@@ -261,6 +280,7 @@ def main(argv=None):
         },  # fmt: skip
         "nearest": TeacherSet.nearest(t, scores).names[0],
         "results": results,
+        "mst_routing": mst_routing,
         "table": lines,
         "wall_s": round(time.time() - t_start, 1),
     }

@@ -11,6 +11,8 @@ TASKS = ("auto", "causal_lm", "masked_lm", "seq_classification", "token_classifi
 VOCAB_ALIGNMENTS = ("error", "truncate", "pad")
 POOLINGS = ("mean", "cls")
 TEACHER_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
+#: ``teacher_quantization`` values (kd_plugins/distill/teacher_quant.py says what each does and why).
+TEACHER_QUANTIZATIONS = (None, "int8", "nf4")
 #: ``loss_terms`` left unset: chosen by the student's task when the engine is set up (the one INFO line it logs says
 #: which). Students with logits (LMs, classifiers) get forward KL. Bare encoders have no logits and get the cosine
 #: distance of the pooled sentence embeddings: it is scale-free (teacher and student embedding norms differ widely,
@@ -92,6 +94,13 @@ class DistillationConfig:
         },
     )
     teacher_dtype: str | None = field(default=None, metadata={"help": "Cast the teacher: float32|bfloat16|..."})
+    teacher_quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize the teacher's linear layers to save memory: 'int8' (kd_plugins' W8A8, per-token "
+            "activations, no extra package) or 'nf4' (bitsandbytes 4-bit, `pip install bitsandbytes`). Unset: as given."
+        },
+    )
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of projectors (default: the Trainer's current lr)."}
     )
@@ -189,6 +198,11 @@ class DistillationConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        if self.teacher_quantization not in TEACHER_QUANTIZATIONS:
+            raise ValueError(
+                f"teacher_quantization must be one of {TEACHER_QUANTIZATIONS}, got {self.teacher_quantization!r}; "
+                "use 'int8' (no extra package) or 'nf4' (bitsandbytes), or leave it unset."
+            )
         if self.fused_chunk_size <= 0:
             raise ValueError(f"fused_chunk_size must be > 0, got {self.fused_chunk_size}")
         self.loss_terms, self.loss_kwargs, self.feature_pairs, self.attention_layer_map = terms, kwargs, pairs, attn

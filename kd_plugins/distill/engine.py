@@ -194,7 +194,12 @@ class DistillationEngine:
             self.config = self.teacher_set.fit_config(self.config)
             self.runner = self.teacher_set.bind(self.config)
         else:
-            self.runner = Teacher(teacher, device=self.config.teacher_device, dtype=self.config.teacher_dtype)
+            self.runner = Teacher(
+                teacher,
+                device=self.config.teacher_device,
+                dtype=self.config.teacher_dtype,
+                quantization=self.config.teacher_quantization,
+            )
         self._given_config = self.config  # unset loss_terms are resolved from it at every setup
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer

@@ -22,6 +22,7 @@ from .._utils import unwrap_model
 from ..losses._common import IGNORE_INDEX
 from .engine import DistillationEngine, KDResult
 from .scaling import LossScaling
+from .sharded_teacher import is_sharded
 from .terms import check_finite
 
 __all__ = ["FusedLogitLoss", "FusedOutput", "FUSABLE_DIVERGENCES"]
@@ -80,6 +81,8 @@ class FusedLogitLoss:
         for role, m in (("student", student), ("teacher", engine.teacher)):
             if "logits_to_keep" not in inspect.signature(m.forward).parameters or not hasattr(m, "get_decoder"):
                 reasons.append(f"the {role} does not support logits_to_keep/get_decoder()")
+            if is_sharded(m):  # FSDP2: the output head's weight is this rank's shard, not the whole matrix
+                reasons.append(f"the {role} is sharded (FSDP2): the fused kernel needs its whole output head")
         sv = getattr(getattr(student, "config", None), "vocab_size", None)
         tv = getattr(getattr(engine.teacher, "config", None), "vocab_size", None)
         if sv != tv:

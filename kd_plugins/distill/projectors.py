@@ -55,6 +55,17 @@ class ProjectorBank:
             self._build_optimizer()
         return self.modules[safe]
 
+    def add(self, key: str, module: nn.Module) -> nn.Module:
+        """Register a trainable module built elsewhere (MST-Distill's router) under ``key``: it is then stepped,
+        saved and restored with the projectors. A key already registered keeps its module, which is returned."""
+        safe = key.replace(".", "__")
+        if safe not in self.modules:
+            self.modules[safe] = module
+            if self._pending is not None:
+                self._load_module_state(safe)
+            self._build_optimizer()
+        return self.modules[safe]
+
     def _build_optimizer(self) -> None:
         params = list(self.modules.parameters())
         if not params:

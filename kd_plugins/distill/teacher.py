@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .._utils import model_device, to_device, unwrap_model
+from .sharded_teacher import check_sharded_placement, is_sharded
 
 __all__ = ["Teacher", "freeze_teacher", "DTYPES"]
 
@@ -41,9 +42,21 @@ class Teacher:
         device: ``None`` (the teacher must already sit with the student), ``"student"`` (moved to the student's
             device by :meth:`place`) or a device string (moved there; inputs follow it).
         dtype: optional dtype name (``"bfloat16"``, ...) the teacher is cast to by :meth:`place`.
+        quantization: ``None``, ``"int8"`` or ``"nf4"``: the teacher's linear layers are quantized once by
+            :meth:`place`, after the dtype cast and before the move (``distill/teacher_quant.py``).
+
+    A teacher sharded with :func:`~kd_plugins.distill.sharded_teacher.shard_teacher` (FSDP2) runs as it is: it must
+    already sit on the student's device, and is never moved, cast or quantized here.
     """
 
-    def __init__(self, module: nn.Module, *, device: str | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        quantization: str | None = None,
+    ):
         if isinstance(module, Teacher):
             module = module.module
         if not isinstance(module, nn.Module):
@@ -53,9 +66,14 @@ class Teacher:
             )
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"teacher dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.sharded = is_sharded(module)
+        if quantization is not None:
+            _check_quantization(quantization, self.sharded)
         self.module = freeze_teacher(module)
         self.device_policy = device
         self.dtype = dtype
+        self.quantization = quantization
+        self._quantized = False  # converted by the first place()
         self._placed: torch.device | None = None  # set by place() when the policy moves the teacher
         self._params = None
 
@@ -70,8 +88,8 @@ class Teacher:
         student = unwrap_model(student)
         if student is self.module:
             raise ValueError("The teacher is the student itself; pass a separate (frozen) teacher model.")
-        tparams = {p.data_ptr() for p in self.module.parameters()}
-        if any(p.data_ptr() in tparams for p in student.parameters() if p.requires_grad):
+        tparams = {_storage_ptr(p) for p in self.module.parameters()}
+        if any(_storage_ptr(p) in tparams for p in student.parameters() if p.requires_grad):
             raise ValueError(
                 "The teacher shares trainable parameters with the student; pass a deep copy "
                 "(copy.deepcopy(model)) as the teacher."
@@ -86,8 +104,15 @@ class Teacher:
         """Apply the dtype and device policy against ``student``'s device; never leave the teacher elsewhere
         silently. Returns the teacher's device."""
         s_dev, t_dev = model_device(unwrap_model(student)), model_device(self.module)
+        if self.sharded:
+            return check_sharded_placement(self.module, s_dev, device_policy=self.device_policy, dtype=self.dtype)
         if self.dtype is not None:
             self.module.to(DTYPES[self.dtype])
+        if self.quantization is not None and not self._quantized:
+            from .teacher_quant import quantize_teacher
+
+            quantize_teacher(self.module, self.quantization)  # before the move: float weights stay where they were
+            self._quantized = True
         if self.device_policy is None:
             if s_dev != t_dev:
                 raise ValueError(
@@ -104,6 +129,10 @@ class Teacher:
     def moved_to(self, device: torch.device | str) -> Iterator[Teacher]:
         """Run on ``device`` inside the block, then move back to where it was placed (a teacher parked on CPU that
         visits the student's device only for its rows, see :class:`~kd_plugins.distill.teacher_set.TeacherSet`)."""
+        if self.sharded:
+            raise ValueError(
+                "A sharded (FSDP2) teacher cannot be moved between devices (offload); use offload=False with it."
+            )
         home = self.device
         self._placed = torch.device(device)
         self.module.to(self._placed)
@@ -142,3 +171,28 @@ class Teacher:
         """Forward on a Hugging Face style batch (``model_inputs(batch)`` plus ``extra`` keyword arguments)."""
         inputs = {**self.model_inputs(batch), **extra}
         return self.run(lambda m: m(**inputs))
+
+
+def _storage_ptr(p: torch.Tensor) -> int:
+    """Where a parameter's data lives: for a ``DTensor`` (FSDP2) its local shard (``DTensor.data_ptr()`` is 0), for a
+    DeepSpeed ZeRO-3 parameter its partition ``ds_tensor`` (its ``.data`` is an empty placeholder)."""
+    if getattr(p, "ds_tensor", None) is not None:
+        return p.ds_tensor.data_ptr()
+    local = getattr(p, "to_local", None)
+    return local().data_ptr() if callable(local) else p.data_ptr()
+
+
+def _check_quantization(quantization: str, sharded: bool) -> None:
+    """Fail at construction, not at the first step: unknown value, missing bitsandbytes, a sharded teacher."""
+    from .teacher_quant import TEACHER_QUANTIZATIONS, require_bitsandbytes
+
+    if quantization not in TEACHER_QUANTIZATIONS:
+        raise ValueError(f"teacher quantization must be one of {TEACHER_QUANTIZATIONS}, got {quantization!r}")
+    if sharded:
+        raise ValueError(
+            f"teacher_quantization={quantization!r} with a sharded (FSDP2) teacher is not supported: quantized "
+            "layers keep their weights as buffers, which FSDP does not shard. Shard the float teacher, or quantize "
+            "a replicated one."
+        )
+    if quantization == "nf4":
+        require_bitsandbytes()

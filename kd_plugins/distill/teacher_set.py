@@ -271,8 +271,16 @@ class TeacherSet:
         """Build one :class:`Teacher` per member (offloaded sets park theirs on CPU). Returns the first: the
         engine's single-teacher checks and hooks use it."""
         device = "cpu" if self.offload else config.teacher_device
-        self.runners = [Teacher(m, device=device, dtype=config.teacher_dtype) for m in self.modules]
+        self.runners = [
+            Teacher(m, device=device, dtype=config.teacher_dtype, quantization=config.teacher_quantization)
+            for m in self.modules
+        ]
         self._row_losses = {}
+        if len(self.runners) > 1 and any(r.sharded for r in self.runners):  # see distill/sharded_teacher.py
+            raise ValueError(
+                "A TeacherSet of several teachers runs each teacher on its routed rows only, so ranks would run a "
+                "sharded (FSDP2) teacher a different number of times and deadlock. Shard only a single teacher."
+            )
         return self.runners[0]
 
     def setup(self, engine: Any, student: nn.Module) -> None:
