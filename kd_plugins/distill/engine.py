@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .._config import resolve_config
 from .._utils import model_device, unwrap_model
 from ..losses import get_loss, get_loss_spec
-from ..losses._common import IGNORE_INDEX
+from ..losses._common import valid_mask
 from ..losses.feature import mean_pool
 from .cache import TeacherCache
 from .config import DistillationConfig
@@ -684,13 +684,8 @@ def _check_no_attention_dropout(student: nn.Module) -> None:
             )
 
 
-def _valid_rows(logits: torch.Tensor, labels, mask) -> torch.Tensor:
-    valid = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if labels is not None:
-        valid &= labels.to(valid.device) != IGNORE_INDEX
-    if mask is not None:
-        valid &= mask.to(valid.device).bool()
-    return valid
+def _valid_rows(logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    return valid_mask(logits.shape[:-1], labels=labels, mask=mask, device=logits.device)
 
 
 def _count_rows(logits, labels, mask) -> int:

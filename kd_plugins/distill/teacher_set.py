@@ -46,7 +46,7 @@ import torch.nn as nn
 from .._config import resolve_config
 from .._utils import model_device
 from ..losses import get_loss, get_loss_spec
-from ..losses._common import IGNORE_INDEX
+from ..losses._common import valid_mask
 from .config import DistillationConfig
 from .teacher import Teacher
 
@@ -539,9 +539,4 @@ def _logits_of(out: Any) -> torch.Tensor:
 
 
 def _valid_rows(logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-    valid = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if labels is not None:
-        valid &= labels.to(valid.device) != IGNORE_INDEX
-    if mask is not None:
-        valid &= mask.to(valid.device).bool()
-    return valid
+    return valid_mask(logits.shape[:-1], labels=labels, mask=mask, device=logits.device)
