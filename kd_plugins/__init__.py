@@ -84,6 +84,10 @@ _LAZY = {
     "PreferenceDistillationConfig": "kd_plugins.moe",
     "MoEBalanceCallback": "kd_plugins.integrations.hf",
     "PreferenceDistillationCallback": "kd_plugins.integrations.hf",
+    "WADWeights": "kd_plugins.distill.wad",
+    "wad_weights": "kd_plugins.distill.wad",
+    "wad_loss": "kd_plugins.distill.wad",
+    "weighted_distillation_loss": "kd_plugins.losses.weighted",
 }
 
 
