@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import IGNORE_INDEX, REDUCTIONS, valid_mask
+from ._common import IGNORE_INDEX, REDUCTIONS, reduce_rows, valid_mask
 from .registry import get_loss_function, get_loss_spec
 
 __all__ = ["weighted_distillation_loss"]
@@ -83,12 +83,5 @@ def weighted_distillation_loss(
     weighted = per_row * weights.to(per_row.device, per_row.dtype)
     if reduction == "none":
         return weighted
-    total = weighted.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device, total.dtype)
-        return total / num_items_in_batch
-    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=student_logits.device)
-    return total / max(int(valid.sum()), 1)
+    valid = valid_mask(prefix, labels=labels, mask=mask, ignore_index=ignore_index, device=weighted.device)
+    return reduce_rows(weighted[valid], valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
