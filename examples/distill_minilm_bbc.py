@@ -46,6 +46,7 @@ from kd_plugins import (  # noqa: E402
     DistillationCallback,
     DistillationConfig,
     PairCollator,
+    TopicAwareBatches,
     build_teacher_cache,
     inherit_student,
     quantize,
@@ -62,6 +63,9 @@ RECIPE = dict(
     max_length=256,  # training truncation (evaluation always uses 256)
     loss_terms="embedding_mse:1.0,infonce:1.0",
     loss_kwargs='{"embedding_mse": {"normalize": true}, "infonce": {"temperature": 0.05}}',
+    batching="random",  # "topic": TopicAwareBatches (batches drawn from teacher-embedding clusters)
+    topic_clusters=0,  # 0: TopicAwareBatches' default (N // (4 * batch))
+    topic_side="anchor",
 )
 
 
@@ -126,6 +130,16 @@ def distill(teacher, tokenizer, train_articles, args, output_dir: str):
     config = DistillationConfig(
         loss_terms=args.loss_terms, loss_kwargs=args.loss_kwargs, pooling="mean", task="encoder"
     )
+    train_data = pairs
+    if args.batching == "topic":
+        train_data = TopicAwareBatches(
+            pairs,
+            cache,
+            args.batch_articles,
+            n_clusters=args.topic_clusters or None,
+            side=args.topic_side,
+            seed=args.seed,
+        )
     budget = TimeBudget(args.max_minutes)
     targs = TrainingArguments(
         output_dir=os.path.join(output_dir, "trainer"),
@@ -149,7 +163,7 @@ def distill(teacher, tokenizer, train_articles, args, output_dir: str):
     trainer = Trainer(
         model=student,
         args=targs,
-        train_dataset=pairs,
+        train_dataset=train_data,
         data_collator=PairCollator(tokenizer),
         processing_class=tokenizer,
         callbacks=[DistillationCallback(cache, config), budget],
@@ -211,6 +225,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=RECIPE["max_length"])
     p.add_argument("--loss-terms", default=RECIPE["loss_terms"], help="DistillationConfig.loss_terms")
     p.add_argument("--loss-kwargs", default=RECIPE["loss_kwargs"], help="DistillationConfig.loss_kwargs (JSON)")
+    p.add_argument("--batching", choices=("random", "topic"), default=RECIPE["batching"])
+    p.add_argument("--topic-clusters", type=int, default=RECIPE["topic_clusters"])
+    p.add_argument("--topic-side", choices=("anchor", "positive", "both"), default=RECIPE["topic_side"])
     p.add_argument(
         "--eval-articles",
         type=int,

@@ -44,6 +44,7 @@ _LAZY = {
     "fused_linear_kd_loss": "kd_plugins.kernels",
     "TeacherCache": "kd_plugins.distill",
     "PairCollator": "kd_plugins.distill",
+    "TopicAwareBatches": "kd_plugins.distill",
     "build_teacher_cache": "kd_plugins.distill",
     "save_teacher_cache": "kd_plugins.distill",
     "load_teacher_cache": "kd_plugins.distill",
@@ -88,6 +89,13 @@ _LAZY = {
     "wad_weights": "kd_plugins.distill.wad",
     "wad_loss": "kd_plugins.distill.wad",
     "weighted_distillation_loss": "kd_plugins.losses.weighted",
+    "WADConfig": "kd_plugins.distill.wad_config",
+    "wad_weights_from_teacher": "kd_plugins.distill.wad_batch",
+    "WADCallback": "kd_plugins.integrations.hf",
+    "WADTask": "kd_plugins.integrations.timm.wad",
+    "WADDataset": "kd_plugins.integrations.timm.wad",
+    "ProCKDTask": "kd_plugins.integrations.timm",
+    "ProCKDConfig": "kd_plugins.vision.prockd",
 }
 
 

@@ -25,6 +25,8 @@ CONFIGS = [
     ("kd_plugins.sparseft", "SparseFTConfig"),
     ("kd_plugins.crosstok", "TokenizerTransferConfig"),
     ("kd_plugins.distill.mst", "MSTConfig"),
+    ("kd_plugins.distill.wad_config", "WADConfig"),
+    ("kd_plugins.vision.prockd", "ProCKDConfig"),
 ]
 #: One valid non-default value per config, for the precedence test.
 OVERRIDE = {
@@ -39,6 +41,8 @@ OVERRIDE = {
     "SparseFTConfig": ("density", 0.1),
     "TokenizerTransferConfig": ("steps", 7),
     "MSTConfig": ("balance_weight", 0.5),
+    "WADConfig": ("wad_weight", 0.5),
+    "ProCKDConfig": ("num_prototypes", 16),
 }
 CALLBACKS = [
     "DistillationCallback",

@@ -11,6 +11,7 @@ from kd_plugins import DistillationCallback, DistillationConfig, PairCollator, b
 from kd_plugins.distill import DistillationEngine
 from kd_plugins.distill.pairs import split_pairs
 from kd_plugins.losses import get_loss, infonce, mean_pool
+from kd_plugins.losses.pair import pair_kl
 
 PAIR_CFG = dict(loss_terms={"embedding_mse": 1.0, "infonce": 0.5}, task="encoder", pooling="mean")
 
@@ -80,6 +81,31 @@ def test_infonce_matches_hand_computation_and_properties():
         infonce(a[:1], p[:1])
 
 
+def test_pair_kl_matches_hand_computation_and_properties():
+    torch.manual_seed(0)
+    a, p, ta, tp = (torch.randn(5, 8) for _ in range(4))
+    cos = lambda x, y: F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T  # noqa: E731
+    t = F.softmax(cos(ta, tp) / 0.1, -1)
+    expect = (t * (t.log() - F.log_softmax(cos(a, p) / 0.1, -1))).sum(-1)
+    assert torch.allclose(pair_kl(a, p, ta, tp, temperature=0.1, reduction="none"), expect, atol=1e-5)
+    assert float(pair_kl(ta, tp, ta, tp)) < 1e-6  # zero when the student scores like the teacher
+    assert float(pair_kl(3 * ta, 0.5 * tp, ta, tp)) < 1e-6  # cosine scores: invariant to embedding scale
+    assert float(pair_kl(a, p, ta, tp)) > 0
+    sharper = pair_kl(a, p, ta, tp, temperature=0.1, teacher_temperature=0.01, reduction="none")
+    t_sharp = F.softmax(cos(ta, tp) / 0.01, -1)
+    ref = (t_sharp * (t_sharp.clamp_min(1e-30).log() - F.log_softmax(cos(a, p) / 0.1, -1))).sum(-1)
+    assert torch.allclose(sharper, ref, atol=1e-4)
+    a.requires_grad_(True)
+    pair_kl(a, p, ta, tp).backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    with pytest.raises(ValueError, match="teacher pairs"):
+        pair_kl(a, p, ta[:4], tp[:4])
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        pair_kl(a, p, ta, tp, teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="teacher's anchor and positive"):
+        get_loss("pair_kl")(a, p)
+
+
 def _engine(teacher_or_cache, student, **cfg):
     engine = DistillationEngine(teacher_or_cache, DistillationConfig(**{**PAIR_CFG, **cfg}))
     engine.setup(student)
@@ -101,6 +127,8 @@ def test_pair_batch_terms_equal_the_hand_computed_objective():
     assert torch.allclose(result.terms["embedding_mse"], mse, atol=1e-6)
     assert torch.allclose(result.terms["infonce"], nce, atol=1e-6)
     assert torch.allclose(result.loss, mse + 0.5 * nce, atol=1e-6)
+    kl = _engine(teacher, student, loss_terms={"pair_kl": 1.0}).compute(batch, s_a, positive_outputs=s_p)
+    assert torch.allclose(kl.terms["pair_kl"], pair_kl(pool[0], pool[1], tpool[0], tpool[1]), atol=1e-6)
 
 
 def test_pair_cache_is_built_from_both_groups_and_matches_the_live_teacher():

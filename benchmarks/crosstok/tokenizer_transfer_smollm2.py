@@ -11,7 +11,8 @@ Setup (fixed before any run):
 
 * New tokenizer: a byte-level BPE (``Ġ`` convention, SmolLM2's special tokens with SmolLM2's roles), trained with
   the ``tokenizers`` library on the training text, ``--vocab-size`` tokens (16,000).
-* Training text: Jane Austen's novels other than *Persuasion* (Debian ``r-cran-janeaustenr``), paragraphs cut at
+* Training text (``--train-domain``): Jane Austen's novels other than *Persuasion* (Debian ``r-cran-janeaustenr``;
+  default) or, the reverse direction, the paragraphs of the BBC News training-split articles; paragraphs cut at
   whitespace into rows of at most ``--seq-len`` new tokens.
 * Arms (``--arms``): ``init`` (embedding initialisation only), ``ce`` (cross-entropy on the text), ``ce_uld``
   (CE + ULD), ``ce_alm`` (CE + ALM), ``alm`` (ALM only). Weights 1.0 each; ALM in its default form (binarised CE,
@@ -26,6 +27,10 @@ Setup (fixed before any run):
     ``mean_k |log P_S(c_k) - log P_T(c_k)|`` in nats over the chunks both tokenizations end on (ALM's ``abs``
     form).
 
+* Cross-model arms (``small_ce``, ``small_ce_alm``; run them with ``--arms small_ce,small_ce_alm``): a student of
+  another size and tokenizer (the transferred SmolLM2 cut to ``--small-layers`` = 10 of its 30 layers by
+  ``inherit_student``) distilled from the full SmolLM2 with its own tokenizer: CE only vs CE + ALM.
+
 ``--smoke`` runs every arm for 2 steps on a tiny slice (a 1,000-token BPE, rows of 32 tokens, 4 evaluation
 texts of at most 200 characters) to check the script end to end; its figures mean nothing (about 2 minutes with
 one thread on the 2-core development machine).
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import os
@@ -56,6 +62,7 @@ from benchmarks.data.bbc import article_paragraphs, split_articles  # noqa: E402
 from benchmarks.data.lm import jane_austen_texts, load_smollm2  # noqa: E402
 from kd_plugins.crosstok import CrossTokenizerTeacher, cross_tokenizer_loss  # noqa: E402
 from kd_plugins.crosstok.transfer import TokenizerTransferConfig, transfer_tokenizer  # noqa: E402
+from kd_plugins.distill import inherit_student  # noqa: E402
 
 ARMS = {  # arm -> (alm_weight, uld_weight, ce_weight); None: no training
     "init": None,
@@ -64,6 +71,9 @@ ARMS = {  # arm -> (alm_weight, uld_weight, ce_weight); None: no training
     "ce_alm": (1.0, 0.0, 1.0),
     "alm": (1.0, 0.0, 0.0),
 }
+# Cross-model arms: a student of another size *and* tokenizer (SmolLM2 moved to the new tokenizer, then cut to
+# ``--small-layers`` of its 30 layers) distilled from the full SmolLM2 with its own tokenizer.
+CROSS_MODEL_ARMS = {"small_ce": (0.0, 0.0, 1.0), "small_ce_alm": (1.0, 0.0, 1.0)}
 HELDOUT_NOVEL = "persuasion"
 CONTEXT_TOKEN = "<|endoftext|>"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's, with its roles (unk, bos, eos = pad)
@@ -73,7 +83,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms out of {list(ARMS)}")
+    p.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma-separated arms out of {list(ARMS) + list(CROSS_MODEL_ARMS)}",
+    )
+    p.add_argument(
+        "--train-domain",
+        choices=("austen", "bbc"),
+        default="austen",
+        help="text the new tokenizer and the students are trained on; the other domain is the held-out one",
+    )
+    p.add_argument("--small-layers", type=int, default=10, help="layers of the cross-model arms' student (of 30)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of every trained arm")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="new-tokenizer tokens per training row")
@@ -92,9 +113,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--smoke", action="store_true", help="2 steps per arm on a tiny slice: checks the script only")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS) - set(CROSS_MODEL_ARMS))
     if unknown:
-        p.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+        p.error(f"unknown arms {unknown}; choose from {list(ARMS) + list(CROSS_MODEL_ARMS)}")
     if args.smoke:
         args.steps, args.batch_size, args.seq_len, args.vocab_size = 2, 2, 32, 1000
         args.eval_texts, args.eval_chars, args.warmup_steps = 4, 200, 0
@@ -115,15 +136,26 @@ def _capped(text: str, limit: int = 600) -> str:
 
 
 def load_texts(args) -> dict[str, list[str]]:
+    """Training paragraphs of ``args.train_domain`` and the two evaluation sets (the same in both directions):
+    BBC News test-split paragraphs and passages of the held-out novel *Persuasion*."""
     books = jane_austen_texts(ROOT / ".cache" / "assets")
-    train = [p for name, book in books.items() if name != HELDOUT_NOVEL for p in _paragraphs(book)]
+    split = split_articles()
+    if args.train_domain == "austen":
+        train = [p for name, book in books.items() if name != HELDOUT_NOVEL for p in _paragraphs(book)]
+    else:  # BBC News training-split articles (the test split's paragraphs are evaluation text)
+        train = [p for a in split.train for p in article_paragraphs(a)]
     held = _paragraphs(books[HELDOUT_NOVEL])
-    bbc = [p for a in split_articles().test for p in article_paragraphs(a, min_words=20)]
+    bbc = [p for a in split.test for p in article_paragraphs(a, min_words=20)]
     n = args.eval_texts
     pick = lambda xs: [_capped(xs[i * len(xs) // n], args.eval_chars) for i in range(n)]  # noqa: E731 - evenly spaced
     if args.smoke:
         train = train[:300]
     return {"train": train, "bbc": pick(bbc), "austen_heldout": pick(held)}
+
+
+def other_domain(args) -> str:
+    """The evaluation set of the domain the new tokenizer and the students were *not* trained on."""
+    return "bbc" if args.train_domain == "austen" else "austen_heldout"
 
 
 def train_bpe(texts: list[str], vocab_size: int):
@@ -196,8 +228,8 @@ def evaluate(model, tok, texts, args, source=None) -> dict:
         "bpb_bbc": bits_per_byte(model, tok, texts["bbc"], args.eval_batch_size),
         "bpb_austen_heldout": bits_per_byte(model, tok, texts["austen_heldout"], args.eval_batch_size),
     }
-    if source is not None:
-        row.update(chunk_gap(model, tok, source, texts["bbc"], args.eval_batch_size))
+    if source is not None:  # on the other domain's text
+        row.update(chunk_gap(model, tok, source, texts[other_domain(args)], args.eval_batch_size))
     return row
 
 
@@ -205,7 +237,7 @@ def evaluate(model, tok, texts, args, source=None) -> dict:
 def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
     from kd_plugins.integrations.hf.tokenizer_transfer import train_transferred
 
-    weights = ARMS[arm]
+    weights = ARMS[arm] if arm in ARMS else CROSS_MODEL_ARMS[arm]
     cfg = TokenizerTransferConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -218,6 +250,8 @@ def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
     )
     t0 = time.time()
     student = transfer_tokenizer(teacher, old_tok, new_tok, cfg)
+    if arm in CROSS_MODEL_ARMS:  # another model: fewer layers (uniformly spread, last kept) and another tokenizer
+        student = inherit_student(student, args.small_layers)
     history = []
     if weights is not None:
         with tempfile.TemporaryDirectory(prefix="crosstok_bench_") as tmp:
@@ -234,9 +268,10 @@ def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], train_domain: str = "austen") -> str:
+    bbc, austen = ("other domain", "held out, training domain")[:: 1 if train_domain == "austen" else -1]
     lines = [
-        "| arm | bits/byte BBC (other domain) | bits/byte Persuasion (held out) | chunk gap to teacher (nats) |",
+        f"| arm | bits/byte BBC ({bbc}) | bits/byte Persuasion ({austen}) | chunk gap to teacher, other domain |",
         "|---|---|---|---|",
     ]
     for r in rows:
@@ -254,18 +289,25 @@ def main(argv=None) -> int:
     texts = load_texts(args)
     log(f"texts: {len(texts['train'])} training paragraphs, {len(texts['bbc'])} BBC / Persuasion eval texts")
     new_tok = train_bpe(texts["train"], args.vocab_size)
-    log(f"new tokenizer: {len(new_tok)} tokens (SmolLM2: {len(old_tok)})")
+    tokenizer_sha = hashlib.sha256(new_tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    log(f"new tokenizer: {len(new_tok)} tokens (SmolLM2: {len(old_tok)}), sha256 {tokenizer_sha}")
     rows = [{"arm": "teacher (SmolLM2 tokenizer)", **evaluate(teacher, old_tok, texts, args)}]
     log(f"teacher: {json.dumps(rows[0])}")
-    for arm in args.arms.split(","):
-        rows.append(run_arm(arm, teacher, old_tok, new_tok, texts, args, log))
-    print(table(rows))
-    name = "tokenizer_transfer_smollm2" + ("_smoke" if args.smoke else "")
+    name = "tokenizer_transfer_smollm2" + ("_from_bbc" if args.train_domain == "bbc" else "")
+    name += "_smoke" if args.smoke else ""
     out = Path(args.out) if args.out else (ROOT / ".cache" / "crosstok" if args.smoke else Path(__file__).parent)
     out = out if out.suffix == ".json" else out / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"command": omp_prefix() + command_line(__file__), "args": vars(args), "rows": rows}
-    out.write_text(json.dumps(record, indent=2))
+    record = {
+        "command": omp_prefix() + command_line(__file__),
+        "args": vars(args),
+        "new_tokenizer_sha256": tokenizer_sha,  # runs split over several processes must share it
+        "rows": rows,
+    }
+    for arm in args.arms.split(","):
+        rows.append(run_arm(arm, teacher, old_tok, new_tok, texts, args, log))
+        out.write_text(json.dumps(record, indent=2))  # after every arm: a long run keeps what it measured
+    print(table(rows, args.train_domain))
     log(f"wrote {out}")
     return 0
 

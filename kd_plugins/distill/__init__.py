@@ -1,6 +1,7 @@
 """The distillation core and model-agnostic machinery: config, teacher, loss terms, normalisation, projectors, the
 fused path, weight inheritance (see docs/conventions.md, "The distillation core")."""
 
+from .batching import TopicAwareBatches, spherical_kmeans
 from .cache import TeacherCache, build_teacher_cache, load_teacher_cache, save_teacher_cache
 from .config import DistillationConfig
 from .engine import DistillationEngine, FeatureRecorder, KDResult, detect_task
@@ -33,6 +34,8 @@ __all__ = [
     "select_layer_indices",
     "TeacherCache",
     "PairCollator",
+    "TopicAwareBatches",
+    "spherical_kmeans",
     "OnPolicySampler",
     "on_policy_batch",
     "split_pairs",

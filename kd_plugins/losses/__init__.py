@@ -114,3 +114,6 @@ __all__ += ["target_token_logprobs", "chunk_logprobs", "alm_loss", "uld_loss"]
 from .preference import PreferenceDistillationLoss, dpo_loss, preference_distillation_loss  # noqa: E402
 
 __all__ += ["dpo_loss", "preference_distillation_loss", "PreferenceDistillationLoss"]
+from .prototype import prototype_kl, prototype_mse  # noqa: E402
+
+__all__ += ["prototype_kl", "prototype_mse"]

@@ -26,6 +26,16 @@ def _check_pairs(anchor: torch.Tensor, positive: torch.Tensor) -> None:
         raise ValueError("in-batch pair losses need at least 2 pairs per batch (the other rows are the negatives)")
 
 
+def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
 def infonce(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -51,13 +61,7 @@ def infonce(
     per_row = F.cross_entropy(logits, target, reduction="none")
     if symmetric:
         per_row = 0.5 * (per_row + F.cross_entropy(logits.T, target, reduction="none"))
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if reduction == "mean":
-        return per_row.mean()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return _reduce(per_row, reduction)
 
 
 @register_loss("infonce", kind="pair", function=infonce, aliases=("mnrl", "multiple_negatives_ranking"))
@@ -71,4 +75,60 @@ class InfoNCELoss(nn.Module):
     def forward(self, anchor, positive, *, teacher_anchor=None, teacher_positive=None, **_):
         return infonce(
             anchor, positive, temperature=self.temperature, symmetric=self.symmetric, reduction=self.reduction
+        )
+
+
+def pair_kl(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    teacher_anchor: torch.Tensor,
+    teacher_positive: torch.Tensor,
+    *,
+    temperature: float = 0.05,
+    teacher_temperature: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """In-batch score distillation: each anchor's softmax over the batch's positives, student toward teacher.
+
+    ``loss_i = KL(softmax_j(cos(ta_i, tp_j) / tau_T) || softmax_j(cos(sa_i, sp_j) / tau))`` (nats, not scaled by
+    ``tau^2``), the in-batch negatives distillation of dense retrievers (TAS-Balanced, Hofstätter et al. 2021): the
+    student learns how much the teacher prefers each wrong document, not only which one is right. It is 0 when the
+    student's scores equal the teacher's and invariant to a rescaling of either side's embeddings. Most informative
+    when the batch holds hard negatives (:class:`kd_plugins.TopicAwareBatches`). ``teacher_temperature`` defaults
+    to ``temperature``.
+    """
+    _check_pairs(anchor, positive)
+    _check_pairs(teacher_anchor, teacher_positive)
+    if teacher_anchor.shape[0] != anchor.shape[0]:
+        raise ValueError(f"pair_kl: {anchor.shape[0]} student pairs but {teacher_anchor.shape[0]} teacher pairs")
+    tau_t = temperature if teacher_temperature is None else teacher_temperature
+    if temperature <= 0 or tau_t <= 0:
+        raise ValueError(f"pair_kl: temperatures must be > 0, got {temperature} and {tau_t}")
+    s = F.normalize(anchor.float(), dim=-1) @ F.normalize(positive.float(), dim=-1).T / temperature
+    t = F.normalize(teacher_anchor.float(), dim=-1) @ F.normalize(teacher_positive.float(), dim=-1).T / tau_t
+    t_log = F.log_softmax(t.to(s.device), dim=-1)
+    per_row = (t_log.exp() * (t_log - F.log_softmax(s, dim=-1))).sum(-1)
+    return _reduce(per_row, reduction)
+
+
+@register_loss("pair_kl", kind="pair", function=pair_kl, aliases=("inbatch_kl", "in_batch_kd"))
+class PairKLLoss(nn.Module):
+    """In-batch score distillation on (anchor, positive) pairs: the student's anchor -> positives softmax matches
+    the teacher's (needs the teacher's pooled embeddings of both sides, live or from a ``TeacherCache``)."""
+
+    def __init__(self, temperature: float = 0.05, teacher_temperature: float | None = None, reduction: str = "mean"):
+        super().__init__()
+        self.temperature, self.teacher_temperature, self.reduction = temperature, teacher_temperature, reduction
+
+    def forward(self, anchor, positive, *, teacher_anchor=None, teacher_positive=None, **_):
+        if teacher_anchor is None or teacher_positive is None:
+            raise ValueError("pair_kl needs the teacher's anchor and positive embeddings (a teacher or TeacherCache)")
+        return pair_kl(
+            anchor,
+            positive,
+            teacher_anchor,
+            teacher_positive,
+            temperature=self.temperature,
+            teacher_temperature=self.teacher_temperature,
+            reduction=self.reduction,
         )

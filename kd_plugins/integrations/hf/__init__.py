@@ -9,6 +9,7 @@ from .moe import MoEBalanceCallback, PreferenceDistillationCallback
 from .multiexit import MultiExitCallback
 from .sparseft import SparseFTCallback, lottery_ticket_sparse_finetune
 from .speculative import DraftEvalCallback
+from .wad import WADCallback
 
 __all__ = [
     "DistillationCallback",
@@ -20,6 +21,7 @@ __all__ = [
     "SparseFTCallback",
     "lottery_ticket_sparse_finetune",
     "DraftEvalCallback",
+    "WADCallback",
     "load_teacher",
     "TrainerPluginCallback",
     "patch_trainer",
