@@ -292,6 +292,21 @@ def test_grayscale_vit_distils_from_the_cnn(gray_folder, gray_cnn_run, tmp_path)
     assert _checkpoint_args(out).lr == pytest.approx(0.1 * math.sqrt(4 / 256))  # sqrt scaling for adamw
 
 
+def test_prockd_runs_from_the_command_line(gray_folder, gray_cnn_run, tmp_path):
+    """--kd-method prockd: ProCKDTask from timm's flags (the teacher's head is never used, so its label space may
+    differ; tests/test_prockd.py trains a 5-class student from a 10-class teacher)."""
+    teacher = os.path.join(gray_cnn_run["output_dir"], "last.pth.tar")
+    argv = [gray_folder, "--model", "resnet10t", "--num-classes", "3", "--in-chans", "1", "--input-size", "1", "28"]
+    argv += ["28", *RUN, "--kd-model-name", "resnet18", "--kd-teacher-checkpoint", teacher]
+    argv += ["--kd-method", "prockd", "--kd-prockd-prototypes", "4", "--kd-prockd-features=-3=-3"]
+    argv += ["--output", str(tmp_path), "--experiment", "pk"]
+    out = main(argv)
+    assert out["best_metric"] is not None
+    assert float(_summary(out)[0]["train_kd_loss"]) > 0
+    with pytest.raises(SystemExit, match="needs --kd-model-name"):
+        main([gray_folder, "--model", "resnet10t", "--num-classes", "3", *RUN, "--kd-method", "prockd"])
+
+
 def test_rgb_vit_trains_from_a_config_file(rgb_vit_run):
     out = rgb_vit_run
     assert out["best_metric"] is not None and math.isfinite(out["eval"]["loss"])

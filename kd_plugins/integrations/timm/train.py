@@ -179,11 +179,36 @@ def _check_model_input_size(model, name, input_size) -> None:
 
 
 def _build_task(args, model, data_config, create_kwargs, device, primary):
-    """``MultiExitTask`` (``--exit-layers``), ``KDTask`` (``--kd-model-name``) or timm's ``ClassificationTask``."""
+    """``MultiExitTask`` (``--exit-layers``), ``ProCKDTask`` (``--kd-method prockd``), ``KDTask``
+    (``--kd-model-name``) or timm's ``ClassificationTask``."""
     from .task import KDTask
 
+    if args.kd_method == "prockd" and (args.exit_layers or not args.kd_model_name or args.kd_feature_pairs):
+        raise SystemExit(
+            "--kd-method prockd needs --kd-model-name (the teacher) and takes neither --exit-layers nor "
+            "--kd-feature-pairs (ProC-KD reads the last feature map of both models)"
+        )
     if args.exit_layers:
         task = _multi_exit_task(args, model, create_kwargs, device, primary)
+    elif args.kd_method == "prockd":
+        from .proc_kd import ProCKDTask
+
+        task = ProCKDTask(
+            student_model=model,
+            teacher_model=args.kd_model_name,
+            teacher_checkpoint=args.kd_teacher_checkpoint,
+            teacher_kwargs=_teacher_kwargs(args, create_kwargs),
+            num_prototypes=args.kd_prockd_prototypes,
+            student_feature=_prockd_features(args)[0],
+            teacher_feature=_prockd_features(args)[1],
+            distill_loss_weight=args.distill_loss_weight,
+            task_loss_weight=args.task_loss_weight,
+            teacher_input_size=args.kd_teacher_input_size,
+            input_size=data_config["input_size"],
+            device=device,
+            verbose=primary,
+            **_kd_normalization(args, data_config),
+        )
     elif args.kd_model_name:
         task = KDTask(
             student_model=model,
@@ -215,6 +240,13 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
         task = ClassificationTask(model, device=device, verbose=primary)
     task.to(device)
     return task
+
+
+def _prockd_features(args) -> tuple[str, str]:
+    student, sep, teacher = args.kd_prockd_features.partition("=")
+    if not sep or not student.strip() or not teacher.strip():
+        raise SystemExit(f"--kd-prockd-features takes STUDENT=TEACHER (e.g. '-1=-1'), got {args.kd_prockd_features!r}")
+    return student.strip(), teacher.strip()
 
 
 def _teacher_kwargs(args, create_kwargs) -> dict:

@@ -284,6 +284,23 @@ def _add_kd_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help='per-term hyper-parameters as JSON, e.g. \'{"dkd": {"beta": 8}, "ofa": {"eps": 1.5}}\'',
     )
+    g.add_argument(
+        "--kd-method",
+        default="kd",
+        choices=["kd", "prockd"],
+        help="'kd': the --kd-loss / --kd-feature-* terms (KDTask); 'prockd': ProC-KD (ProCKDTask), prototype-guided "
+        "distillation from the teacher's last feature map, for a teacher of another label space (its head unused)",
+    )
+    g.add_argument(
+        "--kd-prockd-prototypes", type=int, default=32, help="ProC-KD: prototypes of the teacher's local features"
+    )
+    g.add_argument(
+        "--kd-prockd-features",
+        default="-1=-1",
+        help="ProC-KD: STUDENT=TEACHER feature maps (forward_intermediates indices or module names); use an earlier "
+        "map when the last one is 1x1 at small input sizes: --kd-prockd-features=-3=-3 (with '=', as the value "
+        "starts with '-')",
+    )
     g.add_argument("--kd-temperature", type=float, default=4.0, help="temperature of the logit losses (not OFA)")
     g.add_argument("--distill-loss-weight", type=float, default=None)
     g.add_argument("--task-loss-weight", type=float, default=None)
