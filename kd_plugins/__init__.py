@@ -96,6 +96,12 @@ _LAZY = {
     "WADDataset": "kd_plugins.integrations.timm.wad",
     "ProCKDTask": "kd_plugins.integrations.timm",
     "ProCKDConfig": "kd_plugins.vision.prockd",
+    "HADConfig": "kd_plugins.distill.had_config",
+    "HADCollator": "kd_plugins.distill.had",
+    "grouped_mask": "kd_plugins.distill.had",
+    "had_feature_loss": "kd_plugins.distill.had",
+    "visible_feature_loss": "kd_plugins.distill.had",
+    "HADCallback": "kd_plugins.integrations.hf",
 }
 
 

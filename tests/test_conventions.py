@@ -27,6 +27,7 @@ CONFIGS = [
     ("kd_plugins.distill.mst", "MSTConfig"),
     ("kd_plugins.distill.wad_config", "WADConfig"),
     ("kd_plugins.vision.prockd", "ProCKDConfig"),
+    ("kd_plugins.distill.had_config", "HADConfig"),
 ]
 #: One valid non-default value per config, for the precedence test.
 OVERRIDE = {
@@ -43,6 +44,7 @@ OVERRIDE = {
     "MSTConfig": ("balance_weight", 0.5),
     "WADConfig": ("wad_weight", 0.5),
     "ProCKDConfig": ("num_prototypes", 16),
+    "HADConfig": ("group_size", 5),
 }
 CALLBACKS = [
     "DistillationCallback",
@@ -51,6 +53,7 @@ CALLBACKS = [
     "MoEBalanceCallback",
     "PreferenceDistillationCallback",
     "DraftEvalCallback",
+    "HADCallback",
 ]
 
 

@@ -5,6 +5,7 @@ plus the drop-in :class:`DistillationTrainer`."""
 from ._trainer import TrainerPluginCallback, patch_trainer, trainer_loss_scaling
 from .acm import ACMCallback
 from .distill import DistillationCallback, DistillationTrainer, load_teacher
+from .had import HADCallback
 from .moe import MoEBalanceCallback, PreferenceDistillationCallback
 from .multiexit import MultiExitCallback
 from .sparseft import SparseFTCallback, lottery_ticket_sparse_finetune
@@ -22,6 +23,7 @@ __all__ = [
     "lottery_ticket_sparse_finetune",
     "DraftEvalCallback",
     "WADCallback",
+    "HADCallback",
     "load_teacher",
     "TrainerPluginCallback",
     "patch_trainer",
