@@ -62,6 +62,15 @@ def prototype_reconstruction(x: torch.Tensor, prototypes: torch.Tensor, temperat
     return prototype_log_assignments(x, p, temperature).exp() @ p
 
 
+def _valid_rows(student_hidden, teacher_hidden, prototypes, mask, name: str):
+    """The checked student and teacher rows at the valid positions (compute dtype) and the valid mask."""
+    _check(student_hidden, teacher_hidden, prototypes, name)
+    valid = valid_mask(student_hidden.shape[:-1], mask=mask, device=student_hidden.device)
+    dtype = compute_dtype(student_hidden)
+    s = rows(student_hidden, valid).to(dtype)
+    return s, rows(teacher_hidden, valid).to(s.device, dtype), valid
+
+
 def prototype_kl(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -73,12 +82,8 @@ def prototype_kl(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """``KL(a(teacher) || a(student))`` per row over the prototypes (see the module docstring)."""
-    _check(student_hidden, teacher_hidden, prototypes, "prototype_kl")
-    valid = valid_mask(student_hidden.shape[:-1], mask=mask, device=student_hidden.device)
-    dtype = compute_dtype(student_hidden)
-    s = rows(student_hidden, valid).to(dtype)
-    t = rows(teacher_hidden, valid).to(s.device, dtype)
-    p = prototypes.to(s.device, dtype)
+    s, t, valid = _valid_rows(student_hidden, teacher_hidden, prototypes, mask, "prototype_kl")
+    p = prototypes.to(s.device, s.dtype)
     per_row = kl_rows(prototype_log_assignments(t, p, temperature), prototype_log_assignments(s, p, temperature))
     return reduce_rows(per_row, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
@@ -94,12 +99,8 @@ def prototype_mse(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """``||s/||s|| - r(t)/||r(t)|| ||^2`` per row, ``r(t)`` the teacher's prototype reconstruction."""
-    _check(student_hidden, teacher_hidden, prototypes, "prototype_mse")
-    valid = valid_mask(student_hidden.shape[:-1], mask=mask, device=student_hidden.device)
-    dtype = compute_dtype(student_hidden)
-    s = rows(student_hidden, valid).to(dtype)
-    t = rows(teacher_hidden, valid).to(s.device, dtype)
-    target = F.normalize(prototype_reconstruction(t, prototypes.to(s.device, dtype), temperature), dim=-1)
+    s, t, valid = _valid_rows(student_hidden, teacher_hidden, prototypes, mask, "prototype_mse")
+    target = F.normalize(prototype_reconstruction(t, prototypes.to(s.device, s.dtype), temperature), dim=-1)
     per_row = (F.normalize(s, dim=-1) - target).pow(2).sum(-1)
     return reduce_rows(per_row, valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
