@@ -27,6 +27,12 @@ def test_spherical_kmeans_recovers_separated_clusters_deterministically():
     assert labels.unique().numel() == 3
     assert torch.equal(labels, spherical_kmeans(x, 3, seed=1))
     assert spherical_kmeans(x, 1).unique().tolist() == [0]
+    dup = torch.cat([x[:1].repeat(5, 1), x[-1:]])  # 5 identical rows + 1: seeding runs out of distinct rows
+    torch.manual_seed(123)
+    first = spherical_kmeans(dup, 4, seed=2)
+    torch.manual_seed(456)  # the global RNG must not matter
+    assert torch.equal(first, spherical_kmeans(dup, 4, seed=2))
+    assert first.unique().numel() == 4  # two empty clusters re-seeded, each with a row of its own
     with pytest.raises(ValueError, match="n_clusters"):
         spherical_kmeans(x, 31)
     with pytest.raises(ValueError, match="non-empty"):

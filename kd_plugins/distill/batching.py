@@ -35,7 +35,8 @@ def spherical_kmeans(x: torch.Tensor, n_clusters: int, *, iters: int = 25, seed:
     centers = x[torch.randint(len(x), (1,), generator=gen)]
     for _ in range(1, n_clusters):  # k-means++: next center drawn in proportion to its squared distance
         dist = (1.0 - (x @ centers.T).max(1).values).clamp_min(0) ** 2
-        pick = torch.multinomial(dist + 1e-12, 1, generator=gen) if dist.sum() > 0 else torch.randint(len(x), (1,))
+        weights = dist if dist.sum() > 0 else torch.ones_like(dist)  # all rows on a center: any row, still seeded
+        pick = torch.multinomial(weights, 1, generator=gen)
         centers = torch.cat([centers, x[pick]])
     labels = torch.zeros(len(x), dtype=torch.long)
     for _ in range(iters):
@@ -45,9 +46,11 @@ def spherical_kmeans(x: torch.Tensor, n_clusters: int, *, iters: int = 25, seed:
             members = new == c
             if members.any():
                 centers[c] = torch.nn.functional.normalize(x[members].sum(0), dim=0)
-            else:  # re-seed with the worst-fitting row
-                worst = sim.gather(1, new[:, None]).squeeze(1).argmin()
+            else:  # re-seed with the worst-fitting row not used by an earlier re-seed
+                fit = sim.gather(1, new[:, None]).squeeze(1)
+                worst = fit.argmin()
                 centers[c], new[worst] = x[worst], c
+                sim[worst] = float("inf")
         if torch.equal(new, labels):
             break
         labels = new
