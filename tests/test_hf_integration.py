@@ -94,6 +94,61 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_out):
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-6)
 
 
+_NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _encoder_dataset(task):
+    if task == "masked_lm":
+        ds = TokenDataset(labels="lm", n=4)
+        for i, it in enumerate(ds.items):  # a different number of labelled positions per row
+            it["labels"] = torch.where(torch.arange(12) % (i + 2) == 0, it["labels"], torch.tensor(-100))
+        return ds
+    return TokenDataset(n=4, labels="seq" if task == "seq_classification" else "token", pad_last=3)
+
+
+@pytest.mark.parametrize("task", ["masked_lm", "seq_classification", "token_classification"])
+def test_gradient_accumulation_matches_one_large_batch_on_bert_heads(task, tmp_out):
+    """BERT heads take **kwargs (so the Trainer passes num_items_in_batch and skips its GA division) but return their
+    micro-batch mean: without kd_plugins' correction the task term weighs GA times too much against the KD terms."""
+    cls = {
+        "masked_lm": "BertForMaskedLM",
+        "seq_classification": "BertForSequenceClassification",
+        "token_classification": "BertForTokenClassification",
+    }[task]
+    finals, callbacks = [], []
+    for bs, ga in ((4, 1), (2, 2)):
+        teacher = tiny_bert(cls, seed=1, layers=3, **_NO_DROPOUT)
+        student = tiny_bert(cls, seed=2, **_NO_DROPOUT)
+        cfg = DistillationConfig(loss_terms="kl", temperature=2.0, hard_label_weight=1.0)
+        args = training_args(
+            tmp_out + str(ga),
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+        )
+        cb = DistillationCallback(teacher, cfg)
+        trainer = Trainer(model=student, args=args, train_dataset=_encoder_dataset(task), callbacks=[cb])
+        assert trainer.model_accepts_loss_kwargs  # the Trainer's reading: the loss honours num_items_in_batch
+        trainer.train()
+        finals.append(_params(student))
+        callbacks.append(cb)
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-6)
+    assert callbacks[1]._task_loss_normaliser.model_uses_items is False  # the mean was detected
+
+
+def test_task_loss_normaliser_keeps_losses_that_honour_num_items(tmp_out):
+    """A causal LM whose loss is a token sum over num_items_in_batch is left alone (and decided once)."""
+    teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
+    args = training_args(tmp_out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+    cb = DistillationCallback(teacher, DistillationConfig(loss_terms="kl", hard_label_weight=1.0, fused_loss=False))
+    Trainer(model=student, args=args, train_dataset=TokenDataset(n=4, pad_last=5), callbacks=[cb]).train()
+    assert cb._task_loss_normaliser.model_uses_items is True
+
+
 @pytest.mark.parametrize("task", ["masked_lm", "seq_classification", "token_classification"])
 def test_encoder_heads(task, tmp_out):
     cls = {

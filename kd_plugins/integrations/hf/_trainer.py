@@ -18,6 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ...distill.scaling import LossScaling
+from ._task_loss import TaskLossNormaliser
 
 __all__ = [
     "TrainerPluginCallback",
@@ -152,6 +153,13 @@ class TrainerPluginCallback(TrainerCallback):
         trainer = _find_trainer()
         if trainer is not None:
             self.attach(trainer)
+
+    def normalised_task_loss(self, task, outputs, inputs: Mapping, scaling: LossScaling):
+        """The Trainer's task loss ``task`` on the scale of ``scaling`` even for models that accept
+        ``num_items_in_batch`` but return a micro-batch mean (:class:`TaskLossNormaliser`)."""
+        if "_task_loss_normaliser" not in self.__dict__:
+            self._task_loss_normaliser = TaskLossNormaliser()
+        return self._task_loss_normaliser(task, outputs, inputs, scaling, self.trainer)
 
     def _reset_loss_logs(self) -> None:
         self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}

@@ -202,6 +202,7 @@ class DistillationCallback(TrainerPluginCallback):
         # A pair batch: the positives get their own forward (padded on their own, see kd_plugins.PairCollator).
         positive_outputs = model(**model_inputs(positives)) if positives is not None else None
         scaling = trainer_loss_scaling(trainer, num_items_in_batch, has_task_loss=task_loss is not None)
+        task_loss = self.normalised_task_loss(task_loss, outputs, anchors, scaling)
         result = engine.compute({**inputs, **routing}, outputs, scaling=scaling, positive_outputs=positive_outputs)
         loss = result.loss
         if task_loss is not None:

@@ -25,13 +25,11 @@ with their own optimizer, saved beside each checkpoint and restored on resume. L
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
 from ..._config import resolve_config
@@ -47,7 +45,6 @@ from ...distill.had_config import HADConfig
 from ...distill.projectors import ProjectorBank
 from ...distill.teacher import Teacher
 from ...distill.terms import weighted_sum
-from ...losses._common import IGNORE_INDEX
 from ._trainer import TrainerPluginCallback, find_resume_dir, patch_trainer, trainer_loss_scaling
 
 __all__ = ["HADCallback"]
@@ -84,7 +81,6 @@ class HADCallback(TrainerPluginCallback):
         self.projectors = ProjectorBank(enabled=self.config.projector, lr=self.config.projector_lr)
         self.trainer: Trainer | None = None
         self._placed = False
-        self._model_uses_items: bool | None = None  # does the student's loss honour num_items_in_batch?
         self._reset_loss_logs()
 
     # ------------------------------------------------------------------------------------------------ wiring
@@ -140,7 +136,7 @@ class HADCallback(TrainerPluginCallback):
         call = {**inputs, "output_hidden_states": True} if use_teacher else inputs
         task, outputs = original(model, call, return_outputs=True, num_items_in_batch=num_items_in_batch, **kw)
         scaling = trainer_loss_scaling(trainer, num_items_in_batch)
-        task = self._items_normalised(task, outputs, labels, scaling, trainer)
+        task = self.normalised_task_loss(task, outputs, inputs, scaling)
         values, weights = {"had_mlm": task}, {"had_mlm": cfg.mlm_weight}
         logs = {"had_mlm_loss": scaling.unscale_task_loss(float(task.detach()))}
         if use_teacher:
@@ -157,36 +153,6 @@ class HADCallback(TrainerPluginCallback):
         if not return_outputs:
             return loss
         return loss, _without_hidden_states(outputs, model) if use_teacher else outputs
-
-    def _items_normalised(self, task, outputs, labels, scaling, trainer) -> torch.Tensor:
-        """The task loss as the Trainer's gradient-accumulation rule expects it.
-
-        The Trainer treats the loss as a token sum over ``num_items_in_batch`` (and does not divide it by the
-        accumulation steps) whenever the model's ``forward`` takes ``**kwargs``; some masked-LMs (BERT in
-        transformers 5) take them but still return the micro-batch's mean cross-entropy, which would weigh the MLM
-        term ``grad_accum_steps`` times too much. Checked once (a micro-batch whose label count differs from
-        ``num_items_in_batch``) against the mean cross-entropy of the logits; such a mean is then rescaled to
-        ``mean * label_tokens / num_items_in_batch``."""
-        custom = getattr(trainer, "compute_loss_func", None) or getattr(trainer, "label_smoother", None)
-        if not scaling.uses_items or custom is not None or not torch.is_grad_enabled():
-            return task
-        count = int((labels != IGNORE_INDEX).sum())
-        items = float(scaling.num_items_in_batch)
-        if self._model_uses_items is None and count != items:
-            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
-            with torch.no_grad():
-                mean = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().to(logits.device))
-            per_batch_mean = float(task.detach()) / scaling.items_scale
-            self._model_uses_items = not math.isclose(per_batch_mean, float(mean), rel_tol=1e-3)
-            if not self._model_uses_items:
-                logger.info(
-                    "%s returns a per-batch mean MLM loss although it accepts num_items_in_batch; HADCallback "
-                    "rescales it to a token sum over the accumulated batch (gradient accumulation).",
-                    type(unwrap_model(trainer.model)).__name__,
-                )
-        if self._model_uses_items is False:
-            return task * count / items
-        return task
 
     def _teacher_states(self, inputs: Mapping, labels: torch.Tensor):
         batch = {k: v for k, v in inputs.items() if k != "labels"}

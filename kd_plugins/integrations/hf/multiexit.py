@@ -164,6 +164,7 @@ class MultiExitCallback(TrainerPluginCallback):
             _check_exit_gradients(base, ex, exits, trainer)
         if ex.kind == "logits":
             scaling = trainer_loss_scaling(trainer, num_items_in_batch, has_task_loss=inputs.get("labels") is not None)
+            final_task = self.normalised_task_loss(final_task, outputs, inputs, scaling)
             result = self._logit_loss(ex, exits, inputs, final_task, scaling)
         else:
             result = self._embedding_loss(ex, {"": exits, **outs}, groups)

@@ -137,6 +137,9 @@ class WADCallback(TrainerPluginCallback):
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
         values, weights = {}, {}
         if task is not None:
+            task = self.normalised_task_loss(
+                task, outputs, inputs, trainer_loss_scaling(self.trainer, num_items_in_batch)
+            )
             values["wad_task"], weights["wad_task"] = task, cfg.task_weight
         if unlabelled.any():
             # the Trainer's GA rule does not depend on this micro-batch having labelled rows
