@@ -307,6 +307,22 @@ def test_prockd_runs_from_the_command_line(gray_folder, gray_cnn_run, tmp_path):
         main([gray_folder, "--model", "resnet10t", "--num-classes", "3", *RUN, "--kd-method", "prockd"])
 
 
+def test_several_teachers_from_the_command_line(gray_folder, gray_cnn_run, tmp_path):
+    """Comma-separated --kd-model-name / --kd-teacher-checkpoint: a TeacherSet (weights, aggregation) in KDTask, each
+    grayscale teacher normalised by its own channel-adapted mean/std."""
+    teacher = os.path.join(gray_cnn_run["output_dir"], "last.pth.tar")
+    argv = [gray_folder, "--model", "resnet10t", "--num-classes", "3", "--in-chans", "1", "--input-size", "1", "28"]
+    argv += ["28", *RUN, "--kd-model-name", "resnet18,resnet18", "--kd-teacher-checkpoint", f"{teacher},{teacher}"]
+    argv += ["--kd-teacher-weights", "0.3,0.7", "--kd-teacher-aggregation", "sum_of_divergences"]
+    out = main([*argv, "--output", str(tmp_path), "--experiment", "set"])
+    assert out["best_metric"] is not None
+    assert float(_summary(out)[0]["train_kd_loss"]) > 0
+    with pytest.raises(SystemExit, match="one trained checkpoint per teacher"):
+        main([*argv[:-6], "--kd-teacher-checkpoint", teacher, "--output", str(tmp_path), "--experiment", "bad"])
+    with pytest.raises(SystemExit, match="--kd-method kd only"):
+        main([*argv, "--kd-method", "prockd", "--output", str(tmp_path), "--experiment", "bad2"])
+
+
 def test_rgb_vit_trains_from_a_config_file(rgb_vit_run):
     out = rgb_vit_run
     assert out["best_metric"] is not None and math.isfinite(out["eval"]["loss"])

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.task import DistillationTeacher, TrainingTask
 from timm.utils import unwrap_model
 
 from ..._config import resolve_config
 from ...distill.config import DistillationConfig
 from ...distill.teacher import Teacher, freeze_teacher
+from ...distill.teacher_set import TeacherSet
 from ...distill.terms import weighted_sum
 from ...losses import get_loss_spec
 from ...vision.features import (
@@ -37,6 +37,7 @@ from ...vision.models import create_timm_model, load_checkpoint_strict
 from ...vision.ofa import OFABranchTerms
 from ...vision.terms import FeaturePairTerms, LogitTerms, TermProvider
 from ...vision.transkd import PEA_WEIGHTS, CSFTerms, PatchEmbedTerms
+from .teacher_set import TimmTeacherSet, resize_to
 
 _logger = logging.getLogger(__name__)
 
@@ -143,11 +144,12 @@ class KDTask(TrainingTask):
     Weighting follows timm's distillation tasks: both weights given -> independent; only ``task_loss_weight`` ->
     ``distill = 1 - task``; neither -> both 1 (with a ``config``: ``task = config.hard_label_weight``).
 
-    The teacher (a timm name + ``teacher_checkpoint``, an ``nn.Module`` or a ``timm.task.DistillationTeacher``) is
-    frozen, kept in eval mode and outside the trainable module, and runs through a
-    :class:`kd_plugins.distill.teacher.Teacher`. Inputs normalised for the student are re-normalised for the teacher
-    (``DistillationTeacher.normalize_input``; mean/std from the models' ``pretrained_cfg`` or the
-    ``student_mean/std``/``teacher_mean/std`` overrides) and resized to ``teacher_input_size`` when given.
+    The teacher (a timm name + ``teacher_checkpoint``, an ``nn.Module``, a ``timm.task.DistillationTeacher`` or a
+    ``TeacherSet`` of modules: see :mod:`kd_plugins.integrations.timm.teacher_set`) is frozen, kept in eval mode
+    and outside the trainable module, and runs through a :class:`kd_plugins.distill.teacher.Teacher`. Inputs
+    normalised for the student are re-normalised for the teacher (``DistillationTeacher.normalize_input``; mean/std
+    from the models' ``pretrained_cfg`` or the ``student_mean/std``/``teacher_mean/std`` overrides) and resized to
+    ``teacher_input_size`` when given.
 
     All arguments are keyword-only. The objective is a ``DistillationConfig`` (``config=``, default
     ``DistillationConfig()``); the keyword arguments ``loss_terms``, ``loss_kwargs``, ``temperature``,
@@ -158,7 +160,7 @@ class KDTask(TrainingTask):
         self,
         *,
         student_model: nn.Module,
-        teacher_model: str | nn.Module | DistillationTeacher,
+        teacher_model: str | nn.Module | DistillationTeacher | TeacherSet,
         config: DistillationConfig | None = None,
         loss_terms: dict | str | None = None,
         loss_kwargs: dict | str | None = None,
@@ -206,9 +208,15 @@ class KDTask(TrainingTask):
         self._set_objective(config, {k: v for k, v in given.items() if v is not None}, feature_align)
         self._set_loss_weights(config is not None, distill_loss_weight, task_loss_weight)
         self.criterion = _resolve_criterion(criterion, self.device, criterion_kwargs)
-        t_model = self._set_teacher(
-            teacher_model, student, teacher_checkpoint, teacher_kwargs, teacher_mean, teacher_std
-        )
+        if isinstance(teacher_model, TeacherSet) and teacher_model.runs_as_single:
+            teacher_model = teacher_model.modules[0]  # exactly the single-teacher task
+        self.teacher_set: TimmTeacherSet | None = None
+        if isinstance(teacher_model, TeacherSet):
+            t_model = self._set_teacher_set(teacher_model, student, teacher_checkpoint, teacher_mean, teacher_std)
+        else:
+            t_model = self._set_teacher(
+                teacher_model, student, teacher_checkpoint, teacher_kwargs, teacher_mean, teacher_std
+            )
         self._set_input_transform(student, student_mean, student_std, teacher_input_size)
         self.providers = self._build_providers(
             student,
@@ -219,6 +227,13 @@ class KDTask(TrainingTask):
             patch_embed_weight=patch_embed_weight,
             patch_embed_weights=patch_embed_weights,
         )
+        if self.teacher_set is not None and len(self.providers) > 1:
+            extra = ", ".join(type(p).__name__ for p in self.providers[1:])
+            raise ValueError(
+                f"KDTask with several teachers supports logit terms only, but this objective also adds {extra} "
+                "(OFA exit branches or patch-embedding alignment read one teacher). Drop them, or distil from one "
+                "teacher (e.g. TeacherSet.nearest(teachers, scores))."
+            )
         self.trainable_module = self._build_trainable(student_model, t_model, input_size)
         if verbose:
             _logger.info(
@@ -269,6 +284,34 @@ class KDTask(TrainingTask):
             self._set_buffer(self.teacher, "mean_kd", teacher_mean, self.teacher.mean_kd)
             self._set_buffer(self.teacher, "std_kd", teacher_std, self.teacher.std_kd)
         return unwrap_model(self.teacher.model)
+
+    def _set_teacher_set(self, teacher_set, student, checkpoint, teacher_mean, teacher_std) -> nn.Module:
+        """Several teachers (:class:`TimmTeacherSet` as ``self.teacher``). Returns the first member's model (the
+        providers' class-count checks; every member is checked against the student)."""
+        given = [
+            n
+            for n, v in (
+                ("teacher_checkpoint", checkpoint),
+                ("teacher_mean", teacher_mean),
+                ("teacher_std", teacher_std),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"KDTask: {', '.join(given)} apply to one teacher; with a TeacherSet load each member's weights "
+                "first; each member is normalised by the mean/std of its own pretrained_cfg (set "
+                "model.pretrained_cfg['mean'] / ['std'] before building the set to change them)."
+            )
+        self.teacher_set = TimmTeacherSet(
+            teacher_set,
+            lambda m: self._resolve_teacher(m, student, None, None),
+            student,
+            self.config,
+            self.device,
+        )
+        self.teacher = self.teacher_set
+        return unwrap_model(self.teacher_set.members[0].model)
 
     def _set_input_transform(self, student, student_mean, student_std, teacher_input_size) -> None:
         """The student's normalisation (to re-normalise inputs for the teacher) and the teacher's input size."""
@@ -399,9 +442,9 @@ class KDTask(TrainingTask):
         self.eval_model = torch.compile(trainable.student, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
         if not self._teacher_reads_features:
-            self.teacher.compile(
-                backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs
-            )
+            members = self.teacher_set.members if self.teacher_set is not None else [self.teacher]
+            for member in members:
+                member.compile(backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs)
         return self.eval_model
 
     def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
@@ -463,10 +506,11 @@ class KDTask(TrainingTask):
     # ------------------------------------------------------------------------------------------------ forward
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
         """The batch as the teacher expects it: re-normalised (teacher mean/std) and resized if configured."""
-        x = self.teacher.normalize_input(x, self.student_mean, self.student_std)
-        if self.teacher_input_size is not None and tuple(x.shape[-2:]) != self.teacher_input_size:
-            x = F.interpolate(x, size=self.teacher_input_size, mode="bilinear", align_corners=False)
-        return x
+        return self._member_input(self.teacher, x)
+
+    def _member_input(self, teacher: DistillationTeacher, x: torch.Tensor) -> torch.Tensor:
+        x = teacher.normalize_input(x, self.student_mean, self.student_std)
+        return resize_to(x, self.teacher_input_size)
 
     def _teacher_forward(self, x: torch.Tensor) -> ModelFeatures:
         """The teacher's logits plus the features and module outputs the providers read (one forward, no grad)."""
@@ -477,18 +521,30 @@ class KDTask(TrainingTask):
         captures = list(dict.fromkeys(n for p in self.providers for n in p.teacher_captures))
         return self._teacher.run(lambda m: forward_with_features(m.model, x, specs, captures))
 
+    def _set_terms(self, student: dict, input: torch.Tensor, target: torch.Tensor, labels: torch.Tensor):
+        """The logit terms against several teachers (mixture or sum of divergences)."""
+        ts = self.teacher_set
+        row_weights, per_teacher = ts.forward_rows(input.detach(), target, self._member_input)
+        if ts.spec.aggregation == "sum_of_divergences":
+            return ts.sum_of_divergences(student["logits"], labels, row_weights, per_teacher), dict(self.logit_terms)
+        mixture = ModelFeatures(ts.mixture(row_weights, per_teacher, input.shape[0]), {}, {})
+        return self.providers[0].terms(student, mixture, labels)  # the set allows logit terms only
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         student = self.trainable_module(input)
         logits = student["logits"]
         task_loss = self.criterion(logits, target)
-        teacher = self._teacher_forward(input)
         labels = target if target.dim() == 1 else target.argmax(-1)
         values: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        for provider in self.providers:
-            v, w = provider.terms(student, teacher, labels)
-            values.update(v)
-            weights.update(w)
+        if self.teacher_set is not None:
+            values, weights = self._set_terms(student, input, target, labels)
+        else:
+            teacher = self._teacher_forward(input)
+            for provider in self.providers:
+                v, w = provider.terms(student, teacher, labels)
+                values.update(v)
+                weights.update(w)
         kd_loss = weighted_sum(values, weights, hint=_NON_FINITE_HINT)
         if kd_loss is None:  # no distillation term (only the task loss)
             kd_loss = logits.new_zeros(())

@@ -183,6 +183,12 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
     (``--kd-model-name``) or timm's ``ClassificationTask``."""
     from .task import KDTask
 
+    several = len(_names(args.kd_model_name)) > 1
+    if several and (args.exit_layers or args.kd_method == "prockd"):
+        raise SystemExit(
+            "several teachers (comma-separated --kd-model-name) apply to --kd-method kd only, not to "
+            "--exit-layers or --kd-method prockd; give one teacher"
+        )
     if args.kd_method == "prockd" and (args.exit_layers or not args.kd_model_name or args.kd_feature_pairs):
         raise SystemExit(
             "--kd-method prockd needs --kd-model-name (the teacher) and takes neither --exit-layers nor "
@@ -210,10 +216,14 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
             **_kd_normalization(args, data_config),
         )
     elif args.kd_model_name:
+        normalization = _kd_normalization(args, data_config)
+        teacher, checkpoint = args.kd_model_name, args.kd_teacher_checkpoint
+        if several:
+            teacher, checkpoint = _teacher_set(args, create_kwargs, normalization), None
         task = KDTask(
             student_model=model,
-            teacher_model=args.kd_model_name,
-            teacher_checkpoint=args.kd_teacher_checkpoint,
+            teacher_model=teacher,
+            teacher_checkpoint=checkpoint,
             teacher_kwargs=_teacher_kwargs(args, create_kwargs),
             loss_terms=args.kd_loss,
             loss_kwargs=args.kd_loss_kwargs,
@@ -232,7 +242,7 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
             input_size=data_config["input_size"],
             device=device,
             verbose=primary,
-            **_kd_normalization(args, data_config),
+            **normalization,
         )
     else:
         from timm.task import ClassificationTask
@@ -240,6 +250,42 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
         task = ClassificationTask(model, device=device, verbose=primary)
     task.to(device)
     return task
+
+
+def _names(value: str | None) -> list[str]:
+    return [t.strip() for t in str(value or "").split(",") if t.strip()]
+
+
+def _teacher_set(args, create_kwargs, normalization: dict):
+    """A ``TeacherSet`` of the comma-separated ``--kd-model-name`` teachers, each loaded from its
+    ``--kd-teacher-checkpoint``. ``normalization`` loses its teacher mean/std: each member's adapted mean/std goes
+    into its own ``pretrained_cfg`` (one value for all would be wrong for teachers trained differently)."""
+    from timm.data.loader import adapt_to_chs
+
+    from ...distill.teacher_set import TeacherSet
+    from ...vision.models import create_timm_model, load_checkpoint_strict
+
+    names, checkpoints = _names(args.kd_model_name), _names(args.kd_teacher_checkpoint)
+    if len(checkpoints) != len(names):
+        raise SystemExit(
+            f"--kd-model-name names {len(names)} teachers but --kd-teacher-checkpoint gives {len(checkpoints)} "
+            "checkpoints; give one trained checkpoint per teacher, comma-separated in the same order "
+            "(kd_plugins never downloads weights)"
+        )
+    chans = create_kwargs.get("in_chans", 3)
+    normalization.pop("teacher_mean", None), normalization.pop("teacher_std", None)
+    teachers = {}
+    for i, (name, path) in enumerate(zip(names, checkpoints)):
+        model = create_timm_model(name, **_teacher_kwargs(args, create_kwargs))
+        load_checkpoint_strict(model, path, role=f"teacher {i} ({name})")
+        if chans != 3:  # as the single-teacher path: the 3-value mean/std averaged to the channel count
+            cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+            cfg["mean"] = adapt_to_chs(cfg.get("mean") or (0.485, 0.456, 0.406), chans)
+            cfg["std"] = adapt_to_chs(cfg.get("std") or (0.229, 0.224, 0.225), chans)
+            model.pretrained_cfg = cfg
+        teachers[f"{i}:{name}"] = model
+    weights = [float(w) for w in _names(args.kd_teacher_weights)] or None
+    return TeacherSet(teachers, weights, aggregation=args.kd_teacher_aggregation, offload=args.kd_teacher_offload)
 
 
 def _prockd_features(args) -> tuple[str, str]:
@@ -267,7 +313,7 @@ def _kd_normalization(args, data_config) -> dict:
     chans = data_config["input_size"][0]
     if chans == 3:
         return {"student_mean": data_config["mean"], "student_std": data_config["std"]}
-    cfg = get_pretrained_cfg(args.kd_model_name)
+    cfg = get_pretrained_cfg(_names(args.kd_model_name)[0])
     t_mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
     t_std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
     return {

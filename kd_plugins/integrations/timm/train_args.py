@@ -246,7 +246,12 @@ def _add_misc_args(p: argparse.ArgumentParser) -> None:
 
 def _add_kd_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Knowledge distillation (kd_plugins)")
-    g.add_argument("--kd-model-name", default=None, help="teacher timm model name; enables distillation")
+    g.add_argument(
+        "--kd-model-name",
+        default=None,
+        help="teacher timm model name; enables distillation. Several teachers: comma-separated names (a TeacherSet, "
+        "one --kd-teacher-checkpoint each, logit terms only)",
+    )
     g.add_argument(
         "--kd-model-kwargs",
         nargs="*",
@@ -257,7 +262,25 @@ def _add_kd_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kd-teacher-checkpoint",
         default=None,
-        help="teacher weights (.pth/.pth.tar/.safetensors) for --kd-model-name; must match the architecture",
+        help="teacher weights (.pth/.pth.tar/.safetensors) for --kd-model-name; must match the architecture "
+        "(several teachers: comma-separated, in the order of --kd-model-name)",
+    )
+    g.add_argument(
+        "--kd-teacher-weights",
+        default=None,
+        help="several teachers: comma-separated non-negative weights, one per teacher (default: uniform)",
+    )
+    g.add_argument(
+        "--kd-teacher-aggregation",
+        default="mixture",
+        choices=["mixture", "sum_of_divergences"],
+        help="several teachers: mix their probabilities, or sum the weighted per-teacher divergences",
+    )
+    g.add_argument(
+        "--kd-teacher-offload",
+        action="store_true",
+        default=False,
+        help="several teachers: park them on CPU, each moved to the device only for its forward",
     )
     g.add_argument(
         "--kd-teacher-num-classes",

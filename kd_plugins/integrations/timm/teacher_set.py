@@ -1,0 +1,187 @@
+"""Several timm teachers in :class:`~kd_plugins.integrations.timm.task.KDTask`: a
+:class:`~kd_plugins.distill.teacher_set.TeacherSet` as ``teacher_model``.
+
+Each member becomes a ``timm.task.DistillationTeacher`` (its own input normalisation from its ``pretrained_cfg``) and
+runs only on the rows where its weight is non-zero. Row weights come from the set's fixed ``weights`` (default
+uniform) or its ``router``, called as ``router({"pixel_values": x, "labels": target}) -> [B, K]`` with the batch as
+the student sees it. A timm loader yields ``(input, target)`` pairs, so there is no dataset column to route by:
+``teacher_column`` sets are refused (use a router).
+
+The two aggregations are the Trainer's (:mod:`kd_plugins.distill.teacher_set`): ``"mixture"`` hands the logit terms
+the mixture ``T * logsumexp_i(log w_i + log softmax(z_i / T))``; ``"sum_of_divergences"`` is
+``(1/B) sum_rows sum_i w_i D(p_i, q)`` with each term's per-row form. Only logit terms apply to several teachers
+(feature pairs, OFA branches, CSF and patch-embedding alignment read one teacher's features); a set of one resident
+teacher is unwrapped by the task and distils exactly as that teacher alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.task import DistillationTeacher
+from timm.utils import unwrap_model
+
+from ...distill.config import DistillationConfig
+from ...distill.teacher import Teacher, freeze_teacher
+from ...distill.teacher_set import TeacherSet, mixture_logits
+from ...losses import get_loss, get_loss_spec
+from ...vision.features import model_label
+
+__all__ = ["TimmTeacherSet"]
+
+#: Logit terms that compare raw logits: a mixture of probabilities has none.
+_RAW_LOGIT_TERMS = ("logit_mse",)
+#: Per-teacher logits: ``(teacher index, rows it ran on, [rows, C] logits)``.
+PerTeacher = list[tuple[int, torch.Tensor, torch.Tensor]]
+
+
+class TimmTeacherSet(nn.Module):
+    """The members of a :class:`TeacherSet` as timm ``DistillationTeacher`` modules, run on their rows.
+
+    Args:
+        teacher_set: the set (``weights`` or ``router``; ``aggregation``; ``offload`` parks members on CPU and moves
+            each to the student's device only for its rows).
+        resolve: turns one member module into a ``DistillationTeacher`` (the task's own teacher resolution).
+        student: the student (class counts and weight sharing are checked against it).
+        config: the task's resolved :class:`DistillationConfig`.
+        device: the student's device.
+    """
+
+    def __init__(
+        self,
+        teacher_set: TeacherSet,
+        resolve: Callable[[nn.Module], DistillationTeacher],
+        student: nn.Module,
+        config: DistillationConfig,
+        device: torch.device,
+    ):
+        super().__init__()
+        _check_set(teacher_set, config)
+        self.spec, self.config, self.device = teacher_set, config, torch.device(device)
+        self.members = nn.ModuleList(resolve(m) for m in teacher_set.modules)
+        park = "cpu" if teacher_set.offload else None
+        self.runners = [Teacher(m, device=park) for m in self.members]  # a plain list: not sub-modules twice
+        for runner in self.runners:
+            runner.check_separate(student)
+            if park:
+                runner.module.to(park)
+        _check_classes(student, [unwrap_model(m.model) for m in self.members], teacher_set.names)
+        self._row_losses: dict[str, nn.Module] = {}
+
+    def train(self, mode: bool = True) -> TimmTeacherSet:  # noqa: ARG002 - teachers stay in eval mode
+        return super().train(False)
+
+    def freeze(self) -> None:
+        for m in self.members:
+            freeze_teacher(m)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        to_teacher: Callable[[DistillationTeacher, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, PerTeacher]:
+        """``([B, K] row weights, per-teacher logits on their rows)``; ``to_teacher(member, x_rows)`` prepares a
+        member's input (re-normalisation, resize)."""
+        batch = x.shape[0]
+        weights = self.spec.row_weights({"pixel_values": x, "labels": target}, batch)
+        per_teacher: PerTeacher = []
+        for k, (member, runner) in enumerate(zip(self.members, self.runners)):
+            rows = (weights[:, k] > 0).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            x_rows = x if rows.numel() == batch else x[rows.to(x.device)]
+            with self._resident(runner):
+                logits = runner.run(lambda m, x_rows=x_rows, member=member: m(to_teacher(member, x_rows)))
+            per_teacher.append((k, rows, logits.to(x.device)))
+        return weights, per_teacher
+
+    @contextlib.contextmanager
+    def _resident(self, runner: Teacher) -> Iterator[None]:
+        if not self.spec.offload:
+            yield
+            return
+        with runner.moved_to(self.device):
+            yield
+
+    # ------------------------------------------------------------------------------------------------ objectives
+    def mixture(self, weights: torch.Tensor, per_teacher: PerTeacher, batch: int) -> torch.Tensor:
+        """The mixture teacher as logits ``T * log p_mix`` (softmax at ``T`` gives ``p_mix``)."""
+        device = per_teacher[0][2].device
+        return mixture_logits(
+            [(k, rows, {"logits": z}) for k, rows, z in per_teacher], weights, self.config.temperature, batch, device
+        )
+
+    def sum_of_divergences(
+        self, student_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, per_teacher: PerTeacher
+    ) -> dict[str, torch.Tensor]:
+        """``(1/B) sum_rows sum_i w_i D_name(p_i, q)`` for every logit term."""
+        batch, device = student_logits.shape[0], student_logits.device
+        values = {}
+        for name in [n for n, k in self.config.kinds.items() if k == "logits"]:
+            total = student_logits.new_zeros((), dtype=torch.float32)
+            for k, rows, t_logits in per_teacher:
+                rows_dev = rows.to(device)
+                per_row = self._row_loss(name)(student_logits[rows_dev], t_logits, labels=labels[rows_dev])
+                total = total + (per_row.float() * weights[rows, k].to(device)).sum()
+            values[name] = total / max(batch, 1)
+        return values
+
+    def _row_loss(self, name: str) -> nn.Module:
+        if name not in self._row_losses:
+            kw = dict(self.config.loss_kwargs.get(name, {}))
+            kw.setdefault("temperature", self.config.temperature)
+            try:
+                self._row_losses[name] = get_loss(name, **kw, reduction="none")
+            except TypeError as e:
+                raise ValueError(
+                    f"aggregation='sum_of_divergences' weights the term {name!r} per row and per teacher, but it has "
+                    "no per-row reduction; use a divergence such as kl / jsd, or aggregation='mixture'."
+                ) from e
+        return self._row_losses[name]
+
+
+def _check_set(teacher_set: TeacherSet, config: DistillationConfig) -> None:
+    if teacher_set.teacher_column is not None:
+        raise ValueError(
+            f"KDTask got a TeacherSet that routes rows by the column {teacher_set.teacher_column!r}, but timm loaders "
+            "yield (input, target) pairs with no columns. Route with router=lambda batch: weights (batch holds "
+            "'pixel_values' and 'labels'), or give fixed weights."
+        )
+    other = sorted(n for n, k in config.kinds.items() if k != "logits")
+    if other:
+        raise ValueError(
+            f"KDTask with several teachers supports logit terms only; {other} read one teacher's features. Distil "
+            "features from one teacher (e.g. TeacherSet.nearest(teachers, scores)) or drop those terms."
+        )
+    raw = sorted(n for n in config.kinds if get_loss_spec(n).name in _RAW_LOGIT_TERMS)
+    if raw and teacher_set.aggregation == "mixture":
+        raise ValueError(
+            f"KDTask with several teachers: {raw} compare raw logits, which a mixture of probabilities does not "
+            "have; use TeacherSet(..., aggregation='sum_of_divergences') or a divergence (kl, jsd, ...)."
+        )
+
+
+def _check_classes(student: nn.Module, teachers: list[nn.Module], names: list[str]) -> None:
+    s_k = getattr(student, "num_classes", None)
+    counts = {n: getattr(t, "num_classes", None) for n, t in zip(names, teachers)}
+    wrong = {n: k for n, k in counts.items() if k is not None and s_k is not None and k != s_k}
+    if wrong:
+        listed = ", ".join(f"{n}: {k}" for n, k in wrong.items())
+        raise ValueError(
+            f"Class-count mismatch in the TeacherSet: the student {model_label(student)} has {s_k} classes, the "
+            f"teachers {listed}. Mixing or comparing class distributions needs one label space: create every "
+            f"teacher with num_classes={s_k} (trained on this label space)."
+        )
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """``x`` bilinearly resized to ``size`` (unchanged when ``None`` or already that size)."""
+    if size is not None and tuple(x.shape[-2:]) != size:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
