@@ -531,3 +531,51 @@ def test_fused_loss_refuses_heads_it_cannot_fuse(tmp_out):
         run(True)
     cb = run(None)  # automatic: falls back to the full-logit path, which computes the same objective
     assert cb.fused.enabled is False and any("soft-capping" in r for r in cb.fused_reasons)
+
+
+# ------------------------------------------------------------------------------------------ term_balance="gradmag"
+def test_gradmag_weights_equalise_gradient_norms_at_the_reference():
+    from kd_plugins.distill.terms import gradmag_weights
+
+    logits = torch.randn(3, 5, requires_grad=True)
+    other = torch.randn(4, requires_grad=True)
+    values = {
+        "a": (logits * 2.0).sum(),  # gradient norm 2 * sqrt(15)
+        "b": (logits * 0.01).sum(),  # gradient norm 0.01 * sqrt(15)
+        "c": other.square().sum(),  # does not read the logits: keeps its weight
+        "d": logits.sum(),  # weight 0: kept at 0
+    }
+    weights = {"a": 1.0, "b": 3.0, "c": 0.5, "d": 0.0}
+    eff = gradmag_weights(values, weights, logits)
+    n = 15**0.5
+    mean = (1.0 * 2.0 * n + 3.0 * 0.01 * n) / 4.0
+    assert eff["a"] == pytest.approx(1.0 * mean / (2.0 * n))
+    assert eff["b"] == pytest.approx(3.0 * mean / (0.01 * n))
+    assert (eff["c"], eff["d"]) == (0.5, 0.0)
+    # the balanced terms' gradients at the logits are in the ratio of the configured weights
+    ga = torch.autograd.grad(eff["a"] * values["a"], logits, retain_graph=True)[0].norm()
+    gb = torch.autograd.grad(eff["b"] * values["b"], logits, retain_graph=True)[0].norm()
+    assert float(gb / ga) == pytest.approx(3.0)
+    assert logits.grad is None  # nothing accumulated into the leaves
+
+
+def test_term_balance_gradmag_in_the_callback(tmp_out):
+    teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
+    cfg = DistillationConfig(loss_terms="kl", temperature=2.0, hard_label_weight=0.5, term_balance="gradmag")
+    cb = DistillationCallback(teacher, cfg)
+    trainer = Trainer(model=student, args=training_args(tmp_out), train_dataset=TokenDataset(), callbacks=[cb])
+    trainer.train()
+    hist = [h for h in trainer.state.log_history if "kd_loss" in h]
+    assert len(hist) == 3
+    for h in hist:
+        assert {"balance_kl", "balance_task_loss"} <= set(h)
+        expected = h["balance_task_loss"] * 0.5 * h["task_loss"] + h["balance_kl"] * h["kd_kl"]
+        assert h["loss"] == pytest.approx(expected, rel=1e-3)
+        assert h["balance_kl"] != pytest.approx(1.0)  # the KL's gradient differs from the CE's
+
+
+def test_term_balance_bad_values():
+    with pytest.raises(ValueError, match="term_balance must be one of"):
+        DistillationConfig(loss_terms="kl", term_balance="magnitude")
+    with pytest.raises(ValueError, match="fused loss never materialises"):
+        DistillationConfig(loss_terms="kl", term_balance="gradmag", fused_loss=True)

@@ -16,7 +16,9 @@ Setup (fixed before any run):
   whitespace into rows of at most ``--seq-len`` new tokens.
 * Arms (``--arms``): ``init`` (embedding initialisation only), ``ce`` (cross-entropy on the text), ``ce_uld``
   (CE + ULD), ``ce_alm`` (CE + ALM), ``alm`` (ALM only). Weights 1.0 each; ALM in its default form (binarised CE,
-  tau = 100).
+  tau = 100). ``ce_alm_gradmag``: CE + ALM with ``term_balance="gradmag"`` (each term rescaled every step to the
+  same gradient norm at the logits: the binarised ALM's gradient is about 1/tau of CE's, so at weight 1 CE + ALM
+  trains like CE alone; tokenkit combines ALM with SFT this way).
 * Metrics, for the teacher and every arm:
 
   - bits per byte on held-out text of the other domain: paragraphs of the BBC News test split (at most
@@ -70,10 +72,15 @@ ARMS = {  # arm -> (alm_weight, uld_weight, ce_weight); None: no training
     "ce_uld": (0.0, 1.0, 1.0),
     "ce_alm": (1.0, 0.0, 1.0),
     "alm": (1.0, 0.0, 0.0),
+    "ce_alm_gradmag": (1.0, 0.0, 1.0),
 }
 # Cross-model arms: a student of another size *and* tokenizer (SmolLM2 moved to the new tokenizer, then cut to
 # ``--small-layers`` of its 30 layers) distilled from the full SmolLM2 with its own tokenizer.
-CROSS_MODEL_ARMS = {"small_ce": (0.0, 0.0, 1.0), "small_ce_alm": (1.0, 0.0, 1.0)}
+CROSS_MODEL_ARMS = {
+    "small_ce": (0.0, 0.0, 1.0),
+    "small_ce_alm": (1.0, 0.0, 1.0),
+    "small_ce_alm_gradmag": (1.0, 0.0, 1.0),
+}
 HELDOUT_NOVEL = "persuasion"
 CONTEXT_TOKEN = "<|endoftext|>"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's, with its roles (unk, bos, eos = pad)
@@ -246,6 +253,7 @@ def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
         warmup_steps=args.warmup_steps,
         logging_steps=max(1, min(10, args.steps)),
         seed=args.seed,
+        term_balance="gradmag" if arm.endswith("_gradmag") else "none",
         **(dict(zip(("alm_weight", "uld_weight", "ce_weight"), weights)) if weights else {}),
     )
     t0 = time.time()

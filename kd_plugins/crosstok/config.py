@@ -25,6 +25,13 @@ class TokenizerTransferConfig:
     ce_weight: float = field(
         default=1.0, metadata={"help": "Weight of the next-token cross-entropy on the text (hard_label_weight)."}
     )
+    term_balance: str = field(
+        default="none",
+        metadata={
+            "help": "'gradmag': rescale CE, ALM and ULD every step to gradient norms at the logits in the ratio of "
+            "their weights (DistillationConfig.term_balance; tokenkit's recipe when ALM is combined with SFT)."
+        },
+    )
     train_embeddings_only: bool = field(
         default=False, metadata={"help": "Train the input / output embeddings only; the rest stays frozen."}
     )
@@ -45,6 +52,8 @@ class TokenizerTransferConfig:
         for name in ("alm_weight", "uld_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.term_balance not in ("none", "gradmag"):
+            raise ValueError(f"term_balance must be 'none' or 'gradmag', got {self.term_balance!r}")
         if self.alm_weight == self.uld_weight == self.ce_weight == 0:
             raise ValueError("alm_weight, uld_weight and ce_weight are all 0: nothing to train; set alm_weight=1.0.")
 

@@ -13,6 +13,7 @@ POOLINGS = ("mean", "cls")
 TEACHER_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
 #: ``teacher_quantization`` values (kd_plugins/distill/teacher_quant.py says what each does and why).
 TEACHER_QUANTIZATIONS = (None, "int8", "nf4")
+TERM_BALANCES = ("none", "gradmag")
 #: ``loss_terms`` left unset: chosen by the student's task when the engine is set up (the one INFO line it logs says
 #: which). Students with logits (LMs, classifiers) get forward KL. Bare encoders have no logits and get the cosine
 #: distance of the pooled sentence embeddings: it is scale-free (teacher and student embedding norms differ widely,
@@ -113,6 +114,15 @@ class DistillationConfig:
         },
     )
     fused_chunk_size: int = field(default=1024, metadata={"help": "Token chunk size of the fused loss."})
+    term_balance: str = field(
+        default="none",
+        metadata={
+            "help": "'none': the weighted sum as configured. 'gradmag': each term (and the task loss) is rescaled "
+            "every step so that its gradient at the student's logits has norm weight_i * mean (the configured "
+            "weights then set the terms' gradient shares; tokenkit's approx_gradmag_preserve_mag, taken at the "
+            "logits). Terms that do not reach the logits keep their weights. Needs materialised logits (no fused loss)."
+        },
+    )
     cross_tokenizer_options: dict | str | None = field(
         default=None,
         metadata={
@@ -205,6 +215,13 @@ class DistillationConfig:
             )
         if self.fused_chunk_size <= 0:
             raise ValueError(f"fused_chunk_size must be > 0, got {self.fused_chunk_size}")
+        if self.term_balance not in TERM_BALANCES:
+            raise ValueError(f"term_balance must be one of {TERM_BALANCES}, got {self.term_balance!r}")
+        if self.term_balance != "none" and self.fused_loss:
+            raise ValueError(
+                f"term_balance={self.term_balance!r} measures each term's gradient at the student's logits, which the "
+                "fused loss never materialises; set fused_loss=None (the callback then uses the plain path) or False."
+            )
         self.loss_terms, self.loss_kwargs, self.feature_pairs, self.attention_layer_map = terms, kwargs, pairs, attn
         # Checked against the terms and the CrossTokenizerTeacher's options by the engine (distill/cross_tokenizer.py).
         self.cross_tokenizer_options = parse_mapping(self.cross_tokenizer_options, "cross_tokenizer_options", str)

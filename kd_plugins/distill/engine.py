@@ -146,6 +146,7 @@ class KDResult:
     loss: torch.Tensor  # weighted sum of the distillation terms, normalised like the task loss
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # per-term means over this batch (for logs)
     metrics: dict[str, float] = field(default_factory=dict)  # agreement etc.
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted normalised terms (with gradients)
 
 
 @dataclass
@@ -455,7 +456,7 @@ class DistillationEngine:
         loss = weighted_sum(terms.for_loss, self.config.loss_terms, step=self.step)
         if loss is None:
             loss = torch.zeros((), device=model_device(self.student))
-        return KDResult(loss=loss, terms=terms.for_log, metrics=terms.metrics)
+        return KDResult(loss=loss, terms=terms.for_log, metrics=terms.metrics, values=terms.for_loss)
 
     def _check_pair_batch(self, positives, positive_outputs, want: set[str]) -> None:
         if positives is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
@@ -29,6 +30,7 @@ from ...distill.onpolicy import OnPolicySampler
 from ...distill.pairs import split_pairs
 from ...distill.scaling import LossScaling
 from ...distill.teacher_set import split_routing_columns
+from ...distill.terms import gradmag_weights, weighted_sum
 from ._onpolicy import trainer_on_policy_inputs
 from ._trainer import (
     TrainerPluginCallback,
@@ -195,7 +197,13 @@ class DistillationCallback(TrainerPluginCallback):
         custom = getattr(trainer, "label_smoother", None) is not None or bool(
             getattr(trainer, "compute_loss_func", None)
         )
-        if model.training and torch.is_grad_enabled() and self.fused.decide(model, custom_task_loss=custom):
+        balance = cfg.term_balance != "none" and model.training and torch.is_grad_enabled()
+        if (
+            model.training
+            and torch.is_grad_enabled()
+            and not balance
+            and self.fused.decide(model, custom_task_loss=custom)
+        ):
             return self._fused_loss(trainer, model, inputs, return_outputs, num_items_in_batch)
         anchors, positives = split_pairs(inputs)
         task_loss, outputs = self._student_forward(original, model, anchors, num_items_in_batch, **kw)
@@ -213,8 +221,30 @@ class DistillationCallback(TrainerPluginCallback):
                 )
             if cfg.hard_label_weight > 0:
                 loss = loss + cfg.hard_label_weight * task_loss
+        if balance:
+            loss = self._balanced_loss(result, task_loss, outputs)
         self._log_step(model.training, result, task_loss, scaling)
         return (loss, outputs) if return_outputs else loss
+
+    def _balanced_loss(self, result: KDResult, task_loss, outputs) -> torch.Tensor:
+        """``term_balance="gradmag"``: the terms (and the task loss) reweighted by their gradient norms at the
+        student's logits (:func:`~kd_plugins.distill.terms.gradmag_weights`); the factors are logged as
+        ``balance_<term>`` (effective weight / configured weight)."""
+        cfg = self.config
+        logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+        if not torch.is_tensor(logits) or not logits.requires_grad:
+            raise ValueError(
+                "term_balance='gradmag' measures each term's gradient at the student's logits, but this student "
+                f"({self.engine.task}) returned no logits with gradients; use term_balance='none'."
+            )
+        values, weights = dict(result.values), dict(cfg.loss_terms)
+        if task_loss is not None and cfg.hard_label_weight > 0:
+            values["task_loss"], weights["task_loss"] = task_loss, cfg.hard_label_weight
+        effective = gradmag_weights(values, weights, logits)
+        for name, w in effective.items():
+            if weights[name] > 0:
+                result.metrics[f"balance_{name}"] = w / weights[name]
+        return weighted_sum(values, effective, step=self.engine.step)
 
     def _student_forward(self, original, model, inputs, num_items_in_batch, **kw):
         """The student's outputs (with gradients) and the Trainer's task loss (``None`` without labels)."""

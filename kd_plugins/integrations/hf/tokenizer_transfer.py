@@ -89,6 +89,7 @@ def train_transferred(
         dcfg = DistillationConfig(
             loss_terms=cfg.loss_terms,
             hard_label_weight=cfg.ce_weight,
+            term_balance=cfg.term_balance,
             teacher_device="student",
             # a row longer than max_length is truncated and may not round-trip: skip it (logged) rather than stop
             cross_tokenizer_options="on_round_trip_error=skip_row",
