@@ -73,7 +73,6 @@ def test_mismatched_cache_is_refused(tmp_path):
     lm_cache = build_teacher_cache(tiny_llama(seed=1), TokenDataset(), kind="topk", temperature=2.0, progress=False)
     bad_lm = [
         (DistillationConfig(loss_terms="kl", temperature=1.0), "temperature"),
-        (DistillationConfig(loss_terms="kl", temperature=2.0, fused_loss=True), "live teacher"),
     ]
     for cfg, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -175,7 +174,72 @@ def test_topk_cache_trains_causal_lm_with_unmodified_trainer(tmp_out):
     trainer.train()
     hist = [h for h in trainer.state.log_history if "kd_loss" in h]
     assert len(hist) == 8 and all({"kd_kl", "task_loss", "agreement"} <= set(h) for h in hist)
-    assert cb.teacher is None and cb.config.fused_loss is False
+    assert cb.teacher is None and cb.fused.enabled  # the fused kernel reads the cache's top-k rows
+
+
+@pytest.mark.parametrize(("loss", "tail"), [("kl", "bucket"), ("jsd", "renormalize")])
+def test_fused_path_with_a_cache_matches_the_plain_path(tmp_out, loss, tail):
+    """Two Trainer steps (SGD, GA 2, uneven lengths) give the same student through the fused kernel and the plain
+    path, both reading one top-k cache."""
+    teacher = tiny_llama(seed=1)
+    ds = TokenDataset(pad_last=3)
+    cache = build_teacher_cache(teacher, ds, kind="topk", top_k=8, temperature=2.0, progress=False)
+    finals, logs = [], []
+    for fused in (True, False):
+        student = tiny_llama(seed=1)
+        with torch.no_grad():  # the teacher's weights with a perturbed head: agreement strictly between 0 and 1
+            student.lm_head.weight.add_(
+                torch.randn(student.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
+            )
+        cfg = DistillationConfig(
+            loss_terms=loss,
+            temperature=2.0,
+            hard_label_weight=0.5,
+            fused_loss=fused,
+            loss_kwargs={loss: {"topk_tail": tail}},
+        )
+        cb = DistillationCallback(cache, cfg)
+        args = training_args(
+            tmp_out + str(fused),
+            max_steps=2,
+            optim="sgd",
+            learning_rate=0.5,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            max_grad_norm=0.0,
+        )
+        trainer = Trainer(model=student, args=args, train_dataset=ds, callbacks=[cb])
+        trainer.train()
+        assert cb.fused.enabled is fused
+        finals.append({k: v.detach().clone() for k, v in student.state_dict().items()})
+        logs.append([h for h in trainer.state.log_history if "kd_loss" in h])
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-6)
+    assert any(0.0 < h["agreement"] < 1.0 for h in logs[0])
+    for a, b in zip(*logs):
+        assert a["agreement"] == pytest.approx(b["agreement"], abs=1e-6)
+        assert a[f"kd_{loss}"] == pytest.approx(b[f"kd_{loss}"], rel=1e-4)
+        # (task_loss: the plain path logs the Trainer's GA-scaled value times the steps, the fused path the
+        # micro-batch mean; under uneven lengths they differ by design, the optimised losses do not)
+
+
+def test_fused_path_with_a_cache_refuses_what_it_cannot_compute(tmp_out):
+    teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
+    ds = TokenDataset(pad_last=3)
+    cache = build_teacher_cache(teacher, ds, kind="topk", top_k=8, temperature=2.0, progress=False)
+    symmetric = {"kl": {"topk_tail": "symmetric"}}
+    cb = DistillationCallback(cache, loss_terms="kl", temperature=2.0, loss_kwargs=symmetric)
+    Trainer(model=student, args=training_args(tmp_out, max_steps=1), train_dataset=ds, callbacks=[cb]).train()
+    assert cb.fused.enabled is False and any("topk_tail" in r for r in cb.fused.reasons)  # fell back
+    cb = DistillationCallback(cache, loss_terms="kl", temperature=2.0, loss_kwargs=symmetric, fused_loss=True)
+    with pytest.raises(ValueError, match="topk_tail"):
+        Trainer(model=student, args=training_args(tmp_out, max_steps=1), train_dataset=ds, callbacks=[cb]).train()
+    # a left-padded labelled row: the kernel's mask would drop it from the task loss, so it is refused
+    from kd_plugins.distill.fused import _cache_rows
+
+    am = torch.tensor([[0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="left-padded"):
+        _cache_rows(am[:, 1:].reshape(-1).bool(), am, torch.tensor([[-100, 5, 6, 7]]))
 
 
 def test_topk_cache_of_sequence_classifier_has_one_row_per_example():

@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._config import resolve_config
 from .._utils import model_device, unwrap_model
 from ..losses import get_loss, get_loss_spec
 from ..losses._common import valid_mask
@@ -188,13 +187,11 @@ class DistillationEngine:
         self.config = config or DistillationConfig()
         self.cache = teacher if isinstance(teacher, TeacherCache) else None
         self.teacher_set = teacher if isinstance(teacher, TeacherSet) else None  # several teachers: teacher_set.py
-        self.runner = None
-        if self.cache is not None:
-            self.config = _without_fused(self.config)
-        elif self.teacher_set is not None:  # the set's first teacher takes the single-teacher checks and hooks
+        self.runner = None  # a cache runs no teacher (the fused path reads its top-k rows: distill/fused.py)
+        if self.teacher_set is not None:  # the set's first teacher takes the single-teacher checks and hooks
             self.config = self.teacher_set.fit_config(self.config)
             self.runner = self.teacher_set.bind(self.config)
-        else:
+        elif self.cache is None:
             self.runner = Teacher(
                 teacher,
                 device=self.config.teacher_device,
@@ -658,15 +655,6 @@ class DistillationEngine:
             return s[..., :v], t[..., :v]
         v = max(vs, vt)
         return (F.pad(s, (0, v - vs), value=float("-inf")), F.pad(t, (0, v - vt), value=float("-inf")))
-
-
-def _without_fused(config: DistillationConfig) -> DistillationConfig:
-    """A teacher cache feeds the plain path: the fused kernel needs the teacher's last hidden states."""
-    if config.fused_loss:
-        raise ValueError(
-            "fused_loss=True needs a live teacher (its last hidden states); a TeacherCache feeds the plain path"
-        )
-    return config if config.fused_loss is False else resolve_config(DistillationConfig, config, {"fused_loss": False})
 
 
 def _student_vocab(student: nn.Module, task: str) -> int | None:

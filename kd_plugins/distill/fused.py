@@ -29,6 +29,8 @@ __all__ = ["FusedLogitLoss", "FusedOutput", "FUSABLE_DIVERGENCES"]
 
 #: Divergences the fused kernel computes.
 FUSABLE_DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
+#: Tails of a sparse (top-k cache) teacher the fused kernel computes.
+FUSABLE_TOPK_TAILS = ("bucket", "renormalize")
 
 
 @dataclass
@@ -78,6 +80,8 @@ class FusedLogitLoss:
             reasons.append("cross-tokenizer terms (alm, uld) need the student's full logits and a re-tokenized teacher")
         if custom_task_loss:
             reasons.append("the Trainer uses label smoothing or a custom compute_loss_func")
+        if engine.cache is not None:
+            return reasons + self._cache_reasons(student, logit_terms)
         for role, m in (("student", student), ("teacher", engine.teacher)):
             if "logits_to_keep" not in inspect.signature(m.forward).parameters or not hasattr(m, "get_decoder"):
                 reasons.append(f"the {role} does not support logits_to_keep/get_decoder()")
@@ -97,6 +101,29 @@ class FusedLogitLoss:
             try:
                 check_fusable_head(student)
                 check_fusable_head(engine.teacher)
+            except ValueError as e:
+                reasons.append(str(e))
+        return reasons
+
+    def _cache_reasons(self, student: nn.Module, logit_terms: list[str]) -> list[str]:
+        """A top-k teacher cache: the kernel reads its ``(indices, log_probs)`` rows in place of a teacher head."""
+        cfg, reasons = self.engine.config, []
+        if self.engine.cache.kind != "topk" or not self.engine.cache.metadata.get("per_token", False):
+            reasons.append("the teacher cache holds no per-token top-k rows")
+        if "logits_to_keep" not in inspect.signature(student.forward).parameters or not hasattr(student, "get_decoder"):
+            reasons.append("the student does not support logits_to_keep/get_decoder()")
+        if is_sharded(student):
+            reasons.append("the student is sharded (FSDP2): the fused kernel needs its whole output head")
+        kw = cfg.loss_kwargs.get(logit_terms[0], {}) if logit_terms else {}
+        if set(kw) - {"beta", "t2_scale", "topk_tail"}:
+            reasons.append(f"loss_kwargs {sorted(kw)} are not supported by the fused kernel")
+        if kw.get("topk_tail", "bucket") not in FUSABLE_TOPK_TAILS:
+            reasons.append(f"the fused kernel computes topk_tail {FUSABLE_TOPK_TAILS}, not {kw['topk_tail']!r}")
+        if not reasons:
+            from ..kernels import check_fusable_head
+
+            try:
+                check_fusable_head(student)
             except ValueError as e:
                 reasons.append(str(e))
         return reasons
@@ -137,27 +164,39 @@ class FusedLogitLoss:
             outputs = model(**fwd, logits_to_keep=1)  # through the DDP wrapper; the head runs on one position only
         finally:
             handle.remove()
-        handle = _decoder_hidden(engine.teacher, hidden, "teacher")
-        try:
-            t_out = engine.teacher_forward(inputs, extra={"logits_to_keep": 1})
-        finally:
-            handle.remove()
-        h_s, h_t = hidden["student"][:, :-1], hidden["teacher"][:, :-1].to(hidden["student"].device)
+        h_s = hidden["student"][:, :-1]
         am = inputs.get("attention_mask")
         mask = am[:, 1:].reshape(-1).bool() if am is not None else None
+        if engine.cache is not None:
+            t_out = engine.teacher_forward(inputs)
+            topk = tuple(x[:, :-1].reshape(-1, x.shape[-1]).to(h_s.device) for x in t_out["teacher_topk"])
+            if mask is not None:
+                mask = _cache_rows(mask, am, labels)
+        else:
+            handle = _decoder_hidden(engine.teacher, hidden, "teacher")
+            try:
+                t_out = engine.teacher_forward(inputs, extra={"logits_to_keep": 1})
+            finally:
+                handle.remove()
+            h_t, topk = hidden["teacher"][:, :-1].to(h_s.device), None
         rows_labels = labels[:, 1:].reshape(-1) if labels is not None else None
         by_items = scaling.uses_items and labels is not None
         name = next(n for n, k in cfg.kinds.items() if k == "logits")
         kw = cfg.loss_kwargs.get(name, {})
-        s_head, t_head = student.get_output_embeddings(), engine.teacher.get_output_embeddings()
+        s_head = student.get_output_embeddings()
         hs = h_s.reshape(-1, h_s.shape[-1]).to(s_head.weight.dtype)
+        teacher_side = {"teacher_topk": topk, "topk_tail": kw.get("topk_tail", "bucket")}
+        if topk is None:
+            t_head = engine.teacher.get_output_embeddings()
+            teacher_side = {
+                "teacher_hidden": h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype),
+                "teacher_head_weight": t_head.weight.detach(),
+                "teacher_head_bias": None if t_head.bias is None else t_head.bias.detach(),
+            }
         loss, parts = fused_linear_kd_loss(
             hs,
             s_head.weight,
-            h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype),
-            t_head.weight.detach(),
             student_head_bias=s_head.bias,
-            teacher_head_bias=None if t_head.bias is None else t_head.bias.detach(),
             labels=rows_labels,
             mask=mask,
             divergence=name,
@@ -169,6 +208,7 @@ class FusedLogitLoss:
             chunk_size=cfg.fused_chunk_size,
             num_items_in_batch=scaling.num_items_in_batch if by_items else None,
             return_parts=True,
+            **teacher_side,
         )
         loss = loss * (scaling.items_scale if by_items else 1.0)
         check_finite(name, loss, engine.step, path="fused")
@@ -178,8 +218,12 @@ class FusedLogitLoss:
         to_mean = float(scaling.num_items_in_batch) / count if by_items else 1.0
         result = KDResult(loss=loss)
         if cfg.log_agreement and bool(valid.any()):
-            h_t_rows = h_t.reshape(-1, h_t.shape[-1])
-            result.metrics["agreement"] = top1_agreement(hs, s_head, h_t_rows, t_head, valid, cfg.fused_chunk_size)
+            if topk is None:
+                h_t_rows = h_t.reshape(-1, h_t.shape[-1])
+                agreement = top1_agreement(hs, s_head, h_t_rows, t_head, valid, cfg.fused_chunk_size)
+            else:  # the cache's rows come sorted: its top-1 is the first index
+                agreement = topk_agreement(hs, s_head, topk[0][:, 0], valid, cfg.fused_chunk_size)
+            result.metrics["agreement"] = agreement
         if "kd" in parts:
             result.terms[name] = parts["kd"] * to_mean
         if any(k == "hidden" for k in cfg.kinds.values()):
@@ -228,6 +272,41 @@ def top1_agreement(
         t_top = nn.functional.linear(h_t, t_weight, t_bias).argmax(-1)
         agree += (s_top == t_top.to(s_top.device)).sum()
     return float(agree) / max(index.numel(), 1)
+
+
+@torch.no_grad()
+def topk_agreement(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear,
+    teacher_top1: torch.Tensor,
+    valid: torch.Tensor,
+    chunk_size: int,
+) -> float:
+    """Share of the ``valid`` rows where the student's top-1 token is ``teacher_top1`` (a cache's first index),
+    with the student's logits formed ``chunk_size`` rows at a time."""
+    index = valid.nonzero().squeeze(-1)
+    agree = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    for start in range(0, index.numel(), chunk_size):
+        rows = index[start : start + chunk_size]
+        s_top = nn.functional.linear(student_hidden[rows], student_head.weight, student_head.bias).argmax(-1)
+        agree += (s_top == teacher_top1[rows].to(s_top.device)).sum()
+    return float(agree) / max(index.numel(), 1)
+
+
+def _cache_rows(mask: torch.Tensor, attention_mask: torch.Tensor, labels) -> torch.Tensor:
+    """Rows a cache can score: it holds no teacher row at a padded position, so a row whose context token is padding
+    (left padding) has none. The kernel's mask also removes rows from the task cross-entropy, which the plain path
+    keeps, so such a labelled row is refused instead of silently dropped from the task loss."""
+    context = attention_mask[:, :-1].reshape(-1).bool()
+    if labels is not None:
+        lost = mask & ~context & (labels[:, 1:].reshape(-1).to(mask.device) != IGNORE_INDEX)
+        if bool(lost.any()):
+            raise ValueError(
+                "a left-padded batch on the fused path with a TeacherCache: the cache has no teacher row after a "
+                "padded position, and the fused kernel would drop those labelled tokens from the task loss. Pad on "
+                "the right (tokenizer.padding_side='right') or set DistillationConfig(fused_loss=False)."
+            )
+    return mask & context
 
 
 def _valid(n: int, labels, mask, device) -> torch.Tensor:
