@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
 from transformers import Trainer
 
@@ -323,6 +324,28 @@ def test_score_teachers_weights_and_nearest():
         TeacherSet.weighted(teachers, scores, tau=0.0)
     with pytest.raises(ValueError, match="score must be one of"):
         score_teachers(teachers, data, "leep")
+
+
+def test_accuracy_score_uses_the_teachers_own_predictions():
+    """A teacher trained on the target's labels is judged by its predictions, whatever its representation."""
+    labels = torch.arange(40) % 4
+
+    class Predictor(nn.Module):
+        def __init__(self, errors: int):
+            super().__init__()
+            wrong = labels.clone()
+            wrong[:errors] = (wrong[:errors] + 1) % 4
+            self.register_buffer("logits", F.one_hot(wrong, 4).float() * 5)
+
+        def forward(self, index):
+            return {"logits": self.logits[index]}
+
+    teachers = {"good": Predictor(errors=2), "bad": Predictor(errors=20)}
+    data = [(idx, labels[idx]) for idx in torch.arange(40).chunk(3)]
+    assert score_teachers(teachers, data, "accuracy") == pytest.approx([38 / 40, 20 / 40])
+    assert score_features(torch.eye(4)[labels], labels, "accuracy") == 1.0
+    with pytest.raises(ValueError, match="another label space"):
+        score_features(torch.randn(40, 3), labels, "accuracy")
 
 
 def _logme_reference(features, labels):
