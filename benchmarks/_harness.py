@@ -105,6 +105,18 @@ def set_threads_and_seed(threads: int | None, seed: int | None = None) -> None:
         torch.manual_seed(seed)
 
 
+def seed_table(results: dict[str, list[float]], metric: str = "test accuracy") -> list[str]:
+    """Markdown rows ``| arm | metric (mean ± std) | per seed |`` of ``{arm: [value per seed]}``."""
+    import statistics
+
+    lines = [f"| arm | {metric} (mean ± std) | per seed |", "|---|---|---|"]
+    for arm, values in results.items():
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        per_seed = ", ".join(f"{v:.4f}" for v in values)
+        lines.append(f"| {arm} | {statistics.mean(values):.4f} ± {std:.4f} | {per_seed} |")
+    return lines
+
+
 def replace_section(path: Path, marker: str, section: str, title: str) -> None:
     """Write ``section`` into the markdown file ``path`` in place of the ``## `` section that starts with ``marker``
     (appended when absent; a missing file starts with ``title``). Other sections are kept as they are."""

@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _harness
-from _harness import ROOT, command_line, log, set_threads_and_seed  # noqa: E402
+from _harness import ROOT, command_line, log, seed_table, set_threads_and_seed  # noqa: E402
 
 # isort: split
 import numpy as np  # noqa: E402
@@ -220,11 +219,7 @@ def arms(t: dict[str, CNN], scores: list[float], tau: float) -> dict:
 
 
 def summary(results: dict) -> list[str]:
-    lines = ["| arm | test accuracy (mean ± std) | per seed |", "|---|---|---|"]
-    for arm, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {arm} | {statistics.mean(accs):.4f} ± {std:.4f} | {', '.join(f'{a:.4f}' for a in accs)} |")
-    return lines
+    return seed_table(results)
 
 
 def main(argv=None):

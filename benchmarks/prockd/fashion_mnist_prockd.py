@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _harness
-from _harness import command_line, log, set_threads_and_seed, use_benchmark  # noqa: E402
+from _harness import command_line, log, seed_table, set_threads_and_seed, use_benchmark  # noqa: E402
 
 # isort: split
 import numpy as np  # noqa: E402
@@ -152,12 +151,7 @@ def train_student(arm: str, data: dict, teacher: nn.Module, seed: int, args) -> 
 
 
 def summary(results: dict) -> list[str]:
-    lines = ["| arm | 5-group test accuracy (mean ± std) | per seed |", "|---|---|---|"]
-    for arm, runs in results.items():
-        accs = [r["accuracy"] for r in runs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {arm} | {statistics.mean(accs):.4f} ± {std:.4f} | {', '.join(f'{a:.4f}' for a in accs)} |")
-    return lines
+    return seed_table({arm: [r["accuracy"] for r in runs] for arm, runs in results.items()}, "5-group test accuracy")
 
 
 def main(argv=None):

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _harness
-from _harness import command_line, log, set_threads_and_seed, use_benchmark  # noqa: E402
+from _harness import command_line, log, seed_table, set_threads_and_seed, use_benchmark  # noqa: E402
 
 # isort: split
 import numpy as np  # noqa: E402
@@ -228,11 +227,7 @@ def train_student(train_set: WADDataset, wad: WADWeights, overrides: dict, test,
 
 
 def summary(results: dict) -> list[str]:
-    lines = ["| arm | test accuracy, 6 known classes (mean ± std) | per seed |", "|---|---|---|"]
-    for arm, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {arm} | {statistics.mean(accs):.4f} ± {std:.4f} | {', '.join(f'{a:.4f}' for a in accs)} |")
-    return lines
+    return seed_table(results, "test accuracy, 6 known classes")
 
 
 def parse(argv):
