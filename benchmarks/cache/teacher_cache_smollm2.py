@@ -128,6 +128,7 @@ def train_arm(name: str, teacher_or_cache, teacher, data: dict, args, out_dir: s
     row = {
         "arm": name,
         "step_s": secs / args.steps,
+        "fused": bool(cb.fused.enabled),  # the fused linear+KD kernel (live teacher or top-k cache) or the plain path
         "kd_kl_last_quarter": sum(tail) / len(tail) if tail else None,
         "ppl_bbc": perplexity(student, data["bbc"], batch_size=4),
         "ppl_austen": perplexity(student, data["austen"], batch_size=4),
@@ -157,14 +158,15 @@ def cache_arm(k: int, teacher, data: dict, args, out_dir: str) -> dict:
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = "| arm | bytes/token | cache build s | KD loss (last quarter) | s/step | ppl BBC | ppl Austen |\n"
-    head += "|---|---|---|---|---|---|---|\n"
+    head = "| arm | bytes/token | cache build s | KD loss (last quarter) | s/step | path | ppl BBC | ppl Austen |\n"
+    head += "|---|---|---|---|---|---|---|---|\n"
     for r in rows:
         bpt = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"
         build = f"{r['build_s']:.1f}" if "build_s" in r else "-"
         kd = f"{r['kd_kl_last_quarter']:.4f}" if r["kd_kl_last_quarter"] is not None else "-"
         ppl = f"{r['ppl_bbc']:.2f} | {r['ppl_austen']:.2f}"
-        head += f"| {r['arm']} | {bpt} | {build} | {kd} | {r['step_s']:.2f} | {ppl} |\n"
+        path = {True: "fused", False: "plain"}.get(r.get("fused"), "-")
+        head += f"| {r['arm']} | {bpt} | {build} | {kd} | {r['step_s']:.2f} | {path} | {ppl} |\n"
     return head
 
 
