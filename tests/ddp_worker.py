@@ -1,6 +1,7 @@
 """One training step with a plugin callback; run under torchrun (2 gloo ranks) or in a single process. Saves the
 student (and projector) weights. ``KIND``: ``distill`` (DistillationCallback), ``multiexit`` (MultiExitCallback
-with a frozen teacher) or ``acm`` (ACMCallback, noiseless gates, KD from the original model).
+with a frozen teacher), ``acm`` (ACMCallback, noiseless gates, KD from the original model) or ``gradmag``
+(DistillationCallback with ``term_balance="gradmag"``).
 
 Usage: ``python ddp_worker.py OUT PER_DEVICE_BATCH [KIND]``."""
 
@@ -48,6 +49,9 @@ def make_callback(kind):
         acmize(student, config=cfg)
         return teacher, student, ACMCallback(teacher, cfg)
     teacher, student = tiny_llama(seed=1, hidden=48), tiny_llama(seed=2, hidden=32)
+    if kind == "gradmag":  # each rank balances its own micro-batch: runs under DDP, no single-process parity
+        cfg = DistillationConfig(loss_terms="kl", temperature=2.0, hard_label_weight=0.5, term_balance="gradmag")
+        return teacher, student, DistillationCallback(teacher, cfg)
     cfg = DistillationConfig(
         loss_terms={"kl": 1.0, "hidden_mse": 0.5},
         temperature=2.0,
