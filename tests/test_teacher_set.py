@@ -346,6 +346,8 @@ def test_accuracy_score_uses_the_teachers_own_predictions():
     assert score_features(torch.eye(4)[labels], labels, "accuracy") == 1.0
     with pytest.raises(ValueError, match="another label space"):
         score_features(torch.randn(40, 3), labels, "accuracy")
+    with pytest.raises(ValueError, match=r"one prediction per example"):
+        score_teachers([tiny_llama()], [(torch.randint(0, 96, (2, 5)), torch.tensor([0, 1]))], "accuracy")
 
 
 def _logme_reference(features, labels):

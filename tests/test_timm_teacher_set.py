@@ -127,7 +127,7 @@ def test_clear_errors():
     t1, t2 = cnn(seed=1), cnn(seed=2)
     with pytest.raises(ValueError, match="no columns"):
         make(TeacherSet([t1, t2], teacher_column="teacher"))
-    with pytest.raises(ValueError, match="logit terms only"):
+    with pytest.raises(ValueError, match=r"\['hidden_mse'\] are not logit terms"):
         make(TeacherSet([t1, t2]), loss_terms={"kl": 1.0, "hidden_mse": 1.0}, feature_pairs={-1: -1})
     with pytest.raises(ValueError, match="logit terms only"):
         make(TeacherSet([t1, t2]), patch_embed_weight=1.0)

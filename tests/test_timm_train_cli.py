@@ -321,6 +321,9 @@ def test_several_teachers_from_the_command_line(gray_folder, gray_cnn_run, tmp_p
         main([*argv[:-6], "--kd-teacher-checkpoint", teacher, "--output", str(tmp_path), "--experiment", "bad"])
     with pytest.raises(SystemExit, match="--kd-method kd only"):
         main([*argv, "--kd-method", "prockd", "--output", str(tmp_path), "--experiment", "bad2"])
+    one = [*argv[:-8], "--kd-model-name", "resnet18", "--kd-teacher-checkpoint", teacher, "--kd-teacher-weights", "1"]
+    with pytest.raises(SystemExit, match="apply to several teachers"):
+        main([*one, "--output", str(tmp_path), "--experiment", "bad3"])
 
 
 def test_rgb_vit_trains_from_a_config_file(rgb_vit_run):

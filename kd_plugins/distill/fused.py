@@ -262,19 +262,15 @@ def top1_agreement(
     ``[chunk_size x vocab]`` logits per model exist at once: the plain path's ``agreement`` without the
     ``[tokens x vocab]`` tensors the fused kernel avoids. ``*_hidden`` are ``[rows, hidden]``, ``valid`` is ``[rows]``.
     """
-    index = valid.nonzero().squeeze(-1)
     t_weight, t_bias = teacher_head.weight, teacher_head.bias
-    agree = torch.zeros((), dtype=torch.long, device=student_hidden.device)
-    for start in range(0, index.numel(), chunk_size):
-        rows = index[start : start + chunk_size]
-        s_top = nn.functional.linear(student_hidden[rows], student_head.weight, student_head.bias).argmax(-1)
+
+    def teacher_top1(rows: torch.Tensor) -> torch.Tensor:
         h_t = teacher_hidden[rows.to(teacher_hidden.device)].to(t_weight.device, t_weight.dtype)
-        t_top = nn.functional.linear(h_t, t_weight, t_bias).argmax(-1)
-        agree += (s_top == t_top.to(s_top.device)).sum()
-    return float(agree) / max(index.numel(), 1)
+        return nn.functional.linear(h_t, t_weight, t_bias).argmax(-1)
+
+    return _agreement(student_hidden, student_head, teacher_top1, valid, chunk_size)
 
 
-@torch.no_grad()
 def topk_agreement(
     student_hidden: torch.Tensor,
     student_head: nn.Linear,
@@ -282,14 +278,18 @@ def topk_agreement(
     valid: torch.Tensor,
     chunk_size: int,
 ) -> float:
-    """Share of the ``valid`` rows where the student's top-1 token is ``teacher_top1`` (a cache's first index),
-    with the student's logits formed ``chunk_size`` rows at a time."""
+    """:func:`top1_agreement` against given teacher top-1 tokens ``[rows]`` (a top-k cache's first index)."""
+    return _agreement(student_hidden, student_head, lambda rows: teacher_top1[rows], valid, chunk_size)
+
+
+@torch.no_grad()
+def _agreement(student_hidden, student_head, teacher_top1, valid, chunk_size) -> float:
     index = valid.nonzero().squeeze(-1)
     agree = torch.zeros((), dtype=torch.long, device=student_hidden.device)
     for start in range(0, index.numel(), chunk_size):
         rows = index[start : start + chunk_size]
         s_top = nn.functional.linear(student_hidden[rows], student_head.weight, student_head.bias).argmax(-1)
-        agree += (s_top == teacher_top1[rows].to(s_top.device)).sum()
+        agree += (s_top == teacher_top1(rows).to(s_top.device)).sum()
     return float(agree) / max(index.numel(), 1)
 
 

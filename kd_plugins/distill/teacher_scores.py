@@ -233,7 +233,12 @@ def default_logits(teacher: nn.Module, inputs: Any) -> torch.Tensor:
     else:
         out = teacher(inputs.to(device))
     logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out)
-    return logits.reshape(logits.shape[0], -1) if logits.dim() > 2 else logits
+    if logits.dim() != 2:
+        raise ValueError(
+            f"score 'accuracy' takes one prediction per example ([B, C] logits), got {tuple(logits.shape)}; "
+            "pass features=lambda teacher, inputs: <[B, C] logits> or use a feature score (knn, linear_probe, logme)."
+        )
+    return logits
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:

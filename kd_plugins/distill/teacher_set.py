@@ -50,7 +50,15 @@ from ..losses._common import valid_mask
 from .config import DistillationConfig
 from .teacher import Teacher
 
-__all__ = ["TeacherSet", "TeacherSetOutputs", "TeacherSetEmbeddings", "split_routing_columns", "AGGREGATIONS"]
+__all__ = [
+    "TeacherSet",
+    "TeacherSetOutputs",
+    "TeacherSetEmbeddings",
+    "split_routing_columns",
+    "check_set_terms",
+    "row_loss",
+    "AGGREGATIONS",
+]
 
 AGGREGATIONS = ("mixture", "sum_of_divergences")
 #: Logit terms that compare raw logits (not distributions): a mixture of probabilities has no raw logits.
@@ -295,15 +303,7 @@ class TeacherSet:
                     "set. Distil from such a teacher on its own."
                 )
         if len(self.modules) > 1:
-            other = sorted(n for n, k in cfg.kinds.items() if k not in ("logits", "embedding"))
-            if other:
-                raise ValueError(f"TeacherSet: the terms {other} are not logit or embedding terms. " + _NON_LOGIT_HINT)
-            raw = sorted(n for n in cfg.kinds if get_loss_spec(n).name in _RAW_LOGIT_TERMS)
-            if raw and self.aggregation == "mixture":
-                raise ValueError(
-                    f"TeacherSet: {raw} compare raw logits, which a mixture of probabilities does not have; use "
-                    "aggregation='sum_of_divergences' or a divergence (kl, jsd, ...)."
-                )
+            check_set_terms(cfg, self.aggregation)
         for runner in self.runners[1:]:
             runner.check_separate(student)
             runner.place(student)
@@ -429,18 +429,44 @@ class TeacherSet:
 
     def _row_loss(self, engine: Any, name: str, kind: str) -> nn.Module:
         if name not in self._row_losses:
-            kw = dict(engine.config.loss_kwargs.get(name, {}))
-            if kind == "logits":
-                kw.setdefault("temperature", engine.config.temperature)
-            try:
-                self._row_losses[name] = get_loss(name, **kw, reduction="none")
-            except TypeError as e:
-                raise ValueError(
-                    f"A TeacherSet weights the term {name!r} per row and per teacher, but it has no per-row "
-                    "reduction; use a divergence such as kl / jsd (logits) or embedding_mse / embedding_cosine, or "
-                    "aggregation='mixture' for logit terms."
-                ) from e
+            self._row_losses[name] = row_loss(engine.config, name, kind)
         return self._row_losses[name]
+
+
+def check_set_terms(
+    config: DistillationConfig,
+    aggregation: str,
+    kinds: tuple[str, ...] = ("logits", "embedding"),
+    where: str = "TeacherSet",
+) -> None:
+    """Refuse terms that several teachers cannot share: kinds other than ``kinds`` (they read one teacher's hidden
+    states, attentions or tokenizer) and, for a mixture, terms that compare raw logits."""
+    other = sorted(n for n, k in config.kinds.items() if k not in kinds)
+    if other:
+        names = " or ".join({"logits": "logit", "embedding": "embedding"}.get(k, k) for k in kinds)
+        raise ValueError(f"{where}: the terms {other} are not {names} terms. " + _NON_LOGIT_HINT)
+    raw = sorted(n for n in config.kinds if get_loss_spec(n).name in _RAW_LOGIT_TERMS)
+    if raw and aggregation == "mixture":
+        raise ValueError(
+            f"{where}: {raw} compare raw logits, which a mixture of probabilities does not have; use "
+            "aggregation='sum_of_divergences' or a divergence (kl, jsd, ...)."
+        )
+
+
+def row_loss(config: DistillationConfig, name: str, kind: str) -> nn.Module:
+    """The loss ``name`` with ``reduction="none"`` (one value per row), with ``config``'s keywords (and temperature
+    for logit terms): what ``sum_of_divergences`` weights per row and per teacher."""
+    kw = dict(config.loss_kwargs.get(name, {}))
+    if kind == "logits":
+        kw.setdefault("temperature", config.temperature)
+    try:
+        return get_loss(name, **kw, reduction="none")
+    except TypeError as e:
+        raise ValueError(
+            f"A TeacherSet weights the term {name!r} per row and per teacher, but it has no per-row "
+            "reduction; use a divergence such as kl / jsd (logits) or embedding_mse / embedding_cosine, or "
+            "aggregation='mixture' for logit terms."
+        ) from e
 
 
 def split_routing_columns(teacher_set: TeacherSet | None, inputs: dict) -> tuple[dict, dict]:

@@ -39,6 +39,7 @@ __all__ = [
     "model_label",
     "channel_project",
     "module_out_channels",
+    "resize_to",
 ]
 
 
@@ -272,3 +273,10 @@ def channel_project(proj: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     if proj is None:
         return x
     return proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` bilinearly resized to ``size`` (unchanged when ``None`` or already that size)."""
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x

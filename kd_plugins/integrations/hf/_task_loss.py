@@ -47,14 +47,12 @@ class TaskLossNormaliser:
             return task
         if getattr(trainer, "compute_loss_func", None) or getattr(trainer, "label_smoother", None):
             return task
-        items = float(scaling.num_items_in_batch)
         targets = _counted_targets(inputs, trainer)
         if targets is None:
             return task
         labels, shifted = targets
-        count = _label_count(labels)
         if self.model_uses_items is None:
-            if count == items:  # both readings agree on this micro-batch: decide later
+            if _label_count(labels) == float(scaling.num_items_in_batch):  # both readings agree here: decide later
                 return task
             mean = _recomputed_mean(outputs, labels, shifted)
             if mean is None:
@@ -68,8 +66,9 @@ class TaskLossNormaliser:
                     "it to the token sum over the accumulated batch the Trainer's gradient-accumulation rule assumes.",
                     type(unwrap_model(trainer.model)).__name__,
                 )
-        if self.model_uses_items is False:
-            return task * count / items
+        if self.model_uses_items is False:  # tensor arithmetic: no host sync per step once decided
+            count = labels.ne(IGNORE_INDEX).sum().to(task.device, task.dtype)
+            return task * count / scaling.num_items_in_batch
         return task
 
 

@@ -212,17 +212,17 @@ class DistillationCallback(TrainerPluginCallback):
         scaling = trainer_loss_scaling(trainer, num_items_in_batch, has_task_loss=task_loss is not None)
         task_loss = self.normalised_task_loss(task_loss, outputs, anchors, scaling)
         result = engine.compute({**inputs, **routing}, outputs, scaling=scaling, positive_outputs=positive_outputs)
-        loss = result.loss
-        if task_loss is not None:
-            if not torch.isfinite(task_loss.detach()).all():
-                raise FloatingPointError(
-                    f"Non-finite task loss at step {engine.step}: term 'task_loss' = "
-                    f"{float(task_loss.detach())}. Check the labels and the learning rate."
-                )
-            if cfg.hard_label_weight > 0:
-                loss = loss + cfg.hard_label_weight * task_loss
+        if task_loss is not None and not torch.isfinite(task_loss.detach()).all():
+            raise FloatingPointError(
+                f"Non-finite task loss at step {engine.step}: term 'task_loss' = "
+                f"{float(task_loss.detach())}. Check the labels and the learning rate."
+            )
         if balance:
             loss = self._balanced_loss(result, task_loss, outputs)
+        else:
+            loss = result.loss
+            if task_loss is not None and cfg.hard_label_weight > 0:
+                loss = loss + cfg.hard_label_weight * task_loss
         self._log_step(model.training, result, task_loss, scaling)
         return (loss, outputs) if return_outputs else loss
 

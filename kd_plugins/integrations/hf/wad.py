@@ -136,14 +136,12 @@ class WADCallback(TrainerPluginCallback):
             outputs = model(**model_inputs(inputs))
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
         values, weights = {}, {}
+        # the Trainer's GA rule does not depend on this micro-batch having labelled rows
+        scaling = trainer_loss_scaling(self.trainer, num_items_in_batch)
         if task is not None:
-            task = self.normalised_task_loss(
-                task, outputs, inputs, trainer_loss_scaling(self.trainer, num_items_in_batch)
-            )
-            values["wad_task"], weights["wad_task"] = task, cfg.task_weight
+            values["wad_task"] = self.normalised_task_loss(task, outputs, inputs, scaling)
+            weights["wad_task"] = cfg.task_weight
         if unlabelled.any():
-            # the Trainer's GA rule does not depend on this micro-batch having labelled rows
-            scaling = trainer_loss_scaling(self.trainer, num_items_in_batch)
             rows = index[unlabelled]
             values["wad_loss"] = scaling.mean(wad_batch_loss(logits[unlabelled], self.wad, rows, cfg))
             weights["wad_loss"] = cfg.wad_weight

@@ -32,12 +32,13 @@ from ...vision.features import (
     forward_with_features,
     model_label,
     probe_shapes,
+    resize_to,
 )
 from ...vision.models import create_timm_model, load_checkpoint_strict
 from ...vision.ofa import OFABranchTerms
 from ...vision.terms import FeaturePairTerms, LogitTerms, TermProvider
 from ...vision.transkd import PEA_WEIGHTS, CSFTerms, PatchEmbedTerms
-from .teacher_set import TimmTeacherSet, resize_to
+from .teacher_set import TimmTeacherSet
 
 _logger = logging.getLogger(__name__)
 

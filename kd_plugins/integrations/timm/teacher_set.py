@@ -21,20 +21,16 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.task import DistillationTeacher
 from timm.utils import unwrap_model
 
 from ...distill.config import DistillationConfig
 from ...distill.teacher import Teacher, freeze_teacher
-from ...distill.teacher_set import TeacherSet, mixture_logits
-from ...losses import get_loss, get_loss_spec
-from ...vision.features import model_label
+from ...distill.teacher_set import TeacherSet, check_set_terms, mixture_logits, row_loss
+from ...vision.terms import LogitTerms
 
 __all__ = ["TimmTeacherSet"]
 
-#: Logit terms that compare raw logits: a mixture of probabilities has none.
-_RAW_LOGIT_TERMS = ("logit_mse",)
 #: Per-teacher logits: ``(teacher index, rows it ran on, [rows, C] logits)``.
 PerTeacher = list[tuple[int, torch.Tensor, torch.Tensor]]
 
@@ -69,7 +65,8 @@ class TimmTeacherSet(nn.Module):
             runner.check_separate(student)
             if park:
                 runner.module.to(park)
-        _check_classes(student, [unwrap_model(m.model) for m in self.members], teacher_set.names)
+        for member in self.members:  # the single-teacher task's class-count check, for every member
+            LogitTerms(config, student, unwrap_model(member.model))
         self._row_losses: dict[str, nn.Module] = {}
 
     def train(self, mode: bool = True) -> TimmTeacherSet:  # noqa: ARG002 - teachers stay in eval mode
@@ -134,15 +131,7 @@ class TimmTeacherSet(nn.Module):
 
     def _row_loss(self, name: str) -> nn.Module:
         if name not in self._row_losses:
-            kw = dict(self.config.loss_kwargs.get(name, {}))
-            kw.setdefault("temperature", self.config.temperature)
-            try:
-                self._row_losses[name] = get_loss(name, **kw, reduction="none")
-            except TypeError as e:
-                raise ValueError(
-                    f"aggregation='sum_of_divergences' weights the term {name!r} per row and per teacher, but it has "
-                    "no per-row reduction; use a divergence such as kl / jsd, or aggregation='mixture'."
-                ) from e
+            self._row_losses[name] = row_loss(self.config, name, "logits")
         return self._row_losses[name]
 
 
@@ -153,35 +142,4 @@ def _check_set(teacher_set: TeacherSet, config: DistillationConfig) -> None:
             "yield (input, target) pairs with no columns. Route with router=lambda batch: weights (batch holds "
             "'pixel_values' and 'labels'), or give fixed weights."
         )
-    other = sorted(n for n, k in config.kinds.items() if k != "logits")
-    if other:
-        raise ValueError(
-            f"KDTask with several teachers supports logit terms only; {other} read one teacher's features. Distil "
-            "features from one teacher (e.g. TeacherSet.nearest(teachers, scores)) or drop those terms."
-        )
-    raw = sorted(n for n in config.kinds if get_loss_spec(n).name in _RAW_LOGIT_TERMS)
-    if raw and teacher_set.aggregation == "mixture":
-        raise ValueError(
-            f"KDTask with several teachers: {raw} compare raw logits, which a mixture of probabilities does not "
-            "have; use TeacherSet(..., aggregation='sum_of_divergences') or a divergence (kl, jsd, ...)."
-        )
-
-
-def _check_classes(student: nn.Module, teachers: list[nn.Module], names: list[str]) -> None:
-    s_k = getattr(student, "num_classes", None)
-    counts = {n: getattr(t, "num_classes", None) for n, t in zip(names, teachers)}
-    wrong = {n: k for n, k in counts.items() if k is not None and s_k is not None and k != s_k}
-    if wrong:
-        listed = ", ".join(f"{n}: {k}" for n, k in wrong.items())
-        raise ValueError(
-            f"Class-count mismatch in the TeacherSet: the student {model_label(student)} has {s_k} classes, the "
-            f"teachers {listed}. Mixing or comparing class distributions needs one label space: create every "
-            f"teacher with num_classes={s_k} (trained on this label space)."
-        )
-
-
-def resize_to(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """``x`` bilinearly resized to ``size`` (unchanged when ``None`` or already that size)."""
-    if size is not None and tuple(x.shape[-2:]) != size:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x
+    check_set_terms(config, teacher_set.aggregation, kinds=("logits",), where="KDTask with several teachers")

@@ -184,6 +184,20 @@ def _build_task(args, model, data_config, create_kwargs, device, primary):
     from .task import KDTask
 
     several = len(_names(args.kd_model_name)) > 1
+    set_flags = [
+        flag
+        for flag, given in (
+            ("--kd-teacher-weights", args.kd_teacher_weights),
+            ("--kd-teacher-aggregation", args.kd_teacher_aggregation != "mixture"),
+            ("--kd-teacher-offload", args.kd_teacher_offload),
+        )
+        if given
+    ]
+    if set_flags and not several:
+        raise SystemExit(
+            f"{', '.join(set_flags)} apply to several teachers: give them as comma-separated --kd-model-name and "
+            "--kd-teacher-checkpoint, or drop the flag"
+        )
     if several and (args.exit_layers or args.kd_method == "prockd"):
         raise SystemExit(
             "several teachers (comma-separated --kd-model-name) apply to --kd-method kd only, not to "
@@ -260,8 +274,6 @@ def _teacher_set(args, create_kwargs, normalization: dict):
     """A ``TeacherSet`` of the comma-separated ``--kd-model-name`` teachers, each loaded from its
     ``--kd-teacher-checkpoint``. ``normalization`` loses its teacher mean/std: each member's adapted mean/std goes
     into its own ``pretrained_cfg`` (one value for all would be wrong for teachers trained differently)."""
-    from timm.data.loader import adapt_to_chs
-
     from ...distill.teacher_set import TeacherSet
     from ...vision.models import create_timm_model, load_checkpoint_strict
 
@@ -273,16 +285,15 @@ def _teacher_set(args, create_kwargs, normalization: dict):
             "(kd_plugins never downloads weights)"
         )
     chans = create_kwargs.get("in_chans", 3)
-    normalization.pop("teacher_mean", None), normalization.pop("teacher_std", None)
+    normalization.pop("teacher_mean", None)
+    normalization.pop("teacher_std", None)
     teachers = {}
     for i, (name, path) in enumerate(zip(names, checkpoints)):
         model = create_timm_model(name, **_teacher_kwargs(args, create_kwargs))
         load_checkpoint_strict(model, path, role=f"teacher {i} ({name})")
-        if chans != 3:  # as the single-teacher path: the 3-value mean/std averaged to the channel count
-            cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-            cfg["mean"] = adapt_to_chs(cfg.get("mean") or (0.485, 0.456, 0.406), chans)
-            cfg["std"] = adapt_to_chs(cfg.get("std") or (0.229, 0.224, 0.225), chans)
-            model.pretrained_cfg = cfg
+        if chans != 3:  # as for one teacher: its mean/std averaged to the channel count
+            mean, std = _teacher_norm(name, chans)
+            model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": mean, "std": std}
         teachers[f"{i}:{name}"] = model
     weights = [float(w) for w in _names(args.kd_teacher_weights)] or None
     return TeacherSet(teachers, weights, aggregation=args.kd_teacher_aggregation, offload=args.kd_teacher_offload)
@@ -308,20 +319,28 @@ def _kd_normalization(args, data_config) -> dict:
     than 3 input channels, both models' 3-value mean/std are averaged to the channel count, as timm's loaders do,
     so that the teacher's input keeps its channels (for RGB ``KDTask`` reads the teacher's from its config)."""
     from timm.data.loader import adapt_to_chs
-    from timm.models import get_pretrained_cfg
 
     chans = data_config["input_size"][0]
     if chans == 3:
         return {"student_mean": data_config["mean"], "student_std": data_config["std"]}
-    cfg = get_pretrained_cfg(_names(args.kd_model_name)[0])
-    t_mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
-    t_std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    t_mean, t_std = _teacher_norm(_names(args.kd_model_name)[0], chans)
     return {
         "student_mean": adapt_to_chs(data_config["mean"], chans),
         "student_std": adapt_to_chs(data_config["std"], chans),
-        "teacher_mean": adapt_to_chs(t_mean, chans),
-        "teacher_std": adapt_to_chs(t_std, chans),
+        "teacher_mean": t_mean,
+        "teacher_std": t_std,
     }
+
+
+def _teacher_norm(name: str, chans: int) -> tuple[tuple, tuple]:
+    """Teacher ``name``'s mean/std from timm's registry (ImageNet's when absent) averaged to ``chans`` channels."""
+    from timm.data.loader import adapt_to_chs
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    return adapt_to_chs(mean, chans), adapt_to_chs(std, chans)
 
 
 def _set_criterion(args, task) -> dict | None:
