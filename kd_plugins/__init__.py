@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 import importlib as _importlib
 
-from .distill import DistillationConfig, DistillationEngine, inherit_student  # noqa: E402
+from .distill import DistillationConfig, DistillationEngine, bistil_config, inherit_student, regular_layer_map  # noqa: E402
 from .losses import get_loss, list_losses, register_loss  # noqa: E402
 
 #: Public name -> module that defines it, imported on first attribute access.
@@ -135,6 +135,8 @@ __all__ = [
     "DistillationConfig",
     "DistillationEngine",
     "inherit_student",
+    "bistil_config",
+    "regular_layer_map",
     "get_loss",
     "list_losses",
     "register_loss",

@@ -9,6 +9,7 @@ from kd_plugins.losses import (
     affinity_kl,
     affinity_mse,
     attention_kl,
+    attention_mse,
     dkd_loss,
     embedding_cosine,
     embedding_mse,
@@ -302,6 +303,34 @@ def test_attention_kl():
     with pytest.raises(ValueError, match="head_reduction"):
         attention_kl(other[:, :2], att)
     assert attention_kl(other[:, :2], att, head_reduction="mean").item() >= 0
+
+
+def test_attention_mse_hand_computed_zero_at_identity_and_masked():
+    g = torch.Generator().manual_seed(1)
+    att = torch.softmax(torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), -1)
+    other = torch.softmax(torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), -1)
+    assert attention_mse(att, att.clone()).item() == 0
+    assert attention_mse(other, att).item() == pytest.approx(((other - att) ** 2).mean().item(), rel=1e-12)
+    # sample 1 has one padded token: its row 3 and column 3 leave the mean, whatever they hold
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    moved = other.clone()
+    moved[1, :, 3, :] += 5.0
+    moved[1, :, :, 3] -= 5.0
+    expected = torch.cat(
+        [((other[0] - att[0]) ** 2).reshape(-1), ((other[1, :, :3, :3] - att[1, :, :3, :3]) ** 2).reshape(-1)]
+    )
+    got = attention_mse(moved, att, attention_mask=mask)
+    assert got.item() == pytest.approx(expected.mean().item(), rel=1e-12)
+    assert attention_mse(moved, att, attention_mask=mask, reduction="sum").item() == pytest.approx(
+        expected.sum().item(), rel=1e-12
+    )
+    per_row = attention_mse(moved, att, attention_mask=mask, reduction="none")
+    assert per_row.shape == (2, 3, 4) and per_row[1, :, 3].abs().max().item() == 0
+    assert get_loss("attention_mse")(moved, att, attention_mask=mask).item() == pytest.approx(got.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="head_reduction"):
+        attention_mse(other[:, :2], att)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        attention_mse(other, att, attention_mask=mask[:, :3])
 
 
 # ---------------------------------------------------------------- registry and module forms

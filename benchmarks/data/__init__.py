@@ -17,7 +17,7 @@ from .bbc import (
     split_articles,
     train_texts,
 )
-from .models import minilm_path
+from .models import minilm_path, mpnet_path
 from .retrieval import embedding_drift, encode, inverse_cloze_pairs, retrieval_metrics, split_sentences
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "article_paragraphs",
     "train_texts",
     "minilm_path",
+    "mpnet_path",
     "encode",
     "retrieval_metrics",
     "embedding_drift",

@@ -2,6 +2,7 @@
 fused path, weight inheritance (see docs/conventions.md, "The distillation core")."""
 
 from .batching import TopicAwareBatches, spherical_kmeans
+from .bistil import bistil_config, regular_layer_map
 from .cache import TeacherCache, build_teacher_cache, load_teacher_cache, save_teacher_cache
 from .config import DistillationConfig
 from .engine import DistillationEngine, FeatureRecorder, KDResult, detect_task
@@ -32,6 +33,8 @@ __all__ = [
     "inherit_student",
     "find_layer_container",
     "select_layer_indices",
+    "bistil_config",
+    "regular_layer_map",
     "TeacherCache",
     "PairCollator",
     "TopicAwareBatches",

@@ -10,6 +10,7 @@ from .feature import (
     affinity_kl,
     affinity_mse,
     attention_kl,
+    attention_mse,
     embedding_cosine,
     embedding_mse,
     hidden_cosine,
@@ -61,6 +62,7 @@ __all__ = [
     "affinity_kl",
     "affinity_mse",
     "attention_kl",
+    "attention_mse",
 ]
 from .dac_kl import dac_kl_loss  # noqa: E402
 from .hybrid_distill import hybrid_distill_loss  # noqa: E402

@@ -24,6 +24,7 @@ __all__ = [
     "affinity_kl",
     "affinity_mse",
     "attention_kl",
+    "attention_mse",
     "FeatureProjector",
 ]
 
@@ -197,6 +198,20 @@ def attention_kl(
     at padded positions are skipped via ``attention_mask [B, T]``. When head counts differ,
     ``head_reduction="mean"`` averages heads on both sides first; the default raises.
     """
+    student_attn, teacher_attn = _head_matched(student_attn, teacher_attn, head_reduction)
+    b, h, tq, _ = student_attn.shape
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.bool()[:, None, :].expand(b, h, tq)
+    valid = valid_mask((b, h, tq), mask=mask, device=student_attn.device)
+    eps = 1e-12
+    sa = rows(student_attn, valid).float().clamp_min(eps).log()
+    ta = rows(teacher_attn, valid).to(sa.device, torch.float32).clamp_min(0)
+    log_t = torch.where(ta > 0, ta.clamp_min(eps).log(), torch.full_like(ta, float("-inf")))
+    return reduce_rows(kl_rows(log_t, sa), valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
+def _head_matched(student_attn: torch.Tensor, teacher_attn: torch.Tensor, head_reduction: str):
     if student_attn.dim() != 4 or teacher_attn.dim() != 4:
         raise ValueError("attention maps must be [batch, heads, query, key]")
     if student_attn.shape[1] != teacher_attn.shape[1]:
@@ -208,16 +223,48 @@ def attention_kl(
         student_attn, teacher_attn = student_attn.mean(1, keepdim=True), teacher_attn.mean(1, keepdim=True)
     if student_attn.shape[2:] != teacher_attn.shape[2:]:
         raise ValueError(f"attention maps differ in length: {tuple(student_attn.shape)} vs {tuple(teacher_attn.shape)}")
-    b, h, tq, _ = student_attn.shape
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.bool()[:, None, :].expand(b, h, tq)
-    valid = valid_mask((b, h, tq), mask=mask, device=student_attn.device)
-    eps = 1e-12
-    sa = rows(student_attn, valid).float().clamp_min(eps).log()
-    ta = rows(teacher_attn, valid).to(sa.device, torch.float32).clamp_min(0)
-    log_t = torch.where(ta > 0, ta.clamp_min(eps).log(), torch.full_like(ta, float("-inf")))
-    return reduce_rows(kl_rows(log_t, sa), valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    return student_attn, teacher_attn
+
+
+def attention_mse(
+    student_attn,
+    teacher_attn,
+    *,
+    attention_mask=None,
+    head_reduction: str = "error",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Attention-map MSE (TinyBERT, BiStil): mean of ``(A_S - A_T)^2`` over the entries whose query *and* key are
+    real tokens.
+
+    Attentions are probabilities ``[B, H, T, T]`` (HF ``output_attentions=True``). BiStil's reference code takes
+    the MSE over non-padded entries; we read that as both the query row and the key column unpadded (padded keys
+    hold zero probability on both sides anyway, so only the divisor changes). ``reduction="sum"`` returns the sum of
+    squared differences over those entries; ``"none"`` the per-(sample, head, query) mean over valid keys, zero at
+    padded queries.
+    """
+    student_attn, teacher_attn = _head_matched(student_attn, teacher_attn, head_reduction)
+    b, h, tq, tk = student_attn.shape
+    dt = compute_dtype(student_attn)
+    sq = (student_attn.to(dt) - teacher_attn.to(student_attn.device, dt)).pow(2)
+    if attention_mask is None:
+        keep = torch.ones(b, 1, tq, tk, dtype=torch.bool, device=sq.device)
+    else:
+        m = attention_mask.to(sq.device).bool()
+        if m.shape != (b, tk) or tq != tk:
+            raise ValueError(
+                f"attention_mask has shape {tuple(m.shape)} but the maps are {tuple(sq.shape)}; pass the [batch, "
+                "tokens] mask of the text both models saw."
+            )
+        keep = (m[:, :, None] & m[:, None, :])[:, None]
+    sq = sq * keep
+    if reduction == "none":
+        return sq.sum(-1) / keep.sum(-1).clamp_min(1)
+    if reduction == "sum":
+        return sq.sum()
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return sq.sum() / (keep.sum() * h).clamp_min(1)
 
 
 class FeatureProjector(nn.Module):
@@ -394,4 +441,22 @@ class AttentionKLLoss(nn.Module):
             head_reduction=self.head_reduction,
             reduction=self.reduction,
             num_items_in_batch=num_items_in_batch,
+        )
+
+
+@register_loss("attention_mse", kind="attention", function=attention_mse, aliases=("tinybert_attention",))
+class AttentionMSELoss(nn.Module):
+    """Attention-map MSE over unpadded (query, key) entries (TinyBERT / BiStil)."""
+
+    def __init__(self, head_reduction: str = "error", reduction: str = "mean"):
+        super().__init__()
+        self.head_reduction, self.reduction = head_reduction, reduction
+
+    def forward(self, student_attn, teacher_attn, *, attention_mask=None, **_):
+        return attention_mse(
+            student_attn,
+            teacher_attn,
+            attention_mask=attention_mask,
+            head_reduction=self.head_reduction,
+            reduction=self.reduction,
         )
