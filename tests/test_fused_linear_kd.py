@@ -232,6 +232,30 @@ def test_torch_parity_topk(divergence, topk_tail, temperature):
 
 
 @outer_only
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+def test_torch_agreement_part_counts_top1_matches_of_the_valid_rows(teacher):
+    c = make_case(teacher=teacher, bias=True, n=40)
+    c.xs[:12] = c.xt[:12, : c.xs.shape[1]]  # make some rows agree
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[5:9] = False
+    _, parts = fused_linear_kd_loss(
+        c.xs, c.w, student_head_bias=c.b, labels=c.labels, mask=mask, chunk_size=7, return_parts=True,
+        **teacher_kwargs(c),
+    )  # fmt: skip
+    s_top = (c.xs @ c.w.T + c.b).argmax(-1)
+    t_logits = c.xt @ c.wt.T + c.bt if teacher == "hidden" else c.t_logits
+    t_top = c.topk[0][:, 0] if teacher == "topk" else t_logits.argmax(-1)
+    valid = (c.labels != -100) & mask
+    expected = float((s_top == t_top)[valid].float().mean())
+    assert float(parts["agreement"]) == pytest.approx(expected, abs=1e-7)
+    # no teacher term, no agreement
+    _, ce_only = fused_linear_kd_loss(
+        c.xs, c.w, labels=c.labels, kd_weight=0.0, hard_label_weight=1.0, return_parts=True
+    )
+    assert "agreement" not in ce_only
+
+
+@outer_only
 @pytest.mark.parametrize("divergence", DIVS)
 def test_torch_parity_float64_exact(divergence):
     c = make_case(dtype=torch.float64, bias=True)

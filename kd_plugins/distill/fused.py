@@ -218,7 +218,9 @@ class FusedLogitLoss:
         to_mean = float(scaling.num_items_in_batch) / count if by_items else 1.0
         result = KDResult(loss=loss)
         if cfg.log_agreement and bool(valid.any()):
-            if topk is None:
+            if "agreement" in parts:  # counted by the kernel's chunks (torch backend): no extra vocabulary pass
+                agreement = float(parts["agreement"])
+            elif topk is None:
                 h_t_rows = h_t.reshape(-1, h_t.shape[-1])
                 agreement = top1_agreement(hs, s_head, h_t_rows, t_head, valid, cfg.fused_chunk_size)
             else:  # the cache's rows come sorted: its top-1 is the first index

@@ -97,12 +97,12 @@ def _resolve_backend(backend: str, student_hidden: torch.Tensor) -> str:
 
 
 def _run_backend(spec: FusedKDSpec, backend: str):
-    """``(loss, kd, ce)`` from the chosen backend."""
+    """``(loss, kd, ce, agree)`` from the chosen backend (``agree`` None where the backend does not count it)."""
     if backend == "triton":
         _require_triton_runtime(spec.student.x)
         from .triton_fused_kd import triton_fused_linear_kd  # imports triton: only when asked for
 
-        return triton_fused_linear_kd(spec)
+        return (*triton_fused_linear_kd(spec), None)
     return torch_fused_linear_kd(spec)
 
 
@@ -155,7 +155,9 @@ def fused_linear_kd_loss(
         backend: ``"torch"`` (chunked PyTorch, any device), ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on CUDA tensors when triton imports, else torch).
         return_parts: also return ``{"kd": ..., "ce": ...}`` (detached, unweighted, normalised like the loss); a
-            term that is not computed (``kd_weight == 0`` / ``hard_label_weight == 0``) is absent.
+            term that is not computed (``kd_weight == 0`` / ``hard_label_weight == 0``) is absent. The torch backend
+            adds ``"agreement"``: the share of valid rows whose student and teacher top-1 tokens agree (for a top-k
+            teacher, its highest-probability index), counted from the logits the chunks form anyway.
 
     Returns:
         The scalar float32 loss, or ``(loss, parts)`` with ``return_parts=True``.
@@ -183,12 +185,14 @@ def fused_linear_kd_loss(
         topk_tail=topk_tail,
         t2_scale=t2_scale,
     )
-    loss, kd, ce = _run_backend(spec, _resolve_backend(backend, student_hidden))
+    loss, kd, ce, agree = _run_backend(spec, _resolve_backend(backend, student_hidden))
     if not return_parts:
         return loss
     parts = {}
     if spec.mode != "none":
         parts["kd"] = kd
+        if agree is not None:
+            parts["agreement"] = agree.float() / max(spec.rows.numel(), 1)
     if spec.need_ce:
         parts["ce"] = ce
     return loss, parts

@@ -127,35 +127,41 @@ def _ce_chunk(spec: FusedKDSpec, z: torch.Tensor, lo: int, hi: int, need_grad: b
 
 
 def _topk_kd_chunk(spec: FusedKDSpec, s: torch.Tensor, lo: int, hi: int, need_grad: bool):
-    """Sparse teacher: summed divergence and ``d rows / d s`` (``scatter(G) - q * sum(G)``); overwrites ``s``."""
+    """Sparse teacher: summed divergence, ``d rows / d s`` (``scatter(G) - q * sum(G)``) and the teacher's top-1
+    tokens; overwrites ``s``."""
     topk = spec.topk
     lse_s = torch.logsumexp(s, -1, keepdim=True)
     idx = topk.idx[lo:hi]
+    t_top = idx.gather(-1, topk.log_probs[lo:hi].argmax(-1, keepdim=True)).squeeze(-1)
     log_q_k = s.gather(-1, idx).sub_(lse_s)
     rows_kd, gk = topk_rows_and_grad(log_q_k, topk.log_probs[lo:hi], topk.row_fn, topk.tail, need_grad)
     if not need_grad:
-        return rows_kd.sum(), None
+        return rows_kd.sum(), None, t_top
     q = s.sub_(lse_s).exp_()
-    return rows_kd.sum(), q.mul_(-gk.sum(-1, keepdim=True)).scatter_add_(-1, idx, gk)
+    return rows_kd.sum(), q.mul_(-gk.sum(-1, keepdim=True)).scatter_add_(-1, idx, gk), t_top
 
 
 def _dense_kd_chunk(spec: FusedKDSpec, s: torch.Tensor, r: torch.Tensor, inv_t: float, need_grad: bool):
-    """Dense teacher (hidden + head, or logits): summed divergence and ``d rows / d s``; overwrites ``s``."""
+    """Dense teacher (hidden + head, or logits): summed divergence, ``d rows / d s`` and the teacher's top-1 tokens;
+    overwrites ``s``."""
     if spec.teacher is not None:
         t = _logits_chunk(spec.teacher.x.index_select(0, r), spec.teacher.w, spec.teacher.b, spec.cdtype)
     else:
         t = spec.teacher_logits.index_select(0, r).to(spec.cdtype)  # index_select copies: safe to overwrite
+    t_top = t.argmax(-1)
     if spec.temperature != 1.0:
         t.mul_(inv_t)
     rows_kd, gkd = _dense_chunk(s, t, spec.mode, spec.beta, need_grad)
-    return rows_kd.sum(), gkd
+    return rows_kd.sum(), gkd, t_top
 
 
 def _chunk_loss_and_grad(spec: FusedKDSpec, lo: int, hi: int, need_grad: bool):
     """Loss parts (summed, unnormalised) and ``d loss / d z`` for valid rows ``rows[lo:hi]``.
 
-    Returns ``(kd_sum, ce_sum, g)`` where ``g`` is the float gradient of
-    ``kd_coef * sum(kd_rows) + ce_coef * sum(ce_rows)`` with respect to the raw student logits ``z`` (or None).
+    Returns ``(kd_sum, ce_sum, g, agree)`` where ``g`` is the float gradient of
+    ``kd_coef * sum(kd_rows) + ce_coef * sum(ce_rows)`` with respect to the raw student logits ``z`` (or None) and
+    ``agree`` the number of rows whose student and teacher top-1 tokens agree (None without a teacher): a by-product
+    of logits the chunk forms anyway, so the callback's ``agreement`` log costs no extra pass over the vocabulary.
     """
     r = spec.rows[lo:hi]
     z = _logits_chunk(spec.student.x.index_select(0, r), spec.student.w, spec.student.b, spec.cdtype)
@@ -163,17 +169,18 @@ def _chunk_loss_and_grad(spec: FusedKDSpec, lo: int, hi: int, need_grad: bool):
     if spec.need_ce:
         ce_sum, g = _ce_chunk(spec, z, lo, hi, need_grad)
     if spec.mode == "none":
-        return None, ce_sum, g
+        return None, ce_sum, g, None
+    s_top = z.argmax(-1)
     inv_t = 1.0 / spec.temperature
     s = z.mul_(inv_t) if spec.temperature != 1.0 else z
     if spec.mode == "topk":
-        kd_sum, gkd = _topk_kd_chunk(spec, s, lo, hi, need_grad)
+        kd_sum, gkd, t_top = _topk_kd_chunk(spec, s, lo, hi, need_grad)
     else:
-        kd_sum, gkd = _dense_kd_chunk(spec, s, r, inv_t, need_grad)
+        kd_sum, gkd, t_top = _dense_kd_chunk(spec, s, r, inv_t, need_grad)
     if need_grad:
         coef = spec.scales.kd_coef * inv_t
         g = gkd.mul_(coef) if g is None else g.add_(gkd, alpha=coef)
-    return kd_sum, ce_sum, g
+    return kd_sum, ce_sum, g, (s_top == t_top).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,13 +226,15 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         # ``need_grad`` is captured by the caller: grad mode is always off inside ``forward``.
         kd_total = torch.zeros((), dtype=spec.cdtype, device=xs.device)
         ce_total = torch.zeros((), dtype=spec.cdtype, device=xs.device)
+        agree_total = torch.zeros((), dtype=torch.long, device=xs.device)
         gx, gw, gb = _grad_buffers(ctx, xs, ws, bs, spec, need_grad)
         n_valid = spec.rows.numel()
         for lo in range(0, n_valid, spec.chunk_size):
             hi = min(lo + spec.chunk_size, n_valid)
-            kd_sum, ce_sum, g = _chunk_loss_and_grad(spec, lo, hi, need_grad)
+            kd_sum, ce_sum, g, agree = _chunk_loss_and_grad(spec, lo, hi, need_grad)
             if kd_sum is not None:
                 kd_total += kd_sum
+                agree_total += agree
             if ce_sum is not None:
                 ce_total += ce_sum
             if g is not None:
@@ -237,16 +246,17 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (gx, gw, gb)))
         ctx.has = (gx is not None, gw is not None, gb is not None)
         ctx.dtypes = (xs.dtype, ws.dtype, bs.dtype if bs is not None else None)
-        ctx.mark_non_differentiable(kd, ce)
-        return loss, kd, ce
+        ctx.mark_non_differentiable(kd, ce, agree_total)
+        return loss, kd, ce, agree_total
 
     @staticmethod
-    def backward(ctx, grad_loss, _gkd, _gce):
+    def backward(ctx, grad_loss, _gkd, _gce, _gagree):
         out = [(t * grad_loss).to(dt) if has else None for has, t, dt in zip(ctx.has, ctx.saved_tensors, ctx.dtypes)]
         return out[0], out[1], out[2], None, None
 
 
 def torch_fused_linear_kd(spec: FusedKDSpec):
-    """Run the chunked PyTorch path on a validated spec; returns ``(loss, kd, ce)`` (``kd``/``ce`` detached)."""
+    """Run the chunked PyTorch path on a validated spec; returns ``(loss, kd, ce, agree)`` (``kd``/``ce`` detached;
+    ``agree``: rows whose student and teacher top-1 tokens agree, a long tensor)."""
     s = spec.student
     return _FusedLinearKDFunction.apply(s.x, s.w, s.b, spec, spec.needs_student_grad())
