@@ -189,8 +189,10 @@ def main(argv=None) -> int:
     cmd = command_line(__file__, argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": cmd, "args": vars(args), "rows": rows}, indent=1))
-    section = f"## SmolLM2-135M -> {args.num_layers}-layer student, Austen -> BBC\n\n`{cmd}`\n\n{table}"
-    replace_section(HERE / "RESULTS_cache.md", "## SmolLM2-135M", section, title="# Offline teacher cache\n\n")
+    # its own section per student depth: the hand-written sections around it are never overwritten
+    heading = f"## Latest run (written by the script): {args.num_layers}-layer student"
+    section = f"{heading}\n\n`{cmd}`\n\n{table}"
+    replace_section(HERE / "RESULTS_cache.md", heading, section, title="# Offline teacher cache\n\n")
     return 0
 
 
