@@ -54,6 +54,11 @@ def test_phase_configs_pair_embeddings_and_layers_on_each_models_names(tmp_path)
     student.save_pretrained(tmp_path / "phase1")
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "phase1", num_labels=3)
     assert bistil_config(reloaded, teacher, 2).attention_layer_map == {0: 1, 1: 3}
+    # a zero weight drops the term and its pairs (DistillationConfig would add a default hidden term for bare pairs)
+    no_hidden = bistil_config(cls_student, teacher, 2, teacher_layers=[1, 3], hidden_weight=0.0)
+    assert no_hidden.loss_terms == {"soft_ce": 1.0, "attention_mse": 1.0} and not no_hidden.feature_pairs
+    no_attn = bistil_config(student, teacher, 1, attention_weight=0.0)
+    assert no_attn.loss_terms == {"hidden_mse": 1.0} and not no_attn.attention_layer_map
     llama = tiny_llama(layers=4)
     pairs = bistil_config(inherit_student(llama, strategy=[1, 3]), llama, 1).feature_pairs
     assert pairs == {

@@ -110,11 +110,13 @@ def bistil_config(
     if phase == 2:
         terms = {"soft_ce": logit_weight, **terms}
         kwargs = {"soft_ce": {"t2_scale": False}}
+    terms = {k: v for k, v in terms.items() if v != 0}
+    # feature pairs without a hidden term would make DistillationConfig add its default one: pass them only when used
     return DistillationConfig(
-        loss_terms={k: v for k, v in terms.items() if v},
-        loss_kwargs=kwargs,
+        loss_terms=terms,
+        loss_kwargs={k: v for k, v in kwargs.items() if k in terms},
         temperature=temperature,
-        feature_pairs=pairs,
-        attention_layer_map=dict(enumerate(teacher_layers)),
+        feature_pairs=pairs if "hidden_mse" in terms else None,
+        attention_layer_map=dict(enumerate(teacher_layers)) if "attention_mse" in terms else None,
         hard_label_weight=0.0,
     )
