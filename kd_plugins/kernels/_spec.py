@@ -92,6 +92,7 @@ class FusedKDSpec:
     scales: LossScales
     chunk_size: int
     cdtype: torch.dtype  # float32 (float64 for float64 inputs), like the reference
+    count_agreement: bool = False  # also count student/teacher top-1 matches (an argmax per chunk on each side)
 
     @property
     def need_ce(self) -> bool:
@@ -318,6 +319,7 @@ def prepare_spec(
     num_items_in_batch,
     topk_tail,
     t2_scale,
+    count_agreement=False,
 ) -> FusedKDSpec:
     """Validate the arguments of :func:`~kd_plugins.kernels.fused_linear_kd_loss` (same names) into a spec."""
     xs = student_hidden
@@ -361,4 +363,5 @@ def prepare_spec(
         scales=scales,
         chunk_size=chunk_size,
         cdtype=torch.float64 if xs.dtype == torch.float64 else torch.float32,
+        count_agreement=bool(count_agreement),
     )

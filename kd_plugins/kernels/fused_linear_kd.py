@@ -135,6 +135,7 @@ def fused_linear_kd_loss(
     t2_scale: bool | None = None,
     backend: str = "torch",
     return_parts: bool = False,
+    agreement: bool = False,
 ):
     """Distillation loss of ``student_hidden @ student_head_weight.T (+ bias)`` without materialising the logits.
 
@@ -155,9 +156,10 @@ def fused_linear_kd_loss(
         backend: ``"torch"`` (chunked PyTorch, any device), ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on CUDA tensors when triton imports, else torch).
         return_parts: also return ``{"kd": ..., "ce": ...}`` (detached, unweighted, normalised like the loss); a
-            term that is not computed (``kd_weight == 0`` / ``hard_label_weight == 0``) is absent. The torch backend
-            adds ``"agreement"``: the share of valid rows whose student and teacher top-1 tokens agree (for a top-k
-            teacher, its highest-probability index), counted from the logits the chunks form anyway.
+            term that is not computed (``kd_weight == 0`` / ``hard_label_weight == 0``) is absent.
+        agreement: with ``return_parts``, the torch backend adds ``parts["agreement"]``: the share of valid rows whose
+            student and teacher top-1 tokens agree (for a top-k teacher, its highest-probability index), counted from
+            the logits the chunks form anyway (one argmax per chunk and side; off by default).
 
     Returns:
         The scalar float32 loss, or ``(loss, parts)`` with ``return_parts=True``.
@@ -184,6 +186,7 @@ def fused_linear_kd_loss(
         num_items_in_batch=num_items_in_batch,
         topk_tail=topk_tail,
         t2_scale=t2_scale,
+        count_agreement=agreement and return_parts,
     )
     loss, kd, ce, agree = _run_backend(spec, _resolve_backend(backend, student_hidden))
     if not return_parts:
@@ -191,7 +194,7 @@ def fused_linear_kd_loss(
     parts = {}
     if spec.mode != "none":
         parts["kd"] = kd
-        if agree is not None:
+        if spec.count_agreement and agree is not None:
             parts["agreement"] = agree.float() / max(spec.rows.numel(), 1)
     if spec.need_ce:
         parts["ce"] = ce

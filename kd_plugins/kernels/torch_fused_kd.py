@@ -132,7 +132,7 @@ def _topk_kd_chunk(spec: FusedKDSpec, s: torch.Tensor, lo: int, hi: int, need_gr
     topk = spec.topk
     lse_s = torch.logsumexp(s, -1, keepdim=True)
     idx = topk.idx[lo:hi]
-    t_top = idx.gather(-1, topk.log_probs[lo:hi].argmax(-1, keepdim=True)).squeeze(-1)
+    t_top = idx.gather(-1, topk.log_probs[lo:hi].argmax(-1, keepdim=True)).squeeze(-1) if spec.count_agreement else None
     log_q_k = s.gather(-1, idx).sub_(lse_s)
     rows_kd, gk = topk_rows_and_grad(log_q_k, topk.log_probs[lo:hi], topk.row_fn, topk.tail, need_grad)
     if not need_grad:
@@ -148,7 +148,7 @@ def _dense_kd_chunk(spec: FusedKDSpec, s: torch.Tensor, r: torch.Tensor, inv_t: 
         t = _logits_chunk(spec.teacher.x.index_select(0, r), spec.teacher.w, spec.teacher.b, spec.cdtype)
     else:
         t = spec.teacher_logits.index_select(0, r).to(spec.cdtype)  # index_select copies: safe to overwrite
-    t_top = t.argmax(-1)
+    t_top = t.argmax(-1) if spec.count_agreement else None
     if spec.temperature != 1.0:
         t.mul_(inv_t)
     rows_kd, gkd = _dense_chunk(s, t, spec.mode, spec.beta, need_grad)
@@ -160,8 +160,9 @@ def _chunk_loss_and_grad(spec: FusedKDSpec, lo: int, hi: int, need_grad: bool):
 
     Returns ``(kd_sum, ce_sum, g, agree)`` where ``g`` is the float gradient of
     ``kd_coef * sum(kd_rows) + ce_coef * sum(ce_rows)`` with respect to the raw student logits ``z`` (or None) and
-    ``agree`` the number of rows whose student and teacher top-1 tokens agree (None without a teacher): a by-product
-    of logits the chunk forms anyway, so the callback's ``agreement`` log costs no extra pass over the vocabulary.
+    ``agree`` the number of rows whose student and teacher top-1 tokens agree (None without a teacher or unless
+    ``spec.count_agreement``): a by-product of logits the chunk forms anyway, so the callback's ``agreement`` log costs
+    no extra pass over the vocabulary.
     """
     r = spec.rows[lo:hi]
     z = _logits_chunk(spec.student.x.index_select(0, r), spec.student.w, spec.student.b, spec.cdtype)
@@ -170,7 +171,7 @@ def _chunk_loss_and_grad(spec: FusedKDSpec, lo: int, hi: int, need_grad: bool):
         ce_sum, g = _ce_chunk(spec, z, lo, hi, need_grad)
     if spec.mode == "none":
         return None, ce_sum, g, None
-    s_top = z.argmax(-1)
+    s_top = z.argmax(-1) if spec.count_agreement else None
     inv_t = 1.0 / spec.temperature
     s = z.mul_(inv_t) if spec.temperature != 1.0 else z
     if spec.mode == "topk":
@@ -180,7 +181,7 @@ def _chunk_loss_and_grad(spec: FusedKDSpec, lo: int, hi: int, need_grad: bool):
     if need_grad:
         coef = spec.scales.kd_coef * inv_t
         g = gkd.mul_(coef) if g is None else g.add_(gkd, alpha=coef)
-    return kd_sum, ce_sum, g, (s_top == t_top).sum()
+    return kd_sum, ce_sum, g, None if s_top is None else (s_top == t_top).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,6 +235,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             kd_sum, ce_sum, g, agree = _chunk_loss_and_grad(spec, lo, hi, need_grad)
             if kd_sum is not None:
                 kd_total += kd_sum
+            if agree is not None:
                 agree_total += agree
             if ce_sum is not None:
                 ce_total += ce_sum
@@ -257,6 +259,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
 def torch_fused_linear_kd(spec: FusedKDSpec):
     """Run the chunked PyTorch path on a validated spec; returns ``(loss, kd, ce, agree)`` (``kd``/``ce`` detached;
-    ``agree``: rows whose student and teacher top-1 tokens agree, a long tensor)."""
+    ``agree``: rows whose student and teacher top-1 tokens agree, a long tensor, zero unless
+    ``spec.count_agreement``)."""
     s = spec.student
     return _FusedLinearKDFunction.apply(s.x, s.w, s.b, spec, spec.needs_student_grad())
