@@ -7,6 +7,7 @@ the first call that needs it.
   (chunked PyTorch; ``backend="triton"`` for the fused Triton kernels).
 * :func:`check_fusable_head`, :func:`fused_kd_loss_from_heads`: integration helpers for the trainer callback.
 * ``int8_gemm``: int8 GEMM kernels (own module; its public names are also reachable from this package lazily).
+* ``cpu_int8``: native CPU passes of the int8 layers (C, compiled on first use; the eager PyTorch steps' results).
 * :func:`triton_available`, :func:`interpreter_enabled`: whether Triton kernels can run (the one reader of
   ``TRITON_INTERPRET``, with Triton's own rule).
 """

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import cpu_int8
+
 QMAX = 127
 #: Smallest row factor / column maximum used in a division (all-zero rows or channels quantize to code 0).
 TINY = 1e-30
@@ -110,6 +112,10 @@ def quantize_activations(
     """
     # The scaled copy is rounded and clamped in place (fewer full-size temporaries). Same float operations in the
     # same order as the Triton row quantizer, so the codes are identical.
+    if method == "per_token" and _native_ok(x):
+        # the native kernels: the same float operations, one pass each (the clamp cannot trigger: |x_i| <= t_i)
+        r = cpu_int8.row_absmax(x).clamp_min_(TINY)
+        return cpu_int8.quantize_rows(x, (QMAX / r).float()), r / QMAX, None
     if method == "per_token":
         r = _row_absmax(x)
         v = None
@@ -128,6 +134,10 @@ def quantize_activations(
     v = x * mult if v is None else v.mul_(mult)
     q = v.round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, r / QMAX, inv_col
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and cpu_int8.available()
 
 
 def absmax(x: torch.Tensor, dim: int) -> torch.Tensor:

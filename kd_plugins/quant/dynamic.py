@@ -39,6 +39,9 @@ call with fewer than ``fallback_rows`` rows (default 128) does not run steps 1-4
 ``"weight_only"`` multiplies the float activations by the stored int8 weight (``torch._weight_int8pack_mm`` on CPU:
 no activation rounding at all, but slow on CPUs without a fast kernel for it).
 
+On CPU every step runs on the native kernels of :mod:`kd_plugins.kernels.cpu_int8` (one pass each, bit for bit the
+eager steps below, which stay the reference and the fallback; see :func:`step`).
+
 The torch path (CPU: ``torch._int_mm``) and the Triton path (:mod:`kd_plugins.kernels.int8_gemm`: the same row
 quantizer on the weight and on the activation, then the int8 GEMM) use the same float operations in the same order.
 """
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu_int8
 from ._core import QMAX, TINY, absmax, floor_columns, pow_alpha
 
 __all__ = [
@@ -68,9 +72,11 @@ __all__ = [
     "select_outliers",
     "column_factors",
     "requantize_weight",
+    "requantize_for_call",
     "row_absmax",
     "row_factors",
     "quantize_rows_dynamic",
+    "outlier_operands",
     "outlier_product",
     "weight_only_linear",
     "step",
@@ -212,18 +218,32 @@ def quantize_rows_dynamic(x: torch.Tensor, r: torch.Tensor, inv: torch.Tensor) -
     return v.to(torch.int8), r / QMAX
 
 
+def outlier_operands(
+    x: torch.Tensor, outliers: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x[:, O], (diag(w_scale) w_int8[:, O])^T)`` (``[M, R]``, ``[R, N]``): the two factors of the float product
+    over the outlier columns; ``None`` without outlier columns."""
+    if not outliers.numel():
+        return None
+    w = w_int8[:, outliers].to(x.dtype) * w_scale.to(x.dtype)[:, None]
+    return x[:, outliers], w.t()
+
+
 def outlier_product(
     y: torch.Tensor, x: torch.Tensor, outliers: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
     """``y += x[:, O] @ (diag(w_scale) w_int8[:, O])^T`` in float (the outlier columns; in place, returns ``y``)."""
-    if outliers.numel():
-        w = w_int8[:, outliers].to(x.dtype) * w_scale.to(x.dtype)[:, None]
-        y.addmm_(x[:, outliers], w.t())
+    factors = outlier_operands(x, outliers, w_int8, w_scale)
+    if factors is not None:
+        y.addmm_(*factors)
     return y
 
 
 def call_codes(x: torch.Tensor, alpha: float, outlier_threshold: float, block: int, compiled: bool) -> CallCodes:
-    """Steps 1 and 3 of the module docstring for a float32 ``[M, K]`` call (codes on row blocks of ``block``)."""
+    """Steps 1 and 3 of the module docstring for a float32 ``[M, K]`` call (codes on row blocks of ``block``; the
+    native kernels stream the whole call: blocking changes no result, only the eager temporaries' size)."""
+    if not compiled and x.dtype == torch.float32 and _native_ok(x):
+        block = max(block, x.shape[0])
     plan = plan_call(x, alpha, outlier_threshold, block, compiled)
     r = row_factors(row_absmax(x, plan.outliers, block, compiled), alpha)
     quantize = step("quantize", compiled)
@@ -308,11 +328,77 @@ _EAGER = {
 _COMPILED: dict[str, object] = {}
 
 
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors) and cpu_int8.available()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _native_colmax(x: torch.Tensor) -> torch.Tensor:
+    if not _native_ok(x) or x.dtype != torch.float32:
+        return _col_absmax(x)
+    return cpu_int8.col_absmax(x.contiguous())
+
+
+def _native_rowmax(x: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+    if not _native_ok(x) or x.dtype != torch.float32:
+        return _row_absmax_masked(x, outliers)
+    keep = None
+    if outliers.numel():
+        keep = torch.ones(x.shape[1], dtype=torch.float32)
+        keep[outliers] = 0.0
+    return cpu_int8.row_absmax(x.contiguous(), keep)
+
+
+def _native_requantize(
+    w_int8: torch.Tensor, w_scale: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _native_ok(w_int8, g) or g.dtype != torch.float32:
+        return requantize_weight(w_int8, w_scale, g)
+    q, m = cpu_int8.requantize_weight(w_int8.contiguous(), g.contiguous())
+    return q, w_scale * (m / QMAX)
+
+
+def requantize_for_call(
+    w_int8: torch.Tensor, w_scale: torch.Tensor, g: torch.Tensor, compiled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2 for one layer call: :func:`step` ``("requantize")``, except that on the native CPU kernels the codes are
+    written into this thread's workspace (:func:`kd_plugins.kernels.cpu_int8.workspace`): they are valid until the
+    next call, which is all a layer call needs, and no fresh weight-sized buffer is allocated per call."""
+    if compiled or not _native_ok(w_int8, g) or g.dtype != torch.float32:
+        return step("requantize", compiled)(w_int8, w_scale, g)
+    out = cpu_int8.workspace("dynamic.weight", tuple(w_int8.shape), torch.int8)
+    q, m = cpu_int8.requantize_weight(w_int8.contiguous(), g.contiguous(), out=out)
+    return q, w_scale * (m / QMAX)
+
+
+def _native_quantize(x: torch.Tensor, r: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _native_ok(x, r, inv) or x.dtype != torch.float32:
+        return quantize_rows_dynamic(x, r, inv)
+    return cpu_int8.quantize_rows(x.contiguous(), _f32(QMAX / r), _f32(inv)), r / QMAX
+
+
+#: The same four steps on the native CPU kernels (:mod:`kd_plugins.kernels.cpu_int8`): bit for bit the eager results
+#: (each native function falls back to its eager twin off CPU or when the kernels could not be built).
+_NATIVE = {
+    "colmax": _native_colmax,
+    "rowmax": _native_rowmax,
+    "requantize": _native_requantize,
+    "quantize": _native_quantize,
+}
+
+
 def step(name: str, compiled: bool = False):
-    """One step of the dynamic path (``"colmax"``, ``"rowmax"``, ``"requantize"``, ``"quantize"``), eager or
-    ``torch.compile``d (``QuantConfig(compile_quantizer=True)``: each step one fused loop, shapes symbolic)."""
-    if not compiled:
-        return _EAGER[name]
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True)
-    return _COMPILED[name]
+    """One step of the dynamic path (``"colmax"``, ``"rowmax"``, ``"requantize"``, ``"quantize"``).
+
+    Default: the native CPU kernels (one OpenMP pass per step, the eager step's exact results) where they are built,
+    else eager PyTorch. ``compiled=True`` (``QuantConfig(compile_quantizer=True)``): the ``torch.compile``d eager
+    step (one fused loop, shapes symbolic), which also serves non-CPU tensors.
+    """
+    if compiled:
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True)
+        return _COMPILED[name]
+    return _NATIVE[name]

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import cpu_int8
 from . import dynamic
 from ._core import (
     DYNAMIC_INT8_METHODS,
@@ -289,12 +290,37 @@ class QuantizedLinear(nn.Module):
             return "triton" if x2d.is_cuda and _triton_ok(x2d.device) else "torch"
         return self.backend
 
-    def _int8_product(self, q: torch.Tensor, rs: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor):
-        """``(rs ⊗ w_scale) * (q @ w_int8^T) + bias`` with an exact int32 accumulation (``torch._int_mm``)."""
-        acc = int8_mm(q, w_int8.t())
+    def _int8_product(
+        self,
+        q: torch.Tensor,
+        rs: torch.Tensor,
+        w_int8: torch.Tensor,
+        w_scale: torch.Tensor,
+        out: torch.Tensor | None = None,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``(rs ⊗ w_scale) * (q @ w_int8^T) + bias (+ extra[0] @ extra[1])`` with an exact int32 accumulation
+        (``torch._int_mm``), written into ``out`` (a row slice of the call's output) when given. ``extra``: the float
+        product over dynamic CrossQuant's outlier columns (``[M, R]`` and ``[R, N]``)."""
+        native = q.device.type == "cpu" and cpu_int8.available()
+        if native and q.shape[0] and w_int8.shape[0]:  # exact int32 product into a reused buffer
+            acc = torch._int_mm(
+                q, w_int8.t(), out=cpu_int8.workspace("int8.acc", (q.shape[0], w_int8.shape[0]), torch.int32)
+            )
+        else:
+            acc = int8_mm(q, w_int8.t())
+        if native:  # one pass, the same float operations
+            bias = None if self.bias is None else self.bias.float().contiguous()
+            if extra is not None:
+                extra = (extra[0].float().contiguous(), extra[1].float().contiguous())
+            return cpu_int8.scale_int32(acc, rs.float().contiguous(), w_scale.float().contiguous(), bias, out, extra)
         y = acc.float().mul_(rs[:, None]).mul_(w_scale[None, :])  # measured faster than a mixed-dtype mul
         if self.bias is not None:
             y.add_(self.bias)
+        if extra is not None:
+            y.addmm_(extra[0], extra[1])
+        if out is not None:
+            return out.copy_(y)
         return y
 
     # ------------------------------------------------------------------ crossquant_dynamic_int8
@@ -324,12 +350,12 @@ class QuantizedLinear(nn.Module):
             cc = dynamic.shared_call_codes(
                 x, self.alpha, self.outlier_threshold, self.ROW_BLOCK, self.compile_quantizer
             )
-            plan = cc.plan
-            out = self._dynamic_torch(x, cc)
+            return self._dynamic_torch(x, cc)  # its epilogue adds the outlier columns' product
         return dynamic.outlier_product(out, x, plan.outliers, self.weight_int8, self.weight_scale)
 
     def _requantized_weight(self, plan: dynamic.CallPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        return dynamic.step("requantize", self.compile_quantizer)(self.weight_int8, self.weight_scale, plan.g)
+        """This call's folded int8 weight (valid until the next layer call on this thread)."""
+        return dynamic.requantize_for_call(self.weight_int8, self.weight_scale, plan.g, self.compile_quantizer)
 
     def _dynamic_fake(self, x: torch.Tensor, plan: dynamic.CallPlan) -> torch.Tensor:
         """The int8 path's codes and weights, dequantized, in a float matmul (``mode="fake"``)."""
@@ -339,14 +365,17 @@ class QuantizedLinear(nn.Module):
         return F.linear(q.float() * rs[:, None], wq.float() * ws[:, None], self.bias)
 
     def _dynamic_torch(self, x: torch.Tensor, cc: dynamic.CallCodes) -> torch.Tensor:
-        """``torch._int_mm`` on row blocks with this layer's requantized weight and the call's (shared) codes."""
+        """``torch._int_mm`` on row blocks with this layer's requantized weight and the call's (shared) codes; the
+        outlier columns' float product is added in each block's epilogue."""
         wq, ws = self._requantized_weight(cc.plan)
+        extra = dynamic.outlier_operands(x, cc.plan.outliers, self.weight_int8, self.weight_scale)
         if x.shape[0] <= self.ROW_BLOCK:
-            return self._int8_product(cc.codes, cc.row_scale, wq, ws)
+            return self._int8_product(cc.codes, cc.row_scale, wq, ws, extra=extra)
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
         for i in range(0, x.shape[0], self.ROW_BLOCK):  # cache-sized int32 / float32 temporaries (measured faster)
             rows = slice(i, i + self.ROW_BLOCK)
-            out[rows] = self._int8_product(cc.codes[rows], cc.row_scale[rows], wq, ws)
+            part = None if extra is None else (extra[0][rows], extra[1])
+            self._int8_product(cc.codes[rows], cc.row_scale[rows], wq, ws, out=out[rows], extra=part)
         return out
 
     def _dynamic_triton(self, x: torch.Tensor, plan: dynamic.CallPlan) -> torch.Tensor:
