@@ -34,7 +34,7 @@ taking the (per call, about 1 of 576 and 5 of 1536) outlier columns out of the f
 fake-quant paper form.
 
 Cost: step 2 is ``O(N*K)`` per call, about ``1/M`` of the GEMM, negligible at prefill but dominant at decode. So a
-call with fewer than ``fallback_rows`` rows (default 128) does not run steps 1-4 (:data:`FALLBACKS`): ``"per_token"``
+call with fewer than ``fallback_rows`` rows (default 32) does not run steps 1-4 (:data:`FALLBACKS`): ``"per_token"``
 (default) runs W8A8 per-token on the stored weight (the accuracy of ``method="per_token"`` for those tokens);
 ``"weight_only"`` multiplies the float activations by the stored int8 weight (``torch._weight_int8pack_mm`` on CPU:
 no activation rounding at all, but slow on CPUs without a fast kernel for it).
@@ -89,11 +89,11 @@ FALLBACKS = ("weight_only", "per_token")
 #: grows with every row (benchmarks/quant/RESULTS_quant.md). ``"weight_only"`` is the more accurate one (no
 #: activation rounding) where that kernel is fast.
 DEFAULT_FALLBACK = "per_token"
-#: Calls with fewer rows use the fallback. Measured as above: the per-call weight requantization (about 1.5 ms per
-#: 576 x 1536 layer, eager, before the int8 -> float conversion was moved ahead of the multiply, which made it about
-#: 4x cheaper) made the dynamic path 2.3x slower than fp32 at 64 rows, 1.5x at 128, even at 256 rows and 1.3x faster
-#: at 512, while it is the accurate path; 128 keeps prompts of 128 tokens or more on it (not re-tuned since).
-DEFAULT_FALLBACK_ROWS = 128
+#: Calls with fewer rows use the fallback. Measured per layer (SmolLM2 576 x 1536 and 1536 x 576, 1 thread, native
+#: CPU kernels; benchmarks/quant/RESULTS_quant.md): the dynamic path, the accurate one, is as fast as fp32 at 16 rows
+#: and 1.2-1.3x faster from 32 rows (2x faster at 128). 32 keeps every call of 32 rows or more (prompts, batched
+#: decoding of 32+ sequences) on it. (With the eager steps the crossover was near 256 rows and the default was 128.)
+DEFAULT_FALLBACK_ROWS = 32
 #: Outlier columns: per-call column abs-max above this multiple of the median column abs-max (0: none).
 DEFAULT_OUTLIER_THRESHOLD = 8.0
 #: At most ``K // OUTLIER_SHARE`` (and at least 1) outlier columns per call, so the float part stays small.
