@@ -18,7 +18,8 @@ labelled images); Weighted (``TeacherSet.weighted``, ``softmax(score / tau)``, m
 (``MSTTeacherSet``: MST-Distill's top-1 router on the student's logits over the four plain teachers, balance term
 weight 1, straight-through router gradient; no masks; its router is trained by ``engine.projector_step``, and each
 teacher's share of the last epoch's rows is recorded). Test accuracy on the 10k test set after the last epoch,
-mean +- std over seeds (nothing tuned on the test set; tau fixed a priori).
+mean +- std over seeds (nothing tuned on the test set; tau fixed a priori, or with ``--select`` chosen with the
+aggregation on ``--valid`` labelled validation images from the training file).
 
 Data: Debian ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg-deb -x`` into ``.cache/fashion_mnist``; no root).
 
@@ -95,12 +96,17 @@ def load(args) -> dict:
     pool, rest = perm[: args.teacher_pool], perm[args.teacher_pool :]
     per_class = args.labels // 10
     labelled = torch.cat([rest[y[rest] == c][:per_class] for c in range(10)])
-    unlabelled = rest[~torch.isin(rest, labelled)][: args.unlabelled]
+    unused = rest[~torch.isin(rest, labelled)]
+    unlabelled = unused[: args.unlabelled]
+    # labelled validation images from the training file, never trained on: they only choose DistillWeighted's
+    # temperature and aggregation (--select); the test set is read once per arm
+    valid = unused[args.unlabelled : args.unlabelled + args.valid]
     test = torch.arange(len(xt))[: args.test]
     return {
         "pool": (x[pool], y[pool]),
         "labelled": (x[labelled], y[labelled]),
         "unlabelled": x[unlabelled],
+        "valid": (x[valid], y[valid]),
         "test": (xt[test], yt[test]),
     }
 
@@ -177,9 +183,9 @@ def accuracy(model: nn.Module, data, bs: int = 1000) -> float:
 
 
 # ---------------------------------------------------------------------- students
-def train_student(data: dict, teacher, seed: int, args, routing: list | None = None) -> float:
-    """CE on the labelled images + the distillation term on unlabelled batches; test accuracy. ``routing`` (MST):
-    receives the top-1 teacher index of every row of the last epoch."""
+def train_student(data: dict, teacher, seed: int, args, routing: list | None = None, split: str = "test") -> float:
+    """CE on the labelled images + the distillation term on unlabelled batches; accuracy on ``split``. ``routing``
+    (MST): receives the top-1 teacher index of every row of the last epoch."""
     set_threads_and_seed(args.threads, seed)
     student = MLP()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
@@ -204,16 +210,30 @@ def train_student(data: dict, teacher, seed: int, args, routing: list | None = N
                 engine.projector_step(lr=1e-3)  # MST's router (no-op for the other arms: nothing to train)
             if routing is not None and epoch == args.epochs - 1:
                 routing.append(teacher.last_routing.index[:, 0])
-    return accuracy(student, data["test"])
+    return accuracy(student, data[split])
 
 
-def arms(t: dict[str, CNN], scores: list[float], tau: float) -> dict:
+def select_weighted(data: dict, t: dict[str, CNN], scores: list[float], args) -> tuple[float, str, list[dict]]:
+    """DistillWeighted's temperature and aggregation, chosen on the validation images (mean over ``--select-seeds``;
+    ties go to the first grid entry). Returns ``(tau, aggregation, rows)``."""
+    rows = []
+    for aggregation in args.aggregations.split(","):
+        for tau in (float(v) for v in args.tau_grid.split(",")):
+            ts = TeacherSet.weighted(t, scores, tau, aggregation=aggregation)
+            accs = [train_student(data, ts, seed, args, split="valid") for seed in args.select_seeds]
+            rows.append({"tau": tau, "aggregation": aggregation, "weights": ts.weights.tolist(), "valid": accs})
+            log(f"select: tau {tau:g} {aggregation}: valid {np.mean(accs):.4f} {accs}")
+    best = max(rows, key=lambda r: np.mean(r["valid"]))
+    return best["tau"], best["aggregation"], rows
+
+
+def arms(t: dict[str, CNN], scores: list[float], tau: float, aggregation: str = "mixture") -> dict:
     names = list(t)
     out = {"supervised": None}
     out.update({f"single:{n}": TeacherSet({n: t[n]}) for n in names})
     out["uniform"] = TeacherSet(t)
     out["nearest"] = TeacherSet.nearest(t, scores)
-    out["weighted"] = TeacherSet.weighted(t, scores, tau)
+    out["weighted"] = TeacherSet.weighted(t, scores, tau, aggregation=aggregation)
     out["mst_routed"] = lambda: MSTTeacherSet(t)  # a fresh router per seed
     return out
 
@@ -237,6 +257,16 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=0.05, help="DistillWeighted temperature on kNN accuracies")
+    p.add_argument("--valid", type=int, default=1000, help="labelled validation images (selection only)")
+    p.add_argument(
+        "--select",
+        action="store_true",
+        help="choose DistillWeighted's tau and aggregation on the validation images (else --tau, mixture)",
+    )
+    p.add_argument("--tau-grid", default="0.02,0.05,0.1,0.2,0.5")
+    p.add_argument("--aggregations", default="mixture,sum_of_divergences")
+    p.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--arms", default=None, help="comma-separated subset of the arms (default: all)")
     p.add_argument("--out", default=str(RESULTS / "fashion_mnist.json"))
     args = p.parse_args(argv)
     if args.smoke:
@@ -249,10 +279,17 @@ def main(argv=None):
     t = teachers(data, args)
     xl, yl = data["labelled"]
     scores = score_teachers(t, [(xl, yl)], "knn", features=lambda m, x: m.features(x))
+    selection, aggregation = [], "mixture"
+    if args.select:
+        args.tau, aggregation, selection = select_weighted(data, t, scores, args)
+        log(f"selected on validation: tau {args.tau:g}, {aggregation}")
     weights = TeacherSet.weighted(t, scores, args.tau).weights.tolist()
     log("kNN scores " + ", ".join(f"{n} {s:.3f} (w {w:.3f})" for n, s, w in zip(t, scores, weights)))
     results, mst_routing = {}, {}
-    for arm, teacher in arms(t, scores, args.tau).items():
+    chosen = arms(t, scores, args.tau, aggregation)
+    if args.arms:
+        chosen = {k: v for k, v in chosen.items() if k in args.arms.split(",")}
+    for arm, teacher in chosen.items():
         results[arm] = []
         for seed in args.seeds:
             if callable(teacher):  # MST: a fresh set (router) per seed, and its routing shares
@@ -276,6 +313,7 @@ def main(argv=None):
         "nearest": TeacherSet.nearest(t, scores).names[0],
         "results": results,
         "mst_routing": mst_routing,
+        "weighted": {"tau": args.tau, "aggregation": aggregation, "selection": selection},
         "table": lines,
         "wall_s": round(time.time() - t_start, 1),
     }
