@@ -134,6 +134,18 @@ def test_layers_give_the_eager_outputs_and_fall_back_without_the_kernels(monkeyp
     dynamic.clear_shared_call()
 
 
+def test_disabled_block_runs_the_eager_steps():
+    _, layers = _layers()
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        native = layers["per_token"](x)
+        with cpu_int8.disabled():
+            assert not cpu_int8.available()
+            eager = layers["per_token"](x)
+        assert cpu_int8.available()
+    assert torch.equal(native, eager)
+
+
 def test_the_kernels_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.setenv("KD_PLUGINS_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_int8, "_STATE", {})

@@ -44,6 +44,7 @@ import torch.nn as nn  # noqa: E402
 
 from benchmarks.data.bbc import split_articles  # noqa: E402
 from benchmarks.data.lm import jane_austen_texts, lm_windows, load_smollm2, perplexity, smollm2_dir  # noqa: E402
+from kd_plugins.kernels import cpu_int8
 from kd_plugins.quant import DEFAULT_ALPHA, DEFAULT_METHOD, quantize, save_quantized  # noqa: E402
 
 # (label, builder kind, method / config, alpha, needs calibration)
@@ -63,7 +64,7 @@ ARMS = {
     "quanto_w8a8": ("quanto", None, None, True),
 }
 SPEED_ARMS = ",".join(
-    ("fp32", "default", "default_compiled", "default_weight_only", "per_token", "smoothquant_0.65")
+    ("fp32", "default", "default_eager", "default_compiled", "default_weight_only", "per_token", "smoothquant_0.65")
     + ("torchao_w8a8", "torchao_w8a16", "quanto_w8a8")
 )
 
@@ -76,8 +77,22 @@ def not_lm_head(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and "lm_head" not in fqn
 
 
+class EagerSteps(nn.Module):
+    """Runs the wrapped quantized model with the native CPU kernels switched off (its eager PyTorch steps)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with cpu_int8.disabled():
+            return self.model(*args, **kwargs)
+
+
 def build(name: str, model: nn.Module, calib: list[dict]) -> nn.Module | None:
     """A quantized copy of ``model`` for arm ``name`` (``None``: its package is not installed)."""
+    if name == "default_eager":  # the same model and outputs, per-call steps in eager PyTorch
+        return EagerSteps(quantize(copy.deepcopy(model), calibration_data=calib))
     if name == "default_compiled":
         return quantize(copy.deepcopy(model), calibration_data=calib, compile_quantizer=True)
     if name == "default_weight_only":  # decode fallback without activation rounding
@@ -271,8 +286,9 @@ def speed(model, arms: list[str], tok, calib: torch.Tensor, args) -> dict:
 def label(name: str) -> str:
     if name == "default":
         return f"**kd_plugins default ({DEFAULT_METHOD}, alpha {DEFAULT_ALPHA[DEFAULT_METHOD]:g})**"
-    if name in ("default_compiled", "default_weight_only"):
+    if name in ("default_eager", "default_compiled", "default_weight_only"):
         return {
+            "default_eager": "default, eager PyTorch steps (native kernels off)",
             "default_compiled": "default + compile_quantizer",
             "default_weight_only": "default, fallback weight_only",
         }[name]

@@ -17,6 +17,7 @@ Every function takes contiguous CPU tensors of the documented dtypes and raises 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -32,6 +33,7 @@ import torch
 
 __all__ = [
     "available",
+    "disabled",
     "unavailable_reason",
     "col_absmax",
     "row_absmax",
@@ -160,9 +162,27 @@ def _load() -> ctypes.CDLL | None:
         return lib
 
 
+class _Switch(threading.local):
+    off: int = 0
+
+
+_SWITCH = _Switch()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block (on this thread) :func:`available` is ``False``, so the int8 layers run their eager PyTorch
+    steps: the same results, for comparisons and debugging."""
+    _SWITCH.off += 1
+    try:
+        yield
+    finally:
+        _SWITCH.off -= 1
+
+
 def available() -> bool:
-    """Whether the native kernels are built and loaded (builds them on the first call)."""
-    return _load() is not None
+    """Whether the native kernels are built and loaded (builds them on the first call) and not :func:`disabled`."""
+    return not _SWITCH.off and _load() is not None
 
 
 def unavailable_reason() -> str | None:
