@@ -103,7 +103,7 @@ def test_bad_input_is_named():
 
 def _layers() -> tuple[nn.Linear, dict[str, QuantizedLinear]]:
     torch.manual_seed(0)
-    lin = nn.Linear(64, 40)
+    lin = nn.Linear(64, 160)  # large enough for every step to take the native path (cpu_int8.MIN_ELEMENTS)
     return lin, {
         "dynamic": QuantizedLinear.from_float(lin, method="crossquant_dynamic_int8", alpha=0.35, fallback_rows=0),
         "dynamic_no_outliers": QuantizedLinear.from_float(
@@ -117,7 +117,7 @@ def test_layers_give_the_eager_outputs_and_fall_back_without_the_kernels(monkeyp
     """The layers' outputs with the native kernels equal the eager path's (bit for bit; with outlier columns where
     torch's BLAS is MKL), and a process where the kernels cannot be built runs the eager path unchanged."""
     _, layers = _layers()
-    x = torch.randn(3, 50, 64)
+    x = torch.randn(3, 100, 64)
     x[..., 5] *= 40.0
     with torch.no_grad():
         native = {name: q(x) for name, q in layers.items()}
@@ -136,7 +136,7 @@ def test_layers_give_the_eager_outputs_and_fall_back_without_the_kernels(monkeyp
 
 def test_disabled_block_runs_the_eager_steps():
     _, layers = _layers()
-    x = torch.randn(40, 64)
+    x = torch.randn(200, 64)
     with torch.no_grad():
         native = layers["per_token"](x)
         with cpu_int8.disabled():
@@ -159,3 +159,21 @@ def test_the_kernels_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_int8, "_STATE", {})
     assert not cpu_int8.available() and "false failed" in cpu_int8.unavailable_reason()
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written
+
+
+def test_every_step_of_a_large_call_takes_the_native_path(monkeypatch):
+    """The layer test above is only meaningful if its calls reach the kernels: count them."""
+    _, layers = _layers()
+    calls = []
+    for name in ("col_absmax", "row_absmax", "quantize_rows", "requantize_weight", "scale_int32"):
+        real = getattr(cpu_int8, name)
+        monkeypatch.setattr(cpu_int8, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    dynamic.clear_shared_call()
+    with torch.no_grad():
+        layers["dynamic"](torch.randn(300, 64))
+    assert set(calls) == {"col_absmax", "row_absmax", "quantize_rows", "requantize_weight", "scale_int32"}
+    calls.clear()
+    with torch.no_grad():
+        layers["per_token"](torch.randn(1, 64))  # a decode-sized call stays eager
+    assert calls == []
+    dynamic.clear_shared_call()

@@ -329,7 +329,7 @@ _COMPILED: dict[str, object] = {}
 
 
 def _native_ok(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" for t in tensors) and cpu_int8.available()
+    return all(t.device.type == "cpu" for t in tensors) and cpu_int8.worth(tensors[0].numel()) and cpu_int8.available()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

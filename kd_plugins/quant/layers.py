@@ -302,7 +302,7 @@ class QuantizedLinear(nn.Module):
         """``(rs ⊗ w_scale) * (q @ w_int8^T) + bias (+ extra[0] @ extra[1])`` with an exact int32 accumulation
         (``torch._int_mm``), written into ``out`` (a row slice of the call's output) when given. ``extra``: the float
         product over dynamic CrossQuant's outlier columns (``[M, R]`` and ``[R, N]``)."""
-        native = q.device.type == "cpu" and cpu_int8.available()
+        native = q.device.type == "cpu" and cpu_int8.worth(q.shape[0] * w_int8.shape[0]) and cpu_int8.available()
         if native and q.shape[0] and w_int8.shape[0]:  # exact int32 product into a reused buffer
             acc = torch._int_mm(
                 q, w_int8.t(), out=cpu_int8.workspace("int8.acc", (q.shape[0], w_int8.shape[0]), torch.int32)
