@@ -42,6 +42,7 @@ __all__ = [
     "scale_int32",
     "workspace",
     "worth",
+    "usable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,17 @@ MIN_ELEMENTS = 8192
 def worth(numel: int) -> bool:
     """Whether an operand of ``numel`` elements should use the native kernels (:data:`MIN_ELEMENTS`)."""
     return numel >= MIN_ELEMENTS
+
+
+def usable(operand: torch.Tensor, *others: torch.Tensor) -> bool:
+    """The one gate of the callers: every tensor on CPU, ``operand`` large enough (:func:`worth`), the kernels
+    :func:`available`. Dtype and layout are the caller's to check or convert."""
+    return (
+        operand.device.type == "cpu"
+        and all(t.device.type == "cpu" for t in others)
+        and worth(operand.numel())
+        and available()
+    )
 
 
 #: Temporaries larger than this are allocated per call instead of kept in the workspace.

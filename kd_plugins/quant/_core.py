@@ -137,13 +137,7 @@ def quantize_activations(
 
 
 def _native_ok(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.is_contiguous()
-        and cpu_int8.worth(x.numel())
-        and cpu_int8.available()
-    )
+    return x.dtype == torch.float32 and x.is_contiguous() and cpu_int8.usable(x)
 
 
 def absmax(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -242,7 +242,7 @@ def outlier_product(
 def call_codes(x: torch.Tensor, alpha: float, outlier_threshold: float, block: int, compiled: bool) -> CallCodes:
     """Steps 1 and 3 of the module docstring for a float32 ``[M, K]`` call (codes on row blocks of ``block``; the
     native kernels stream the whole call: blocking changes no result, only the eager temporaries' size)."""
-    if not compiled and x.dtype == torch.float32 and _native_ok(x):
+    if not compiled and x.dtype == torch.float32 and cpu_int8.usable(x):
         block = max(block, x.shape[0])
     plan = plan_call(x, alpha, outlier_threshold, block, compiled)
     r = row_factors(row_absmax(x, plan.outliers, block, compiled), alpha)
@@ -328,22 +328,18 @@ _EAGER = {
 _COMPILED: dict[str, object] = {}
 
 
-def _native_ok(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" for t in tensors) and cpu_int8.worth(tensors[0].numel()) and cpu_int8.available()
-
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
 def _native_colmax(x: torch.Tensor) -> torch.Tensor:
-    if not _native_ok(x) or x.dtype != torch.float32:
+    if not cpu_int8.usable(x) or x.dtype != torch.float32:
         return _col_absmax(x)
     return cpu_int8.col_absmax(x.contiguous())
 
 
 def _native_rowmax(x: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
-    if not _native_ok(x) or x.dtype != torch.float32:
+    if not cpu_int8.usable(x) or x.dtype != torch.float32:
         return _row_absmax_masked(x, outliers)
     keep = None
     if outliers.numel():
@@ -353,11 +349,11 @@ def _native_rowmax(x: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
 
 
 def _native_requantize(
-    w_int8: torch.Tensor, w_scale: torch.Tensor, g: torch.Tensor
+    w_int8: torch.Tensor, w_scale: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _native_ok(w_int8, g) or g.dtype != torch.float32:
+    if not cpu_int8.usable(w_int8, g) or g.dtype != torch.float32:
         return requantize_weight(w_int8, w_scale, g)
-    q, m = cpu_int8.requantize_weight(w_int8.contiguous(), g.contiguous())
+    q, m = cpu_int8.requantize_weight(w_int8.contiguous(), g.contiguous(), out=out)
     return q, w_scale * (m / QMAX)
 
 
@@ -367,15 +363,14 @@ def requantize_for_call(
     """Step 2 for one layer call: :func:`step` ``("requantize")``, except that on the native CPU kernels the codes are
     written into this thread's workspace (:func:`kd_plugins.kernels.cpu_int8.workspace`): they are valid until the
     next call, which is all a layer call needs, and no fresh weight-sized buffer is allocated per call."""
-    if compiled or not _native_ok(w_int8, g) or g.dtype != torch.float32:
+    if compiled:
         return step("requantize", compiled)(w_int8, w_scale, g)
-    out = cpu_int8.workspace("dynamic.weight", tuple(w_int8.shape), torch.int8)
-    q, m = cpu_int8.requantize_weight(w_int8.contiguous(), g.contiguous(), out=out)
-    return q, w_scale * (m / QMAX)
+    out = cpu_int8.workspace("dynamic.weight", tuple(w_int8.shape), torch.int8) if cpu_int8.usable(w_int8, g) else None
+    return _native_requantize(w_int8, w_scale, g, out)
 
 
 def _native_quantize(x: torch.Tensor, r: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _native_ok(x, r, inv) or x.dtype != torch.float32:
+    if not cpu_int8.usable(x, r, inv) or x.dtype != torch.float32:
         return quantize_rows_dynamic(x, r, inv)
     return cpu_int8.quantize_rows(x.contiguous(), _f32(QMAX / r), _f32(inv)), r / QMAX
 

@@ -302,11 +302,10 @@ class QuantizedLinear(nn.Module):
         """``(rs ⊗ w_scale) * (q @ w_int8^T) + bias (+ extra[0] @ extra[1])`` with an exact int32 accumulation
         (``torch._int_mm``), written into ``out`` (a row slice of the call's output) when given. ``extra``: the float
         product over dynamic CrossQuant's outlier columns (``[M, R]`` and ``[R, N]``)."""
-        native = q.device.type == "cpu" and cpu_int8.worth(q.shape[0] * w_int8.shape[0]) and cpu_int8.available()
-        if native and q.shape[0] and w_int8.shape[0]:  # exact int32 product into a reused buffer
-            acc = torch._int_mm(
-                q, w_int8.t(), out=cpu_int8.workspace("int8.acc", (q.shape[0], w_int8.shape[0]), torch.int32)
-            )
+        shape = (q.shape[0], w_int8.shape[0])
+        native = cpu_int8.worth(shape[0] * shape[1]) and cpu_int8.usable(q, w_int8)  # worth(): size of the product
+        if native:  # exact int32 product into a reused buffer (worth() implies a non-empty product)
+            acc = torch._int_mm(q, w_int8.t(), out=cpu_int8.workspace("int8.acc", shape, torch.int32))
         else:
             acc = int8_mm(q, w_int8.t())
         if native:  # one pass, the same float operations
