@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from tiny import TokenDataset, tiny_llama, training_args
-from transformers import Trainer
+from transformers import AutoTokenizer, Trainer
 
 from kd_plugins import (
     DistillationCallback,
@@ -162,6 +162,19 @@ def test_cli_writes_a_checksummed_sharded_cache(saved, tmp_path):
     torch.testing.assert_close(lp[0].exp(), want.values.exp(), rtol=2**-8, atol=1e-6)
     with pytest.raises(FileExistsError, match="not empty"):
         cli_main(["cache-teacher", *argv])
+
+
+def test_cli_writes_a_sampled_cache(saved, tmp_path):
+    teacher_dir, data = saved
+    out = tmp_path / "cache"
+    argv = [str(teacher_dir), str(data), str(out), "--top-k", "8", "--selection", "sampled", "--seed", "3"]
+    assert cli_main(["cache-teacher", *argv, "--max-length", "48"]) == 0
+    cache = load_teacher_cache(out, temperature=1.0, vocab_size=96, kind="topk")
+    assert (cache.metadata["selection"], cache.metadata["sample_seed"]) == ("sampled", 3)
+    ex = read_cache_data(data, AutoTokenizer.from_pretrained(teacher_dir), max_length=48)[2]
+    idx, lp = cache.lookup({k: v[None] for k, v in ex.items()})["teacher_topk"]
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(idx.shape[:-1]), rtol=0, atol=2e-2)  # bf16 weights
+    assert all(len(set(row.tolist())) == 8 for row in idx.reshape(-1, 8))
 
 
 def test_read_cache_data_sources(saved, tmp_path):

@@ -56,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--ks", default="8,32,128", help="top-k of the cache arms")
     p.add_argument("--value-format", default="bf16", choices=["bf16", "head_tail", "fp32"])
+    p.add_argument(
+        "--selection",
+        default="topk",
+        help="comma-separated cache selections: topk (the k most likely), sampled (unbiased sampled weights)",
+    )
     p.add_argument("--topk-tail", default="bucket", choices=["bucket", "zero", "renormalize"])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -69,6 +74,7 @@ def parse_args(argv=None):
         args.steps, args.batch_size, args.seq_len, args.train_windows, args.eval_windows = 2, 2, 32, 4, 2
         args.ks = "8,32"
     args.ks = [int(k) for k in str(args.ks).split(",")]
+    args.selection = [x.strip() for x in str(args.selection).split(",")]
     return args
 
 
@@ -137,11 +143,12 @@ def train_arm(name: str, teacher_or_cache, teacher, data: dict, args, out_dir: s
     return row
 
 
-def cache_arm(k: int, teacher, data: dict, args, out_dir: str) -> dict:
+def cache_arm(k: int, selection: str, teacher, data: dict, args, out_dir: str) -> dict:
     import kd_plugins
 
     t0 = time.time()
-    path = Path(out_dir) / f"cache_k{k}"
+    name = f"cache_k{k}" + ("" if selection == "topk" else f"_{selection}")
+    path = Path(out_dir) / name
     cache = kd_plugins.cache_teacher(
         teacher,
         data["train"],
@@ -149,12 +156,14 @@ def cache_arm(k: int, teacher, data: dict, args, out_dir: str) -> dict:
         top_k=k,
         temperature=args.temperature,
         value_format=args.value_format,
+        selection=selection,
+        seed=args.seed,
         batch_size=args.batch_size,
         progress=False,
     )
     build_s = time.time() - t0
-    row = train_arm(f"cache_k{k}", cache, teacher, data, args, out_dir)
-    return {**row, "k": k, "bytes_per_token": cache.store.bytes_per_token, "build_s": build_s}
+    row = train_arm(name, cache, teacher, data, args, out_dir)
+    return {**row, "k": k, "selection": selection, "bytes_per_token": cache.store.bytes_per_token, "build_s": build_s}
 
 
 def fmt_table(rows: list[dict]) -> str:
@@ -180,8 +189,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="kd_cache_bench_") as out_dir:
         if not args.no_live:
             rows.append(train_arm("live", teacher, teacher, data, args, out_dir))
-        for k in args.ks:
-            rows.append(cache_arm(k, teacher, data, args, out_dir))
+        for selection in args.selection:
+            for k in args.ks:
+                rows.append(cache_arm(k, selection, teacher, data, args, out_dir))
     table = fmt_table(rows)
     print(table)
     if args.smoke:

@@ -269,9 +269,12 @@ class TeacherCache:
         self._check_logit_terms(config, student_vocab)
 
     def _check_logit_terms(self, config: DistillationConfig, student_vocab: int | None) -> None:
+        sampled = self.metadata.get("selection") == "sampled"
         for name in config.kinds:
             if get_loss_spec(name).name in ("dkd", "ofa", "logit_mse"):
                 raise ValueError(f"The {name!r} loss needs dense teacher logits; a top-k teacher cache has none")
+            if sampled:
+                self._check_sampled_term(name, config.loss_kwargs.get(name, {}))
             temp = config.loss_kwargs.get(name, {}).get("temperature", config.temperature)
             if not math.isclose(temp, self.temperature):
                 raise ValueError(
@@ -293,6 +296,21 @@ class TeacherCache:
             "from a smaller, padded-differently vocabulary works with DistillationConfig(vocab_alignment='pad'); "
             "otherwise rebuild it with a teacher of the student's vocabulary."
         )
+
+    @staticmethod
+    def _check_sampled_term(name: str, kwargs: Mapping[str, Any]) -> None:
+        # Sampled weights estimate p without bias; only a loss linear in p keeps that for its gradient.
+        if get_loss_spec(name).name not in ("kl", "soft_ce"):
+            raise ValueError(
+                f"This teacher cache holds sampled teacher weights (selection='sampled'): they give an unbiased "
+                f"gradient for forward KL and soft cross-entropy only, not for {name!r} (its gradient is not linear "
+                "in the teacher's probabilities). Use loss_terms='kl', or a top-k cache (selection='topk')."
+            )
+        if kwargs.get("topk_tail", "bucket") == "renormalize":
+            raise ValueError(
+                "topk_tail='renormalize' ignores the student's mass outside the cached tokens, which a sampled cache "
+                "relies on to push the unsampled tail down; use topk_tail='bucket' (default) with it."
+            )
 
     # -------------------------------------------------------------------------------------------- lookup
     def rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:

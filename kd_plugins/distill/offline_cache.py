@@ -29,6 +29,7 @@ from .cache import (
     tokenizer_fingerprint,
 )
 from .cache_codec import VALUE_FORMATS, check_value_format
+from .cache_select import SELECTIONS, select_support
 from .cache_store import ShardWriter
 from .teacher import Teacher
 
@@ -111,7 +112,7 @@ def _load_teacher(teacher: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
     return model, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(teacher))
 
 
-def _check_args(top_k: int, temperature: float, batch_size: int, value_format: str) -> None:
+def _check_args(top_k: int, temperature: float, batch_size: int, value_format: str, selection: str) -> None:
     if top_k < 1:
         raise ValueError(f"cache_teacher: top_k must be >= 1, got {top_k}")
     if temperature <= 0:
@@ -120,13 +121,30 @@ def _check_args(top_k: int, temperature: float, batch_size: int, value_format: s
         raise ValueError(f"cache_teacher: batch_size must be >= 1, got {batch_size}")
     if value_format not in VALUE_FORMATS:
         raise ValueError(f"cache_teacher: value_format must be one of {VALUE_FORMATS}, got {value_format!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"cache_teacher: selection must be one of {SELECTIONS}, got {selection!r}")
+    if selection == "sampled" and value_format == "head_tail":
+        raise ValueError(
+            "cache_teacher: selection='sampled' stores sampled weights, not a decreasing top-k a tail curve can "
+            "fit; use value_format='bf16' or 'fp32'."
+        )
 
 
 class _Rows:
     """Top-k rows of each new example, handed to the shard writer (created once the vocabulary is known)."""
 
-    def __init__(self, directory: Path, top_k: int, temperature: float, writer_kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        directory: Path,
+        top_k: int,
+        temperature: float,
+        writer_kwargs: dict[str, Any],
+        selection: str = "topk",
+        seed: int = 0,
+    ):
         self.directory, self.top_k, self.temperature = directory, top_k, temperature
+        self.selection = selection
+        self.generator = torch.Generator().manual_seed(seed)
         self.writer_kwargs = writer_kwargs
         self.writer: ShardWriter | None = None
         self.keys: dict[bytes, int] = {}
@@ -147,7 +165,10 @@ class _Rows:
                 continue  # a duplicate example: same rows
             self.keys[key] = len(self.keys)
             rows = logits[i][mask[i]] if self.per_token else logits[i : i + 1]
-            lp, idx = torch.log_softmax(rows.float() / self.temperature, dim=-1).topk(self.writer.encoding["top_k"])
+            log_probs = torch.log_softmax(rows.float() / self.temperature, dim=-1)
+            if self.selection == "sampled":
+                log_probs = log_probs.cpu()  # the draws use a seeded CPU generator: the same cache on any device
+            idx, lp = select_support(log_probs, self.writer.encoding["top_k"], self.selection, self.generator)
             self.writer.add(idx, lp)
             self.lengths.append(rows.shape[0])
 
@@ -182,6 +203,8 @@ def cache_teacher(
     value_format: str = "bf16",
     head_k: int = 8,
     tail_degree: int = 2,
+    selection: str = "topk",
+    seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TeacherCache:
@@ -200,13 +223,18 @@ def cache_teacher(
         shard_tokens: rows (tokens) per shard file; examples are never split across shards.
         value_format: ``"bf16"`` (default), ``"head_tail"`` (exact bf16 head of ``head_k`` values + a degree
             ``tail_degree`` fit of the rest, mass-preserving) or ``"fp32"`` (exact); see distill/cache_codec.py.
+        selection: ``"topk"`` (default: the ``top_k`` most likely tokens) or ``"sampled"`` (the likeliest tokens
+            exactly and the other slots drawn in proportion to the teacher's probabilities, with weights that are
+            unbiased for them: the forward KL's gradient is then unbiased for the full-vocabulary one; only forward
+            KL / soft cross-entropy terms may read it). See distill/cache_select.py.
+        seed: seed of the draws of ``selection="sampled"`` (the cache is reproducible).
         overwrite: replace an existing non-empty ``out_dir``.
         progress: a tqdm progress bar (when tqdm is installed).
 
     Returns:
         The cache, opened from ``out_dir`` for streaming (:class:`TeacherCache`).
     """
-    _check_args(top_k, temperature, batch_size, value_format)
+    _check_args(top_k, temperature, batch_size, value_format, selection)
     if value_format == "head_tail":
         check_value_format(value_format, top_k, head_k, tail_degree)  # fail before the teacher runs
     out = check_output_dir(out_dir, overwrite)
@@ -218,6 +246,8 @@ def cache_teacher(
     writer_kwargs = dict(value_format=value_format, head_k=head_k, tail_degree=tail_degree, shard_tokens=shard_tokens)
     metadata = {
         "kind": "topk",
+        "selection": selection,
+        "sample_seed": seed if selection == "sampled" else None,
         "temperature": float(temperature),
         "pooling": None,
         "teacher_fingerprint": teacher_fingerprint(runner.module),
@@ -228,7 +258,7 @@ def cache_teacher(
         "source": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
     }
     with atomic_dir(out) as tmp:
-        rows = _Rows(tmp, top_k, temperature, writer_kwargs)
+        rows = _Rows(tmp, top_k, temperature, writer_kwargs, selection, seed)
         batches = _teacher_batches(examples, batch_size)
         for batch in _progress(batches, (len(examples) + batch_size - 1) // batch_size, progress):
             rows.add(batch, runner.forward_batch(batch))
@@ -251,6 +281,13 @@ def cache_teacher_main(argv: list[str]) -> int:
     p.add_argument("--text-column", default="text", help="column / JSON key holding the text (default: text)")
     p.add_argument("--shard-tokens", type=int, default=1 << 20, help="rows (tokens) per shard (default 1048576)")
     p.add_argument("--value-format", default="bf16", choices=VALUE_FORMATS, help="log-prob encoding (default bf16)")
+    p.add_argument(
+        "--selection",
+        default="topk",
+        choices=SELECTIONS,
+        help="topk: the K most likely tokens (default); sampled: a sample with unbiased weights (forward KL only)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampled: seed of the draws (default 0)")
     p.add_argument("--head-k", type=int, default=8, help="head_tail: values kept exactly (default 8)")
     p.add_argument("--tail-degree", type=int, default=2, help="head_tail: polynomial degree of the tail (default 2)")
     p.add_argument("--auto-class", default="AutoModelForCausalLM", help="transformers Auto class of the teacher")
@@ -277,6 +314,8 @@ def cache_teacher_main(argv: list[str]) -> int:
         value_format=args.value_format,
         head_k=args.head_k,
         tail_degree=args.tail_degree,
+        selection=args.selection,
+        seed=args.seed,
         overwrite=args.overwrite,
     )
     m = cache.store.manifest
