@@ -80,7 +80,7 @@ def _cache(path, selection="sampled", seed=0, **kw):
 
 def test_sampled_cache_is_reproducible_and_recorded(tmp_path):
     a, ds = _cache(tmp_path / "a")
-    b, _ = _cache(tmp_path / "b")
+    b, _ = _cache(tmp_path / "b", batch_size=3)  # draws are seeded per example: batching does not change them
     c, _ = _cache(tmp_path / "c", seed=1)
     batch = {k: torch.stack([ds[i][k] for i in (0, 5)]) for k in ("input_ids", "attention_mask")}
     ia, la = a.lookup(batch)["teacher_topk"]
@@ -124,3 +124,23 @@ def test_sampled_cache_refuses_what_it_cannot_estimate(tmp_path):
     with pytest.raises(ValueError, match="selection must be one of"):
         cache_teacher(tiny_llama(seed=1), TokenDataset(), tmp_path / "f", selection="random")
     assert not (tmp_path / "d").exists() and not (tmp_path / "f").exists()
+
+
+def test_in_memory_sampled_cache_equals_the_sharded_one(tmp_path):
+    from kd_plugins import build_teacher_cache, load_teacher_cache, save_teacher_cache
+
+    teacher, ds = tiny_llama(seed=1), TokenDataset(pad_last=3)
+    kw = dict(top_k=16, temperature=2.0, selection="sampled", seed=5, progress=False)
+    memory = build_teacher_cache(teacher, ds, kind="topk", batch_size=32, **kw)
+    disk = cache_teacher(teacher, ds, tmp_path / "c", value_format="fp32", batch_size=32, **kw)
+    batch = {k: torch.stack([ds[i][k] for i in (1, 4, 9)]) for k in ("input_ids", "attention_mask")}
+    (im, lm), (idk, ld) = memory.lookup(batch)["teacher_topk"], disk.lookup(batch)["teacher_topk"]
+    assert torch.equal(im, idk)
+    torch.testing.assert_close(lm, ld)
+    assert memory.metadata["selection"] == "sampled"
+    save_teacher_cache(memory, tmp_path / "m")  # the kind travels with the saved cache: refusals still apply
+    reloaded = load_teacher_cache(tmp_path / "m")
+    with pytest.raises(ValueError, match="forward KL and soft cross-entropy only"):
+        DistillationEngine(reloaded, DistillationConfig(loss_terms="tvd", temperature=2.0)).setup(tiny_llama(seed=2))
+    with pytest.raises(ValueError, match="selection must be one of"):
+        build_teacher_cache(teacher, ds, kind="topk", selection="top")

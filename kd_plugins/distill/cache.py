@@ -36,6 +36,7 @@ import torch.nn as nn
 from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_checkpoint
 from ..losses import get_loss_spec
 from ..losses.feature import mean_pool
+from .cache_select import SELECTIONS, example_generator, select_support
 from .cache_store import ShardedTopKStore, is_sharded_cache
 from .config import DistillationConfig
 from .pairs import split_pairs
@@ -432,8 +433,11 @@ def _progress(it, total: int | None, enabled: bool):
 class _Builder:
     """Accumulates one payload batch by batch (first occurrence of a key wins: duplicates have equal outputs)."""
 
-    def __init__(self, kind: str, top_k: int | None, temperature: float, pooling: str):
+    def __init__(
+        self, kind: str, top_k: int | None, temperature: float, pooling: str, selection: str = "topk", seed: int = 0
+    ):
         self.kind, self.top_k, self.temperature, self.pooling = kind, top_k, temperature, pooling
+        self.selection, self.seed = selection, seed
         self.seen: dict[bytes, int] = {}
         self.parts: dict[str, list[torch.Tensor]] = {"embeddings": [], "indices": [], "log_probs": [], "lengths": []}
         self.vocab_size: int | None = None
@@ -442,17 +446,18 @@ class _Builder:
     def add(self, batch: dict[str, torch.Tensor], out: Any) -> None:
         ids, mask = _ids_mask(batch)
         mask = torch.ones_like(ids) if mask is None else mask
-        new = []
+        new, keys = [], []
         for i, key in enumerate(example_keys(ids, mask)):
             if key not in self.seen:
                 self.seen[key] = len(self.seen)
                 new.append(i)
+                keys.append(key)
         if not new:
             return
         if self.kind == "embedding":
             self._add_embeddings(out, mask, new)
         else:
-            self._add_topk(out, mask, new)
+            self._add_topk(out, mask, new, keys)
 
     def _add_embeddings(self, out: Any, mask: torch.Tensor, new: list[int]) -> None:
         hidden = out["last_hidden_state"] if isinstance(out, Mapping) else getattr(out, "last_hidden_state", None)
@@ -461,16 +466,20 @@ class _Builder:
         pooled = hidden[:, 0] if self.pooling == "cls" else mean_pool(hidden, mask.to(hidden.device))
         self.parts["embeddings"].append(pooled[new].float().cpu())
 
-    def _add_topk(self, out: Any, mask: torch.Tensor, new: list[int]) -> None:
+    def _add_topk(self, out: Any, mask: torch.Tensor, new: list[int], keys: list[bytes]) -> None:
         logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", None)
         if logits is None:
             raise ValueError("kind='topk' needs a teacher that returns logits")
         self.vocab_size = int(logits.shape[-1])
         self.per_token = logits.dim() == 3
         k = min(self.top_k or self.vocab_size, self.vocab_size)
-        for i in new:
+        for i, key in zip(new, keys):
             rows = logits[i][mask[i].to(logits.device).bool()] if self.per_token else logits[i : i + 1]
-            lp, idx = torch.log_softmax(rows.float() / self.temperature, dim=-1).topk(k, dim=-1)
+            log_probs = torch.log_softmax(rows.float() / self.temperature, dim=-1)
+            generator = None
+            if self.selection == "sampled":  # seeded per example, on the CPU: the same cache on any device
+                log_probs, generator = log_probs.cpu(), example_generator(self.seed, key)
+            idx, lp = select_support(log_probs, k, self.selection, generator)
             self.parts["indices"].append(idx.to(torch.int32).cpu())
             self.parts["log_probs"].append(lp.cpu())
             self.parts["lengths"].append(torch.tensor([rows.shape[0]]))
@@ -498,6 +507,8 @@ def build_teacher_cache(
     temperature: float = 1.0,
     pooling: str = "mean",
     batch_size: int = 32,
+    selection: str = "topk",
+    seed: int = 0,
     progress: bool = True,
 ) -> TeacherCache:
     """Run ``teacher`` once over a training set and keep what the distillation terms need.
@@ -513,18 +524,23 @@ def build_teacher_cache(
         temperature: the loss temperature the log-probs are taken at (must equal ``DistillationConfig.temperature``).
         pooling: ``"mean"`` (attention-mask mean) or ``"cls"``; must equal ``DistillationConfig.pooling``.
         batch_size: examples per teacher forward when a dataset is given.
+        selection / seed: ``kind="topk"`` rows: ``"topk"`` (the ``top_k`` most likely tokens) or ``"sampled"`` (an
+            exact head plus a seeded sample of the tail with unbiased weights; forward KL / soft CE only), as in
+            :func:`kd_plugins.cache_teacher` (distill/cache_select.py).
         progress: show a tqdm progress bar (when tqdm is installed).
     """
     if kind not in KINDS:
         raise ValueError(f"build_teacher_cache: kind must be one of {KINDS}, got {kind!r}")
     if kind == "topk" and top_k is not None and top_k < 1:
         raise ValueError(f"build_teacher_cache: top_k must be >= 1 or None, got {top_k}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"build_teacher_cache: selection must be one of {SELECTIONS}, got {selection!r}")
     if temperature <= 0 or pooling not in ("mean", "cls"):
         raise ValueError(
             f"build_teacher_cache: need temperature > 0 and pooling 'mean'/'cls' ({temperature}, {pooling})"
         )
     runner = Teacher(teacher)
-    builder = _Builder(kind, top_k, temperature, pooling)
+    builder = _Builder(kind, top_k, temperature, pooling, selection, seed)
     total = None  # pair examples count twice: the bar counts batches as they come
     for batch in _progress(_teacher_batches(dataset_or_batches, batch_size), total, progress):
         builder.add(batch, runner.forward_batch(batch))
@@ -533,6 +549,8 @@ def build_teacher_cache(
     metadata = {
         "kind": kind,
         "top_k": min(top_k or builder.vocab_size, builder.vocab_size) if kind == "topk" else None,
+        "selection": selection if kind == "topk" else None,
+        "sample_seed": seed if kind == "topk" and selection == "sampled" else None,
         "temperature": temperature,
         "vocab_size": builder.vocab_size,
         "pooling": pooling if kind == "embedding" else None,

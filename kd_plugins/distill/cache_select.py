@@ -24,9 +24,11 @@ top-1, as in a top-k row.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-__all__ = ["SELECTIONS", "inclusion_threshold", "sampled_support", "select_support"]
+__all__ = ["SELECTIONS", "example_generator", "inclusion_threshold", "sampled_support", "select_support"]
 
 SELECTIONS = ("topk", "sampled")
 
@@ -74,6 +76,13 @@ def sampled_support(
     idx = torch.where(in_head, top_idx, drawn)
     lw = torch.where(in_head, top_lp, tau.log().to(top_lp.dtype)[:, None].expand(n, k))
     return idx, lw
+
+
+def example_generator(seed: int, key: bytes) -> torch.Generator:
+    """The generator of one example's draws, a function of ``seed`` and the example's cache key only: a sampled
+    cache is the same whatever batch size, example order or device built it."""
+    digest = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True) + key, digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def select_support(

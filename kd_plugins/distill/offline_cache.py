@@ -29,7 +29,7 @@ from .cache import (
     tokenizer_fingerprint,
 )
 from .cache_codec import VALUE_FORMATS, check_value_format
-from .cache_select import SELECTIONS, select_support
+from .cache_select import SELECTIONS, example_generator, select_support
 from .cache_store import ShardWriter
 from .teacher import Teacher
 
@@ -143,8 +143,7 @@ class _Rows:
         seed: int = 0,
     ):
         self.directory, self.top_k, self.temperature = directory, top_k, temperature
-        self.selection = selection
-        self.generator = torch.Generator().manual_seed(seed)
+        self.selection, self.seed = selection, seed
         self.writer_kwargs = writer_kwargs
         self.writer: ShardWriter | None = None
         self.keys: dict[bytes, int] = {}
@@ -166,9 +165,10 @@ class _Rows:
             self.keys[key] = len(self.keys)
             rows = logits[i][mask[i]] if self.per_token else logits[i : i + 1]
             log_probs = torch.log_softmax(rows.float() / self.temperature, dim=-1)
-            if self.selection == "sampled":
-                log_probs = log_probs.cpu()  # the draws use a seeded CPU generator: the same cache on any device
-            idx, lp = select_support(log_probs, self.writer.encoding["top_k"], self.selection, self.generator)
+            generator = None
+            if self.selection == "sampled":  # seeded per example, on the CPU: the same cache on any device
+                log_probs, generator = log_probs.cpu(), example_generator(self.seed, key)
+            idx, lp = select_support(log_probs, self.writer.encoding["top_k"], self.selection, generator)
             self.writer.add(idx, lp)
             self.lengths.append(rows.shape[0])
 
