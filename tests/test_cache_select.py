@@ -67,6 +67,8 @@ def test_full_vocabulary_and_underflowed_tails():
     lp = _teacher_rows(vocab=10)
     idx, lw = select_support(lp, 10, "sampled")  # k = V: the whole distribution, nothing drawn
     assert torch.equal(lw, lp.topk(10).values) and torch.equal(idx, lp.topk(10).indices)
+    idx, lw = select_support(lp, 1, "sampled")  # one slot: the top-1, exact
+    assert torch.equal(idx, lp.topk(1).indices) and torch.equal(lw, lp.topk(1).values)
     peaked = torch.log_softmax(torch.tensor([[0.0, -200.0, -300.0, -400.0, -500.0]]), dim=-1)  # tail exp() == 0
     idx, lw = sampled_support(peaked, 3, torch.Generator().manual_seed(0))
     assert torch.equal(idx, peaked.topk(3).indices) and torch.equal(lw, peaked.topk(3).values)  # top-k, exact

@@ -89,9 +89,9 @@ def select_support(
     log_probs: torch.Tensor, k: int, selection: str, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices, log_values)`` ``[n, k]`` of one example's rows for ``selection`` in :data:`SELECTIONS`."""
-    if selection == "topk" or k >= log_probs.shape[-1]:  # k = V: the whole distribution, nothing to sample
-        lp, idx = log_probs.topk(k, dim=-1)
-        return idx, lp
-    if selection == "sampled":
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if selection == "sampled" and 1 < k < log_probs.shape[-1]:
         return sampled_support(log_probs, k, generator)
-    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    lp, idx = log_probs.topk(k, dim=-1)  # top-k; also k = 1 (the top-1 is always exact) and k = V (everything)
+    return idx, lp
