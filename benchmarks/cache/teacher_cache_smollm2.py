@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps({"command": cmd, "args": vars(args), "rows": rows}, indent=1))
     # its own section per student depth: the hand-written sections around it are never overwritten
     heading = f"## Latest run (written by the script): {args.num_layers}-layer student"
+    if args.selection != ["topk"]:  # a section per selection too: a sampled run keeps the top-k table
+        heading += f", {'/'.join(args.selection)} caches, {args.steps} steps"
     section = f"{heading}\n\n`{cmd}`\n\n{table}"
     replace_section(HERE / "RESULTS_cache.md", heading, section, title="# Offline teacher cache\n\n")
     return 0
