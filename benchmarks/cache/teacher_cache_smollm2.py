@@ -10,7 +10,8 @@ Setup (fixed before any run):
   and Prejudice*. Held-out: ``--eval-windows`` windows of the BBC test articles (``split_articles(seed=0).test``)
   and of *Pride and Prejudice*.
 * Loss: ``0.5 * CE + KL(teacher || student)`` at ``--temperature`` (``DistillationCallback``); the cache arms read
-  ``TeacherCache(dir)`` written by ``kd_plugins.cache_teacher`` (``--value-format``, tail form ``--topk-tail``).
+  ``TeacherCache(dir)`` written by ``kd_plugins.cache_teacher`` (``--value-format``, tail form ``--topk-tail``;
+  ``--selection topk,sampled``: the k likeliest tokens, or an exact head plus an unbiased sample of the tail).
 * Reported per arm: cache bytes per token and build time (one teacher pass), mean KD loss of the last quarter of
   the steps, training wall time per step, held-out perplexity (BBC, Austen). The KD loss is each arm's own
   objective: with a cache it is the sparse (top-k + tail bucket) KL, a lower bound of the live arm's full KL, so
