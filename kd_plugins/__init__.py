@@ -52,6 +52,7 @@ _LAZY = {
     "read_cache_data": "kd_plugins.distill.offline_cache",
     "TeacherSet": "kd_plugins.distill",
     "score_teachers": "kd_plugins.distill",
+    "score_teachers_per_class": "kd_plugins.distill",
     "MSTConfig": "kd_plugins.distill.mst",
     "MSTTeacherSet": "kd_plugins.distill.mst",
     "SpecialisedTeacher": "kd_plugins.distill.mst",

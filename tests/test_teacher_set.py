@@ -193,7 +193,7 @@ def test_bad_routing_and_bad_sets_raise_clear_errors():
         _loss_and_grads(tset, student, {**batch, "teacher": torch.tensor([0, 5])})
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         _loss_and_grads(tset, student, batch)
-    with pytest.raises(ValueError, match="one of weights, router and teacher_column"):
+    with pytest.raises(ValueError, match="one of weights, router, teacher_column and class_relevance"):
         TeacherSet([t1, t2], [0.5, 0.5], teacher_column="teacher")
     with pytest.raises(ValueError, match="2 weights for 3 teachers"):
         TeacherSet([t1, t2, t1], [0.5, 0.5])
@@ -384,3 +384,118 @@ def test_logme_matches_the_reference_algorithm():
     features[:, 0] += 2 * labels
     ours = score_features(torch.tensor(features), torch.tensor(labels), "logme", tol=1e-6)
     assert ours == pytest.approx(_logme_reference(features, labels), rel=1e-6)
+
+
+# ---------------------------------------------------------------------- per-class DistillWeighted
+class _Linear(nn.Module):
+    """A classifier on ``pixel_values`` (plain module: the engine's ``seq_classification`` path)."""
+
+    def __init__(self, seed, classes=4, width=6):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, pixel_values):
+        return {"logits": self.fc(pixel_values)}
+
+
+def _classifier_loss(teacher, student, x, **cfg):
+    engine = DistillationEngine(teacher, DistillationConfig(**{**CFG, "task": "seq_classification", **cfg}))
+    engine.setup(student)
+    return engine.compute({"pixel_values": x}, student(pixel_values=x)).loss
+
+
+def test_per_class_scores_are_per_class_correctness():
+    from kd_plugins.distill import score_teachers_per_class
+    from kd_plugins.distill.teacher_scores import score_features_per_class
+
+    labels = torch.arange(40) % 4
+
+    class Predictor(nn.Module):
+        def __init__(self, wrong_classes):
+            super().__init__()
+            pred = labels.clone()
+            for c in wrong_classes:
+                pred[labels == c] = (c + 1) % 4
+            self.register_buffer("logits", F.one_hot(pred, 4).float() * 5)
+
+        def forward(self, index):
+            return {"logits": self.logits[index]}
+
+    teachers = {"low": Predictor([2, 3]), "high": Predictor([0, 1])}
+    data = [(idx, labels[idx]) for idx in torch.arange(40).chunk(3)]
+    scores = score_teachers_per_class(teachers, data)
+    assert torch.equal(scores, torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.float64))
+    # balanced classes: the per-class scores average to the global score; LogME's columns average to its score
+    relevant, _, y = _synthetic()
+    for score in ("knn", "linear_probe", "logme"):
+        per_class = score_features_per_class(relevant, y, score)
+        assert per_class.shape == (4,)
+        assert float(per_class.mean()) == pytest.approx(score_features(relevant, y, score), rel=1e-9), score
+    with pytest.raises(ValueError, match=r"classes \[4\] have none"):
+        score_features_per_class(relevant, y, "knn", num_classes=5)
+    with pytest.raises(ValueError, match="outside num_classes"):
+        score_features_per_class(relevant, y, "knn", num_classes=3)
+
+
+def test_class_weighted_set_is_the_formula_and_runs_the_reference_once():
+    ref, a, b = _Linear(1), _Linear(2), _Linear(3)
+    student = _Linear(4)
+    calls = {"ref": 0, "a": 0, "b": 0}
+    for name, t in (("ref", ref), ("a", a), ("b", b)):
+        t.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    scores = torch.tensor([[0.6, 0.6, 0.6, 0.6], [1.0, 0.9, 0.0, 0.1], [0.0, 0.1, 1.0, 0.8]])
+    teachers = {"ref": ref, "a": a, "b": b}
+    for aggregation in ("mixture", "sum_of_divergences"):
+        tset = TeacherSet.class_weighted(teachers, scores, tau=0.1, aggregation=aggregation)
+        assert tset.class_relevance.reference == 0  # the best mean score
+        calls.update(ref=0, a=0, b=0)
+        loss = _classifier_loss(tset, student, x).detach()
+        assert calls == {"ref": 1, "a": 1, "b": 1}  # the reference once, its outputs reused
+        with torch.no_grad():
+            zs = [t(x)["logits"] for t in (ref, a, b)]
+            w = torch.softmax(torch.softmax(zs[0].double(), -1) @ scores.double().T / 0.1, -1).float()
+            s = student(x)["logits"]
+        logps = torch.stack([torch.log_softmax(z / 2.0, -1) for z in zs], 1)  # [B, K, C] at T = 2
+        if aggregation == "mixture":
+            expected = _kl_rows(torch.logsumexp(w.log().unsqueeze(-1) + logps, 1), s, 2.0).mean()
+        else:
+            expected = sum(w[:, i] * _kl_rows(logps[:, i], s, 2.0) for i in range(3)).mean()
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5), aggregation
+    assert "class relevance" in repr(tset)
+    with pytest.raises(ValueError, match="weights_and_reference"):
+        tset.row_weights({"pixel_values": x}, 5)
+
+
+def test_class_weighted_with_equal_class_scores_is_weighted():
+    t1, t2, student = _Linear(1), _Linear(2), _Linear(4)
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    flat = torch.tensor([[0.8] * 4, [0.6] * 4])
+    a = _classifier_loss(TeacherSet.class_weighted([t1, t2], flat, tau=0.1), student, x)
+    b = _classifier_loss(TeacherSet.weighted([t1, t2], [0.8, 0.6], tau=0.1), student, x)
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    one = _classifier_loss(TeacherSet.class_weighted([t1], flat[:1]), student, x)
+    assert torch.equal(one, _classifier_loss(t1, student, x))  # one teacher: the single-teacher path
+
+
+def test_class_weighted_bad_input_is_refused():
+    t1, t2 = _Linear(1), _Linear(2)
+    scores = torch.rand(2, 4)
+    with pytest.raises(ValueError, match=r"\[teachers, classes\] = \[2, C\]"):
+        TeacherSet.class_weighted([t1, t2], torch.rand(3, 4))
+    with pytest.raises(ValueError, match="not one of the teachers"):
+        TeacherSet.class_weighted({"a": t1, "b": t2}, scores, reference="c")
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        TeacherSet.class_weighted([t1, t2], scores, tau=0.0)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        TeacherSet.class_weighted([t1, t2], scores, reference=2)
+    relevance = TeacherSet.class_weighted([t1, t2], scores).class_relevance
+    with pytest.raises(ValueError, match="one of weights, router, teacher_column and class_relevance"):
+        TeacherSet([t1, t2], [0.5, 0.5], class_relevance=relevance)
+    with pytest.raises(ValueError, match=r"\[B, 6\] class prediction"):  # scores over 6 classes, logits over 4
+        _classifier_loss(TeacherSet.class_weighted([t1, t2], torch.rand(2, 6)), _Linear(4), torch.randn(3, 6))
+    student = tiny_llama(seed=2)
+    lm = TeacherSet.class_weighted([tiny_llama(seed=1), tiny_llama(seed=3)], torch.rand(2, 96))
+    with pytest.raises(ValueError, match="token-level tasks"):  # [B, L, V] logits: not one prediction per row
+        _loss_and_grads(lm, student, _batch(TokenDataset(), [0, 1]))

@@ -139,3 +139,17 @@ def test_clear_errors():
         make(TeacherSet([t1, t2]), teacher_checkpoint="x.safetensors")
     with pytest.raises(ValueError, match=r"\[4, 2\]"):
         make(TeacherSet([t1, t2], router=lambda b: torch.ones(4, 3)))(X, Y)
+
+
+def test_class_weighted_set_matches_the_formula():
+    t_ref, t1, t2 = cnn(seed=1), cnn(seed=2), cnn(seed=3)
+    scores = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
+    task = make(TeacherSet.class_weighted([t_ref, t1, t2], scores, tau=0.2, reference=0))
+    res = task(X, Y)
+    with torch.no_grad():
+        s = task.get_eval_model()(X)
+        zs = [t(X) for t in (t_ref, t1, t2)]
+    w = torch.softmax(torch.softmax(zs[0].double(), -1) @ scores.double().T / 0.2, -1).float()
+    p_mix = sum(w[:, i : i + 1] * F.softmax(zs[i] / T, -1) for i in range(3))
+    expected = (p_mix * (p_mix.log() - F.log_softmax(s / T, -1))).sum(-1).mean() * T**2
+    torch.testing.assert_close(res["kd_kl"], expected, rtol=1e-4, atol=1e-6)

@@ -16,7 +16,9 @@
   / ``TeacherSet.weighted``, ``softmax(score / tau)`` with tau fixed a priori at 0.05, as on Fashion-MNIST) under
   two relevance scores on the student's labelled articles: ``knn`` (leave-one-out 5-NN accuracy of each teacher's
   input representation: the paper's kind of score, fixed before the first run) and ``accuracy`` (each teacher's own
-  predictions; added after the first run showed ``knn`` ranking the teachers backwards, see RESULTS); MST-routed
+  predictions; added after the first run showed ``knn`` ranking the teachers backwards, see RESULTS); per-class
+  Weighted (``TeacherSet.class_weighted``: each teacher's accuracy on the labelled articles of each topic, rows
+  weighted by the topics the best-scoring teacher predicts, tau 0.1 a priori; added in session 19); MST-routed
   (``MSTTeacherSet``, top-1 router on the student's logits).
 * Test accuracy on the 400 test articles of ``split_articles(seed=0)`` after the last epoch, mean +- std over seeds;
   nothing is tuned on them (every setting fixed before the run).
@@ -45,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.data.bbc import split_articles  # noqa: E402
 from kd_plugins import DistillationConfig, DistillationEngine, TeacherSet  # noqa: E402
-from kd_plugins.distill import score_teachers  # noqa: E402
+from kd_plugins.distill import score_teachers, score_teachers_per_class  # noqa: E402
 from kd_plugins.distill.mst import MSTTeacherSet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -208,13 +210,14 @@ def _own(model: nn.Module, inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k in names}
 
 
-def arms(t: dict[str, nn.Module], scores: dict[str, list[float]], tau: float) -> dict:
+def arms(t: dict[str, nn.Module], scores: dict[str, list[float]], tau: float, class_scores, class_tau: float) -> dict:
     out = {"supervised": None}
     out.update({f"single:{n}": TeacherSet({n: m}) for n, m in t.items()})
     out["uniform"] = TeacherSet(t)
     for name, values in scores.items():
         out[f"nearest ({name})"] = TeacherSet.nearest(t, values)
         out[f"weighted ({name})"] = TeacherSet.weighted(t, values, tau)
+    out["class_weighted (accuracy)"] = TeacherSet.class_weighted(t, class_scores, class_tau)
     out["mst_routed"] = lambda: MSTTeacherSet(t)  # a fresh router per seed
     return out
 
@@ -238,6 +241,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=0.05, help="DistillWeighted temperature on kNN accuracies")
+    p.add_argument("--class-tau", type=float, default=0.1, help="per-class Weighted temperature (accuracies)")
     p.add_argument("--out", default=str(RESULTS / "bbc_text.json"))
     args = p.parse_args(argv)
     if args.smoke:
@@ -253,13 +257,17 @@ def main(argv=None):
         "knn": score_teachers(t, [batch], "knn", features=lambda m, x: m.features(**x)),
         "accuracy": score_teachers(t, [batch], "accuracy", features=lambda m, x: m(**_own(m, x))["logits"]),
     }
+    class_scores = score_teachers_per_class(
+        t, [batch], "accuracy", features=lambda m, x: m(**_own(m, x))["logits"]
+    )  # fmt: skip
+    log("per-class accuracy " + ", ".join(f"{n} {[round(v, 2) for v in r]}" for n, r in zip(t, class_scores.tolist())))
     weights = {name: TeacherSet.weighted(t, v, args.tau).weights.tolist() for name, v in scores.items()}
     for name in scores:
         log(
             f"{name} scores " + ", ".join(f"{n} {s:.3f} (w {w:.3f})" for n, s, w in zip(t, scores[name], weights[name]))
         )
     results = {}
-    for arm, teacher in arms(t, scores, args.tau).items():
+    for arm, teacher in arms(t, scores, args.tau, class_scores, args.class_tau).items():
         results[arm] = [train_student(data, teacher() if callable(teacher) else teacher, s, args) for s in args.seeds]
         log(f"{arm}: {results[arm]}")
     lines = summary(results)
@@ -276,6 +284,7 @@ def main(argv=None):
             for i, (n, m) in enumerate(t.items())
         },
         "nearest": {name: TeacherSet.nearest(t, v).names[0] for name, v in scores.items()},
+        "class_scores": {n: [round(v, 3) for v in r] for n, r in zip(t, class_scores.tolist())},
         "results": results,
         "table": lines,
         "wall_s": round(time.time() - t_start, 1),

@@ -14,12 +14,14 @@ loss is the cross-entropy on the labelled batch plus the distillation term (``kl
 labels) on an unlabelled batch, through :class:`kd_plugins.DistillationEngine` (plain torch modules, task
 ``seq_classification``). Arms: supervised only; each single teacher; uniform (the mixture of all four); Nearest
 (``TeacherSet.nearest``: the teacher with the best leave-one-out kNN accuracy of its penultimate features on the
-labelled images); Weighted (``TeacherSet.weighted``, ``softmax(score / tau)``, mixture aggregation); MST-routed
+labelled images); Weighted (``TeacherSet.weighted``, ``softmax(score / tau)``, mixture aggregation); per-class
+Weighted (``TeacherSet.class_weighted``: each teacher's accuracy on the labelled images of each class, rows weighted
+by the classes the best-scoring teacher predicts for them, ``--class-tau``); MST-routed
 (``MSTTeacherSet``: MST-Distill's top-1 router on the student's logits over the four plain teachers, balance term
 weight 1, straight-through router gradient; no masks; its router is trained by ``engine.projector_step``, and each
 teacher's share of the last epoch's rows is recorded). Test accuracy on the 10k test set after the last epoch,
 mean +- std over seeds (nothing tuned on the test set; tau fixed a priori, or with ``--select`` chosen with the
-aggregation on ``--valid`` labelled validation images from the training file).
+aggregation, and the per-class arm's tau, on ``--valid`` labelled validation images from the training file).
 
 Data: Debian ``dataset-fashion-mnist`` (``apt-get download`` + ``dpkg-deb -x`` into ``.cache/fashion_mnist``; no root).
 
@@ -47,7 +49,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kd_plugins import DistillationConfig, DistillationEngine, TeacherSet  # noqa: E402
-from kd_plugins.distill import score_teachers  # noqa: E402
+from kd_plugins.distill import score_teachers, score_teachers_per_class  # noqa: E402
 from kd_plugins.distill.mst import MSTTeacherSet  # noqa: E402
 
 CACHE = ROOT / ".cache" / "fashion_mnist"
@@ -227,13 +229,41 @@ def select_weighted(data: dict, t: dict[str, CNN], scores: list[float], args) ->
     return best["tau"], best["aggregation"], rows
 
 
-def arms(t: dict[str, CNN], scores: list[float], tau: float, aggregation: str = "mixture") -> dict:
+def select_class_tau(data: dict, t: dict[str, CNN], class_scores: torch.Tensor, args) -> tuple[float, list[dict]]:
+    """The per-class arm's tau, chosen on the validation images (mean over ``--select-seeds``)."""
+    rows = []
+    for tau in (float(v) for v in args.class_tau_grid.split(",")):
+        ts = TeacherSet.class_weighted(t, class_scores, tau)
+        accs = [train_student(data, ts, seed, args, split="valid") for seed in args.select_seeds]
+        rows.append({"tau": tau, "valid": accs})
+        log(f"select per-class: tau {tau:g}: valid {np.mean(accs):.4f} {accs}")
+    return max(rows, key=lambda r: np.mean(r["valid"]))["tau"], rows
+
+
+@torch.no_grad()
+def mean_row_weights(tset: TeacherSet, t: dict[str, CNN], data: dict) -> dict[str, float]:
+    """A class-weighted set's row weights averaged over the unlabelled images (the rows it distils)."""
+    reference = t[tset.names[tset.class_relevance.reference]]
+    w = tset.class_relevance.weights(reference(data["unlabelled"])["logits"]).mean(0)
+    return {n: round(float(v), 4) for n, v in zip(tset.names, w)}
+
+
+def arms(
+    t: dict[str, CNN],
+    scores: list[float],
+    tau: float,
+    aggregation: str = "mixture",
+    class_scores: torch.Tensor | None = None,
+    class_tau: float = 0.1,
+) -> dict:
     names = list(t)
     out = {"supervised": None}
     out.update({f"single:{n}": TeacherSet({n: t[n]}) for n in names})
     out["uniform"] = TeacherSet(t)
     out["nearest"] = TeacherSet.nearest(t, scores)
     out["weighted"] = TeacherSet.weighted(t, scores, tau, aggregation=aggregation)
+    if class_scores is not None:
+        out["class_weighted"] = TeacherSet.class_weighted(t, class_scores, class_tau)
     out["mst_routed"] = lambda: MSTTeacherSet(t)  # a fresh router per seed
     return out
 
@@ -264,6 +294,8 @@ def main(argv=None):
         help="choose DistillWeighted's tau and aggregation on the validation images (else --tau, mixture)",
     )
     p.add_argument("--tau-grid", default="0.02,0.05,0.1,0.2,0.5")
+    p.add_argument("--class-tau", type=float, default=0.1, help="per-class Weighted temperature (accuracies)")
+    p.add_argument("--class-tau-grid", default="0.05,0.1,0.2,0.5")
     p.add_argument("--aggregations", default="mixture,sum_of_divergences")
     p.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", default=None, help="comma-separated subset of the arms (default: all)")
@@ -279,14 +311,20 @@ def main(argv=None):
     t = teachers(data, args)
     xl, yl = data["labelled"]
     scores = score_teachers(t, [(xl, yl)], "knn", features=lambda m, x: m.features(x))
-    selection, aggregation = [], "mixture"
+    class_scores = score_teachers_per_class(t, [(xl, yl)], "accuracy")
+    selection, class_selection, aggregation = [], [], "mixture"
     if args.select:
-        args.tau, aggregation, selection = select_weighted(data, t, scores, args)
-        log(f"selected on validation: tau {args.tau:g}, {aggregation}")
+        chosen_arms = args.arms.split(",") if args.arms else None
+        if chosen_arms is None or "weighted" in chosen_arms:
+            args.tau, aggregation, selection = select_weighted(data, t, scores, args)
+            log(f"selected on validation: tau {args.tau:g}, {aggregation}")
+        if chosen_arms is None or "class_weighted" in chosen_arms:
+            args.class_tau, class_selection = select_class_tau(data, t, class_scores, args)
+            log(f"selected on validation: per-class tau {args.class_tau:g}")
     weights = TeacherSet.weighted(t, scores, args.tau).weights.tolist()
     log("kNN scores " + ", ".join(f"{n} {s:.3f} (w {w:.3f})" for n, s, w in zip(t, scores, weights)))
     results, mst_routing = {}, {}
-    chosen = arms(t, scores, args.tau, aggregation)
+    chosen = arms(t, scores, args.tau, aggregation, class_scores, args.class_tau)
     if args.arms:
         chosen = {k: v for k, v in chosen.items() if k in args.arms.split(",")}
     for arm, teacher in chosen.items():
@@ -314,6 +352,13 @@ def main(argv=None):
         "results": results,
         "mst_routing": mst_routing,
         "weighted": {"tau": args.tau, "aggregation": aggregation, "selection": selection},
+        "class_weighted": {
+            "scores": {n: [round(v, 3) for v in row] for n, row in zip(t, class_scores.tolist())},
+            "mean_row_weights": mean_row_weights(TeacherSet.class_weighted(t, class_scores, args.class_tau), t, data),
+            "reference": list(t)[TeacherSet.class_weighted(t, class_scores).class_relevance.reference],
+            "tau": args.class_tau,
+            "selection": class_selection,
+        },
         "table": lines,
         "wall_s": round(time.time() - t_start, 1),
     }

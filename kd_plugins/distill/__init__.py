@@ -13,7 +13,7 @@ from .pairs import PairCollator, split_pairs
 from .projectors import ProjectorBank
 from .scaling import LossScaling
 from .teacher import Teacher, freeze_teacher
-from .teacher_scores import score_features, score_teachers
+from .teacher_scores import score_features, score_teachers, score_teachers_per_class
 from .teacher_set import TeacherSet
 from .terms import check_finite, weighted_sum
 
@@ -47,5 +47,6 @@ __all__ = [
     "load_teacher_cache",
     "TeacherSet",
     "score_teachers",
+    "score_teachers_per_class",
     "score_features",
 ]

@@ -47,7 +47,9 @@ from .._utils import model_device
 
 __all__ = [
     "score_teachers",
+    "score_teachers_per_class",
     "score_features",
+    "score_features_per_class",
     "knn_accuracy",
     "linear_probe_accuracy",
     "logme_score",
@@ -60,6 +62,11 @@ SCORES = ("knn", "linear_probe", "logme", "accuracy")
 
 def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
     """Leave-one-out k-NN accuracy of ``features`` ``[n, D]`` for integer ``labels`` ``[n]`` (cosine similarity)."""
+    return float(knn_correct(features, labels, k).double().mean())
+
+
+def knn_correct(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """``[n]`` bool: whether each example's leave-one-out k-NN vote (cosine similarity) gives its label."""
     x, y = _checked(features, labels)
     n = x.shape[0]
     k = max(1, min(k, n - 1))
@@ -71,38 +78,49 @@ def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> fl
     votes = F.one_hot(y[near], classes).to(x.dtype)
     # ties go to the nearer neighbours: a vote is 1 plus a small share of its (rank-ordered) similarity
     rank_bonus = 1e-3 * torch.linspace(1.0, 0.5, k, dtype=x.dtype).unsqueeze(-1)
-    pred = (votes * (1 + rank_bonus)).sum(1).argmax(-1)
-    return float((pred == y).double().mean())
+    return (votes * (1 + rank_bonus)).sum(1).argmax(-1) == y
 
 
 def prediction_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of ``logits`` ``[n, C]`` (a teacher's predictions over the target classes) for ``labels``."""
+    return float(prediction_correct(logits, labels).double().mean())
+
+
+def prediction_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: whether each row's argmax of ``logits`` ``[n, C]`` is its label."""
     x, y = _checked(logits, labels)
     if x.shape[-1] <= int(y.max()):
         raise ValueError(
             f"score 'accuracy' needs logits over the target classes: got {x.shape[-1]} columns for labels up to "
             f"{int(y.max())}. Use a feature score (knn, linear_probe, logme) for teachers of another label space."
         )
-    return float((x.argmax(-1) == y).double().mean())
+    return x.argmax(-1) == y
 
 
 def linear_probe_accuracy(
     features: torch.Tensor, labels: torch.Tensor, *, folds: int = 5, ridge: float = 1e-2, seed: int = 0
 ) -> float:
     """Cross-validated accuracy of a closed-form ridge probe (standardised features -> one-hot labels)."""
+    return float(linear_probe_correct(features, labels, folds=folds, ridge=ridge, seed=seed).double().mean())
+
+
+def linear_probe_correct(
+    features: torch.Tensor, labels: torch.Tensor, *, folds: int = 5, ridge: float = 1e-2, seed: int = 0
+) -> torch.Tensor:
+    """``[n]`` bool: whether the ridge probe fitted on the other folds predicts each example's label."""
     x, y = _checked(features, labels)
     n, classes = x.shape[0], int(y.max()) + 1
     folds = max(2, min(folds, n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    correct = 0
+    correct = torch.zeros(n, dtype=torch.bool)
     for part in order.chunk(folds):
         train = torch.ones(n, dtype=torch.bool)
         train[part] = False
         mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
         xt, xv = _with_bias((x[train] - mean) / std), _with_bias((x[part] - mean) / std)
         w = _ridge(xt, F.one_hot(y[train], classes).to(x.dtype), ridge)
-        correct += int(((xv @ w).argmax(-1) == y[part]).sum())
-    return correct / n
+        correct[part] = (xv @ w).argmax(-1) == y[part]
+    return correct
 
 
 def _with_bias(x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +138,13 @@ def _ridge(x: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor
 
 def logme_score(features: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-3) -> float:
     """LogME evidence per example (You et al. 2021), averaged over the one-hot label columns (float64)."""
+    return float(logme_class_evidence(features, labels, max_iter=max_iter, tol=tol).mean())
+
+
+def logme_class_evidence(
+    features: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-3
+) -> torch.Tensor:
+    """``[C]`` LogME evidence per example of each one-hot label column (float64)."""
     f, y = _checked(features, labels)
     n, d = f.shape
     sigma, v = torch.linalg.eigh(f.T @ f)
@@ -150,7 +175,7 @@ def logme_score(features: torch.Tensor, labels: torch.Tensor, *, max_iter: int =
             - 0.5 * float(torch.log(alpha + beta * sigma).sum())
         )
         evidences.append(evidence / n)
-    return sum(evidences) / len(evidences)
+    return torch.tensor(evidences, dtype=torch.float64)
 
 
 def score_features(features: torch.Tensor, labels: torch.Tensor, score: str = "knn", **kwargs: Any) -> float:
@@ -164,6 +189,33 @@ def score_features(features: torch.Tensor, labels: torch.Tensor, score: str = "k
         "accuracy": prediction_accuracy,
     }[score]
     return fn(features, labels, **kwargs)
+
+
+def score_features_per_class(
+    features: torch.Tensor, labels: torch.Tensor, score: str = "accuracy", num_classes: int | None = None, **kwargs: Any
+) -> torch.Tensor:
+    """``[C]`` relevance scores of ``features`` for each class: the score's per-example correctness averaged over the
+    examples of that class (``knn``, ``linear_probe``, ``accuracy``), or LogME's evidence of that class's one-hot
+    column (``logme``). Every class of ``range(num_classes)`` needs a labelled example."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    y = torch.as_tensor(labels).detach().long().cpu().flatten()
+    classes = num_classes if num_classes is not None else int(y.max()) + 1
+    counts = torch.bincount(y.clamp_min(0), minlength=classes)
+    if counts.numel() > classes:
+        raise ValueError(f"labels go up to {int(y.max())}, outside num_classes={classes}.")
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"Per-class scores need labelled examples of every class; classes {missing} have none. Add examples of "
+            "them, or use the global score (score_teachers / TeacherSet.weighted)."
+        )
+    if score == "logme":
+        return logme_class_evidence(features, y, **kwargs)  # every class is present: one column each
+    correct = {"knn": knn_correct, "linear_probe": linear_probe_correct, "accuracy": prediction_correct}[score](
+        features, y, **kwargs
+    )
+    return torch.zeros(classes, dtype=torch.float64).index_add_(0, y, correct.double()) / counts.double()
 
 
 def score_teachers(
@@ -186,6 +238,41 @@ def score_teachers(
             ``logits``).
         **kwargs: options of the score (``k``; ``folds``, ``ridge``; ``max_iter``, ``tol``).
     """
+    return [
+        score_features(f, y, score, **kwargs) for f, y in _teacher_features(teachers, labelled_data, score, features)
+    ]
+
+
+def score_teachers_per_class(
+    teachers: Sequence[nn.Module] | Mapping[str, nn.Module],
+    labelled_data: Iterable[Any],
+    score: str = "accuracy",
+    *,
+    num_classes: int | None = None,
+    features: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``[K, C]`` relevance of every teacher for every class of the target task (higher is better), for
+    :meth:`~kd_plugins.distill.teacher_set.TeacherSet.class_weighted`.
+
+    Each row is :func:`score_features_per_class` of one teacher: with the default ``"accuracy"``, the teacher's
+    top-1 accuracy on the labelled examples of each class (its recall of that class). Arguments as
+    :func:`score_teachers`; ``num_classes`` defaults to the largest label + 1, and every class needs an example.
+    """
+    rows = [
+        score_features_per_class(f, y, score, num_classes, **kwargs)
+        for f, y in _teacher_features(teachers, labelled_data, score, features)
+    ]
+    return torch.stack(rows)
+
+
+def _teacher_features(
+    teachers: Sequence[nn.Module] | Mapping[str, nn.Module],
+    labelled_data: Iterable[Any],
+    score: str,
+    features: Callable[[nn.Module, Any], torch.Tensor] | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(features [n, D], labels [n])]`` of each teacher on the labelled batches (eval mode, no grad)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     modules = list(teachers.values()) if isinstance(teachers, Mapping) else list(teachers)
@@ -202,7 +289,7 @@ def score_teachers(
                 feats.append(extract(teacher, inputs).flatten(1).detach().cpu())
                 labels.append(torch.as_tensor(y).flatten().cpu())
         teacher.train(was_training)
-        out.append(score_features(torch.cat(feats), torch.cat(labels), score, **kwargs))
+        out.append((torch.cat(feats), torch.cat(labels)))
     return out
 
 

@@ -6,7 +6,9 @@ A :class:`TeacherSet` goes wherever a teacher module goes (``DistillationEngine`
 * ``weights``: a fixed list (normalised to sum 1), the same for every row (default: uniform);
 * ``router``: a callable ``router(inputs) -> [B, K]`` tensor of non-negative weights (rows normalised to sum 1);
 * ``teacher_column``: a batch column naming one teacher per row (an index, or a name of ``teachers`` given as a
-  dict), i.e. one-hot weights: per-row routing by dataset metadata.
+  dict), i.e. one-hot weights: per-row routing by dataset metadata;
+* ``class_relevance``: per-class relevance scores (:meth:`TeacherSet.class_weighted`): each row's weights follow
+  the classes a reference teacher predicts for it (classification tasks: one ``[C]`` prediction per row).
 
 A teacher runs only on the rows where its weight is non-zero. Two aggregations (they are different objectives):
 
@@ -29,7 +31,8 @@ for when the teachers do not fit beside the student.
 
 :meth:`TeacherSet.nearest` and :meth:`TeacherSet.weighted` build the DistillNearest / DistillWeighted sets of Borup,
 Phoo and Hariharan ("Distilling from Similar Tasks for Transfer Learning on a Budget", ICCV 2023) from relevance
-scores (see :func:`kd_plugins.distill.teacher_scores.score_teachers`).
+scores (see :func:`kd_plugins.distill.teacher_scores.score_teachers`); :meth:`TeacherSet.class_weighted` is our
+per-class extension of DistillWeighted (see its docstring).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from .teacher import Teacher
 
 __all__ = [
     "TeacherSet",
+    "ClassRelevance",
     "TeacherSetOutputs",
     "TeacherSetEmbeddings",
     "split_routing_columns",
@@ -67,6 +71,39 @@ _NON_LOGIT_HINT = (
     "With several teachers only logit terms and pooled-embedding terms are supported (hidden-state, attention, pair "
     "and cross-tokenizer terms are not); distil those from one teacher (e.g. TeacherSet.nearest(teachers, scores))."
 )
+
+
+@dataclass(frozen=True)
+class ClassRelevance:
+    """Per-class DistillWeighted: row weights from per-class relevance scores and a reference teacher's prediction.
+
+    For a row ``x`` with the reference teacher's class probabilities ``p_ref(c | x)`` (at temperature 1), teacher
+    ``i`` gets ``w_i(x) = softmax_i(sum_c p_ref(c | x) S[i, c] / tau)``: its expected relevance over the classes the
+    row probably belongs to. ``S`` ``[K, C]`` comes from :func:`~kd_plugins.distill.teacher_scores.
+    score_teachers_per_class` (default: each teacher's accuracy on the labelled examples of each class).
+
+    Attributes:
+        scores: ``[K, C]`` float64 relevance of teacher ``i`` for class ``c`` (higher is better).
+        tau: softmax temperature (> 0; ``inf`` gives uniform weights).
+        reference: index of the teacher whose prediction places each row among the classes.
+    """
+
+    scores: torch.Tensor
+    tau: float
+    reference: int
+
+    def weights(self, reference_logits: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` float32 row weights from the reference teacher's ``[B, C]`` logits."""
+        k, c = self.scores.shape
+        if reference_logits.dim() != 2 or reference_logits.shape[-1] != c:
+            raise ValueError(
+                f"A class-weighted TeacherSet reads one [B, {c}] class prediction per row from its reference teacher, "
+                f"which returned logits of shape {tuple(reference_logits.shape)}. Per-class weights apply to "
+                "classification tasks whose label set the scores were computed on; for token-level tasks use "
+                "TeacherSet.weighted (one weight per teacher) or a router."
+            )
+        p = torch.softmax(reference_logits.detach().double().cpu(), -1)
+        return torch.softmax(p @ self.scores.T / self.tau, -1).float()
 
 
 @dataclass
@@ -101,10 +138,11 @@ class TeacherSet:
         teacher_column: the batch key that names each row's teacher (an int index or a teacher name). With the HF
             Trainer set ``remove_unused_columns=False`` so the column reaches the batch; names (strings) need a
             collator that keeps them as a list (:meth:`collator` wraps one).
+        class_relevance: per-class relevance (:class:`ClassRelevance`, built by :meth:`class_weighted`).
         aggregation: ``"mixture"`` (mix the teachers' probabilities) or ``"sum_of_divergences"``.
         offload: park the teachers on CPU and move each to the student's device only for its rows.
 
-    At most one of ``weights``, ``router`` and ``teacher_column`` may be given.
+    At most one of ``weights``, ``router``, ``teacher_column`` and ``class_relevance`` may be given.
     """
 
     def __init__(
@@ -114,6 +152,7 @@ class TeacherSet:
         *,
         router: Callable[[dict], torch.Tensor] | None = None,
         teacher_column: str | None = None,
+        class_relevance: ClassRelevance | None = None,
         aggregation: str = "mixture",
         offload: bool = False,
     ):
@@ -129,13 +168,18 @@ class TeacherSet:
                 raise TypeError(f"TeacherSet: teacher {name!r} must be an nn.Module, got {type(m).__name__}")
         given = [
             n
-            for n, v in (("weights", weights), ("router", router), ("teacher_column", teacher_column))
+            for n, v in (
+                ("weights", weights),
+                ("router", router),
+                ("teacher_column", teacher_column),
+                ("class_relevance", class_relevance),
+            )
             if v is not None
         ]
         if len(given) > 1:
             raise ValueError(
-                f"TeacherSet takes one of weights, router and teacher_column; got {', '.join(given)}. "
-                "Fixed weights, a router or a routing column each decide every row's weights alone."
+                f"TeacherSet takes one of weights, router, teacher_column and class_relevance; got {', '.join(given)}. "
+                "Each decides every row's weights alone."
             )
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"TeacherSet aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -143,6 +187,7 @@ class TeacherSet:
             raise TypeError(f"TeacherSet router must be callable (inputs -> [B, K] weights), got {type(router)}")
         self.weights = _normalised_weights(weights, len(self.modules)) if weights is not None else None
         self.router, self.teacher_column = router, teacher_column
+        self.class_relevance = _checked_relevance(class_relevance, len(self.modules))
         self.aggregation, self.offload = aggregation, bool(offload)
         self.runners: list[Teacher] = []
         self._row_losses: dict[str, nn.Module] = {}
@@ -151,7 +196,15 @@ class TeacherSet:
         return len(self.modules)
 
     def __repr__(self) -> str:
-        how = "weights" if self.weights is not None else "router" if self.router else self.teacher_column or "uniform"
+        how = (
+            "weights"
+            if self.weights is not None
+            else "router"
+            if self.router
+            else "class relevance"
+            if self.class_relevance is not None
+            else self.teacher_column or "uniform"
+        )
         return (
             f"TeacherSet({', '.join(self.names)}; rows weighted by {how}; aggregation={self.aggregation}; "
             f"offload={self.offload})"
@@ -188,9 +241,52 @@ class TeacherSet:
         names, modules = _named(teachers)
         return cls(dict(zip(names, modules)), softmax_weights(_score_list(scores, names), tau), **kwargs)
 
+    @classmethod
+    def class_weighted(
+        cls,
+        teachers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        class_scores: torch.Tensor | Sequence[Sequence[float]],
+        tau: float = 0.1,
+        reference: int | str | None = None,
+        **kwargs: Any,
+    ) -> TeacherSet:
+        """Per-class DistillWeighted (our extension): each row weights teacher ``i`` by
+        ``softmax_i(sum_c p_ref(c | x) S[i, c] / tau)`` (:class:`ClassRelevance`).
+
+        A global weight cannot use a teacher that is excellent on some classes and wrong on the others (a
+        specialist); per-class scores can, with the row's class placed by a reference teacher. Args:
+        ``class_scores`` ``[K, C]`` (:func:`~kd_plugins.distill.teacher_scores.score_teachers_per_class`);
+        ``tau``: accuracy-like scores in [0, 1] separate well at 0.05-0.2; ``reference``: the teacher (index or
+        name) that predicts each row's class, default the one with the best mean score; ``kwargs``:
+        ``aggregation``, ``offload``.
+        """
+        names, modules = _named(teachers)
+        scores = torch.as_tensor(class_scores, dtype=torch.float64)
+        if scores.dim() != 2 or scores.shape[0] != len(modules):
+            raise ValueError(
+                f"class_scores must be [teachers, classes] = [{len(modules)}, C], got {tuple(scores.shape)}; "
+                "score_teachers_per_class(teachers, labelled_data) returns that shape."
+            )
+        if reference is None:
+            mean = scores.mean(1).tolist()
+            ref = max(range(len(mean)), key=lambda i: (mean[i], -i))
+        elif isinstance(reference, str):
+            if reference not in names:
+                raise ValueError(f"reference {reference!r} is not one of the teachers {', '.join(names)}")
+            ref = names.index(reference)
+        else:
+            ref = int(reference)
+        relevance = ClassRelevance(scores, float(tau), ref)
+        return cls(dict(zip(names, modules)), class_relevance=relevance, **kwargs)
+
     # ------------------------------------------------------------------ row weights
     def row_weights(self, inputs: dict, batch_size: int) -> torch.Tensor:
         """``[B, K]`` float32 weights of this batch's rows (each row sums to 1)."""
+        if self.class_relevance is not None:
+            raise ValueError(
+                "A class-weighted TeacherSet's row weights come from its reference teacher's outputs: use "
+                "weights_and_reference(inputs, batch_size, run_member)."
+            )
         k = len(self.modules)
         if self.teacher_column is not None:
             index = self._routed_index(inputs, batch_size)
@@ -199,6 +295,22 @@ class TeacherSet:
             return self._router_weights(inputs, batch_size)
         w = self.weights if self.weights is not None else torch.full((k,), 1.0 / k)
         return w.float().unsqueeze(0).expand(batch_size, k)
+
+    def weights_and_reference(
+        self,
+        inputs: dict,
+        batch_size: int,
+        run_member: Callable[[int], Any],
+        logits_of: Callable[[Any], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[int, Any]]:
+        """``([B, K] row weights, {member index: outputs already computed on all rows})``. A class-weighted set runs
+        its reference member first (``run_member(k)``, all rows) and derives the weights from its logits; the other
+        modes compute the weights from the inputs and run nothing."""
+        rel = self.class_relevance
+        if rel is None:
+            return self.row_weights(inputs, batch_size), {}
+        out = run_member(rel.reference)
+        return rel.weights((logits_of or _logits_of)(out)), {rel.reference: out}
 
     def _routed_index(self, inputs: dict, batch_size: int) -> torch.Tensor:
         col = self.teacher_column
@@ -326,10 +438,18 @@ class TeacherSet:
         """The teachers on their rows: one teacher's own outputs, or (several teachers) :class:`TeacherSetOutputs`
         that :meth:`logit_terms` and :meth:`embedding_terms` aggregate."""
         batch = _batch_size(inputs)
-        weights = self.row_weights(inputs, batch)
         device = model_device(engine.student)
+
+        def run_all(k: int) -> Any:
+            with self._resident(self.runners[k], device):
+                return self._run(engine, self.runners[k], inputs, need_attentions, extra)
+
+        weights, done = self.weights_and_reference(inputs, batch, run_all)
         per_teacher = []
         for k, runner in enumerate(self.runners):
+            if k in done:  # ran on every row already (a zero weight adds nothing to either aggregation)
+                per_teacher.append((k, torch.arange(batch), done[k]))
+                continue
             rows = (weights[:, k] > 0).nonzero().flatten()
             if rows.numel() == 0:
                 continue
@@ -513,6 +633,23 @@ def _normalised_weights(weights: Sequence[float] | torch.Tensor, k: int) -> torc
     if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"TeacherSet weights must be finite, >= 0 and not all 0, got {w.tolist()}")
     return w / w.sum()
+
+
+def _checked_relevance(relevance: ClassRelevance | None, k: int) -> ClassRelevance | None:
+    if relevance is None:
+        return None
+    if not isinstance(relevance, ClassRelevance):
+        raise TypeError(f"class_relevance must be a ClassRelevance, got {type(relevance).__name__}")
+    scores = relevance.scores
+    if scores.dim() != 2 or scores.shape[0] != k:
+        raise ValueError(f"class_relevance.scores must be [{k}, C] (one row per teacher), got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"class_relevance.scores must be finite, got {scores.tolist()}")
+    if not relevance.tau > 0:
+        raise ValueError(f"tau must be > 0 (inf: uniform), got {relevance.tau}")
+    if not 0 <= relevance.reference < k:
+        raise ValueError(f"reference teacher index {relevance.reference} is outside 0..{k - 1}")
+    return relevance
 
 
 def _named(teachers: Sequence[nn.Module] | Mapping[str, nn.Module]) -> tuple[list[str], list[nn.Module]]:

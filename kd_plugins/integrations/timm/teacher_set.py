@@ -3,9 +3,10 @@
 
 Each member becomes a ``timm.task.DistillationTeacher`` (its own input normalisation from its ``pretrained_cfg``) and
 runs only on the rows where its weight is non-zero. Row weights come from the set's fixed ``weights`` (default
-uniform) or its ``router``, called as ``router({"pixel_values": x, "labels": target}) -> [B, K]`` with the batch as
-the student sees it. A timm loader yields ``(input, target)`` pairs, so there is no dataset column to route by:
-``teacher_column`` sets are refused (use a router).
+uniform), its ``router``, called as ``router({"pixel_values": x, "labels": target}) -> [B, K]`` with the batch as
+the student sees it, or its per-class relevance (``TeacherSet.class_weighted``: the reference member runs first on
+every row and its prediction sets the weights). A timm loader yields ``(input, target)`` pairs, so there is no
+dataset column to route by: ``teacher_column`` sets are refused (use a router).
 
 The two aggregations are the Trainer's (:mod:`kd_plugins.distill.teacher_set`): ``"mixture"`` hands the logit terms
 the mixture ``T * logsumexp_i(log w_i + log softmax(z_i / T))``; ``"sum_of_divergences"`` is
@@ -86,16 +87,23 @@ class TimmTeacherSet(nn.Module):
         """``([B, K] row weights, per-teacher logits on their rows)``; ``to_teacher(member, x_rows)`` prepares a
         member's input (re-normalisation, resize)."""
         batch = x.shape[0]
-        weights = self.spec.row_weights({"pixel_values": x, "labels": target}, batch)
+
+        def run_rows(k: int, x_rows: torch.Tensor) -> torch.Tensor:
+            member, runner = self.members[k], self.runners[k]
+            with self._resident(runner):
+                return runner.run(lambda m: m(to_teacher(member, x_rows))).to(x.device)
+
+        inputs = {"pixel_values": x, "labels": target}
+        weights, done = self.spec.weights_and_reference(inputs, batch, lambda k: run_rows(k, x), lambda z: z)
         per_teacher: PerTeacher = []
-        for k, (member, runner) in enumerate(zip(self.members, self.runners)):
+        for k in range(len(self.members)):
+            if k in done:  # the reference member of a class-weighted set ran on every row
+                per_teacher.append((k, torch.arange(batch), done[k]))
+                continue
             rows = (weights[:, k] > 0).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            x_rows = x if rows.numel() == batch else x[rows.to(x.device)]
-            with self._resident(runner):
-                logits = runner.run(lambda m, x_rows=x_rows, member=member: m(to_teacher(member, x_rows)))
-            per_teacher.append((k, rows, logits.to(x.device)))
+            per_teacher.append((k, rows, run_rows(k, x if rows.numel() == batch else x[rows.to(x.device)])))
         return weights, per_teacher
 
     @contextlib.contextmanager
