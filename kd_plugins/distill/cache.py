@@ -36,7 +36,7 @@ import torch.nn as nn
 from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_checkpoint
 from ..losses import get_loss_spec
 from ..losses.feature import mean_pool
-from .cache_select import SELECTIONS, example_generator, select_support
+from .cache_select import SELECTIONS, cache_rows
 from .cache_store import ShardedTopKStore, is_sharded_cache
 from .config import DistillationConfig
 from .pairs import split_pairs
@@ -475,11 +475,7 @@ class _Builder:
         k = min(self.top_k or self.vocab_size, self.vocab_size)
         for i, key in zip(new, keys):
             rows = logits[i][mask[i].to(logits.device).bool()] if self.per_token else logits[i : i + 1]
-            log_probs = torch.log_softmax(rows.float() / self.temperature, dim=-1)
-            generator = None
-            if self.selection == "sampled":  # seeded per example, on the CPU: the same cache on any device
-                log_probs, generator = log_probs.cpu(), example_generator(self.seed, key)
-            idx, lp = select_support(log_probs, k, self.selection, generator)
+            idx, lp = cache_rows(rows, k, self.temperature, self.selection, self.seed, key)
             self.parts["indices"].append(idx.to(torch.int32).cpu())
             self.parts["log_probs"].append(lp.cpu())
             self.parts["lengths"].append(torch.tensor([rows.shape[0]]))

@@ -28,7 +28,14 @@ import hashlib
 
 import torch
 
-__all__ = ["SELECTIONS", "example_generator", "inclusion_threshold", "sampled_support", "select_support"]
+__all__ = [
+    "SELECTIONS",
+    "example_generator",
+    "inclusion_threshold",
+    "sampled_support",
+    "select_support",
+    "cache_rows",
+]
 
 SELECTIONS = ("topk", "sampled")
 
@@ -95,3 +102,15 @@ def select_support(
         return sampled_support(log_probs, k, generator)
     lp, idx = log_probs.topk(k, dim=-1)  # top-k; also k = 1 (the top-1 is always exact) and k = V (everything)
     return idx, lp
+
+
+def cache_rows(
+    logits: torch.Tensor, k: int, temperature: float, selection: str, seed: int, key: bytes
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, log_values)`` ``[n, k]`` of one example's teacher logits ``[n, V]`` at ``temperature``: what both
+    cache builders store. Sampled draws run on the CPU, seeded by ``(seed, key)``: the same cache on any device."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    generator = None
+    if selection == "sampled":
+        log_probs, generator = log_probs.cpu(), example_generator(seed, key)
+    return select_support(log_probs, k, selection, generator)

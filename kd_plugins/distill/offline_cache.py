@@ -29,7 +29,7 @@ from .cache import (
     tokenizer_fingerprint,
 )
 from .cache_codec import VALUE_FORMATS, check_value_format
-from .cache_select import SELECTIONS, example_generator, select_support
+from .cache_select import SELECTIONS, cache_rows
 from .cache_store import ShardWriter
 from .teacher import Teacher
 
@@ -164,11 +164,7 @@ class _Rows:
                 continue  # a duplicate example: same rows
             self.keys[key] = len(self.keys)
             rows = logits[i][mask[i]] if self.per_token else logits[i : i + 1]
-            log_probs = torch.log_softmax(rows.float() / self.temperature, dim=-1)
-            generator = None
-            if self.selection == "sampled":  # seeded per example, on the CPU: the same cache on any device
-                log_probs, generator = log_probs.cpu(), example_generator(self.seed, key)
-            idx, lp = select_support(log_probs, self.writer.encoding["top_k"], self.selection, generator)
+            idx, lp = cache_rows(rows, self.writer.encoding["top_k"], self.temperature, self.selection, self.seed, key)
             self.writer.add(idx, lp)
             self.lengths.append(rows.shape[0])
 
