@@ -77,3 +77,11 @@ def test_llama_student_generates_with_kv_cache():
 def test_unsupported_family_names_what_was_tried():
     with pytest.raises(ValueError, match="Could not locate the transformer layers of Linear; tried: encoder.layer"):
         inherit_student(torch.nn.Linear(3, 3), 1)
+
+
+def test_student_of_a_frozen_teacher_is_trainable():
+    # A DistillationCallback freezes its teacher; a second student inherited from it must still train.
+    teacher = tiny_bert().requires_grad_(False)
+    student = inherit_student(teacher, num_layers=1)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -92,7 +92,8 @@ def inherit_student(
     Embeddings, final norms and heads are copied; the config's ``num_hidden_layers`` (and per-layer lists such as
     ``layer_types``) are updated and attention ``layer_idx`` attributes renumbered so KV caches work. The result is
     an ordinary ``PreTrainedModel``: ``save_pretrained`` / ``from_pretrained`` work without kd_plugins. The teacher
-    is left untouched.
+    is left untouched. The student is trainable (every parameter ``requires_grad``) even when the teacher was
+    frozen, e.g. by an earlier ``DistillationCallback`` in the same process.
 
     Args:
         teacher: a Hugging Face model (BERT-, MPNet-, Llama-family and others with a standard layer list).
@@ -102,6 +103,7 @@ def inherit_student(
     path, layers = find_layer_container(teacher)
     idx = select_layer_indices(len(layers), num_layers, strategy)
     student = copy.deepcopy(teacher)
+    student.requires_grad_(True)  # a copy of a frozen teacher would otherwise be a frozen student
     parent_path, _, attr = path.rpartition(".")
     parent = student.get_submodule(parent_path) if parent_path else student
     old = getattr(parent, attr)
