@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from tiny import TokenDataset, tiny_bert, tiny_llama, training_args
+from tiny import (
+    TokenDataset,
+    assert_same_training,
+    collate_tokens,
+    fused_and_plain_runs,
+    tiny_bert,
+    tiny_llama,
+    training_args,
+)
 from transformers import Trainer
 
 from kd_plugins import (
@@ -21,18 +29,6 @@ EMB_CFG = dict(task="encoder", loss_terms={"embedding_mse": 1.0, "affinity_kl": 
 
 def _encoders():
     return tiny_bert("BertModel", seed=1, layers=3, hidden=32), tiny_bert("BertModel", seed=2, layers=2, hidden=32)
-
-
-def _batch(ds, idx, left=False):
-    """Collate examples ``idx`` of a TokenDataset, moving the padding to the left when asked."""
-    items = [ds[i] for i in idx]
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-    if left:
-        for row in range(len(idx)):
-            am = batch["attention_mask"][row].bool()
-            for key in batch:
-                batch[key][row] = torch.cat([batch[key][row][~am], batch[key][row][am]])
-    return batch
 
 
 def _inputs(batch):
@@ -88,7 +84,7 @@ def test_missing_example_names_the_count():
     teacher, _ = _encoders()
     ds = TokenDataset(labels=None, pad_last=4)
     cache = build_teacher_cache(teacher, ds, progress=False)
-    batch = _batch(ds, [0, 1, 2])
+    batch = collate_tokens(ds, [0, 1, 2])
     batch["input_ids"][1, 0] += 1  # an example the cache never saw
     with pytest.raises(KeyError, match="1 of the 3 examples .* Rebuild it with build_teacher_cache"):
         cache.lookup(batch)
@@ -100,8 +96,8 @@ def test_shuffled_and_left_padded_batches_find_their_entries():
     emb = build_teacher_cache(teacher, ds, progress=False)
     topk = build_teacher_cache(tiny_llama(seed=1), ds, kind="topk", top_k=4, progress=False)
     order = [5, 2, 9, 0, 13, 7]
-    right, left = _batch(ds, order), _batch(ds, order, left=True)
-    one_by_one = torch.cat([emb.lookup(_batch(ds, [i]))["pooled_embedding"] for i in order])
+    right, left = collate_tokens(ds, order), collate_tokens(ds, order, left=True)
+    one_by_one = torch.cat([emb.lookup(collate_tokens(ds, [i]))["pooled_embedding"] for i in order])
     assert torch.equal(emb.lookup(right)["pooled_embedding"], one_by_one)
     assert torch.equal(emb.lookup(left)["pooled_embedding"], one_by_one)
     # the top-k rows sit on the unpadded positions whatever the padding side
@@ -151,7 +147,7 @@ def test_topk_cache_with_full_vocab_equals_dense_loss(loss):
     teacher, student = tiny_llama(seed=1), tiny_llama(seed=2)
     ds = TokenDataset(pad_last=3)
     cfg = dict(loss_terms=loss, temperature=2.0, fused_loss=False)
-    batch = _batch(ds, [3, 0, 7, 10])
+    batch = collate_tokens(ds, [3, 0, 7, 10])
     dense = _lm_loss(teacher, student, batch, cfg)
     full = build_teacher_cache(teacher, ds, kind="topk", top_k=None, temperature=2.0, progress=False)
     assert full.top_k == 96 and full.vocab_size == 96
@@ -184,43 +180,26 @@ def test_fused_path_with_a_cache_matches_the_plain_path(tmp_out, loss, tail):
     teacher = tiny_llama(seed=1)
     ds = TokenDataset(pad_last=3)
     cache = build_teacher_cache(teacher, ds, kind="topk", top_k=8, temperature=2.0, progress=False)
-    finals, logs = [], []
-    for fused in (True, False):
-        student = tiny_llama(seed=1)
+
+    def student():
+        model = tiny_llama(seed=1)
         with torch.no_grad():  # the teacher's weights with a perturbed head: agreement strictly between 0 and 1
-            student.lm_head.weight.add_(
-                torch.randn(student.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
+            model.lm_head.weight.add_(
+                torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05
             )
-        cfg = DistillationConfig(
-            loss_terms=loss,
-            temperature=2.0,
-            hard_label_weight=0.5,
-            fused_loss=fused,
-            loss_kwargs={loss: {"topk_tail": tail}},
+        return model
+
+    def callback(fused):
+        kwargs = {loss: {"topk_tail": tail}}
+        return DistillationCallback(
+            cache, loss_terms=loss, temperature=2.0, hard_label_weight=0.5, fused_loss=fused, loss_kwargs=kwargs
         )
-        cb = DistillationCallback(cache, cfg)
-        args = training_args(
-            tmp_out + str(fused),
-            max_steps=2,
-            optim="sgd",
-            learning_rate=0.5,
-            gradient_accumulation_steps=2,
-            per_device_train_batch_size=2,
-            max_grad_norm=0.0,
-        )
-        trainer = Trainer(model=student, args=args, train_dataset=ds, callbacks=[cb])
-        trainer.train()
-        assert cb.fused.enabled is fused
-        finals.append({k: v.detach().clone() for k, v in student.state_dict().items()})
-        logs.append([h for h in trainer.state.log_history if "kd_loss" in h])
-    for k in finals[0]:
-        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-6)
-    assert any(0.0 < h["agreement"] < 1.0 for h in logs[0])
-    for a, b in zip(*logs):
-        assert a["agreement"] == pytest.approx(b["agreement"], abs=1e-6)
-        assert a[f"kd_{loss}"] == pytest.approx(b[f"kd_{loss}"], rel=1e-4)
-        # (task_loss: the plain path logs the Trainer's GA-scaled value times the steps, the fused path the
-        # micro-batch mean; under uneven lengths they differ by design, the optimised losses do not)
+
+    runs = fused_and_plain_runs(student, callback, ds, tmp_out)
+    assert_same_training(runs, loss)
+    assert any(0.0 < h["agreement"] < 1.0 for h in runs[0][1])
+    # (task_loss: the plain path logs the Trainer's GA-scaled value times the steps, the fused path the
+    # micro-batch mean; under uneven lengths they differ by design, the optimised losses do not)
 
 
 def test_fused_path_with_a_cache_refuses_what_it_cannot_compute(tmp_out):
@@ -248,7 +227,7 @@ def test_topk_cache_of_sequence_classifier_has_one_row_per_example():
     teacher.eval(), student.eval()
     ds = TokenDataset(labels="seq", num_labels=5, pad_last=4)
     cfg = dict(loss_terms="kl", temperature=3.0)
-    batch = _batch(ds, [4, 1, 6])
+    batch = collate_tokens(ds, [4, 1, 6])
     cache = build_teacher_cache(teacher, ds, kind="topk", top_k=None, temperature=3.0, progress=False)
     assert cache.tensors["indices"].shape == (16, 5) and cache.vocab_size == 5
     dense = _lm_loss(teacher, student, batch, cfg)
@@ -260,10 +239,10 @@ def test_collated_batches_give_the_same_cache_as_the_dataset():
     teacher, _ = _encoders()
     ds = TokenDataset(labels=None, pad_last=4)
     from_ds = build_teacher_cache(teacher, ds, progress=False)
-    batches = [_batch(ds, range(i, i + 4)) for i in range(0, 16, 4)]  # a list of collated batches, like a DataLoader
+    batches = [collate_tokens(ds, range(i, i + 4)) for i in range(0, 16, 4)]  # collated batches, like a DataLoader
     from_batches = build_teacher_cache(teacher, batches, progress=False)
     assert from_batches.metadata == from_ds.metadata
-    whole = _batch(ds, range(16))
+    whole = collate_tokens(ds, range(16))
     torch.testing.assert_close(
         from_batches.lookup(whole)["pooled_embedding"], from_ds.lookup(whole)["pooled_embedding"]
     )
@@ -275,7 +254,7 @@ def test_left_padded_causal_rows_at_padding_are_skipped():
     cache = build_teacher_cache(teacher, ds, kind="topk", top_k=4, progress=False)
     engine = DistillationEngine(cache, DistillationConfig(loss_terms="kl"))
     engine.setup(student)
-    batch = _batch(ds, [0, 1, 2, 3], left=True)
+    batch = collate_tokens(ds, [0, 1, 2, 3], left=True)
     with torch.no_grad():
         out = student(**_inputs(batch))
     _, _, _, mask = engine._aligned_logits(out, engine.teacher_forward(batch), batch["labels"], batch["attention_mask"])

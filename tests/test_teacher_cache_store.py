@@ -177,6 +177,18 @@ def test_cli_writes_a_sampled_cache(saved, tmp_path):
     assert all(len(set(row.tolist())) == 8 for row in idx.reshape(-1, 8))
 
 
+def test_cli_writes_a_lowrank_cache(saved, tmp_path):
+    teacher_dir, data = saved
+    out = tmp_path / "cache"
+    argv = [str(teacher_dir), str(data), str(out), "--top-k", "8", "--kind", "lowrank", "--rank", "8"]
+    assert cli_main(["cache-teacher", *argv, "--fit-tokens", "64", "--max-length", "48"]) == 0
+    cache = load_teacher_cache(out, temperature=1.0, vocab_size=96, kind="lowrank")
+    assert cache.metadata["rank"] == 8 and cache.tensors["tail_weight"].shape == (96, 8)
+    ex = read_cache_data(data, AutoTokenizer.from_pretrained(teacher_dir), max_length=48)[1]
+    logits = cache.lookup({k: v[None] for k, v in ex.items()})["logits"]
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(logits.shape[:-1]), rtol=0, atol=1e-4)
+
+
 def test_read_cache_data_sources(saved, tmp_path):
     from datasets import Dataset
 

@@ -91,3 +91,57 @@ def training_args(out, **kw):
     )
     base.update(kw)
     return TrainingArguments(**base)
+
+
+def collate_tokens(ds, idx, left=False):
+    """Collate examples ``idx`` of a TokenDataset, moving the padding to the left when asked."""
+    items = [ds[i] for i in idx]
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    if left:
+        for row in range(len(idx)):
+            am = batch["attention_mask"][row].bool()
+            for key in batch:
+                batch[key][row] = torch.cat([batch[key][row][~am], batch[key][row][am]])
+    return batch
+
+
+def parity_args(out):
+    """Two SGD steps of 2 x 2 examples (GA 2), no clipping: a fused-vs-plain parity run whose updates show any
+    difference in the optimised loss."""
+    return training_args(
+        out,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.5,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        max_grad_norm=0.0,
+    )
+
+
+def fused_and_plain_runs(make_student, make_callback, dataset, out):
+    """Train a fresh student twice with :func:`parity_args`, once with ``make_callback(True)`` (fused loss) and once
+    with ``make_callback(False)``; returns ``[(final state_dict, kd log rows)]`` for the two runs."""
+    from transformers import Trainer
+
+    runs = []
+    for fused in (True, False):
+        student, cb = make_student(), make_callback(fused)
+        trainer = Trainer(model=student, args=parity_args(out + str(fused)), train_dataset=dataset, callbacks=[cb])
+        trainer.train()
+        assert cb.fused.enabled is fused
+        state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        runs.append((state, [h for h in trainer.state.log_history if "kd_loss" in h]))
+    return runs
+
+
+def assert_same_training(runs, loss):
+    """The two runs of :func:`fused_and_plain_runs` reached the same student with the same logged KD values."""
+    import pytest
+
+    (w_fused, logs_fused), (w_plain, logs_plain) = runs
+    for k in w_fused:
+        torch.testing.assert_close(w_fused[k], w_plain[k], rtol=1e-4, atol=1e-6)
+    for a, b in zip(logs_fused, logs_plain):
+        assert a["agreement"] == pytest.approx(b["agreement"], abs=1e-6)
+        assert a[f"kd_{loss}"] == pytest.approx(b[f"kd_{loss}"], rel=1e-4)

@@ -11,7 +11,9 @@ Setup (fixed before any run):
   and of *Pride and Prejudice*.
 * Loss: ``0.5 * CE + KL(teacher || student)`` at ``--temperature`` (``DistillationCallback``); the cache arms read
   ``TeacherCache(dir)`` written by ``kd_plugins.cache_teacher`` (``--value-format``, tail form ``--topk-tail``;
-  ``--selection topk,sampled``: the k likeliest tokens, or an exact head plus an unbiased sample of the tail).
+  ``--selection topk,sampled``: the k likeliest tokens, or an exact head plus an unbiased sample of the tail;
+  ``--selection lowrank``: ``cache_teacher(kind="lowrank")``, the exact top-k plus a ``--rank`` PCA code of the
+  teacher's final hidden state, from which each step rebuilds the whole tail).
 * Reported per arm: cache bytes per token and build time (one teacher pass), mean KD loss of the last quarter of
   the steps, training wall time per step, held-out perplexity (BBC, Austen). The KD loss is each arm's own
   objective: with a cache it is the sparse (top-k + tail bucket) KL, a lower bound of the live arm's full KL, so
@@ -60,8 +62,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--selection",
         default="topk",
-        help="comma-separated cache selections: topk (the k most likely), sampled (unbiased sampled weights)",
+        help="comma-separated cache selections: topk (the k most likely), sampled (unbiased sampled weights), "
+        "lowrank (exact top-k head + a tail rebuilt from the hidden state's PCA code)",
     )
+    p.add_argument("--rank", type=int, default=64, help="PCA rank of the lowrank arms")
     p.add_argument("--topk-tail", default="bucket", choices=["bucket", "zero", "renormalize"])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -101,7 +105,8 @@ def train_arm(name: str, teacher_or_cache, teacher, data: dict, args, out_dir: s
     set_seed(args.seed)
     student = kd_plugins.inherit_student(teacher, num_layers=args.num_layers, strategy="uniform")
     student.requires_grad_(True).train()
-    kwargs = {"kl": {"topk_tail": args.topk_tail}} if name != "live" else None
+    sparse = name.startswith("cache_")  # top-k / sampled rows; live and lowrank arms give dense distributions
+    kwargs = {"kl": {"topk_tail": args.topk_tail}} if sparse else None
     cb = kd_plugins.DistillationCallback(
         teacher_or_cache,
         loss_terms={"kl": 1.0},
@@ -167,6 +172,39 @@ def cache_arm(k: int, selection: str, teacher, data: dict, args, out_dir: str) -
     return {**row, "k": k, "selection": selection, "bytes_per_token": cache.store.bytes_per_token, "build_s": build_s}
 
 
+def lowrank_arm(k: int, teacher, data: dict, args, out_dir: str) -> dict:
+    """A sharded ``cache_teacher(kind="lowrank")``: the exact top-``k`` and a rank-``args.rank`` PCA code of the
+    teacher's final hidden state per token (distill/cache_lowrank.py), streamed from disk like the other caches."""
+    import kd_plugins
+
+    t0 = time.time()
+    cache = kd_plugins.cache_teacher(
+        teacher,
+        data["train"],
+        Path(out_dir) / f"lowrank_k{k}_r{args.rank}",
+        kind="lowrank",
+        top_k=k,
+        rank=args.rank,
+        temperature=args.temperature,
+        value_format=args.value_format,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    build_s = time.time() - t0
+    m = cache.store.manifest
+    once = cache.tensors["tail_bias"].nbytes + cache.tensors["tail_weight"].nbytes  # the index's [V, r] tail map
+    row = train_arm(f"lowrank_k{k}_r{args.rank}", cache, teacher, data, args, out_dir)
+    return {
+        **row,
+        "k": k,
+        "selection": "lowrank",
+        "rank": args.rank,
+        "bytes_per_token": cache.store.bytes_per_token,  # shards + index (the tail map stored once included)
+        "bytes_per_token_rows": (m["total_bytes"] - once) / m["num_rows"],
+        "build_s": build_s,
+    }
+
+
 def fmt_table(rows: list[dict]) -> str:
     head = "| arm | bytes/token | cache build s | KD loss (last quarter) | s/step | path | ppl BBC | ppl Austen |\n"
     head += "|---|---|---|---|---|---|---|---|\n"
@@ -192,7 +230,10 @@ def main(argv=None) -> int:
             rows.append(train_arm("live", teacher, teacher, data, args, out_dir))
         for selection in args.selection:
             for k in args.ks:
-                rows.append(cache_arm(k, selection, teacher, data, args, out_dir))
+                if selection == "lowrank":
+                    rows.append(lowrank_arm(k, teacher, data, args, out_dir))
+                else:
+                    rows.append(cache_arm(k, selection, teacher, data, args, out_dir))
     table = fmt_table(rows)
     print(table)
     if args.smoke:

@@ -36,6 +36,7 @@ import torch.nn as nn
 from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_checkpoint
 from ..losses import get_loss_spec
 from ..losses.feature import mean_pool
+from .cache_lowrank import LowRankCoder, rebuild_log_probs
 from .cache_select import SELECTIONS, cache_rows
 from .cache_store import ShardedTopKStore, is_sharded_cache
 from .config import DistillationConfig
@@ -51,7 +52,9 @@ __all__ = [
     "tokenizer_fingerprint",
 ]
 
-KINDS = ("embedding", "topk")
+KINDS = ("embedding", "topk", "lowrank")
+#: Tensors a ``lowrank`` cache holds (per token: the exact head and the hidden state's PCA code; once: the tail map).
+_LOWRANK_TENSORS = ("keys", "offsets", "indices", "log_probs", "coefficients", "scales", "tail_bias", "tail_weight")
 _KEY_BYTES = 16
 _TEACHER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SPEC = CheckpointSpec(
@@ -146,8 +149,13 @@ class TeacherCache:
         self.metadata = dict(metadata)
         if self.kind not in KINDS:
             raise ValueError(f"TeacherCache kind must be one of {KINDS}, got {self.kind!r}")
-        need = ("keys", "embeddings") if self.kind == "embedding" else ("keys", "indices", "log_probs", "offsets")
-        need = ("keys", "offsets") if self.store is not None else need
+        need = {
+            "embedding": ("keys", "embeddings"),
+            "topk": ("keys", "indices", "log_probs", "offsets"),
+            "lowrank": _LOWRANK_TENSORS,
+        }[self.kind]
+        if self.store is not None:  # the rows stay in the shards; the index holds keys, offsets (and a tail map)
+            need = ("keys", "offsets", "tail_bias", "tail_weight") if self.kind == "lowrank" else ("keys", "offsets")
         missing = [n for n in need if n not in self.tensors]
         if missing:
             raise ValueError(f"a {self.kind!r} TeacherCache needs the tensors {list(need)}; missing {missing}")
@@ -155,7 +163,7 @@ class TeacherCache:
 
     @property
     def kind(self) -> str:
-        """``"embedding"`` or ``"topk"``."""
+        """``"embedding"``, ``"topk"`` or ``"lowrank"``."""
         return self.metadata["kind"]
 
     @property
@@ -180,6 +188,8 @@ class TeacherCache:
 
     def __repr__(self) -> str:
         extra = f"pooling={self.pooling}" if self.kind == "embedding" else f"top_k={self.top_k}, T={self.temperature}"
+        if self.kind == "lowrank":
+            extra += f", rank={self.metadata.get('rank')}"
         where = f", streaming from {self.store.directory}" if self.store is not None else ""
         return f"TeacherCache(kind={self.kind}, examples={len(self)}, {extra}{where})"
 
@@ -248,7 +258,7 @@ class TeacherCache:
     def check_fits(self, task: str, config: DistillationConfig, student_vocab: int | None) -> None:
         """Refuse a config whose terms need teacher outputs this cache does not hold (called by the engine)."""
         kinds = config.kinds
-        wanted = {"embedding": "embedding", "topk": "logits"}[self.kind]
+        wanted = {"embedding": "embedding", "topk": "logits", "lowrank": "logits"}[self.kind]
         served = ("embedding", "pair") if self.kind == "embedding" else ("logits",)  # pair terms use embeddings too
         other = sorted(n for n, k in kinds.items() if k not in served)
         if other or config.feature_pairs:
@@ -272,7 +282,13 @@ class TeacherCache:
     def _check_logit_terms(self, config: DistillationConfig, student_vocab: int | None) -> None:
         sampled = self.metadata.get("selection") == "sampled"
         for name in config.kinds:
-            if get_loss_spec(name).name in ("dkd", "ofa", "logit_mse"):
+            if self.kind == "lowrank" and get_loss_spec(name).name in ("ofa", "logit_mse"):
+                raise ValueError(
+                    f"The {name!r} loss compares raw teacher logits; a lowrank teacher cache rebuilds log-probs "
+                    "(the logits up to a per-row constant). Use a softmax-based loss (kl, jsd, ...) or the live "
+                    "teacher."
+                )
+            if self.kind == "topk" and get_loss_spec(name).name in ("dkd", "ofa", "logit_mse"):
                 raise ValueError(f"The {name!r} loss needs dense teacher logits; a top-k teacher cache has none")
             if sampled:
                 self._check_sampled_term(name, config.loss_kwargs.get(name, {}))
@@ -331,12 +347,18 @@ class TeacherCache:
 
     def lookup(self, batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
         """The cached teacher outputs of a collated batch, in the form the engine's terms take:
-        ``{"pooled_embedding": [B, D]}`` or ``{"teacher_topk": (indices [B, T, k] or [B, k], log_probs)}``."""
+        ``{"pooled_embedding": [B, D]}``, ``{"teacher_topk": (indices [B, T, k] or [B, k], log_probs)}``, or for a
+        ``lowrank`` cache ``{"logits": [B, T, V], "cache_rows": True}``: the rebuilt log-probs times the cache
+        temperature, so that the loss's ``softmax(logits / T)`` is the rebuilt row (padded positions hold a uniform
+        row; the engine masks them as it masks a top-k cache's)."""
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         rows = self.rows_of(ids, mask)
         device = device if device is not None else ids.device
         if self.kind == "embedding":
             return {"pooled_embedding": self.tensors["embeddings"][rows].to(device)}
+        if self.kind == "lowrank":  # logits at temperature 1 whose softmax at the cache temperature is the row
+            logits = self._lowrank_for(rows, ids, mask, device)
+            return {"logits": logits if self.temperature == 1.0 else logits.mul_(self.temperature), "cache_rows": True}
         return {"teacher_topk": self._topk_for(rows, ids, mask, device)}
 
     def _rows_topk(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,6 +368,29 @@ class TeacherCache:
         off, idx, lp = self.tensors["offsets"], self.tensors["indices"], self.tensors["log_probs"]
         sel = torch.cat([torch.arange(int(off[j]), int(off[j + 1])) for j in rows])
         return idx[sel].long(), lp[sel]
+
+    def _rows_lowrank(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        """``(indices, log_probs, coefficients, scales)`` of the given entries (from memory or the shards)."""
+        if self.store is not None:
+            idx, lp, extras = self.store.read_with_extras(rows)
+            return idx, lp, extras["coefficients"], extras["scales"]
+        t = self.tensors
+        sel = torch.cat([torch.arange(int(t["offsets"][j]), int(t["offsets"][j + 1])) for j in rows])
+        return t["indices"][sel].long(), t["log_probs"][sel], t["coefficients"][sel], t["scales"][sel]
+
+    def _lowrank_for(self, rows: list[int], ids: torch.Tensor, mask, device) -> torch.Tensor:
+        parts = self._rows_lowrank(rows)
+        valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
+        if int(valid.sum()) != parts[0].shape[0]:
+            raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+        dev = torch.device(device)
+        t = self.tensors
+        log_probs = rebuild_log_probs(*(x.to(dev) for x in parts), t["tail_bias"].to(dev), t["tail_weight"].to(dev))
+        if bool(valid.all()):  # no padding: the rows are the batch, no copy
+            return log_probs.view(*ids.shape, log_probs.shape[-1])
+        out = torch.full((*ids.shape, log_probs.shape[-1]), -math.log(log_probs.shape[-1]), device=dev)
+        out[valid.to(dev)] = log_probs
+        return out
 
     def _topk_for(self, rows: list[int], ids: torch.Tensor, mask, device) -> tuple[torch.Tensor, torch.Tensor]:
         idx, lp = self._rows_topk(rows)
@@ -442,6 +487,7 @@ class _Builder:
         self.parts: dict[str, list[torch.Tensor]] = {"embeddings": [], "indices": [], "log_probs": [], "lengths": []}
         self.vocab_size: int | None = None
         self.per_token: bool | None = None
+        self.lowrank: LowRankCoder | None = None  # set by build_teacher_cache for kind="lowrank"
 
     def add(self, batch: dict[str, torch.Tensor], out: Any) -> None:
         ids, mask = _ids_mask(batch)
@@ -456,6 +502,8 @@ class _Builder:
             return
         if self.kind == "embedding":
             self._add_embeddings(out, mask, new)
+        elif self.kind == "lowrank":
+            self._add_lowrank(out, mask, new)
         else:
             self._add_topk(out, mask, new, keys)
 
@@ -480,18 +528,43 @@ class _Builder:
             self.parts["log_probs"].append(lp.cpu())
             self.parts["lengths"].append(torch.tensor([rows.shape[0]]))
 
+    def _add_lowrank(self, out: Any, mask: torch.Tensor, new: list[int]) -> None:
+        logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", None)
+        states = out["hidden_states"] if isinstance(out, Mapping) else getattr(out, "hidden_states", None)
+        if logits is None or logits.dim() != 3 or not states:
+            raise ValueError(
+                "kind='lowrank' needs a causal LM returning per-token logits [B, T, V] and hidden_states "
+                "(output_hidden_states=True); use kind='topk' for other models"
+            )
+        self.vocab_size, self.per_token = int(logits.shape[-1]), True
+        if self.top_k >= self.vocab_size:
+            raise ValueError(f"kind='lowrank': top_k ({self.top_k}) must be below the vocabulary ({self.vocab_size})")
+        for i in new:
+            valid = mask[i].to(logits.device).bool()
+            rows_logits, rows_hidden = logits[i][valid].float(), states[-1][i][valid].float()
+            self.lowrank.check_head(rows_hidden, rows_logits)
+            lp = torch.log_softmax(rows_logits / self.temperature, -1).topk(self.top_k, -1)
+            self.parts["indices"].append(lp.indices.to(torch.int32).cpu())
+            self.parts["log_probs"].append(lp.values.to(torch.bfloat16).cpu())
+            self.parts["lengths"].append(torch.tensor([rows_logits.shape[0]]))
+            self.lowrank.add(rows_hidden.cpu())
+
     def tensors(self) -> dict[str, torch.Tensor]:
         keys = torch.tensor([list(k) for k in self.seen], dtype=torch.uint8).reshape(-1, _KEY_BYTES)
         if self.kind == "embedding":
             return {"keys": keys, "embeddings": torch.cat(self.parts["embeddings"])}
         lengths = torch.cat(self.parts["lengths"])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        return {
+        rows = {
             "keys": keys,
             "indices": torch.cat(self.parts["indices"]),
             "log_probs": torch.cat(self.parts["log_probs"]),
             "offsets": offsets,
         }
+        if self.kind != "lowrank":
+            return rows
+        codes, scales = self.lowrank.all_codes()
+        return {**rows, "coefficients": codes, "scales": scales, **self.lowrank.once()}
 
 
 def build_teacher_cache(
@@ -505,6 +578,8 @@ def build_teacher_cache(
     batch_size: int = 32,
     selection: str = "topk",
     seed: int = 0,
+    rank: int = 64,
+    fit_tokens: int = 16384,
     progress: bool = True,
 ) -> TeacherCache:
     """Run ``teacher`` once over a training set and keep what the distillation terms need.
@@ -514,15 +589,21 @@ def build_teacher_cache(
         dataset_or_batches: a dataset of unpadded examples (dicts with ``input_ids`` and optionally
             ``attention_mask`` / ``token_type_ids``; collated here with right padding) or an iterable of collated
             batches (e.g. the Trainer's DataLoader). Examples are keyed by their unpadded ``input_ids``.
-        kind: ``"embedding"`` (pooled sentence embeddings of a bare encoder) or ``"topk"`` (per-token top-k
-            log-probs and indices of a model with logits; sequence-level logits give one row per example).
-        top_k: tokens kept per row for ``kind="topk"`` (``None``: the whole vocabulary, equal to the dense loss).
+        kind: ``"embedding"`` (pooled sentence embeddings of a bare encoder), ``"topk"`` (per-token top-k
+            log-probs and indices of a model with logits; sequence-level logits give one row per example) or
+            ``"lowrank"`` (causal LMs: per token the exact top-``top_k`` log-probs plus the final hidden state's
+            ``rank``-dimensional PCA code, from which every step rebuilds a full distribution for any softmax-based
+            loss; distill/cache_lowrank.py. ``top_k=16, rank=64``: 164 bytes per token, plus a ``[V, rank]`` fp16
+            map stored once).
+        top_k: tokens kept per row for ``kind="topk"`` (``None``: the whole vocabulary, equal to the dense loss);
+            the exact head of a ``kind="lowrank"`` row.
         temperature: the loss temperature the log-probs are taken at (must equal ``DistillationConfig.temperature``).
         pooling: ``"mean"`` (attention-mask mean) or ``"cls"``; must equal ``DistillationConfig.pooling``.
         batch_size: examples per teacher forward when a dataset is given.
         selection / seed: ``kind="topk"`` rows: ``"topk"`` (the ``top_k`` most likely tokens) or ``"sampled"`` (an
             exact head plus a seeded sample of the tail with unbiased weights; forward KL / soft CE only), as in
             :func:`kd_plugins.cache_teacher` (distill/cache_select.py).
+        rank / fit_tokens: ``kind="lowrank"``: the PCA rank, and how many of the first tokens its basis is fitted on.
         progress: show a tqdm progress bar (when tqdm is installed).
     """
     if kind not in KINDS:
@@ -535,16 +616,26 @@ def build_teacher_cache(
         raise ValueError(
             f"build_teacher_cache: need temperature > 0 and pooling 'mean'/'cls' ({temperature}, {pooling})"
         )
+    if kind == "lowrank" and (top_k is None or top_k < 1 or rank < 1 or fit_tokens < rank):
+        raise ValueError(
+            f"build_teacher_cache(kind='lowrank') needs top_k >= 1, rank >= 1 and fit_tokens >= rank; got top_k="
+            f"{top_k}, rank={rank}, fit_tokens={fit_tokens}"
+        )
     runner = Teacher(teacher)
     builder = _Builder(kind, top_k, temperature, pooling, selection, seed)
+    extra = {}
+    if kind == "lowrank":
+        builder.lowrank = LowRankCoder(runner.module, rank, fit_tokens, temperature)
+        extra = {"output_hidden_states": True}
     total = None  # pair examples count twice: the bar counts batches as they come
     for batch in _progress(_teacher_batches(dataset_or_batches, batch_size), total, progress):
-        builder.add(batch, runner.forward_batch(batch))
+        builder.add(batch, runner.forward_batch(batch, **extra))
     if not builder.seen:
         raise ValueError("build_teacher_cache: the dataset is empty")
     metadata = {
         "kind": kind,
-        "top_k": min(top_k or builder.vocab_size, builder.vocab_size) if kind == "topk" else None,
+        "top_k": min(top_k or builder.vocab_size, builder.vocab_size) if kind != "embedding" else None,
+        "rank": rank if kind == "lowrank" else None,
         "selection": selection if kind == "topk" else None,
         "sample_seed": seed if kind == "topk" and selection == "sampled" else None,
         "temperature": temperature,

@@ -7,8 +7,11 @@ A cache directory (written atomically by ``kd-plugins cache-teacher`` / :func:`k
                                 index and shards (file, row_start, rows, bytes, sha256 of the whole file)
     index.safetensors           keys [N, 16] uint8 (hash of each example's unpadded input_ids), offsets [N + 1] int64
     shard-00000.safetensors     indices [R, ceil(k * bits / 8)] uint8 (bit-packed, distill/cache_codec.py) and the
-    shard-00001.safetensors     value tensors of the value format (probs, log_probs, or head_probs + tail_coeffs)
-    ...
+    shard-00001.safetensors     value tensors of the value format (probs, log_probs, or head_probs + tail_coeffs),
+    ...                         and per-row extras a kind needs (``lowrank``: coefficients [R, r] int8, scales [R])
+
+A ``lowrank`` cache's index also holds the map that rebuilds logits from a code (``tail_bias`` [V], ``tail_weight``
+[V, r]; distill/cache_lowrank.py), and its manifest's encoding lists the extras (``"extras"``).
 
 Example ``j`` owns the global rows ``offsets[j]:offsets[j + 1]`` (one per unpadded token); an example never
 straddles two shards. The reader loads the small index whole, checks every shard's size when it opens the cache (a
@@ -92,16 +95,26 @@ class ShardWriter:
         }
         self.shard_tokens = int(shard_tokens)
         self.shards: list[dict[str, Any]] = []
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         self._buffered = 0
         self.num_rows = 0
 
-    def add(self, indices: torch.Tensor, log_probs: torch.Tensor) -> None:
-        """The ``[r, k]`` rows of one example (log-probs sorted descending per row)."""
+    def add(
+        self, indices: torch.Tensor, log_probs: torch.Tensor, extras: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """The ``[r, k]`` rows of one example (log-probs sorted descending per row), and optional per-row
+        ``extras`` (tensors with ``r`` rows, stored as given; the same names for every example)."""
         k = self.encoding["top_k"]
         if indices.shape != log_probs.shape or indices.dim() != 2 or indices.shape[1] != k:
             raise ValueError(f"expected [rows, {k}] indices and log_probs, got {tuple(indices.shape)}")
-        self._buffer.append((indices.detach().cpu(), log_probs.detach().float().cpu()))
+        extras = {n: t.detach().cpu() for n, t in (extras or {}).items()}
+        if any(len(t) != len(indices) for t in extras.values()):
+            raise ValueError(f"extras must have one row per cached row ({len(indices)})")
+        if extras and not self._buffer and not self.num_rows:  # the first example names them
+            self.encoding["extras"] = sorted(extras)
+        if sorted(extras) != self.encoding.get("extras", []):
+            raise ValueError(f"every example needs the extras {self.encoding['extras']}, got {sorted(extras)}")
+        self._buffer.append((indices.detach().cpu(), log_probs.detach().float().cpu(), extras))
         self._buffered += indices.shape[0]
         if self._buffered >= self.shard_tokens:
             self.flush()
@@ -117,17 +130,24 @@ class ShardWriter:
         tensors.update(
             encode_log_probs(lp, enc["value_format"], head_k=enc["head_k"] or 0, tail_degree=enc["tail_degree"] or 0)
         )
+        tensors.update({n: torch.cat([b[2][n] for b in self._buffer]) for n in enc.get("extras", [])})
         record = _save(tensors, self.directory / f"shard-{len(self.shards):05d}.safetensors")
         self.shards.append({**record, "row_start": self.num_rows, "rows": int(idx.shape[0])})
         self.num_rows += int(idx.shape[0])
         self._buffer, self._buffered = [], 0
 
-    def finish(self, keys: torch.Tensor, offsets: torch.Tensor, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Flush, write the index and the manifest; returns the manifest."""
+    def finish(
+        self,
+        keys: torch.Tensor,
+        offsets: torch.Tensor,
+        metadata: dict[str, Any],
+        once: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Flush, write the index (with the ``once`` tensors a kind needs) and the manifest; returns the manifest."""
         self.flush()
         if int(offsets[-1]) != self.num_rows:
             raise AssertionError(f"offsets end at {int(offsets[-1])} but {self.num_rows} rows were written")
-        index = _save({"keys": keys, "offsets": offsets}, self.directory / INDEX_FILE)
+        index = _save({"keys": keys, "offsets": offsets, **(once or {})}, self.directory / INDEX_FILE)
         total = sum(s["bytes"] for s in self.shards) + index["bytes"]
         manifest = {
             "format": FORMAT,
@@ -258,14 +278,20 @@ class ShardedTopKStore:
 
     def read(self, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(indices int64, log_probs float32)`` rows of the given examples, concatenated in that order."""
+        indices, log_probs, _ = self.read_with_extras(example_ids)
+        return indices, log_probs
+
+    def read_with_extras(self, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`read` plus the per-row extras of the cache's kind (``{}`` for a top-k cache)."""
         offsets, enc = self.index["offsets"], self.encoding
         parts = [self._slice(int(offsets[j]), int(offsets[j + 1])) for j in example_ids]
         joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else {}
         k, vocab = enc["top_k"], enc["vocab_size"]
         if not joined:
-            return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+            return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), {}
+        extras = {n: joined.pop(n) for n in enc.get("extras", [])}
         indices = unpack_indices(joined.pop("indices"), k, vocab)
-        return indices, decode_log_probs(joined, enc["value_format"], k)
+        return indices, decode_log_probs(joined, enc["value_format"], k), extras
 
     def copy_to(self, directory: str | os.PathLike, *, overwrite: bool = False) -> str:
         """Copy the cache directory to ``directory`` atomically (temporary sibling, then rename)."""

@@ -603,6 +603,7 @@ class DistillationEngine:
         """Student and teacher logits at the same rows, with the labels and mask that select valid rows. A sparse
         teacher (``t_out["teacher_topk"]``) comes back as the pair ``(indices, log_probs)`` in place of logits."""
         s = s_out["logits"] if isinstance(s_out, dict) else s_out[1]
+        from_cache = isinstance(t_out, dict) and ("teacher_topk" in t_out or t_out.get("cache_rows", False))
         if isinstance(t_out, dict) and "teacher_topk" in t_out:
             t = tuple(x.to(s.device) for x in t_out["teacher_topk"])
             t_rows = t[0].shape[:-1]
@@ -624,7 +625,7 @@ class DistillationEngine:
                 labels = labels[:, 1:]
             if attn_mask is not None:
                 mask = attn_mask[:, 1:]
-                if isinstance(t, tuple):  # a cache holds no teacher row at a (left-)padded position: skip those
+                if from_cache:  # a cache holds no teacher row at a (left-)padded position: skip those
                     mask = mask * attn_mask[:, :-1]
         elif s.dim() == 3 and attn_mask is not None and self.task != "seq2seq":
             mask = attn_mask

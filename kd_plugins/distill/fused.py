@@ -106,10 +106,11 @@ class FusedLogitLoss:
         return reasons
 
     def _cache_reasons(self, student: nn.Module, logit_terms: list[str]) -> list[str]:
-        """A top-k teacher cache: the kernel reads its ``(indices, log_probs)`` rows in place of a teacher head."""
+        """A teacher cache: the kernel reads a top-k cache's ``(indices, log_probs)`` rows, or a lowrank cache's rows
+        rebuilt as dense teacher log-probs, in place of a teacher head."""
         cfg, reasons = self.engine.config, []
-        if self.engine.cache.kind != "topk" or not self.engine.cache.metadata.get("per_token", False):
-            reasons.append("the teacher cache holds no per-token top-k rows")
+        if self.engine.cache.kind not in ("topk", "lowrank") or not self.engine.cache.metadata.get("per_token"):
+            reasons.append("the teacher cache holds no per-token logit rows (top-k or lowrank)")
         if "logits_to_keep" not in inspect.signature(student.forward).parameters or not hasattr(student, "get_decoder"):
             reasons.append("the student does not support logits_to_keep/get_decoder()")
         if is_sharded(student):
@@ -167,9 +168,14 @@ class FusedLogitLoss:
         h_s = hidden["student"][:, :-1]
         am = inputs.get("attention_mask")
         mask = am[:, 1:].reshape(-1).bool() if am is not None else None
+        t_logits = None  # a lowrank cache's rebuilt rows: dense teacher logits for the kernel
         if engine.cache is not None:
             t_out = engine.teacher_forward(inputs)
-            topk = tuple(x[:, :-1].reshape(-1, x.shape[-1]).to(h_s.device) for x in t_out["teacher_topk"])
+            topk = None
+            if "teacher_topk" in t_out:
+                topk = tuple(x[:, :-1].reshape(-1, x.shape[-1]).to(h_s.device) for x in t_out["teacher_topk"])
+            else:
+                t_logits = t_out["logits"][:, :-1].reshape(-1, t_out["logits"].shape[-1]).to(h_s.device)
             if mask is not None:
                 mask = _cache_rows(mask, am, labels)
         else:
@@ -186,7 +192,9 @@ class FusedLogitLoss:
         s_head = student.get_output_embeddings()
         hs = h_s.reshape(-1, h_s.shape[-1]).to(s_head.weight.dtype)
         teacher_side = {"teacher_topk": topk, "topk_tail": kw.get("topk_tail", "bucket")}
-        if topk is None:
+        if t_logits is not None:
+            teacher_side = {"teacher_logits": t_logits}
+        elif topk is None:
             t_head = engine.teacher.get_output_embeddings()
             teacher_side = {
                 "teacher_hidden": h_t.reshape(-1, h_t.shape[-1]).to(t_head.weight.dtype),
@@ -221,6 +229,8 @@ class FusedLogitLoss:
         if cfg.log_agreement and bool(valid.any()):
             if "agreement" in parts:  # counted by the kernel's chunks (torch backend): no extra vocabulary pass
                 agreement = float(parts["agreement"])
+            elif t_logits is not None:
+                agreement = topk_agreement(hs, s_head, t_logits.argmax(-1), valid, cfg.fused_chunk_size)
             elif topk is None:
                 h_t_rows = h_t.reshape(-1, h_t.shape[-1])
                 agreement = top1_agreement(hs, s_head, h_t_rows, t_head, valid, cfg.fused_chunk_size)

@@ -29,6 +29,7 @@ from .cache import (
     tokenizer_fingerprint,
 )
 from .cache_codec import VALUE_FORMATS, check_value_format
+from .cache_lowrank import LowRankCoder
 from .cache_select import SELECTIONS, cache_rows
 from .cache_store import ShardWriter
 from .teacher import Teacher
@@ -112,7 +113,13 @@ def _load_teacher(teacher: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
     return model, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(teacher))
 
 
-def _check_args(top_k: int, temperature: float, batch_size: int, value_format: str, selection: str) -> None:
+def _check_args(
+    top_k: int, temperature: float, batch_size: int, value_format: str, selection: str, kind: str = "topk"
+) -> None:
+    if kind not in ("topk", "lowrank"):
+        raise ValueError(f"cache_teacher: kind must be 'topk' or 'lowrank', got {kind!r}")
+    if kind == "lowrank" and selection != "topk":
+        raise ValueError("cache_teacher: kind='lowrank' keeps an exact top-k head; use selection='topk' with it")
     if top_k < 1:
         raise ValueError(f"cache_teacher: top_k must be >= 1, got {top_k}")
     if temperature <= 0:
@@ -141,6 +148,7 @@ class _Rows:
         writer_kwargs: dict[str, Any],
         selection: str = "topk",
         seed: int = 0,
+        coder: LowRankCoder | None = None,
     ):
         self.directory, self.top_k, self.temperature = directory, top_k, temperature
         self.selection, self.seed = selection, seed
@@ -149,6 +157,8 @@ class _Rows:
         self.keys: dict[bytes, int] = {}
         self.lengths: list[int] = []
         self.per_token: bool | None = None
+        self.coder = coder  # kind="lowrank": rows wait (in order) until their hidden-state codes exist
+        self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def add(self, batch: dict[str, torch.Tensor], out: Any) -> None:
         logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", None)
@@ -157,6 +167,11 @@ class _Rows:
         if self.writer is None:
             vocab, k = int(logits.shape[-1]), min(self.top_k, int(logits.shape[-1]))
             self.per_token = logits.dim() == 3
+            if self.coder is not None and (not self.per_token or k >= vocab):
+                raise ValueError(
+                    "cache_teacher(kind='lowrank') needs per-token logits [B, T, V] and top_k below the vocabulary "
+                    f"({vocab}); got logits {tuple(logits.shape)}, top_k {self.top_k}"
+                )
             self.writer = ShardWriter(self.directory, vocab_size=vocab, top_k=k, **self.writer_kwargs)
         mask = batch["attention_mask"].to(logits.device).bool()
         for i, key in enumerate(example_keys(batch["input_ids"], batch["attention_mask"])):
@@ -165,10 +180,27 @@ class _Rows:
             self.keys[key] = len(self.keys)
             rows = logits[i][mask[i]] if self.per_token else logits[i : i + 1]
             idx, lp = cache_rows(rows, self.writer.encoding["top_k"], self.temperature, self.selection, self.seed, key)
-            self.writer.add(idx, lp)
             self.lengths.append(rows.shape[0])
+            if self.coder is None:
+                self.writer.add(idx, lp)
+                continue
+            hidden = _last_hidden(out)[i][mask[i]].float()
+            self.coder.check_head(hidden, rows.float())
+            self.coder.add(hidden.cpu())
+            self.waiting.append((idx, lp))
+            self._write_coded()
+
+    def _write_coded(self) -> None:
+        for codes, scales in self.coder.ready():
+            idx, lp = self.waiting.pop(0)
+            self.writer.add(idx, lp, {"coefficients": codes, "scales": scales})
 
     def finish(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        once = None
+        if self.coder is not None:
+            self.coder.finish()
+            self._write_coded()
+            once = self.coder.once()
         keys = torch.tensor([list(k) for k in self.keys], dtype=torch.uint8).reshape(-1, 16)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(self.lengths).cumsum(0)])
         enc = self.writer.encoding
@@ -181,7 +213,14 @@ class _Rows:
             "num_examples": len(self.keys),
             "num_tokens": int(offsets[-1]),
         }
-        return self.writer.finish(keys, offsets, metadata)
+        return self.writer.finish(keys, offsets, metadata, once)
+
+
+def _last_hidden(out: Any) -> torch.Tensor:
+    states = out["hidden_states"] if isinstance(out, dict) else getattr(out, "hidden_states", None)
+    if not states:
+        raise ValueError("cache_teacher(kind='lowrank') needs a teacher that returns hidden_states")
+    return states[-1]
 
 
 def cache_teacher(
@@ -201,6 +240,9 @@ def cache_teacher(
     tail_degree: int = 2,
     selection: str = "topk",
     seed: int = 0,
+    kind: str = "topk",
+    rank: int = 64,
+    fit_tokens: int = 16384,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TeacherCache:
@@ -224,13 +266,16 @@ def cache_teacher(
             unbiased for them: the forward KL's gradient is then unbiased for the full-vocabulary one; only forward
             KL / soft cross-entropy terms may read it). See distill/cache_select.py.
         seed: seed of the draws of ``selection="sampled"`` (the cache is reproducible).
+        kind: ``"topk"`` (default) or ``"lowrank"``: per token the exact top-``top_k`` plus a ``rank``-dimensional
+            PCA code of the teacher's final hidden state (fitted on the first ``fit_tokens`` tokens), from which the
+            callback rebuilds a full distribution every step (distill/cache_lowrank.py, docs/teacher_cache.md).
         overwrite: replace an existing non-empty ``out_dir``.
         progress: a tqdm progress bar (when tqdm is installed).
 
     Returns:
         The cache, opened from ``out_dir`` for streaming (:class:`TeacherCache`).
     """
-    _check_args(top_k, temperature, batch_size, value_format, selection)
+    _check_args(top_k, temperature, batch_size, value_format, selection, kind)
     if value_format == "head_tail":
         check_value_format(value_format, top_k, head_k, tail_degree)  # fail before the teacher runs
     out = check_output_dir(out_dir, overwrite)
@@ -240,8 +285,12 @@ def cache_teacher(
         raise ValueError(f"cache_teacher: {data!r} holds no examples with tokens")
     runner = Teacher(model)
     writer_kwargs = dict(value_format=value_format, head_k=head_k, tail_degree=tail_degree, shard_tokens=shard_tokens)
+    coder = LowRankCoder(runner.module, rank, fit_tokens, temperature) if kind == "lowrank" else None
+    if coder is not None and fit_tokens < rank:
+        raise ValueError(f"cache_teacher: fit_tokens ({fit_tokens}) must be >= rank ({rank})")
     metadata = {
-        "kind": "topk",
+        "kind": kind,
+        "rank": rank if kind == "lowrank" else None,
         "selection": selection,
         "sample_seed": seed if selection == "sampled" else None,
         "temperature": float(temperature),
@@ -254,10 +303,11 @@ def cache_teacher(
         "source": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
     }
     with atomic_dir(out) as tmp:
-        rows = _Rows(tmp, top_k, temperature, writer_kwargs, selection, seed)
+        rows = _Rows(tmp, top_k, temperature, writer_kwargs, selection, seed, coder)
+        extra = {"output_hidden_states": True} if coder is not None else {}
         batches = _teacher_batches(examples, batch_size)
         for batch in _progress(batches, (len(examples) + batch_size - 1) // batch_size, progress):
-            rows.add(batch, runner.forward_batch(batch))
+            rows.add(batch, runner.forward_batch(batch, **extra))
         rows.finish(metadata)
     return TeacherCache(out)
 
@@ -284,6 +334,14 @@ def cache_teacher_main(argv: list[str]) -> int:
         help="topk: the K most likely tokens (default); sampled: a sample with unbiased weights (forward KL only)",
     )
     p.add_argument("--seed", type=int, default=0, help="sampled: seed of the draws (default 0)")
+    p.add_argument(
+        "--kind",
+        default="topk",
+        choices=("topk", "lowrank"),
+        help="lowrank: also store a PCA code of the teacher's final hidden state; the callback rebuilds full rows",
+    )
+    p.add_argument("--rank", type=int, default=64, help="lowrank: PCA rank (default 64)")
+    p.add_argument("--fit-tokens", type=int, default=16384, help="lowrank: tokens the basis is fitted on")
     p.add_argument("--head-k", type=int, default=8, help="head_tail: values kept exactly (default 8)")
     p.add_argument("--tail-degree", type=int, default=2, help="head_tail: polynomial degree of the tail (default 2)")
     p.add_argument("--auto-class", default="AutoModelForCausalLM", help="transformers Auto class of the teacher")
@@ -312,11 +370,14 @@ def cache_teacher_main(argv: list[str]) -> int:
         tail_degree=args.tail_degree,
         selection=args.selection,
         seed=args.seed,
+        kind=args.kind,
+        rank=args.rank,
+        fit_tokens=args.fit_tokens,
         overwrite=args.overwrite,
     )
     m = cache.store.manifest
     print(
-        f"cached {m['metadata']['num_examples']} examples, {m['num_rows']} tokens, top_k={cache.top_k}, "
+        f"cached {m['metadata']['num_examples']} examples, {m['num_rows']} tokens, {cache.kind}, top_k={cache.top_k}, "
         f"T={cache.temperature}, {len(m['shards'])} shard(s), {m['bytes_per_token']:.1f} bytes/token "
         f"({m['encoding']['value_format']}) -> {args.out_dir}"
     )
