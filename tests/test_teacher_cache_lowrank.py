@@ -197,3 +197,42 @@ def test_fused_path_with_a_lowrank_cache_matches_the_plain_path(tmp_out, loss):
 
     runs = fused_and_plain_runs(lambda: tiny_llama(seed=2), callback, TokenDataset(pad_last=3), tmp_out)
     assert_same_training(runs, loss)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd"])
+def test_kernel_rebuilds_exact_head_rows_chunk_by_chunk(divergence):
+    """fused_linear_kd_loss(teacher_exact_head=...) equals the same loss given the rebuilt rows as dense logits."""
+    from kd_plugins.kernels import fused_linear_kd_loss
+    from kd_plugins.kernels._spec import spread_tail
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v, r, h, t = 10, 8, 40, 4, 5, 2.0
+    hs = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(v, d, generator=g, requires_grad=True)
+    code, tw, tb = torch.randn(n, r, generator=g), torch.randn(v, r, generator=g) * 3, torch.randn(v, generator=g)
+    head = F.log_softmax(torch.randn(n, v, generator=g) * 3 / t, -1).topk(h, -1)
+    dense = spread_tail((code @ tw.T + tb) / t, head.indices, head.values) * t  # logits whose softmax at T is the row
+    mask = torch.arange(n) % 4 != 1
+    kw = dict(divergence=divergence, temperature=t, mask=mask, chunk_size=3)
+    grads = []
+    for teacher in (
+        dict(
+            teacher_hidden=code,
+            teacher_head_weight=tw,
+            teacher_head_bias=tb,
+            teacher_exact_head=(head.indices, head.values),
+        ),
+        dict(teacher_logits=dense),
+    ):
+        loss = fused_linear_kd_loss(hs, w, **teacher, **kw)
+        grads.append((loss.detach(), *torch.autograd.grad(loss, (hs, w))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="refines a dense teacher"):
+        fused_linear_kd_loss(
+            hs, w, teacher_topk=(head.indices, head.values), teacher_exact_head=(head.indices, head.values)
+        )
+    with pytest.raises(ValueError, match="backend='torch' only"):
+        fused_linear_kd_loss(
+            hs, w, teacher_logits=dense, teacher_exact_head=(head.indices, head.values), backend="triton"
+        )

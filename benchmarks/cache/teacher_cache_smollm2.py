@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     heading = f"## Latest run (written by the script): {args.num_layers}-layer student"
     if args.selection != ["topk"]:  # a section per selection too: a sampled run keeps the top-k table
         heading += f", {'/'.join(args.selection)} caches, {args.steps} steps"
+    if args.seed:  # another training seed keeps its own section beside seed 0's
+        heading += f", training seed {args.seed}"
     section = f"{heading}\n\n`{cmd}`\n\n{table}"
     replace_section(HERE / "RESULTS_cache.md", heading, section, title="# Offline teacher cache\n\n")
     return 0

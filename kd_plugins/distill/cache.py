@@ -36,7 +36,7 @@ import torch.nn as nn
 from .._checkpoint import CheckpointSpec, read_checkpoint, tensor_sha256, write_checkpoint
 from ..losses import get_loss_spec
 from ..losses.feature import mean_pool
-from .cache_lowrank import LowRankCoder, rebuild_log_probs
+from .cache_lowrank import LowRankCoder, code_rows, rebuild_log_probs
 from .cache_select import SELECTIONS, cache_rows
 from .cache_store import ShardedTopKStore, is_sharded_cache
 from .config import DistillationConfig
@@ -368,6 +368,32 @@ class TeacherCache:
         off, idx, lp = self.tensors["offsets"], self.tensors["indices"], self.tensors["log_probs"]
         sel = torch.cat([torch.arange(int(off[j]), int(off[j + 1])) for j in rows])
         return idx[sel].long(), lp[sel]
+
+    def lowrank_rows(self, batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+        """A ``lowrank`` cache's rows of a collated batch, unrebuilt (what the fused kernel rebuilds chunk by chunk):
+        ``code`` ``[B, T, r]`` (float PCA coefficients), ``head`` ``(indices [B, T, h], log_probs [B, T, h])`` at the
+        cache temperature, and the tail map at temperature 1 (``weight`` ``[V, r]``, ``bias`` ``[V]``: ``code @
+        weight.T + bias`` divided by the temperature gives the tail's logits). Padded positions hold zeros and a
+        uniform head; they are never read (masked)."""
+        if self.kind != "lowrank":
+            raise ValueError(f"lowrank_rows reads a 'lowrank' teacher cache, this one is {self.kind!r}")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        idx, lp, codes, scales = self._rows_lowrank(self.rows_of(ids, mask))
+        valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
+        if int(valid.sum()) != idx.shape[0]:
+            raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+        h, dev = idx.shape[-1], torch.device(device if device is not None else ids.device)
+        head_idx = torch.arange(h).expand(*ids.shape, h).clone()
+        head_lp = torch.full((*ids.shape, h), -math.log(h + 1))
+        code = torch.zeros(*ids.shape, codes.shape[-1])
+        head_idx[valid], head_lp[valid], code[valid] = idx, lp.float(), code_rows(codes, scales)
+        t = self.temperature
+        return {
+            "code": code.to(dev),
+            "head": (head_idx.to(dev), head_lp.to(dev)),
+            "weight": (self.tensors["tail_weight"].float() * t).to(dev),
+            "bias": (self.tensors["tail_bias"].float() * t).to(dev),
+        }
 
     def _rows_lowrank(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
         """``(indices, log_probs, coefficients, scales)`` of the given entries (from memory or the shards)."""

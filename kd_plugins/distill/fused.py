@@ -168,14 +168,14 @@ class FusedLogitLoss:
         h_s = hidden["student"][:, :-1]
         am = inputs.get("attention_mask")
         mask = am[:, 1:].reshape(-1).bool() if am is not None else None
-        t_logits = None  # a lowrank cache's rebuilt rows: dense teacher logits for the kernel
+        lowrank = None  # a lowrank cache's codes: the kernel rebuilds the teacher's rows chunk by chunk
         if engine.cache is not None:
-            t_out = engine.teacher_forward(inputs)
-            topk = None
-            if "teacher_topk" in t_out:
-                topk = tuple(x[:, :-1].reshape(-1, x.shape[-1]).to(h_s.device) for x in t_out["teacher_topk"])
+            if engine.cache.kind == "lowrank":
+                t_out, topk = None, None
+                lowrank = engine.cache.lowrank_rows(inputs, h_s.device)
             else:
-                t_logits = t_out["logits"][:, :-1].reshape(-1, t_out["logits"].shape[-1]).to(h_s.device)
+                t_out = engine.teacher_forward(inputs)
+                topk = tuple(x[:, :-1].reshape(-1, x.shape[-1]).to(h_s.device) for x in t_out["teacher_topk"])
             if mask is not None:
                 mask = _cache_rows(mask, am, labels)
         else:
@@ -192,8 +192,14 @@ class FusedLogitLoss:
         s_head = student.get_output_embeddings()
         hs = h_s.reshape(-1, h_s.shape[-1]).to(s_head.weight.dtype)
         teacher_side = {"teacher_topk": topk, "topk_tail": kw.get("topk_tail", "bucket")}
-        if t_logits is not None:
-            teacher_side = {"teacher_logits": t_logits}
+        if lowrank is not None:
+            code = lowrank["code"][:, :-1]
+            teacher_side = {
+                "teacher_hidden": code.reshape(-1, code.shape[-1]),
+                "teacher_head_weight": lowrank["weight"],
+                "teacher_head_bias": lowrank["bias"],
+                "teacher_exact_head": tuple(x[:, :-1].reshape(-1, x.shape[-1]) for x in lowrank["head"]),
+            }
         elif topk is None:
             t_head = engine.teacher.get_output_embeddings()
             teacher_side = {
@@ -229,8 +235,6 @@ class FusedLogitLoss:
         if cfg.log_agreement and bool(valid.any()):
             if "agreement" in parts:  # counted by the kernel's chunks (torch backend): no extra vocabulary pass
                 agreement = float(parts["agreement"])
-            elif t_logits is not None:
-                agreement = topk_agreement(hs, s_head, t_logits.argmax(-1), valid, cfg.fused_chunk_size)
             elif topk is None:
                 h_t_rows = h_t.reshape(-1, h_t.shape[-1])
                 agreement = top1_agreement(hs, s_head, h_t_rows, t_head, valid, cfg.fused_chunk_size)

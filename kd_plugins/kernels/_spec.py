@@ -67,6 +67,26 @@ class TopKTeacher:
 
 
 @dataclass(frozen=True)
+class ExactHead:
+    """Exact teacher log-probs on ``h`` tokens of each valid row; the dense teacher's other tokens share the rest of
+    the mass in proportion to their own probabilities (:func:`spread_tail`)."""
+
+    idx: torch.Tensor  # [n_valid, h] int64 token indices
+    log_probs: torch.Tensor  # [n_valid, h]
+
+
+def spread_tail(log_scores: torch.Tensor, head_idx: torch.Tensor, head_log_probs: torch.Tensor) -> torch.Tensor:
+    """In place on ``log_scores`` ``[R, V]``: the head tokens get ``head_log_probs``, every other token the head's
+    remaining mass ``1 - sum(exp(head))`` in proportion to ``softmax(log_scores)`` over the non-head tokens. Returns
+    normalised log-probs (rows sum to 1)."""
+    head = head_log_probs.to(log_scores.dtype)
+    log_scores.scatter_(1, head_idx, float("-inf"))
+    tail_mass = (-torch.expm1(torch.logsumexp(head, -1))).clamp_min(1e-30)  # 1 - sum(head), stably
+    log_scores.sub_(torch.logsumexp(log_scores, -1, keepdim=True).sub_(tail_mass.log()[:, None]))
+    return log_scores.scatter_(1, head_idx, head)
+
+
+@dataclass(frozen=True)
 class LossScales:
     """Factors applied to the summed (unnormalised) per-row divergence and cross-entropy."""
 
@@ -93,6 +113,7 @@ class FusedKDSpec:
     chunk_size: int
     cdtype: torch.dtype  # float32 (float64 for float64 inputs), like the reference
     count_agreement: bool = False  # also count student/teacher top-1 matches (an argmax per chunk on each side)
+    exact_head: ExactHead | None = None  # a dense teacher's exact head: its rows are rebuilt around it per chunk
 
     @property
     def need_ce(self) -> bool:
@@ -289,6 +310,20 @@ def _topk_teacher(teacher_topk, rows: torch.Tensor, n: int, v: int, div: str, be
     )
 
 
+def _exact_head(teacher_exact_head, rows: torch.Tensor, n: int, v: int, dense: bool) -> ExactHead | None:
+    if teacher_exact_head is None:
+        return None
+    if not dense:
+        raise ValueError(
+            "teacher_exact_head refines a dense teacher: pass it with teacher_hidden + teacher_head_weight or "
+            "teacher_logits"
+        )
+    idx, lp = check_topk(teacher_exact_head, v, torch.Size((n,)))
+    if idx.shape[-1] >= v:
+        raise ValueError(f"teacher_exact_head holds {idx.shape[-1]} tokens per row; it must leave a tail (< {v})")
+    return ExactHead(idx=idx.to(rows.device)[rows].long(), log_probs=lp.to(rows.device)[rows].float())
+
+
 def _loss_scales(*, div, temperature, t2_scale, n_valid, num_items_in_batch, kd_weight, hard_label_weight):
     scale = temperature**2 if (t2_scale if t2_scale is not None else div != "tvd") else 1.0
     denom = float(num_items_in_batch) if num_items_in_batch is not None else float(max(n_valid, 1))
@@ -320,6 +355,7 @@ def prepare_spec(
     topk_tail,
     t2_scale,
     count_agreement=False,
+    teacher_exact_head=None,
 ) -> FusedKDSpec:
     """Validate the arguments of :func:`~kd_plugins.kernels.fused_linear_kd_loss` (same names) into a spec."""
     xs = student_hidden
@@ -340,6 +376,7 @@ def prepare_spec(
     labels_valid = _ce_labels(labels, rows, v, ignore_index, hard_label_weight)
     div = _row_divergence(div, beta)
     topk = _topk_teacher(teacher_topk, rows, n, v, div, beta, topk_tail)
+    exact = _exact_head(teacher_exact_head, rows, n, v, dense=teacher is not None or tlog is not None)
     mode = "none" if not kd_weight > 0 else ("topk" if topk is not None else div)
     scales = _loss_scales(
         div=div,
@@ -364,4 +401,5 @@ def prepare_spec(
         chunk_size=chunk_size,
         cdtype=torch.float64 if xs.dtype == torch.float64 else torch.float32,
         count_agreement=bool(count_agreement),
+        exact_head=exact,
     )

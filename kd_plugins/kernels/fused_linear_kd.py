@@ -99,6 +99,8 @@ def _resolve_backend(backend: str, student_hidden: torch.Tensor) -> str:
 def _run_backend(spec: FusedKDSpec, backend: str):
     """``(loss, kd, ce, agree)`` from the chosen backend (``agree`` None where the backend does not count it)."""
     if backend == "triton":
+        if spec.exact_head is not None:
+            raise ValueError("teacher_exact_head is computed by backend='torch' only; use backend='torch' or 'auto'")
         _require_triton_runtime(spec.student.x)
         from .triton_fused_kd import triton_fused_linear_kd  # imports triton: only when asked for
 
@@ -119,6 +121,7 @@ def fused_linear_kd_loss(
     *,
     teacher_logits: torch.Tensor | None = None,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_exact_head: tuple[torch.Tensor, torch.Tensor] | None = None,
     labels: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     student_head_bias: torch.Tensor | None = None,
@@ -146,6 +149,10 @@ def fused_linear_kd_loss(
         teacher_hidden, teacher_head_weight (teacher_head_bias): dense teacher given by its last hidden states
             ``[N, Ht]`` and ``lm_head`` ``[V, Ht]`` (its logits are computed chunk by chunk too). Alternatively
             ``teacher_logits`` ``[N, V]`` or ``teacher_topk = (indices [N, K], log_probs [N, K])``.
+        teacher_exact_head: ``(indices [N, h], log_probs [N, h])`` with a dense teacher: its probabilities on those
+            tokens (log-probs at ``temperature``) are these, and its other tokens share the remaining mass in
+            proportion to its own softmax over them (a low-rank teacher cache's rows, rebuilt chunk by chunk; torch
+            backend).
         labels: ``[N]`` targets; rows equal to ``ignore_index`` are excluded from every term.
         mask: optional ``[N]`` boolean row mask (AND-ed with the labels' mask).
         divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` (with ``beta``) or ``"tvd"`` (registry aliases accepted).
@@ -187,8 +194,10 @@ def fused_linear_kd_loss(
         topk_tail=topk_tail,
         t2_scale=t2_scale,
         count_agreement=agreement and return_parts,
+        teacher_exact_head=teacher_exact_head,
     )
-    loss, kd, ce, agree = _run_backend(spec, _resolve_backend(backend, student_hidden))
+    resolved = "torch" if backend == "auto" and teacher_exact_head is not None else backend
+    loss, kd, ce, agree = _run_backend(spec, _resolve_backend(resolved, student_hidden))
     if not return_parts:
         return loss
     parts = {}

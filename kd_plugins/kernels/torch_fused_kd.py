@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._spec import FusedKDSpec
+from ._spec import FusedKDSpec, spread_tail
 from ._topk import topk_rows_and_grad
 
 __all__ = ["torch_fused_linear_kd"]
@@ -141,16 +141,22 @@ def _topk_kd_chunk(spec: FusedKDSpec, s: torch.Tensor, lo: int, hi: int, need_gr
     return rows_kd.sum(), q.mul_(-gk.sum(-1, keepdim=True)).scatter_add_(-1, idx, gk), t_top
 
 
-def _dense_kd_chunk(spec: FusedKDSpec, s: torch.Tensor, r: torch.Tensor, inv_t: float, need_grad: bool):
+def _dense_kd_chunk(
+    spec: FusedKDSpec, s: torch.Tensor, r: torch.Tensor, lo: int, hi: int, inv_t: float, need_grad: bool
+):
     """Dense teacher (hidden + head, or logits): summed divergence, ``d rows / d s`` and the teacher's top-1 tokens;
     overwrites ``s``."""
     if spec.teacher is not None:
         t = _logits_chunk(spec.teacher.x.index_select(0, r), spec.teacher.w, spec.teacher.b, spec.cdtype)
     else:
         t = spec.teacher_logits.index_select(0, r).to(spec.cdtype)  # index_select copies: safe to overwrite
-    t_top = t.argmax(-1) if spec.count_agreement else None
+    t_top = t.argmax(-1) if spec.count_agreement and spec.exact_head is None else None
     if spec.temperature != 1.0:
         t.mul_(inv_t)
+    if spec.exact_head is not None:  # exact head log-probs (at T), the rest of the mass spread like t
+        head = spec.exact_head
+        spread_tail(t, head.idx[lo:hi], head.log_probs[lo:hi])
+        t_top = t.argmax(-1) if spec.count_agreement else None
     rows_kd, gkd = _dense_chunk(s, t, spec.mode, spec.beta, need_grad)
     return rows_kd.sum(), gkd, t_top
 
@@ -177,7 +183,7 @@ def _chunk_loss_and_grad(spec: FusedKDSpec, lo: int, hi: int, need_grad: bool):
     if spec.mode == "topk":
         kd_sum, gkd, t_top = _topk_kd_chunk(spec, s, lo, hi, need_grad)
     else:
-        kd_sum, gkd, t_top = _dense_kd_chunk(spec, s, r, inv_t, need_grad)
+        kd_sum, gkd, t_top = _dense_kd_chunk(spec, s, r, lo, hi, inv_t, need_grad)
     if need_grad:
         coef = spec.scales.kd_coef * inv_t
         g = gkd.mul_(coef) if g is None else g.add_(gkd, alpha=coef)
