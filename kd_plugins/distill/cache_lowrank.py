@@ -20,8 +20,8 @@ Measured (benchmarks/cache/RESULTS_cache.md, "Low-rank caches"): SmolLM2-135M, `
 ``KL(teacher || rebuilt) = 0.17`` nats per token on held-out text of the training domain, where a top-32 row with a
 uniformly spread tail is 0.76 away; a student trained on it tracks the live teacher's early (80 steps: BBC
 perplexity +1.9%, the sampled cache +12.6%) and keeps the rebuilt tail's bias later (320 steps, two seeds: +9.5%,
-sampled +7.3%). The idea is ours (a PCA code of the final hidden state as a teacher cache); DistillKit's "exact head + fitted
-tail" fits a curve to the sorted tail values instead.
+sampled +7.3%). The idea is ours (a PCA code of the final hidden state as a teacher cache); DistillKit's "exact
+head + fitted tail" fits a curve to the sorted tail values instead.
 """
 
 from __future__ import annotations
