@@ -202,7 +202,7 @@ def test_fused_path_with_a_lowrank_cache_matches_the_plain_path(tmp_out, loss):
 @pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd"])
 def test_kernel_rebuilds_exact_head_rows_chunk_by_chunk(divergence):
     """fused_linear_kd_loss(teacher_exact_head=...) equals the same loss given the rebuilt rows as dense logits."""
-    from kd_plugins.kernels import fused_linear_kd_loss
+    from kd_plugins.kernels import FusedLinearKDLoss, fused_linear_kd_loss
     from kd_plugins.kernels._spec import spread_tail
 
     g = torch.Generator().manual_seed(0)
@@ -228,6 +228,9 @@ def test_kernel_rebuilds_exact_head_rows_chunk_by_chunk(divergence):
         grads.append((loss.detach(), *torch.autograd.grad(loss, (hs, w))))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    module = FusedLinearKDLoss(divergence=divergence, temperature=t, chunk_size=3)  # the nn.Module form
+    as_module = module(hs, w, code, tw, teacher_head_bias=tb, teacher_exact_head=(head.indices, head.values), mask=mask)
+    torch.testing.assert_close(as_module.detach(), grads[0][0], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="refines a dense teacher"):
         fused_linear_kd_loss(
             hs, w, teacher_topk=(head.indices, head.values), teacher_exact_head=(head.indices, head.values)
