@@ -235,6 +235,8 @@ def test_kernel_rebuilds_exact_head_rows_chunk_by_chunk(divergence):
         fused_linear_kd_loss(
             hs, w, teacher_topk=(head.indices, head.values), teacher_exact_head=(head.indices, head.values)
         )
+    with pytest.raises(ValueError, match="teacher_exact_head indices must lie"):  # errors name the argument
+        fused_linear_kd_loss(hs, w, teacher_logits=dense, teacher_exact_head=(head.indices + v, head.values))
     with pytest.raises(ValueError, match="backend='torch' only"):
         fused_linear_kd_loss(
             hs, w, teacher_logits=dense, teacher_exact_head=(head.indices, head.values), backend="triton"

@@ -379,9 +379,7 @@ class TeacherCache:
             raise ValueError(f"lowrank_rows reads a 'lowrank' teacher cache, this one is {self.kind!r}")
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         idx, lp, codes, scales = self._rows_lowrank(self.rows_of(ids, mask))
-        valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
-        if int(valid.sum()) != idx.shape[0]:
-            raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+        valid = _valid_positions(ids, mask, idx.shape[0])
         h, dev = idx.shape[-1], torch.device(device if device is not None else ids.device)
         head_idx = torch.arange(h).expand(*ids.shape, h).clone()
         head_lp = torch.full((*ids.shape, h), -math.log(h + 1))
@@ -406,9 +404,7 @@ class TeacherCache:
 
     def _lowrank_for(self, rows: list[int], ids: torch.Tensor, mask, device) -> torch.Tensor:
         parts = self._rows_lowrank(rows)
-        valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
-        if int(valid.sum()) != parts[0].shape[0]:
-            raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+        valid = _valid_positions(ids, mask, parts[0].shape[0])
         dev = torch.device(device)
         t = self.tensors
         log_probs = rebuild_log_probs(*(x.to(dev) for x in parts), t["tail_bias"].to(dev), t["tail_weight"].to(dev))
@@ -423,15 +419,21 @@ class TeacherCache:
         if not self.metadata["per_token"]:
             return idx.to(device), lp.to(device)
         k = idx.shape[-1]
-        valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
-        if int(valid.sum()) != idx.shape[0]:
-            raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+        valid = _valid_positions(ids, mask, idx.shape[0])
         # Padded positions get a valid uniform distribution over k tokens: never used (masked), never NaN.
         out_idx = torch.arange(k).expand(*ids.shape, k).clone()
         out_lp = torch.full((*ids.shape, k), -math.log(k), dtype=lp.dtype)
         out_idx[valid] = idx
         out_lp[valid] = lp
         return out_idx.to(device), out_lp.to(device)
+
+
+def _valid_positions(ids: torch.Tensor, mask: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """The ``[B, T]`` (CPU) positions a per-token cache holds a row for; refuses rows that do not fit them."""
+    valid = torch.ones_like(ids, dtype=torch.bool, device="cpu") if mask is None else mask.detach().cpu().bool()
+    if int(valid.sum()) != n_rows:
+        raise ValueError("teacher cache rows do not match the batch's unpadded lengths (hash collision?)")
+    return valid
 
 
 # ------------------------------------------------------------------------------------------------------ build
@@ -529,7 +531,7 @@ class _Builder:
         if self.kind == "embedding":
             self._add_embeddings(out, mask, new)
         elif self.kind == "lowrank":
-            self._add_lowrank(out, mask, new)
+            self._add_lowrank(out, mask, new, keys)
         else:
             self._add_topk(out, mask, new, keys)
 
@@ -554,7 +556,7 @@ class _Builder:
             self.parts["log_probs"].append(lp.cpu())
             self.parts["lengths"].append(torch.tensor([rows.shape[0]]))
 
-    def _add_lowrank(self, out: Any, mask: torch.Tensor, new: list[int]) -> None:
+    def _add_lowrank(self, out: Any, mask: torch.Tensor, new: list[int], keys: list[bytes]) -> None:
         logits = out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", None)
         states = out["hidden_states"] if isinstance(out, Mapping) else getattr(out, "hidden_states", None)
         if logits is None or logits.dim() != 3 or not states:
@@ -565,13 +567,13 @@ class _Builder:
         self.vocab_size, self.per_token = int(logits.shape[-1]), True
         if self.top_k >= self.vocab_size:
             raise ValueError(f"kind='lowrank': top_k ({self.top_k}) must be below the vocabulary ({self.vocab_size})")
-        for i in new:
+        for i, key in zip(new, keys):
             valid = mask[i].to(logits.device).bool()
             rows_logits, rows_hidden = logits[i][valid].float(), states[-1][i][valid].float()
             self.lowrank.check_head(rows_hidden, rows_logits)
-            lp = torch.log_softmax(rows_logits / self.temperature, -1).topk(self.top_k, -1)
-            self.parts["indices"].append(lp.indices.to(torch.int32).cpu())
-            self.parts["log_probs"].append(lp.values.to(torch.bfloat16).cpu())
+            idx, lp = cache_rows(rows_logits, self.top_k, self.temperature, "topk", self.seed, key)
+            self.parts["indices"].append(idx.to(torch.int32).cpu())
+            self.parts["log_probs"].append(lp.to(torch.bfloat16).cpu())
             self.parts["lengths"].append(torch.tensor([rows_logits.shape[0]]))
             self.lowrank.add(rows_hidden.cpu())
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..kernels._spec import spread_tail
+from ..kernels import spread_tail
 
 __all__ = ["LowRankCoder", "fit_hidden_basis", "encode_hidden", "rebuild_log_probs", "code_rows", "output_head"]
 

@@ -106,8 +106,8 @@ class FusedLogitLoss:
         return reasons
 
     def _cache_reasons(self, student: nn.Module, logit_terms: list[str]) -> list[str]:
-        """A teacher cache: the kernel reads a top-k cache's ``(indices, log_probs)`` rows, or a lowrank cache's rows
-        rebuilt as dense teacher log-probs, in place of a teacher head."""
+        """A teacher cache: the kernel reads a top-k cache's ``(indices, log_probs)`` rows, or rebuilds a lowrank
+        cache's rows chunk by chunk from their codes (``teacher_exact_head``), in place of a teacher head."""
         cfg, reasons = self.engine.config, []
         if self.engine.cache.kind not in ("topk", "lowrank") or not self.engine.cache.metadata.get("per_token"):
             reasons.append("the teacher cache holds no per-token logit rows (top-k or lowrank)")

@@ -6,6 +6,8 @@ the first call that needs it.
 * :func:`fused_linear_kd_loss` / :class:`FusedLinearKDLoss`: memory-efficient ``lm_head`` + distillation loss
   (chunked PyTorch; ``backend="triton"`` for the fused Triton kernels).
 * :func:`check_fusable_head`, :func:`fused_kd_loss_from_heads`: integration helpers for the trainer callback.
+* :func:`spread_tail`: a dense teacher row rebuilt around exact head log-probs (the fused kernel's
+  ``teacher_exact_head``; low-rank teacher caches).
 * ``int8_gemm``: int8 GEMM kernels (own module; its public names are also reachable from this package lazily).
 * ``cpu_int8``: native CPU passes of the int8 layers (C, compiled on first use; the eager PyTorch steps' results).
 * :func:`triton_available`, :func:`interpreter_enabled`: whether Triton kernels can run (the one reader of
@@ -17,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from ._spec import spread_tail
 from ._triton import interpreter_enabled, triton_available
 from .fused_linear_kd import (
     DIVERGENCE_ALIASES,
@@ -34,6 +37,7 @@ __all__ = [
     "check_fusable_head",
     "UnfusableHeadError",
     "DIVERGENCE_ALIASES",
+    "spread_tail",
     "triton_available",
     "interpreter_enabled",
 ]

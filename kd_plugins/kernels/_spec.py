@@ -318,7 +318,7 @@ def _exact_head(teacher_exact_head, rows: torch.Tensor, n: int, v: int, dense: b
             "teacher_exact_head refines a dense teacher: pass it with teacher_hidden + teacher_head_weight or "
             "teacher_logits"
         )
-    idx, lp = check_topk(teacher_exact_head, v, torch.Size((n,)))
+    idx, lp = check_topk(teacher_exact_head, v, torch.Size((n,)), name="teacher_exact_head")
     if idx.shape[-1] >= v:
         raise ValueError(f"teacher_exact_head holds {idx.shape[-1]} tokens per row; it must leave a tail (< {v})")
     return ExactHead(idx=idx.to(rows.device)[rows].long(), log_probs=lp.to(rows.device)[rows].float())

@@ -87,26 +87,27 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def check_topk(teacher_topk, vocab_size: int, n_rows_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a sparse teacher signal ``(indices, log_probs)`` of shape ``[..., K]`` each."""
+def check_topk(
+    teacher_topk, vocab_size: int, n_rows_shape: torch.Size, name: str = "teacher_topk"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a sparse teacher signal ``(indices, log_probs)`` of shape ``[..., K]`` each (``name``: the argument
+    the errors name)."""
     if not (isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2):
-        raise TypeError("teacher_topk must be a pair (indices, log_probs), each of shape [..., K]")
+        raise TypeError(f"{name} must be a pair (indices, log_probs), each of shape [..., K]")
     idx, lp = teacher_topk
     if idx.shape != lp.shape:
-        raise ValueError(f"teacher_topk indices {tuple(idx.shape)} and log_probs {tuple(lp.shape)} differ in shape")
+        raise ValueError(f"{name} indices {tuple(idx.shape)} and log_probs {tuple(lp.shape)} differ in shape")
     if tuple(idx.shape[:-1]) != tuple(n_rows_shape):
-        raise ValueError(
-            f"teacher_topk has rows {tuple(idx.shape[:-1])} but student logits have rows {tuple(n_rows_shape)}"
-        )
+        raise ValueError(f"{name} has rows {tuple(idx.shape[:-1])} but student logits have rows {tuple(n_rows_shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
         raise ValueError(
-            f"teacher_topk indices must lie in [0, {vocab_size}) (the student's vocabulary); got range "
+            f"{name} indices must lie in [0, {vocab_size}) (the student's vocabulary); got range "
             f"[{int(idx.min())}, {int(idx.max())}]. Align the vocabularies first "
             "(see DistillationConfig.vocab_alignment)."
         )
     if lp.numel() and float(torch.logsumexp(lp.float(), dim=-1).max()) > 1e-3:
         raise ValueError(
-            "teacher_topk log_probs sum to more than 1 on some rows: they must be log-probabilities normalised over "
+            f"{name} log_probs sum to more than 1 on some rows: they must be log-probabilities normalised over "
             "the teacher's full vocabulary (e.g. log_softmax(logits).topk(k)), not raw logits."
         )
     return idx, lp
