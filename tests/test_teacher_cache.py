@@ -152,7 +152,8 @@ def test_topk_cache_with_full_vocab_equals_dense_loss(loss):
     full = build_teacher_cache(teacher, ds, kind="topk", top_k=None, temperature=2.0, progress=False)
     assert full.top_k == 96 and full.vocab_size == 96
     cached = _lm_loss(full, student, batch, cfg)
-    assert float(cached.loss) == pytest.approx(float(dense.loss), rel=1e-5)
+    # the cache ran the teacher on other batch shapes (sorted, padded otherwise): float32 noise of about 1e-5
+    assert float(cached.loss) == pytest.approx(float(dense.loss), rel=1e-4)
     assert cached.metrics["agreement"] == dense.metrics["agreement"]
     # fewer tokens: the tail bucket gives a lower bound of the full divergence
     if loss == "kl":

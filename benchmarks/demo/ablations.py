@@ -12,6 +12,14 @@ validation bodies plus the 1,360 training bodies). Two extra pair losses, regist
 * ``xbm_infonce``: in-batch InfoNCE plus the student's own detached body embeddings of the last ``size`` rows as
   extra negatives (a cross-batch memory, Wang et al. 2020).
 
+``--teacher mpnet`` (the demo's flag) caches all-mpnet-base-v2 (another tokenizer and width; ``make bench-assets``)
+instead of the student's own all-MiniLM-L6-v2, through ``build_teacher_cache(teacher_tokenizer=...,
+student_tokenizer=..., teacher_max_length=...)``; the student is still inherited from MiniLM. ``--projector-lr``
+sets ``DistillationConfig(projector_lr=...)`` for the learned projector a wider teacher needs.
+
+``--freeze-word-embeddings`` trains the student with its word-embedding matrix frozen (``requires_grad_(False)``:
+11.7M of its 19.2M parameters; position embeddings, norms and layers still train).
+
 ``--averages`` also reports exponential moving averages of the student's weights (decays 0.98, 0.99, 0.995) and
 WiSE-style interpolations between the inherited and the distilled student (0.7, 0.85 of the distilled weights).
 Figures: ``benchmarks/demo/RESULTS_demo.md``, section "What moves the 4-layer student?".
@@ -113,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default=str(demo.RECIPE["steps"]))
     p.add_argument("--averages", action="store_true", help="also report weight averages (EMA, WiSE)")
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    p.add_argument("--freeze-word-embeddings", action="store_true", help="do not train the word-embedding matrix")
+    p.add_argument("--projector-lr", default=None, help="the demo's --projector-lr")
+    p.add_argument("--teacher", choices=("minilm", "mpnet"), default="minilm", help="the demo's --teacher")
+    p.add_argument("--teacher-max-length", default="128", help="the demo's --teacher-max-length")
     a = p.parse_args(argv)
 
     path = minilm_path()
@@ -135,6 +147,15 @@ def main(argv=None) -> int:
         return cache
 
     demo.build_teacher_cache = build_and_keep_bank
+    if a.freeze_word_embeddings:
+        inherit = demo.inherit_student
+
+        def inherit_frozen(teacher_model, **kw):
+            student = inherit(teacher_model, **kw)
+            student.get_input_embeddings().weight.requires_grad_(False)
+            return student
+
+        demo.inherit_student = inherit_frozen
     averages = WeightAverages()
     if a.averages:
         base_trainer = demo.Trainer
@@ -159,11 +180,20 @@ def main(argv=None) -> int:
             averages.avg = None
             args = demo.parse_args(
                 ["--seed", str(seed), "--loss-terms", terms, "--loss-kwargs", kwargs, "--max-minutes", "0"]
-                + ["--steps", a.steps]
+                + ["--steps", a.steps, "--teacher", a.teacher, "--teacher-max-length", a.teacher_max_length]
+                + (["--projector-lr", a.projector_lr] if a.projector_lr is not None else [])
             )
             init = demo.inherit_student(teacher, strategy=[int(x) for x in args.layers.split(",")])
-            model, _, _, train_s, _ = demo.distill(teacher, tok, split.train, args, "/tmp/kd_ablation")
-            row = {"variant": name, "seed": seed, "train_s": round(train_s, 1), "final": metrics(model)}
+            model, _, cache_s, train_s, _ = demo.distill(teacher, tok, split.train, args, "/tmp/kd_ablation")
+            row = {
+                "variant": name + (" (frozen word embeddings)" if a.freeze_word_embeddings else ""),
+                "teacher": a.teacher,
+                "projector_lr": a.projector_lr,
+                "seed": seed,
+                "cache_s": round(cache_s, 1),
+                "train_s": round(train_s, 1),
+            }
+            row["final"] = metrics(model)
             if a.averages:
                 trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 for decay, avg in averages.avg.items():

@@ -11,7 +11,13 @@ on the same BBC News training articles, 8 (title, body) pairs per batch, AdamW a
   ``losses.MSELoss`` on (title, body) columns with per-column labels and ``MultipleNegativesRankingLoss`` on
   (title, body), the two datasets alternated round-robin (sentence-transformers' multi-dataset training).
   ``--st-arms mse`` runs the MSE-only recipe, ``cos+mnrl`` swaps ``MSELoss`` for ``EmbedDistillLoss`` with the
-  cosine distance (the distillation term kd_plugins' recipe uses).
+  cosine distance (the distillation term kd_plugins' recipe uses). An arm name ending in ``@mpnet`` labels with
+  all-mpnet-base-v2 instead (max 128 tokens), reduced to the student's 384 dimensions by PCA fitted on the labels
+  and re-normalised: sentence-transformers' documented way to distil a narrower student from a wider teacher
+  (its ``model_distillation.py`` example adds the PCA as a ``Dense`` layer on the teacher).
+
+``--teacher mpnet`` (with ``--loss-terms`` / ``--loss-kwargs`` / ``--projector-lr``) runs the kd_plugins arm with
+the demo's ``--teacher mpnet`` cache (``build_teacher_cache(teacher_tokenizer=...)``) in place of all-MiniLM-L6-v2.
 
 Equal wall-clock: each sentence-transformers arm gets the kd_plugins arm's measured time (teacher pass + training).
 Its step count is planned from its step time measured on a few warm-up steps (not counted), so its learning-rate
@@ -40,7 +46,7 @@ import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from benchmarks.data import minilm_path, split_articles  # noqa: E402
+from benchmarks.data import minilm_path, mpnet_path, split_articles  # noqa: E402
 from kd_plugins import inherit_student  # noqa: E402
 
 
@@ -109,6 +115,16 @@ def _st_trainer(model, datasets, losses, out: str, steps: int, recipe: dict, see
     )
 
 
+def _mpnet_labels(texts: list[str], dim: int) -> torch.Tensor:
+    """all-mpnet-base-v2's normalised embeddings (max 128 tokens), PCA-reduced to ``dim`` and re-normalised."""
+    teacher = _st_model(str(mpnet_path()))
+    teacher[0].max_seq_length = 128
+    emb = teacher.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True).cpu().float()
+    centred = emb - emb.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return torch.nn.functional.normalize(centred @ v[:dim].T, dim=-1)
+
+
 def run_st(arm: str, student_dir: str, teacher_dir: str, train, budget_s: float, recipe: dict, seed: int) -> dict:
     """One sentence-transformers arm (``"mse"``, ``"mse+mnrl"``, or ``"cos+mnrl"``: ``EmbedDistillLoss`` with the
     cosine distance in place of ``MSELoss``) within ``budget_s`` seconds of labelling +
@@ -116,10 +132,14 @@ def run_st(arm: str, student_dir: str, teacher_dir: str, train, budget_s: float,
     from datasets import Dataset
     from sentence_transformers.sentence_transformer import losses
 
-    teacher = _st_model(teacher_dir)
     titles, bodies = [a.title for a in train], [a.body for a in train]
     t0 = time.perf_counter()
-    emb = teacher.encode(titles + bodies, batch_size=32, convert_to_tensor=True, normalize_embeddings=True).cpu()
+    if arm.endswith("@mpnet"):
+        emb = _mpnet_labels(titles + bodies, _st_model(student_dir).get_sentence_embedding_dimension())
+        arm = arm.removesuffix("@mpnet")
+    else:
+        teacher = _st_model(teacher_dir)
+        emb = teacher.encode(titles + bodies, batch_size=32, convert_to_tensor=True, normalize_embeddings=True).cpu()
     label_s = time.perf_counter() - t0
     labels = torch.stack([emb[: len(train)], emb[len(train) :]], dim=1).tolist()  # per-column teacher embeddings
     data = {"mse": Dataset.from_dict({"title": titles, "body": bodies, "label": labels})}
@@ -164,6 +184,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-split", choices=("test", "validation"), default="test")
     p.add_argument("--st-arms", default="mse+mnrl", help="sentence-transformers arms: mse, mse+mnrl, cos+mnrl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", choices=("minilm", "mpnet"), default=None, help="kd_plugins arm's cached teacher")
+    p.add_argument("--loss-terms", default=None, help="kd_plugins arm's loss terms (default: the demo's)")
+    p.add_argument("--loss-kwargs", default=None, help="kd_plugins arm's loss kwargs JSON (default: the demo's)")
+    p.add_argument("--projector-lr", default=None, help="kd_plugins arm's projector lr (default: the demo's)")
     p.add_argument("--smoke", action="store_true", help="tiny run (64 training articles, 4 steps, 40 eval articles)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -187,8 +211,20 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     demo = load_demo()
     recipe = dict(demo.RECIPE)
+    overrides = [
+        (flag, value)
+        for flag, value in (
+            ("--teacher", args.teacher),
+            ("--loss-terms", args.loss_terms),
+            ("--loss-kwargs", args.loss_kwargs),
+            ("--projector-lr", args.projector_lr),
+        )
+        if value is not None
+    ]
     demo_args = demo.parse_args(
-        ["--max-minutes", "0", "--seed", str(args.seed)] + (["--steps", "4"] if args.smoke else [])
+        ["--max-minutes", "0", "--seed", str(args.seed)]
+        + (["--steps", "4"] if args.smoke else [])
+        + [x for pair in overrides for x in pair]
     )
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     teacher = AutoModel.from_pretrained(minilm_path()).eval()

@@ -41,6 +41,8 @@ from .cache_select import SELECTIONS, cache_rows
 from .cache_store import ShardedTopKStore, is_sharded_cache
 from .config import DistillationConfig
 from .pairs import split_pairs
+from .retokenize import retokenize
+from .retokenize import teacher_max_length as teacher_max_length_of
 from .teacher import Teacher
 
 __all__ = [
@@ -516,8 +518,11 @@ class _Builder:
         self.vocab_size: int | None = None
         self.per_token: bool | None = None
         self.lowrank: LowRankCoder | None = None  # set by build_teacher_cache for kind="lowrank"
+        self.retokenized = False  # set by build_teacher_cache when the teacher has its own tokenizer
 
-    def add(self, batch: dict[str, torch.Tensor], out: Any) -> None:
+    def add(self, batch: dict[str, torch.Tensor], out: Any, teacher_mask: torch.Tensor | None = None) -> None:
+        """Keep the outputs ``out`` of the examples of ``batch`` not seen yet (keyed by the student's tokens).
+        ``teacher_mask``: the attention mask of the teacher's own inputs when they were re-tokenized (pooling)."""
         ids, mask = _ids_mask(batch)
         mask = torch.ones_like(ids) if mask is None else mask
         new, keys = [], []
@@ -529,7 +534,7 @@ class _Builder:
         if not new:
             return
         if self.kind == "embedding":
-            self._add_embeddings(out, mask, new)
+            self._add_embeddings(out, mask if teacher_mask is None else teacher_mask, new)
         elif self.kind == "lowrank":
             self._add_lowrank(out, mask, new, keys)
         else:
@@ -548,6 +553,13 @@ class _Builder:
             raise ValueError("kind='topk' needs a teacher that returns logits")
         self.vocab_size = int(logits.shape[-1])
         self.per_token = logits.dim() == 3
+        if self.per_token and self.retokenized:
+            raise ValueError(
+                "build_teacher_cache(teacher_tokenizer=...): this teacher gives per-token logits, which another "
+                "tokenizer's tokens do not line up with. Re-tokenized caches hold sequence-level outputs (pooled "
+                "embeddings, sequence-classification logits); distil a causal LM with another tokenizer live with "
+                "loss_terms='alm' or 'uld' and teacher_tokenizer=... ."
+            )
         k = min(self.top_k or self.vocab_size, self.vocab_size)
         for i, key in zip(new, keys):
             rows = logits[i][mask[i].to(logits.device).bool()] if self.per_token else logits[i : i + 1]
@@ -608,6 +620,9 @@ def build_teacher_cache(
     seed: int = 0,
     rank: int = 64,
     fit_tokens: int = 16384,
+    teacher_tokenizer: Any = None,
+    student_tokenizer: Any = None,
+    teacher_max_length: int | None = None,
     progress: bool = True,
 ) -> TeacherCache:
     """Run ``teacher`` once over a training set and keep what the distillation terms need.
@@ -632,6 +647,14 @@ def build_teacher_cache(
             exact head plus a seeded sample of the tail with unbiased weights; forward KL / soft CE only), as in
             :func:`kd_plugins.cache_teacher` (distill/cache_select.py).
         rank / fit_tokens: ``kind="lowrank"``: the PCA rank, and how many of the first tokens its basis is fitted on.
+        teacher_tokenizer / student_tokenizer: a teacher with another tokenizer (e.g. a larger sentence encoder of
+            another family): each example is decoded with ``student_tokenizer`` and re-tokenized with
+            ``teacher_tokenizer`` for the teacher (distill/retokenize.py, the live callback's path), and keyed, as
+            always, by the student's tokens. Sequence-level outputs only (``kind="embedding"``, or ``"topk"`` on
+            sequence-classification logits); the teacher's width may differ from the student's (a learned
+            projector, or a width-free term such as ``pair_kl`` / ``affinity_kl``).
+        teacher_max_length: truncation of the re-tokenized teacher inputs (default: the teacher tokenizer's
+            ``model_max_length``, 512 when it has none). A shorter one caches a long-document teacher faster.
         progress: show a tqdm progress bar (when tqdm is installed).
     """
     if kind not in KINDS:
@@ -649,15 +672,34 @@ def build_teacher_cache(
             f"build_teacher_cache(kind='lowrank') needs top_k >= 1, rank >= 1 and fit_tokens >= rank; got top_k="
             f"{top_k}, rank={rank}, fit_tokens={fit_tokens}"
         )
+    retokenized = teacher_tokenizer is not None
+    if retokenized and student_tokenizer is None:
+        raise ValueError(
+            "build_teacher_cache(teacher_tokenizer=...) needs student_tokenizer=... too: the student's examples are "
+            "decoded with it and re-tokenized for the teacher."
+        )
+    if retokenized and kind == "lowrank":
+        raise ValueError(
+            "build_teacher_cache(kind='lowrank', teacher_tokenizer=...): per-token rows need one tokenizer. "
+            "Re-tokenized caches hold sequence-level outputs (kind='embedding', or 'topk' on classification logits)."
+        )
+    if teacher_max_length is not None and not retokenized:
+        raise ValueError("build_teacher_cache: teacher_max_length applies to re-tokenized inputs (teacher_tokenizer=)")
     runner = Teacher(teacher)
     builder = _Builder(kind, top_k, temperature, pooling, selection, seed)
+    builder.retokenized = retokenized
     extra = {}
     if kind == "lowrank":
         builder.lowrank = LowRankCoder(runner.module, rank, fit_tokens, temperature)
         extra = {"output_hidden_states": True}
     total = None  # pair examples count twice: the bar counts batches as they come
     for batch in _progress(_teacher_batches(dataset_or_batches, batch_size), total, progress):
-        builder.add(batch, runner.forward_batch(batch, **extra))
+        if not retokenized:
+            builder.add(batch, runner.forward_batch(batch, **extra))
+            continue
+        ids, mask = _ids_mask(batch)
+        tin = retokenize(student_tokenizer, teacher_tokenizer, ids, mask, max_length=teacher_max_length)
+        builder.add(batch, runner.forward_batch(tin), teacher_mask=tin["attention_mask"])
     if not builder.seen:
         raise ValueError("build_teacher_cache: the dataset is empty")
     metadata = {
@@ -675,6 +717,9 @@ def build_teacher_cache(
         "dataset_fingerprint": _dataset_fingerprint(builder.seen),
         "num_examples": len(builder.seen),
     }
+    if retokenized:
+        metadata["teacher_tokenizer_fingerprint"] = tokenizer_fingerprint(teacher_tokenizer)
+        metadata["teacher_max_length"] = teacher_max_length_of(teacher_tokenizer, teacher_max_length)
     return TeacherCache(builder.tensors(), metadata)
 
 

@@ -103,7 +103,11 @@ class DistillationConfig:
         },
     )
     projector_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of projectors (default: the Trainer's current lr)."}
+        default=None,
+        metadata={
+            "help": "Learning rate of projectors (default: the Trainer's current lr). A projector starts random: "
+            "at a fine-tuning lr it can stay near its start for the whole run, so try e.g. 1e-2."
+        },
     )
     log_agreement: bool = field(default=True, metadata={"help": "Log teacher-student top-1 agreement."})
     fused_loss: bool | None = field(

@@ -40,6 +40,7 @@ from .config import DistillationConfig
 from .cross_tokenizer import CROSS_TOKENIZER, CrossTokenizerTerms
 from .pairs import split_pairs
 from .projectors import STATE_FILE, ProjectorBank
+from .retokenize import retokenize
 from .scaling import LossScaling
 from .teacher import Teacher
 from .teacher_set import TeacherSet, TeacherSetEmbeddings, TeacherSetOutputs
@@ -367,15 +368,10 @@ class DistillationEngine:
         if self.crosstok is not None:  # re-tokenized for the teacher, chunks aligned (kd_plugins.crosstok)
             return self.crosstok.teacher_outputs(inputs)
         if self.retokenize:
-            texts = self.student_tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-            enc = self.teacher_tokenizer(
-                texts,
-                padding=True,
-                truncation=True,
-                return_tensors="pt",
-                max_length=getattr(self.teacher_tokenizer, "model_max_length", 512),
+            enc = retokenize(
+                self.student_tokenizer, self.teacher_tokenizer, inputs["input_ids"], inputs.get("attention_mask")
             )
-            tin = self.runner.model_inputs(dict(enc))
+            tin = self.runner.model_inputs(enc)
         else:
             keep = ("labels",) if self.task == "seq2seq" else ()  # the decoder inputs are derived from the labels
             tin = self.runner.model_inputs(inputs, keep=keep)

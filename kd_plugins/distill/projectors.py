@@ -8,6 +8,7 @@ saved as ``kd_plugins_state.safetensors`` beside each checkpoint (restored on re
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -18,6 +19,8 @@ from ..losses.feature import FeatureProjector
 __all__ = ["ProjectorBank", "STATE_FILE"]
 
 STATE_FILE = "kd_plugins_state.safetensors"
+
+logger = logging.getLogger("kd_plugins.distill")
 
 
 class ProjectorBank:
@@ -50,6 +53,14 @@ class ProjectorBank:
         safe = key.replace(".", "__")
         if safe not in self.modules:
             self.modules[safe] = FeatureProjector(s_dim, t_dim).to(device)
+            if self.lr is None:  # a fresh random map at a fine-tuning lr barely moves (docs/teacher_cache.md)
+                logger.info(
+                    "kd_plugins: learned projector %s (%d -> %d) steps at the Trainer's learning rate; a projector "
+                    "starts random, so a higher DistillationConfig(projector_lr=...) (e.g. 1e-2) often trains better",
+                    key,
+                    s_dim,
+                    t_dim,
+                )
             if self._pending is not None:
                 self._load_module_state(safe)
             self._build_optimizer()
