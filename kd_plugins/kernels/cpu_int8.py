@@ -319,7 +319,8 @@ def scale_int32(
     ``extra = (a, b)`` (float32 ``[M, R]`` and ``[R, N]``, small ``R``) adds the float product ``a @ b`` in the same
     pass (dynamic CrossQuant's outlier columns), rounded as MKL's ``addmm_`` rounds it on x86 (one column: a fused
     multiply-add into the result; several: their fused multiply-add sum, then added), so it is bit for bit the eager
-    ``addmm_`` where torch's BLAS is MKL (tested) and equal to float rounding elsewhere.
+    ``addmm_`` where torch's BLAS is MKL on an Intel CPU (tested) and equal to float rounding elsewhere (MKL
+    dispatches other kernels on AMD CPUs).
     """
     _check(acc, torch.int32, 2, "acc")
     m, n = acc.shape
