@@ -69,6 +69,11 @@ def test_retokenize_decodes_only_the_unpadded_tokens(tokenizers):
     assert not torch.equal(enc["input_ids"][0], tok_t(texts[0], return_tensors="pt")["input_ids"][0])
     got = retokenize(tok_s, tok_t, enc["input_ids"], enc["attention_mask"])
     want = tok_t(texts, padding=True, return_tensors="pt")
+    # padding with an ordinary token id (as some causal-LM collators do): only the attention mask drops it
+    ordinary = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, tok_s.convert_tokens_to_ids("w7"))
+    torch.testing.assert_close(
+        retokenize(tok_s, tok_t, ordinary, enc["attention_mask"])["input_ids"], want["input_ids"]
+    )
     assert torch.equal(got["input_ids"], want["input_ids"])
     assert torch.equal(got["attention_mask"], want["attention_mask"])
     assert retokenize(tok_s, tok_t, enc["input_ids"], enc["attention_mask"], max_length=2)["input_ids"].shape[1] == 2
