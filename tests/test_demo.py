@@ -24,7 +24,10 @@ def _demo():
 def test_demo_runs_end_to_end_and_reports_distilled_and_int8_figures(tmp_path, capsys):
     demo = _demo()
     out = tmp_path / "figures.json"
-    argv = ["--train-articles", "48", "--steps", "4", "--eval-articles", "24", "--skip-teacher-eval"]
+    # the student's own source as the cached teacher, quantized (a copy: the float model stays the layer source)
+    argv = ["--teacher", "minilm", "--teacher-quantization", "int8", "--loss-terms", "embedding_mse:1.0,infonce:1.0"]
+    argv += ["--loss-kwargs", '{"embedding_mse": {"normalize": true}, "infonce": {"temperature": 0.05}}']
+    argv += ["--train-articles", "48", "--steps", "4", "--eval-articles", "24", "--skip-teacher-eval"]
     argv += ["--max-minutes", "0", "--output-dir", str(tmp_path / "student"), "--json", str(out)]
     assert demo.main(argv) == 0
     figures = json.loads(out.read_text())
@@ -45,9 +48,9 @@ def test_demo_recipe_uses_pairs_and_the_teacher_cache():
     assert args.steps == demo.RECIPE["steps"] and args.max_minutes > 0
 
 
-def test_demo_with_a_cached_teacher_of_another_family(tmp_path):
-    """`--teacher mpnet`: all-mpnet-base-v2 (another tokenizer, 768 wide) fills the cache through
-    build_teacher_cache(teacher_tokenizer=...) and teaches through a learned projector."""
+def test_demo_default_recipe_a_cached_teacher_of_another_family(tmp_path):
+    """The default recipe: all-mpnet-base-v2 (another tokenizer, 768 wide), quantized to int8, fills the cache
+    through build_teacher_cache(teacher_tokenizer=...) and teaches through a learned projector."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:
@@ -56,8 +59,8 @@ def test_demo_with_a_cached_teacher_of_another_family(tmp_path):
         pytest.skip("all-mpnet-base-v2 is not installed (make bench-assets)")
     demo = _demo()
     out = tmp_path / "figures.json"
-    argv = ["--teacher", "mpnet", "--teacher-max-length", "32", "--projector-lr", "1e-2"]
-    argv += ["--loss-terms", "embedding_cosine:1.0,infonce:1.0", "--loss-kwargs", '{"infonce": {"temperature": 0.05}}']
+    assert demo.parse_args([]).teacher == "mpnet" and demo.parse_args([]).teacher_quantization == "int8"
+    argv = ["--teacher-max-length", "32"]
     argv += ["--train-articles", "16", "--steps", "2", "--eval-articles", "8", "--skip-teacher-eval", "--no-quantize"]
     argv += ["--max-minutes", "0", "--output-dir", str(tmp_path / "student"), "--json", str(out)]
     assert demo.main(argv) == 0

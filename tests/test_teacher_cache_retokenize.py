@@ -10,7 +10,13 @@ import torch
 from tiny import tiny_bert, tiny_llama, training_args
 from transformers import PreTrainedTokenizerFast, Trainer
 
-from kd_plugins import DistillationCallback, DistillationConfig, build_teacher_cache
+from kd_plugins import (
+    DistillationCallback,
+    DistillationConfig,
+    build_teacher_cache,
+    load_teacher_cache,
+    save_teacher_cache,
+)
 from kd_plugins.distill.retokenize import retokenize, teacher_max_length
 from kd_plugins.losses.feature import mean_pool
 
@@ -163,3 +169,24 @@ def test_bad_retokenized_cache_requests(tokenizers):
         build_teacher_cache(llama, ds, kind="topk", **both)
     with pytest.raises(ValueError, match="teacher_max_length applies to re-tokenized inputs"):
         build_teacher_cache(encoder, ds, teacher_max_length=8, progress=False)
+
+
+def test_retokenized_cache_round_trips_and_refuses_other_tokenizers(tokenizers, tmp_path):
+    tok_s, tok_t = tokenizers
+    teacher = tiny_bert(vocab=len(tok_t), hidden=48, seed=3).eval()
+    texts = _texts(6)
+    ds = Texts(tok_s, texts)
+    cache = build_teacher_cache(teacher, ds, teacher_tokenizer=tok_t, student_tokenizer=tok_s, progress=False)
+    save_teacher_cache(cache, tmp_path / "c")
+    loaded = load_teacher_cache(tmp_path / "c", teacher=teacher, dataset=ds, tokenizer=tok_s, teacher_tokenizer=tok_t)
+    batch = dict(tok_s(texts, padding=True, return_tensors="pt"))
+    assert torch.equal(loaded.lookup(batch)["pooled_embedding"], cache.lookup(batch)["pooled_embedding"])
+    other = _tokenizer(WORDS + ["x9"])
+    with pytest.raises(ValueError, match="teacher read its inputs with another tokenizer"):
+        load_teacher_cache(tmp_path / "c", teacher_tokenizer=other)
+    with pytest.raises(ValueError, match="built with another tokenizer"):
+        load_teacher_cache(tmp_path / "c", tokenizer=other)
+    plain = build_teacher_cache(tiny_bert(vocab=len(tok_s), seed=3), ds, progress=False)
+    save_teacher_cache(plain, tmp_path / "plain")
+    with pytest.raises(ValueError, match="not built with a teacher_tokenizer"):
+        load_teacher_cache(tmp_path / "plain", teacher_tokenizer=tok_t)

@@ -123,8 +123,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--freeze-word-embeddings", action="store_true", help="do not train the word-embedding matrix")
     p.add_argument("--projector-lr", default=None, help="the demo's --projector-lr")
-    p.add_argument("--teacher", choices=("minilm", "mpnet"), default="minilm", help="the demo's --teacher")
-    p.add_argument("--teacher-max-length", default="128", help="the demo's --teacher-max-length")
+    p.add_argument(
+        "--teacher", choices=("minilm", "mpnet"), default=demo.RECIPE["teacher"], help="the demo's --teacher"
+    )
+    p.add_argument(
+        "--teacher-max-length", default=str(demo.RECIPE["teacher_max_length"]), help="the demo's --teacher-max-length"
+    )
+    p.add_argument(
+        "--teacher-quantization",
+        choices=("none", "int8"),
+        default=demo.RECIPE["teacher_quantization"] or "none",
+        help="the demo's --teacher-quantization",
+    )
     a = p.parse_args(argv)
 
     path = minilm_path()
@@ -181,6 +191,7 @@ def main(argv=None) -> int:
             args = demo.parse_args(
                 ["--seed", str(seed), "--loss-terms", terms, "--loss-kwargs", kwargs, "--max-minutes", "0"]
                 + ["--steps", a.steps, "--teacher", a.teacher, "--teacher-max-length", a.teacher_max_length]
+                + ["--teacher-quantization", a.teacher_quantization]
                 + (["--projector-lr", a.projector_lr] if a.projector_lr is not None else [])
             )
             init = demo.inherit_student(teacher, strategy=[int(x) for x in args.layers.split(",")])
@@ -188,7 +199,8 @@ def main(argv=None) -> int:
             row = {
                 "variant": name + (" (frozen word embeddings)" if a.freeze_word_embeddings else ""),
                 "teacher": a.teacher,
-                "projector_lr": a.projector_lr,
+                "teacher_quantization": a.teacher_quantization,
+                "projector_lr": args.projector_lr,
                 "seed": seed,
                 "cache_s": round(cache_s, 1),
                 "train_s": round(train_s, 1),

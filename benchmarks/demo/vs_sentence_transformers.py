@@ -4,8 +4,9 @@ Both arms start from the same inherited student (teacher layers ``RECIPE["layers
 on the same BBC News training articles, 8 (title, body) pairs per batch, AdamW at the same lr, linear schedule with
 10% warm-up, max 256 tokens:
 
-* **kd_plugins** (``examples/distill_minilm_bbc.py``'s ``distill``): ``build_teacher_cache`` over the pairs, then an
-  unmodified ``transformers.Trainer`` + ``DistillationCallback(cache, config)`` on ``PairCollator`` batches;
+* **kd_plugins** (``examples/distill_minilm_bbc.py``'s ``distill``, the demo's recipe by default: all-mpnet-base-v2
+  quantized to int8 with ``quantize_teacher``): ``build_teacher_cache`` over the pairs, then an unmodified
+  ``transformers.Trainer`` + ``DistillationCallback(cache, config)`` on ``PairCollator`` batches;
 * **sentence-transformers** (optional dependency, ``pip install sentence-transformers``): the teacher's normalised
   embeddings computed once with ``SentenceTransformer.encode`` as labels, then ``SentenceTransformerTrainer`` with
   ``losses.MSELoss`` on (title, body) columns with per-column labels and ``MultipleNegativesRankingLoss`` on
@@ -16,8 +17,9 @@ on the same BBC News training articles, 8 (title, body) pairs per batch, AdamW a
   and re-normalised: sentence-transformers' documented way to distil a narrower student from a wider teacher
   (its ``model_distillation.py`` example adds the PCA as a ``Dense`` layer on the teacher).
 
-``--teacher mpnet`` (with ``--loss-terms`` / ``--loss-kwargs`` / ``--projector-lr``) runs the kd_plugins arm with
-the demo's ``--teacher mpnet`` cache (``build_teacher_cache(teacher_tokenizer=...)``) in place of all-MiniLM-L6-v2.
+``--teacher``, ``--teacher-quantization``, ``--loss-terms``, ``--loss-kwargs`` and ``--projector-lr`` override the
+kd_plugins arm's recipe (the demo's flags of the same names; ``--teacher minilm`` with the MiniLM recipe's losses
+gives the sessions 13-21 arm).
 
 Equal wall-clock: each sentence-transformers arm gets the kd_plugins arm's measured time (teacher pass + training).
 Its step count is planned from its step time measured on a few warm-up steps (not counted), so its learning-rate
@@ -188,6 +190,12 @@ def parse_args(argv=None):
     p.add_argument("--loss-terms", default=None, help="kd_plugins arm's loss terms (default: the demo's)")
     p.add_argument("--loss-kwargs", default=None, help="kd_plugins arm's loss kwargs JSON (default: the demo's)")
     p.add_argument("--projector-lr", default=None, help="kd_plugins arm's projector lr (default: the demo's)")
+    p.add_argument(
+        "--teacher-quantization",
+        choices=("none", "int8"),
+        default=None,
+        help="kd_plugins arm's cached-teacher quantization (default: the demo's)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny run (64 training articles, 4 steps, 40 eval articles)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -218,6 +226,7 @@ def main(argv=None) -> int:
             ("--loss-terms", args.loss_terms),
             ("--loss-kwargs", args.loss_kwargs),
             ("--projector-lr", args.projector_lr),
+            ("--teacher-quantization", args.teacher_quantization),
         )
         if value is not None
     ]
@@ -260,7 +269,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         if name == "teacher":
-            print(f"| teacher (6 layers) | | | | {r['eval']['mrr']:.3f} | {r['eval']['recall@1']:.3f} |")
+            label = "teacher (6 layers)" if demo_args.teacher == "minilm" else "all-MiniLM-L6-v2 (the layer source)"
+            print(f"| {label} | | | | {r['eval']['mrr']:.3f} | {r['eval']['recall@1']:.3f} |")
             continue
         print(
             f"| {name} | {r['steps']} | {r['cache_s']:.0f} s | {r['train_s']:.0f} s | {r['eval']['mrr']:.3f} | "

@@ -237,6 +237,22 @@ class TeacherCache:
                 f"{self._rebuild_hint} and this tokenizer."
             )
 
+    def check_teacher_tokenizer(self, teacher_tokenizer: Any) -> None:
+        """Refuse a teacher tokenizer other than the one a re-tokenized cache's teacher read its inputs with."""
+        want = self.metadata.get("teacher_tokenizer_fingerprint")
+        if want is None:
+            raise ValueError(
+                "This teacher cache was not built with a teacher_tokenizer (its teacher read the student's tokens); "
+                "do not pass teacher_tokenizer= to load it, or rebuild it with build_teacher_cache(..., "
+                "teacher_tokenizer=..., student_tokenizer=...)."
+            )
+        got = tokenizer_fingerprint(teacher_tokenizer)
+        if got != want:
+            raise ValueError(
+                f"This teacher cache's teacher read its inputs with another tokenizer (fingerprint {want[:12]}; this "
+                f"{type(teacher_tokenizer).__name__} has {got[:12]}). {self._rebuild_hint} and this teacher tokenizer."
+            )
+
     def check_temperature(self, temperature: float) -> None:
         """Refuse a loss temperature other than the capture temperature."""
         if not math.isclose(float(temperature), float(self.temperature)):
@@ -717,7 +733,8 @@ def build_teacher_cache(
         "dataset_fingerprint": _dataset_fingerprint(builder.seen),
         "num_examples": len(builder.seen),
     }
-    if retokenized:
+    if retokenized:  # both tokenizers, so that a load can refuse either one changed
+        metadata["tokenizer_fingerprint"] = tokenizer_fingerprint(student_tokenizer)
         metadata["teacher_tokenizer_fingerprint"] = tokenizer_fingerprint(teacher_tokenizer)
         metadata["teacher_max_length"] = teacher_max_length_of(teacher_tokenizer, teacher_max_length)
     return TeacherCache(builder.tensors(), metadata)
@@ -744,6 +761,7 @@ def load_teacher_cache(
     kind: str | None = None,
     vocab_size: int | None = None,
     tokenizer: Any = None,
+    teacher_tokenizer: Any = None,
     temperature: float | None = None,
     max_open_shards: int = 4,
 ) -> TeacherCache:
@@ -751,8 +769,10 @@ def load_teacher_cache(
     :func:`kd_plugins.cache_teacher`; every expectation given is checked.
 
     ``teacher``: refuse a cache built with another teacher; ``dataset``: refuse one built over other examples;
-    ``kind`` / ``vocab_size``: refuse another payload or vocabulary; ``tokenizer`` (sharded caches): refuse one
-    tokenized with another tokenizer; ``temperature``: refuse another capture temperature."""
+    ``kind`` / ``vocab_size``: refuse another payload or vocabulary; ``tokenizer`` (sharded and re-tokenized
+    caches): refuse one tokenized with another tokenizer; ``teacher_tokenizer`` (re-tokenized caches, built with
+    ``build_teacher_cache(teacher_tokenizer=...)``): refuse one whose teacher read its inputs with another tokenizer;
+    ``temperature``: refuse another capture temperature."""
     if is_sharded_cache(directory):
         cache = TeacherCache(directory, max_open_shards=max_open_shards)
     else:
@@ -768,6 +788,8 @@ def load_teacher_cache(
         cache.check_teacher(teacher)
     if tokenizer is not None:
         cache.check_tokenizer(tokenizer)
+    if teacher_tokenizer is not None:
+        cache.check_teacher_tokenizer(teacher_tokenizer)
     if temperature is not None:
         cache.check_temperature(temperature)
     if dataset is not None:
