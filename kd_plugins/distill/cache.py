@@ -223,34 +223,38 @@ class TeacherCache:
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the one the cache's examples were tokenized with (sharded caches)."""
-        want = self.metadata.get("tokenizer_fingerprint")
-        if want is None:
-            raise ValueError(
-                "This teacher cache records no tokenizer (it was built from already tokenized examples); "
-                "it cannot be checked against a tokenizer. Check the dataset instead (dataset=...)."
-            )
-        got = tokenizer_fingerprint(tokenizer)
-        if got != want:
-            raise ValueError(
-                f"This teacher cache was built with another tokenizer (fingerprint {want[:12]}; this "
-                f"{type(tokenizer).__name__} has {got[:12]}): its token ids mean other tokens. "
-                f"{self._rebuild_hint} and this tokenizer."
-            )
+        self._check_fingerprint(
+            "tokenizer_fingerprint",
+            tokenizer,
+            missing="This teacher cache records no tokenizer (it was built from already tokenized examples); "
+            "it cannot be checked against a tokenizer. Check the dataset instead (dataset=...).",
+            mismatch="This teacher cache was built with another tokenizer",
+            consequence=": its token ids mean other tokens.",
+            what="tokenizer",
+        )
 
     def check_teacher_tokenizer(self, teacher_tokenizer: Any) -> None:
         """Refuse a teacher tokenizer other than the one a re-tokenized cache's teacher read its inputs with."""
-        want = self.metadata.get("teacher_tokenizer_fingerprint")
+        self._check_fingerprint(
+            "teacher_tokenizer_fingerprint",
+            teacher_tokenizer,
+            missing="This teacher cache was not built with a teacher_tokenizer (its teacher read the student's "
+            "tokens); do not pass teacher_tokenizer= to load it, or rebuild it with build_teacher_cache(..., "
+            "teacher_tokenizer=..., student_tokenizer=...).",
+            mismatch="This teacher cache's teacher read its inputs with another tokenizer",
+            consequence=".",
+            what="teacher tokenizer",
+        )
+
+    def _check_fingerprint(self, key: str, tokenizer: Any, *, missing: str, mismatch: str, consequence: str, what: str):
+        want = self.metadata.get(key)
         if want is None:
-            raise ValueError(
-                "This teacher cache was not built with a teacher_tokenizer (its teacher read the student's tokens); "
-                "do not pass teacher_tokenizer= to load it, or rebuild it with build_teacher_cache(..., "
-                "teacher_tokenizer=..., student_tokenizer=...)."
-            )
-        got = tokenizer_fingerprint(teacher_tokenizer)
+            raise ValueError(missing)
+        got = tokenizer_fingerprint(tokenizer)
         if got != want:
             raise ValueError(
-                f"This teacher cache's teacher read its inputs with another tokenizer (fingerprint {want[:12]}; this "
-                f"{type(teacher_tokenizer).__name__} has {got[:12]}). {self._rebuild_hint} and this teacher tokenizer."
+                f"{mismatch} (fingerprint {want[:12]}; this {type(tokenizer).__name__} has {got[:12]}){consequence} "
+                f"{self._rebuild_hint} and this {what}."
             )
 
     def check_temperature(self, temperature: float) -> None:
