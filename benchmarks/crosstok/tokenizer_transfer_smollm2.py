@@ -18,7 +18,9 @@ Setup (fixed before any run):
   (CE + ULD), ``ce_alm`` (CE + ALM), ``alm`` (ALM only). Weights 1.0 each; ALM in its default form (binarised CE,
   tau = 100). ``ce_alm_gradmag``: CE + ALM with ``term_balance="gradmag"`` (each term rescaled every step to the
   same gradient norm at the logits: the binarised ALM's gradient is about 1/tau of CE's, so at weight 1 CE + ALM
-  trains like CE alone; tokenkit combines ALM with SFT this way).
+  trains like CE alone; tokenkit combines ALM with SFT this way). ``ce_alm_gradmag_embeddings``: the same, training
+  only the (tied) embeddings, at ``--embeddings-lr`` (1e-3): the transfer replaced the embeddings only, so the body
+  keeps the original's weights instead of drifting towards the training domain.
 * Metrics, for the teacher and every arm:
 
   - bits per byte on held-out text of the other domain: paragraphs of the BBC News test split (at most
@@ -73,6 +75,7 @@ ARMS = {  # arm -> (alm_weight, uld_weight, ce_weight); None: no training
     "ce_alm": (1.0, 0.0, 1.0),
     "alm": (1.0, 0.0, 0.0),
     "ce_alm_gradmag": (1.0, 0.0, 1.0),
+    "ce_alm_gradmag_embeddings": (1.0, 0.0, 1.0),
 }
 # Cross-model arms: a student of another size *and* tokenizer (SmolLM2 moved to the new tokenizer, then cut to
 # ``--small-layers`` of its 30 layers) distilled from the full SmolLM2 with its own tokenizer.
@@ -106,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="new-tokenizer tokens per training row")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--embeddings-lr", type=float, default=1e-3, help="learning rate of the *_embeddings arms (embeddings only)"
+    )
     p.add_argument("--warmup-steps", type=int, default=40)
     p.add_argument("--vocab-size", type=int, default=16000, help="size of the new byte-level BPE")
     p.add_argument("--eval-texts", type=int, default=300, help="BBC test paragraphs (and Persuasion passages) scored")
@@ -249,11 +255,12 @@ def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
         steps=args.steps,
         batch_size=args.batch_size,
         max_length=args.seq_len,
-        learning_rate=args.lr,
+        learning_rate=args.embeddings_lr if arm.endswith("_embeddings") else args.lr,
+        train_embeddings_only=arm.endswith("_embeddings"),
         warmup_steps=args.warmup_steps,
         logging_steps=max(1, min(10, args.steps)),
         seed=args.seed,
-        term_balance="gradmag" if arm.endswith("_gradmag") else "none",
+        term_balance="gradmag" if "_gradmag" in arm else "none",
         **(dict(zip(("alm_weight", "uld_weight", "ce_weight"), weights)) if weights else {}),
     )
     t0 = time.time()

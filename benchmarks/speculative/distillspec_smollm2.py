@@ -14,7 +14,8 @@ Setup (fixed before any run):
 * Arms, the same number of optimizer steps each, the same batches (Trainer seed), lr and schedule:
   ``offpolicy_fkl`` (``lmbda=0``: the reference completions, forward KL), ``onpolicy_fkl`` / ``onpolicy_rkl`` /
   ``onpolicy_tvd`` / ``onpolicy_jsd`` (``lmbda=1``: completions sampled from the draft at T = 1, scored by the
-  target; JSD with beta 0.5), all through ``DistillationCallback(target, distillspec_config(...))``.
+  target; JSD with beta 0.5), ``seqkd_fkl`` (``lmbda=1``, ``on_policy_source="teacher"``: the target's greedy
+  completions, sequence-level KD, forward KL), all through ``DistillationCallback(target, distillspec_config(...))``.
 * Metrics on the evaluation prompts: analytic acceptance ``expected_acceptance`` (greedy and T = 1) on the target's
   own greedy continuations, the predicted tokens per target forward at gamma = 4, and ``measure_speculative`` with 4
   draft tokens per round (greedy): accepted tokens per round, accepted / proposed, tokens per target forward,
@@ -60,14 +61,16 @@ from benchmarks.data.bbc import article_paragraphs, load_bbc_news, split_article
 from benchmarks.data.lm import AUSTEN_NOVELS, jane_austen_texts, load_smollm2  # noqa: E402
 
 EVAL_NOVEL = "persuasion"
-#: arm -> (divergence, lmbda); "untrained" is the draft as cut from the target.
+#: arm -> (divergence, lmbda, other DistillationConfig fields); "untrained" is the draft as cut from the target.
 ARMS = {
     "untrained": None,
-    "offpolicy_fkl": ("kl", 0.0),
-    "onpolicy_fkl": ("kl", 1.0),
-    "onpolicy_rkl": ("reverse_kl", 1.0),
-    "onpolicy_tvd": ("tvd", 1.0),
-    "onpolicy_jsd": ("jsd", 1.0),
+    "offpolicy_fkl": ("kl", 0.0, {}),
+    "onpolicy_fkl": ("kl", 1.0, {}),
+    "onpolicy_rkl": ("reverse_kl", 1.0, {}),
+    "onpolicy_tvd": ("tvd", 1.0, {}),
+    "onpolicy_jsd": ("jsd", 1.0, {}),
+    # sequence-level KD: the target's own greedy completions, the text acceptance is measured on
+    "seqkd_fkl": ("kl", 1.0, {"on_policy_source": "teacher", "generation_temperature": 0.0}),
 }
 SMOKE = {
     "steps": 2,
@@ -259,7 +262,7 @@ def _train_kwargs(args, out_dir: str, steps: int) -> dict:
     )
 
 
-def train_arm(target, tok, rows, args, divergence: str, lmbda: float, steps: int):
+def train_arm(target, tok, rows, args, divergence: str, lmbda: float, steps: int, overrides: dict | None = None):
     """A fresh draft trained ``steps`` steps by ``Trainer`` + ``DistillationCallback``; (draft, logs, step seconds)."""
     from transformers import Trainer, TrainingArguments
 
@@ -267,7 +270,7 @@ def train_arm(target, tok, rows, args, divergence: str, lmbda: float, steps: int
     from kd_plugins.speculative import build_draft, distillspec_config
 
     draft = build_draft(target, num_layers=args.num_layers)
-    cfg = distillspec_config(divergence, lmbda=lmbda, max_new_tokens=args.max_new_tokens)
+    cfg = distillspec_config(divergence, lmbda=lmbda, max_new_tokens=args.max_new_tokens, **(overrides or {}))
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
@@ -387,7 +390,8 @@ def run_arms(target, tok, train_rows, eval_rows, args) -> dict:
         if ARMS[arm] is None:
             draft, logs, seconds = build_draft(target, num_layers=args.num_layers), [], []
         else:
-            draft, logs, seconds = train_arm(target, tok, train_rows, args, *ARMS[arm], args.steps)
+            divergence, lmbda, overrides = ARMS[arm]
+            draft, logs, seconds = train_arm(target, tok, train_rows, args, divergence, lmbda, args.steps, overrides)
         train_s = time.time() - t0
         metrics = evaluate(target, draft, tok, eval_rows, batches, args)
         last = next((h for h in reversed(logs) if "kd_loss" in h), {})

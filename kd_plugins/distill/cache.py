@@ -222,7 +222,8 @@ class TeacherCache:
             )
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Refuse a tokenizer other than the one the cache's examples were tokenized with (sharded caches)."""
+        """Refuse a tokenizer other than the one the cache's examples were tokenized with (recorded when the builder
+        was given it: ``cache_teacher(..., tokenizer=...)``, or ``build_teacher_cache(..., student_tokenizer=...)``)."""
         self._check_fingerprint(
             "tokenizer_fingerprint",
             tokenizer,
@@ -246,7 +247,10 @@ class TeacherCache:
             what="teacher tokenizer",
         )
 
-    def _check_fingerprint(self, key: str, tokenizer: Any, *, missing: str, mismatch: str, consequence: str, what: str):
+    def _check_fingerprint(
+        self, key: str, tokenizer: Any, *, missing: str, mismatch: str, consequence: str, what: str
+    ) -> None:
+        """Raise ``missing`` when the metadata lacks ``key``, ``mismatch`` when ``tokenizer``'s fingerprint differs."""
         want = self.metadata.get(key)
         if want is None:
             raise ValueError(missing)

@@ -57,6 +57,9 @@ def distillspec_config(divergence: str = "tvd", *, beta: float = 0.5, **override
     Defaults: ``lmbda=1.0`` with ``on_policy_source="student"`` (every micro-batch's completions sampled from the
     draft, at ``generation_temperature=1.0``), ``temperature=1.0`` in the divergence, ``hard_label_weight=0``.
     ``**overrides`` replace any field (``lmbda=0.0``: the dataset's completions, off-policy; ``max_new_tokens``).
+    For a draft cut from its target, ``on_policy_source="teacher", generation_temperature=0.0`` (the target's own
+    greedy completions) measured best in benchmarks/speculative (docs/speculative.md, "Recipe for a draft cut from
+    the target"); the draft's own samples help once they are plausible.
     """
     name = get_loss_spec(divergence).name  # the registry name: the fused kernel recognises it
     if name not in DISTILLSPEC_DIVERGENCES:
