@@ -14,8 +14,9 @@ Setup (fixed before any run):
 * Arms, the same number of optimizer steps each, the same batches (Trainer seed), lr and schedule:
   ``offpolicy_fkl`` (``lmbda=0``: the reference completions, forward KL), ``onpolicy_fkl`` / ``onpolicy_rkl`` /
   ``onpolicy_tvd`` / ``onpolicy_jsd`` (``lmbda=1``: completions sampled from the draft at T = 1, scored by the
-  target; JSD with beta 0.5), ``seqkd_fkl`` (``lmbda=1``, ``on_policy_source="teacher"``: the target's greedy
-  completions, sequence-level KD, forward KL), all through ``DistillationCallback(target, distillspec_config(...))``.
+  target; JSD with beta 0.5), ``onpolicy_fkl_greedy`` (the draft's greedy completions, forward KL), ``seqkd_fkl``
+  (``lmbda=1``, ``on_policy_source="teacher"``: the target's greedy completions, sequence-level KD, forward KL), all
+  through ``DistillationCallback(target, distillspec_config(...))``.
 * Metrics on the evaluation prompts: analytic acceptance ``expected_acceptance`` (greedy and T = 1) on the target's
   own greedy continuations, the predicted tokens per target forward at gamma = 4, and ``measure_speculative`` with 4
   draft tokens per round (greedy): accepted tokens per round, accepted / proposed, tokens per target forward,
@@ -69,6 +70,8 @@ ARMS = {
     "onpolicy_rkl": ("reverse_kl", 1.0, {}),
     "onpolicy_tvd": ("tvd", 1.0, {}),
     "onpolicy_jsd": ("jsd", 1.0, {}),
+    # on-policy with the draft's greedy completions (its T = 1 samples are near-random text for a cut draft)
+    "onpolicy_fkl_greedy": ("kl", 1.0, {"generation_temperature": 0.0}),
     # sequence-level KD: the target's own greedy completions, the text acceptance is measured on
     "seqkd_fkl": ("kl", 1.0, {"on_policy_source": "teacher", "generation_temperature": 0.0}),
 }
