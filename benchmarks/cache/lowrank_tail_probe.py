@@ -7,8 +7,8 @@ exact head, and the tail mass ``1 - sum(head)`` spread in proportion to ``softma
 how far that reconstruction is from the teacher (``KL(p || p_hat)`` per token, nats), beside the top-32 cache with a
 uniformly spread tail, on held-out Austen windows (same domain as the PCA fit) and BBC windows (another domain).
 No training: it decides whether the format is worth building. A second table measures the variance of two unbiased
-sparse tails at 32 index slots: the sampled cache (a sample of p) and a control variate (the low-rank rebuild
-plus a signed sample of the residual p - rebuild). Figures: ``benchmarks/cache/RESULTS_cache.md``
+sparse tails: the sampled cache (a sample of p, 32 or 48 index slots) and a control variate (the low-rank rebuild
+plus a signed sample of the residual p - rebuild, 32 index slots in all). Figures: ``benchmarks/cache/RESULTS_cache.md``
 (section "Low-rank caches").
 
     python benchmarks/cache/lowrank_tail_probe.py
