@@ -77,6 +77,8 @@ _LAZY = {
     "DraftEvalCallback": "kd_plugins.integrations.hf",
     "build_draft": "kd_plugins.speculative",
     "distillspec_config": "kd_plugins.speculative",
+    "restrict_draft_vocab": "kd_plugins.speculative",
+    "frequent_token_ids": "kd_plugins.speculative",
     "upcycle_moe": "kd_plugins.moe",
     "MoEConfig": "kd_plugins.moe",
     "save_moe": "kd_plugins.moe",

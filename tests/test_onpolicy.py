@@ -93,6 +93,7 @@ def test_config_fields_parse_and_validate():
         ({"generation_top_p": 0.0}, "generation_top_p"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"on_policy_seed": -1}, "on_policy_seed"),
+        ({"on_policy_source": "student_or_teacher"}, "student_or_teacher' with lmbda=0"),
         ({"lmbda": 0.5, "task": "seq_classification"}, "causal-LM"),
         ({"lmbda": 0.5, "loss_terms": "alm"}, "cross-tokenizer"),
     ]:
@@ -213,6 +214,34 @@ def test_teacher_source_generates_with_the_teacher():
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_student_or_teacher_source_generates_every_batch_and_the_draw_picks_who():
+    teacher, student = _no_eos(tiny_llama(seed=1, hidden=48)), _no_eos(tiny_llama(seed=2))
+    cfg = DistillationConfig(
+        lmbda=0.5, on_policy_source="student_or_teacher", generation_temperature=0, max_new_tokens=4
+    )
+    with pytest.raises(ValueError, match="needs the teacher model"):
+        OnPolicySampler(cfg)
+    sampler = OnPolicySampler(cfg, teacher)
+    prompts = {
+        "input_ids": torch.tensor([[10, 11, 12], [PAD, 13, 14]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [0, 1, 1]]),
+    }
+    greedy = {
+        who: m.generate(**prompts, max_new_tokens=4, do_sample=False, pad_token_id=PAD)[:, 3:]
+        for who, m in (("student", student), ("teacher", teacher))
+    }
+    assert not torch.equal(greedy["student"], greedy["teacher"])
+    seen = set()
+    for step in range(8):
+        drawn = sampler.draw(step, 0, seed=0)
+        new, logs = sampler(student, _batch(), step=step, tokenizer=TOKENIZER)
+        who = "student" if drawn else "teacher"
+        assert logs["on_policy_fraction"] == 1.0 and logs["student_generated_fraction"] == float(drawn)
+        assert new["input_ids"][0, 3:].tolist() == greedy[who][0].tolist()  # row 0 has no padding
+        seen.add(who)
+    assert seen == {"student", "teacher"}
+
+
 # ----------------------------------------------------------------------------------------------------- callback
 def _train(tmp, cfg, *, record=None, dataset=None, **args):
     teacher, student = tiny_llama(seed=1, hidden=48), tiny_llama(seed=2)
@@ -247,6 +276,14 @@ def test_callback_logs_and_evaluates_on_the_dataset(tmp_out):
     evals = [h for h in trainer.state.log_history if "eval_kd_kl" in h]
     assert evals and not any("eval_on_policy_fraction" in h for h in evals)
     assert cb.fused.enabled is True  # the fused linear+KD path runs on the generated batch
+
+
+def test_callback_logs_who_generated_with_the_mixed_source(tmp_out):
+    cfg = DistillationConfig(loss_terms="kl", lmbda=0.5, on_policy_source="student_or_teacher", max_new_tokens=3)
+    _, trainer, _ = _train(tmp_out, cfg, max_steps=4, gradient_accumulation_steps=2)
+    logs = [h for h in trainer.state.log_history if "kd_loss" in h]
+    assert len(logs) == 4 and all(h["on_policy_fraction"] == 1.0 for h in logs)
+    assert all(h["student_generated_fraction"] in (0.0, 0.5, 1.0) for h in logs)
 
 
 def test_fused_and_plain_paths_agree_on_generated_batches(tmp_out):

@@ -15,8 +15,10 @@ Setup (fixed before any run):
   ``offpolicy_fkl`` (``lmbda=0``: the reference completions, forward KL), ``onpolicy_fkl`` / ``onpolicy_rkl`` /
   ``onpolicy_tvd`` / ``onpolicy_jsd`` (``lmbda=1``: completions sampled from the draft at T = 1, scored by the
   target; JSD with beta 0.5), ``onpolicy_fkl_greedy`` (the draft's greedy completions, forward KL), ``seqkd_fkl``
-  (``lmbda=1``, ``on_policy_source="teacher"``: the target's greedy completions, sequence-level KD, forward KL), all
-  through ``DistillationCallback(target, distillspec_config(...))``.
+  (``lmbda=1``, ``on_policy_source="teacher"``: the target's greedy completions, sequence-level KD, forward KL),
+  ``mixed_fkl_greedy`` (``lmbda=0.5``, ``on_policy_source="student_or_teacher"``: each micro-batch greedily
+  completed by the draft or, with probability 0.5, by the target; forward KL), all through
+  ``DistillationCallback(target, distillspec_config(...))``.
 * Metrics on the evaluation prompts: analytic acceptance ``expected_acceptance`` (greedy and T = 1) on the target's
   own greedy continuations, the predicted tokens per target forward at gamma = 4, and ``measure_speculative`` with 4
   draft tokens per round (greedy): accepted tokens per round, accepted / proposed, tokens per target forward,
@@ -74,6 +76,9 @@ ARMS = {
     "onpolicy_fkl_greedy": ("kl", 1.0, {"generation_temperature": 0.0}),
     # sequence-level KD: the target's own greedy completions, the text acceptance is measured on
     "seqkd_fkl": ("kl", 1.0, {"on_policy_source": "teacher", "generation_temperature": 0.0}),
+    # half the micro-batches the draft's greedy completions (the path a greedy draft proposes within a round), half
+    # the target's (TRL GKD's seq_kd=True at lmbda 0.5): the target's text keeps the draft's own path plausible
+    "mixed_fkl_greedy": ("kl", 0.5, {"on_policy_source": "student_or_teacher", "generation_temperature": 0.0}),
 }
 SMOKE = {
     "steps": 2,
@@ -106,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in training (both trainers)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; --smoke: 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--save-drafts", default=None, help="folder: each trained arm's draft saved there (save_pretrained) as ARM/"
+    )
     p.add_argument("--out", default=None, help="JSON results (default: results/distillspec_smollm2.json here)")
     p.add_argument(
         "--results",
@@ -396,6 +404,8 @@ def run_arms(target, tok, train_rows, eval_rows, args) -> dict:
             divergence, lmbda, overrides = ARMS[arm]
             draft, logs, seconds = train_arm(target, tok, train_rows, args, divergence, lmbda, args.steps, overrides)
         train_s = time.time() - t0
+        if args.save_drafts and ARMS[arm] is not None:
+            draft.save_pretrained(os.path.join(args.save_drafts, arm))
         metrics = evaluate(target, draft, tok, eval_rows, batches, args)
         last = next((h for h in reversed(logs) if "kd_loss" in h), {})
         results[arm] = {

@@ -14,6 +14,7 @@ TEACHER_DTYPES = (None, "float32", "float16", "bfloat16", "float64")
 #: ``teacher_quantization`` values (kd_plugins/distill/teacher_quant.py says what each does and why).
 TEACHER_QUANTIZATIONS = (None, "int8", "nf4")
 TERM_BALANCES = ("none", "gradmag")
+ON_POLICY_SOURCES = ("student", "teacher", "student_or_teacher")
 #: ``loss_terms`` left unset: chosen by the student's task when the engine is set up (the one INFO line it logs says
 #: which). Students with logits (LMs, classifiers) get forward KL. Bare encoders have no logits and get the cosine
 #: distance of the pooled sentence embeddings: it is scale-free (teacher and student embedding norms differ widely,
@@ -145,7 +146,12 @@ class DistillationConfig:
     )
     on_policy_source: str = field(
         default="student",
-        metadata={"help": "Who generates with lmbda > 0: 'student' (on-policy GKD / DistillSpec) or 'teacher'."},
+        metadata={
+            "help": "Who generates with lmbda > 0: 'student' (on-policy GKD / DistillSpec) or 'teacher' "
+            "(sequence-level KD), each with probability lmbda (else the dataset's completion); 'student_or_teacher': "
+            "every micro-batch is generated, by the student with probability lmbda, else by the teacher (TRL "
+            "GKDTrainer's seq_kd=True)."
+        },
     )
     generation_temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of the generated completions (0: greedy)."}
@@ -237,8 +243,14 @@ class DistillationConfig:
                 f"lmbda must lie in [0, 1] (the probability that a micro-batch's completions are generated), "
                 f"got {self.lmbda}"
             )
-        if self.on_policy_source not in ("student", "teacher"):
-            raise ValueError(f"on_policy_source must be 'student' or 'teacher', got {self.on_policy_source!r}")
+        if self.on_policy_source not in ON_POLICY_SOURCES:
+            raise ValueError(f"on_policy_source must be one of {ON_POLICY_SOURCES}, got {self.on_policy_source!r}")
+        if self.on_policy_source == "student_or_teacher" and self.lmbda == 0:
+            raise ValueError(
+                "on_policy_source='student_or_teacher' with lmbda=0 is off: lmbda is the student's share of the "
+                "generated micro-batches (the teacher generates the rest); set lmbda in (0, 1], or use "
+                "on_policy_source='teacher', lmbda=1 for the teacher alone."
+            )
         if self.generation_temperature < 0:
             raise ValueError(f"generation_temperature must be >= 0 (0: greedy), got {self.generation_temperature}")
         if not 0.0 < self.generation_top_p <= 1.0:

@@ -9,6 +9,9 @@ drafts. Sequence-level KD (Kim & Rush, 2016) trains on the teacher's generations
     prompt (kept as it is) + a completion sampled from the student (``on_policy_source="student"``) or the teacher
     (``"teacher"``) at ``generation_temperature`` / ``generation_top_p``, at most ``max_new_tokens`` long,
 
+(``"student_or_teacher"``, TRL ``GKDTrainer``'s ``seq_kd=True``: every micro-batch is generated, by the student with
+probability ``lmbda``, else by the teacher; the dataset's completions are never used)
+
 and the distillation terms are computed on that batch as on any other (the engine does not care where a batch came
 from). Framework-agnostic: the Hugging Face adapter (``DistillationCallback``) calls it with the Trainer's step, seed
 and process rank.
@@ -419,13 +422,15 @@ class OnPolicySampler:
     Args:
         config: a :class:`~kd_plugins.distill.config.DistillationConfig` (``lmbda``, ``on_policy_source``,
             ``generation_temperature``, ``generation_top_p``, ``max_new_tokens``, ``on_policy_seed``).
-        teacher: the teacher (a module or its :class:`Teacher`), needed with ``on_policy_source="teacher"``; a
+        teacher: the teacher (a module or its :class:`Teacher`), needed unless ``on_policy_source="student"``; a
             :class:`~kd_plugins.distill.cache.TeacherCache` is refused when ``lmbda > 0`` (it holds no outputs for
             generated text).
 
     Calling it with ``(model, batch, step=..., seed=..., rank=..., tokenizer=...)`` returns ``(batch, logs)``:
     the batch itself (``lmbda == 0``, or the draw said no) or the on-policy batch, and ``{"on_policy_fraction": 0 or
-    1, "generated_tokens": n}`` (empty with ``lmbda == 0``). Micro-batches are counted per ``step`` for the seeds.
+    1, "generated_tokens": n}`` (empty with ``lmbda == 0``; with ``on_policy_source="student_or_teacher"`` every
+    batch is generated and ``"student_generated_fraction": 0 or 1`` says by whom). Micro-batches are counted per
+    ``step`` for the seeds.
     """
 
     def __init__(self, config, teacher: nn.Module | Teacher | TeacherCache | None = None):
@@ -438,8 +443,11 @@ class OnPolicySampler:
         if isinstance(teacher, nn.Module):
             teacher = Teacher(teacher, device=config.teacher_device, dtype=config.teacher_dtype)
         self.teacher = teacher if isinstance(teacher, Teacher) else None
-        if config.lmbda > 0 and config.on_policy_source == "teacher" and self.teacher is None:
-            raise ValueError("on_policy_source='teacher' needs the teacher model (sequence-level KD generates with it)")
+        if config.lmbda > 0 and config.on_policy_source != "student" and self.teacher is None:
+            raise ValueError(
+                f"on_policy_source={config.on_policy_source!r} needs the teacher model (sequence-level KD generates "
+                "with it)"
+            )
         self._step: int | None = None
         self._micro = -1
 
@@ -469,9 +477,16 @@ class OnPolicySampler:
         side = getattr(getattr(tokenizer, "tokenizer", tokenizer), "padding_side", None) or "right"
         split_prompts(batch, side)  # a batch without a prompt/completion split fails on its first step, drawn or not
         micro = self._next_micro(step)
-        if not self.draw(step, micro, seed):
+        drawn = self.draw(step, micro, seed)
+        logs = {}
+        if cfg.on_policy_source == "student_or_teacher":
+            # Every micro-batch is generated; the draw only picks who generates.
+            generator = model if drawn else self.teacher
+            logs["student_generated_fraction"] = float(drawn)
+        elif not drawn:
             return batch, {"on_policy_fraction": 0.0, "generated_tokens": 0.0}
-        generator = self.teacher if cfg.on_policy_source == "teacher" else model
+        else:
+            generator = self.teacher if cfg.on_policy_source == "teacher" else model
         module = generator.module if isinstance(generator, Teacher) else unwrap_model(generator)
         pad, eos = special_token_ids(tokenizer, module)
         out = on_policy_batch(
@@ -485,4 +500,4 @@ class OnPolicySampler:
             seed=derive_seed(seed, step, micro, 1 + rank),
             default_padding_side=side,
         )
-        return out.batch, {"on_policy_fraction": 1.0, "generated_tokens": float(out.generated_tokens)}
+        return out.batch, {"on_policy_fraction": 1.0, "generated_tokens": float(out.generated_tokens), **logs}

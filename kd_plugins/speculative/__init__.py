@@ -9,6 +9,8 @@
 * :func:`build_draft` / :func:`distillspec_config`: a draft cut from its target and the DistillSpec recipe (on-policy
   distillation through ``DistillationCallback``); :func:`train_draft_online`: SpecVLM-style online distillation from
   the target's logits and features collected while it generates.
+* :func:`restrict_draft_vocab` / :func:`frequent_token_ids`: a draft served with its LM head cut to the frequent
+  tokens (FR-Spec), cheaper per drafted token.
 
 The divergences a draft is distilled with (forward / reverse KL, generalised JSD, TVD) are in
 :mod:`kd_plugins.losses` (``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``). See ``docs/speculative.md``.
@@ -17,6 +19,7 @@ The divergences a draft is distilled with (forward / reverse KL, generalised JSD
 from .acceptance import AcceptanceResult, expected_acceptance, expected_tokens_per_round, token_acceptance
 from .config import SpeculativeConfig
 from .drafts import DISTILLSPEC_DIVERGENCES, build_draft, distillspec_config
+from .frequent_vocab import SubsetLMHead, frequent_token_ids, restrict_draft_vocab
 from .hook import AcceptanceRecorder, GenerationRounds, record_acceptance
 from .measure import SpeculativeReport, measure_speculative
 from .online import (
@@ -44,6 +47,9 @@ __all__ = [
     "DISTILLSPEC_DIVERGENCES",
     "build_draft",
     "distillspec_config",
+    "SubsetLMHead",
+    "frequent_token_ids",
+    "restrict_draft_vocab",
     "TargetOutputs",
     "OnlineDraftLoss",
     "OnlineDraftRun",
