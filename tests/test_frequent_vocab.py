@@ -32,6 +32,7 @@ def test_frequent_token_ids_counts_ranks_and_keeps_the_always_ids():
         "attention_mask": torch.tensor([[1, 1, 0, 0]] * 2),
     }
     assert frequent_token_ids([batch], 2, vocab_size=8).tolist() == [4, 6]  # padding (0) not counted
+    assert frequent_token_ids(batch, 2, vocab_size=8).tolist() == [4, 6]  # one batch
     assert frequent_token_ids(torch.tensor([[1, 1, 2]]), 1, vocab_size=3).tolist() == [1]
     for bad, match in [
         (dict(data=rows, num_tokens=0, vocab_size=12), "num_tokens"),

@@ -34,7 +34,7 @@ def _id_rows(data) -> Iterable[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         yield data.reshape(-1)
         return
-    for row in data:
+    for row in [data] if isinstance(data, Mapping) else data:  # one batch, or rows / batches
         if isinstance(row, Mapping):
             ids = torch.as_tensor(row["input_ids"])
             mask = row.get("attention_mask")
@@ -47,8 +47,8 @@ def frequent_token_ids(data, num_tokens: int, *, vocab_size: int, always: Iterab
     """The ``num_tokens`` most frequent token ids of ``data`` (ties: the lower id first) together with ``always``,
     as a sorted ``int64`` tensor (so at most ``num_tokens + len(always)`` ids).
 
-    ``data``: a tensor of ids, an iterable of id sequences, or of dataset rows / batches with ``input_ids`` (padding
-    left out through their ``attention_mask``). ``always``: ids kept whatever their count, e.g. the EOS and the
+    ``data``: a tensor of ids, an iterable of id sequences, one batch or an iterable of dataset rows / batches with
+    ``input_ids`` (padding left out through their ``attention_mask``). ``always``: ids kept whatever their count, e.g. the EOS and the
     other special tokens (a draft that cannot propose EOS never ends a round with it). Ids never seen are taken in
     id order when the text has fewer than ``num_tokens`` distinct tokens.
     """
