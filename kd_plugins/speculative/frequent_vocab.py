@@ -48,9 +48,9 @@ def frequent_token_ids(data, num_tokens: int, *, vocab_size: int, always: Iterab
     as a sorted ``int64`` tensor (so at most ``num_tokens + len(always)`` ids).
 
     ``data``: a tensor of ids, an iterable of id sequences, one batch or an iterable of dataset rows / batches with
-    ``input_ids`` (padding left out through their ``attention_mask``). ``always``: ids kept whatever their count, e.g. the EOS and the
-    other special tokens (a draft that cannot propose EOS never ends a round with it). Ids never seen are taken in
-    id order when the text has fewer than ``num_tokens`` distinct tokens.
+    ``input_ids`` (padding left out through their ``attention_mask``). ``always``: ids kept whatever their count,
+    e.g. the EOS and the other special tokens (a draft that cannot propose EOS never ends a round with it). Ids never
+    seen are taken in id order when the text has fewer than ``num_tokens`` distinct tokens.
     """
     if not isinstance(num_tokens, int) or not 0 < num_tokens <= vocab_size:
         raise ValueError(f"num_tokens must be an integer in [1, vocab_size={vocab_size}], got {num_tokens!r}")
