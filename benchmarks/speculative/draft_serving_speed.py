@@ -1,6 +1,6 @@
 """Serving a distilled draft on CPU: its LM head cut to the frequent tokens (FR-Spec) x draft tokens per round.
 
-A 6-layer draft cut from SmolLM2-135M-Instruct keeps the target's 49,152-row LM head, as many weights as 7 of its
+A 6-layer draft cut from SmolLM2-135M-Instruct keeps the target's 49,152-row LM head, as many weights as 8 of its
 transformer blocks, so at batch 1 each drafted token costs about 0.4 of a target token and assisted generation is
 slower than the target alone (``distillspec_smollm2.py``: 0.62x with the best draft). This script takes a draft saved
 by ``distillspec_smollm2.py --save-drafts DIR`` and measures, through the public API
@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for _harness
@@ -114,8 +115,6 @@ def training_token_counts_source(tok, train_rows) -> list[list[int]]:
 def decode_ms_per_token(model, prompt: list[int], repeats: int = 3) -> float:
     """Milliseconds per generated token of greedy ``generate`` with the KV cache, batch 1: (time of 33 tokens - time
     of 1 token) / 32, fastest of ``repeats``, so the prompt's prefill and the call's setup cancel out."""
-    import time
-
     ids = torch.tensor([prompt])
 
     def run(n: int) -> float:
@@ -180,8 +179,6 @@ def markdown(record: dict) -> str:
 
 
 def main(argv=None):
-    import time
-
     from transformers import AutoModelForCausalLM
 
     args = parse_args(argv)

@@ -1,7 +1,7 @@
 """A cheaper draft for serving: its LM head restricted to the frequent tokens (FR-Spec).
 
 A small draft cut from its target keeps the target's full LM head, and at batch 1 that head is a large share of the
-draft's cost per token (SmolLM2-135M: 49,152 x 576 weights, as many as 7 of its 30 transformer blocks). FR-Spec
+draft's cost per token (SmolLM2-135M: 49,152 x 576 weights, as many as 8 of its 30 transformer blocks). FR-Spec
 (Zhao et al., "FR-Spec: Accelerating Large-Vocabulary Language Models via Frequency-Ranked Speculative Sampling",
 2025) keeps only the rows of the most frequent tokens in the draft's head: the draft can then propose only those
 tokens, which costs acceptance only where the target's next token is a rare one, and the target still verifies every
