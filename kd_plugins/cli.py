@@ -110,7 +110,7 @@ def transfer_tokenizer_main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="kd_plugins_transfer_") as tmp:
             trainer = train_transferred(student, new_tok, original, old_tok, texts, cfg, output_dir=tmp)
         last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
-        shown = {k: v for k, v in last.items() if k in ("loss", "task_loss", "kd_alm", "kd_uld")}
+        shown = {k: v for k, v in last.items() if k in ("loss", "task_loss", "kd_alm", "kd_uld", "kd_chunk_hidden")}
         print(f"trained {trainer.state.global_step} steps; last logged {shown}")
     student.save_pretrained(args.out_dir)
     new_tok.save_pretrained(args.out_dir)

@@ -1,7 +1,8 @@
 """One training step with a plugin callback; run under torchrun (2 gloo ranks) or in a single process. Saves the
 student (and projector) weights. ``KIND``: ``distill`` (DistillationCallback), ``multiexit`` (MultiExitCallback
-with a frozen teacher), ``acm`` (ACMCallback, noiseless gates, KD from the original model) or ``gradmag``
-(DistillationCallback with ``term_balance="gradmag"``).
+with a frozen teacher), ``acm`` (ACMCallback, noiseless gates, KD from the original model), ``gradmag``
+(DistillationCallback with ``term_balance="gradmag"``) or ``crosstok`` (a teacher with another tokenizer: ALM and
+chunk hidden states).
 
 Usage: ``python ddp_worker.py OUT PER_DEVICE_BATCH [KIND]``."""
 
@@ -24,6 +25,35 @@ def make_dataset():
     for i, it in enumerate(ds.items):  # uneven numbers of labelled tokens per sample
         it["labels"][: 2 + 3 * i] = -100
     return ds
+
+
+def crosstok_setup():
+    """(teacher, student, callback, dataset, student tokenizer): two tiny Llamas of one width reading four texts
+    through two BPEs trained in the process (deterministic, so every rank builds the same ones)."""
+    from crosstok_tokenizers import byte_bpe, metaspace_bpe
+
+    s_tok, t_tok = byte_bpe(320), metaspace_bpe(520, bos=True)
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "A single man  in possession of a good fortune, naive cafe.",
+        "Shares rose 5% to 3.20, analysts said on Monday.",
+        "It is a truth universally acknowledged.",
+    ]
+    enc = s_tok(texts, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    data = [
+        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": labels[i]}
+        for i in range(4)
+    ]
+    teacher, student = tiny_llama(vocab=len(t_tok), seed=1, layers=3), tiny_llama(vocab=len(s_tok), seed=2)
+    # normalize="none": channel-normalised chunk_hidden divides by the teacher's moments of each micro-batch, which
+    # per-rank batches cannot reproduce; the plain squared error is a sum over chunks like ALM
+    cfg = DistillationConfig(
+        loss_terms="alm:1.0,chunk_hidden:0.5",
+        hard_label_weight=0.5,
+        loss_kwargs={"chunk_hidden": {"normalize": "none"}},
+    )
+    return teacher, student, DistillationCallback(teacher, cfg, teacher_tokenizer=t_tok), data, s_tok
 
 
 def make_callback(kind):
@@ -63,7 +93,11 @@ def make_callback(kind):
 
 def main(out_file, per_device_batch, kind="distill"):
     torch.set_num_threads(1)
-    teacher, student, cb = make_callback(kind)
+    dataset, tokenizer = make_dataset(), None
+    if kind == "crosstok":
+        teacher, student, cb, dataset, tokenizer = crosstok_setup()
+    else:
+        teacher, student, cb = make_callback(kind)
     extra = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
     args = training_args(
         os.path.dirname(out_file),
@@ -74,12 +108,15 @@ def main(out_file, per_device_batch, kind="distill"):
         max_grad_norm=0.0,
         **extra,
     )
-    trainer = Trainer(model=student, args=args, train_dataset=make_dataset(), callbacks=[cb])
+    trainer = Trainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[cb])
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
         assert trainer.model_wrapped.module is student
+    if kind == "crosstok":  # the terms took part in the step (parity alone would also hold without them)
+        logged = next(h for h in trainer.state.log_history if "kd_alm" in h)
+        assert logged["kd_alm"] > 0 and logged["kd_chunk_hidden"] > 0, logged
     opt_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in opt_ids for p in teacher.parameters())
     assert not any(type(m).__name__ == "DistributedDataParallel" for m in [teacher])

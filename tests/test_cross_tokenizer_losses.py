@@ -1,4 +1,5 @@
-"""kd_plugins.losses.cross_tokenizer: ALM goldens (float64) and properties of chunk_logprobs, ALM and ULD."""
+"""kd_plugins.losses.cross_tokenizer: ALM goldens (float64) and properties of chunk_logprobs, ALM, chunk_hidden and
+ULD."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from kd_plugins.losses import (
     alm_loss,
+    chunk_hidden_loss,
     chunk_logprobs,
     get_loss,
     get_loss_function,
@@ -182,7 +184,7 @@ def test_uld_masking_reductions_and_gradients():
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registered_as_cross_tokenizer_losses():
-    assert {"alm", "uld"} <= set(list_losses("cross_tokenizer"))
+    assert {"alm", "uld", "chunk_hidden"} <= set(list_losses("cross_tokenizer"))
     assert get_loss_function("alm") is alm_loss and get_loss_function("uld") is uld_loss
     s, t = _t(-3.0, -1.0), _t(-2.0, -1.5)
     assert get_loss("alm")(s, t).item() == pytest.approx(alm_loss(s, t).item(), rel=1e-12)
@@ -197,3 +199,53 @@ def test_registered_as_cross_tokenizer_losses():
     )
     with pytest.raises(ValueError, match="form must be one of"):
         get_loss("alm", form="binary")
+
+
+# ------------------------------------------------------------------------------------------------ chunk_hidden
+def test_chunk_hidden_by_hand_and_normalisations():
+    s = _t(1.0, 2.0, 0.0, 4.0).reshape(2, 2)  # 2 chunks x 2 channels
+    t = _t(0.0, 0.0, 2.0, 2.0).reshape(2, 2)
+    # none: per chunk the mean squared error over channels (2.5, 4.0), then the mean over chunks
+    assert chunk_hidden_loss(s, t, normalize="none").item() == pytest.approx(3.25)
+    # channelwise: the teacher's mean squares are 2 and 2, so every squared error is halved
+    assert chunk_hidden_loss(s, t, epsilon=0.0).item() == pytest.approx(1.625)
+    assert chunk_hidden_loss(s, t, normalize="none", reduction="sum").item() == pytest.approx(6.5)
+    none = chunk_hidden_loss(s, t, normalize="none", reduction="none")
+    assert none.tolist() == pytest.approx([2.5, 4.0])
+    assert chunk_hidden_loss(s, t, normalize="none", num_items_in_batch=4).item() == pytest.approx(6.5 / 4)
+
+
+def test_chunk_hidden_zero_at_identity_scale_invariance_and_masking():
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(2, 5, 8, generator=g, dtype=D, requires_grad=True)
+    h_t = torch.randn(2, 5, 8, generator=g, dtype=D)
+    same = chunk_hidden_loss(h_s, h_s.detach().clone())
+    (grad,) = torch.autograd.grad(same, h_s)
+    assert same.item() == 0.0 and grad.abs().max().item() == 0.0
+    # channelwise: scaling one channel of both sides changes nothing; plain squared error changes
+    scale = torch.ones(8, dtype=D)
+    scale[3] = 7.0
+    ref = chunk_hidden_loss(h_s, h_t, epsilon=0.0)
+    assert chunk_hidden_loss(h_s * scale, h_t * scale, epsilon=0.0).item() == pytest.approx(ref.item(), rel=1e-10)
+    plain = chunk_hidden_loss(h_s, h_t, normalize="none")
+    assert chunk_hidden_loss(h_s * scale, h_t * scale, normalize="none").item() != pytest.approx(plain.item())
+    # masked chunks neither count nor receive gradients; the teacher's moments come from scored chunks only
+    mask = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    value = chunk_hidden_loss(h_s, h_t, mask)
+    moved = h_t.clone()
+    moved[~mask] += 100.0
+    assert chunk_hidden_loss(h_s, moved, mask).item() == pytest.approx(value.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(value, h_s)
+    assert grad[~mask].abs().max().item() == 0.0 and grad[mask].abs().max().item() > 0
+    assert chunk_hidden_loss(h_s, h_t, torch.zeros_like(mask)).item() == 0.0
+    assert get_loss("alm_latents")(h_s, h_t, mask=mask).item() == pytest.approx(value.item(), rel=1e-12)
+    assert get_loss_function("chunk_hidden") is chunk_hidden_loss
+
+
+def test_chunk_hidden_errors():
+    with pytest.raises(ValueError, match="same hidden size"):
+        chunk_hidden_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        chunk_hidden_loss(torch.zeros(2, 4), torch.zeros(2, 4), normalize="layer")
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        get_loss("chunk_hidden", normalize="batch")

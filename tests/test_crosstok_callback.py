@@ -107,6 +107,67 @@ def test_callback_loss_equals_cross_tokenizer_loss_by_hand(toks, tmp_out):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_chunk_hidden_through_the_callback_equals_the_loss_by_hand(toks, tmp_out):
+    """chunk_hidden: the student runs with hidden states, the teacher's are gathered at chunk ends; the callback's
+    loss is the task loss + ALM + 0.5 x chunk_hidden computed by hand."""
+    s_tok, t_tok = toks
+    student, teacher = _pair(toks, seed=70)
+    cfg = DistillationConfig(loss_terms="alm:1.0,chunk_hidden:0.5", hard_label_weight=1.0)
+    cb = DistillationCallback(teacher, cfg, teacher_tokenizer=t_tok)
+    trainer = Trainer(model=student, args=training_args(tmp_out), processing_class=s_tok, callbacks=[cb])
+    batch = _batch(s_tok)
+    loss = trainer.compute_loss(student, batch)
+
+    source = CrossTokenizerTeacher(copy.deepcopy(teacher), s_tok, t_tok)  # hidden_layers="last"
+    out = student(**batch, output_hidden_states=True)
+    t_out = source(batch, need_hidden=True)
+    assert t_out["teacher_hidden_aligned"].shape[:3] == (1, *t_out["chunk_mask"].shape)
+    assert t_out["hidden_layer_ids"] == (teacher.config.num_hidden_layers,)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    alm = cross_tokenizer_loss(out.logits, batch, t_out, "alm", reduction="sum") / tokens
+    hid = cross_tokenizer_loss(
+        out.logits, batch, t_out, "chunk_hidden", reduction="sum", student_hidden_states=out.hidden_states
+    )
+    assert hid.item() > 0
+    assert loss.item() == pytest.approx((out.loss + alm + 0.5 * hid / tokens).item(), rel=1e-5)
+    # by hand: the last student / teacher token of every scored chunk, channel-normalised squared error
+    pos, mask = t_out["student_positions_last"], t_out["chunk_mask"]
+    h_s = out.hidden_states[-1][torch.arange(pos.shape[0])[:, None], pos.clamp(min=0)][mask]
+    teacher_out = teacher(
+        input_ids=t_out["teacher_input_ids"], attention_mask=t_out["teacher_attention_mask"], output_hidden_states=True
+    )
+    chunks_t = t_out["chunk_ids_teacher"]
+    h_t = []
+    for b, k in mask.nonzero().tolist():
+        last = int((chunks_t[b] == k).nonzero().max())
+        h_t.append(teacher_out.hidden_states[-1][b, last])
+    h_t = torch.stack(h_t).detach()
+    by_hand = ((h_s - h_t) ** 2 / (h_t.pow(2).mean(0) + 1e-6)).mean(-1).sum()
+    assert hid.item() == pytest.approx(by_hand.item(), rel=1e-4)
+
+
+def test_chunk_hidden_is_zero_for_the_same_model_and_tokenizer(toks):
+    """A model against itself through one tokenizer: every chunk is one token, every layer's state the same."""
+    s_tok, _ = toks
+    model = tiny_llama(vocab=len(s_tok), seed=80)
+    source = CrossTokenizerTeacher(copy.deepcopy(model), s_tok, s_tok, hidden_layers="all")
+    batch = _batch(s_tok)
+    out = model(**batch, output_hidden_states=True)
+    t_out = source(batch, need_hidden=True)
+    assert t_out["hidden_layer_ids"] == (1, 2)
+    value = cross_tokenizer_loss(out.logits, batch, t_out, "chunk_hidden", student_hidden_states=out.hidden_states)
+    assert int(t_out["chunk_mask"].sum()) > 20 and value.item() == pytest.approx(0.0, abs=1e-10)
+    deeper = CrossTokenizerTeacher(tiny_llama(vocab=len(s_tok), seed=81, layers=3), s_tok, s_tok, hidden_layers="all")
+    with pytest.raises(ValueError, match="different depths.*hidden_layers='last'"):
+        cross_tokenizer_loss(
+            out.logits, batch, deeper(batch, need_hidden=True), "chunk_hidden", student_hidden_states=out.hidden_states
+        )
+    with pytest.raises(ValueError, match="need_hidden=True"):
+        cross_tokenizer_loss(out.logits, batch, source(batch), "chunk_hidden", student_hidden_states=out.hidden_states)
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        cross_tokenizer_loss(out.logits, batch, t_out, "chunk_hidden")
+
+
 def test_engine_without_labels_and_options(toks):
     """No labels: the term is its chunk sum over the non-padding positions; options reach the teacher source."""
     s_tok, t_tok = toks
@@ -202,6 +263,12 @@ def test_bad_setups_name_the_fix(toks, tmp_out):
         _setup_error(toks, {"loss_terms": "kl", "cross_tokenizer_options": "max_teacher_length=8"})
     with pytest.raises(ValueError, match="sets 'reduction'"):
         _setup_error(toks, {"loss_terms": "alm", "loss_kwargs": {"alm": {"reduction": "mean"}}})
+    with pytest.raises(ValueError, match="hidden size is 48 and the teacher's 32"):
+        _setup_error(toks, {"loss_terms": "chunk_hidden"}, student=tiny_llama(vocab=len(s_tok), hidden=48))
+    with pytest.raises(ValueError, match="no 'chunk_hidden' term"):
+        _setup_error(toks, {"loss_terms": "alm", "cross_tokenizer_options": "hidden_layers=all"})
+    with pytest.raises(ValueError, match="hidden_layers must be 'last', 'all' or"):
+        _setup_error(toks, {"loss_terms": "chunk_hidden", "cross_tokenizer_options": "hidden_layers=first"})
     with pytest.raises(ValueError, match=r"unknown keys \['beta'\]"):
         _setup_error(toks, {"loss_terms": "uld", "loss_kwargs": {"uld": {"beta": 0.5}}})
     # the callback: no teacher tokenizer -> the error at train start names the fix

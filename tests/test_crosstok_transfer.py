@@ -157,6 +157,32 @@ def test_train_transferred_with_alm_through_the_callback(toks, tmp_path):
     with pytest.raises(ValueError, match="nothing to train"):
         TokenizerTransferConfig(alm_weight=0, ce_weight=0)
     assert TokenizerTransferConfig(uld_weight=0.5).loss_terms == "alm:1,uld:0.5"
+    assert TokenizerTransferConfig(hidden_weight=0.5).loss_terms == "alm:1,chunk_hidden:0.5"
+    with pytest.raises(ValueError, match="hidden_layers must be"):
+        TokenizerTransferConfig(hidden_layers="middle")
+
+
+def test_train_transferred_matches_every_layer_at_chunk_ends(toks, tmp_path):
+    """hidden_weight > 0: chunk_hidden over every layer (the transferred model has the original's depth) is logged
+    and falls as the body learns the new segmentation."""
+    old, new = toks
+    original = tiny_llama(vocab=len(old), seed=5)
+    student = transfer_tokenizer(original, old, new)
+    cfg = TokenizerTransferConfig(
+        steps=6,
+        batch_size=2,
+        max_length=24,
+        logging_steps=1,
+        alm_weight=0,
+        ce_weight=0,
+        hidden_weight=1.0,
+        hidden_layers="all",
+        learning_rate=3e-3,
+    )
+    trainer = train_transferred(student, new, original, old, CORPUS, cfg, output_dir=str(tmp_path / "h"))
+    logged = [h["kd_chunk_hidden"] for h in trainer.state.log_history if "kd_chunk_hidden" in h]
+    assert len(logged) == 6 and all(v > 0 for v in logged)
+    assert sum(logged[-2:]) < sum(logged[:2])
 
 
 def test_cli_transfers_and_trains_two_steps(toks, tmp_path, capsys):

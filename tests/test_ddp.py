@@ -12,7 +12,7 @@ from torchrun_util import run_torchrun
 HERE = os.path.dirname(__file__)
 
 
-@pytest.mark.parametrize("kind", ["distill", "multiexit", "acm"])
+@pytest.mark.parametrize("kind", ["distill", "multiexit", "acm", "crosstok"])
 def test_ddp_two_ranks_match_single_process(tmp_path, kind):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE, MASTER_ADDR="127.0.0.1")
     single, ddp = str(tmp_path / "single" / "r.safetensors"), str(tmp_path / "ddp" / "r.safetensors")

@@ -20,7 +20,13 @@ Setup (fixed before any run):
   same gradient norm at the logits: the binarised ALM's gradient is about 1/tau of CE's, so at weight 1 CE + ALM
   trains like CE alone; tokenkit combines ALM with SFT this way). ``ce_alm_gradmag_embeddings``: the same, training
   only the (tied) embeddings, at ``--embeddings-lr`` (1e-3): the transfer replaced the embeddings only, so the body
-  keeps the original's weights instead of drifting towards the training domain.
+  keeps the original's weights instead of drifting towards the training domain. ``ce_alm_hidden_gradmag`` /
+  ``ce_alm_hidden_all_gradmag``: CE + ALM (``gradmag``) + ``chunk_hidden`` (the last hidden state, or every layer's
+  output, matched to the original's at the ends of aligned chunks, channel-normalised; tokenkit's ``alm_latents``;
+  ``gradmag`` leaves it at its configured weight, 3 and 8: see ``HIDDEN_ARMS``).
+* ``--eval-split validation`` scores validation text instead (BBC News validation-split paragraphs and passages of
+  *Emma*; with ``--train-domain austen`` *Emma* then leaves the training novels): recipes are picked there, the test
+  sets are run once.
 * Metrics, for the teacher and every arm:
 
   - bits per byte on held-out text of the other domain: paragraphs of the BBC News test split (at most
@@ -76,7 +82,15 @@ ARMS = {  # arm -> (alm_weight, uld_weight, ce_weight); None: no training
     "alm": (1.0, 0.0, 0.0),
     "ce_alm_gradmag": (1.0, 0.0, 1.0),
     "ce_alm_gradmag_embeddings": (1.0, 0.0, 1.0),
+    "ce_alm_hidden_gradmag": (1.0, 0.0, 1.0),
+    "ce_alm_hidden_all_gradmag": (1.0, 0.0, 1.0),
 }
+# Arms that also match hidden states at chunk ends (``chunk_hidden``, tokenkit's alm_latents): arm -> (hidden_layers,
+# hidden_weight). The transferred model has the original's depth, so every layer can be matched. The weights give
+# the term about the gradient norm over the parameters that CE has after ``gradmag`` balancing, measured on two
+# training batches at the initialisation (at weight 1: 0.87-1.34 for the last layer, 0.33-0.39 for all layers,
+# against CE's 2.4-3.3).
+HIDDEN_ARMS = {"ce_alm_hidden_gradmag": ("last", 3.0), "ce_alm_hidden_all_gradmag": ("all", 8.0)}
 # Cross-model arms: a student of another size *and* tokenizer (SmolLM2 moved to the new tokenizer, then cut to
 # ``--small-layers`` of its 30 layers) distilled from the full SmolLM2 with its own tokenizer.
 CROSS_MODEL_ARMS = {
@@ -85,6 +99,7 @@ CROSS_MODEL_ARMS = {
     "small_ce_alm_gradmag": (1.0, 0.0, 1.0),
 }
 HELDOUT_NOVEL = "persuasion"
+VALIDATION_NOVEL = "emma"
 CONTEXT_TOKEN = "<|endoftext|>"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's, with its roles (unk, bos, eos = pad)
 
@@ -116,6 +131,12 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=16000, help="size of the new byte-level BPE")
     p.add_argument("--eval-texts", type=int, default=300, help="BBC test paragraphs (and Persuasion passages) scored")
     p.add_argument("--eval-chars", type=int, default=600, help="evaluation texts are cut at whitespace to this length")
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "validation"),
+        default="test",
+        help="score the test sets (BBC test split, Persuasion) or validation sets (BBC validation split, Emma)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -150,15 +171,19 @@ def _capped(text: str, limit: int = 600) -> str:
 
 def load_texts(args) -> dict[str, list[str]]:
     """Training paragraphs of ``args.train_domain`` and the two evaluation sets (the same in both directions):
-    BBC News test-split paragraphs and passages of the held-out novel *Persuasion*."""
+    BBC News test-split paragraphs and passages of the held-out novel *Persuasion* (``--eval-split validation``:
+    validation-split paragraphs and *Emma*)."""
     books = jane_austen_texts(ROOT / ".cache" / "assets")
     split = split_articles()
+    validation = args.eval_split == "validation"
+    novel = VALIDATION_NOVEL if validation else HELDOUT_NOVEL
     if args.train_domain == "austen":
-        train = [p for name, book in books.items() if name != HELDOUT_NOVEL for p in _paragraphs(book)]
-    else:  # BBC News training-split articles (the test split's paragraphs are evaluation text)
+        held_out = {HELDOUT_NOVEL, novel}
+        train = [p for name, book in books.items() if name not in held_out for p in _paragraphs(book)]
+    else:  # BBC News training-split articles (the test and validation splits' paragraphs are evaluation text)
         train = [p for a in split.train for p in article_paragraphs(a)]
-    held = _paragraphs(books[HELDOUT_NOVEL])
-    bbc = [p for a in split.test for p in article_paragraphs(a, min_words=20)]
+    held = _paragraphs(books[novel])
+    bbc = [p for a in (split.validation if validation else split.test) for p in article_paragraphs(a, min_words=20)]
     n = args.eval_texts
     pick = lambda xs: [_capped(xs[i * len(xs) // n], args.eval_chars) for i in range(n)]  # noqa: E731 - evenly spaced
     if args.smoke:
@@ -261,6 +286,7 @@ def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
         logging_steps=max(1, min(10, args.steps)),
         seed=args.seed,
         term_balance="gradmag" if "_gradmag" in arm else "none",
+        **(dict(zip(("hidden_layers", "hidden_weight"), HIDDEN_ARMS[arm])) if arm in HIDDEN_ARMS else {}),
         **(dict(zip(("alm_weight", "uld_weight", "ce_weight"), weights)) if weights else {}),
     )
     t0 = time.time()
@@ -283,10 +309,10 @@ def run_arm(arm, teacher, old_tok, new_tok, texts, args, log) -> dict:
     return row
 
 
-def table(rows: list[dict], train_domain: str = "austen") -> str:
+def table(rows: list[dict], train_domain: str = "austen", novel: str = "Persuasion") -> str:
     bbc, austen = ("other domain", "held out, training domain")[:: 1 if train_domain == "austen" else -1]
     lines = [
-        f"| arm | bits/byte BBC ({bbc}) | bits/byte Persuasion ({austen}) | chunk gap to teacher, other domain |",
+        f"| arm | bits/byte BBC ({bbc}) | bits/byte {novel} ({austen}) | chunk gap to teacher, other domain |",
         "|---|---|---|---|",
     ]
     for r in rows:
@@ -302,13 +328,14 @@ def main(argv=None) -> int:
     teacher, old_tok = load_smollm2()
     teacher.to("cuda" if torch.cuda.is_available() else "cpu")  # the students are copies of it: the same device
     texts = load_texts(args)
-    log(f"texts: {len(texts['train'])} training paragraphs, {len(texts['bbc'])} BBC / Persuasion eval texts")
+    log(f"texts: {len(texts['train'])} training paragraphs, {len(texts['bbc'])} BBC / Austen {args.eval_split} texts")
     new_tok = train_bpe(texts["train"], args.vocab_size)
     tokenizer_sha = hashlib.sha256(new_tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
     log(f"new tokenizer: {len(new_tok)} tokens (SmolLM2: {len(old_tok)}), sha256 {tokenizer_sha}")
     rows = [{"arm": "teacher (SmolLM2 tokenizer)", **evaluate(teacher, old_tok, texts, args)}]
     log(f"teacher: {json.dumps(rows[0])}")
     name = "tokenizer_transfer_smollm2" + ("_from_bbc" if args.train_domain == "bbc" else "")
+    name += "_validation" if args.eval_split == "validation" else ""
     name += "_smoke" if args.smoke else ""
     out = Path(args.out) if args.out else (ROOT / ".cache" / "crosstok" if args.smoke else Path(__file__).parent)
     out = out if out.suffix == ".json" else out / "results" / f"{name}.json"
@@ -322,7 +349,8 @@ def main(argv=None) -> int:
     for arm in args.arms.split(","):
         rows.append(run_arm(arm, teacher, old_tok, new_tok, texts, args, log))
         out.write_text(json.dumps(record, indent=2))  # after every arm: a long run keeps what it measured
-    print(table(rows, args.train_domain))
+    novel = VALIDATION_NOVEL if args.eval_split == "validation" else HELDOUT_NOVEL
+    print(table(rows, args.train_domain, novel.capitalize()))
     log(f"wrote {out}")
     return 0
 

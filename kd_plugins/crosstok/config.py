@@ -22,6 +22,17 @@ class TokenizerTransferConfig:
     max_length: int = field(default=128, metadata={"help": "Tokens per training row (new tokenizer), whole words."})
     alm_weight: float = field(default=1.0, metadata={"help": "Weight of ALM against the original model (0: off)."})
     uld_weight: float = field(default=0.0, metadata={"help": "Weight of ULD against the original model (0: off)."})
+    hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of chunk_hidden (0: off): the hidden states at the ends of aligned chunks matched to the "
+            "original's, channel-normalised (tokenkit's alm_latents)."
+        },
+    )
+    hidden_layers: str = field(
+        default="last",
+        metadata={"help": "Layers chunk_hidden matches: 'last', 'all' or hidden_states indices ('10;20;30')."},
+    )
     ce_weight: float = field(
         default=1.0, metadata={"help": "Weight of the next-token cross-entropy on the text (hard_label_weight)."}
     )
@@ -49,15 +60,21 @@ class TokenizerTransferConfig:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("alm_weight", "uld_weight", "ce_weight"):
+        for name in ("alm_weight", "uld_weight", "ce_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.term_balance not in ("none", "gradmag"):
             raise ValueError(f"term_balance must be 'none' or 'gradmag', got {self.term_balance!r}")
-        if self.alm_weight == self.uld_weight == self.ce_weight == 0:
-            raise ValueError("alm_weight, uld_weight and ce_weight are all 0: nothing to train; set alm_weight=1.0.")
+        if self.alm_weight == self.uld_weight == self.ce_weight == self.hidden_weight == 0:
+            raise ValueError(
+                "alm_weight, uld_weight, ce_weight and hidden_weight are all 0: nothing to train; set alm_weight=1.0."
+            )
+        from .teacher import _parse_hidden_layers  # a clear error now rather than at the first batch
+
+        _parse_hidden_layers(self.hidden_layers)
 
     @property
     def loss_terms(self) -> str:
         """The ``DistillationConfig.loss_terms`` of the recipe (empty: cross-entropy only)."""
-        return ",".join(f"{n}:{w:g}" for n, w in (("alm", self.alm_weight), ("uld", self.uld_weight)) if w > 0)
+        weights = (("alm", self.alm_weight), ("uld", self.uld_weight), ("chunk_hidden", self.hidden_weight))
+        return ",".join(f"{n}:{w:g}" for n, w in weights if w > 0)

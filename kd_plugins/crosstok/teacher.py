@@ -21,6 +21,7 @@ before it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,10 +31,16 @@ import torch.nn as nn
 from ..distill.teacher import Teacher
 from ..losses import get_loss_spec
 from ..losses._common import IGNORE_INDEX
-from ..losses.cross_tokenizer import alm_loss, chunk_logprobs, target_token_logprobs, uld_loss
+from ..losses.cross_tokenizer import (
+    alm_loss,
+    chunk_hidden_loss,
+    chunk_logprobs,
+    target_token_logprobs,
+    uld_loss,
+)
 from .align import AlignmentError, ChunkAlignment, _check_coverage, _encode, align_offsets, byte_offsets
 
-__all__ = ["CrossTokenizerTeacher", "RoundTripError", "cross_tokenizer_loss"]
+__all__ = ["CrossTokenizerTeacher", "RoundTripError", "cross_tokenizer_loss", "resolve_hidden_layers"]
 
 _ROLES = ("bos", "eos", "sep", "cls")
 _ULD_POSITIONS = ("one_to_one", "chunk_start")
@@ -66,6 +73,10 @@ class CrossTokenizerTeacher:
         on_round_trip_error: ``"raise"`` (default) or ``"skip_row"`` (the row gets no chunk and is listed in
             ``skipped_rows``).
         check_coverage: raise when a tokenizer drops non-whitespace characters (its tokens spell another text).
+        hidden_layers: hidden states gathered for ``chunk_hidden`` (with ``need_hidden=True``): ``"last"`` (default,
+            the model's last hidden state), ``"all"`` (every layer's output, not the embeddings; student and teacher
+            of the same depth) or indices into the models' ``hidden_states`` (both sides) separated by ``,``, ``;`` or
+            ``+`` (``"10;20;30"`` inside an option string).
     """
 
     def __init__(
@@ -78,7 +89,9 @@ class CrossTokenizerTeacher:
         uld_positions: str = "one_to_one",
         on_round_trip_error: str = "raise",
         check_coverage: bool = True,
+        hidden_layers: str = "last",
     ) -> None:
+        _parse_hidden_layers(hidden_layers)  # the spelling is checked now, the depth on the first batch
         if uld_positions not in _ULD_POSITIONS:
             raise ValueError(f"uld_positions must be one of {_ULD_POSITIONS}, got {uld_positions!r}")
         if on_round_trip_error not in ("raise", "skip_row"):
@@ -96,6 +109,7 @@ class CrossTokenizerTeacher:
         self.uld_positions = uld_positions
         self.on_round_trip_error = on_round_trip_error
         self.check_coverage = check_coverage
+        self.hidden_layers = hidden_layers
         self._prefix = self._teacher_prefix()
         self._student_special = set(getattr(student_tokenizer, "all_special_ids", []) or [])
         pad = teacher_tokenizer.pad_token_id
@@ -236,7 +250,7 @@ class CrossTokenizerTeacher:
             valid &= scored
         return valid
 
-    def forward_batch(self, batch: dict, *, need_logits: bool = False) -> dict:
+    def forward_batch(self, batch: dict, *, need_logits: bool = False, need_hidden: bool = False) -> dict:
         """Teacher outputs aligned to the student's chunks for one student batch.
 
         Args:
@@ -244,6 +258,10 @@ class CrossTokenizerTeacher:
                 (unshifted, ``-100`` where ignored).
             need_logits: also return the teacher's logits at the ULD positions (``[B, C, V_T]``, memory of a
                 full teacher logits tensor).
+            need_hidden: also return the teacher's hidden states at the last token of every chunk, for the layers
+                ``hidden_layers`` names: ``teacher_hidden_aligned`` ``[L, B, C, D]``, with ``hidden_layer_ids``
+                (the indices into the teacher's ``hidden_states``) and ``student_positions_last`` ``[B, C]`` (the
+                student position of each chunk's last token, ``-1`` if none).
 
         Returns:
             A dict, tensors on the student batch's device: ``teacher_chunk_logprobs`` ``[B, C]`` (float32),
@@ -272,7 +290,9 @@ class CrossTokenizerTeacher:
         s_valid = self._student_token_mask(input_ids, attn, labels)
         t_valid = t_attn.bool() & (torch.arange(t_ids.shape[1], device=device) >= 1)
 
-        logits = getattr(self.teacher(input_ids=t_ids, attention_mask=t_attn), "logits", None)
+        extra = {"output_hidden_states": True} if need_hidden else {}
+        t_model_out = self.teacher(input_ids=t_ids, attention_mask=t_attn, **extra)
+        logits = getattr(t_model_out, "logits", None)
         if logits is None or logits.dim() != 3:
             raise TypeError(
                 f"the teacher {type(self.teacher.module).__name__} returned no [B, T, V] logits; cross-tokenizer "
@@ -309,9 +329,74 @@ class CrossTokenizerTeacher:
             t_pos = torch.where(uld_mask, t_first - 1, 0).to(logits.device)
             rows_t = logits.gather(1, t_pos[..., None].expand(-1, -1, logits.shape[-1]))
             out["teacher_logits_aligned"] = rows_t.detach().to(device)
+        if need_hidden:
+            out.update(self._hidden_at_chunk_ends(t_model_out, t_first, t_count, s_first, s_count, device))
         return out
 
+    def _hidden_at_chunk_ends(self, t_model_out, t_first, t_count, s_first, s_count, device) -> dict:
+        """The teacher's ``hidden_layers`` at each chunk's last token, and the student position of that token."""
+        states = getattr(t_model_out, "hidden_states", None)
+        if not states:
+            raise TypeError(
+                f"the teacher {type(self.teacher.module).__name__} returned no hidden_states with "
+                "output_hidden_states=True; chunk_hidden needs a Hugging Face causal LM teacher."
+            )
+        layer_ids = resolve_hidden_layers(self.hidden_layers, len(states))
+        t_last = torch.where(t_count > 0, t_first + t_count - 1, 0)
+        gathered = []
+        for i in layer_ids:
+            h = states[i]
+            pos = t_last.to(h.device)[..., None].expand(-1, -1, h.shape[-1])
+            gathered.append(h.gather(1, pos).detach().to(device))
+        return {
+            "teacher_hidden_aligned": torch.stack(gathered),
+            "hidden_layer_ids": layer_ids,
+            "hidden_layers": self.hidden_layers,
+            "student_positions_last": torch.where(s_count > 0, s_first + s_count - 1, -1),
+        }
+
     __call__ = forward_batch
+
+
+def _parse_hidden_layers(spec: str) -> str | tuple[int, ...]:
+    """``"last"``, ``"all"`` or the integers of a comma-separated list; a clear error for anything else."""
+    spec = str(spec).strip()
+    if spec in ("last", "all"):
+        return spec
+    try:  # ';' or '+' also separate, for option strings that already use ',' between keys
+        ids = tuple(int(x) for x in re.split(r"[,;+\s]+", spec) if x)
+    except ValueError:
+        ids = ()
+    if not ids:
+        raise ValueError(
+            f"hidden_layers must be 'last', 'all' or comma-separated indices into hidden_states, got {spec!r}"
+        )
+    return ids
+
+
+def resolve_hidden_layers(spec: str, num_states: int, *, teacher_ids: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Indices into a model's ``hidden_states`` (``num_states`` = layers + 1) that ``spec`` names.
+
+    ``"last"``: the last one; ``"all"``: 1 .. ``num_states - 1`` (every layer's output; the embeddings differ by
+    design between two tokenizations); otherwise integers separated by ``,``, ``;`` or ``+`` (negative ones count
+    from the end).
+    ``teacher_ids``: the teacher's resolved indices, which the student's must match in number (a clear error if not).
+    """
+    parsed = _parse_hidden_layers(spec)
+    if parsed == "last":
+        ids = (num_states - 1,)
+    elif parsed == "all":
+        ids = tuple(range(1, num_states))
+    else:
+        if any(not -num_states <= i < num_states for i in parsed):
+            raise ValueError(f"hidden_layers {spec!r} names an index outside the model's {num_states} hidden states")
+        ids = tuple(i % num_states for i in parsed)
+    if teacher_ids is not None and len(ids) != len(teacher_ids):
+        raise ValueError(
+            f"hidden_layers={spec!r} gives the student {len(ids)} hidden states and the teacher {len(teacher_ids)} "
+            "(different depths); use hidden_layers='last' or name the indices explicitly."
+        )
+    return ids
 
 
 def _first_and_count(chunk_ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,6 +421,7 @@ def cross_tokenizer_loss(
     *,
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
+    student_hidden_states: Sequence[torch.Tensor] | None = None,
     **loss_kwargs,
 ) -> torch.Tensor:
     """A cross-tokenizer loss from the student's logits and :meth:`CrossTokenizerTeacher.forward_batch` output.
@@ -344,13 +430,19 @@ def cross_tokenizer_loss(
         student_logits: ``[B, T_s, V_S]`` logits of the student on ``student_batch["input_ids"]``.
         student_batch: the batch the source output was computed from (``input_ids``).
         source_output: what :class:`CrossTokenizerTeacher` returned for that batch (``need_logits=True`` for ULD).
-        loss: a registered ``cross_tokenizer`` loss: ``"alm"`` or ``"uld"`` (or an alias).
+        loss: a registered ``cross_tokenizer`` loss: ``"alm"``, ``"uld"`` or ``"chunk_hidden"`` (or an alias).
         reduction, num_items_in_batch: as in :func:`kd_plugins.losses.cross_tokenizer.alm_loss`.
-        loss_kwargs: hyper-parameters of the loss (ALM: ``form``, ``tau``, ``epsilon``; ULD: temperatures).
+        student_hidden_states: ``chunk_hidden`` only: the student's ``hidden_states`` (``output_hidden_states=True``);
+            the source must have run with ``need_hidden=True``. Layers as the source's ``hidden_layers`` names them,
+            the loss averaged over them.
+        loss_kwargs: hyper-parameters of the loss (ALM: ``form``, ``tau``, ``epsilon``; ULD: temperatures;
+            chunk_hidden: ``normalize``, ``epsilon``).
     """
     spec = get_loss_spec(loss)
     if spec.kind != "cross_tokenizer":
-        raise ValueError(f"loss {loss!r} is a {spec.kind!r} loss; cross_tokenizer_loss takes 'alm' or 'uld'.")
+        raise ValueError(
+            f"loss {loss!r} is a {spec.kind!r} loss; cross_tokenizer_loss takes 'alm', 'uld' or 'chunk_hidden'."
+        )
     input_ids = student_batch["input_ids"]
     if student_logits.shape[:2] != input_ids.shape:
         raise ValueError(
@@ -370,6 +462,8 @@ def cross_tokenizer_loss(
         return alm_loss(
             s_chunks, teacher, mask, reduction=reduction, num_items_in_batch=num_items_in_batch, **loss_kwargs
         )
+    if spec.name == "chunk_hidden":
+        return _chunk_hidden(student_hidden_states, source_output, reduction, num_items_in_batch, loss_kwargs, dev)
     if "teacher_logits_aligned" not in source_output:
         raise ValueError("ULD needs the teacher's logits: call the CrossTokenizerTeacher with need_logits=True.")
     pos = source_output["student_positions_aligned"].to(dev)
@@ -382,3 +476,32 @@ def cross_tokenizer_loss(
         num_items_in_batch=num_items_in_batch,
         **loss_kwargs,
     )
+
+
+def _chunk_hidden(student_states, source_output, reduction, num_items_in_batch, loss_kwargs, device) -> torch.Tensor:
+    """``chunk_hidden`` averaged over the layers the source gathered (see :func:`cross_tokenizer_loss`)."""
+    if "teacher_hidden_aligned" not in source_output:
+        raise ValueError(
+            "chunk_hidden needs the teacher's hidden states: call the CrossTokenizerTeacher with need_hidden=True."
+        )
+    if not student_states:
+        raise ValueError(
+            "chunk_hidden needs the student's hidden states: run the student with output_hidden_states=True and "
+            "pass student_hidden_states=outputs.hidden_states."
+        )
+    teacher = source_output["teacher_hidden_aligned"]
+    ids = resolve_hidden_layers(
+        source_output["hidden_layers"], len(student_states), teacher_ids=source_output["hidden_layer_ids"]
+    )
+    pos = source_output["student_positions_last"].to(device)
+    mask = source_output["chunk_mask"].to(device) & (pos >= 0)
+    values = []
+    for k, i in enumerate(ids):
+        h = student_states[i]
+        rows_s = h.gather(1, pos.clamp(min=0).to(h.device)[..., None].expand(-1, -1, h.shape[-1]))
+        values.append(
+            chunk_hidden_loss(
+                rows_s, teacher[k], mask, reduction=reduction, num_items_in_batch=num_items_in_batch, **loss_kwargs
+            )
+        )
+    return torch.stack(values).mean(0)

@@ -33,7 +33,13 @@ __all__ = ["CROSS_TOKENIZER", "CrossTokenizerTerms", "cross_tokenizer_term_names
 
 CROSS_TOKENIZER = "cross_tokenizer"
 #: ``DistillationConfig.cross_tokenizer_options`` keys, with their types (string shorthand values are converted).
-OPTION_TYPES = {"max_teacher_length": int, "uld_positions": str, "on_round_trip_error": str, "check_coverage": bool}
+OPTION_TYPES = {
+    "max_teacher_length": int,
+    "uld_positions": str,
+    "on_round_trip_error": str,
+    "check_coverage": bool,
+    "hidden_layers": str,
+}
 
 
 def cross_tokenizer_term_names(config) -> list[str]:
@@ -65,7 +71,14 @@ class CrossTokenizerTerms:
 
         self.engine, self.names = engine, names
         self.need_logits = any(get_loss_spec(n).name == "uld" for n in names)
+        #: ``chunk_hidden`` compares hidden states: the student then runs with ``output_hidden_states=True``.
+        self.need_hidden = any(get_loss_spec(n).name == "chunk_hidden" for n in names)
         self.options = self._options(engine)
+        if "hidden_layers" in self.options and not self.need_hidden:
+            raise ValueError(
+                f"cross_tokenizer_options sets hidden_layers but loss_terms {names} has no 'chunk_hidden' term, which "
+                "is the only one that reads hidden states; add chunk_hidden or drop the option."
+            )
         self.source = CrossTokenizerTeacher(
             engine.runner, engine.student_tokenizer, engine.teacher_tokenizer, **self.options
         )
@@ -90,7 +103,8 @@ class CrossTokenizerTerms:
             raise ValueError(
                 f"The cross-tokenizer terms {names} compare a teacher and a student with different tokenizers; the "
                 f"terms {other or sorted(cfg.feature_pairs)} are token-level terms that need one shared tokenizer "
-                "(the positions and vocabularies differ). Keep only 'alm' / 'uld' (plus hard_label_weight)."
+                "(the positions and vocabularies differ). Keep only 'alm' / 'uld' / 'chunk_hidden' (plus "
+                "hard_label_weight)."
             )
         if engine.task != "causal_lm":
             raise ValueError(
@@ -103,7 +117,21 @@ class CrossTokenizerTerms:
                 "logits and the teacher's own tokenization. Set fused_loss=None (automatic) or False."
             )
         cls._check_tokenizers(engine, names)
+        cls._check_widths(engine, names)
         return cls(engine, names)
+
+    @staticmethod
+    def _check_widths(engine: Any, names: list[str]) -> None:
+        """``chunk_hidden`` compares hidden states channel by channel: the two models need the same hidden size."""
+        if not any(get_loss_spec(n).name == "chunk_hidden" for n in names):
+            return
+        widths = [getattr(getattr(m, "config", None), "hidden_size", None) for m in (engine.student, engine.teacher)]
+        if None not in widths and widths[0] != widths[1]:
+            raise ValueError(
+                f"chunk_hidden compares hidden states channel by channel, but the student's hidden size is {widths[0]} "
+                f"and the teacher's {widths[1]}. Use it for students of the teacher's width (e.g. tokenizer transfer), "
+                "or drop chunk_hidden and keep 'alm'."
+            )
 
     @staticmethod
     def _check_tokenizers(engine: Any, names: list[str]) -> None:
@@ -167,7 +195,7 @@ class CrossTokenizerTerms:
         from ..crosstok.teacher import RoundTripError
 
         try:
-            return self.source.forward_batch(inputs, need_logits=self.need_logits)
+            return self.source.forward_batch(inputs, need_logits=self.need_logits, need_hidden=self.need_hidden)
         except RoundTripError as e:
             raise RoundTripError(
                 f"{e} In a distillation run: tokenize whole texts (rows cut inside a word may not round-trip), or "
@@ -185,10 +213,13 @@ class CrossTokenizerTerms:
                 "log-probabilities); the teacher outputs given to compute() are something else."
             )
         logits = s_out["logits"] if isinstance(s_out, dict) else s_out[1]
+        hidden = s_out.get("hidden_states") if isinstance(s_out, dict) else getattr(s_out, "hidden_states", None)
         labels = inputs.get("labels")
         count = label_token_count(inputs)
         for name in self.names:
-            value = cross_tokenizer_loss(logits, inputs, t_out, name, reduction="sum", **self.kwargs[name])
+            value = cross_tokenizer_loss(
+                logits, inputs, t_out, name, reduction="sum", student_hidden_states=hidden, **self.kwargs[name]
+            )
             mean = value / max(count, 1)
             terms.add(name, scaling.token_sum(value, count) if labels is not None else scaling.mean(mean), mean)
         terms.metrics["crosstok_skipped_rows"] = float(len(t_out.get("skipped_rows", ())))

@@ -110,9 +110,15 @@ __all__ += [
     "hybrid_distill_loss",
     "infonce",
 ]
-from .cross_tokenizer import alm_loss, chunk_logprobs, target_token_logprobs, uld_loss  # noqa: E402
+from .cross_tokenizer import (  # noqa: E402
+    alm_loss,
+    chunk_hidden_loss,
+    chunk_logprobs,
+    target_token_logprobs,
+    uld_loss,
+)
 
-__all__ += ["target_token_logprobs", "chunk_logprobs", "alm_loss", "uld_loss"]
+__all__ += ["target_token_logprobs", "chunk_logprobs", "alm_loss", "chunk_hidden_loss", "uld_loss"]
 from .preference import PreferenceDistillationLoss, dpo_loss, preference_distillation_loss  # noqa: E402
 
 __all__ += ["dpo_loss", "preference_distillation_loss", "PreferenceDistillationLoss"]

@@ -17,6 +17,11 @@ alignment:
     equality, same gradient as ``binary_ce``.
   - ``form="abs"``: ``l_k = |log P_S(c_k) - log P_T(c_k)|`` (no ``tau``, no ``eps``).
 
+* :func:`chunk_hidden_loss`: hidden-state matching at chunk ends (tokenkit's ``alm_latents``): where both
+  tokenizations end a chunk, both models have read the same text, so their hidden states there are compared,
+  ``l_k = mean_d (h_S[k, d] - h_T[k, d])^2 / m_d`` with ``m_d`` the teacher's mean square of channel ``d`` over the
+  scored chunks (``normalize="channelwise"``; ``"none"``: ``m_d = 1``). For a student and teacher of the same width,
+  e.g. a model moved to a new tokenizer and its original.
 * :func:`uld_loss`: Universal Logit Distillation (Boizard et al.), the baseline of TRL's GOLD trainer: sort each
   next-token distribution in descending order, pad the smaller vocabulary with zeros, and take the L1 distance,
   ``l = sum_r |sort(p_S)_r - sort(p_T)_r|``, on rows whose contexts are the same text.
@@ -35,9 +40,18 @@ import torch.nn.functional as F
 from ._common import compute_dtype, log1mexp, reduce_rows, rows, valid_mask
 from .registry import register_loss
 
-__all__ = ["ALM_FORMS", "target_token_logprobs", "chunk_logprobs", "alm_loss", "uld_loss"]
+__all__ = [
+    "ALM_FORMS",
+    "HIDDEN_NORMALIZATIONS",
+    "target_token_logprobs",
+    "chunk_logprobs",
+    "alm_loss",
+    "chunk_hidden_loss",
+    "uld_loss",
+]
 
 ALM_FORMS = ("binary_ce", "binary_kl", "abs")
+HIDDEN_NORMALIZATIONS = ("channelwise", "none")
 
 
 def target_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -150,6 +164,49 @@ def alm_loss(
     )
 
 
+def chunk_hidden_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    chunk_mask: torch.Tensor | None = None,
+    *,
+    normalize: str = "channelwise",
+    epsilon: float = 1e-6,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared distance between student and teacher hidden states at the last token of each aligned chunk.
+
+    Args:
+        student_hidden, teacher_hidden: ``[..., C, D]`` hidden states at each chunk's last token (same width ``D``;
+            the teacher side is treated as a constant).
+        chunk_mask: ``[..., C]`` chunks to score.
+        normalize: ``"channelwise"`` (default, tokenkit's ``l2_channelwise``): each channel's squared error is
+            divided by the teacher's mean square of that channel over the scored chunks (plus ``epsilon``), so
+            every channel counts alike whatever its scale; ``"none"``: plain squared error.
+        reduction, num_items_in_batch: as in :func:`alm_loss`; per chunk the mean over channels.
+
+    0 when the hidden states are equal; with ``"channelwise"`` unchanged when one channel of both sides is scaled.
+    """
+    if normalize not in HIDDEN_NORMALIZATIONS:
+        raise ValueError(f"chunk_hidden_loss normalize must be one of {HIDDEN_NORMALIZATIONS}, got {normalize!r}")
+    if epsilon < 0:
+        raise ValueError(f"chunk_hidden_loss needs epsilon >= 0, got {epsilon}")
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} must have the same shape ([..., chunks, width]); chunk hidden-state "
+            "matching needs a student and teacher of the same hidden size."
+        )
+    valid = valid_mask(student_hidden.shape[:-1], mask=chunk_mask, device=student_hidden.device)
+    dtype = compute_dtype(student_hidden)
+    h_s = rows(student_hidden, valid).to(dtype)
+    h_t = rows(teacher_hidden.detach(), valid).to(h_s.device, dtype)
+    sq = (h_s - h_t).square()
+    if normalize == "channelwise" and h_t.shape[0]:
+        sq = sq / (h_t.square().mean(0) + epsilon)
+    return reduce_rows(sq.mean(-1), valid, reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
 def uld_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -216,6 +273,31 @@ class ALMLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"form={self.form!r}, tau={self.tau}, epsilon={self.epsilon}"
+
+
+@register_loss("chunk_hidden", kind="cross_tokenizer", function=chunk_hidden_loss, aliases=("alm_latents",))
+class ChunkHiddenLoss(nn.Module):
+    """Hidden-state matching at the ends of aligned chunks (tokenkit's ``alm_latents``), channel-normalised."""
+
+    def __init__(self, normalize: str = "channelwise", epsilon: float = 1e-6, reduction: str = "mean") -> None:
+        super().__init__()
+        if normalize not in HIDDEN_NORMALIZATIONS:
+            raise ValueError(f"ChunkHiddenLoss normalize must be one of {HIDDEN_NORMALIZATIONS}, got {normalize!r}")
+        self.normalize, self.epsilon, self.reduction = normalize, epsilon, reduction
+
+    def forward(self, student_hidden, teacher_hidden, *, mask=None, num_items_in_batch=None):
+        return chunk_hidden_loss(
+            student_hidden,
+            teacher_hidden,
+            mask,
+            normalize=self.normalize,
+            epsilon=self.epsilon,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize!r}, epsilon={self.epsilon}"
 
 
 @register_loss("uld", kind="cross_tokenizer", function=uld_loss, aliases=("universal_logit_distillation",))

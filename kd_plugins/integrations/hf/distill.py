@@ -251,6 +251,8 @@ class DistillationCallback(TrainerPluginCallback):
         """The student's outputs (with gradients) and the Trainer's task loss (``None`` without labels)."""
         need_attn = any(k == "attention" for k in self.config.kinds.values())
         extra = {"output_attentions": True} if need_attn else {}
+        if getattr(self.engine.crosstok, "need_hidden", False):  # chunk_hidden reads the student's hidden states
+            extra["output_hidden_states"] = True
         if self.engine.task == "encoder" or inputs.get("labels") is None:
             return None, model(**model_inputs(inputs), **extra)
         task_loss, outputs = original(

@@ -54,7 +54,8 @@ def train_transferred(
             ``TrainingArguments`` (then the config's optimisation fields are not used).
 
     Returns:
-        The Trainer after ``train()`` (its ``state.log_history`` holds ``kd_alm`` / ``kd_uld`` / ``task_loss``).
+        The Trainer after ``train()`` (its ``state.log_history`` holds ``kd_alm`` / ``kd_uld`` / ``kd_chunk_hidden``
+        / ``task_loss``).
         With ``alm_weight = uld_weight = 0`` it trains with cross-entropy only and never runs the teacher.
     """
     cfg = resolve_config(TokenizerTransferConfig, config, overrides)
@@ -92,7 +93,8 @@ def train_transferred(
             term_balance=cfg.term_balance,
             teacher_device="student",
             # a row longer than max_length is truncated and may not round-trip: skip it (logged) rather than stop
-            cross_tokenizer_options="on_round_trip_error=skip_row",
+            cross_tokenizer_options={"on_round_trip_error": "skip_row"}
+            | ({"hidden_layers": cfg.hidden_layers} if cfg.hidden_weight > 0 else {}),
         )
         callbacks.append(DistillationCallback(teacher, dcfg, teacher_tokenizer=teacher_tokenizer))
     trainer = Trainer(
