@@ -79,6 +79,7 @@ _LAZY = {
     "distillspec_config": "kd_plugins.speculative",
     "restrict_draft_vocab": "kd_plugins.speculative",
     "frequent_token_ids": "kd_plugins.speculative",
+    "use_few_row_gemm": "kd_plugins.speculative",
     "upcycle_moe": "kd_plugins.moe",
     "MoEConfig": "kd_plugins.moe",
     "save_moe": "kd_plugins.moe",

@@ -11,6 +11,8 @@
   the target's logits and features collected while it generates.
 * :func:`restrict_draft_vocab` / :func:`frequent_token_ids`: a draft served with its LM head cut to the frequent
   tokens (FR-Spec), cheaper per drafted token.
+* :func:`use_few_row_gemm`: linear layers whose few-row products (a verification forward, a large head's decode
+  step) take the GEMM layout a CPU BLAS runs fast.
 
 The divergences a draft is distilled with (forward / reverse KL, generalised JSD, TVD) are in
 :mod:`kd_plugins.losses` (``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``). See ``docs/speculative.md``.
@@ -19,6 +21,7 @@ The divergences a draft is distilled with (forward / reverse KL, generalised JSD
 from .acceptance import AcceptanceResult, expected_acceptance, expected_tokens_per_round, token_acceptance
 from .config import SpeculativeConfig
 from .drafts import DISTILLSPEC_DIVERGENCES, build_draft, distillspec_config
+from .few_row_gemm import FewRowLinear, restore_linear, use_few_row_gemm
 from .frequent_vocab import SubsetLMHead, frequent_token_ids, restrict_draft_vocab
 from .hook import AcceptanceRecorder, GenerationRounds, record_acceptance
 from .measure import SpeculativeReport, measure_speculative
@@ -50,6 +53,9 @@ __all__ = [
     "SubsetLMHead",
     "frequent_token_ids",
     "restrict_draft_vocab",
+    "FewRowLinear",
+    "use_few_row_gemm",
+    "restore_linear",
     "TargetOutputs",
     "OnlineDraftLoss",
     "OnlineDraftRun",
