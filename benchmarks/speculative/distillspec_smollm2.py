@@ -102,6 +102,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warmup, cosine decay)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generated (and reference) completion length")
     p.add_argument("--num-layers", type=int, default=6, help="draft depth (first layers of the target)")
+    p.add_argument(
+        "--init-draft",
+        default=None,
+        help="start every arm from this saved draft (from_pretrained; e.g. one of --save-drafts) instead of the "
+        "target's first --num-layers layers; the 'untrained' arm then scores it as it is",
+    )
     p.add_argument("--train-prompts", type=int, default=1024, help="training prompts, half BBC, half Austen")
     p.add_argument("--eval-prompts", type=int, default=16, help="evaluation prompts, half BBC, half Austen")
     p.add_argument("--eval-tokens", type=int, default=48, help="tokens generated per evaluation prompt")
@@ -278,9 +284,9 @@ def train_arm(target, tok, rows, args, divergence: str, lmbda: float, steps: int
     from transformers import Trainer, TrainingArguments
 
     from kd_plugins import DistillationCallback
-    from kd_plugins.speculative import build_draft, distillspec_config
+    from kd_plugins.speculative import distillspec_config
 
-    draft = build_draft(target, num_layers=args.num_layers)
+    draft = initial_draft(target, args)
     cfg = distillspec_config(divergence, lmbda=lmbda, max_new_tokens=args.max_new_tokens, **(overrides or {}))
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -391,15 +397,24 @@ def evaluate(target, draft, tok, eval_rows, batches, args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------- main
-def run_arms(target, tok, train_rows, eval_rows, args) -> dict:
+def initial_draft(target, args):
+    """The draft every arm starts from: the target's first ``--num-layers`` layers, or ``--init-draft``."""
     from kd_plugins.speculative import build_draft
 
+    if args.init_draft is None:
+        return build_draft(target, num_layers=args.num_layers)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(args.init_draft, dtype=next(target.parameters()).dtype)
+
+
+def run_arms(target, tok, train_rows, eval_rows, args) -> dict:
     batches = greedy_continuations(target, tok, eval_rows, args.eval_tokens)
     results = {}
     for arm in args.arms:
         t0 = time.time()
         if ARMS[arm] is None:
-            draft, logs, seconds = build_draft(target, num_layers=args.num_layers), [], []
+            draft, logs, seconds = initial_draft(target, args), [], []
         else:
             divergence, lmbda, overrides = ARMS[arm]
             draft, logs, seconds = train_arm(target, tok, train_rows, args, divergence, lmbda, args.steps, overrides)
