@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_llama
 
+from kd_plugins.kernels.heads import UnfusableHeadError, check_fusable_head
 from kd_plugins.quant import quantize
 from kd_plugins.speculative import (
     FewRowLinear,
@@ -72,9 +73,12 @@ def test_use_few_row_gemm_keeps_parameters_ties_keys_and_greedy_output():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
         kwargs = dict(max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
         assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    with pytest.raises(UnfusableHeadError, match="fused_loss=False"):  # a serving form: the fused loss refuses it
+        check_fusable_head(model)
     assert restore_linear(model) == linears
     assert all(type(m) is not FewRowLinear for m in model.modules())
-    assert not hasattr(model.lm_head, "one_row_gemm") or model.lm_head.one_row_gemm is False
+    assert not hasattr(model.lm_head, "one_row_gemm")
+    assert check_fusable_head(model) is model.lm_head
 
 
 def test_restricted_and_quantized_drafts_serve_losslessly_with_few_row_gemm():

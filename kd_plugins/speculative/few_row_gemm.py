@@ -4,18 +4,22 @@ Speculative decoding pays when the target's forward over ``gamma + 1`` tokens co
 costs. On the 2-core AMD EPYC this project benchmarks on (torch's MKL), ``F.linear(x, W)`` with 2 to 8 rows of ``x``
 is 1.6x to 3.5x slower than with one row (``benchmarks/speculative/verify_row_cost.py``), and a one-row product with a
 large matrix (the LM head) runs a slow matrix-vector path. The same product written as ``torch.mm(W, x.T).T`` (the
-weight as the left operand, a tall-skinny GEMM) is much faster at those shapes: for SmolLM2's 49,152 x 576 head,
-3.7 ms at 2 rows and 5.2 ms at 5 rows against 22 and 17 ms for ``F.linear``, and 3.7 ms for one row duplicated into
-two against 10.6 ms for the matrix-vector path.
+weight as the left operand, a tall-skinny GEMM) is much faster at those shapes: for SmolLM2's 49,152 x 576 head
+(``verify_row_cost.py``, 2 threads), 4.0 ms at 2 rows and 5.6 ms at 5 rows against 22.6 and 17.7 ms for
+``F.linear``, and 4.1 ms for one row duplicated into two against 10.1 ms for the matrix-vector path.
 
 :func:`use_few_row_gemm` switches a model's ``nn.Linear`` layers, in place, to :class:`FewRowLinear`, an
 ``nn.Linear`` whose forward takes that route for calls with ``2 <= rows <= max_rows``, and for one-row calls of the
 output embeddings (LM head). Parameters, their ties (a head tied to the input embeddings stays tied), state-dict
-keys, hooks and ``isinstance(m, nn.Linear)`` are unchanged; each output element is the same 576-term dot product, so
-results equal ``F.linear``'s to float rounding (tested), not bit for bit: greedy output can change only at an exact
-near-tie of two logits, which :func:`~kd_plugins.speculative.measure_speculative`'s losslessness check would show.
-:func:`restore_linear` switches back. Apply it to the target *and* the draft; the target-alone baseline of
-``measure_speculative`` then runs with it too, so a speedup is measured against the faster target.
+keys, hooks and ``isinstance(m, nn.Linear)`` are unchanged. Each output element is the same ``in_features``-term
+dot product, so results equal ``F.linear``'s to float rounding (tested), not bit for bit: greedy output can change
+only at a near-exact tie of two logits, which the losslessness check of
+:func:`~kd_plugins.speculative.measure_speculative` would show. :func:`restore_linear` switches back. Apply it to the
+target *and* the draft: the target-alone baseline of ``measure_speculative`` then runs with it too, so a speedup is
+measured against the faster target.
+
+It is a serving form: the fused linear + KD loss refuses a ``FewRowLinear`` head (its forward is not
+``nn.Linear.forward``) with a clear error; call :func:`restore_linear` before training such a model.
 
 Whether it helps depends on the BLAS and the CPU: time your own target with and without it (the benchmark does, and
 ``benchmarks/speculative/verify_row_cost.py`` shows both layouts). On CUDA it changes nothing (calls on CUDA
