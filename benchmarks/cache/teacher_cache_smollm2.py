@@ -72,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-live", action="store_true", help="skip the live-teacher arm")
+    p.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="keep the student's (tied) token embeddings / output head at the teacher's values in every arm",
+    )
     p.add_argument("--smoke", action="store_true", help="2 steps on 4 short windows: checks the script runs")
     p.add_argument("--out", default=str(HERE / "results" / "teacher_cache_smollm2.json"))
     args = p.parse_args(argv)
@@ -105,6 +110,8 @@ def train_arm(name: str, teacher_or_cache, teacher, data: dict, args, out_dir: s
     set_seed(args.seed)
     student = kd_plugins.inherit_student(teacher, num_layers=args.num_layers, strategy="uniform")
     student.requires_grad_(True).train()
+    if args.freeze_embeddings:  # tied: the output head is the same tensor
+        student.get_input_embeddings().weight.requires_grad_(False)
     sparse = name.startswith("cache_")  # top-k / sampled rows; live and lowrank arms give dense distributions
     kwargs = {"kl": {"topk_tail": args.topk_tail}} if sparse else None
     cb = kd_plugins.DistillationCallback(
@@ -245,6 +252,8 @@ def main(argv=None) -> int:
     heading = f"## Latest run (written by the script): {args.num_layers}-layer student"
     if args.selection != ["topk"]:  # a section per selection too: a sampled run keeps the top-k table
         heading += f", {'/'.join(args.selection)} caches, {args.steps} steps"
+    if args.freeze_embeddings:
+        heading += ", frozen embeddings"
     if args.seed:  # another training seed keeps its own section beside seed 0's
         heading += f", training seed {args.seed}"
     section = f"{heading}\n\n`{cmd}`\n\n{table}"
