@@ -110,8 +110,9 @@ def train_arm(name: str, teacher_or_cache, teacher, data: dict, args, out_dir: s
     set_seed(args.seed)
     student = kd_plugins.inherit_student(teacher, num_layers=args.num_layers, strategy="uniform")
     student.requires_grad_(True).train()
-    if args.freeze_embeddings:  # tied: the output head is the same tensor
+    if args.freeze_embeddings:  # both ends (the same tensor when tied, as in SmolLM2)
         student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
     sparse = name.startswith("cache_")  # top-k / sampled rows; live and lowrank arms give dense distributions
     kwargs = {"kl": {"topk_tail": args.topk_tail}} if sparse else None
     cb = kd_plugins.DistillationCallback(
