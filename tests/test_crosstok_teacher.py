@@ -202,9 +202,25 @@ def test_packed_documents_map_eos_and_refuse_other_specials(toks):
     assert t_row[0] == t_tok.bos_token_id and t_row.count(t_tok.eos_token_id) == 1
     assert out["texts"] == ["The lazy dog. A fox."]
     assert out["chunk_ids_student"][0, len(a)] == -1  # the EOS is in no chunk
-    unk = torch.tensor([a + [s_tok.unk_token_id] + b])
+    pad = torch.tensor([a + [s_tok.pad_token_id] + b])  # a special token with no role the teacher maps
     with pytest.raises(ValueError, match="no teacher equivalent"):
-        CrossTokenizerTeacher(teacher, s_tok, t_tok)({"input_ids": unk})
+        CrossTokenizerTeacher(teacher, s_tok, t_tok)({"input_ids": pad})
+
+
+def test_unknown_student_token_is_a_round_trip_error_that_skip_row_skips(toks):
+    """A student UNK (WordPiece, Unigram or BPE without byte fallback on an unseen character) hides the text: the
+    row cannot be scored, and ``skip_row`` must be able to skip it like any other row that does not round-trip."""
+    s_tok, t_tok = toks
+    teacher = tiny_llama(vocab=len(t_tok), seed=5)
+    a, b = s_tok("The lazy dog.")["input_ids"], s_tok(" A fox.")["input_ids"]
+    ids = torch.tensor([a + [s_tok.unk_token_id] + b, a + b + [s_tok.pad_token_id]])
+    batch = {"input_ids": ids, "attention_mask": (ids != s_tok.pad_token_id).long()}
+    with pytest.raises(
+        RoundTripError, match=f"row 0, position {len(a)}: the student ids hold the unknown token '<unk>'"
+    ):
+        CrossTokenizerTeacher(teacher, s_tok, t_tok)(batch)
+    out = CrossTokenizerTeacher(teacher, s_tok, t_tok, on_round_trip_error="skip_row")(batch)
+    assert out["skipped_rows"] == [0] and not out["chunk_mask"][0].any() and out["chunk_mask"][1].any()
 
 
 def test_round_trip_errors_and_skip_row(toks):
@@ -264,3 +280,67 @@ def test_chunk_start_positions_cover_every_complete_chunk(toks):
     assert torch.equal(start["uld_mask"], start["chunk_mask"])
     assert (one["uld_mask"] <= start["uld_mask"]).all() and one["uld_mask"].sum() < start["uld_mask"].sum()
     assert start["teacher_logits_aligned"].shape == (*start["chunk_mask"].shape, len(t_tok))
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer families
+FAMILY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A single man  in possession\nof a good fortune, naïve café 👍.",
+    "Shares rose 5% to £3.20 on 12 May 2024, analysts said.",
+    "Tabs\tand   spaces;  “quoted” — déjà vu 日本語 ✓",
+]
+
+
+@pytest.fixture(scope="module")
+def families():
+    from crosstok_tokenizers import digit_split_byte_bpe, legacy_llama_bpe, unigram_eos, wordpiece_cased
+
+    return {
+        "byte_bpe": byte_bpe(320),
+        "metaspace_bpe": metaspace_bpe(520, bos=True),
+        "legacy_llama_bpe": legacy_llama_bpe(),
+        "unigram_eos": unigram_eos(),
+        "wordpiece_cased": wordpiece_cased(),
+        "digit_split_byte_bpe": digit_split_byte_bpe(),
+    }
+
+
+def _unknown(tok, text) -> bool:
+    return tok.unk_token_id is not None and tok.unk_token_id in tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("teacher_family", ["byte_bpe", "legacy_llama_bpe", "unigram_eos", "wordpiece_cased"])
+@pytest.mark.parametrize(
+    "student_family", ["metaspace_bpe", "legacy_llama_bpe", "unigram_eos", "wordpiece_cased", "digit_split_byte_bpe"]
+)
+def test_tokenizer_families_align_and_score(families, student_family, teacher_family):
+    """Pairs across six tokenizer conventions (offsets through a normaliser, EOS appended, ``[CLS] .. [SEP]``, ``##``
+    continuations, digit splitting, UNK instead of byte fallback): rows that both sides can spell are scored with
+    chunks that partition their bytes; rows one side can only spell with an unknown token are skipped, never mis-scored.
+    """
+    s_tok, t_tok = families[student_family], families[teacher_family]
+    source = CrossTokenizerTeacher(tiny_llama(vocab=len(t_tok), seed=3), s_tok, t_tok, on_round_trip_error="skip_row")
+    s_tok.padding_side = "right"
+    enc = s_tok(FAMILY_TEXTS, padding=True, return_tensors="pt")
+    batch = {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+    out = source.forward_batch(batch, need_logits=True)
+    lost = [b for b, text in enumerate(FAMILY_TEXTS) if _unknown(s_tok, text) or _unknown(t_tok, text)]
+    assert out["skipped_rows"] == lost and len(lost) < len(FAMILY_TEXTS)
+    for b, text in enumerate(FAMILY_TEXTS):
+        if b in lost:
+            assert not out["chunk_mask"][b].any()
+            continue
+        aln = out["alignments"][b]
+        spans = aln.chunk_spans
+        assert out["texts"][b].strip() == text.strip() and spans[0][0] == 0
+        assert [a for a, _ in spans[1:]] == [e for _, e in spans[:-1]]
+        tail = out["texts"][b].encode("utf-8")[spans[-1][1] :]
+        assert tail.decode().strip() == ""  # only whitespace after the last chunk
+        assert int(out["chunk_mask"][b].sum()) >= aln.num_chunks - 1  # all but the first chunk (no context) scored
+        if student_family == teacher_family:  # the same tokens on both sides of every chunk
+            assert aln.tokens_per_chunk("student") == aln.tokens_per_chunk("teacher")
+    student = tiny_llama(vocab=len(s_tok), seed=4)
+    logits = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    for loss in ("alm", "uld"):
+        value = cross_tokenizer_loss(logits, batch, out, loss=loss)
+        assert torch.isfinite(value) and value > 0

@@ -100,6 +100,20 @@ def test_identity_transfer_keeps_every_row(toks):
     assert torch.equal(moved.get_output_embeddings().weight, model.get_output_embeddings().weight)
 
 
+@pytest.mark.parametrize(
+    "family", ["metaspace_bpe", "legacy_llama_bpe", "unigram_eos", "wordpiece_cased", "digit_split_byte_bpe"]
+)
+def test_identity_transfer_is_exact_for_every_tokenizer_family(family):
+    """Every convention spells its own tokens back to themselves: byte-fallback ``<0xNN>`` included (onto the old
+    ``<0xNN>``, not onto the character's own token), ``##`` continuations, Unigram pieces, split digits."""
+    import crosstok_tokenizers
+
+    tok = getattr(crosstok_tokenizers, family)()
+    plan = tokenizer_transfer_plan(tok, tok)
+    assert plan.pieces == [(i,) for i in range(len(tok))]
+    assert plan.counts()["mean"] == plan.counts()["fallback"] == 0
+
+
 def test_tied_model_saves_and_reloads_with_from_pretrained(toks, tmp_path):
     old, new = toks
     model = _tied_llama(len(old))

@@ -112,6 +112,7 @@ class CrossTokenizerTeacher:
         self.hidden_layers = hidden_layers
         self._prefix = self._teacher_prefix()
         self._student_special = set(getattr(student_tokenizer, "all_special_ids", []) or [])
+        self._student_unk = getattr(student_tokenizer, "unk_token_id", None)
         pad = teacher_tokenizer.pad_token_id
         self._teacher_pad = pad if pad is not None else (teacher_tokenizer.eos_token_id or 0)
 
@@ -181,6 +182,14 @@ class CrossTokenizerTeacher:
         seps: list[int] = []  # positions of the special tokens
         after_special = True
         for p in pos:
+            if ids[p] == self._student_unk:
+                # An unknown token stands for characters the student tokenizer could not encode: the text is lost.
+                raise RoundTripError(
+                    f"{where}, position {p}: the student ids hold the unknown token "
+                    f"{self.student_tokenizer.unk_token!r}, so the text the student reads cannot be recovered for "
+                    "the teacher. Clean the text of characters the student tokenizer cannot encode, or pass "
+                    "on_round_trip_error='skip_row'."
+                )
             if ids[p] in self._student_special:
                 seps.append(p)
                 after_special = True

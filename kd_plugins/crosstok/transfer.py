@@ -20,7 +20,7 @@ How a token is spelled as bytes (the tokenizer's ``tokenizer.json`` says which c
 
 * byte-level BPE (GPT-2, SmolLM2, Llama 3; ``Ġ`` for a space): every character of the token stands for one byte;
 * SentencePiece style (``▁`` for a space): UTF-8 of the token with ``▁`` read as a space; byte-fallback tokens
-  ``<0xNN>`` are the byte ``NN``;
+  ``<0xNN>`` are the byte ``NN`` (and take the old ``<0xNN>`` row where the old vocabulary has one);
 * WordPiece: ``##x`` continues a word (``x``), other tokens start one (`` x``);
 * added (non-special) tokens: their literal content.
 
@@ -131,6 +131,11 @@ class _Spelling:
             return (piece[2:] if piece.startswith("##") else " " + piece).encode("utf-8")
         return self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False).encode("utf-8")
 
+    def byte_fallback_id(self, piece: str | None) -> int | None:
+        """The id of this vocabulary's byte-fallback token spelled ``piece`` (``<0xNN>``), if ``piece`` is one and
+        this vocabulary has it."""
+        return self.vocab.get(piece) if _BYTE_FALLBACK.fullmatch(piece or "") else None
+
     def spell(self, data: bytes) -> str | None:
         """``data`` as this tokenizer's vocabulary writes it (``None`` when it cannot, e.g. a partial UTF-8
         character for a text tokenizer)."""
@@ -195,8 +200,11 @@ def tokenizer_transfer_plan(old_tokenizer, new_tokenizer) -> TransferPlan:
     pieces, how = [], []
     for token_id in range(len(new_tokenizer)):
         data = new.token_bytes(token_id)
+        fallback_id = old.byte_fallback_id(new_tokenizer.convert_ids_to_tokens(token_id))
         if data is None:
             ids, kind = _special_source(token_id, old, new_tokenizer, old_tokenizer), "special"
+        elif fallback_id is not None:  # <0xNN> onto the old <0xNN>: the row trained on that byte
+            ids, kind = (fallback_id,), "exact"
         else:
             ids = old.pieces(data) if data else ()
             kind = "exact" if len(ids) == 1 and old.spell(data) in old.vocab else "mean"
