@@ -39,6 +39,7 @@ from ..losses.cross_tokenizer import (
     uld_loss,
 )
 from .align import AlignmentError, ChunkAlignment, _check_coverage, _encode, align_offsets, byte_offsets
+from .chat import ChatFormat, ChatFormatError, render_messages
 
 __all__ = ["CrossTokenizerTeacher", "RoundTripError", "cross_tokenizer_loss", "resolve_hidden_layers"]
 
@@ -77,6 +78,9 @@ class CrossTokenizerTeacher:
             the model's last hidden state), ``"all"`` (every layer's output, not the embeddings; student and teacher
             of the same depth) or indices into the models' ``hidden_states`` (both sides) separated by ``,``, ``;`` or
             ``+`` (``"10;20;30"`` inside an option string).
+        chat: the rows are conversations rendered with the student tokenizer's chat template (``SFTTrainer``,
+            ``apply_chat_template``): each row is cut into messages (:mod:`kd_plugins.crosstok.chat`), the teacher
+            reads the same messages in its own tokenizer's template, and chunks cover message contents only.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class CrossTokenizerTeacher:
         on_round_trip_error: str = "raise",
         check_coverage: bool = True,
         hidden_layers: str = "last",
+        chat: bool = False,
     ) -> None:
         _parse_hidden_layers(hidden_layers)  # the spelling is checked now, the depth on the first batch
         if uld_positions not in _ULD_POSITIONS:
@@ -110,6 +115,15 @@ class CrossTokenizerTeacher:
         self.on_round_trip_error = on_round_trip_error
         self.check_coverage = check_coverage
         self.hidden_layers = hidden_layers
+        self.chat = ChatFormat.from_tokenizer(student_tokenizer, "student") if chat else None
+        self._chat_headers: tuple[str, ...] = ()  # to refuse conversation rows read as plain text
+        if not chat and getattr(student_tokenizer, "chat_template", None):
+            try:
+                self._chat_headers = tuple(ChatFormat.from_tokenizer(student_tokenizer).header.values())
+            except ChatFormatError:
+                pass
+        if chat:
+            ChatFormat.from_tokenizer(teacher_tokenizer, "teacher")  # the teacher's template must render dialogues
         self._prefix = self._teacher_prefix()
         self._student_special = set(getattr(student_tokenizer, "all_special_ids", []) or [])
         self._student_unk = getattr(student_tokenizer, "unk_token_id", None)
@@ -143,7 +157,9 @@ class CrossTokenizerTeacher:
         token = self.student_tokenizer.convert_ids_to_tokens(sid)
         raise ValueError(
             f"{where}: special token {token!r} (id {sid}) inside the text has no teacher equivalent (only BOS, EOS, "
-            "SEP and CLS are mapped); chat templates need the teacher's own template and are not supported yet."
+            "SEP and CLS are mapped). For conversations (chat-template rows) pass chat=True "
+            "(DistillationConfig(cross_tokenizer_options='chat=true')): the teacher then reads the messages in its own "
+            "chat template."
         )
 
     def _run(self, ids: list[int], where: str) -> tuple[str, list, list[int], list]:
@@ -177,19 +193,15 @@ class CrossTokenizerTeacher:
         """Text, student offsets, teacher ids and chunk alignment of one (padded) student row."""
         ids = [int(i) for i in input_ids]
         keep = [True] * len(ids) if attention_mask is None else [bool(m) for m in attention_mask]
+        if self.chat is not None:
+            return self._prepare_chat_row(ids, keep, where)
+        self._refuse_conversation([i for i, k in zip(ids, keep) if k], where)
         pos = [p for p in range(len(ids)) if keep[p]]
         runs: list[list[int]] = []  # positions of each run of non-special tokens
         seps: list[int] = []  # positions of the special tokens
         after_special = True
         for p in pos:
-            if ids[p] == self._student_unk:
-                # An unknown token stands for characters the student tokenizer could not encode: the text is lost.
-                raise RoundTripError(
-                    f"{where}, position {p}: the student ids hold the unknown token "
-                    f"{self.student_tokenizer.unk_token!r}, so the text the student reads cannot be recovered for "
-                    "the teacher. Clean the text of characters the student tokenizer cannot encode, or pass "
-                    "on_round_trip_error='skip_row'."
-                )
+            self._refuse_unknown(ids[p], p, where)
             if ids[p] in self._student_special:
                 seps.append(p)
                 after_special = True
@@ -212,6 +224,79 @@ class CrossTokenizerTeacher:
             t_off += [(a + nbytes, b + nbytes) for a, b in to]
             parts.append(text)
             nbytes += len(text.encode("utf-8", "surrogatepass"))
+        try:
+            aln = align_offsets(s_off, t_off)
+        except AlignmentError as e:
+            raise AlignmentError(f"{where}: {e}") from None
+        return _Row("".join(parts), s_off, t_ids, aln)
+
+    def _refuse_conversation(self, row: list[int], where: str) -> None:
+        """Without ``chat=True`` a conversation row would reach the teacher with the student's template markers
+        (ChatML's ``<|im_start|>`` mapped to the teacher's BOS): another objective, so it is refused."""
+        if not self._chat_headers:
+            return
+        text = self.student_tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        header = next((h for h in self._chat_headers if h in text), None)
+        if header is not None:
+            raise ValueError(
+                f"{where} is a conversation in the student's chat template (it holds the header {header!r}); pass "
+                "chat=True (DistillationConfig(cross_tokenizer_options='chat=true')) so the teacher reads the "
+                "messages in its own chat template and only message contents are compared."
+            )
+
+    def _refuse_unknown(self, token_id: int, position: int, where: str) -> None:
+        if token_id == self._student_unk:
+            # An unknown token stands for characters the student tokenizer could not encode: the text is lost.
+            raise RoundTripError(
+                f"{where}, position {position}: the student ids hold the unknown token "
+                f"{self.student_tokenizer.unk_token!r}, so the text the student reads cannot be recovered for the "
+                "teacher. Clean the text of characters the student tokenizer cannot encode, or pass "
+                "on_round_trip_error='skip_row'."
+            )
+
+    def _prepare_chat_row(self, ids: list[int], keep: list[bool], where: str) -> _Row:
+        """A conversation row: messages parsed from the student's template, rendered in the teacher's, chunks over
+        the message contents (template text on either side is in no chunk)."""
+        stok, ttok = self.student_tokenizer, self.teacher_tokenizer
+        pos = [p for p in range(len(ids)) if keep[p]]
+        row = [ids[p] for p in pos]
+        for p in pos:
+            self._refuse_unknown(ids[p], p, where)
+        text = stok.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        again, s_char = _encode(stok, text, False)
+        if again != row:
+            raise RoundTripError(
+                f"{where}: the student ids do not round-trip through their text {text[:60]!r}... (a conversation "
+                "row re-tokenized without added special tokens). Tokenize rows with apply_chat_template, or pass "
+                "on_round_trip_error='skip_row'."
+            )
+        try:
+            messages = self.chat.parse(text, getattr(stok, "all_special_tokens", []) or [])
+            t_text, t_spans = render_messages(ttok, messages)
+        except ChatFormatError as e:
+            raise RoundTripError(f"{where}: {e} (chat=True reads every row as a conversation)") from None
+        t_ids, t_char = _encode(ttok, t_text, False)
+        unk = getattr(ttok, "unk_token_id", None)
+        if unk is not None and unk in t_ids:
+            raise RoundTripError(
+                f"{where}: the teacher tokenizer writes its unknown token in this conversation: it cannot spell the "
+                "text, so the teacher would score another text. Use on_round_trip_error='skip_row'."
+            )
+        if self.check_coverage:
+            _check_coverage(text, s_char, "student")
+            _check_coverage(t_text, t_char, "teacher")
+        s_regions, t_regions, parts = [], [], []
+        for m, (a, b) in zip(messages, t_spans):
+            body = t_text[a:b]  # the teacher's template may trim a content: compare the trimmed text on both sides
+            k = m.start + m.content.find(body)
+            s_regions.append(_char_to_byte_span(text, k, k + len(body)))
+            t_regions.append(_char_to_byte_span(t_text, a, b))
+            parts.append(body)
+        s_mapped = _to_content_bytes(byte_offsets(text, s_char), s_regions)
+        t_off = _to_content_bytes(byte_offsets(t_text, t_char), t_regions)
+        s_off = [(0, 0)] * len(ids)
+        for p, off in zip(pos, s_mapped):
+            s_off[p] = off
         try:
             aln = align_offsets(s_off, t_off)
         except AlignmentError as e:
@@ -514,3 +599,30 @@ def _chunk_hidden(student_states, source_output, reduction, num_items_in_batch, 
             )
         )
     return torch.stack(values).mean(0)
+
+
+def _char_to_byte_span(text: str, start: int, end: int) -> tuple[int, int]:
+    head = len(text[:start].encode("utf-8", "surrogatepass"))
+    return head, head + len(text[start:end].encode("utf-8", "surrogatepass"))
+
+
+def _to_content_bytes(offsets: Sequence[tuple[int, int]], regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte offsets into a rendered conversation -> offsets into its message contents laid end to end.
+
+    A token outside every content (template text, special tokens) gets an empty span; a token reaching over a
+    content's edge is clipped to it."""
+    bases = [0]
+    for a, b in regions:
+        bases.append(bases[-1] + b - a)
+    out, last = [], 0
+    for s, e in offsets:
+        hit = [i for i, (a, b) in enumerate(regions) if s < b and e > a]
+        if not hit:
+            out.append((last, last))
+            continue
+        i, j = hit[0], hit[-1]
+        start = bases[i] + max(s, regions[i][0]) - regions[i][0]
+        end = bases[j] + min(e, regions[j][1]) - regions[j][0]
+        out.append((start, end))
+        last = end
+    return out

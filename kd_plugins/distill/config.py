@@ -133,7 +133,9 @@ class DistillationConfig:
         metadata={
             "help": "Options of the cross-tokenizer teacher (terms 'alm' / 'uld'), e.g. "
             "'on_round_trip_error=skip_row,max_teacher_length=2048' or JSON; keys: max_teacher_length, "
-            "uld_positions (one_to_one | chunk_start), on_round_trip_error (raise | skip_row), check_coverage."
+            "uld_positions (one_to_one | chunk_start), on_round_trip_error (raise | skip_row), check_coverage, "
+            "hidden_layers, chat (true: rows are conversations in the student's chat template; the teacher reads "
+            "them in its own)."
         },
     )
     # On-policy data (GKD / DistillSpec, sequence-level KD): kd_plugins/distill/onpolicy.py

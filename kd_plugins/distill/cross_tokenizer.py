@@ -39,6 +39,7 @@ OPTION_TYPES = {
     "on_round_trip_error": str,
     "check_coverage": bool,
     "hidden_layers": str,
+    "chat": bool,
 }
 
 

@@ -97,6 +97,10 @@ def chunk_logprobs(
     chunk_ids = chunk_ids.to(token_logprobs.device).long()
     if chunk_ids.numel() and int(chunk_ids.max()) >= width:
         raise ValueError(f"chunk_ids hold chunk {int(chunk_ids.max())} but num_chunks allows {width}")
+    if width == 0:  # no chunk in any row (every row skipped): empty, still on the logits' graph
+        return token_logprobs[:, :0], torch.zeros(
+            token_logprobs.shape[0], 0, dtype=torch.bool, device=token_logprobs.device
+        )
     inside = chunk_ids >= 0
     valid = inside if token_mask is None else inside & token_mask.to(inside.device).bool()
     index = chunk_ids.clamp(min=0)
