@@ -29,6 +29,14 @@ LLAMA3 = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+LLAMA31 = (  # Llama 3.1 style: a system block with dates in every conversation, the system message folded into it
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] | trim %}"
+    "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024"
+    "\n\n' + sys + '<|eot_id|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 NO_SYSTEM = (  # Gemma style: no system role, "model" turns
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
     "{{ raise_exception('System role not supported') }}{% endif %}"
@@ -105,6 +113,16 @@ def test_formats_of_three_template_families(toks):
     gemma.chat_template = NO_SYSTEM
     fmt = ChatFormat.from_tokenizer(gemma)
     assert set(fmt.header) == {"user", "assistant"} and fmt.header["assistant"] == "<start_of_turn>model\n"
+    llama31 = metaspace_bpe(600, bos=True)
+    llama31.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    llama31.chat_template = LLAMA31
+    fmt = ChatFormat.from_tokenizer(llama31)
+    assert fmt.header["system"].endswith("Today Date: 26 Jul 2024\n\n") and fmt.bos == "<s>"
+    for conv in CONVERSATIONS:  # with and without a system message: the dated block is template text
+        got = fmt.parse(llama31.apply_chat_template(conv, tokenize=False), llama31.all_special_tokens)
+        assert [(m.role, m.content) for m in got if m.content] == [(m["role"], m["content"].strip()) for m in conv]
     plain = byte_bpe(300)
     with pytest.raises(ChatFormatError, match="student tokenizer has no chat_template"):
         ChatFormat.from_tokenizer(plain)
