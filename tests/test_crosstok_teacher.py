@@ -209,8 +209,13 @@ def test_packed_documents_map_eos_and_refuse_other_specials(toks):
 
 def test_unknown_student_token_is_a_round_trip_error_that_skip_row_skips(toks):
     """A student UNK (WordPiece, Unigram or BPE without byte fallback on an unseen character) hides the text: the
-    row cannot be scored, and ``skip_row`` must be able to skip it like any other row that does not round-trip."""
-    s_tok, t_tok = toks
+    row cannot be scored, and ``skip_row`` must be able to skip it like any other row that does not round-trip. A
+    byte-level tokenizer never writes its UNK for text (GPT-2-style ones name their document separator so): there it
+    stays an ordinary special token."""
+    from crosstok_tokenizers import unigram_eos
+
+    _, t_tok = toks
+    s_tok = unigram_eos()
     teacher = tiny_llama(vocab=len(t_tok), seed=5)
     a, b = s_tok("The lazy dog.")["input_ids"], s_tok(" A fox.")["input_ids"]
     ids = torch.tensor([a + [s_tok.unk_token_id] + b, a + b + [s_tok.pad_token_id]])
@@ -221,6 +226,10 @@ def test_unknown_student_token_is_a_round_trip_error_that_skip_row_skips(toks):
         CrossTokenizerTeacher(teacher, s_tok, t_tok)(batch)
     out = CrossTokenizerTeacher(teacher, s_tok, t_tok, on_round_trip_error="skip_row")(batch)
     assert out["skipped_rows"] == [0] and not out["chunk_mask"][0].any() and out["chunk_mask"][1].any()
+    byte_level = toks[0]  # its UNK is never written for text: a leading one is a leading special, not lost text
+    lead = torch.tensor([[byte_level.unk_token_id] + byte_level("The lazy dog.")["input_ids"]])
+    out = CrossTokenizerTeacher(teacher, byte_level, t_tok)({"input_ids": lead})
+    assert out["texts"] == ["The lazy dog."] and out["chunk_mask"].any()
 
 
 def test_round_trip_errors_and_skip_row(toks):

@@ -276,3 +276,26 @@ def test_smollm2_moved_to_a_new_bpe_closes_on_its_original_in_four_steps(tmp_pat
     assert chunks > 50 and alm0 > 5.0
     assert alm1 < 0.5 * alm0 and hidden1 < hidden0
     assert not any(p.requires_grad for p in original.parameters())
+
+
+@pytest.mark.real
+def test_benchmark_smoke_runs_end_to_end(tmp_path):
+    """``benchmarks/crosstok/tokenizer_transfer_smollm2.py --smoke``: the benchmark's whole path (new tokenizer,
+    transfer, balanced CE + ALM training, bits/byte and the chunk gap on rows opened by SmolLM2's <|endoftext|>,
+    which its tokenizer also names its UNK) runs on the real model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".cache" / "assets" / "smollm2-135m-instruct").exists():
+        pytest.skip("SmolLM2 asset not prepared (make bench-assets)")
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, "benchmarks/crosstok/tokenizer_transfer_smollm2.py", "--threads", "2", "--smoke"]
+    cmd += ["--train-domain", "bbc", "--arms", "ce_alm_gradmag", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[-1]["arm"] == "ce_alm_gradmag" and rows[-1]["chunk_gap_nats"] > 0

@@ -126,7 +126,8 @@ class CrossTokenizerTeacher:
             ChatFormat.from_tokenizer(teacher_tokenizer, "teacher")  # the teacher's template must render dialogues
         self._prefix = self._teacher_prefix()
         self._student_special = set(getattr(student_tokenizer, "all_special_ids", []) or [])
-        self._student_unk = getattr(student_tokenizer, "unk_token_id", None)
+        self._student_unk = _emitted_unknown(student_tokenizer)
+        self._teacher_unk = _emitted_unknown(teacher_tokenizer)
         pad = teacher_tokenizer.pad_token_id
         self._teacher_pad = pad if pad is not None else (teacher_tokenizer.eos_token_id or 0)
 
@@ -276,8 +277,7 @@ class CrossTokenizerTeacher:
         except ChatFormatError as e:
             raise RoundTripError(f"{where}: {e} (chat=True reads every row as a conversation)") from None
         t_ids, t_char = _encode(ttok, t_text, False)
-        unk = getattr(ttok, "unk_token_id", None)
-        if unk is not None and unk in t_ids:
+        if self._teacher_unk is not None and self._teacher_unk in t_ids:
             raise RoundTripError(
                 f"{where}: the teacher tokenizer writes its unknown token in this conversation: it cannot spell the "
                 "text, so the teacher would score another text. Use on_round_trip_error='skip_row'."
@@ -599,6 +599,21 @@ def _chunk_hidden(student_states, source_output, reduction, num_items_in_batch, 
             )
         )
     return torch.stack(values).mean(0)
+
+
+#: Characters few vocabularies hold (a test-tube emoji, an Egyptian hieroglyph, a Tibetan mark, Cyrillic "ꙮ").
+_RARE_TEXT = "\U0001f9ea \U00013000 \u0f3a \ua66e"
+
+
+def _emitted_unknown(tokenizer) -> int | None:
+    """The tokenizer's unknown-token id if encoding can produce it (WordPiece, Unigram, BPE without byte fallback),
+    else ``None``. Byte-level and byte-fallback tokenizers never write it for text; GPT-2-style ones name their
+    document separator ``<|endoftext|>`` the UNK, and it must stay a separator."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    ids, _ = _encode(tokenizer, _RARE_TEXT, False)
+    return unk if unk in ids else None
 
 
 def _char_to_byte_span(text: str, start: int, end: int) -> tuple[int, int]:
