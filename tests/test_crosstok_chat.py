@@ -168,8 +168,8 @@ def test_chat_rows_reach_the_teacher_in_its_own_template(toks):
     batch = _rows(student)
     out = source.forward_batch(batch, need_logits=True)
     for b, conv in enumerate(CONVERSATIONS):
-        msgs = conv if conv[0]["role"] == "system" else [{"role": "system", "content": "You are a helpful assistant."}]
-        msgs = msgs + [m for m in conv if m["role"] != "system"] if conv[0]["role"] != "system" else conv
+        default = [{"role": "system", "content": "You are a helpful assistant."}]  # the student template's own
+        msgs = conv if conv[0]["role"] == "system" else default + conv
         want = teacher(teacher.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
         n = int(out["teacher_attention_mask"][b].sum())
         assert out["teacher_input_ids"][b, :n].tolist() == want  # the teacher's template, its BOS once

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 __all__ = ["ChatFormat", "ChatFormatError", "Message", "render_messages"]
 
-_ROLES = ("system", "user", "assistant")
 _PROBE = {"system": "KdpSysZ0q", "user": ("KdpUsrZ1q", "KdpUsrZ3q"), "assistant": ("KdpAstZ2q", "KdpAstZ4q")}
 
 
@@ -173,7 +172,7 @@ class ChatFormat:
         return len(region), False
 
     def _next_header(self, text: str, pos: int) -> tuple[int, str] | None:
-        hits = [(text.find(h, pos), r) for r, h in self.header.items() if text.find(h, pos) >= 0]
+        hits = [(at, role) for role, h in self.header.items() if (at := text.find(h, pos)) >= 0]
         # The longest header wins a tie (a header that is a prefix of another one).
         return min(hits, key=lambda h: (h[0], -len(self.header[h[1]]))) if hits else None
 
